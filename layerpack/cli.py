@@ -1,0 +1,94 @@
+"""The `layerpack` command. Each command parses options and calls one library function; errors
+become one line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import errno
+import functools
+import sys
+
+import click
+
+from layerpack_runtime.errors import LayerpackError
+from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
+
+
+def _one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LayerpackError as e:
+            _die(str(e))
+        except OSError as e:
+            what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            _die(f"{e.filename}: {what}" if e.filename else what)
+        except KeyboardInterrupt:
+            _die("interrupted; re-run the same command to resume", code=130)
+    return wrapper
+
+
+def _die(msg: str, code: int = 1):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="layerpack")
+def main():
+    """Run and share LLMs larger than memory, layer by layer."""
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--quant", type=click.Choice(SCHEMES), default="none", show_default=True, help="Weight quantization scheme.")
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Dtype of unquantized tensors and compute [default: the source's].")
+@click.option("--outliers", type=float, default=0.0, show_default=True, metavar="FRACTION", help="Fraction of each quantized weight kept exactly (e.g. 0.001-0.01).")
+@click.option("--block-size", type=int, default=None, help="Quantization block size [default: 128 for int8, 64 for nf4].")
+@click.option("--compress", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="Compress layer payloads.")
+@click.option("--zstd-level", type=click.IntRange(1, 22), default=3, show_default=True)
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin sources, loaded with torch.load(weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing pack or unfinished conversion in OUT.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def convert(src, out, quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle, overwrite, quiet):
+    """Convert a Hugging Face checkpoint (folder or Hub repo id) SRC into a layerpack at OUT."""
+    from .convert import ConvertOptions, convert as run_convert
+
+    m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle, overwrite, quiet))
+    if not quiet:
+        click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
+
+
+@main.command()
+@click.argument("pack", type=click.Path())
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def verify(pack, quiet):
+    """Check a pack's manifest, files, sizes and sha256; list every problem."""
+    from .verify import verify_pack
+
+    problems = verify_pack(pack, quiet)
+    for p in problems:
+        click.echo(f"error: {p}", err=True)
+    if problems:
+        sys.exit(1)
+    if not quiet:
+        click.echo(f"{pack}: ok")
+
+
+@main.command()
+@click.argument("pack", type=click.Path())
+@_one_line_errors
+def inspect(pack):
+    """Summarize a pack: architecture, layers, scheme, sizes, quantization errors."""
+    from layerpack_runtime.manifest import Manifest
+
+    from .inspect_pack import summarize
+
+    click.echo(summarize(Manifest.load(pack)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""`layerpack convert`: HF checkpoint -> layerpack, streaming one tensor at a time.
+
+Memory: the source tensor being quantized, the next one being read ahead, and the stored tensors
+of the current unit (which are never larger than its source) - bounded by one layer unit, not by
+the model. Crash safety: each layer file is written under a temporary name and renamed; a small
+record per finished unit in OUT/.layerpack-partial lets a re-run skip it; the manifest is written
+last, atomically, so a folder without manifest.json is never mistaken for a pack.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from layerpack_runtime.errors import LayerpackError
+from layerpack_runtime.format import (
+    COMPRESS_ZSTD,
+    DEFAULT_BLOCK_SIZE,
+    DTYPE_NAMES,
+    DTYPE_TO_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LAYERS_DIR,
+    MANIFEST_FILE,
+    SCHEME_NONE,
+    SCHEMES,
+    SIDECAR_FILES,
+    UNIT_BLOCK,
+    UNIT_EMBED,
+    UNIT_HEAD,
+    unit_file,
+    unit_name,
+)
+from layerpack_runtime.manifest import FileEntry, LayerEntry, Manifest, Quantization, TensorEntry
+from layerpack_runtime.pack import sha256_file
+
+from . import __version__
+from .families import QUANTIZABLE, Family, architecture_spec, expected_shape, family_of, is_ignored
+from .progress import progress_bar
+from .quantize import quantize_tensor
+from .schema import validate_manifest
+from .source import Source, TensorIndex, file_digests, resolve
+from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
+
+PARTIAL_DIR = ".layerpack-partial"
+DEFAULT_ZSTD_LEVEL = 3
+
+
+@dataclass
+class ConvertOptions:
+    quant: str = SCHEME_NONE
+    dtype: str | None = None           # None: the source's dtype
+    outliers: float = 0.0
+    block_size: int | None = None      # None: the scheme's default
+    compress: str = "none"
+    zstd_level: int = DEFAULT_ZSTD_LEVEL
+    revision: str | None = None
+    allow_pickle: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        if self.quant not in SCHEMES:
+            raise LayerpackError(f"--quant must be one of {', '.join(SCHEMES)}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise LayerpackError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")
+        if not 0.0 <= self.outliers < 0.5:
+            raise LayerpackError("--outliers is a fraction of each weight's entries, in [0, 0.5)")
+        if self.outliers and self.quant == SCHEME_NONE:
+            raise LayerpackError("--outliers needs a quantized scheme (--quant int8 or nf4)")
+        if self.block_size is not None and (self.quant == SCHEME_NONE or self.block_size < 16 or self.block_size % 2):
+            raise LayerpackError("--block-size needs --quant int8/nf4 and must be an even number >= 16")
+
+
+@dataclass
+class UnitPlan:
+    name: str
+    kind: str
+    index: int | None
+    tensors: dict[str, str]   # canonical -> HF name
+
+
+def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
+    """Map every source tensor to (unit, canonical name). Missing weights and unknown extra tensors
+    are errors: silently dropping a weight would make a pack that runs and is wrong."""
+    present = set(names)
+    used: set[str] = set()
+
+    def take(table: dict[str, str], optional: dict[str, str], i: int | None) -> dict[str, str]:
+        out = {}
+        for canonical, pattern in table.items():
+            hf = pattern.format(i=i)
+            if hf not in present:
+                raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
+            out[canonical] = hf
+        for canonical, pattern in optional.items():
+            hf = pattern.format(i=i)
+            if hf in present and canonical not in out:
+                out[canonical] = hf
+        used.update(out.values())
+        return out
+
+    tied = arch["tie_word_embeddings"]
+    head_table = {k: v for k, v in family.head.items() if not (tied and k == "head.weight")}
+    units = [UnitPlan(UNIT_EMBED, UNIT_EMBED, None, take(family.embed, {}, None))]
+    units += [UnitPlan(unit_name(UNIT_BLOCK, i), UNIT_BLOCK, i, take(family.block, family.optional, i)) for i in range(arch["num_layers"])]
+    units.append(UnitPlan(UNIT_HEAD, UNIT_HEAD, None, take(head_table, {}, None)))
+    if tied:
+        used.add(family.head["head.weight"])  # a tied checkpoint may still carry a copy; it is the embedding
+    extra = sorted(n for n in present - used if not is_ignored(n))
+    if extra:
+        raise LayerpackError(
+            f"source has {len(extra)} tensor(s) the {family.name} family does not use, e.g. {extra[0]} "
+            f"(does config.json num_hidden_layers={arch['num_layers']} match the weights?)"
+        )
+    return units
+
+
+def scheme_for(canonical: str, quant: str, tied: bool) -> str:
+    """Norms/biases never quantized; the embedding only when tied (it is then read in full as the
+    head every token; untied, only a few rows are gathered per token, so it stays exact)."""
+    if quant == SCHEME_NONE:
+        return SCHEME_NONE
+    if canonical in QUANTIZABLE or (tied and canonical == "embed.weight"):
+        return quant
+    return SCHEME_NONE
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return d
+    except (OSError, ValueError) as e:
+        raise LayerpackError(f"{path}: unreadable ({e})") from None
+
+
+class _Partial:
+    """Per-unit records of finished work, so a re-run after a crash skips it."""
+
+    def __init__(self, out: str):
+        self.dir = os.path.join(out, PARTIAL_DIR)
+
+    def record_path(self, unit: str) -> str:
+        return os.path.join(self.dir, f"{unit}.json")
+
+    def fingerprint(self) -> str | None:
+        p = os.path.join(self.dir, "job.json")
+        return _load_json(p).get("fingerprint") if os.path.isfile(p) else None
+
+    def start(self, fingerprint: str) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        write_text_atomic(os.path.join(self.dir, "job.json"), json.dumps({"fingerprint": fingerprint}))
+
+    def done(self, out: str, unit: str) -> tuple[LayerEntry, FileEntry] | None:
+        p = self.record_path(unit)
+        if not os.path.isfile(p):
+            return None
+        try:
+            rec = _load_json(p)
+            f = FileEntry(**rec["file"])
+            layer = LayerEntry(**{**rec["layer"], "tensors": [TensorEntry(**t) for t in rec["layer"]["tensors"]]})
+        except (LayerpackError, TypeError, KeyError):
+            return None
+        path = os.path.join(out, f.path)
+        # Re-hashing is far cheaper than re-quantizing, and catches a file damaged after the crash.
+        if not os.path.isfile(path) or os.path.getsize(path) != f.size or sha256_file(path) != f.sha256:
+            return None
+        return layer, f
+
+    def save(self, unit: str, layer: LayerEntry, f: FileEntry) -> None:
+        write_text_atomic(self.record_path(unit), json.dumps({"layer": asdict(layer), "file": asdict(f)}, sort_keys=True))
+
+
+def _job_fingerprint(opts: ConvertOptions, source: Source, quant: Quantization) -> str:
+    files = []
+    for rel in ["config.json"] + source.weight_files:
+        st = os.stat(os.path.join(source.root, rel))
+        files.append([rel, st.st_size, st.st_mtime_ns])
+    job = {"format": FORMAT_VERSION, "converter": __version__, "quantization": asdict(quant), "source": source.provenance(), "files": files}
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_out(out: str, opts: ConvertOptions, fingerprint: str, quant: Quantization, source: Source) -> _Partial | None:
+    """Decide between fresh start, resume, nothing-to-do (returns None) and refusal."""
+    partial = _Partial(out)
+    manifest_path = os.path.join(out, MANIFEST_FILE)
+    if os.path.isdir(out) and os.listdir(out):
+        if opts.overwrite:
+            if os.path.exists(manifest_path):
+                os.remove(manifest_path)  # first: the folder stops being a pack before anything else changes
+            shutil.rmtree(partial.dir, ignore_errors=True)
+        elif os.path.isfile(manifest_path):
+            old = _load_json(manifest_path)
+            old_sizes = {f.get("path"): f.get("size") for f in old.get("source", {}).get("files", [])}
+            same = old.get("quantization") == asdict(quant) and all(
+                old_sizes.get(rel) == os.path.getsize(os.path.join(source.root, rel)) for rel in source.weight_files)
+            if same:
+                return None
+            raise LayerpackError(f"{out}: already holds a different complete pack; pass --overwrite to replace it")
+        elif partial.fingerprint() is None:
+            raise LayerpackError(f"{out}: exists and is not empty; choose a new folder or pass --overwrite")
+        elif partial.fingerprint() != fingerprint:
+            raise LayerpackError(f"{out}: holds an unfinished conversion with other options or source; pass --overwrite to start over")
+    os.makedirs(os.path.join(out, LAYERS_DIR), exist_ok=True)
+    for d in (out, os.path.join(out, LAYERS_DIR)):
+        for name in os.listdir(d):
+            if TMP_MARK in name:  # debris of a killed run
+                os.remove(os.path.join(d, name))
+    partial.start(fingerprint)
+    return partial
+
+
+def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
+    opts = opts or ConvertOptions()
+    opts.check()
+    source = resolve(src, opts.revision, opts.allow_pickle, opts.quiet)
+    config = _load_json(os.path.join(source.root, "config.json"))
+    gen_path = os.path.join(source.root, "generation_config.json")
+    family = family_of(config)
+    arch = architecture_spec(config, _load_json(gen_path) if os.path.isfile(gen_path) else None)
+    index = TensorIndex(source)
+    units = plan_units(family, arch, index.names())
+    for u in units:
+        for canonical, hf in u.tensors.items():
+            want, got = expected_shape(canonical, arch), index.info(hf)[1]
+            if want is not None and want != got:
+                raise LayerpackError(f"source tensor {hf} has shape {got}, config.json implies {want}")
+
+    src_dtype = index.dtype_of(units[0].tensors["embed.weight"])
+    if opts.dtype is None and src_dtype not in DTYPE_TO_NAME:
+        raise LayerpackError(f"source weights are {src_dtype}; pass --dtype bf16/fp16/fp32 (fp8 checkpoints are not supported)")
+    dtype_name = opts.dtype or DTYPE_TO_NAME[src_dtype]
+    dtype = DTYPE_NAMES[dtype_name]
+    block = opts.block_size or DEFAULT_BLOCK_SIZE.get(opts.quant)
+    tied = arch["tie_word_embeddings"]
+    quant = Quantization(
+        scheme=opts.quant, dtype=dtype_name, block_size=block, outlier_fraction=opts.outliers,
+        compression=opts.compress, zstd_level=opts.zstd_level if opts.compress == COMPRESS_ZSTD else None,
+        quantized_embedding=tied and opts.quant != SCHEME_NONE,
+    )
+    fingerprint = _job_fingerprint(opts, source, quant)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise LayerpackError(f"{out}: cannot create output folder ({e.strerror})") from None
+    partial = _prepare_out(out, opts, fingerprint, quant, source)
+    if partial is None:
+        if not opts.quiet:
+            print(f"{out}: already a complete pack of this source with these options; nothing to do")
+        return Manifest.load(out)
+
+    zstd_level = quant.zstd_level
+    results: dict[str, tuple[LayerEntry, FileEntry]] = {}
+    todo = []
+    for u in units:
+        rec = partial.done(out, u.name)
+        if rec:
+            results[u.name] = rec
+        else:
+            todo.append(u)
+    jobs = [(u, c) for u in todo for c in sorted(u.tensors)]
+    total = sum(index.info(u.tensors[c])[2] for u, c in jobs)
+    with progress_bar(total, "convert", opts.quiet) as bar, ThreadPoolExecutor(1) as reader:
+        # Read tensor i+1 (disk) while tensor i is quantized (CPU): both overlap on 2 cores.
+        ahead = reader.submit(index.read, jobs[0][0].tensors[jobs[0][1]]) if jobs else None
+        stored: dict[str, torch.Tensor] = {}
+        entries: list[TensorEntry] = []
+        params = 0
+        for j, (u, canonical) in enumerate(jobs):
+            w = ahead.result()
+            ahead = reader.submit(index.read, jobs[j + 1][0].tensors[jobs[j + 1][1]]) if j + 1 < len(jobs) else None
+            bar.set_description(u.name)
+            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, opts.quant, tied), dtype, block, opts.outliers)
+            stored.update(s)
+            entries.append(entry)
+            params += w.numel()
+            bar.update(w.numel() * w.element_size())
+            del w, s
+            if j + 1 == len(jobs) or jobs[j + 1][0] is not u:  # unit complete: write it, record it
+                rel = unit_file(u.name)
+                size, sha = write_safetensors(os.path.join(out, rel), stored, u.name, zstd_level)
+                layer = LayerEntry(u.name, u.kind, rel, params, entries, u.index)
+                f = FileEntry(rel, size, sha)
+                partial.save(u.name, layer, f)
+                results[u.name] = (layer, f)
+                stored, entries, params = {}, [], 0
+
+    sidecars = _copy_sidecars(source, out)
+    manifest = _build_manifest(source, arch, quant, [results[u.name] for u in units], sidecars, opts.quiet)
+    _remove_stale_layers(out, {unit_file(u.name) for u in units})
+    write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
+    fsync_dir(out)
+    shutil.rmtree(partial.dir, ignore_errors=True)
+    return manifest
+
+
+def _copy_sidecars(source: Source, out: str) -> list[FileEntry]:
+    entries = []
+    for name in SIDECAR_FILES:
+        p = os.path.join(source.root, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                size, sha = write_bytes_atomic(os.path.join(out, name), f.read())
+            entries.append(FileEntry(name, size, sha))
+    return entries
+
+
+def _remove_stale_layers(out: str, keep: set[str]) -> None:
+    d = os.path.join(out, LAYERS_DIR)
+    for name in os.listdir(d):
+        if f"{LAYERS_DIR}/{name}" not in keep:
+            os.remove(os.path.join(d, name))
+
+
+def _build_manifest(source: Source, arch: dict, quant: Quantization, done: list[tuple[LayerEntry, FileEntry]],
+                    sidecars: list[FileEntry], quiet: bool) -> Manifest:
+    total_bytes = sum(f.size for _, f in done)
+    with progress_bar(None, "hashing source", quiet, unit="B") as bar:
+        src_files = file_digests(source, bar.update)
+    params = sum(l.params for l, _ in done)
+    m = Manifest(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        created_by=f"layerpack {__version__}",
+        source={**source.provenance(), "files": src_files},
+        architecture=arch,
+        quantization=quant,
+        layers=[l for l, _ in done],
+        files=sorted([f for _, f in done] + sidecars, key=lambda f: f.path),
+        totals={"params": params, "layer_bytes": total_bytes, "bits_per_param": round(8 * total_bytes / params, 4)},
+    )
+    validate_manifest(m.to_dict())
+    return m

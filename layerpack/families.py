@@ -1,0 +1,162 @@
+"""Supported Hugging Face families: the HF-name -> canonical-name tables (data, not code) and the
+translation of a HF config.json into the manifest's architecture spec.
+
+Canonical names are architecture-neutral so one runtime module per family reads them:
+  embed unit:  embed.weight
+  block unit:  attn_norm.weight, attn.{q,k,v,o}.weight (+ .bias), mlp_norm.weight, mlp.{gate,up,down}.weight
+  head unit:   norm.weight, head.weight (absent when the embedding is tied)
+Weights keep Hugging Face's layout (rotary q/k rows in HF's rotate-half order; [out, in] linears).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerpack_runtime.errors import LayerpackError
+
+# One table per family: canonical name -> HF name pattern ({i} = block index), and whether it must exist.
+_LLAMA_BLOCK = {
+    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "attn.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "attn.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "attn.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Present only when the config enables them (llama attention_bias / mlp_bias; always for qwen2 q/k/v).
+_OPTIONAL_BIASES = {
+    "attn.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "attn.k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "attn.v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "attn.o.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "mlp.gate.bias": "model.layers.{i}.mlp.gate_proj.bias",
+    "mlp.up.bias": "model.layers.{i}.mlp.up_proj.bias",
+    "mlp.down.bias": "model.layers.{i}.mlp.down_proj.bias",
+}
+# Qwen2 always has q/k/v biases (and no o bias).
+_QWEN2_BLOCK = {**_LLAMA_BLOCK, **{k: v for k, v in _OPTIONAL_BIASES.items() if k in ("attn.q.bias", "attn.k.bias", "attn.v.bias")}}
+_EMBED = {"embed.weight": "model.embed_tokens.weight"}
+_HEAD = {"norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+# Tensors some checkpoints carry that are derived buffers, not weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    embed: dict[str, str]
+    block: dict[str, str]
+    head: dict[str, str]
+    optional: dict[str, str]
+
+
+FAMILIES = {
+    "llama": Family("llama", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
+    "mistral": Family("mistral", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
+    "qwen2": Family("qwen2", _EMBED, _QWEN2_BLOCK, _HEAD, _OPTIONAL_BIASES),
+}
+# HF `architectures[0]` -> family
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# Linear weights that block quantization applies to. Norms and biases always stay in the pack
+# dtype; the embedding is quantized only when tied (then it is also the head; see docs/FORMAT.md).
+QUANTIZABLE = {
+    "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
+    "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight", "head.weight",
+}
+
+
+def supported() -> str:
+    return ", ".join(f"{a} ({f})" for a, f in ARCHITECTURES.items())
+
+
+def family_of(config: dict) -> Family:
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return FAMILIES[ARCHITECTURES[arch]]
+    name = archs[0] if archs else f"model_type {config.get('model_type')!r}"
+    raise LayerpackError(f"unsupported architecture {name}; supported: {supported()}")
+
+
+def is_ignored(hf_name: str) -> bool:
+    return hf_name.endswith(_IGNORED_SUFFIXES)
+
+
+def _rope(config: dict) -> dict:
+    """Normalise HF's two spellings (transformers<5: rope_theta + rope_scaling; >=5: rope_parameters)."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
+    merged = {**scaling, **params}
+    kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+    merged.pop("type", None)
+    rope = {"type": kind, "theta": float(theta)}
+    if kind != "default":
+        rope["scaling"] = {k: merged[k] for k in sorted(merged)}
+    prf = config.get("partial_rotary_factor")
+    if prf not in (None, 1, 1.0):
+        rope["partial_rotary_factor"] = float(prf)
+    return rope
+
+
+def _ids(v) -> list[int]:
+    if v is None:
+        return []
+    return [int(x) for x in (v if isinstance(v, list) else [v])]
+
+
+def architecture_spec(config: dict, generation_config: dict | None = None) -> dict:
+    """The manifest's `architecture` object: everything the runtime needs, nothing it must guess."""
+    fam = family_of(config)
+    gen = generation_config or {}
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    sliding = config.get("sliding_window")
+    if fam.name == "qwen2" and not config.get("use_sliding_window", False):
+        sliding = None  # qwen2 configs carry a window they do not use unless use_sliding_window is set
+    spec = {
+        "family": fam.name,
+        "hf_architecture": (config.get("architectures") or [None])[0],
+        "model_type": config.get("model_type"),
+        "vocab_size": int(config["vocab_size"]),
+        "hidden_size": hidden,
+        "intermediate_size": int(config["intermediate_size"]),
+        "num_layers": int(config["num_hidden_layers"]),
+        "num_heads": heads,
+        "num_kv_heads": int(config.get("num_key_value_heads") or heads),
+        "head_dim": int(config.get("head_dim") or hidden // heads),
+        "max_position_embeddings": int(config.get("max_position_embeddings") or 0),
+        "norm": {"type": "rms", "eps": float(config.get("rms_norm_eps", 1e-6))},
+        "rope": _rope(config),
+        "activation": config.get("hidden_act", "silu"),
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "attention_bias": bool(config.get("attention_bias", fam.name == "qwen2")),
+        "mlp_bias": bool(config.get("mlp_bias", False)),
+        "sliding_window": int(sliding) if sliding else None,
+        "bos_token_id": (_ids(gen.get("bos_token_id", config.get("bos_token_id"))) or [None])[0],
+        "eos_token_ids": _ids(gen.get("eos_token_id", config.get("eos_token_id"))),
+        "pad_token_id": (_ids(gen.get("pad_token_id", config.get("pad_token_id"))) or [None])[0],
+    }
+    return spec
+
+
+def expected_shape(canonical: str, arch: dict) -> list[int] | None:
+    """Shape each canonical tensor must have under the architecture spec (catches configs that do
+    not match their weights before anything is written)."""
+    h, i, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
+    q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
+    table = {
+        "embed.weight": [v, h], "head.weight": [v, h], "norm.weight": [h],
+        "attn_norm.weight": [h], "mlp_norm.weight": [h],
+        "attn.q.weight": [q, h], "attn.k.weight": [kv, h], "attn.v.weight": [kv, h], "attn.o.weight": [h, q],
+        "attn.q.bias": [q], "attn.k.bias": [kv], "attn.v.bias": [kv], "attn.o.bias": [h],
+        "mlp.gate.weight": [i, h], "mlp.up.weight": [i, h], "mlp.down.weight": [h, i],
+        "mlp.gate.bias": [i], "mlp.up.bias": [i], "mlp.down.bias": [h],
+    }
+    return table.get(canonical)

@@ -1,0 +1,42 @@
+"""`layerpack inspect`: a readable summary of a pack, from its manifest alone."""
+from __future__ import annotations
+
+from layerpack_runtime.manifest import Manifest
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def summarize(m: Manifest, top_errors: int = 8) -> str:
+    a, q, t = m.architecture, m.quantization, m.totals
+    sizes = {f.path: f.size for f in m.files}
+    lines = [
+        f"layerpack {m.format_version} (written by {m.created_by})",
+        f"source:        {m.source['kind']} {m.source['id']}" + (f" @ {m.source['revision']}" if m.source.get("revision") else ""),
+        f"architecture:  {a['family']} ({a.get('hf_architecture')}), {a['num_layers']} layers, hidden {a['hidden_size']}, "
+        f"ffn {a['intermediate_size']}, heads {a['num_heads']}/{a['num_kv_heads']} kv, head_dim {a['head_dim']}, vocab {a['vocab_size']}",
+        f"rope:          {a['rope']['type']} theta={a['rope']['theta']:g}" + (f" scaling={a['rope']['scaling']}" if a["rope"].get("scaling") else "")
+        + f"; tied embeddings: {'yes' if a['tie_word_embeddings'] else 'no'}",
+        f"quantization:  {q.scheme}" + (f" block {q.block_size}" if q.block_size else "") + f", dtype {q.dtype}"
+        + (f", outliers {q.outlier_fraction:g}" if q.outlier_fraction else "") + f", compression {q.compression}"
+        + (", embedding quantized (tied head)" if q.quantized_embedding else ""),
+        f"size:          {t['params'] / 1e6:.1f} M params, {_size(t['layer_bytes'])} of layers, "
+        f"{t['layer_bytes'] / t['params']:.3f} bytes/param ({t['bits_per_param']:.2f} bits)",
+        "",
+        f"{'layer':<12}{'params':>12}{'size':>12}{'bits/param':>12}{'max rel err':>13}",
+    ]
+    for layer in m.layers:
+        size = sizes.get(layer.file, 0)
+        err = max((x.rel_rms_error for x in layer.tensors), default=0.0)
+        lines.append(f"{layer.name:<12}{layer.params:>12,}{_size(size):>12}{8 * size / max(layer.params, 1):>12.2f}{err:>13.2e}")
+    worst = sorted(((x.rel_rms_error, l.name, x) for l in m.layers for x in l.tensors if x.scheme != "none" or x.rel_rms_error), key=lambda r: -r[0])
+    if worst:
+        lines += ["", f"largest quantization errors (relative RMS vs source):"]
+        for err, lname, x in worst[:top_errors]:
+            lines.append(f"  {lname:<10} {x.name:<18} {x.scheme:<5} {err:.3e}" + (f"  ({x.outliers} outliers kept)" if x.outliers else ""))
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Where weights come from: a local Hugging Face folder or a Hub repo id, indexed tensor by tensor
+without loading anything (safetensors headers only), so conversion can stream one layer at a time."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from layerpack_runtime.errors import FormatError, LayerpackError
+from layerpack_runtime.format import SIDECAR_FILES
+from layerpack_runtime.pack import sha256_file
+from layerpack_runtime.safetensors_io import SafetensorsFile, TensorInfo
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class Source:
+    root: str                  # local folder holding config.json and the weights
+    kind: str                  # "local" | "hub"
+    id: str                    # folder name (local) or repo id (hub)
+    revision: str | None = None
+    weight_files: list[str] = field(default_factory=list)  # relative to root
+    pickle: bool = False
+
+    def provenance(self) -> dict:
+        # A local path is reduced to its folder name: packs get shared, home directories should not.
+        return {"kind": self.kind, "id": self.id, "revision": self.revision}
+
+
+def resolve(src: str, revision: str | None = None, allow_pickle: bool = False, quiet: bool = False) -> Source:
+    if os.path.exists(src):
+        if not os.path.isdir(src):
+            raise LayerpackError(f"{src}: is a file; give the checkpoint folder that holds config.json")
+        root, kind, ident = os.path.abspath(src), "local", os.path.basename(os.path.abspath(src))
+    elif HUB_REPO_ID.match(src) and not src.startswith((".", "/")):
+        root, revision = _download(src, revision, allow_pickle, quiet)
+        kind, ident = "hub", src
+    else:
+        raise LayerpackError(f"{src}: no such folder, and not a Hub repo id (owner/name)")
+    if not os.path.isfile(os.path.join(root, "config.json")):
+        raise LayerpackError(f"{src}: not a Hugging Face checkpoint (no config.json)")
+    files, pickle = _weight_files(root, src, allow_pickle)
+    return Source(root, kind, ident, revision, files, pickle)
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool, quiet: bool) -> tuple[str, str | None]:
+    """Fetch only what conversion reads, into the HF cache (resumable, shared with transformers)."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError
+    except ImportError:  # pragma: no cover - a toolkit dependency
+        raise LayerpackError("huggingface_hub is required to convert from a Hub repo id") from None
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
+        names = [s.rfilename for s in info.siblings or []]
+        has_st = any(n.endswith(".safetensors") for n in names)
+        patterns = list(SIDECAR_FILES) + ([SAFETENSORS_INDEX, "*.safetensors"] if has_st else
+                                          ([PICKLE_INDEX, "pytorch_model*.bin"] if allow_pickle else []))
+        if not has_st and not allow_pickle:
+            raise LayerpackError(f"{repo_id}: has no safetensors weights; pickle weights (.bin) need --allow-pickle")
+        root = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
+        return root, info.sha
+    except LayerpackError:
+        raise
+    except HfHubHTTPError as e:
+        raise LayerpackError(f"{repo_id}: Hub request failed ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # network errors, missing repo, gated repo: one line, no token
+        raise LayerpackError(f"{repo_id}: cannot fetch from the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _weight_files(root: str, src: str, allow_pickle: bool) -> tuple[list[str], bool]:
+    for index_name, pickle in ((SAFETENSORS_INDEX, False), (PICKLE_INDEX, True)):
+        index_path = os.path.join(root, index_name)
+        if os.path.isfile(index_path):
+            if pickle and not allow_pickle:
+                break
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise LayerpackError(f"{index_path}: malformed shard index") from None
+            files = sorted(set(weight_map.values()))
+            missing = [p for p in files if not os.path.isfile(os.path.join(root, p))]
+            if missing:
+                raise LayerpackError(f"{src}: shard {missing[0]} listed in {index_name} is missing")
+            return files, pickle
+    st = sorted(n for n in os.listdir(root) if n.endswith(".safetensors"))
+    if st:
+        return st, False
+    bins = sorted(n for n in os.listdir(root) if n.startswith("pytorch_model") and n.endswith(".bin"))
+    if bins:
+        if not allow_pickle:
+            raise LayerpackError(
+                f"{src}: only pickle weights ({bins[0]}); pickle can run code when loaded, so it is refused. "
+                "Pass --allow-pickle to load it safely with torch.load(weights_only=True)"
+            )
+        return bins, True
+    raise LayerpackError(f"{src}: no weights found (no *.safetensors or pytorch_model*.bin)")
+
+
+class TensorIndex:
+    """name -> where to read it. Safetensors: validated headers, reads on demand. Pickle: loaded
+    with weights_only=True and mmap, so tensors are paged in lazily too."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self._where: dict[str, tuple[str, object]] = {}
+        for rel in source.weight_files:
+            path = os.path.join(source.root, rel)
+            if source.pickle:
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise LayerpackError(f"{path}: cannot load safely with weights_only=True ({type(e).__name__})") from None
+                for name, t in sd.items():
+                    self._where[name] = (rel, t)
+            else:
+                try:
+                    st = SafetensorsFile(path)
+                except FormatError as e:
+                    raise LayerpackError(str(e)) from None
+                for name, info in st.tensors.items():
+                    self._where[name] = (rel, (st, info))
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> tuple[str, list[int], int]:
+        """(dtype name, shape, nbytes) without reading."""
+        rel, h = self._where[name]
+        if isinstance(h, torch.Tensor):
+            return str(h.dtype), list(h.shape), h.numel() * h.element_size()
+        info: TensorInfo = h[1]
+        return info.dtype, list(info.shape), info.nbytes
+
+    def read(self, name: str) -> torch.Tensor:
+        rel, h = self._where[name]
+        if isinstance(h, torch.Tensor):
+            return h.contiguous().clone()
+        st, info = h
+        try:
+            return st.read([info.name])[info.name]
+        except FormatError as e:
+            raise LayerpackError(str(e)) from None
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        rel, h = self._where[name]
+        if isinstance(h, torch.Tensor):
+            return h.dtype
+        from layerpack_runtime.format import ST_DTYPES
+
+        return ST_DTYPES.get(h[1].dtype, torch.float32)
+
+
+def file_digests(source: Source, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """sha256 of every source file the pack derives from. Files in the HF cache are stored under
+    their sha256 (LFS blobs), which we take instead of re-reading gigabytes."""
+    out = []
+    rels = ["config.json"] + [f for f in SIDECAR_FILES if f != "config.json" and os.path.isfile(os.path.join(source.root, f))]
+    for rel in rels + source.weight_files:
+        path = os.path.join(source.root, rel)
+        blob = os.path.basename(os.path.realpath(path))
+        digest = blob if (source.kind == "hub" and _HEX64.match(blob)) else sha256_file(path, progress)
+        out.append({"path": rel, "size": os.path.getsize(path), "sha256": digest})
+    return out

@@ -1,0 +1,99 @@
+"""Every constant of the layerpack format, shared by the writer (toolkit) and the reader (runtime).
+
+Nothing here imports anything heavier than torch, so the runtime stays light and the
+toolkit never re-declares a format detail of its own.
+"""
+from __future__ import annotations
+
+import torch
+
+FORMAT_NAME = "layerpack"
+# Semantic version of the on-disk format. A reader refuses packs of a newer *major* version;
+# minor versions only add optional fields that older readers may ignore.
+FORMAT_VERSION = "1.0.0"
+FORMAT_MAJOR = int(FORMAT_VERSION.split(".")[0])
+
+MANIFEST_FILE = "manifest.json"
+LAYERS_DIR = "layers"
+# Files copied verbatim from the source checkout when present (tokenizer + source config).
+SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+)
+
+# Layer units, in execution order: one embedding unit, one unit per decoder block, one head unit.
+UNIT_EMBED = "embed"
+UNIT_BLOCK = "block"
+UNIT_HEAD = "head"
+
+
+def unit_name(kind: str, index: int | None = None) -> str:
+    return f"{kind}.{index:03d}" if kind == UNIT_BLOCK else kind
+
+
+def unit_file(name: str) -> str:
+    return f"{LAYERS_DIR}/{name}.safetensors"
+
+
+# Quantization schemes and their fixed parameters.
+SCHEME_NONE = "none"
+SCHEME_INT8 = "int8"
+SCHEME_NF4 = "nf4"
+SCHEMES = (SCHEME_NONE, SCHEME_INT8, SCHEME_NF4)
+DEFAULT_BLOCK_SIZE = {SCHEME_INT8: 128, SCHEME_NF4: 64}
+INT8_QMAX = 127  # symmetric: codes in [-127, 127], so -x quantizes to -q exactly
+
+# NF4 code book, identical to bitsandbytes.functional.get_4bit_type("nf4") (QLoRA quantiles of N(0,1)).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+# Suffixes of the stored tensors that make up one logical (quantized) weight `W`:
+#   W.q            codes: int8 [same shape as W] for int8; uint8 [ceil(n/2)] packed nibbles for nf4
+#   W.absmax       float32 [ceil(n/block)]: per-block absolute maximum of the flattened weight
+#   W.outlier_idx  int32/int64 [k]: ascending flat indices of the entries kept exactly
+#   W.outlier_val  pack dtype [k]: their exact values (they were zeroed before quantization)
+SUFFIX_CODES = ".q"
+SUFFIX_ABSMAX = ".absmax"
+SUFFIX_OUTLIER_IDX = ".outlier_idx"
+SUFFIX_OUTLIER_VAL = ".outlier_val"
+
+COMPRESS_NONE = "none"
+COMPRESS_ZSTD = "zstd"
+COMPRESSIONS = (COMPRESS_NONE, COMPRESS_ZSTD)
+
+# safetensors dtype strings <-> torch dtypes (the subset a pack may contain).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+# Names used in the manifest for the pack dtype.
+DTYPE_NAMES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+# Keys of the safetensors `__metadata__` block of every layer file.
+META_FORMAT = "layerpack.format"      # "layerpack/<version>"
+META_UNIT = "layerpack.unit"          # unit name, e.g. "block.007"
+META_ZSTD = "layerpack.zstd"          # JSON {tensor: {"dtype": ST, "shape": [...]}} of zstd-compressed payloads
+
+# A safetensors header larger than this is refused before it is parsed (guards against garbage).
+MAX_HEADER_BYTES = 100 * 1024 * 1024

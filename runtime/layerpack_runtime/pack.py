@@ -1,0 +1,114 @@
+"""Opening a pack: manifest + layer files, with the cheap checks always and sha256 on demand."""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import FormatError
+from .format import DTYPE_NAMES, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
+from .manifest import LayerEntry, Manifest
+from .quant import dequantize_weight
+from .safetensors_io import SafetensorsFile
+
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: str, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL on large buffers: hashing threads overlap
+            if progress:
+                progress(n)
+    return h.hexdigest()
+
+
+def stored_names(entry) -> list[str]:
+    """Names of the tensors stored in a layer file for one logical tensor entry."""
+    if entry.scheme == "none":
+        return [entry.name]
+    names = [entry.name + SUFFIX_CODES, entry.name + SUFFIX_ABSMAX]
+    if entry.outliers:
+        names += [entry.name + SUFFIX_OUTLIER_IDX, entry.name + SUFFIX_OUTLIER_VAL]
+    return names
+
+
+class Pack:
+    """A layerpack folder. Opening checks the manifest and (unless check_files=False, for tools
+    that report every problem themselves) that every file exists with its size;
+    each layer file's safetensors header is validated (and cross-checked with the manifest) the
+    first time that file is used. `verify()` adds the full sha256 check."""
+
+    def __init__(self, path: str | os.PathLike, check_files: bool = True):
+        self.path = os.fspath(path)
+        self.manifest = Manifest.load(self.path)
+        self.dtype = DTYPE_NAMES[self.manifest.quantization.dtype]
+        self._headers: dict[str, SafetensorsFile] = {}
+        problems = self.check_presence() if check_files else []
+        if problems:
+            raise FormatError(f"{self.path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+
+    # -- integrity -----------------------------------------------------------------------
+    def check_presence(self) -> list[str]:
+        problems = []
+        for f in self.manifest.files:
+            p = os.path.join(self.path, f.path)
+            if not os.path.isfile(p):
+                problems.append(f"{f.path}: missing")
+            elif os.path.getsize(p) != f.size:
+                problems.append(f"{f.path}: size {os.path.getsize(p)} != {f.size} in the manifest")
+        return problems
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Every problem found (empty list = pack is intact): presence, sizes, sha256, headers."""
+        problems = self.check_presence()
+        bad = {p.split(":")[0] for p in problems}
+        for f in self.manifest.files:
+            if f.path in bad:
+                continue
+            digest = sha256_file(os.path.join(self.path, f.path), progress)
+            if digest != f.sha256:
+                problems.append(f"{f.path}: sha256 mismatch (file is corrupt or was modified)")
+                bad.add(f.path)
+        for layer in self.manifest.layers:
+            if layer.file in bad:
+                continue
+            try:
+                self.layer_file(layer)
+            except FormatError as e:
+                problems.append(str(e))
+        return problems
+
+    # -- reading -------------------------------------------------------------------------
+    def layer_file(self, layer: LayerEntry | str) -> SafetensorsFile:
+        layer = self.manifest.layer(layer) if isinstance(layer, str) else layer
+        if layer.file not in self._headers:
+            st = SafetensorsFile(os.path.join(self.path, layer.file))
+            expected = {n for t in layer.tensors for n in stored_names(t)}
+            if set(st.tensors) != expected:
+                missing, extra = sorted(expected - set(st.tensors)), sorted(set(st.tensors) - expected)
+                raise FormatError(f"{layer.file}: tensors disagree with the manifest (missing {missing[:3]}, unexpected {extra[:3]})")
+            self._headers[layer.file] = st
+        return self._headers[layer.file]
+
+    def read_layer(self, layer: LayerEntry | str) -> dict[str, torch.Tensor]:
+        """The stored tensors of one layer unit (quantized codes as stored)."""
+        return self.layer_file(layer).read()
+
+    def layer_weights(self, layer: LayerEntry | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Logical tensors of one layer unit, dequantized to `dtype` (default: the pack dtype)."""
+        layer = self.manifest.layer(layer) if isinstance(layer, str) else layer
+        stored = self.read_layer(layer)
+        return {t.name: dequantize_weight(stored, t.name, _asdict(t), dtype or self.dtype) for t in layer.tensors}
+
+    def layers(self) -> Iterable[LayerEntry]:
+        return iter(self.manifest.layers)
+
+
+def _asdict(t) -> dict:
+    return {"scheme": t.scheme, "shape": t.shape, "block_size": t.block_size, "outliers": t.outliers}

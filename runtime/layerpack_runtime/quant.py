@@ -1,0 +1,94 @@
+"""Dequantization of pack weights (pure torch; the math the format defines).
+
+Block-wise schemes work on the flattened (row-major) weight split into blocks of `block_size`
+elements; the last block may be shorter. The converter's quantizer (layerpack.quantize) is the
+inverse of exactly these functions, and reports its error through them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .format import (
+    INT8_QMAX,
+    NF4_CODE,
+    SCHEME_INT8,
+    SCHEME_NF4,
+    SCHEME_NONE,
+    SUFFIX_ABSMAX,
+    SUFFIX_CODES,
+    SUFFIX_OUTLIER_IDX,
+    SUFFIX_OUTLIER_VAL,
+)
+from .errors import FormatError
+
+_NF4_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    device = torch.device(device)
+    if device not in _NF4_CACHE:
+        _NF4_CACHE[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return _NF4_CACHE[device]
+
+
+def _scale_blocks(values: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    """values: float32 [n]; scale: float32 [ceil(n/block)]. Multiplies each block by its scale."""
+    n = values.numel()
+    full = n - n % block_size
+    out = torch.empty_like(values)
+    if full:
+        torch.mul(values[:full].view(-1, block_size), scale[: full // block_size].view(-1, 1), out=out[:full].view(-1, block_size))
+    if full < n:
+        torch.mul(values[full:], scale[-1], out=out[full:])
+    return out
+
+
+def nf4_unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed bytes -> n codes (int64). First element of each pair is the high nibble, as bitsandbytes packs."""
+    packed = packed.reshape(-1)
+    codes = torch.empty(packed.numel() * 2, dtype=torch.uint8, device=packed.device)
+    codes[0::2] = packed >> 4
+    codes[1::2] = packed & 0x0F
+    return codes[:n].long()
+
+
+def dequantize_nf4(packed, absmax, shape, block_size, dtype) -> torch.Tensor:
+    n = math.prod(shape)
+    values = nf4_code(packed.device)[nf4_unpack(packed, n)]
+    return _scale_blocks(values, absmax.float(), block_size).to(dtype).reshape(shape)
+
+
+def dequantize_int8(codes, absmax, shape, block_size, dtype) -> torch.Tensor:
+    scale = absmax.float() / INT8_QMAX
+    return _scale_blocks(codes.reshape(-1).float(), scale, block_size).to(dtype).reshape(shape)
+
+
+def apply_outliers(weight: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """Outlier entries were zeroed before block quantization (so they dequantize to exactly 0);
+    putting their exact values back restores them bit for bit."""
+    weight.view(-1).index_put_((idx.long(),), val.to(weight.dtype))
+    return weight
+
+
+def dequantize_weight(tensors: dict[str, torch.Tensor], name: str, entry: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Rebuild logical weight `name` of a unit from its stored tensors, as described by its
+    manifest tensor entry ({"scheme", "shape", "block_size", "outliers", ...})."""
+    scheme = entry["scheme"]
+    shape = tuple(entry["shape"])
+    if scheme == SCHEME_NONE:
+        return tensors[name].to(dtype)
+    try:
+        codes, absmax = tensors[name + SUFFIX_CODES], tensors[name + SUFFIX_ABSMAX]
+    except KeyError as e:
+        raise FormatError(f"quantized weight {name!r} lacks its stored tensor {e.args[0]!r}") from None
+    if scheme == SCHEME_NF4:
+        w = dequantize_nf4(codes, absmax, shape, entry["block_size"], dtype)
+    elif scheme == SCHEME_INT8:
+        w = dequantize_int8(codes, absmax, shape, entry["block_size"], dtype)
+    else:
+        raise FormatError(f"weight {name!r} uses unknown quantization scheme {scheme!r}")
+    if entry.get("outliers", 0):
+        w = apply_outliers(w, tensors[name + SUFFIX_OUTLIER_IDX], tensors[name + SUFFIX_OUTLIER_VAL])
+    return w

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints of every supported family, written by
+transformers itself (so names, layouts and configs are the real ones), sharded like big models."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config(family: str, **over):
+    import transformers
+
+    common = dict(
+        vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    common.update(over)
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "mistral":
+        return transformers.MistralConfig(sliding_window=32, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
+    raise ValueError(family)
+
+
+def make_checkpoint(path, family: str = "llama", dtype=torch.bfloat16, seed: int = 0, shard_size: str = "60KB", **over) -> str:
+    """A tiny random checkpoint of `family` saved by transformers into `path` (sharded)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = _tiny_config(family, **over)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():  # random init leaves norms at 1.0 and biases at 0: make them informative
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+    model.save_pretrained(path, max_shard_size=shard_size, safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    """{family: checkpoint folder} for llama (untied), llama_tied, mistral, qwen2."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "llama": make_checkpoint(root / "llama", "llama"),
+        "llama_tied": make_checkpoint(root / "llama_tied", "llama", tie_word_embeddings=True),
+        "mistral": make_checkpoint(root / "mistral", "mistral"),
+        "qwen2": make_checkpoint(root / "qwen2", "qwen2"),
+    }
+
+
+def run_cli(*args, check: bool = False, env=None) -> subprocess.CompletedProcess:
+    """Run the real `layerpack` command in a subprocess (exit codes and stderr as a user sees them)."""
+    proc = subprocess.run([sys.executable, "-m", "layerpack.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"layerpack {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
