@@ -291,6 +291,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
                 f = FileEntry(rel, size, sha)
                 partial.save(u.name, layer, f)
                 results[u.name] = (layer, f)
+                _fault_point(len(results))
                 stored, entries, params = {}, [], 0
 
     sidecars = _copy_sidecars(source, out)
@@ -300,6 +301,16 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
     fsync_dir(out)
     shutil.rmtree(partial.dir, ignore_errors=True)
     return manifest
+
+
+def _fault_point(units_done: int) -> None:
+    """Crash-test hook: LAYERPACK_FAULT_KILL_AFTER_UNITS=N makes the process SIGKILL itself once N
+    units are recorded, so the tests exercise resume after a real `kill -9`, deterministically."""
+    limit = os.environ.get("LAYERPACK_FAULT_KILL_AFTER_UNITS")
+    if limit and units_done >= int(limit):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _copy_sidecars(source: Source, out: str) -> list[FileEntry]:

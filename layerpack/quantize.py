@@ -69,6 +69,7 @@ class _Nf4Table:
 
 _NF4 = _Nf4Table()
 _NF4_CODE_NP = np.asarray(NF4_CODE, dtype=np.float32)
+_NF4_ZERO = np.uint8(NF4_CODE.index(0.0))
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="quantize")
 
 
@@ -100,8 +101,8 @@ def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: 
     per_block = am.repeat_interleave(block_size)[:n] if n % block_size == 0 else am.expand(n)
     if scheme == SCHEME_NF4:
         q = _NF4.codes(scaled.numpy())
-        if q.size % 2:
-            q = np.append(q, np.uint8(0))
+        if q.size % 2:  # odd count: bitsandbytes pads the scaled values with 0.0, i.e. the code of 0
+            q = np.append(q, _NF4_ZERO)
         codes[s // 2: s // 2 + q.size // 2] = torch.from_numpy((q[0::2] << 4) | q[1::2])
         deq = torch.from_numpy(np.take(_NF4_CODE_NP, q[:n])) * per_block
     else:

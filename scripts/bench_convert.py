@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Benchmark `layerpack convert`: peak RSS and throughput per scheme on a synthetic checkpoint.
+
+Claim under test: peak RSS <= 2 x (largest layer unit's source bytes) + 1 GiB, independent of the
+layer count, and nf4 quantization at >= 200 MB/s of bf16 input on a 2-core machine.
+
+    python scripts/bench_convert.py [--work /tmp/layerpack-bench] [--record]
+
+1. Builds (once; reused while WORK/<ckpt>/.complete matches the parameters) a Llama-style bf16
+   checkpoint as real sharded safetensors + model.safetensors.index.json + config.json, one shard
+   (a few layers) in memory at a time. A second checkpoint with half the layers is a folder of
+   symlinks to a prefix of the same shards (shards hold whole layers), so it costs no disk or time.
+2. Converts each (checkpoint, scheme) in a fresh `python -m layerpack.cli convert` subprocess under
+   `/usr/bin/time -v` (peak RSS of that process alone), after `sync; echo 3 > drop_caches` when
+   allowed, so the source is read from disk. The pack is deleted after each run.
+3. Prints a markdown table; --record puts it into BENCHMARKS.md between this script's markers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+
+GiB = 1 << 30
+MiB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- bench_convert:start -->", "<!-- bench_convert:end -->"
+SCHEMES = {  # label -> extra CLI arguments
+    "none": ["--quant", "none"],
+    "int8": ["--quant", "int8"],
+    "nf4": ["--quant", "nf4"],
+    "nf4+outliers0.001": ["--quant", "nf4", "--outliers", "0.001"],
+    "nf4+zstd": ["--quant", "nf4", "--compress", "zstd"],
+}
+
+
+# ---------------------------------------------------------------------------------- checkpoint
+def tensor_shapes(a) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Unit -> [(HF name, shape)], in the order the shards are written."""
+    hd = a.hidden // a.heads
+    q, kv = a.heads * hd, a.kv_heads * hd
+    units = {"embed": [("model.embed_tokens.weight", (a.vocab, a.hidden))]}
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        units[f"block{i}"] = [
+            (p + "input_layernorm.weight", (a.hidden,)),
+            (p + "self_attn.q_proj.weight", (q, a.hidden)),
+            (p + "self_attn.k_proj.weight", (kv, a.hidden)),
+            (p + "self_attn.v_proj.weight", (kv, a.hidden)),
+            (p + "self_attn.o_proj.weight", (a.hidden, q)),
+            (p + "post_attention_layernorm.weight", (a.hidden,)),
+            (p + "mlp.gate_proj.weight", (a.intermediate, a.hidden)),
+            (p + "mlp.up_proj.weight", (a.intermediate, a.hidden)),
+            (p + "mlp.down_proj.weight", (a.hidden, a.intermediate)),
+        ]
+    units["head"] = [("model.norm.weight", (a.hidden,)), ("lm_head.weight", (a.vocab, a.hidden))]
+    return units
+
+
+def unit_bytes(shapes) -> dict[str, int]:
+    out = {}
+    for unit, ts in shapes.items():
+        out[unit] = sum(2 * _numel(s) for _, s in ts)  # bf16
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _random_tensor(name: str, shape):
+    """Deterministic per name (seed = crc32), so a rebuild is bit-identical. Weights ~ N(0, 0.02)
+    with 1e-4 of the entries planted at 25-50 sigma, so --outliers has real outliers to keep."""
+    import torch
+
+    if len(shape) == 1:  # norm weights
+        return torch.ones(shape, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    w = torch.randn(shape, generator=g, dtype=torch.bfloat16).mul_(0.02)
+    n = w.numel()
+    k = max(1, n // 10_000)
+    idx = torch.randint(0, n, (k,), generator=g)
+    mag = 0.5 + 0.5 * torch.rand(k, generator=g)
+    sign = torch.randint(0, 2, (k,), generator=g) * 2 - 1
+    w.view(-1)[idx] = (mag * sign).to(torch.bfloat16)
+    return w
+
+
+def config_json(a, layers: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
+        "vocab_size": a.vocab, "hidden_size": a.hidden, "intermediate_size": a.intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def build_checkpoint(a, path: str) -> dict:
+    """Write the full checkpoint (if not already complete) and return its description."""
+    shapes = tensor_shapes(a)
+    desc = {"params": {k: getattr(a, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "per_shard")},
+            "version": 1}
+    marker = os.path.join(path, ".complete")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if {k: done.get(k) for k in desc} == desc:
+            return done
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    from safetensors.torch import save_file
+
+    groups = [("model-embed.safetensors", ["embed"])]
+    for s in range(0, a.layers, a.per_shard):
+        e = min(s + a.per_shard, a.layers)
+        groups.append((f"model-layers-{s:03d}-{e - 1:03d}.safetensors", [f"block{i}" for i in range(s, e)]))
+    groups.append(("model-head.safetensors", ["head"]))
+    weight_map, shard_units = {}, {}
+    t0 = time.perf_counter()
+    for fname, units in groups:  # one shard in memory at a time
+        tensors = {n: _random_tensor(n, s) for u in units for n, s in shapes[u]}
+        save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in tensors})
+        shard_units[fname] = units
+        del tensors
+        print(f"  wrote {fname} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    total = sum(unit_bytes(shapes).values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_json(a, a.layers), f, indent=1)
+    done = {**desc, "shard_units": shard_units, "build_s": round(time.perf_counter() - t0, 1)}
+    with open(marker, "w") as f:
+        json.dump(done, f)
+    return done
+
+
+def half_checkpoint(a, full: str, path: str, done: dict, layers: int) -> None:
+    """A `layers`-layer checkpoint made of symlinks to the full one's embed, first layer, head shards."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    keep = {f"block{i}" for i in range(layers)} | {"embed", "head"}
+    weight_map = {}
+    with open(os.path.join(full, "model.safetensors.index.json")) as f:
+        full_map = json.load(f)["weight_map"]
+    for fname, units in done["shard_units"].items():
+        if set(units) <= keep:
+            os.symlink(os.path.join(full, fname), os.path.join(path, fname))
+            weight_map.update({n: s for n, s in full_map.items() if s == fname})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_json(a, layers), f, indent=1)
+
+
+def source_bytes(path: str) -> int:
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        files = set(json.load(f)["weight_map"].values())
+    return sum(os.path.getsize(os.path.join(path, p)) for p in files)
+
+
+# ---------------------------------------------------------------------------------- measuring
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure(cmd: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stderr) of `cmd` run as its own process."""
+    if os.path.exists("/usr/bin/time"):
+        t0 = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+        rss = int(m.group(1)) * 1024 if m else -1
+    else:  # a fresh intermediate process: its RUSAGE_CHILDREN max is exactly this one child's
+        probe = ("import resource,subprocess,sys,time;t=time.perf_counter();r=subprocess.run(sys.argv[1:]);"
+                 "print(time.perf_counter()-t,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,r.returncode)")
+        p = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)
+        w, kb, rc = p.stdout.split()[-3:]
+        wall, rss, p.returncode = float(w), int(kb) * 1024, int(rc)
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}): {shlex.join(cmd)}\n{p.stderr[-3000:]}")
+    return wall, rss, p.stderr
+
+
+def convert_once(src: str, out: str, extra: list[str], cold: bool) -> dict:
+    if cold:
+        drop_caches()
+    cmd = [sys.executable, "-m", "layerpack.cli", "convert", src, out, *extra, "--quiet", "--overwrite"]
+    wall, rss, _ = measure(cmd)
+    with open(os.path.join(out, "manifest.json")) as f:
+        totals = json.load(f)["totals"]
+    shutil.rmtree(out)
+    return {"wall_s": wall, "rss": rss, "pack_bytes": totals["layer_bytes"], "bits": totals["bits_per_param"]}
+
+
+# ---------------------------------------------------------------------------------- reporting
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"{cpu}, {os.cpu_count()} cores, {ram / GiB:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def report(a, rows, full_b, half_b, bound, largest, cold, base, cmdline, load) -> str:
+    base_wall, base_rss = base
+    nf4 = rows["nf4"]["full"]
+    lines = [
+        f"### `layerpack convert`: streaming memory and speed ({datetime.date.today().isoformat()})",
+        "",
+        f"- Machine: {machine()}; load average before the run: {load}.",
+        f"- Command: `{cmdline}`",
+        f"- Source: synthetic Llama (LlamaForCausalLM, bf16, untied) hidden {a.hidden}, intermediate {a.intermediate}, "
+        f"{a.heads} heads / {a.kv_heads} kv heads, vocab {a.vocab}: **{a.layers} layers = {full_b / 1e9:.2f} GB** "
+        f"and {a.layers // 2} layers = {half_b / 1e9:.2f} GB, sharded safetensors ({a.per_shard} layers per shard).",
+        f"- Largest layer unit: {largest[0]} = {largest[1] / MiB:.0f} MiB -> bound 2 x {largest[1] / MiB:.0f} MiB + 1 GiB "
+        f"= **{bound / MiB:.0f} MiB**. Python + torch + layerpack imports alone: {base_rss / MiB:.0f} MiB RSS, {base_wall:.1f} s.",
+        "- Page cache: " + ("dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every conversion, so the source is read "
+                            "from disk (the final sha256 pass over the source then hits the cache)." if cold else
+                            f"NOT dropped (no permission / --warm): the source ({full_b / GiB:.1f} GiB) fits in RAM and was likely cached."),
+        "- Each conversion is one `python -m layerpack.cli convert SRC OUT <scheme> --quiet --overwrite` process; peak RSS "
+        "is its `/usr/bin/time -v` maximum resident set size; wall time and throughput (source bytes / wall) cover the whole "
+        "process: interpreter start, imports, read, quantize, write + fsync, and the sha256 of the source for the manifest.",
+        "",
+        f"| scheme | peak RSS {a.layers}L (MiB) | peak RSS {a.layers // 2}L (MiB) | ratio {a.layers}L/{a.layers // 2}L "
+        f"| bound (MiB) | RSS / bound | PASS | wall {a.layers}L (s) | MB/s {a.layers}L | MB/s {a.layers}L w/o startup | MB/s {a.layers // 2}L | pack (GB) | bits/param |",
+        "|---|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, r in rows.items():
+        f, h = r["full"], r["half"]
+        ok = max(f["rss"], h["rss"]) <= bound
+        lines.append(
+            f"| {label} | {f['rss'] / MiB:.0f} | {h['rss'] / MiB:.0f} | {f['rss'] / h['rss']:.3f} | {bound / MiB:.0f} "
+            f"| {f['rss'] / bound:.2f} | {'PASS' if ok else 'FAIL'} | {f['wall_s']:.1f} | {full_b / f['wall_s'] / 1e6:.0f} "
+            f"| {full_b / (f['wall_s'] - base_wall) / 1e6:.0f} | {half_b / h['wall_s'] / 1e6:.0f} | {f['pack_bytes'] / 1e9:.2f} | {f['bits']:.2f} |")
+    mbs = full_b / nf4["wall_s"] / 1e6
+    lines += ["", f"nf4 throughput target >= 200 MB/s of bf16 input: {mbs:.0f} MB/s end to end -> "
+                  f"**{'PASS' if mbs >= 200 else 'FAIL'}**."]
+    return "\n".join(lines)
+
+
+def record(section: str) -> None:
+    """Replace (or append) only this script's section of BENCHMARKS.md; other sections are kept."""
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    block = f"{START}\n{section}\n{END}"
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path + ".tmp-bench"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/layerpack-bench", help="cache folder for the checkpoint and scratch packs")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--per-shard", type=int, default=4, help="decoder layers per safetensors shard")
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated subset of {','.join(SCHEMES)}")
+    ap.add_argument("--warm", action="store_true", help="do not drop the page cache before each conversion")
+    ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
+    a = ap.parse_args()
+    half = a.layers // 2
+    if half % a.per_shard:
+        ap.error("--layers / 2 must be a multiple of --per-shard (the half checkpoint reuses whole shards)")
+    labels = a.schemes.split(",")
+    if unknown := [s for s in labels if s not in SCHEMES]:
+        ap.error(f"unknown scheme(s) {unknown}")
+    os.makedirs(a.work, exist_ok=True)
+    free = shutil.disk_usage(a.work).free
+    shapes = tensor_shapes(a)
+    ub = unit_bytes(shapes)
+    need = sum(ub.values()) * 2 + GiB  # source + the largest pack (scheme none, same size) + slack
+    if free < need and not os.path.isfile(os.path.join(a.work, "ckpt", ".complete")):
+        raise SystemExit(f"{a.work}: {free / GiB:.1f} GiB free, need about {need / GiB:.1f} GiB")
+    load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+    full, small, out = (os.path.join(a.work, n) for n in ("ckpt", f"ckpt-{half}L", "pack"))
+    print(f"checkpoint: {full}", file=sys.stderr)
+    done = build_checkpoint(a, full)
+    half_checkpoint(a, full, small, done, half)
+    full_b, half_b = source_bytes(full), source_bytes(small)
+    largest = max(ub.items(), key=lambda kv: kv[1])
+    bound = 2 * largest[1] + GiB
+    cold = not a.warm and drop_caches()
+    # What every conversion pays before reading a byte: interpreter start + imports (RSS and seconds).
+    base_wall, base_rss, _ = measure([sys.executable, "-c", "import layerpack.cli, layerpack.convert, layerpack.quantize"])
+
+    rows = {}
+    for label in labels:
+        rows[label] = {}
+        for key, src in (("full", full), ("half", small)):
+            r = convert_once(src, out, SCHEMES[label], cold)
+            rows[label][key] = r
+            print(f"  {label:18s} {os.path.basename(src):10s} {r['wall_s']:6.1f}s  peak RSS {r['rss'] / MiB:6.0f} MiB", file=sys.stderr)
+    cmdline = "python scripts/bench_convert.py " + shlex.join(sys.argv[1:])
+    text = report(a, rows, full_b, half_b, bound, largest, cold, (base_wall, base_rss), cmdline.strip(), load)
+    print(text)
+    if a.record:
+        record(text)
+        print(f"recorded in {os.path.join(ROOT, 'BENCHMARKS.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
