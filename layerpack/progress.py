@@ -19,5 +19,6 @@ def progress_bar(total: int | None, desc: str, quiet: bool, unit: str = "B"):
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=False) as bar:
+    # disable=None: bars only on a terminal, so logs and pipes get clean output (and one-line errors).
+    with tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=False, disable=None) as bar:
         yield bar

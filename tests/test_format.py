@@ -1,0 +1,137 @@
+"""The reader trusts nothing: safetensors headers, manifests, versions, paths. And the runtime
+package stands alone (no transformers / bitsandbytes / click / jsonschema / huggingface_hub)."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from layerpack.writer import write_safetensors
+from layerpack_runtime.errors import FormatError, VersionError
+from layerpack_runtime.manifest import Manifest, check_structure, safe_relpath
+from layerpack_runtime.safetensors_io import SafetensorsFile
+
+
+def _raw(path, header: dict, data: bytes):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+def test_reads_what_the_safetensors_library_writes(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(5).to(torch.bfloat16), "e": torch.empty(0, 3)}
+    save_file(t, tmp_path / "x.safetensors")
+    got = SafetensorsFile(tmp_path / "x.safetensors").read()
+    assert got.keys() == t.keys() and all(torch.equal(got[k], t[k]) for k in t)
+
+
+def test_writer_output_is_aligned_and_readable_by_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    t = {"z.u8": torch.arange(7, dtype=torch.uint8), "a.f32": torch.randn(3, 5), "m.bf16": torch.randn(9).to(torch.bfloat16)}
+    write_safetensors(str(tmp_path / "w.safetensors"), t, "block.000")
+    st = SafetensorsFile(tmp_path / "w.safetensors")
+    assert st.data_start % 8 == 0
+    for info in st.tensors.values():  # every tensor aligned to its element size
+        assert (info.start - st.data_start) % torch.empty(0, dtype=t[info.name].dtype).element_size() == 0
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), t[k]) for k in t)
+
+
+@pytest.mark.parametrize("header,data,needle", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "truncated"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "do not match"),
+    ({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "holes"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "overlaps"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "trailing"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"k": 1}}, b"\0" * 4, "__metadata__"),
+])
+def test_invalid_headers_are_refused(tmp_path, header, data, needle):
+    p = tmp_path / "bad.safetensors"
+    _raw(p, header, data)
+    with pytest.raises(FormatError, match=needle):
+        SafetensorsFile(p)
+
+
+def test_huge_header_length_is_refused_before_allocation(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(FormatError, match="does not fit"):
+        SafetensorsFile(p)
+
+
+def _manifest_dict():
+    return {"format": "layerpack", "format_version": "1.0.0", "source": {}, "architecture": {},
+            "quantization": {"scheme": "none", "dtype": "bf16"}, "files": [{"path": "layers/embed.safetensors", "size": 1, "sha256": "0" * 64}],
+            "layers": [{"name": "embed", "file": "layers/embed.safetensors", "tensors": []}]}
+
+
+def test_manifest_version_rules():
+    check_structure(_manifest_dict())
+    check_structure({**_manifest_dict(), "format_version": "1.7.3"})  # newer minor: readable
+    with pytest.raises(VersionError, match="newer than this reader supports"):
+        check_structure({**_manifest_dict(), "format_version": "2.0.0"})
+    with pytest.raises(FormatError, match="not a layerpack manifest"):
+        check_structure({**_manifest_dict(), "format": "gguf"})
+    with pytest.raises(FormatError, match="MAJOR.MINOR.PATCH"):
+        check_structure({**_manifest_dict(), "format_version": "one"})
+
+
+def test_newer_minor_version_fields_are_ignored_by_old_readers(tiny_ckpts, tmp_path):
+    from layerpack.convert import ConvertOptions, convert
+
+    convert(tiny_ckpts["llama"], str(tmp_path / "p"), ConvertOptions(quiet=True))
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    m["format_version"] = "1.4.0"
+    m["quality"] = {"perplexity": 9.9}
+    m["quantization"]["future_knob"] = True
+    m["layers"][0]["tensors"][0]["future_stat"] = 1
+    assert Manifest.from_dict(m).quantization.scheme == "none"
+
+
+@pytest.mark.parametrize("p,ok", [("layers/a.safetensors", True), ("config.json", True), ("/etc/passwd", False),
+                                  ("../x", False), ("layers/../../x", False), ("a\\b", False), ("", False), ("./a", False)])
+def test_paths_must_stay_inside_the_pack(p, ok):
+    assert safe_relpath(p) == ok
+
+
+def test_schema_and_runtime_agree_on_a_real_manifest(tiny_ckpts, tmp_path):
+    from layerpack.convert import ConvertOptions, convert
+    from layerpack.schema import schema_errors
+
+    m = convert(tiny_ckpts["qwen2"], str(tmp_path / "p"), ConvertOptions(quant="nf4", outliers=0.01, compress="zstd", quiet=True))
+    d = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert schema_errors(d) == [] and Manifest.from_dict(d) == m
+    assert schema_errors({**d, "quantization": {**d["quantization"], "scheme": "int3"}})
+    assert schema_errors({**d, "format_version": "2.0.0"})
+
+
+BLOCKER = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'transformers', 'bitsandbytes', 'click', 'jsonschema', 'huggingface_hub', 'safetensors', 'layerpack'}:
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Block())
+import torch, layerpack_runtime
+from layerpack_runtime import Pack
+p = Pack(sys.argv[1])
+assert p.verify() == []
+n = sum(len(p.layer_weights(l)) for l in p.layers())
+print('ok', n, sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in {'transformers','bitsandbytes','click','jsonschema','huggingface_hub'}))
+"""
+
+
+def test_runtime_reads_packs_without_toolkit_dependencies(tiny_ckpts, tmp_path):
+    from layerpack.convert import ConvertOptions, convert
+
+    convert(tiny_ckpts["llama"], str(tmp_path / "p"), ConvertOptions(quant="nf4", outliers=0.01, compress="zstd", quiet=True))
+    r = subprocess.run([sys.executable, "-c", BLOCKER, str(tmp_path / "p")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ok", str(1 + 3 * 9 + 2), "[]"]  # embed; 3 blocks x 9 tensors; norm + head
