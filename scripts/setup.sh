@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install layerpack + layerpack-runtime (editable) with a CPU build of torch.
+# torch is installed first and pinned: a bare `torch` requirement in a fresh venv can pull a
+# multi-GB CUDA build. Elsewhere, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu gets a
+# CPU wheel from PyTorch's index; a GPU machine can set it to a CUDA index instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
+fi
+pip install -e ./runtime -e ".[test]"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2
