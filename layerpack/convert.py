@@ -258,6 +258,10 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
         return Manifest.load(out)
 
     zstd_level = quant.zstd_level
+    # Provenance hashes of the source files, computed beside the conversion (hashlib releases the GIL).
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="hash-source")
+    source_digests = hasher.submit(file_digests, source)
+    hasher.shutdown(wait=False)
     results: dict[str, tuple[LayerEntry, FileEntry]] = {}
     todo = []
     for u in units:
@@ -295,7 +299,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
                 stored, entries, params = {}, [], 0
 
     sidecars = _copy_sidecars(source, out)
-    manifest = _build_manifest(source, arch, quant, [results[u.name] for u in units], sidecars, opts.quiet)
+    manifest = _build_manifest(source, arch, quant, [results[u.name] for u in units], sidecars, source_digests.result())
     _remove_stale_layers(out, {unit_file(u.name) for u in units})
     write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
     fsync_dir(out)
@@ -332,10 +336,8 @@ def _remove_stale_layers(out: str, keep: set[str]) -> None:
 
 
 def _build_manifest(source: Source, arch: dict, quant: Quantization, done: list[tuple[LayerEntry, FileEntry]],
-                    sidecars: list[FileEntry], quiet: bool) -> Manifest:
+                    sidecars: list[FileEntry], src_files: list[dict]) -> Manifest:
     total_bytes = sum(f.size for _, f in done)
-    with progress_bar(None, "hashing source", quiet, unit="B") as bar:
-        src_files = file_digests(source, bar.update)
     params = sum(l.params for l, _ in done)
     m = Manifest(
         format=FORMAT_NAME,

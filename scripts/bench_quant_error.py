@@ -151,7 +151,8 @@ def tables1(rows, levels, control):
     nonmono = sorted({f"{s} {u} {n}" for (u, n, s, f), e in err.items() if f and e > err[(u, n, s, FRACTIONS[FRACTIONS.index(f) - 1])] * (1 + 1e-9)})
     dev = max(abs(r["err"] - r["check"]) / max(r["check"], 1e-12) for r in rows)
     bad_topk = sum(not r["topk_ok"] for r in rows)
-    out += ["", f"Checks: reported vs runtime-measured error (dequantize_weight) max relative difference {dev:.2e}; "
+    out += ["", f"Checks: reported vs runtime-measured error (dequantize_weight) max relative difference {dev:.2e} "
+            "(the quantizer's error sums use float32 torch.linalg.vector_norm, the check float64); "
             f"outlier sets that are not the top-k |w|: {bad_topk}; tensors whose error grows with a larger fraction: "
             f"{len(nonmono)}{' (' + ', '.join(nonmono[:6]) + ')' if nonmono else ''}."]
     # Synthetic control.
