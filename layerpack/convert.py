@@ -218,9 +218,18 @@ def _prepare_out(out: str, opts: ConvertOptions, fingerprint: str, quant: Quanti
     return partial
 
 
-def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
-    opts = opts or ConvertOptions()
-    opts.check()
+@dataclass
+class _Job:
+    source: Source
+    arch: dict
+    index: TensorIndex
+    units: list[UnitPlan]
+    quant: Quantization
+
+
+def _plan(src: str, opts: ConvertOptions) -> _Job:
+    """Everything decided before a byte is written: source, family, architecture, the mapping of every
+    source tensor to a unit, shapes checked against config.json, and the quantization settings."""
     source = resolve(src, opts.revision, opts.allow_pickle, opts.quiet)
     config = _load_json(os.path.join(source.root, "config.json"))
     gen_path = os.path.join(source.root, "generation_config.json")
@@ -233,56 +242,66 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
             want, got = expected_shape(canonical, arch), index.info(hf)[1]
             if want is not None and want != got:
                 raise LayerpackError(f"source tensor {hf} has shape {got}, config.json implies {want}")
-
     src_dtype = index.dtype_of(units[0].tensors["embed.weight"])
     if opts.dtype is None and src_dtype not in DTYPE_TO_NAME:
         raise LayerpackError(f"source weights are {src_dtype}; pass --dtype bf16/fp16/fp32 (fp8 checkpoints are not supported)")
-    dtype_name = opts.dtype or DTYPE_TO_NAME[src_dtype]
-    dtype = DTYPE_NAMES[dtype_name]
-    block = opts.block_size or DEFAULT_BLOCK_SIZE.get(opts.quant)
-    tied = arch["tie_word_embeddings"]
     quant = Quantization(
-        scheme=opts.quant, dtype=dtype_name, block_size=block, outlier_fraction=opts.outliers,
+        scheme=opts.quant, dtype=opts.dtype or DTYPE_TO_NAME[src_dtype],
+        block_size=opts.block_size or DEFAULT_BLOCK_SIZE.get(opts.quant), outlier_fraction=opts.outliers,
         compression=opts.compress, zstd_level=opts.zstd_level if opts.compress == COMPRESS_ZSTD else None,
-        quantized_embedding=tied and opts.quant != SCHEME_NONE,
+        quantized_embedding=arch["tie_word_embeddings"] and opts.quant != SCHEME_NONE,
     )
-    fingerprint = _job_fingerprint(opts, source, quant)
+    return _Job(source, arch, index, units, quant)
+
+
+def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
+    opts = opts or ConvertOptions()
+    opts.check()
+    job = _plan(src, opts)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise LayerpackError(f"{out}: cannot create output folder ({e.strerror})") from None
-    partial = _prepare_out(out, opts, fingerprint, quant, source)
+    partial = _prepare_out(out, opts, _job_fingerprint(opts, job.source, job.quant), job.quant, job.source)
     if partial is None:
         if not opts.quiet:
             print(f"{out}: already a complete pack of this source with these options; nothing to do")
         return Manifest.load(out)
 
-    zstd_level = quant.zstd_level
     # Provenance hashes of the source files, computed beside the conversion (hashlib releases the GIL).
     hasher = ThreadPoolExecutor(1, thread_name_prefix="hash-source")
-    source_digests = hasher.submit(file_digests, source)
+    source_digests = hasher.submit(file_digests, job.source)
     hasher.shutdown(wait=False)
-    results: dict[str, tuple[LayerEntry, FileEntry]] = {}
-    todo = []
-    for u in units:
-        rec = partial.done(out, u.name)
-        if rec:
-            results[u.name] = rec
-        else:
-            todo.append(u)
+    results = {u.name: rec for u in job.units if (rec := partial.done(out, u.name))}
+    _convert_units(job, [u for u in job.units if u.name not in results], out, partial, results, opts.quiet)
+
+    sidecars = _copy_sidecars(job.source, out)
+    manifest = _build_manifest(job, [results[u.name] for u in job.units], sidecars, source_digests.result())
+    _remove_stale_layers(out, {unit_file(u.name) for u in job.units})
+    write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
+    fsync_dir(out)
+    shutil.rmtree(partial.dir, ignore_errors=True)
+    return manifest
+
+
+def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
+                   results: dict[str, tuple[LayerEntry, FileEntry]], quiet: bool) -> None:
+    """Quantize and write each unit of `todo`, tensor by tensor, recording each finished unit."""
+    q = job.quant
+    dtype, tied = DTYPE_NAMES[q.dtype], job.arch["tie_word_embeddings"]
     jobs = [(u, c) for u in todo for c in sorted(u.tensors)]
-    total = sum(index.info(u.tensors[c])[2] for u, c in jobs)
-    with progress_bar(total, "convert", opts.quiet) as bar, ThreadPoolExecutor(1) as reader:
+    total = sum(job.index.info(u.tensors[c])[2] for u, c in jobs)
+    with progress_bar(total, "convert", quiet) as bar, ThreadPoolExecutor(1) as reader:
         # Read tensor i+1 (disk) while tensor i is quantized (CPU): both overlap on 2 cores.
-        ahead = reader.submit(index.read, jobs[0][0].tensors[jobs[0][1]]) if jobs else None
+        ahead = reader.submit(job.index.read, jobs[0][0].tensors[jobs[0][1]]) if jobs else None
         stored: dict[str, torch.Tensor] = {}
         entries: list[TensorEntry] = []
         params = 0
         for j, (u, canonical) in enumerate(jobs):
             w = ahead.result()
-            ahead = reader.submit(index.read, jobs[j + 1][0].tensors[jobs[j + 1][1]]) if j + 1 < len(jobs) else None
+            ahead = reader.submit(job.index.read, jobs[j + 1][0].tensors[jobs[j + 1][1]]) if j + 1 < len(jobs) else None
             bar.set_description(u.name)
-            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, opts.quant, tied), dtype, block, opts.outliers)
+            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction)
             stored.update(s)
             entries.append(entry)
             params += w.numel()
@@ -290,21 +309,12 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
             del w, s
             if j + 1 == len(jobs) or jobs[j + 1][0] is not u:  # unit complete: write it, record it
                 rel = unit_file(u.name)
-                size, sha = write_safetensors(os.path.join(out, rel), stored, u.name, zstd_level)
-                layer = LayerEntry(u.name, u.kind, rel, params, entries, u.index)
-                f = FileEntry(rel, size, sha)
+                size, sha = write_safetensors(os.path.join(out, rel), stored, u.name, q.zstd_level)
+                layer, f = LayerEntry(u.name, u.kind, rel, params, entries, u.index), FileEntry(rel, size, sha)
                 partial.save(u.name, layer, f)
                 results[u.name] = (layer, f)
                 _fault_point(len(results))
                 stored, entries, params = {}, [], 0
-
-    sidecars = _copy_sidecars(source, out)
-    manifest = _build_manifest(source, arch, quant, [results[u.name] for u in units], sidecars, source_digests.result())
-    _remove_stale_layers(out, {unit_file(u.name) for u in units})
-    write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
-    fsync_dir(out)
-    shutil.rmtree(partial.dir, ignore_errors=True)
-    return manifest
 
 
 def _fault_point(units_done: int) -> None:
@@ -335,17 +345,16 @@ def _remove_stale_layers(out: str, keep: set[str]) -> None:
             os.remove(os.path.join(d, name))
 
 
-def _build_manifest(source: Source, arch: dict, quant: Quantization, done: list[tuple[LayerEntry, FileEntry]],
-                    sidecars: list[FileEntry], src_files: list[dict]) -> Manifest:
+def _build_manifest(job: _Job, done: list[tuple[LayerEntry, FileEntry]], sidecars: list[FileEntry], src_files: list[dict]) -> Manifest:
     total_bytes = sum(f.size for _, f in done)
     params = sum(l.params for l, _ in done)
     m = Manifest(
         format=FORMAT_NAME,
         format_version=FORMAT_VERSION,
         created_by=f"layerpack {__version__}",
-        source={**source.provenance(), "files": src_files},
-        architecture=arch,
-        quantization=quant,
+        source={**job.source.provenance(), "files": src_files},
+        architecture=job.arch,
+        quantization=job.quant,
         layers=[l for l, _ in done],
         files=sorted([f for _, f in done] + sidecars, key=lambda f: f.path),
         totals={"params": params, "layer_bytes": total_bytes, "bits_per_param": round(8 * total_bytes / params, 4)},

@@ -111,8 +111,8 @@ def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: 
         deq = q.float() * (per_block / INT8_QMAX)
     # Outlier positions reconstruct to 0 here and to their exact value in the runtime: zero error,
     # which comparing with x (outliers zeroed) rather than ref accounts for.
-    err = torch.linalg.vector_norm(deq.to(dtype).float() - x).item()
-    return err * err, torch.linalg.vector_norm(ref).item() ** 2
+    err = torch.linalg.vector_norm(deq.to(dtype).float() - x, dtype=torch.float64).item()
+    return err * err, torch.linalg.vector_norm(ref, dtype=torch.float64).item() ** 2
 
 
 def select_outliers(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -187,5 +187,5 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
 
 def _rel_rms(ref: torch.Tensor, approx: torch.Tensor) -> float:
     ref32 = ref.float()
-    denom = torch.linalg.vector_norm(ref32).item()
-    return torch.linalg.vector_norm(approx.float() - ref32).item() / denom if denom > 0 else 0.0
+    denom = torch.linalg.vector_norm(ref32, dtype=torch.float64).item()
+    return torch.linalg.vector_norm(approx.float() - ref32, dtype=torch.float64).item() / denom if denom > 0 else 0.0
