@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,27 +53,41 @@ def resolve(src: str, revision: str | None = None, allow_pickle: bool = False, q
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool, quiet: bool) -> tuple[str, str | None]:
-    """Fetch only what conversion reads, into the HF cache (resumable, shared with transformers)."""
+    """Fetch only what conversion reads, into the HF cache (resumable, shared with transformers).
+    Errors become one line naming what is missing; the token never appears in them."""
     try:
         from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.utils import HfHubHTTPError
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     except ImportError:  # pragma: no cover - a toolkit dependency
         raise LayerpackError("huggingface_hub is required to convert from a Hub repo id") from None
+    silent = quiet or not sys.stderr.isatty()
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
         names = [s.rfilename for s in info.siblings or []]
         has_st = any(n.endswith(".safetensors") for n in names)
-        patterns = list(SIDECAR_FILES) + ([SAFETENSORS_INDEX, "*.safetensors"] if has_st else
-                                          ([PICKLE_INDEX, "pytorch_model*.bin"] if allow_pickle else []))
         if not has_st and not allow_pickle:
             raise LayerpackError(f"{repo_id}: has no safetensors weights; pickle weights (.bin) need --allow-pickle")
-        root = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
+        patterns = list(SIDECAR_FILES) + ([SAFETENSORS_INDEX, "*.safetensors"] if has_st else [PICKLE_INDEX, "pytorch_model*.bin"])
+        if silent:
+            disable_progress_bars()
+        try:
+            root = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
+        finally:
+            if silent:
+                enable_progress_bars()
         return root, info.sha
     except LayerpackError:
         raise
+    except RevisionNotFoundError:
+        raise LayerpackError(f"{repo_id}: revision {revision!r} not found on the Hub") from None
+    except GatedRepoError:
+        raise LayerpackError(f"{repo_id}: gated repository; accept its terms on the Hub and log in (HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise LayerpackError(f"{repo_id}: repository not found on the Hub (private? set HF_TOKEN or log in)") from None
     except HfHubHTTPError as e:
         raise LayerpackError(f"{repo_id}: Hub request failed ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # network errors, missing repo, gated repo: one line, no token
+    except Exception as e:  # network errors and the like: one line, no token
         raise LayerpackError(f"{repo_id}: cannot fetch from the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -161,13 +176,16 @@ class TensorIndex:
 
 
 def file_digests(source: Source, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """sha256 of every source file the pack derives from. Files in the HF cache are stored under
-    their sha256 (LFS blobs), which we take instead of re-reading gigabytes."""
+    """sha256 of every source file the pack derives from, hashed from the bytes we convert. The HF
+    cache names LFS blobs by the sha256 the server advertised but huggingface_hub only checks sizes:
+    a mismatch means a corrupt download, and the pack must not claim the advertised hash."""
     out = []
     rels = ["config.json"] + [f for f in SIDECAR_FILES if f != "config.json" and os.path.isfile(os.path.join(source.root, f))]
     for rel in rels + source.weight_files:
         path = os.path.join(source.root, rel)
+        digest = sha256_file(path, progress)
         blob = os.path.basename(os.path.realpath(path))
-        digest = blob if (source.kind == "hub" and _HEX64.match(blob)) else sha256_file(path, progress)
+        if source.kind == "hub" and _HEX64.match(blob) and blob != digest:
+            raise LayerpackError(f"corrupt download in the HF cache: {rel} does not match its sha256 {blob[:12]}...; delete {os.path.realpath(path)} and retry")
         out.append({"path": rel, "size": os.path.getsize(path), "sha256": digest})
     return out
