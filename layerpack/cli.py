@@ -23,7 +23,7 @@ def _one_line_errors(fn):
             what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             _die(f"{e.filename}: {what}" if e.filename else what)
         except KeyboardInterrupt:
-            _die("interrupted; re-run the same command to resume", code=130)
+            _die("interrupted" + ("; re-run the same command to resume" if fn.__name__ == "convert" else ""), code=130)
     return wrapper
 
 
@@ -88,6 +88,41 @@ def inspect(pack):
     from .inspect_pack import summarize
 
     click.echo(summarize(Manifest.load(pack)))
+
+
+@main.command()
+@click.argument("pack", type=click.Path())
+@click.argument("prompt")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the pack's chat template (needs jinja2).")
+@click.option("--max-new-tokens", type=click.IntRange(0), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample among the K likeliest tokens (0 = off).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass (1 = off).")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Compute dtype [default: the pack's].")
+@click.option("--stats", is_flag=True, help="Print prefill time and tokens/s to stderr.")
+@_one_line_errors
+def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, stats):
+    """Generate a continuation of PROMPT with the model in PACK, streaming it to stdout."""
+    import time
+
+    from layerpack_runtime import load
+
+    t0 = time.perf_counter()
+    model = load(pack, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, chat=chat, stream=True)
+    try:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+    except KeyboardInterrupt:  # Ctrl-C just stops the answer (the shared "re-run to resume" message is for convert)
+        click.echo()
+        sys.exit(130)
+    click.echo()
+    if stats:
+        click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,12 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
     sliding = config.get("sliding_window")
     if fam.name == "qwen2" and not config.get("use_sliding_window", False):
         sliding = None  # qwen2 configs carry a window they do not use unless use_sliding_window is set
+    layers = int(config["num_hidden_layers"])
+    layer_types = config.get("layer_types")
+    if layer_types is None and fam.name == "qwen2" and sliding:
+        # Qwen2 windows only blocks >= max_window_layers (transformers' rule when the config predates layer_types).
+        first = int(config.get("max_window_layers", layers))
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     spec = {
         "family": fam.name,
         "hf_architecture": (config.get("architectures") or [None])[0],
@@ -127,7 +133,7 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "vocab_size": int(config["vocab_size"]),
         "hidden_size": hidden,
         "intermediate_size": int(config["intermediate_size"]),
-        "num_layers": int(config["num_hidden_layers"]),
+        "num_layers": layers,
         "num_heads": heads,
         "num_kv_heads": int(config.get("num_key_value_heads") or heads),
         "head_dim": int(config.get("head_dim") or hidden // heads),
@@ -139,6 +145,8 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "attention_bias": bool(config.get("attention_bias", fam.name == "qwen2")),
         "mlp_bias": bool(config.get("mlp_bias", False)),
         "sliding_window": int(sliding) if sliding else None,
+        # per block "full_attention" | "sliding_attention" when blocks differ; None: all blocks alike
+        "layer_types": [str(t) for t in layer_types] if layer_types and sliding else None,
         "bos_token_id": (_ids(gen.get("bos_token_id", config.get("bos_token_id"))) or [None])[0],
         "eos_token_ids": _ids(gen.get("eos_token_id", config.get("eos_token_id"))),
         "pad_token_id": (_ids(gen.get("pad_token_id", config.get("pad_token_id"))) or [None])[0],

@@ -1,0 +1,269 @@
+"""`load(pack)` -> a LayeredModel that runs a layerpack unit by unit and generates text.
+
+Execution is already layered: a forward pass runs the embed unit, each block unit and the head
+unit in turn, and obtains each unit's weights from `weights_for(unit_name)` just before running
+it. In this first version `weights_for` serves weights that were all read and dequantized (to
+the compute dtype) once, at load, and stay resident. The next step is the streaming planner:
+`weights_for` backed by a prefetching reader (read unit i+1 while unit i computes) with a
+memory budget that decides which units stay resident, so models larger than memory run; the
+model code does not change for that.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from . import models
+from .cache import KVCache
+from .errors import FormatError, LayerpackError
+from .format import UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
+from .generate import GenerationStats, SamplingParams, generate_tokens
+from .pack import Pack
+from .tokenizer import PackTokenizer, TextStream
+
+DTYPE_ALIASES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+Prompt = Any  # str | list[int] | list[dict] (a chat conversation)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LayerpackError(f"invalid device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise LayerpackError(f"device {device!r} requested but CUDA is not available in this torch build / machine")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise LayerpackError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise LayerpackError("device 'mps' requested but MPS is not available")
+    return d
+
+
+def _dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype in DTYPE_ALIASES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_ALIASES:
+        return DTYPE_ALIASES[dtype.lower()]
+    raise LayerpackError(f"unsupported compute dtype {dtype!r} (use bf16, fp16 or fp32)")
+
+
+class LayeredModel:
+    """A pack, ready to run. See the module docstring for how weights are obtained."""
+
+    def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+        self.pack = pack
+        self.manifest = pack.manifest
+        arch = self.manifest.architecture
+        self.family = models.module_for(arch.get("family"))
+        self.args = self.family.ModelArgs.from_dict(arch)
+        self.device = _device(device)
+        self.dtype = _dtype(dtype, pack.dtype)
+        self.block_units = [unit_name(UNIT_BLOCK, i) for i in range(self.args.num_layers)]
+        self.units = [UNIT_EMBED, *self.block_units, UNIT_HEAD]
+        names = [l.name for l in self.manifest.layers]
+        if names != self.units:
+            raise FormatError(f"pack units {names[:3]}...{names[-2:]} do not match the architecture's "
+                              f"{self.args.num_layers} blocks (expected embed, block.000 .. block.{self.args.num_layers - 1:03d}, head)")
+        self.inv_freq = self.family.rope_inv_freq(self.args, self.device)
+        self._tokenizer: PackTokenizer | None = None
+        self.last_stats = GenerationStats()
+        # Resident weights (see module docstring: the streaming planner replaces this).
+        self._resident: dict[str, dict[str, torch.Tensor]] = {}
+        for layer in self.manifest.layers:
+            self.family.check_unit(self.args, layer.kind, {t.name for t in layer.tensors})
+            self._resident[layer.name] = {k: v.to(self.device) for k, v in pack.layer_weights(layer, self.dtype).items()}
+        if self.args.tie_word_embeddings:  # the embedding doubles as the output projection
+            self._resident[UNIT_HEAD] = {**self._resident[UNIT_HEAD], "head.weight": self._resident[UNIT_EMBED]["embed.weight"]}
+
+    def __repr__(self) -> str:
+        a = self.args
+        return (f"LayeredModel({os.path.basename(self.pack.path)!r}, family={a.family}, layers={a.num_layers}, "
+                f"hidden={a.hidden_size}, scheme={self.manifest.quantization.scheme}, dtype={self.dtype}, device={self.device})")
+
+    # -- weights ---------------------------------------------------------------------------------
+    def weights_for(self, unit: str) -> dict[str, torch.Tensor]:
+        """Canonical tensors of one unit, in the compute dtype on the compute device. The head unit
+        of a tied model includes the embedding as `head.weight`."""
+        try:
+            return self._resident[unit]
+        except KeyError:
+            raise LayerpackError(f"no layer unit {unit!r} in this pack") from None
+
+    # -- forward ---------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1, max_len: int = 256) -> KVCache:
+        a = self.args
+        return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache: KVCache | None = None, attention_mask=None, last_only: bool = False) -> torch.Tensor:
+        """Run new tokens [B, T] (or [T]) through every unit; returns float32 logits [B, T or 1, vocab].
+
+        With a cache, the tokens continue the cached sequence (their keys/values are appended);
+        without one, they are a whole sequence. attention_mask [B, T] (1 = token, 0 = left
+        padding) is needed only for padded prompts."""
+        fam, args = self.family, self.args
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise LayerpackError(f"input_ids must be a non-empty [batch, tokens] array, got shape {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= args.vocab_size:
+            raise LayerpackError(f"token id {lo if lo < 0 else hi} is outside the vocabulary (0..{args.vocab_size - 1})")
+        B, T = ids.shape
+        if cache is None:
+            cache = self.new_cache(B, T)
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
+        start, positions = cache.reserve(ids, mask)
+        steps = fam.prepare_steps(args, self.inv_freq, positions, start, cache.kv_valid(start + T), cache.positions, self.dtype)
+        h = fam.embed_forward(args, self.weights_for(UNIT_EMBED), ids)
+        for i, unit in enumerate(self.block_units):
+            h = fam.block_forward(args, self.weights_for(unit), h, steps[i], cache.layers[i])
+        if last_only:
+            h = h[:, -1:]
+        logits = fam.head_forward(args, self.weights_for(UNIT_HEAD), h)
+        cache.commit(T, mask)
+        return logits.float()
+
+    def logits(self, input_ids) -> torch.Tensor:
+        """Logits [B, T, vocab] (float32) of a whole sequence, without a persistent cache."""
+        return self.forward(input_ids)
+
+    # -- text ------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> PackTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = PackTokenizer(self.pack.path, self.manifest.architecture)
+        return self._tokenizer
+
+    @property
+    def eos_ids(self) -> list[int]:
+        if self._tokenizer is None and not os.path.isfile(os.path.join(self.pack.path, "tokenizer.json")):
+            return list(self.args.eos_token_ids)
+        return self.tokenizer.eos_ids
+
+    def encode_prompt(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """One prompt -> token ids: a string (chat=True wraps it as a user message), a chat
+        conversation (list of {"role", "content"} dicts), or token ids (used as they are)."""
+        if isinstance(prompt, str):
+            if chat:
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode_chat(list(prompt))
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.reshape(-1).tolist()
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise LayerpackError(f"a prompt is a string, a list of token ids or a chat (list of message dicts), not {type(prompt).__name__}")
+
+    def _prompts(self, prompt_or_prompts, chat: bool) -> tuple[list[list[int]], bool]:
+        p = prompt_or_prompts
+        single = (isinstance(p, str) or isinstance(p, torch.Tensor) and p.dim() <= 1
+                  or isinstance(p, (list, tuple)) and (not p or all(isinstance(x, (int, dict)) for x in p)))
+        if single:
+            return [self.encode_prompt(p, chat)], True
+        if isinstance(p, torch.Tensor):
+            p = list(p)
+        return [self.encode_prompt(x, chat) for x in p], False
+
+    def _pad_id(self) -> int:
+        if self.args.pad_token_id is not None:
+            return int(self.args.pad_token_id)
+        eos = self.eos_ids
+        return int(eos[0]) if eos else 0
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def generate_ids(self, prompt_or_prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int | None = None, chat: bool = False) -> list[int] | list[list[int]]:
+        """Like generate, but returns the new token ids (generation ends at an EOS token, which is
+        not included)."""
+        prompts, single = self._prompts(prompt_or_prompts, chat)
+        eos = set(self.eos_ids)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        self.last_stats = GenerationStats()
+        for tok in generate_tokens(self, prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p),
+                                   self._pad_id(), self._generator(seed), self.last_stats):
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:
+                    if t in eos:
+                        done[b] = True
+                    else:
+                        out[b].append(t)
+            if all(done):
+                break
+        return out[0] if single else out
+
+    def generate(self, prompt_or_prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, stop: str | Sequence[str] | None = None, stream: bool = False, chat: bool = False,
+                 seed: int | None = None):
+        """Generate a continuation of a prompt (or of each prompt of a list, batched).
+
+        prompt: a string, token ids, or a chat conversation (list of {"role", "content"} dicts);
+        chat=True renders strings through the pack's chat template (needs jinja2).
+        temperature 0 is greedy; > 0 samples, optionally restricted by top_k / top_p; seed makes
+        sampling reproducible. Generation ends at an EOS token, at a `stop` string (not included
+        in the text), or after max_new_tokens. Returns the new text (a list for a list of
+        prompts); with stream=True (one prompt only), an iterator of text pieces as they become
+        final. Timings of the last call: `last_stats`."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        prompts, single = self._prompts(prompt_or_prompts, chat)
+        events = self._text_events(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p), stops, seed)
+        if stream:
+            if not single:
+                raise LayerpackError("stream=True takes a single prompt")
+            return (piece for _, piece in events)
+        texts = [""] * len(prompts)
+        for b, piece in events:
+            texts[b] += piece
+        return texts[0] if single else texts
+
+    def _text_events(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                     stops: list[str], seed: int | None) -> Iterator[tuple[int, str]]:
+        params.check()  # before any work, also for lazily consumed streams
+        tokenizer = self.tokenizer
+        streams = [TextStream(tokenizer, stops) for _ in prompts]
+        eos = set(tokenizer.eos_ids)
+        pad = self._pad_id()
+        generator = self._generator(seed)
+
+        def run():
+            done = [False] * len(prompts)
+            self.last_stats = stats = GenerationStats()
+            for tok in generate_tokens(self, prompts, max_new_tokens, params, pad, generator, stats):
+                for b, t in enumerate(tok.tolist()):
+                    if done[b]:
+                        continue
+                    if t in eos:
+                        done[b], piece = True, streams[b].finish()
+                    else:
+                        piece = streams[b].push(t)
+                        done[b] = streams[b].stopped
+                    if piece:
+                        yield b, piece
+                if all(done):
+                    break
+            for b, s in enumerate(streams):
+                if not done[b] and (piece := s.finish()):
+                    yield b, piece
+
+        return run()
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> LayeredModel:
+    """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's
+    dtype). All weights are dequantized once and held resident for now; the streaming planner,
+    which keeps only a memory budget's worth of units resident, is the next step."""
+    return LayeredModel(Pack(path), device=device, dtype=dtype)

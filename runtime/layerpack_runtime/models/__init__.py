@@ -1,0 +1,23 @@
+"""Model families the runtime can execute. Each family maps to a module exposing the same unit
+functions (ModelArgs, prepare_steps, embed_forward, block_forward, head_forward, check_unit,
+rope_inv_freq); llama, mistral and qwen2 share `llama` (they differ only in architecture flags:
+biases, sliding window, rope scaling)."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import LayerpackError
+from . import llama
+
+MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama}
+
+
+def supported() -> str:
+    return ", ".join(sorted(MODULES))
+
+
+def module_for(family: str | None) -> ModuleType:
+    try:
+        return MODULES[family]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise LayerpackError(f"model family {family!r} is not supported by this runtime (supported: {supported()})") from None

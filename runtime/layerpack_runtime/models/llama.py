@@ -1,0 +1,287 @@
+"""Llama-style decoder (llama, mistral, qwen2) in plain PyTorch, one layer unit at a time.
+
+gpt-fast / mlx-lm style: no nn.Module tree. Each unit is a function of its weights dict (the
+canonical names of a pack unit, already dequantized to the compute dtype), so the caller decides
+where weights come from and when they are dropped - the resident loader today, the streaming
+planner next:
+
+    steps = prepare_steps(args, inv_freq, positions, start, kv_valid, kv_positions, dtype)
+    h = embed_forward(args, weights_for("embed"), input_ids)
+    for i in range(args.num_layers):
+        h = block_forward(args, weights_for(f"block.{i:03d}"), h, steps[i], cache.layers[i])
+    logits = head_forward(args, weights_for("head"), h)
+
+A `Step` (built once per forward, shared by all blocks with the same attention window) holds
+rotary cos/sin for the new positions, where the new keys go in the KV cache, and the attention
+mask (None where SDPA's is_causal or no mask at all is exact: the common unpadded cases).
+
+Numerics follow Hugging Face's implementation operation by operation (RMSNorm in float32 then
+cast, rotary tables computed in float32 then cast, rotate-half convention, SDPA attention), so a
+bf16 pack generates the same greedy tokens as transformers does in bf16.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FormatError, LayerpackError
+
+FAMILIES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu", "swish")
+
+# Canonical tensors every block unit must have (biases are optional, per architecture flags).
+BLOCK_TENSORS = (
+    "attn_norm.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
+    "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight",
+)
+EMBED_TENSORS = ("embed.weight",)
+HEAD_TENSORS = ("norm.weight", "head.weight")  # head.weight is the embedding when tied
+
+
+@dataclass
+class ModelArgs:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float = 1e-6
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    activation: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per block "full_attention" | "sliding_attention"; None: all alike
+    max_position_embeddings: int = 0
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
+        """From a manifest's `architecture` object; anything this module cannot run is a LayerpackError."""
+        family = arch.get("family")
+        if family not in FAMILIES:
+            raise LayerpackError(f"model family {family!r} is not supported by the llama runtime module (supports {', '.join(FAMILIES)})")
+        try:
+            norm = arch.get("norm") or {"type": "rms", "eps": 1e-6}
+            rope = arch.get("rope") or {"type": "default", "theta": 10000.0}
+            args = cls(
+                family=family,
+                vocab_size=int(arch["vocab_size"]),
+                hidden_size=int(arch["hidden_size"]),
+                intermediate_size=int(arch["intermediate_size"]),
+                num_layers=int(arch["num_layers"]),
+                num_heads=int(arch["num_heads"]),
+                num_kv_heads=int(arch.get("num_kv_heads") or arch["num_heads"]),
+                head_dim=int(arch.get("head_dim") or int(arch["hidden_size"]) // int(arch["num_heads"])),
+                norm_eps=float(norm.get("eps", 1e-6)),
+                rope_type=str(rope.get("type", "default")),
+                rope_theta=float(rope.get("theta", 10000.0)),
+                rope_scaling=dict(rope.get("scaling") or {}),
+                activation=str(arch.get("activation") or "silu"),
+                tie_word_embeddings=bool(arch.get("tie_word_embeddings", False)),
+                attention_bias=bool(arch.get("attention_bias", False)),
+                mlp_bias=bool(arch.get("mlp_bias", False)),
+                sliding_window=int(arch["sliding_window"]) if arch.get("sliding_window") else None,
+                layer_types=[str(t) for t in arch["layer_types"]] if arch.get("layer_types") else None,
+                max_position_embeddings=int(arch.get("max_position_embeddings") or 0),
+                bos_token_id=arch.get("bos_token_id"),
+                eos_token_ids=[int(i) for i in (arch.get("eos_token_ids") or [])],
+                pad_token_id=arch.get("pad_token_id"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FormatError(f"manifest architecture is incomplete or malformed ({type(e).__name__}: {e})") from None
+        if norm.get("type", "rms") != "rms":
+            raise LayerpackError(f"norm type {norm.get('type')!r} is not supported by the runtime (supported: rms)")
+        if args.rope_type not in ROPE_TYPES:
+            raise LayerpackError(f"rope type {args.rope_type!r} is not supported by the runtime yet (supported: {', '.join(ROPE_TYPES)})")
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise LayerpackError(f"partial rotary embeddings (factor {rope['partial_rotary_factor']}) are not supported by the runtime yet")
+        if args.activation not in ACTIVATIONS:
+            raise LayerpackError(f"activation {args.activation!r} is not supported by the runtime (supported: {', '.join(ACTIVATIONS)})")
+        if args.layer_types is not None:
+            if len(args.layer_types) != args.num_layers or set(args.layer_types) - {"full_attention", "sliding_attention"}:
+                raise FormatError(f"manifest layer_types must name full_attention or sliding_attention for each of the {args.num_layers} blocks")
+        elif args.family == "qwen2" and args.sliding_window:
+            # HF Qwen2 windows only blocks >= max_window_layers, which the architecture spec does not record.
+            raise LayerpackError("qwen2 packs with a sliding window are not supported yet (the manifest does not say which blocks use it)")
+        if args.num_heads % args.num_kv_heads:
+            raise FormatError(f"num_heads {args.num_heads} is not a multiple of num_kv_heads {args.num_kv_heads}")
+        return args
+
+    def window_of(self, block: int) -> int | None:
+        """The sliding window of one block (None: full attention)."""
+        if self.layer_types is not None and self.layer_types[block] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+
+# -- rotary embedding ---------------------------------------------------------------------
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse frequencies (float32, [head_dim // 2]) for default, linear and llama3 rope."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    s = args.rope_scaling
+    if args.rope_type == "default":
+        return inv_freq
+    try:
+        if args.rope_type == "linear":
+            return inv_freq / float(s["factor"])
+        if args.rope_type == "llama3":
+            factor = float(s["factor"])
+            low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+            old_ctx = float(s["original_max_position_embeddings"])
+            low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+    except KeyError as e:
+        raise FormatError(f"rope type {args.rope_type!r} needs scaling parameter {e.args[0]!r}, which the manifest lacks") from None
+    raise LayerpackError(f"rope type {args.rope_type!r} is not supported by the runtime yet (supported: {', '.join(ROPE_TYPES)})")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim] in `dtype` (computed in float32)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+# -- per-forward shared state --------------------------------------------------------------
+
+@dataclass
+class Step:
+    """What the blocks of one forward call share."""
+    cos: torch.Tensor                 # [B, 1, T, head_dim]
+    sin: torch.Tensor
+    start: int                        # cache column of the first new token
+    end: int                          # start + T: keys/values [0, end) take part in attention
+    mask: torch.Tensor | None = None  # bool [B, 1, T, end]: True = may attend; None with is_causal/no mask
+    is_causal: bool = False
+
+
+def prepare_steps(args: ModelArgs, inv_freq: torch.Tensor, positions: torch.Tensor, start: int,
+                  kv_valid: torch.Tensor | None, kv_positions: torch.Tensor | None, dtype: torch.dtype) -> list[Step]:
+    """The Step of every block (blocks with the same attention window share one)."""
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+    by_window: dict[int | None, Step] = {}
+    steps = []
+    for i in range(args.num_layers):
+        w = args.window_of(i)
+        if w not in by_window:
+            by_window[w] = prepare_step(positions, start, kv_valid, kv_positions, w, cos, sin)
+        steps.append(by_window[w])
+    return steps
+
+
+def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | None, kv_positions: torch.Tensor | None,
+                 window: int | None, cos: torch.Tensor, sin: torch.Tensor) -> Step:
+    """positions [B, T]: rotary positions of the new tokens. start: their first cache column.
+    kv_valid [B, end] (None = every column holds a real token): False marks left padding.
+    kv_positions [B, end]: positions of the cached columns (needed only with a sliding window).
+    window: attend only to keys less than `window` positions back (None: no limit)."""
+    B, T = positions.shape
+    end = start + T
+    window_bites = window is not None and end > window  # unpadded: position == column
+    if kv_valid is None and not window_bites:
+        if T == 1:
+            return Step(cos, sin, start, end)                  # one query sees every cached key
+        if start == 0:
+            return Step(cos, sin, start, end, is_causal=True)  # plain causal prefill
+    device = positions.device
+    q_cols = torch.arange(start, end, device=device)
+    kv_cols = torch.arange(end, device=device)
+    allowed = (kv_cols[None, :] <= q_cols[:, None])[None].expand(B, T, end)
+    if window is not None and window_bites:
+        assert kv_positions is not None
+        allowed = allowed & ((positions[:, :, None] - kv_positions[:, None, :end]) < window)
+    if kv_valid is not None:
+        allowed = allowed & kv_valid[:, None, :end]
+    # A padding query would otherwise see no key at all (NaN rows): let every query see itself.
+    allowed = allowed | (kv_cols[None, :] == q_cols[:, None])[None]
+    return Step(cos, sin, start, end, mask=allowed[:, None])
+
+
+# -- units -----------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def embed_forward(args: ModelArgs, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T] -> hidden states [B, T, hidden]."""
+    return F.embedding(input_ids, w["embed.weight"])
+
+
+def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
+    B, T, _ = x.shape
+    H, KV, D = args.num_heads, args.num_kv_heads, args.head_dim
+    q = F.linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
+    k = F.linear(x, w["attn.k.weight"], w.get("attn.k.bias")).view(B, T, KV, D).transpose(1, 2)
+    v = F.linear(x, w["attn.v.weight"], w.get("attn.v.bias")).view(B, T, KV, D).transpose(1, 2)
+    q = apply_rope(q, step.cos, step.sin)
+    k = apply_rope(k, step.cos, step.sin)
+    if layer_cache is not None:
+        k, v = layer_cache.update(k, v, step.start)  # views of columns [0, end)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=step.mask, is_causal=step.is_causal, scale=D ** -0.5, enable_gqa=KV != H,
+    )
+    out = out.transpose(1, 2).reshape(B, T, H * D)
+    return F.linear(out, w["attn.o.weight"], w.get("attn.o.bias"))
+
+
+def mlp(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    gate = F.linear(x, w["mlp.gate.weight"], w.get("mlp.gate.bias"))
+    up = F.linear(x, w["mlp.up.weight"], w.get("mlp.up.bias"))
+    return F.linear(F.silu(gate) * up, w["mlp.down.weight"], w.get("mlp.down.bias"))
+
+
+def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:
+    """One decoder block: h [B, T, hidden] -> [B, T, hidden]. layer_cache: this block's LayerKV
+    (the new keys/values are written at columns [step.start, step.end)), or None for a cache-free
+    forward over the whole sequence."""
+    h = h + attention(args, w, rms_norm(h, w["attn_norm.weight"], args.norm_eps), step, layer_cache)
+    return h + mlp(args, w, rms_norm(h, w["mlp_norm.weight"], args.norm_eps))
+
+
+def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """Final norm + output projection: h [B, T, hidden] -> logits [B, T, vocab] (compute dtype).
+    For tied models the caller passes the embedding as `head.weight`."""
+    return F.linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["head.weight"])
+
+
+def check_unit(args: ModelArgs, kind: str, names) -> None:
+    """The canonical tensors a unit must provide to this module (a clear error beats a KeyError mid-run)."""
+    required = {"embed": EMBED_TENSORS, "block": BLOCK_TENSORS,
+                "head": ("norm.weight",) if args.tie_word_embeddings else HEAD_TENSORS}.get(kind, ())
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise FormatError(f"{kind} unit lacks tensor(s) {', '.join(missing)} that the {args.family} family needs")
