@@ -1,26 +1,31 @@
 """`load(pack)` -> a LayeredModel that runs a layerpack unit by unit and generates text.
 
-Execution is already layered: a forward pass runs the embed unit, each block unit and the head
-unit in turn, and obtains each unit's weights from `weights_for(unit_name)` just before running
-it. In this first version `weights_for` serves weights that were all read and dequantized (to
-the compute dtype) once, at load, and stay resident. The next step is the streaming planner:
-`weights_for` backed by a prefetching reader (read unit i+1 while unit i computes) with a
-memory budget that decides which units stay resident, so models larger than memory run; the
-model code does not change for that.
+A forward pass runs the embed unit, each block unit and the head unit in turn, and obtains each
+unit's weights from `weights_for(unit)` just before running it. With `max_memory`, the planner
+(budget.py) decides which units stay resident - in stored form, or dequantized when memory allows
+the faster form - and the others stream from disk every step through a prefetching reader
+(streaming.py) that reads unit i+1 while unit i computes. Without a budget everything is resident
+and dequantized. Quantized weights that are not dequantized ahead are dequantized inside the linear
+layer at use (qweight.py).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from . import models
+from .budget import Plan, UnitCost, fmt_size, parse_size, plan
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .format import UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from .generate import GenerationStats, SamplingParams, generate_tokens
-from .pack import Pack
+from .pack import Pack, stored_names
+from .qweight import CHUNK_ELEMS, compute_form
+from .safetensors_io import itemsize
+from .streaming import UnitStreamer
 from .tokenizer import PackTokenizer, TextStream
 
 DTYPE_ALIASES = {
@@ -59,7 +64,8 @@ def _dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype
 class LayeredModel:
     """A pack, ready to run. See the module docstring for how weights are obtained."""
 
-    def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+    def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 max_memory=None, context: int = 1024, prefetch_depth: int = 1):
         self.pack = pack
         self.manifest = pack.manifest
         arch = self.manifest.architecture
@@ -76,31 +82,119 @@ class LayeredModel:
         self.inv_freq = self.family.rope_inv_freq(self.args, self.device)
         self._tokenizer: PackTokenizer | None = None
         self.last_stats = GenerationStats()
-        # Resident weights (see module docstring: the streaming planner replaces this).
-        self._resident: dict[str, dict[str, torch.Tensor]] = {}
+        self._layers = {l.name: l for l in self.manifest.layers}
         for layer in self.manifest.layers:
             self.family.check_unit(self.args, layer.kind, {t.name for t in layer.tensors})
-            self._resident[layer.name] = {k: v.to(self.device) for k, v in pack.layer_weights(layer, self.dtype).items()}
-        if self.args.tie_word_embeddings:  # the embedding doubles as the output projection
-            self._resident[UNIT_HEAD] = {**self._resident[UNIT_HEAD], "head.weight": self._resident[UNIT_EMBED]["embed.weight"]}
+        # Every layer file's header is validated now (and cross-checked with the manifest), before any run.
+        self._files = {l.name: pack.layer_file(l) for l in self.manifest.layers}
+        self.max_memory = parse_size(max_memory)
+        self.prefetch_depth = prefetch_depth
+        self._resident: dict[str, dict[str, object]] = {}
+        self._forms: dict[str, bool] = {}
+        self.streamer: UnitStreamer | None = None
+        self.context = 0
+        self._apply_plan(max(1, int(context)))
+
+    # -- planning --------------------------------------------------------------------------------
+    def _unit_cost(self, name: str) -> UnitCost:
+        layer, st = self._layers[name], self._files[name]
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        stored = dequantized = 0
+        for t in layer.tensors:
+            n = 1
+            for d in t.shape:
+                n *= d
+            dequantized += n * item
+            if t.scheme == "none":
+                stored += n * item
+            else:  # codes + absmax (+ outliers), as held in memory (decompressed)
+                stored += sum(_logical_bytes(st.tensors[k]) for k in stored_names(t))
+        payload = st.file_size - st.data_start
+        decompressed = sum(_logical_bytes(i) for i in st.tensors.values() if i.logical_dtype)
+        return UnitCost(name, stored, dequantized, payload + decompressed)
+
+    def _kv_bytes(self, tokens: int) -> int:
+        a = self.args
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * tokens * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _activation_bytes(self, tokens: int) -> int:
+        """Peak working memory of one forward step over `tokens` positions (prefill), roughly: a few
+        hidden-sized buffers, the MLP's intermediate ones, attention scores and the last logits, plus
+        the largest weight dequantized on the fly (fp32 work buffer + result)."""
+        a = self.args
+        t = min(tokens, 2048)
+        work = t * (8 * a.hidden_size + 3 * a.intermediate_size) * 4 + a.num_heads * t * t * 4 + a.vocab_size * 4 * 2
+        largest = min(max(a.vocab_size * a.hidden_size, a.intermediate_size * a.hidden_size), CHUNK_ELEMS)
+        quantized = self.manifest.quantization.scheme != "none"
+        return work + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
+
+    def _priority(self) -> list[str]:
+        # The embedding is needed every step (and is the head when tied), then the head, then blocks.
+        return [UNIT_EMBED, UNIT_HEAD, *self.block_units]
+
+    def _apply_plan(self, context: int) -> None:
+        """(Re)plan for a KV cache of `context` token slots and load/drop resident units to match."""
+        costs = [self._unit_cost(n) for n in self.units]
+        required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
+        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(context),
+                   self.prefetch_depth, required)
+        for name in list(self._resident):
+            if new.resident.get(name) != self._forms.get(name):
+                del self._resident[name]
+                self._forms.pop(name, None)
+        for name, deq in new.resident.items():
+            if name not in self._resident:
+                stored = self.pack.read_layer(name)
+                self._resident[name] = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v.to(self.device))
+                                        for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+                self._forms[name] = deq
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+        if new.streamed:
+            buf = max(c.streamed for c in costs if c.name in new.streamed)
+            self.streamer = UnitStreamer({n: self._files[n] for n in new.streamed}, new.streamed, buf, self.device, self.prefetch_depth)
+        self.plan, self.context = new, context
+
+    def ensure_context(self, tokens: int) -> None:
+        """Make room for a KV cache of `tokens` slots (batch x length), replanning if needed."""
+        if tokens > self.context:
+            self._apply_plan(tokens)
 
     def __repr__(self) -> str:
         a = self.args
         return (f"LayeredModel({os.path.basename(self.pack.path)!r}, family={a.family}, layers={a.num_layers}, "
-                f"hidden={a.hidden_size}, scheme={self.manifest.quantization.scheme}, dtype={self.dtype}, device={self.device})")
+                f"hidden={a.hidden_size}, scheme={self.manifest.quantization.scheme}, dtype={self.dtype}, device={self.device}; "
+                f"{self.plan.describe()})")
 
     # -- weights ---------------------------------------------------------------------------------
-    def weights_for(self, unit: str) -> dict[str, torch.Tensor]:
-        """Canonical tensors of one unit, in the compute dtype on the compute device. The head unit
-        of a tied model includes the embedding as `head.weight`."""
-        try:
-            return self._resident[unit]
-        except KeyError:
-            raise LayerpackError(f"no layer unit {unit!r} in this pack") from None
+    def weights_for(self, unit: str) -> dict[str, object]:
+        """Canonical tensors of one unit for the model code, on the compute device: plain tensors in
+        the compute dtype and quantized weights (QuantWeight, dequantized at use). The head unit of a
+        tied model includes the embedding as `head.weight`. A streamed unit's tensors are valid until
+        the next call."""
+        if unit in self._resident:
+            w = self._resident[unit]
+        elif self.streamer is not None and unit in self._layers:
+            w = compute_form(self._layers[unit], self.streamer.get(unit), self.dtype, dequantize=False)
+        else:
+            raise LayerpackError(f"no layer unit {unit!r} in this pack")
+        if unit == UNIT_HEAD and self.args.tie_word_embeddings:  # the embedding doubles as the output projection
+            w = {**w, "head.weight": self._resident[UNIT_EMBED]["embed.weight"]}
+        return w
+
+    @property
+    def bytes_read(self) -> int:
+        return self.streamer.stats.bytes_read if self.streamer else 0
+
+    @property
+    def io_wait_s(self) -> float:
+        return self.streamer.stats.wait_s if self.streamer else 0.0
 
     # -- forward ---------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int = 256) -> KVCache:
         a = self.args
+        self.ensure_context(batch * max_len)
         return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
@@ -262,8 +356,22 @@ class LayeredModel:
         return run()
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> LayeredModel:
-    """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's
-    dtype). All weights are dequantized once and held resident for now; the streaming planner,
-    which keeps only a memory budget's worth of units resident, is the next step."""
-    return LayeredModel(Pack(path), device=device, dtype=dtype)
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         max_memory=None, context: int = 1024, prefetch_depth: int = 1, verify: bool = False) -> LayeredModel:
+    """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
+
+    max_memory: budget for the model's data ("2GiB", "110MB", bytes; None: hold everything). Units
+    that do not fit stream from disk every step, prefetched `prefetch_depth` units ahead.
+    context: KV cache slots (batch x tokens) planned for at load; a longer generation replans.
+    verify: check every file's sha256 first (sizes and headers are always checked)."""
+    pack = Pack(path)
+    if verify:
+        problems = pack.verify()
+        if problems:
+            raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context, prefetch_depth=prefetch_depth)
+
+
+def _logical_bytes(info) -> int:
+    """Bytes of a stored tensor once in memory (after zstd decompression, if compressed)."""
+    return math.prod(info.out_shape) * itemsize(info.out_dtype)

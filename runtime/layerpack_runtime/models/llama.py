@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..qweight import embedding, linear
 from ..errors import FormatError, LayerpackError
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -238,15 +239,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def embed_forward(args: ModelArgs, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
     """input_ids [B, T] -> hidden states [B, T, hidden]."""
-    return F.embedding(input_ids, w["embed.weight"])
+    return embedding(input_ids, w["embed.weight"])
 
 
 def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
     B, T, _ = x.shape
     H, KV, D = args.num_heads, args.num_kv_heads, args.head_dim
-    q = F.linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
-    k = F.linear(x, w["attn.k.weight"], w.get("attn.k.bias")).view(B, T, KV, D).transpose(1, 2)
-    v = F.linear(x, w["attn.v.weight"], w.get("attn.v.bias")).view(B, T, KV, D).transpose(1, 2)
+    q = linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
+    k = linear(x, w["attn.k.weight"], w.get("attn.k.bias")).view(B, T, KV, D).transpose(1, 2)
+    v = linear(x, w["attn.v.weight"], w.get("attn.v.bias")).view(B, T, KV, D).transpose(1, 2)
     q = apply_rope(q, step.cos, step.sin)
     k = apply_rope(k, step.cos, step.sin)
     if layer_cache is not None:
@@ -255,13 +256,13 @@ def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step
         q, k, v, attn_mask=step.mask, is_causal=step.is_causal, scale=D ** -0.5, enable_gqa=KV != H,
     )
     out = out.transpose(1, 2).reshape(B, T, H * D)
-    return F.linear(out, w["attn.o.weight"], w.get("attn.o.bias"))
+    return linear(out, w["attn.o.weight"], w.get("attn.o.bias"))
 
 
 def mlp(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    gate = F.linear(x, w["mlp.gate.weight"], w.get("mlp.gate.bias"))
-    up = F.linear(x, w["mlp.up.weight"], w.get("mlp.up.bias"))
-    return F.linear(F.silu(gate) * up, w["mlp.down.weight"], w.get("mlp.down.bias"))
+    gate = linear(x, w["mlp.gate.weight"], w.get("mlp.gate.bias"))
+    up = linear(x, w["mlp.up.weight"], w.get("mlp.up.bias"))
+    return linear(F.silu(gate) * up, w["mlp.down.weight"], w.get("mlp.down.bias"))
 
 
 def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:
@@ -275,7 +276,7 @@ def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, 
 def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """Final norm + output projection: h [B, T, hidden] -> logits [B, T, vocab] (compute dtype).
     For tied models the caller passes the embedding as `head.weight`."""
-    return F.linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["head.weight"])
+    return linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["head.weight"])
 
 
 def check_unit(args: ModelArgs, kind: str, names) -> None:

@@ -1,0 +1,116 @@
+"""The memory budget planner: which layer units stay resident and which stream from disk.
+
+Everything the runtime holds is counted against `max_memory`: resident units (in the form they
+are kept: stored bytes, or dequantized bytes when memory allows the faster form), the streaming
+buffers (prefetch depth + 1 units in flight), the KV cache and the activations of a forward
+step. The Python interpreter and torch themselves (~200-300 MB) are not: the budget is for the
+model's data. Units are kept resident in this order - embedding (gathered every step; when tied
+also the head), head, then blocks from the first - because every block costs the same to stream.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import LayerpackError
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(value) -> int | None:
+    """'110MB', '2GiB', '1.5 GB', 123456 -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB).
+    None / 'auto' -> None (no limit)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "none")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise LayerpackError(f"memory size must be positive, not {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise LayerpackError(f"cannot read memory size {value!r} (examples: 110MB, 2GiB, 1.5GB, 800MiB)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise LayerpackError(f"memory size must be positive, not {value!r}")
+    return n
+
+
+def fmt_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class UnitCost:
+    name: str
+    stored: int        # bytes in memory in the stored (possibly quantized) form
+    dequantized: int   # bytes once every quantized weight is dequantized to the compute dtype
+    streamed: int      # bytes of buffer needed to stream it (file payload, + decompressed size if zstd)
+
+
+@dataclass
+class Plan:
+    resident: dict[str, bool] = field(default_factory=dict)   # unit -> keep dequantized?
+    streamed: list[str] = field(default_factory=list)         # in execution order
+    weights_bytes: int = 0
+    buffer_bytes: int = 0
+    kv_bytes: int = 0
+    activation_bytes: int = 0
+    budget: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.weights_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        deq = sum(self.resident.values())
+        return (f"{len(self.resident)} resident ({deq} dequantized), {len(self.streamed)} streamed; "
+                f"weights {fmt_size(self.weights_bytes)} + stream buffers {fmt_size(self.buffer_bytes)} + KV {fmt_size(self.kv_bytes)} "
+                f"+ activations {fmt_size(self.activation_bytes)} = {fmt_size(self.total)}"
+                + (f" of {fmt_size(self.budget)}" if self.budget else ""))
+
+
+def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_bytes: int, activation_bytes: int,
+         prefetch_depth: int = 1, required: tuple[str, ...] = ()) -> Plan:
+    """Resident set and forms under `budget` (None: everything resident, dequantized). `required`
+    units must be resident (e.g. a tied embedding, which is also the head)."""
+    by_name = {u.name: u for u in units}
+    if budget is None:
+        return Plan({u.name: True for u in units}, [], sum(u.dequantized for u in units), 0, kv_bytes, activation_bytes, None)
+    fixed = kv_bytes + activation_bytes
+    # Fewest bytes we can run with: the required units resident, (depth + 1) buffers of the largest other unit.
+    others = [u.streamed for u in units if u.name not in required]
+    minimum = fixed + sum(by_name[n].stored for n in required) + (prefetch_depth + 1) * max(others, default=0)
+    if budget < minimum:
+        raise LayerpackError(
+            f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum)} "
+            f"({prefetch_depth + 1} stream buffers of the largest layer + KV cache {fmt_size(kv_bytes)} + activations {fmt_size(activation_bytes)}"
+            + (f" + resident {', '.join(required)}" if required else "") + ")"
+        )
+    resident: dict[str, bool] = {n: False for n in required}
+    order = [by_name[n] for n in priority if n not in required]
+
+    def cost(res: dict[str, bool]) -> tuple[int, int]:
+        weights = sum(by_name[n].dequantized if d else by_name[n].stored for n, d in res.items())
+        streamed = [u.streamed for u in units if u.name not in res]
+        buffers = (prefetch_depth + 1) * max(streamed) if streamed else 0
+        return weights, buffers
+
+    # 1) as many units resident (stored form) as fit, in priority order
+    for u in order:
+        trial = {**resident, u.name: False}
+        if sum(cost(trial)) + fixed <= budget:
+            resident = trial
+    # 2) with what is left, the faster dequantized form, same order
+    for u in [by_name[n] for n in priority]:
+        if u.name in resident and u.dequantized != u.stored:
+            trial = {**resident, u.name: True}
+            if sum(cost(trial)) + fixed <= budget:
+                resident = trial
+    weights, buffers = cost(resident)
+    streamed = [u.name for u in units if u.name not in resident]
+    return Plan(resident, streamed, weights, buffers, kv_bytes, activation_bytes, budget)
