@@ -2,6 +2,7 @@
 transformers itself (so names, layouts and configs are the real ones), sharded like big models."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,31 @@ def make_checkpoint(path, family: str = "llama", dtype=torch.bfloat16, seed: int
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
     model.save_pretrained(path, max_shard_size=shard_size, safe_serialization=True)
     return str(path)
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def write_tiny_tokenizer(folder: str, vocab_size: int = 384) -> None:
+    """A byte-level BPE filling the tiny vocabulary (BOS <s>=1, EOS </s>=2, adds BOS), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The quick brown fox jumps over the lazy dog. Hello world, this is a tiny tokenizer for the "
+              "layerpack runtime tests; it runs language models layer by layer."] * 3
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_tokens([f"<w{i}>" for i in range(vocab_size - tok.get_vocab_size())])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() == vocab_size and tok.token_to_id("<s>") == 1 and tok.token_to_id("</s>") == 2
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write(CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, make_checkpoint, run_cli
+from conftest import CHAT_TEMPLATE, REPO, make_checkpoint, run_cli, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import LayerpackError, load
 from layerpack_runtime.generate import SamplingParams, sample
@@ -33,29 +33,6 @@ VARIANTS = {
     "llama3_rope": ("llama", {"rope_parameters": LLAMA3_ROPE}),
     "linear_rope": ("llama", {"rope_parameters": LINEAR_ROPE}),
 }
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def _write_tiny_tokenizer(folder: str, vocab_size: int = 384) -> None:
-    """A byte-level BPE filling the tiny vocabulary (BOS <s>=1, EOS </s>=2, adds BOS), with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["The quick brown fox jumps over the lazy dog. Hello world, this is a tiny tokenizer for the "
-              "layerpack runtime tests; it runs language models layer by layer."] * 3
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.add_tokens([f"<w{i}>" for i in range(vocab_size - tok.get_vocab_size())])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    assert tok.get_vocab_size() == vocab_size and tok.token_to_id("<s>") == 1 and tok.token_to_id("</s>") == 2
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
-    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +43,7 @@ def tiny(tmp_path_factory):
     for name, (family, over) in VARIANTS.items():
         ckpt = make_checkpoint(root / f"ckpt_{name}", family, dtype=torch.float32, **over)
         if name == "llama":
-            _write_tiny_tokenizer(ckpt)
+            write_tiny_tokenizer(ckpt)
         pack = str(root / f"pack_{name}")
         convert(ckpt, pack, ConvertOptions(quant="none", quiet=True))
         out[name] = (ckpt, pack)

@@ -100,14 +100,18 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
         buffers = (prefetch_depth + 1) * max(streamed) if streamed else 0
         return weights, buffers
 
-    # 1) as many units resident (stored form) as fit, in priority order
+    # 1) everything resident in stored form if it fits (no stream buffers at all), else as many units
+    #    as fit, in priority order
+    everything = {**resident, **{u.name: False for u in order}}
+    if sum(cost(everything)) + fixed <= budget:
+        resident = everything
     for u in order:
         trial = {**resident, u.name: False}
         if sum(cost(trial)) + fixed <= budget:
             resident = trial
     # 2) with what is left, the faster dequantized form, same order
     for u in [by_name[n] for n in priority]:
-        if u.name in resident and u.dequantized != u.stored:
+        if u.name in resident:
             trial = {**resident, u.name: True}
             if sum(cost(trial)) + fixed <= budget:
                 resident = trial

@@ -56,6 +56,8 @@ class GenerationStats:
     steps: int = 0              # tokens sampled per row (the first one comes from the prefill)
     prefill_s: float = 0.0      # time to first token
     decode_s: float = 0.0       # forward + sampling time of the later steps
+    bytes_read: int = 0         # layer bytes streamed from disk during this generation
+    io_wait_s: float = 0.0      # time compute waited for a streamed unit (reads not hidden by compute)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -67,8 +69,10 @@ class GenerationStats:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
     def summary(self) -> str:
+        per_step = self.bytes_read / self.steps / 2**20 if self.steps else 0.0
         return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s ({self.prefill_tokens_per_s:.1f} tokens/s); "
-                f"decode: {max(self.steps - 1, 0) * self.batch} tokens in {self.decode_s:.3f} s ({self.decode_tokens_per_s:.2f} tokens/s)")
+                f"decode: {max(self.steps - 1, 0) * self.batch} tokens in {self.decode_s:.3f} s ({self.decode_tokens_per_s:.2f} tokens/s); "
+                f"disk: {per_step:.1f} MiB read per step, {self.io_wait_s:.3f} s waiting for reads")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,13 +103,20 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, params
     stats.prefill_s = stats.decode_s = 0.0
     if max_new_tokens <= 0:
         return
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens, step_tokens=ids.numel())
+    read0, wait0 = getattr(model, "bytes_read", 0), getattr(model, "io_wait_s", 0.0)
+
+    def io() -> None:
+        stats.bytes_read = getattr(model, "bytes_read", 0) - read0
+        stats.io_wait_s = getattr(model, "io_wait_s", 0.0) - wait0
+
     t0 = time.perf_counter()
     logits = model.forward(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
     tok = sample(logits, params, generator)
     out = tok.cpu()  # also waits for an accelerator, so the timing is real
     stats.prefill_s = time.perf_counter() - t0
     stats.steps = 1
+    io()
     yield out
     for _ in range(max_new_tokens - 1):
         t0 = time.perf_counter()
@@ -114,4 +125,5 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, params
         out = tok.cpu()
         stats.decode_s += time.perf_counter() - t0
         stats.steps += 1
+        io()
         yield out

@@ -65,7 +65,7 @@ class LayeredModel:
     """A pack, ready to run. See the module docstring for how weights are obtained."""
 
     def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 max_memory=None, context: int = 1024, prefetch_depth: int = 1):
+                 max_memory=None, context: int = 256, prefetch_depth: int = 1):
         self.pack = pack
         self.manifest = pack.manifest
         arch = self.manifest.architecture
@@ -92,8 +92,8 @@ class LayeredModel:
         self._resident: dict[str, dict[str, object]] = {}
         self._forms: dict[str, bool] = {}
         self.streamer: UnitStreamer | None = None
-        self.context = 0
-        self._apply_plan(max(1, int(context)))
+        self.context = self.step_tokens = 0
+        self._apply_plan(max(1, int(context)), max(1, int(context)))
 
     # -- planning --------------------------------------------------------------------------------
     def _unit_cost(self, name: str) -> UnitCost:
@@ -132,11 +132,12 @@ class LayeredModel:
         # The embedding is needed every step (and is the head when tied), then the head, then blocks.
         return [UNIT_EMBED, UNIT_HEAD, *self.block_units]
 
-    def _apply_plan(self, context: int) -> None:
-        """(Re)plan for a KV cache of `context` token slots and load/drop resident units to match."""
+    def _apply_plan(self, context: int, step_tokens: int) -> None:
+        """(Re)plan for a KV cache of `context` token slots and forward steps of up to `step_tokens`
+        positions (the prefill), and load/drop resident units to match."""
         costs = [self._unit_cost(n) for n in self.units]
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
-        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(context),
+        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens),
                    self.prefetch_depth, required)
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
@@ -154,12 +155,14 @@ class LayeredModel:
         if new.streamed:
             buf = max(c.streamed for c in costs if c.name in new.streamed)
             self.streamer = UnitStreamer({n: self._files[n] for n in new.streamed}, new.streamed, buf, self.device, self.prefetch_depth)
-        self.plan, self.context = new, context
+        self.plan, self.context, self.step_tokens = new, context, step_tokens
 
-    def ensure_context(self, tokens: int) -> None:
-        """Make room for a KV cache of `tokens` slots (batch x length), replanning if needed."""
-        if tokens > self.context:
-            self._apply_plan(tokens)
+    def ensure_context(self, tokens: int, step_tokens: int | None = None) -> None:
+        """Make room for a KV cache of `tokens` slots (batch x length) and forward steps of
+        `step_tokens` positions, replanning (fewer resident units) if they need more memory."""
+        step_tokens = tokens if step_tokens is None else step_tokens
+        if tokens > self.context or step_tokens > self.step_tokens:
+            self._apply_plan(max(tokens, self.context), max(step_tokens, self.step_tokens))
 
     def __repr__(self) -> str:
         a = self.args
@@ -192,9 +195,11 @@ class LayeredModel:
         return self.streamer.stats.wait_s if self.streamer else 0.0
 
     # -- forward ---------------------------------------------------------------------------------
-    def new_cache(self, batch: int = 1, max_len: int = 256) -> KVCache:
+    def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None) -> KVCache:
+        """A KV cache for `batch` rows of up to `max_len` tokens; `step_tokens`: the most positions one
+        forward will process (the prefill: batch x prompt length), for the memory plan."""
         a = self.args
-        self.ensure_context(batch * max_len)
+        self.ensure_context(batch * max_len, step_tokens)
         return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
@@ -357,12 +362,13 @@ class LayeredModel:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         max_memory=None, context: int = 1024, prefetch_depth: int = 1, verify: bool = False) -> LayeredModel:
+         max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False) -> LayeredModel:
     """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
 
     max_memory: budget for the model's data ("2GiB", "110MB", bytes; None: hold everything). Units
     that do not fit stream from disk every step, prefetched `prefetch_depth` units ahead.
-    context: KV cache slots (batch x tokens) planned for at load; a longer generation replans.
+    context: KV cache slots (batch x tokens) planned for at load; a generation that needs more replans
+    (keeping fewer units resident), or fails with the budget it would need.
     verify: check every file's sha256 first (sizes and headers are always checked)."""
     pack = Pack(path)
     if verify:
