@@ -73,8 +73,10 @@ class ConvertOptions:
             raise LayerpackError("--outliers is a fraction of each weight's entries, in [0, 0.5)")
         if self.outliers and self.quant == SCHEME_NONE:
             raise LayerpackError("--outliers needs a quantized scheme (--quant int8 or nf4)")
-        if self.block_size is not None and (self.quant == SCHEME_NONE or self.block_size < 16 or self.block_size % 2):
-            raise LayerpackError("--block-size needs --quant int8/nf4 and must be an even number >= 16")
+        if self.block_size is not None and self.quant == SCHEME_NONE:
+            raise LayerpackError("--block-size needs a quantized scheme (--quant int8 or nf4)")
+        if self.block_size is not None and (self.block_size < 16 or self.block_size % 2):
+            raise LayerpackError(f"--block-size must be an even number >= 16, not {self.block_size}")
 
 
 @dataclass

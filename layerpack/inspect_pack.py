@@ -16,7 +16,7 @@ def summarize(m: Manifest, top_errors: int = 8) -> str:
     a, q, t = m.architecture, m.quantization, m.totals
     sizes = {f.path: f.size for f in m.files}
     lines = [
-        f"layerpack {m.format_version} (written by {m.created_by})",
+        f"format:        layerpack {m.format_version} (written by {m.created_by})",
         f"source:        {m.source['kind']} {m.source['id']}" + (f" @ {m.source['revision']}" if m.source.get("revision") else ""),
         f"architecture:  {a['family']} ({a.get('hf_architecture')}), {a['num_layers']} layers, hidden {a['hidden_size']}, "
         f"ffn {a['intermediate_size']}, heads {a['num_heads']}/{a['num_kv_heads']} kv, head_dim {a['head_dim']}, vocab {a['vocab_size']}",
@@ -33,7 +33,8 @@ def summarize(m: Manifest, top_errors: int = 8) -> str:
     for layer in m.layers:
         size = sizes.get(layer.file, 0)
         err = max((x.rel_rms_error for x in layer.tensors), default=0.0)
-        lines.append(f"{layer.name:<12}{layer.params:>12,}{_size(size):>12}{8 * size / max(layer.params, 1):>12.2f}{err:>13.2e}")
+        note = "  (+ the tied embedding)" if layer.kind == "head" and a["tie_word_embeddings"] else ""
+        lines.append(f"{layer.name:<12}{layer.params:>12,}{_size(size):>12}{8 * size / max(layer.params, 1):>12.2f}{err:>13.2e}{note}")
     worst = sorted(((x.rel_rms_error, l.name, x) for l in m.layers for x in l.tensors if x.scheme != "none" or x.rel_rms_error), key=lambda r: -r[0])
     if worst:
         lines += ["", f"largest quantization errors (relative RMS vs source):"]

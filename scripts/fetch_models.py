@@ -125,8 +125,8 @@ def patched(module, **attrs):
 
 
 def convert(gguf_path, out, quiet):
-    if quiet:  # the GGUF loader uses a bare tqdm that transformers' switch misses;
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads this when it is imported
+    if quiet or not sys.stderr.isatty():  # no bars in logs; the GGUF loader uses a bare tqdm that
+        os.environ["TQDM_DISABLE"] = "1"  # transformers' switch misses; tqdm reads this when imported
     import torch
     import transformers
     import transformers.modeling_utils as modeling_utils

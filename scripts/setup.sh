@@ -11,5 +11,10 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
 fi
-pip install -e ./runtime -e ".[test]"
+# Re-install only when the project's requirements changed (saves ~30 s per run of the other scripts).
+stamp=$(cat pyproject.toml runtime/pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.layerpack-setup 2>/dev/null)" != "$stamp" ]; then
+  pip install -e ./runtime -e ".[test]"
+  echo "$stamp" > .venv/.layerpack-setup
+fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -81,7 +81,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     if not prompts:
         raise LayerpackError("no prompt given")
     if any(len(p) == 0 for p in prompts):
-        raise LayerpackError("a prompt encodes to no tokens; give some text or token ids")
+        raise LayerpackError("a prompt encodes to no tokens; give some text")
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), L), dtype=torch.long)
