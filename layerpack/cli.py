@@ -103,17 +103,20 @@ def inspect(pack):
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Compute dtype [default: the pack's].")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget for the model, e.g. 110MB, 2GiB; units beyond it stream from disk [default: all resident].")
 @click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
-@click.option("--verify", is_flag=True, help="Check every file's sha256 before running.")
+@click.option("--verify", is_flag=True, help="Check every file's sha256 before running (sizes and headers are always checked).")
+@click.option("--no-page-cache", is_flag=True, help="Drop streamed layers from the OS page cache after reading (for models larger than RAM).")
 @click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token and the memory plan to stderr.")
 @_one_line_errors
-def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify, stats):
+def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
+        no_page_cache, stats):
     """Generate a continuation of PROMPT with the model in PACK, streaming it to stdout."""
     import time
 
     from layerpack_runtime import load
 
     t0 = time.perf_counter()
-    model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify)
+    model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
+                 page_cache=not no_page_cache)
     load_s = time.perf_counter() - t0
     pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, chat=chat, stream=True)

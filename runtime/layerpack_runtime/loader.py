@@ -65,7 +65,7 @@ class LayeredModel:
     """A pack, ready to run. See the module docstring for how weights are obtained."""
 
     def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 max_memory=None, context: int = 256, prefetch_depth: int = 1):
+                 max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True):
         self.pack = pack
         self.manifest = pack.manifest
         arch = self.manifest.architecture
@@ -89,6 +89,7 @@ class LayeredModel:
         self._files = {l.name: pack.layer_file(l) for l in self.manifest.layers}
         self.max_memory = parse_size(max_memory)
         self.prefetch_depth = prefetch_depth
+        self.page_cache = page_cache
         self._resident: dict[str, dict[str, object]] = {}
         self._forms: dict[str, bool] = {}
         self.streamer: UnitStreamer | None = None
@@ -154,7 +155,8 @@ class LayeredModel:
             self.streamer = None
         if new.streamed:
             buf = max(c.streamed for c in costs if c.name in new.streamed)
-            self.streamer = UnitStreamer({n: self._files[n] for n in new.streamed}, new.streamed, buf, self.device, self.prefetch_depth)
+            self.streamer = UnitStreamer({n: self._files[n] for n in new.streamed}, new.streamed, buf, self.device,
+                                         self.prefetch_depth, self.page_cache)
         self.plan, self.context, self.step_tokens = new, context, step_tokens
 
     def ensure_context(self, tokens: int, step_tokens: int | None = None) -> None:
@@ -362,20 +364,24 @@ class LayeredModel:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False) -> LayeredModel:
+         max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False,
+         page_cache: bool = True) -> LayeredModel:
     """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
 
     max_memory: budget for the model's data ("2GiB", "110MB", bytes; None: hold everything). Units
     that do not fit stream from disk every step, prefetched `prefetch_depth` units ahead.
     context: KV cache slots (batch x tokens) planned for at load; a generation that needs more replans
     (keeping fewer units resident), or fails with the budget it would need.
-    verify: check every file's sha256 first (sizes and headers are always checked)."""
+    verify: check every file's sha256 first (sizes and headers are always checked).
+    page_cache: False drops streamed units from the OS page cache after each read (for streams
+    larger than RAM: they would evict everything else, and could not stay cached anyway)."""
     pack = Pack(path)
     if verify:
         problems = pack.verify()
         if problems:
             raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context, prefetch_depth=prefetch_depth)
+    return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context,
+                        prefetch_depth=prefetch_depth, page_cache=page_cache)
 
 
 def _logical_bytes(info) -> int:

@@ -13,6 +13,7 @@ request for another unit than the one in flight (an aborted forward) drains and 
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,8 +49,11 @@ class _Slot:
 
 class UnitStreamer:
     def __init__(self, files: dict[str, SafetensorsFile], order: list[str], buffer_bytes: int,
-                 device: torch.device, depth: int = 1):
+                 device: torch.device, depth: int = 1, page_cache: bool = True):
         self.files, self.order, self.device, self.depth = files, list(order), device, max(1, depth)
+        # page_cache=False: drop each unit from the OS page cache once read, so a stream bigger than
+        # RAM does not evict everything else (and every read really comes from the disk).
+        self.page_cache = page_cache
         cuda = device.type == "cuda"
         self.slots = [_Slot(buffer_bytes, pin=cuda) for _ in range(self.depth + 1)]
         self.free: list[_Slot] = list(self.slots)
@@ -64,6 +68,8 @@ class UnitStreamer:
     # -- reading (prefetch thread) --------------------------------------------------------------
     def _read(self, name: str, slot: _Slot) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
+        if slot.ready is not None:  # the GPU copy out of this pinned buffer must finish before we overwrite it
+            slot.ready.synchronize()
         st = self.files[name]
         n = st.file_size - st.data_start
         if n > slot.host.numel():
@@ -77,6 +83,8 @@ class UnitStreamer:
                 if not k:
                     raise FormatError(f"{st.path}: file shorter than its header says; truncated or changed on disk")
                 got += k
+            if not self.page_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         out = {}
         for info in st.tensors.values():
             raw = slot.host[info.start - st.data_start: info.end - st.data_start]
@@ -133,7 +141,10 @@ class UnitStreamer:
         tensors = fut.result()
         self.stats.wait_s += time.perf_counter() - t0
         if slot.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(slot.ready)
+            for t in tensors.values():  # allocated on the copy stream, used on the compute stream
+                t.record_stream(compute)
         self.held = slot
         self._submit_more()  # keep the reader busy: next unit into the buffer just freed
         return tensors
