@@ -94,7 +94,8 @@ class LayeredModel:
         self._forms: dict[str, bool] = {}
         self.streamer: UnitStreamer | None = None
         self.context = self.step_tokens = 0
-        self._apply_plan(max(1, int(context)), max(1, int(context)))
+        self.step_batch = 1
+        self._apply_plan(max(1, int(context)), max(1, int(context)), 1)
 
     # -- planning --------------------------------------------------------------------------------
     def _unit_cost(self, name: str) -> UnitCost:
@@ -118,13 +119,15 @@ class LayeredModel:
         a = self.args
         return 2 * a.num_layers * a.num_kv_heads * a.head_dim * tokens * torch.empty(0, dtype=self.dtype).element_size()
 
-    def _activation_bytes(self, tokens: int) -> int:
-        """Peak working memory of one forward step over `tokens` positions (prefill), roughly: a few
-        hidden-sized buffers, the MLP's intermediate ones, attention scores and the last logits, plus
-        the largest weight dequantized on the fly (fp32 work buffer + result)."""
+    def _activation_bytes(self, tokens: int, batch: int = 1) -> int:
+        """Peak working memory of one forward step over `tokens` positions in `batch` rows (the
+        prefill), roughly: a few hidden-sized buffers and the MLP's intermediate ones per position,
+        each row's attention scores, the last logits, and the largest weight dequantized on the fly
+        (fp32 work buffer + result, in chunks of at most CHUNK_ELEMS)."""
         a = self.args
-        t = min(tokens, 2048)
-        work = t * (8 * a.hidden_size + 3 * a.intermediate_size) * 4 + a.num_heads * t * t * 4 + a.vocab_size * 4 * 2
+        t = max(1, tokens)
+        seq = max(1, t // max(1, batch))
+        work = t * (8 * a.hidden_size + 3 * a.intermediate_size) * 4 + a.num_heads * t * seq * 4 + batch * a.vocab_size * 4 * 2
         largest = min(max(a.vocab_size * a.hidden_size, a.intermediate_size * a.hidden_size), CHUNK_ELEMS)
         quantized = self.manifest.quantization.scheme != "none"
         return work + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
@@ -133,12 +136,12 @@ class LayeredModel:
         # The embedding is needed every step (and is the head when tied), then the head, then blocks.
         return [UNIT_EMBED, UNIT_HEAD, *self.block_units]
 
-    def _apply_plan(self, context: int, step_tokens: int) -> None:
+    def _apply_plan(self, context: int, step_tokens: int, batch: int) -> None:
         """(Re)plan for a KV cache of `context` token slots and forward steps of up to `step_tokens`
         positions (the prefill), and load/drop resident units to match."""
         costs = [self._unit_cost(n) for n in self.units]
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
-        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens),
+        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
                    self.prefetch_depth, required)
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
@@ -157,14 +160,15 @@ class LayeredModel:
             buf = max(c.streamed for c in costs if c.name in new.streamed)
             self.streamer = UnitStreamer({n: self._files[n] for n in new.streamed}, new.streamed, buf, self.device,
                                          self.prefetch_depth, self.page_cache)
-        self.plan, self.context, self.step_tokens = new, context, step_tokens
+        self.plan, self.context, self.step_tokens, self.step_batch = new, context, step_tokens, batch
 
-    def ensure_context(self, tokens: int, step_tokens: int | None = None) -> None:
+    def ensure_context(self, tokens: int, step_tokens: int | None = None, batch: int = 1) -> None:
         """Make room for a KV cache of `tokens` slots (batch x length) and forward steps of
-        `step_tokens` positions, replanning (fewer resident units) if they need more memory."""
+        `step_tokens` positions over `batch` rows, replanning (fewer resident units) if needed."""
         step_tokens = tokens if step_tokens is None else step_tokens
-        if tokens > self.context or step_tokens > self.step_tokens:
-            self._apply_plan(max(tokens, self.context), max(step_tokens, self.step_tokens))
+        if (tokens > self.context or self._activation_bytes(step_tokens, batch)
+                > self._activation_bytes(self.step_tokens, self.step_batch)):
+            self._apply_plan(max(tokens, self.context), step_tokens, batch)
 
     def __repr__(self) -> str:
         a = self.args
@@ -201,7 +205,7 @@ class LayeredModel:
         """A KV cache for `batch` rows of up to `max_len` tokens; `step_tokens`: the most positions one
         forward will process (the prefill: batch x prompt length), for the memory plan."""
         a = self.args
-        self.ensure_context(batch * max_len, step_tokens)
+        self.ensure_context(batch * max_len, step_tokens, batch)
         return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Runtime benchmark: layerpack against transformers, accelerate disk offload and AirLLM, in one run,
+as ratios, on SmolLM2-135M-Instruct (64 greedy new tokens after a fixed chat prompt).
+
+    bash scripts/setup_bench_venv.sh                     # once: baselines' venv (accelerate, airllm)
+    .venv/bin/python scripts/bench_runtime.py [--record]
+
+Rows: layerpack resident bf16; layerpack streaming under a budget of 40% of the pack (warm page
+cache; and cold: every streamed unit dropped from the page cache after it is read, so each step
+reads from disk); batch 16 vs batch 1 streaming. Baselines come from scripts/bench_baselines.py
+run in .bench-venv during the same invocation. Every configuration runs in its own subprocess
+(this script with --worker), after an untimed warm-up, best of --repeats.
+Cold-cache check: seconds/token against (bytes read per token / sequential read bandwidth of the
+same files with their pages dropped), measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_baselines import PROMPT_TEXT  # noqa: E402  (stdlib-only module, shared prompt)
+
+MARK_START, MARK_END = "<!-- bench_runtime:start -->", "<!-- bench_runtime:end -->"
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, **kw)
+
+
+# -- workers (one configuration each, in a fresh process) ------------------------------------------
+
+def worker(cfg: dict) -> dict:
+    import torch
+
+    from layerpack_runtime import load
+    from layerpack_runtime.generate import GenerationStats, SamplingParams, generate_tokens
+
+    model = load(cfg["pack"], max_memory=cfg.get("max_memory"), page_cache=cfg.get("page_cache", True),
+                 context=cfg["batch"] * (len(cfg["prompt_ids"]) + cfg["tokens"]))
+    prompts = [cfg["prompt_ids"]] * cfg["batch"]
+
+    def once(n):
+        st = GenerationStats()
+        toks = [t.tolist() for t in generate_tokens(model, prompts, n, SamplingParams(), 0, None, st)]
+        return st, [row[0] for row in toks]
+
+    once(4)  # warm-up: kernels, allocator, (warm mode) page cache
+    runs = [once(cfg["tokens"]) for _ in range(cfg["repeats"])]
+    best = max(runs, key=lambda r: r[0].decode_tokens_per_s)[0]
+    return {
+        "decode_tokens_per_s": best.decode_tokens_per_s,          # total over the batch
+        "decode_tokens_per_s_all": [r[0].decode_tokens_per_s for r in runs],
+        "prefill_s": best.prefill_s,
+        "s_per_step": best.decode_s / max(best.steps - 1, 1),
+        "bytes_per_step": best.bytes_read / best.steps,
+        "io_wait_per_step": best.io_wait_s / best.steps,
+        "generated": runs[0][1],
+        "plan": model.plan.describe(),
+        "resident": len(model.plan.resident), "streamed": len(model.plan.streamed),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def extra_for_batch(pack: str, prompt_ids: list[int], tokens: int, batch: int) -> int:
+    from layerpack_runtime import load
+
+    m = load(pack)
+    L = len(prompt_ids)
+    one = m._kv_bytes(L + tokens) + m._activation_bytes(L, 1)
+    many = m._kv_bytes(batch * (L + tokens)) + m._activation_bytes(batch * L, batch)
+    return many - one
+
+
+def run_worker(cfg: dict) -> dict:
+    r = sh(sys.executable, __file__, "--worker", json.dumps(cfg))
+    if r.returncode != 0:
+        raise SystemExit(f"worker failed: {cfg.get('name')}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- measurements in the parent ------------------------------------------------------------------------
+
+def drop_pages(paths):
+    for p in paths:
+        with open(p, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def sequential_read_bandwidth(paths) -> float:
+    """Bytes/s reading the files one after another with their pages dropped first (what a cold
+    streamed step has to do), with 8 MiB reads."""
+    drop_pages(paths)
+    buf = bytearray(8 << 20)
+    total, t0 = 0, time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    dt = time.perf_counter() - t0
+    drop_pages(paths)
+    return total / dt
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    mem = next((int(l.split()[1]) / 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-fraction", type=float, default=0.4)
+    ap.add_argument("--work", default="/tmp/layerpack-bench-runtime")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return
+
+    ckpt = sh(sys.executable, str(ROOT / "scripts/fetch_models.py"), "smollm2", "--quiet").stdout.strip().splitlines()[-1]
+    pack = os.path.join(a.work, "smollm2-bf16")
+    if not os.path.isfile(os.path.join(pack, "manifest.json")):
+        r = sh(sys.executable, "-m", "layerpack.cli", "convert", ckpt, pack, "--quiet", "--overwrite")
+        if r.returncode:
+            raise SystemExit(r.stderr)
+    manifest = json.load(open(os.path.join(pack, "manifest.json")))
+    layer_files = [os.path.join(pack, l["file"]) for l in manifest["layers"]]
+    pack_bytes = manifest["totals"]["layer_bytes"]
+    budget = int(a.budget_fraction * pack_bytes)
+
+    from transformers import AutoTokenizer  # the toolkit venv has it; only for the prompt ids
+
+    prompt_ids = AutoTokenizer.from_pretrained(ckpt).apply_chat_template(
+        [{"role": "user", "content": PROMPT_TEXT}], add_generation_prompt=True, tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    base = {"pack": pack, "prompt_ids": prompt_ids, "tokens": a.tokens, "repeats": a.repeats, "batch": 1}
+    load_avg = os.getloadavg()
+
+    results = {}
+    results["lp_resident"] = run_worker({**base, "name": "resident"})
+    results["lp_stream"] = run_worker({**base, "name": "stream", "max_memory": budget})
+    bandwidth = sequential_read_bandwidth(layer_files)
+    results["lp_stream_cold"] = run_worker({**base, "name": "stream-cold", "max_memory": budget, "page_cache": False,
+                                            "repeats": 1, "tokens": min(a.tokens, 16)})
+    # batch 16 needs 16x the KV cache and prefill activations: the budget grows by exactly that (weights budget unchanged)
+    b16_budget = budget + extra_for_batch(pack, prompt_ids, a.tokens, 16)
+    results["lp_stream_b16"] = run_worker({**base, "name": "stream-b16", "max_memory": b16_budget, "batch": 16, "repeats": 1})
+    results["lp_stream_b16"]["budget"] = b16_budget
+
+    baselines = {}
+    bench_py = ROOT / ".bench-venv/bin/python"
+    if not a.skip_baselines and bench_py.exists():
+        out = os.path.join(a.work, "baselines.json")
+        r = sh(str(bench_py), str(ROOT / "scripts/bench_baselines.py"), "--json", out, "--tokens", str(a.tokens))
+        if r.returncode == 0:
+            baselines = json.load(open(out)).get("results", {})
+        else:
+            print(f"baselines failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
+
+    report = render(a, results, baselines, bandwidth, budget, pack_bytes, load_avg)
+    print(report)
+    if a.record:
+        record(report)
+
+
+def _tps(b: dict | None) -> float | None:
+    return None if not b or b.get("error") else b.get("tokens_per_s")
+
+
+def render(a, r, baselines, bandwidth, budget, pack_bytes, load_avg) -> str:
+    res, st, cold, b16 = r["lp_resident"], r["lp_stream"], r["lp_stream_cold"], r["lp_stream_b16"]
+    tf, acc = _tps(baselines.get("transformers")), _tps(baselines.get("accelerate_disk"))
+    air = _tps(baselines.get("airllm"))
+    ratio = lambda x, y: f"{x / y:.2f}x" if x and y else "n/a"  # noqa: E731
+    cold_ideal = cold["bytes_per_step"] / bandwidth
+    rows = [
+        ("layerpack resident, bf16", res["decode_tokens_per_s"], f"vs transformers resident: **{ratio(res['decode_tokens_per_s'], tf)}** (target >= 1.0)"),
+        (f"layerpack streaming, budget {budget / 2**20:.0f} MiB ({a.budget_fraction:.0%} of pack; {st['resident']} units resident, {st['streamed']} streamed)",
+         st["decode_tokens_per_s"], f"vs AirLLM: **{ratio(st['decode_tokens_per_s'], air)}** (target >= 20); vs accelerate disk offload: **{ratio(st['decode_tokens_per_s'], acc)}** (target >= 2)"),
+        ("layerpack streaming, cold page cache", cold["decode_tokens_per_s"],
+         f"{cold['s_per_step']:.3f} s/step vs ideal {cold_ideal:.3f} s ({cold['bytes_per_step'] / 2**20:.0f} MiB/step at {bandwidth / 2**20:.0f} MiB/s): **{cold['s_per_step'] / cold_ideal:.2f}x** (target <= 1.25)"),
+        (f"layerpack streaming, batch 16 (total; budget {b16['budget'] / 2**20:.0f} MiB = the same weights budget + batch-16 KV and activations)", b16["decode_tokens_per_s"], f"vs batch 1 streaming: **{ratio(b16['decode_tokens_per_s'], st['decode_tokens_per_s'])}** (target >= 8)"),
+    ]
+    for key, label in (("transformers", "transformers bf16, resident"), ("accelerate_disk", "accelerate disk offload (~40% in RAM)"),
+                       ("airllm", "AirLLM (stock)"), ("airllm_nogc", "AirLLM without its per-layer gc.collect()")):
+        b = baselines.get(key)
+        rows.append((label, _tps(b), (b or {}).get("notes", "not run (bash scripts/setup_bench_venv.sh)") if not _tps(b) else ""))
+    same = r["lp_resident"]["generated"] == r["lp_stream"]["generated"]
+    lines = [
+        f"### Runtime: SmolLM2-135M-Instruct, {a.tokens} greedy new tokens ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"- Machine: {machine()}; load average at start {load_avg[0]:.2f} (other work was running: absolute numbers are noisy, ratios come from the same run).",
+        f"- Command: `.venv/bin/python scripts/bench_runtime.py --record` (workers in fresh processes, warm-up, best of {a.repeats}; baselines from `scripts/bench_baselines.py` in `.bench-venv`).",
+        f"- Pack: bf16, {pack_bytes / 2**20:.0f} MiB of layers; streaming budget {budget / 2**20:.0f} MiB; layerpack streamed and resident generated the same tokens: {same}.",
+        "",
+        "| configuration | decode tokens/s | comparison |",
+        "|---|--:|---|",
+        *[f"| {n} | {'' if v is None else f'{v:.2f}'} | {c} |" for n, v, c in rows],
+        "",
+        f"Streaming detail: {st['bytes_per_step'] / 2**20:.1f} MiB read per step (warm), I/O wait {st['io_wait_per_step'] * 1e3:.1f} ms/step; "
+        f"cold: I/O wait {cold['io_wait_per_step'] * 1e3:.1f} ms/step; plan: {st['plan']}.",
+    ]
+    return "\n".join(lines)
+
+
+def record(report: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{MARK_START}\n{report}\n{MARK_END}"
+    if MARK_START in text:
+        text = text[: text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
