@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,7 +44,7 @@ from .families import QUANTIZABLE, Family, architecture_spec, expected_shape, fa
 from .progress import progress_bar
 from .quantize import quantize_tensor
 from .schema import validate_manifest
-from .source import Source, TensorIndex, file_digests, resolve
+from .source import Source, TensorIndex, file_digest, provenance_files, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
 
 PARTIAL_DIR = ".layerpack-partial"
@@ -270,15 +270,12 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
             print(f"{out}: already a complete pack of this source with these options; nothing to do")
         return Manifest.load(out)
 
-    # Provenance hashes of the source files, computed beside the conversion (hashlib releases the GIL).
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="hash-source")
-    source_digests = hasher.submit(file_digests, job.source)
-    hasher.shutdown(wait=False)
     results = {u.name: rec for u in job.units if (rec := partial.done(out, u.name))}
-    _convert_units(job, [u for u in job.units if u.name not in results], out, partial, results, opts.quiet)
-
+    with ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher:
+        digests = _convert_units(job, [u for u in job.units if u.name not in results], out, partial, results, opts.quiet, hasher)
+        src_files = [d.result() for d in digests]
     sidecars = _copy_sidecars(job.source, out)
-    manifest = _build_manifest(job, [results[u.name] for u in job.units], sidecars, source_digests.result())
+    manifest = _build_manifest(job, [results[u.name] for u in job.units], sidecars, src_files)
     _remove_stale_layers(out, {unit_file(u.name) for u in job.units})
     write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
     fsync_dir(out)
@@ -287,11 +284,19 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
 
 
 def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
-                   results: dict[str, tuple[LayerEntry, FileEntry]], quiet: bool) -> None:
-    """Quantize and write each unit of `todo`, tensor by tensor, recording each finished unit."""
+                   results: dict[str, tuple[LayerEntry, FileEntry]], quiet: bool, hasher: ThreadPoolExecutor) -> list[Future]:
+    """Quantize and write each unit of `todo`, tensor by tensor, recording each finished unit.
+    Source files are hashed (provenance) on `hasher` right after the converter's last read from
+    each, while their pages are still cached: hashing ahead would read a model larger than RAM
+    twice from disk. Returns the digest futures, in provenance_files order."""
     q = job.quant
     dtype, tied = DTYPE_NAMES[q.dtype], job.arch["tie_word_embeddings"]
     jobs = [(u, c) for u in todo for c in sorted(u.tensors)]
+    last_read = {job.index.file_of(u.tensors[c]): j for j, (u, c) in enumerate(jobs)}
+    digests: dict[str, Future] = {}
+    for rel in provenance_files(job.source):
+        if rel not in last_read:  # config, tokenizer, shards no remaining unit reads
+            digests[rel] = hasher.submit(file_digest, job.source, rel)
     total = sum(job.index.info(u.tensors[c])[2] for u, c in jobs)
     with progress_bar(total, "convert", quiet) as bar, ThreadPoolExecutor(1) as reader:
         # Read tensor i+1 (disk) while tensor i is quantized (CPU): both overlap on 2 cores.
@@ -309,6 +314,9 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             params += w.numel()
             bar.update(w.numel() * w.element_size())
             del w, s
+            for rel, last in last_read.items():
+                if last == j:
+                    digests[rel] = hasher.submit(file_digest, job.source, rel)
             if j + 1 == len(jobs) or jobs[j + 1][0] is not u:  # unit complete: write it, record it
                 rel = unit_file(u.name)
                 size, sha = write_safetensors(os.path.join(out, rel), stored, u.name, q.zstd_level)
@@ -317,6 +325,7 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
                 results[u.name] = (layer, f)
                 _fault_point(len(results))
                 stored, entries, params = {}, [], 0
+    return [digests[rel] for rel in provenance_files(job.source)]
 
 
 def _fault_point(units_done: int) -> None:

@@ -93,7 +93,7 @@ def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: 
             x = ref.clone()
             x[outliers[lo:hi] - s] = 0  # removed before block quantization: shrinks those blocks' absmax
     am, scaled = _block_stats(x, block_size)
-    if not bool(torch.isfinite(am).all()):
+    if not _all_finite(am):
         raise LayerpackError("contains NaN or Inf values; the source checkpoint is corrupt")
     b0 = s // block_size
     absmax[b0: b0 + am.numel()] = am
@@ -111,8 +111,9 @@ def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: 
         deq = q.float() * (per_block / INT8_QMAX)
     # Outlier positions reconstruct to 0 here and to their exact value in the runtime: zero error,
     # which comparing with x (outliers zeroed) rather than ref accounts for.
-    err = torch.linalg.vector_norm(deq.to(dtype).float() - x, dtype=torch.float64).item()
-    return err * err, torch.linalg.vector_norm(ref, dtype=torch.float64).item() ** 2
+    # fp32 norms per chunk (fast); the sum across chunks is a Python float.
+    err = torch.linalg.vector_norm(deq.to(dtype).float() - x).item()
+    return err * err, torch.linalg.vector_norm(ref).item() ** 2
 
 
 def select_outliers(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -153,7 +154,7 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
         raise LayerpackError(f"tensor {name} has dtype {w.dtype}; only floating-point weights can be converted")
     if scheme == SCHEME_NONE:
         out = w.to(dtype).contiguous()
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             raise LayerpackError(f"tensor {name} contains NaN or Inf values; the source checkpoint is corrupt")
         return {name: out}, TensorEntry(name, shape, scheme, None, 0, _rel_rms(w, out) if out.dtype != w.dtype else 0.0)
     if scheme not in (SCHEME_NF4, SCHEME_INT8):
@@ -187,5 +188,13 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
 
 def _rel_rms(ref: torch.Tensor, approx: torch.Tensor) -> float:
     ref32 = ref.float()
-    denom = torch.linalg.vector_norm(ref32, dtype=torch.float64).item()
-    return torch.linalg.vector_norm(approx.float() - ref32, dtype=torch.float64).item() / denom if denom > 0 else 0.0
+    denom = torch.linalg.vector_norm(ref32).item()
+    return torch.linalg.vector_norm(approx.float() - ref32).item() / denom if denom > 0 else 0.0
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """NaN/Inf check without isfinite()'s full-size temporaries: NaN and +-Inf propagate into min/max."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))

@@ -7,7 +7,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -166,6 +165,9 @@ class TensorIndex:
         except FormatError as e:
             raise LayerpackError(str(e)) from None
 
+    def file_of(self, name: str) -> str:
+        return self._where[name][0]
+
     def dtype_of(self, name: str) -> torch.dtype:
         rel, h = self._where[name]
         if isinstance(h, torch.Tensor):
@@ -175,17 +177,19 @@ class TensorIndex:
         return ST_DTYPES.get(h[1].dtype, torch.float32)
 
 
-def file_digests(source: Source, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """sha256 of every source file the pack derives from, hashed from the bytes we convert. The HF
-    cache names LFS blobs by the sha256 the server advertised but huggingface_hub only checks sizes:
-    a mismatch means a corrupt download, and the pack must not claim the advertised hash."""
-    out = []
-    rels = ["config.json"] + [f for f in SIDECAR_FILES if f != "config.json" and os.path.isfile(os.path.join(source.root, f))]
-    for rel in rels + source.weight_files:
-        path = os.path.join(source.root, rel)
-        digest = sha256_file(path, progress)
-        blob = os.path.basename(os.path.realpath(path))
-        if source.kind == "hub" and _HEX64.match(blob) and blob != digest:
-            raise LayerpackError(f"corrupt download in the HF cache: {rel} does not match its sha256 {blob[:12]}...; delete {os.path.realpath(path)} and retry")
-        out.append({"path": rel, "size": os.path.getsize(path), "sha256": digest})
-    return out
+def provenance_files(source: Source) -> list[str]:
+    """Source files the pack derives from: config, tokenizer files, weights (relative paths)."""
+    side = [f for f in SIDECAR_FILES if f != "config.json" and os.path.isfile(os.path.join(source.root, f))]
+    return ["config.json", *side, *source.weight_files]
+
+
+def file_digest(source: Source, rel: str) -> dict:
+    """sha256 of one source file, hashed from the bytes we convert. The HF cache names LFS blobs by
+    the sha256 the server advertised but huggingface_hub only checks sizes: a mismatch means a
+    corrupt download, and the pack must not claim the advertised hash."""
+    path = os.path.join(source.root, rel)
+    digest = sha256_file(path)
+    blob = os.path.basename(os.path.realpath(path))
+    if source.kind == "hub" and _HEX64.match(blob) and blob != digest:
+        raise LayerpackError(f"corrupt download in the HF cache: {rel} does not match its sha256 {blob[:12]}...; delete {os.path.realpath(path)} and retry")
+    return {"path": rel, "size": os.path.getsize(path), "sha256": digest}

@@ -14,12 +14,17 @@ layer count, and nf4 quantization at >= 200 MB/s of bf16 input on a 2-core machi
    `/usr/bin/time -v` (peak RSS of that process alone), after `sync; echo 3 > drop_caches` when
    allowed, so the source is read from disk. The pack is deleted after each run.
 3. Prints a markdown table; --record puts it into BENCHMARKS.md between this script's markers.
+
+The machine is shared: each run waits (up to --quiet-wait s) for an idle CPU, runs at --nice -10
+when root, and the report gives CPU seconds and the cores others used, to read the timings by.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -67,17 +72,7 @@ def tensor_shapes(a) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
 
 
 def unit_bytes(shapes) -> dict[str, int]:
-    out = {}
-    for unit, ts in shapes.items():
-        out[unit] = sum(2 * _numel(s) for _, s in ts)  # bf16
-    return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return {unit: sum(2 * math.prod(s) for _, s in ts) for unit, ts in shapes.items()}  # bf16
 
 
 def _random_tensor(name: str, shape):
@@ -149,7 +144,7 @@ def build_checkpoint(a, path: str) -> dict:
 
 
 def half_checkpoint(a, full: str, path: str, done: dict, layers: int) -> None:
-    """A `layers`-layer checkpoint made of symlinks to the full one's embed, first layer, head shards."""
+    """A `layers`-layer checkpoint: symlinks to the full one's embed, first `layers` layers and head shards."""
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     keep = {f"block{i}" for i in range(layers)} | {"embed", "head"}
@@ -224,11 +219,12 @@ def measure(cmd: list[str]) -> dict:
     return {"wall_s": wall, "rss": rss, "cpu_s": cpu, "others": others}
 
 
-def convert_once(src: str, out: str, extra: list[str], cold: bool, quiet_wait: float) -> dict:
+def convert_once(src: str, out: str, extra: list[str], cold: bool, quiet_wait: float, nice: int) -> dict:
     wait_quiet(quiet_wait)
     if cold:
         drop_caches()
-    r = measure([sys.executable, "-m", "layerpack.cli", "convert", src, out, *extra, "--quiet", "--overwrite"])
+    # `nice` execs the command, so /usr/bin/time still measures the converter process itself.
+    r = measure(["nice", "-n", str(nice), sys.executable, "-m", "layerpack.cli", "convert", src, out, *extra, "--quiet", "--overwrite"])
     with open(os.path.join(out, "manifest.json")) as f:
         totals = json.load(f)["totals"]
     shutil.rmtree(out)
@@ -247,26 +243,53 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {ram / GiB:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
 
 
-def report(a, rows, full_b, half_b, bound, largest, cold, base, cmdline, load) -> str:
+def code_snapshot() -> dict:
+    """Commit + sha256 of each repository module a conversion loads. Others edit this repository
+    concurrently, so the report names the code it measured and any module that changed meanwhile."""
+    git = lambda *args: subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True).stdout.strip()
+    probe = "import json,sys,layerpack.cli,layerpack.convert;print(json.dumps([getattr(m,'__file__',None) for m in list(sys.modules.values())]))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    files = sorted({os.path.relpath(f, ROOT) for f in loaded if f and os.path.isabs(f)
+                    and f.startswith((os.path.join(ROOT, "layerpack") + os.sep, os.path.join(ROOT, "runtime") + os.sep))})
+    digests = {}
+    for rel in files:
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            digests[rel] = hashlib.sha256(f.read()).hexdigest()
+    dirty = git("status", "--porcelain", "--", *files)
+    return {"commit": git("rev-parse", "--short", "HEAD") or "?", "dirty": bool(dirty), "files": digests}
+
+
+def describe_code(start: dict, end: dict) -> str:
+    combined = hashlib.sha256(json.dumps(start["files"], sort_keys=True).encode()).hexdigest()[:12]
+    text = (f"commit {start['commit']}{' with uncommitted edits' if start['dirty'] else ''}; "
+            f"sha256 of its {len(start['files'])} loaded layerpack/runtime modules: {combined}")
+    changed = sorted(f for f in set(start["files"]) | set(end["files"]) if start["files"].get(f) != end["files"].get(f))
+    if changed:
+        text += f" (changed by others during the run: {', '.join(changed)})"
+    return text
+
+
+def report(a, rows, full_b, half_b, bound, largest, cold, base, cmdline, load, code) -> str:
     L, H = a.layers, a.layers // 2
     lines = [
-        f"### `layerpack convert`: streaming memory and speed ({datetime.date.today().isoformat()})",
+        f"## `layerpack convert`: streaming memory and speed ({datetime.date.today().isoformat()})",
         "",
-        f"- Machine: {machine()}; shared with other work (load average at start: {load}; the *others* column is the "
-        "average number of cores other processes kept busy during each run, from /proc/stat).",
-        f"- Command: `{cmdline}`",
+        f"- Machine: {machine()}; shared with other work (load average at start: {load}; *others* = average number of cores "
+        "busy with anything but the conversion during it, from /proc/stat: other users' jobs, and kernel threads such as writeback).",
+        f"- Command: `{cmdline}`; code: {code}.",
         f"- Source: synthetic Llama (LlamaForCausalLM, bf16, untied) hidden {a.hidden}, intermediate {a.intermediate}, "
         f"{a.heads} heads / {a.kv_heads} kv heads, vocab {a.vocab}: **{L} layers = {full_b / 1e9:.2f} GB** "
         f"and {H} layers = {half_b / 1e9:.2f} GB (a prefix of the same shards), safetensors shards of {a.per_shard} layers.",
         f"- Largest layer unit: {largest[0]} = {largest[1] / MiB:.0f} MiB, so the bound is 2 x {largest[1] / MiB:.0f} MiB + 1 GiB "
         f"= **{bound / MiB:.0f} MiB**. For scale: starting Python and importing torch + layerpack alone takes "
-        f"{base['rss'] / MiB:.0f} MiB RSS and {base['wall_s']:.1f} s (cold cache).",
+        f"{base['rss'] / MiB:.0f} MiB RSS and {base['wall_s']:.1f} s ({'cold' if cold else 'warm'} cache).",
         "- Page cache: " + ("dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every conversion: the source is read from "
-                            "disk (the final sha256 pass over the source then hits the cache)." if cold else
+                            "disk (by the converter's tensor reads and its source sha256 pass, whichever comes first)." if cold else
                             f"NOT dropped (--warm or no permission); the source ({full_b / GiB:.1f} GiB) fits in RAM, so it was likely cached."),
         "- One `python -m layerpack.cli convert SRC OUT <scheme> --quiet --overwrite` process per cell; peak RSS = its `/usr/bin/time -v` "
         "maximum resident set size. Wall time and MB/s (source bytes / wall, 1 MB = 10^6 B) cover the whole process: start, imports, "
-        "read, quantize, write + fsync, sha256 of the source; *excl. start* subtracts the import-only time above. CPU s = user + sys.",
+        "read, quantize, write + fsync, sha256 of the source; *excl. start* subtracts the import-only time above. CPU s = user + sys. "
+        f"Conversions run at niceness {a.nice} to limit interference from other jobs.",
         "",
         f"| scheme | peak RSS {L}L (MiB) | peak RSS {H}L (MiB) | ratio {L}L/{H}L | bound (MiB) | {L}L RSS / bound | PASS "
         f"| wall {L}L (s) | MB/s {L}L | MB/s {L}L excl. start | MB/s {H}L | CPU s {L}L | others {L}L / {H}L (cores) | pack (GB) | bits/param |",
@@ -317,7 +340,9 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=4, help="decoder layers per safetensors shard")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated subset of {','.join(SCHEMES)}")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache before each conversion")
-    ap.add_argument("--quiet-wait", type=float, default=60, help="max seconds to wait for an idle CPU before each run")
+    ap.add_argument("--quiet-wait", type=float, default=15, help="max seconds to wait for an idle CPU before each run")
+    ap.add_argument("--nice", type=int, default=-10, help="niceness of the conversions (negative needs root; "
+                    "the machine is shared, and a higher priority keeps other jobs from skewing the timings)")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     a = ap.parse_args()
     half = a.layers // 2
@@ -334,6 +359,9 @@ def main() -> None:
     if free < need and not os.path.isfile(os.path.join(a.work, "ckpt", ".complete")):
         raise SystemExit(f"{a.work}: {free / GiB:.1f} GiB free, need about {need / GiB:.1f} GiB")
     load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    code = code_snapshot()
+    if a.nice < 0 and os.geteuid() != 0:
+        a.nice = 0
     full, small, out = (os.path.join(a.work, n) for n in ("ckpt", f"ckpt-{half}L", "pack"))
     print(f"checkpoint: {full}", file=sys.stderr)
     done = build_checkpoint(a, full)
@@ -350,12 +378,12 @@ def main() -> None:
     for label in labels:
         rows[label] = {}
         for key, src in (("full", full), ("half", small)):
-            r = convert_once(src, out, SCHEMES[label], cold, a.quiet_wait)
+            r = convert_once(src, out, SCHEMES[label], cold, a.quiet_wait, a.nice)
             rows[label][key] = r
             print(f"  {label:18s} {os.path.basename(src):9s} {r['wall_s']:6.1f}s  peak RSS {r['rss'] / MiB:5.0f} MiB  "
                   f"CPU {r['cpu_s']:5.1f}s  others {r['others']:.2f} cores", file=sys.stderr)
     cmdline = "python scripts/bench_convert.py " + shlex.join(sys.argv[1:])
-    text = report(a, rows, full_b, half_b, bound, largest, cold, base, cmdline.strip(), load)
+    text = report(a, rows, full_b, half_b, bound, largest, cold, base, cmdline.strip(), load, describe_code(code, code_snapshot()))
     print(text)
     if a.record:
         record(text)

@@ -45,7 +45,7 @@ def worker(cfg: dict) -> dict:
     from layerpack_runtime.generate import GenerationStats, SamplingParams, generate_tokens
 
     model = load(cfg["pack"], max_memory=cfg.get("max_memory"), page_cache=cfg.get("page_cache", True),
-                 context=cfg["batch"] * (len(cfg["prompt_ids"]) + cfg["tokens"]))
+                 prefetch_depth=cfg.get("prefetch", 1))
     prompts = [cfg["prompt_ids"]] * cfg["batch"]
 
     def once(n):
@@ -164,11 +164,15 @@ def main() -> None:
     bench_py = ROOT / ".bench-venv/bin/python"
     if not a.skip_baselines and bench_py.exists():
         out = os.path.join(a.work, "baselines.json")
-        r = sh(str(bench_py), str(ROOT / "scripts/bench_baselines.py"), "--json", out, "--tokens", str(a.tokens))
-        if r.returncode == 0:
-            baselines = json.load(open(out)).get("results", {})
-        else:
-            print(f"baselines failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
+        r = sh(str(bench_py), str(ROOT / "scripts/bench_baselines.py"), "--json", out, "--new-tokens", str(a.tokens),
+               "--model-dir", ckpt, "--repeats", str(a.repeats))
+        if os.path.isfile(out):
+            report = json.load(open(out))
+            baselines = report.get("baselines", {})
+            if report["prompt"]["token_ids"] != prompt_ids:
+                raise SystemExit("baselines used another prompt than layerpack: not comparable")
+        if r.returncode != 0:
+            print(f"some baselines failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
 
     report = render(a, results, baselines, bandwidth, budget, pack_bytes, load_avg)
     print(report)
@@ -177,7 +181,7 @@ def main() -> None:
 
 
 def _tps(b: dict | None) -> float | None:
-    return None if not b or b.get("error") else b.get("tokens_per_s")
+    return b.get("tokens_per_s") if b and b.get("status") == "ok" else None
 
 
 def render(a, r, baselines, bandwidth, budget, pack_bytes, load_avg) -> str:
@@ -197,7 +201,13 @@ def render(a, r, baselines, bandwidth, budget, pack_bytes, load_avg) -> str:
     for key, label in (("transformers", "transformers bf16, resident"), ("accelerate_disk", "accelerate disk offload (~40% in RAM)"),
                        ("airllm", "AirLLM (stock)"), ("airllm_nogc", "AirLLM without its per-layer gc.collect()")):
         b = baselines.get(key)
-        rows.append((label, _tps(b), (b or {}).get("notes", "not run (bash scripts/setup_bench_venv.sh)") if not _tps(b) else ""))
+        if b is None:
+            note = "not run (bash scripts/setup_bench_venv.sh)"
+        elif _tps(b) is None:
+            note = f"failed: {b.get('error', '?')}"
+        else:
+            note = f"{b['new_tokens']} new tokens; same tokens as layerpack: {b.get('generated_ids', [])[:len(res['generated'])] == res['generated'][:len(b.get('generated_ids', []))]}"
+        rows.append((label, _tps(b), note))
     same = r["lp_resident"]["generated"] == r["lp_stream"]["generated"]
     lines = [
         f"### Runtime: SmolLM2-135M-Instruct, {a.tokens} greedy new tokens ({time.strftime('%Y-%m-%d')})",

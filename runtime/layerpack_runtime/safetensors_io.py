@@ -143,11 +143,12 @@ class SafetensorsFile:
             f = open(self.path, "rb", buffering=0)
         try:
             for info in infos:
-                buf = bytearray(info.nbytes)
+                # torch.empty: no zero-fill (a bytearray would touch every page twice)
+                raw = torch.empty(info.nbytes, dtype=torch.uint8)
                 f.seek(info.start)
-                if info.nbytes and f.readinto(buf) != info.nbytes:
+                if info.nbytes and _read_full(f, memoryview(raw.numpy())) != info.nbytes:
                     raise _fail(self.path, f"short read of tensor {info.name!r}; file changed or truncated")
-                out[info.name] = self._to_tensor(info, buf)
+                out[info.name] = self._to_tensor(info, raw)
         finally:
             if own:
                 f.close()
@@ -156,16 +157,27 @@ class SafetensorsFile:
     def read_tensor(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
 
-    def _to_tensor(self, info: TensorInfo, buf: bytearray) -> torch.Tensor:
-        if info.logical_dtype is not None:
-            buf = _zstd_decompress(self.path, info, buf)
+    def _to_tensor(self, info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
         dtype = ST_DTYPES.get(info.out_dtype) or _EXTRA_SOURCE_DTYPES.get(info.out_dtype)
         if dtype is None:
             raise _fail(self.path, f"tensor {info.name!r} has dtype {info.out_dtype} that this torch cannot represent")
-        shape = info.out_shape
-        if len(buf) == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        if info.logical_dtype is not None:
+            buf = _zstd_decompress(self.path, info, bytearray(raw.numpy().tobytes()))
+            return torch.frombuffer(buf, dtype=dtype).reshape(info.out_shape) if buf else torch.empty(info.out_shape, dtype=dtype)
+        if raw.numel() == 0:
+            return torch.empty(info.out_shape, dtype=dtype)
+        return raw.view(dtype).reshape(info.out_shape)
+
+
+def _read_full(f, view: memoryview) -> int:
+    """readinto until the view is full or the file ends (a single call may return short)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _zstd_decompress(path: str, info: TensorInfo, buf: bytearray) -> bytearray:

@@ -23,7 +23,7 @@ import torch
 
 from .errors import FormatError
 from .format import ST_DTYPES
-from .safetensors_io import SafetensorsFile, _zstd_decompress
+from .safetensors_io import SafetensorsFile, _read_full, _zstd_decompress
 
 
 @dataclass
@@ -77,12 +77,8 @@ class UnitStreamer:
         view = memoryview(slot.host.numpy())[:n]
         with open(st.path, "rb", buffering=0) as f:
             f.seek(st.data_start)
-            got = 0
-            while got < n:  # readinto may return short counts for huge reads
-                k = f.readinto(view[got:])
-                if not k:
-                    raise FormatError(f"{st.path}: file shorter than its header says; truncated or changed on disk")
-                got += k
+            if _read_full(f, view) != n:
+                raise FormatError(f"{st.path}: file shorter than its header says; truncated or changed on disk")
             if not self.page_cache and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         out = {}
@@ -112,11 +108,31 @@ class UnitStreamer:
 
     # -- scheduling (compute thread) ------------------------------------------------------------
     def _submit_more(self) -> None:
+        submitted = False
         while self.free and len(self.inflight) < self.depth and self.order:
             name = self.order[self._next % len(self.order)]
             self._next += 1
             slot = self.free.pop()
             self.inflight.append((name, self._pool.submit(self._read, name, slot), slot))
+            submitted = True
+        if submitted:
+            self._hint_ahead()
+
+    def _hint_ahead(self) -> None:
+        """Ask the kernel to start reading the units after those in flight (POSIX_FADV_WILLNEED):
+        the disk keeps a deeper queue than our buffers, at no memory cost to the process."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for k in range(self.depth):
+            st = self.files[self.order[(self._next + k) % len(self.order)]]
+            try:
+                fd = os.open(st.path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, st.data_start, st.file_size - st.data_start, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                return  # a hint only
 
     def _restart_at(self, name: str) -> None:
         for _, fut, slot in self.inflight:
