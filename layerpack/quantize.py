@@ -38,28 +38,29 @@ SAMPLE_ELEMS = 1 << 20  # sample size for the outlier threshold estimate
 
 
 class _Nf4Table:
-    """Exact nearest-NF4-code search by table lookup. [-1, 1] is cut into 2^16 equal cells; a cell
-    (or its neighbour) that contains one of the 15 decision boundaries is marked 255 and its values
-    are resolved by an exact searchsorted; every other cell maps to one code. Marking neighbours too
-    makes the result exact even if float rounding puts a value into the adjacent cell."""
+    """Exact nearest-NF4-code search by table lookup. [-1, 1] is cut into 2^16 - 1 equal cells,
+    indexed by a uint16 (no clamping pass: 1.0 lands in the last cell); a cell (or its neighbour)
+    that contains one of the 15 decision boundaries is marked 255 and its values are resolved by an
+    exact searchsorted; every other cell maps to one code. Marking neighbours too makes the result
+    exact even if float rounding puts a value into the adjacent cell."""
 
-    CELLS = 1 << 16
+    CELLS = (1 << 16) - 1
 
     def __init__(self):
         code = np.asarray(NF4_CODE, dtype=np.float32)
         self.bounds = (code[:-1] + code[1:]) / np.float32(2)  # fp32 midpoints, as bitsandbytes computes them
         b64 = self.bounds.astype(np.float64)
-        edges = -1.0 + np.arange(self.CELLS + 1, dtype=np.float64) * (2.0 / self.CELLS)
+        edges = -1.0 + np.arange(self.CELLS + 2, dtype=np.float64) * (2.0 / self.CELLS)
         below_lo = np.searchsorted(b64, edges[:-1], side="left")   # boundaries < cell start
         below_hi = np.searchsorted(b64, edges[1:], side="left")    # boundaries < cell end
         straddle = below_hi != below_lo
         marked = straddle | np.roll(straddle, 1) | np.roll(straddle, -1)
-        self.table = np.where(marked, 255, below_lo).astype(np.uint8)
+        self.table = np.where(marked, 255, below_lo).astype(np.uint8)  # CELLS + 1 entries: x = 1.0 has its own
+        self.scale = np.float32(self.CELLS / 2)
 
     def codes(self, scaled: np.ndarray) -> np.ndarray:
         """scaled: float32 in [-1, 1] -> uint8 codes, identical to bucketize(scaled, bounds, right=False)."""
-        cell = ((scaled + np.float32(1.0)) * np.float32(self.CELLS / 2)).astype(np.int32)
-        np.minimum(cell, self.CELLS - 1, out=cell)
+        cell = ((scaled + np.float32(1.0)) * self.scale).astype(np.uint16)
         q = np.take(self.table, cell)
         hard = np.flatnonzero(q == 255)
         if hard.size:
@@ -97,23 +98,29 @@ def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: 
         raise LayerpackError("contains NaN or Inf values; the source checkpoint is corrupt")
     b0 = s // block_size
     absmax[b0: b0 + am.numel()] = am
-    n = e - s
-    per_block = am.repeat_interleave(block_size)[:n] if n % block_size == 0 else am.expand(n)
     if scheme == SCHEME_NF4:
         q = _NF4.codes(scaled.numpy())
+        codes_f = torch.from_numpy(np.take(_NF4_CODE_NP, q))
         if q.size % 2:  # odd count: bitsandbytes pads the scaled values with 0.0, i.e. the code of 0
             q = np.append(q, _NF4_ZERO)
         codes[s // 2: s // 2 + q.size // 2] = torch.from_numpy((q[0::2] << 4) | q[1::2])
-        deq = torch.from_numpy(np.take(_NF4_CODE_NP, q[:n])) * per_block
+        deq = _per_block(codes_f, am, block_size)
     else:
         q = torch.round(scaled * INT8_QMAX).to(torch.int8)
         codes[s:e] = q
-        deq = q.float() * (per_block / INT8_QMAX)
+        deq = _per_block(q.float(), am / INT8_QMAX, block_size)
     # Outlier positions reconstruct to 0 here and to their exact value in the runtime: zero error,
     # which comparing with x (outliers zeroed) rather than ref accounts for.
     # fp32 norms per chunk (fast); the sum across chunks is a Python float.
     err = torch.linalg.vector_norm(deq.to(dtype).float() - x).item()
     return err * err, torch.linalg.vector_norm(ref).item() ** 2
+
+
+def _per_block(values: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    """values [n] * their block's scale (whole blocks, or one short tail block)."""
+    if values.numel() % block_size == 0:
+        return (values.view(-1, block_size) * scale.view(-1, 1)).view(-1)
+    return values * scale
 
 
 def select_outliers(flat: torch.Tensor, k: int) -> torch.Tensor:

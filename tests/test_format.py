@@ -135,3 +135,56 @@ def test_runtime_reads_packs_without_toolkit_dependencies(tiny_ckpts, tmp_path):
     r = subprocess.run([sys.executable, "-c", BLOCKER, str(tmp_path / "p")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["ok", str(1 + 3 * 9 + 2), "[]"]  # embed; 3 blocks x 9 tensors; norm + head
+
+
+@pytest.mark.slow
+def test_runtime_in_a_fresh_venv_without_toolkit_dependencies(tiny_ckpts, tmp_path):
+    """`pip install ./runtime` into a new virtual environment (torch, tokenizers, zstandard and
+    nothing else) loads, streams and generates from a pack; transformers & co. are absent there."""
+    import os
+    import venv
+
+    from conftest import REPO, write_tiny_tokenizer
+    from layerpack.convert import ConvertOptions, convert
+
+    from conftest import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "llama", num_hidden_layers=6)
+    write_tiny_tokenizer(str(ck))
+    convert(str(ck), str(tmp_path / "pack"), ConvertOptions(quant="nf4", quiet=True))
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    # torch first, pinned to the version this suite runs with (a bare requirement may pull a CUDA build)
+    pin = f"torch=={torch.__version__.split('+')[0]}"
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", pin], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # tokenizers' metadata requires huggingface_hub (which brings click): the runtime never imports
+    # either, so install the runtime's own requirements without their optional baggage.
+    import numpy
+    import tokenizers
+    import zstandard
+
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                        f"tokenizers=={tokenizers.__version__}", f"zstandard=={zstandard.__version__}", f"numpy=={numpy.__version__}",
+                        os.path.join(REPO, "runtime")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    script = (
+        "import importlib.util, sys\n"
+        "absent = [m for m in ('transformers','bitsandbytes','click','jsonschema','huggingface_hub','safetensors','layerpack') if importlib.util.find_spec(m)]\n"
+        "assert not absent, absent\n"
+        "from layerpack_runtime import load\n"
+        "m = load(sys.argv[1], max_memory=int(sys.argv[2]))\n"
+        "assert m.plan.streamed\n"
+        "print(repr(m.generate('The quick brown fox', max_new_tokens=8)))\n"
+    )
+    from layerpack_runtime import load
+
+    m = load(tmp_path / "pack")  # a budget that holds embed + head and streams the blocks
+    costs = {u: m._unit_cost(u) for u in m.units}
+    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
+    budget = fixed + costs["embed"].stored + costs["head"].stored + 2 * max(costs[b].streamed for b in m.block_units) + 16
+    r = subprocess.run([py, "-c", script, str(tmp_path / "pack"), str(budget)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("'")

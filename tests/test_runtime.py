@@ -19,7 +19,7 @@ from layerpack_runtime.generate import SamplingParams, sample
 from layerpack_runtime.models import llama, module_for
 
 REL_TOL = 1e-4
-DECODE_STEPS = 8
+DECODE_STEPS = 16
 PROMPT_LEN = 40  # > mistral's sliding window of 32: the window shapes the mask
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -316,9 +316,40 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smol_packs(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("smol_runtime")
-    for scheme in ("none", "nf4"):
-        convert(smollm2, str(root / scheme), ConvertOptions(quant=scheme, quiet=True))
-    return {scheme: str(root / scheme) for scheme in ("none", "nf4")}
+    variants = {"none": {}, "nf4": dict(quant="nf4"), "fp32": dict(dtype="fp32")}
+    for name, opts in variants.items():
+        convert(smollm2, str(root / name), ConvertOptions(quiet=True, **opts))
+    return {name: str(root / name) for name in variants}
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_logits_match_transformers_prefill_and_16_decode_steps(smollm2, smol_packs):
+    """The real model, fp32 pack vs transformers fp32 on the same weights, with the KV cache;
+    resident and streamed (a budget of ~40% of the pack) give the same logits."""
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    model = load(smol_packs["fp32"])
+    streamed = load(smol_packs["fp32"], max_memory=int(0.4 * model.plan.weights_bytes) + 60_000_000)
+    assert streamed.plan.streamed
+    ids = torch.tensor([model.encode_prompt(CHAT)])
+    with torch.no_grad():
+        out = ref(ids, use_cache=True)
+    caches = [m.new_cache(1, ids.shape[1] + 16) for m in (model, streamed)]
+    first = [m.forward(ids, cache=c) for m, c in zip((model, streamed), caches)]
+    assert torch.equal(first[0], first[1])
+    diffs = [_rel(first[0], out.logits)]
+    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(16):
+        with torch.no_grad():
+            out = ref(tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        got = [m.forward(tok, cache=c) for m, c in zip((model, streamed), caches)]
+        assert torch.equal(got[0], got[1])
+        diffs.append(_rel(got[0], out.logits))
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    print(f"\nSmolLM2 fp32: max rel diff {max(diffs):.2e}")
+    assert max(diffs) < REL_TOL, diffs
 
 
 @pytest.mark.slow
