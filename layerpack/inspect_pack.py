@@ -37,7 +37,7 @@ def summarize(m: Manifest, top_errors: int = 8) -> str:
         lines.append(f"{layer.name:<12}{layer.params:>12,}{_size(size):>12}{8 * size / max(layer.params, 1):>12.2f}{err:>13.2e}{note}")
     worst = sorted(((x.rel_rms_error, l.name, x) for l in m.layers for x in l.tensors if x.scheme != "none" or x.rel_rms_error), key=lambda r: -r[0])
     if worst:
-        lines += ["", f"largest quantization errors (relative RMS vs source):"]
+        lines += ["", "largest quantization errors (relative RMS vs source):"]
         for err, lname, x in worst[:top_errors]:
             lines.append(f"  {lname:<10} {x.name:<18} {x.scheme:<5} {err:.3e}" + (f"  ({x.outliers} outliers kept)" if x.outliers else ""))
     return "\n".join(lines)

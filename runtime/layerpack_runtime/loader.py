@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import models
-from .budget import Plan, UnitCost, fmt_size, parse_size, plan
+from .budget import UnitCost, parse_size, plan
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .format import UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
