@@ -113,10 +113,15 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     import time
 
     from layerpack_runtime import load
+    from layerpack_runtime.manifest import Manifest
+
+    from .progress import progress_bar
 
     t0 = time.perf_counter()
-    model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
-                 page_cache=not no_page_cache)
+    total = Manifest.load(pack).totals.get("layer_bytes")  # the bar counts resident units' bytes as they load
+    with progress_bar(total, "load", quiet=False) as bar:
+        model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
+                     page_cache=not no_page_cache, progress=bar.update)
     load_s = time.perf_counter() - t0
     pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, chat=chat, stream=True)

@@ -65,7 +65,8 @@ class LayeredModel:
     """A pack, ready to run. See the module docstring for how weights are obtained."""
 
     def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True):
+                 max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True,
+                 progress=None):
         self.pack = pack
         self.manifest = pack.manifest
         arch = self.manifest.architecture
@@ -90,12 +91,14 @@ class LayeredModel:
         self.max_memory = parse_size(max_memory)
         self.prefetch_depth = prefetch_depth
         self.page_cache = page_cache
+        self.progress = progress  # called with the bytes of each resident unit loaded (a progress bar's update)
         self._resident: dict[str, dict[str, object]] = {}
         self._forms: dict[str, bool] = {}
         self.streamer: UnitStreamer | None = None
         self.context = self.step_tokens = 0
         self.step_batch = 1
         self._apply_plan(max(1, int(context)), max(1, int(context)), 1)
+        self.progress = None  # only the first load reports
 
     # -- planning --------------------------------------------------------------------------------
     def _unit_cost(self, name: str) -> UnitCost:
@@ -150,9 +153,10 @@ class LayeredModel:
         for name, deq in new.resident.items():
             if name not in self._resident:
                 stored = self.pack.read_layer(name)
-                self._resident[name] = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v.to(self.device))
-                                        for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+                self._resident[name] = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
                 self._forms[name] = deq
+                if self.progress:
+                    self.progress(self._files[name].file_size)
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
@@ -369,7 +373,7 @@ class LayeredModel:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False,
-         page_cache: bool = True) -> LayeredModel:
+         page_cache: bool = True, progress=None) -> LayeredModel:
     """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
 
     max_memory: budget for the model's data ("2GiB", "110MB", bytes; None: hold everything). Units
@@ -378,14 +382,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     (keeping fewer units resident), or fails with the budget it would need.
     verify: check every file's sha256 first (sizes and headers are always checked).
     page_cache: False drops streamed units from the OS page cache after each read (for streams
-    larger than RAM: they would evict everything else, and could not stay cached anyway)."""
+    larger than RAM: they would evict everything else, and could not stay cached anyway).
+    progress: called with a byte count as each resident unit is loaded (e.g. a tqdm's update)."""
     pack = Pack(path)
     if verify:
         problems = pack.verify()
         if problems:
             raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context,
-                        prefetch_depth=prefetch_depth, page_cache=page_cache)
+                        prefetch_depth=prefetch_depth, page_cache=page_cache, progress=progress)
 
 
 def _logical_bytes(info) -> int:
