@@ -209,7 +209,7 @@ def render(a, r, baselines, bandwidth, budget, pack_bytes, load_avg) -> str:
         rows.append((label, _tps(b), note))
     same = r["lp_resident"]["generated"] == r["lp_stream"]["generated"]
     lines = [
-        f"### Runtime: SmolLM2-135M-Instruct, {a.tokens} greedy new tokens ({time.strftime('%Y-%m-%d')})",
+        f"## Runtime: SmolLM2-135M-Instruct, {a.tokens} greedy new tokens ({time.strftime('%Y-%m-%d')})",
         "",
         f"- Machine: {machine()}; load average at start {load_avg[0]:.2f} (other work was running: absolute numbers are noisy, ratios come from the same run).",
         f"- Command: `.venv/bin/python scripts/bench_runtime.py --record` (workers in fresh processes, warm-up, best of {a.repeats}; baselines from `scripts/bench_baselines.py` in `.bench-venv`).",
