@@ -54,8 +54,24 @@ def nf4_unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return codes[:n].long()
 
 
+_PAIRS: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_pairs(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the (high nibble, low nibble) NF4 values of every byte value."""
+    if device not in _PAIRS:
+        code = torch.tensor(NF4_CODE, dtype=torch.float32)
+        _PAIRS[device] = torch.stack([code.repeat_interleave(16), code.repeat(16)], 1).contiguous().to(device)
+    return _PAIRS[device]
+
+
 def dequantize_nf4(packed, absmax, shape, block_size, dtype) -> torch.Tensor:
+    """NF4_CODE[code] * absmax of its block, in float32, then cast to dtype."""
     n = math.prod(shape)
+    if n % 2 == 0 and n % block_size == 0:
+        # fast path: one table row per packed byte gives both of its values
+        values = torch.index_select(_nf4_pairs(packed.device), 0, packed.reshape(-1).int()).view(-1, block_size)
+        return values.mul_(absmax.float().view(-1, 1)).to(dtype).view(shape)
     values = nf4_code(packed.device)[nf4_unpack(packed, n)]
     return _scale_blocks(values, absmax.float(), block_size).to(dtype).reshape(shape)
 

@@ -1,33 +1,23 @@
 """Quantized weights kept in their stored form and dequantized inside the linear layer, at use
 (gpt-fast style): a streamed or resident 4-bit layer costs its 4-bit bytes of memory, not 16.
 
-CPU: pure torch (a 256-entry table maps each packed byte to its two NF4 values, so one
-index_select does two codes). CUDA: bitsandbytes' dequantization kernel when it is installed
+CPU: pure torch (quant.dequantize_nf4: a 256-entry table maps each packed byte to its two NF4
+values, so one index_select does two codes). CUDA: bitsandbytes' dequantization kernel when it is installed
 (the NF4 layout is theirs), else the same pure-torch path. Outlier tables are written back after
 dequantization (their quantized value is exactly 0).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .format import NF4_CODE, SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
+from .format import SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 
-_PAIRS: dict[torch.device, torch.Tensor] = {}
 # Weights larger than this are dequantized and multiplied in row chunks, so a 128K-vocabulary head
 # needs a chunk's worth of working memory, not a full-precision copy of itself.
 CHUNK_ELEMS = 1 << 21
-
-
-def _nf4_pairs(device: torch.device) -> torch.Tensor:
-    """[256, 2] float32: the (high nibble, low nibble) NF4 values of every byte."""
-    if device not in _PAIRS:
-        code = torch.tensor(NF4_CODE, dtype=torch.float32)
-        _PAIRS[device] = torch.stack([code.repeat_interleave(16), code.repeat(16)], 1).contiguous().to(device)
-    return _PAIRS[device]
 
 
 def _bnb():
@@ -67,12 +57,7 @@ class QuantWeight:
         if self.scheme == SCHEME_NF4:
             w = self._nf4_cuda() if device.type == "cuda" else None
             if w is None:
-                n = math.prod(self.shape)
-                if n % 2 == 0 and n % self.block_size == 0:
-                    v = torch.index_select(_nf4_pairs(device), 0, self.codes.reshape(-1).int()).view(-1, self.block_size)
-                    w = v.mul_(self.absmax.view(-1, 1)).to(self.dtype).view(self.shape)
-                else:  # odd sizes / short last block: the reference implementation
-                    w = dequantize_nf4(self.codes, self.absmax, self.shape, self.block_size, self.dtype)
+                w = dequantize_nf4(self.codes, self.absmax, self.shape, self.block_size, self.dtype)
         elif self.scheme == SCHEME_INT8:
             w = dequantize_int8(self.codes, self.absmax, self.shape, self.block_size, self.dtype)
         else:
