@@ -8,7 +8,6 @@ dequantization (their quantized value is exactly 0).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
