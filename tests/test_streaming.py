@@ -79,6 +79,27 @@ def test_prefetcher_recovers_from_an_aborted_forward(packs):
     assert torch.equal(model.logits(ids), want)
 
 
+def test_untied_embedding_rows_come_from_the_file(tmp_path):
+    """A non-resident plain embedding is not streamed whole every step: only the rows a step needs are read."""
+    ck = make_checkpoint(tmp_path / "ck", "llama", dtype=torch.float32, num_hidden_layers=4, vocab_size=4096)
+    convert(ck, str(tmp_path / "p"), ConvertOptions(quiet=True))
+    resident = load(tmp_path / "p")
+    m = load(tmp_path / "p")
+    costs = {u: m._unit_cost(u) for u in m.units}
+    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
+    budget = fixed + 2 * max(c.streamed for u, c in costs.items() if u != "embed") + 16  # the minimum: the 1 MiB head x 2
+    model = load(tmp_path / "p", max_memory=budget)
+    order = model.streamer.order if model.streamer else []
+    assert "embed" in model.plan.streamed and "embed" not in order, model.plan.describe()
+    ids = torch.tensor([[5, 4000, 5, 17]])
+    assert torch.equal(model.logits(ids), resident.logits(ids))
+    model.generate_ids([1, 2, 3], max_new_tokens=4)
+    blocks = sum(_payload(model, u) for u in order)
+    row = 64 * 4
+    s = model.last_stats
+    assert 4 * blocks + 3 * row <= s.bytes_read <= 5 * blocks + 6 * row  # rows, not the 1 MiB embedding
+
+
 def test_budget_below_minimum_states_the_minimum(packs):
     with pytest.raises(LayerpackError, match=r"below this pack.s minimum of [0-9.]+ [KM]iB"):
         load(packs["fp32"], max_memory="20KB")

@@ -20,12 +20,12 @@ from . import models
 from .budget import UnitCost, parse_size, plan
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
-from .format import UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
+from .format import ST_DTYPES, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from .generate import GenerationStats, SamplingParams, generate_tokens
 from .pack import Pack, stored_names
 from .qweight import CHUNK_ELEMS, compute_form
 from .safetensors_io import itemsize
-from .streaming import UnitStreamer
+from .streaming import FileRows, StreamStats, UnitStreamer
 from .tokenizer import PackTokenizer, TextStream
 
 DTYPE_ALIASES = {
@@ -93,6 +93,8 @@ class LayeredModel:
         self.page_cache = page_cache
         self.progress = progress  # called with the bytes of each resident unit loaded (a progress bar's update)
         self._resident: dict[str, dict[str, object]] = {}
+        self._embed_rows: dict[str, FileRows] | None = None
+        self._row_stats = StreamStats()  # embedding rows read from the file
         self._forms: dict[str, bool] = {}
         self.streamer: UnitStreamer | None = None
         self.context = self.step_tokens = 0
@@ -116,7 +118,16 @@ class LayeredModel:
                 stored += sum(_logical_bytes(st.tensors[k]) for k in stored_names(t))
         payload = st.file_size - st.data_start
         decompressed = sum(_logical_bytes(i) for i in st.tensors.values() if i.logical_dtype)
+        if name == UNIT_EMBED and self._embed_rows_from_file():
+            payload, decompressed = 0, 0  # not streamed whole: rows are read as needed (FileRows)
         return UnitCost(name, stored, dequantized, payload + decompressed)
+
+    def _embed_rows_from_file(self) -> bool:
+        """An untied, unquantized, uncompressed embedding can serve rows straight from its file."""
+        if self.args.tie_word_embeddings:
+            return False
+        info = self._files[UNIT_EMBED].tensors.get("embed.weight")
+        return info is not None and info.logical_dtype is None and len(info.shape) == 2
 
     def _kv_bytes(self, tokens: int) -> int:
         a = self.args
@@ -136,7 +147,10 @@ class LayeredModel:
         return work + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
 
     def _priority(self) -> list[str]:
-        # The embedding is needed every step (and is the head when tied), then the head, then blocks.
+        # The embedding is needed every step (and is the head when tied), then the head, then blocks;
+        # an embedding that can serve rows from its file comes last: keeping it saves only a few reads.
+        if self._embed_rows_from_file():
+            return [UNIT_HEAD, *self.block_units, UNIT_EMBED]
         return [UNIT_EMBED, UNIT_HEAD, *self.block_units]
 
     def _apply_plan(self, context: int, step_tokens: int, batch: int) -> None:
@@ -160,9 +174,16 @@ class LayeredModel:
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
-        if new.streamed:
-            buf = max(c.streamed for c in costs if c.name in new.streamed)
-            self.streamer = UnitStreamer({n: self._files[n] for n in new.streamed}, new.streamed, buf, self.device,
+        self._embed_rows = None
+        streamed = list(new.streamed)
+        if UNIT_EMBED in streamed and self._embed_rows_from_file():
+            streamed.remove(UNIT_EMBED)
+            st = self._files[UNIT_EMBED]
+            info = st.tensors["embed.weight"]
+            self._embed_rows = {"embed.weight": FileRows(st.path, info.start, info.shape, ST_DTYPES[info.dtype], self.dtype, self._row_stats)}
+        if streamed:
+            buf = max(c.streamed for c in costs if c.name in streamed)
+            self.streamer = UnitStreamer({n: self._files[n] for n in streamed}, streamed, buf, self.device,
                                          self.prefetch_depth, self.page_cache)
         self.plan, self.context, self.step_tokens, self.step_batch = new, context, step_tokens, batch
 
@@ -188,6 +209,8 @@ class LayeredModel:
         the next call."""
         if unit in self._resident:
             w = self._resident[unit]
+        elif unit == UNIT_EMBED and self._embed_rows is not None:
+            w = self._embed_rows
         elif self.streamer is not None and unit in self._layers:
             w = compute_form(self._layers[unit], self.streamer.get(unit), self.dtype, dequantize=False)
         else:
@@ -198,7 +221,7 @@ class LayeredModel:
 
     @property
     def bytes_read(self) -> int:
-        return self.streamer.stats.bytes_read if self.streamer else 0
+        return (self.streamer.stats.bytes_read if self.streamer else 0) + self._row_stats.bytes_read
 
     @property
     def io_wait_s(self) -> float:

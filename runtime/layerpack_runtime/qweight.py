@@ -118,9 +118,10 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
 
 
 def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
-    if isinstance(weight, QuantWeight):
-        return weight.rows(ids)
-    return F.embedding(ids, weight)
+    """Row gather from a plain tensor, a QuantWeight, or anything else with rows(ids) (FileRows)."""
+    if isinstance(weight, torch.Tensor):
+        return F.embedding(ids, weight)
+    return weight.rows(ids)
 
 
 def compute_form(layer, stored: dict[str, torch.Tensor], dtype: torch.dtype, dequantize: bool) -> dict[str, object]:

@@ -173,3 +173,32 @@ class UnitStreamer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class FileRows:
+    """An embedding that is not resident, read row by row from its layer file (pread of the rows
+    a step needs): a 128K x 16K embedding costs a few KiB per token, not 4 GiB. Only for plain
+    (unquantized, uncompressed) embeddings, whose rows are contiguous in the file."""
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, int], stored_dtype: torch.dtype, dtype: torch.dtype,
+                 stats: StreamStats | None = None):
+        self.path, self.offset, self.shape, self.stored_dtype, self.dtype = path, offset, tuple(shape), stored_dtype, dtype
+        self.row_bytes = self.shape[1] * torch.empty(0, dtype=stored_dtype).element_size()
+        self.stats = stats
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        uniq, inv = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
+        buf = torch.empty(uniq.numel() * self.row_bytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, r in enumerate(uniq.tolist()):
+                chunk = view[i * self.row_bytes:(i + 1) * self.row_bytes]
+                if os.preadv(fd, [chunk], self.offset + r * self.row_bytes) != self.row_bytes:
+                    raise FormatError(f"{self.path}: short read of embedding row {r}; truncated or changed on disk")
+        finally:
+            os.close(fd)
+        if self.stats is not None:
+            self.stats.bytes_read += len(view)
+        table = buf.view(self.stored_dtype).view(uniq.numel(), self.shape[1]).to(self.dtype)
+        return table[inv].view(*ids.shape, self.shape[1]).to(ids.device)
