@@ -82,12 +82,38 @@ def verify(pack, quiet):
 @click.argument("pack", type=click.Path())
 @_one_line_errors
 def inspect(pack):
-    """Summarize a pack: architecture, layers, scheme, sizes, quantization errors."""
+    """Summarize a pack (folder, or Hub repo id owner/name: reads only its manifest): architecture,
+    layers, scheme, sizes, quantization errors."""
+    import os
+
     from layerpack_runtime.manifest import Manifest
 
     from .inspect_pack import summarize
+    from .source import HUB_REPO_ID
 
+    if not os.path.exists(pack) and HUB_REPO_ID.match(pack) and not pack.startswith((".", "/")):
+        from .hub import remote_manifest
+
+        click.echo(summarize(remote_manifest(pack)))
+        return
     click.echo(summarize(Manifest.load(pack)))
+
+
+@main.command()
+@click.argument("repo_id")
+@click.argument("out", required=False, type=click.Path(file_okay=False))
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--layers", default=None, metavar="SPEC", help="Only these layer units, e.g. embed,0-3,head (N = block N, A-B = blocks A..B).")
+@click.option("--no-tokenizer", is_flag=True, help="Skip the tokenizer files.")
+@click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def pull(repo_id, out, revision, layers, no_tokenizer, token, quiet):
+    """Download the pack REPO_ID from the Hub into OUT (default: the HF cache), checking every file's
+    sha256 against the manifest; prints the local pack folder."""
+    from .hub import pull as run_pull
+
+    click.echo(run_pull(repo_id, out, revision=revision, layers=layers, tokenizer=not no_tokenizer, token=token, quiet=quiet))
 
 
 @main.command()

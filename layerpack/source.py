@@ -56,7 +56,6 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool, quiet: boo
     Errors become one line naming what is missing; the token never appears in them."""
     try:
         from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
         from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     except ImportError:  # pragma: no cover - a toolkit dependency
         raise LayerpackError("huggingface_hub is required to convert from a Hub repo id") from None
@@ -78,16 +77,10 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool, quiet: boo
         return root, info.sha
     except LayerpackError:
         raise
-    except RevisionNotFoundError:
-        raise LayerpackError(f"{repo_id}: revision {revision!r} not found on the Hub") from None
-    except GatedRepoError:
-        raise LayerpackError(f"{repo_id}: gated repository; accept its terms on the Hub and log in (HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise LayerpackError(f"{repo_id}: repository not found on the Hub (private? set HF_TOKEN or log in)") from None
-    except HfHubHTTPError as e:
-        raise LayerpackError(f"{repo_id}: Hub request failed ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # network errors and the like: one line, no token
-        raise LayerpackError(f"{repo_id}: cannot fetch from the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:  # Hub and network errors: one line, no token
+        from .hub import hub_error
+
+        raise hub_error(e, repo_id, revision) from None
 
 
 def _weight_files(root: str, src: str, allow_pickle: bool) -> tuple[list[str], bool]:

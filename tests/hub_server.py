@@ -175,6 +175,11 @@ class HubServer:
         with self._lock:
             self._tampered[self.repos[repo_id].files[path].sha256] = data
 
+    def untamper(self, repo_id: str, path: str) -> None:
+        """Undo `tamper`: serve that file's real content again."""
+        with self._lock:
+            self._tampered.pop(self.repos[repo_id].files[path].sha256, None)
+
     def start(self) -> "HubServer":
         for kind, routes in (("hub", _HUB_ROUTES), ("cdn", _CDN_ROUTES)):
             handler = type(f"{kind.title()}Handler", (_Handler,), {"hub": self, "kind": kind, "routes": routes})

@@ -1,0 +1,227 @@
+"""Packs on the Hugging Face Hub: `pull` a pack (all of it, or some layer units) and read a remote
+manifest, with the real huggingface_hub client (resumable, parallel, the usual HF cache and login).
+
+Every file a pull downloads is checked against the manifest (size, then sha256) before the local
+folder is returned: huggingface_hub only checks sizes, and a pack is only as good as its hashes.
+
+Layer selection (`layers=` / `--layers`): a comma-separated list of items, each one of
+  embed            the embedding unit
+  head             the final norm + output head unit
+  N                decoder block N (0-based), e.g. 0 -> block.000
+  A-B              decoder blocks A to B inclusive, e.g. 0-3 -> block.000 .. block.003
+  block.NNN        a unit by its manifest name (any unit name works, e.g. "embed")
+e.g. "embed,0-3,head". Block numbers never imply embed or head: name them. The manifest, config.json
+and the other non-layer files always come too; tokenizer files unless tokenizer=False.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+from layerpack_runtime.errors import FormatError, LayerpackError
+from layerpack_runtime.format import LAYERS_DIR, MANIFEST_FILE, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
+from layerpack_runtime.manifest import Manifest
+from layerpack_runtime.pack import sha256_file
+
+# Non-layer pack files that belong to the tokenizer (skipped with tokenizer=False).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "tokenizer.model",
+)
+
+
+def hub_error(e: BaseException, repo_id: str, revision: str | None) -> LayerpackError:
+    """One line for a failed Hub request (the token never appears in it). LayerpackErrors pass through."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(e, LayerpackError):
+        return e
+    if isinstance(e, RevisionNotFoundError):
+        return LayerpackError(f"{repo_id}: revision {revision!r} not found on the Hub")
+    if isinstance(e, GatedRepoError):
+        return LayerpackError(f"{repo_id}: gated repository; accept its terms on the Hub and log in (HF_TOKEN)")
+    if isinstance(e, RepositoryNotFoundError):
+        return LayerpackError(f"{repo_id}: repository not found on the Hub (private? set HF_TOKEN or log in)")
+    if isinstance(e, HfHubHTTPError):
+        return LayerpackError(f"{repo_id}: Hub request failed ({_first_line(e)})")
+    # network errors and the like
+    return LayerpackError(f"{repo_id}: cannot fetch from the Hub ({type(e).__name__}: {_first_line(e)})")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None):
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        raise hub_error(e, repo_id, revision) from None
+
+
+@contextmanager
+def _progress(quiet: bool):
+    """huggingface_hub's progress bars, off when quiet or stderr is not a terminal."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    silent = quiet or not sys.stderr.isatty()
+    if silent:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if silent:
+            enable_progress_bars()
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from .source import HUB_REPO_ID
+
+    if not HUB_REPO_ID.match(repo_id) or repo_id.startswith((".", "/")):
+        raise LayerpackError(f"{repo_id}: not a Hub repo id (owner/name)")
+
+
+def _fetch_manifest(repo_id: str, revision: str | None, token, quiet: bool) -> tuple[Manifest, str]:
+    """(validated manifest, the commit it was read at). Downloads manifest.json only (HF cache)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    from .schema import validate_manifest
+
+    _check_repo_id(repo_id)
+    with _progress(quiet):
+        try:
+            path = hf_hub_download(repo_id, MANIFEST_FILE, revision=revision, token=token)
+        except EntryNotFoundError as e:
+            if isinstance(e, RevisionNotFoundError):  # not a subclass today; keep the revision message if it becomes one
+                raise hub_error(e, repo_id, revision) from None
+            raise LayerpackError(f"{repo_id}: no {MANIFEST_FILE} at revision {revision or 'main'!r}; not a layerpack repo") from None
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            raise hub_error(e, repo_id, revision) from None
+    commit = os.path.basename(os.path.dirname(path))  # .../snapshots/<commit>/manifest.json
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{repo_id}: unreadable {MANIFEST_FILE} ({e})") from None
+    try:
+        manifest = Manifest.from_dict(raw)  # version first: a newer major format says so
+        validate_manifest(raw)
+    except FormatError as e:
+        raise type(e)(f"{repo_id}: {MANIFEST_FILE}: {e}") from None
+    return manifest, commit
+
+
+def remote_manifest(repo_id: str, revision: str | None = None, token=None, quiet: bool = True) -> Manifest:
+    """A Hub pack's manifest, without downloading any layer."""
+    return _fetch_manifest(repo_id, revision, token, quiet)[0]
+
+
+def parse_layers(spec: str, manifest: Manifest) -> list[str]:
+    """Unit names selected by `spec` (syntax in the module docstring), in execution order."""
+    names = [l.name for l in manifest.layers]
+    known = set(names)
+    wanted: set[str] = set()
+    nblocks = sum(1 for l in manifest.layers if l.kind == UNIT_BLOCK)
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise LayerpackError(f"--layers {spec!r}: empty item")
+        if item in known or item in (UNIT_EMBED, UNIT_HEAD):
+            if item not in known:
+                raise LayerpackError(f"--layers {spec!r}: this pack has no {item!r} unit")
+            wanted.add(item)
+            continue
+        lo_hi = item.split("-")
+        if len(lo_hi) in (1, 2) and all(p.strip().isdigit() for p in lo_hi):
+            lo, hi = int(lo_hi[0]), int(lo_hi[-1])
+            if lo > hi or hi >= nblocks:
+                raise LayerpackError(f"--layers {spec!r}: {item!r} is not within blocks 0-{nblocks - 1}")
+            wanted.update(unit_name(UNIT_BLOCK, i) for i in range(lo, hi + 1))
+            continue
+        raise LayerpackError(f"--layers {spec!r}: {item!r} is not embed, head, N, A-B or a unit name")
+    missing = wanted - known
+    if missing:
+        raise LayerpackError(f"--layers {spec!r}: this pack has no unit {sorted(missing)[0]!r}")
+    return [n for n in names if n in wanted]
+
+
+def _selected_files(manifest: Manifest, layers: str | None, tokenizer: bool) -> list[str]:
+    layer_files = {l.file for l in manifest.layers}
+    if layers is not None:
+        keep = set(parse_layers(layers, manifest))
+        chosen_layers = {l.file for l in manifest.layers if l.name in keep}
+    else:
+        chosen_layers = layer_files
+    out = []
+    for f in manifest.files:
+        if f.path in layer_files or f.path.startswith(LAYERS_DIR + "/"):
+            if f.path in chosen_layers:
+                out.append(f.path)
+        elif tokenizer or f.path not in TOKENIZER_FILES:
+            out.append(f.path)
+    return out
+
+
+def _glob_escape(path: str) -> str:
+    # allow_patterns are fnmatch patterns: make a literal path match only itself
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in path)
+
+
+def _discard(root: str, rel: str, local_dir: bool) -> None:
+    """Remove a bad download so nothing trusts it and a re-run fetches it again."""
+    path = os.path.join(root, rel)
+    targets = [path]
+    if local_dir:  # huggingface_hub's record of what it downloaded into local_dir
+        targets.append(os.path.join(root, ".cache", "huggingface", "download", rel + ".metadata"))
+    elif os.path.islink(path):  # HF cache: the snapshot link and the blob it points to
+        targets.append(os.path.realpath(path))
+    for t in targets:
+        try:
+            os.remove(t)
+        except FileNotFoundError:
+            pass
+
+
+def _verify(manifest: Manifest, root: str, files: list[str], local_dir: bool) -> None:
+    entries = {f.path: f for f in manifest.files}
+    for rel in files:
+        if rel == MANIFEST_FILE:
+            continue
+        e = entries[rel]
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            raise LayerpackError(f"{rel}: listed in the manifest but not downloaded")
+        size = os.path.getsize(path)
+        if size != e.size:
+            _discard(root, rel, local_dir)
+            raise LayerpackError(f"{rel}: downloaded {size} bytes, the manifest says {e.size}; the file was deleted, re-run to fetch it again")
+        if sha256_file(path) != e.sha256:
+            _discard(root, rel, local_dir)
+            raise LayerpackError(f"{rel}: sha256 does not match the manifest (corrupt download); the file was deleted, re-run to fetch it again")
+
+
+def pull(repo_id: str, out: str | None = None, revision: str | None = None, layers: str | None = None,
+         tokenizer: bool = True, token=None, quiet: bool = False) -> str:
+    """Download a pack (or the units `layers` selects) from the Hub; returns the local pack folder:
+    `out`, or the snapshot folder in the HF cache when out is None. Every file is checked against
+    the manifest's size and sha256; a bad one is deleted and raises a one-line LayerpackError."""
+    from huggingface_hub import snapshot_download
+
+    manifest, commit = _fetch_manifest(repo_id, revision, token, quiet)
+    files = [MANIFEST_FILE, *_selected_files(manifest, layers, tokenizer)]
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise LayerpackError(f"{out}: exists and is not a folder")
+    with _progress(quiet), _hub_errors(repo_id, revision):
+        root = snapshot_download(repo_id, revision=commit, allow_patterns=[_glob_escape(p) for p in files],
+                                 local_dir=out, token=token)
+    root = os.path.abspath(out) if out is not None else root
+    _verify(manifest, root, files, local_dir=out is not None)
+    return root

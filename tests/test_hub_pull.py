@@ -1,0 +1,191 @@
+"""`layerpack pull` and `layerpack inspect <repo id>`: the real huggingface_hub client, in `layerpack`
+subprocesses, against the local Hub look-alike (tests/hub_server.py) serving a converted pack."""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+
+import pytest
+
+from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
+from hub_server import HubServer
+
+TOKEN = "hf_secretLayerpackPullToken0123456789"
+REPO = "tiny/pack"
+TAMPERED = "layers/block.001.safetensors"
+
+
+def _files(folder) -> set[str]:
+    out = set()
+    for dirpath, dirnames, names in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != ".cache"]
+        out.update(os.path.relpath(os.path.join(dirpath, n), folder).replace(os.sep, "/") for n in names)
+    return out
+
+
+def _no_secret(proc, secret=TOKEN):
+    for text in (proc.stdout, proc.stderr):
+        assert secret not in text and "hf_secret" not in text
+
+
+def _requested_layers(log) -> set[str]:
+    """Layer files the client asked the Hub for (resolve URLs; CDN URLs are by sha256, checked apart)."""
+    out = set()
+    for r in log:
+        if r.server == "hub" and "/resolve/" in r.path and "/layers/" in r.path:
+            out.add("layers/" + r.path.split("/layers/", 1)[1].split("?")[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hubpull")
+    ckpt = make_checkpoint(root / "ckpt", "llama")
+    write_tiny_tokenizer(ckpt)
+    pack = root / "pack"
+    run_cli("convert", ckpt, pack, "--quant", "int8", "--quiet", check=True)
+    newer = root / "newer"                       # a pack of a future major format version
+    newer.mkdir()
+    m = json.loads((pack / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**m, "format_version": "2.0.0"}))
+    with HubServer() as server:
+        server.root, server.pack, server.manifest = root, pack, m
+        server.add_repo(REPO, pack)
+        server.add_repo("tiny/private", pack, token=TOKEN)
+        server.add_repo("tiny/newer", newer)
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_requests(hub):
+    yield
+    assert hub.unexpected() == [], "\n".join(map(str, hub.unexpected()))
+
+
+def _env(hub, tmp_path, token=TOKEN):
+    return hub.client_env(tmp_path / "hf_home", token)
+
+
+def test_full_pull_verifies_and_is_identical(hub, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("pull", REPO, out, "--quiet", env=_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out.resolve())
+    _no_secret(proc)
+    assert run_cli("verify", out, "--quiet").returncode == 0
+    assert _files(out) == _files(hub.pack)
+    for rel in _files(hub.pack):
+        assert filecmp.cmp(out / rel, hub.pack / rel, shallow=False), rel
+
+
+def test_pull_into_cache_and_private_with_token_option(hub, tmp_path):
+    env = _env(hub, tmp_path, token=None)         # no token in the environment: --token only
+    proc = run_cli("pull", "tiny/private", "--token", TOKEN, "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    _no_secret(proc)
+    folder = proc.stdout.strip()
+    assert folder.startswith(str(tmp_path / "hf_home"))
+    assert run_cli("verify", folder, "--quiet").returncode == 0
+    denied = run_cli("pull", "tiny/private", tmp_path / "x", "--quiet", env=env)
+    assert denied.returncode == 1 and len(denied.stderr.strip().splitlines()) == 1
+    assert "not found" in denied.stderr
+
+
+def test_partial_pull_requests_only_selected_layers(hub, tmp_path):
+    out = tmp_path / "out"
+    hub.clear_log()
+    proc = run_cli("pull", REPO, out, "--layers", "embed,0,head", "--no-tokenizer", "--quiet", env=_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    wanted = {"layers/embed.safetensors", "layers/block.000.safetensors", "layers/head.safetensors"}
+    assert _requested_layers(hub.log()) == wanted
+    blobs = {f["sha256"] for f in hub.manifest["files"] if f["path"] in wanted}
+    cdn = {r.path.rsplit("/", 1)[1] for r in hub.log() if r.server == "cdn"}
+    assert cdn <= blobs
+    tok = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    expect = {"manifest.json", "config.json"} | wanted | (
+        {f["path"] for f in hub.manifest["files"] if not f["path"].startswith("layers/")} - tok)
+    assert _files(out) == expect
+    for rel in expect:
+        assert filecmp.cmp(out / rel, hub.pack / rel, shallow=False), rel
+    # with the tokenizer (the default), a block range
+    out2 = tmp_path / "out2"
+    proc = run_cli("pull", REPO, out2, "--layers", "1-2", "--quiet", env=_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert {p for p in _files(out2) if p.startswith("layers/")} == {"layers/block.001.safetensors", "layers/block.002.safetensors"}
+    assert tok <= _files(out2)
+
+
+@pytest.mark.parametrize("spec", ["embed,7", "3-1", "bogus", "0,,1"])
+def test_bad_layer_spec_one_line(hub, tmp_path, spec):
+    hub.clear_log()
+    proc = run_cli("pull", REPO, tmp_path / "out", "--layers", spec, "--quiet", env=_env(hub, tmp_path))
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--layers" in proc.stderr
+    assert _requested_layers(hub.log()) == set()
+
+
+@pytest.mark.parametrize("into_cache", [False, True])
+def test_tampered_layer_fails_and_leaves_nothing_trusted(hub, tmp_path, into_cache):
+    size = next(f["size"] for f in hub.manifest["files"] if f["path"] == TAMPERED)
+    original = (hub.pack / TAMPERED).read_bytes()
+    hub.tamper(REPO, TAMPERED, bytes(b ^ 0xFF for b in original[:size]))
+    try:
+        out = tmp_path / "out"
+        args = ("pull", REPO) + (() if into_cache else (out,)) + ("--quiet",)
+        proc = run_cli(*args, env=_env(hub, tmp_path))
+    finally:
+        hub.untamper(REPO, TAMPERED)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and TAMPERED in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    _no_secret(proc)
+    if into_cache:
+        snaps = list((tmp_path / "hf_home" / "hub").glob("models--tiny--pack/snapshots/*"))
+        assert len(snaps) == 1
+        folder = snaps[0]
+        blobs = list((tmp_path / "hf_home" / "hub").glob("models--tiny--pack/blobs/*"))
+        assert all(b.read_bytes() != bytes(x ^ 0xFF for x in original) for b in blobs)
+    else:
+        folder = out
+    assert not (folder / TAMPERED).exists()
+    assert run_cli("verify", folder, "--quiet").returncode == 1
+    # a re-run fetches the (now intact) file again and completes the pack
+    proc = run_cli(*args, env=_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli("verify", proc.stdout.strip(), "--quiet").returncode == 0
+
+
+def test_inspect_remote_reads_only_the_manifest(hub, tmp_path):
+    hub.clear_log()
+    proc = run_cli("inspect", REPO, env=_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "architecture:  llama" in proc.stdout and "block.002" in proc.stdout
+    _no_secret(proc)
+    paths = [r.path for r in hub.log()]
+    assert paths and all("manifest.json" in p for p in paths), paths
+    assert not any(r.server == "cdn" for r in hub.log())
+
+
+def test_inspect_local_folder_still_works(hub):
+    proc = run_cli("inspect", hub.pack)
+    assert proc.returncode == 0 and "architecture:  llama" in proc.stdout
+
+
+def test_newer_major_format_version_is_refused(hub, tmp_path):
+    for args in (("pull", "tiny/newer", tmp_path / "out", "--quiet"), ("inspect", "tiny/newer")):
+        proc = run_cli(*args, env=_env(hub, tmp_path))
+        assert proc.returncode == 1, proc.stdout
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "newer than this reader supports" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [("pull", "tiny/nope"), ("pull", REPO, "--revision", "v9"), ("inspect", "tiny/nope")])
+def test_missing_repo_or_revision_one_line(hub, tmp_path, args):
+    proc = run_cli(*args, env=_env(hub, tmp_path))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not found" in lines[0], proc.stderr
+    _no_secret(proc)
