@@ -118,6 +118,24 @@ def pull(repo_id, out, revision, layers, no_tokenizer, token, quiet):
 
 @main.command()
 @click.argument("pack", type=click.Path())
+@click.argument("repo_id")
+@click.option("--revision", default=None, metavar="BRANCH", help="Branch to push to (created if missing) [default: main].")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--commit-message", default=None, metavar="MSG", help="Commit message.")
+@click.option("--token", default=None, help="Hub token with write access [default: HF_TOKEN or the saved login].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def push(pack, repo_id, revision, private, commit_message, token, quiet):
+    """Upload the pack folder PACK to the Hub repo REPO_ID (verified first; a model card README.md is
+    added when the pack has none); prints the commit url."""
+    from .hub import push as run_push
+
+    click.echo(run_push(pack, repo_id, revision=revision, private=private, commit_message=commit_message,
+                        token=token, quiet=quiet))
+
+
+@main.command()
+@click.argument("pack", type=click.Path())
 @click.argument("prompt")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the pack's chat template (needs jinja2).")
 @click.option("--max-new-tokens", type=click.IntRange(0), default=256, show_default=True)

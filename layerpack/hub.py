@@ -12,6 +12,11 @@ Layer selection (`layers=` / `--layers`): a comma-separated list of items, each 
   block.NNN        a unit by its manifest name (any unit name works, e.g. "embed")
 e.g. "embed,0-3,head". Block numbers never imply embed or head: name them. The manifest, config.json
 and the other non-layer files always come too; tokenizer files unless tokenizer=False.
+
+`push` uploads a verified pack with `HfApi.create_commit` in batches (huggingface_hub 2.x has no
+`upload_large_folder`): each batch of at most PUSH_BATCH_FILES files is one commit, the layer files
+go through the LFS (or Xet) upload, and a model card README.md is added (from memory, the pack folder is
+never written) when the pack has none.
 """
 from __future__ import annotations
 
@@ -225,3 +230,94 @@ def pull(repo_id: str, out: str | None = None, revision: str | None = None, laye
     root = os.path.abspath(out) if out is not None else root
     _verify(manifest, root, files, local_dir=out is not None)
     return root
+
+
+PUSH_BATCH_FILES = 100
+MAX_FILE_BYTES = 50 * 1000 ** 3      # the Hub refuses single files of 50 GB and more
+README_FILE = "README.md"
+
+
+def model_card(manifest: Manifest, repo_id: str, totals: dict | None = None) -> str:
+    """A model card (README.md) for a pack that has none: YAML front matter for the Hub, a short body."""
+    q = manifest.quantization
+    arch = manifest.architecture or {}
+    src = manifest.source or {}
+    totals = totals or {}
+    lines = ["---", "library_name: layerpack", "tags:", "- layerpack", f"- {q.scheme}"]
+    if src.get("kind") == "hub" and src.get("id"):
+        lines.append(f"base_model: {src['id']}")
+    lines.append("---")
+    family = arch.get("hf_architecture") or arch.get("family") or arch.get("model_type") or "unknown"
+    bits = totals.get("bits_per_param")
+    quant = q.scheme + (f" (block size {q.block_size})" if q.block_size else "") + f", compute dtype {q.dtype}"
+    if q.compression and q.compression != "none":
+        quant += f", {q.compression} compressed"
+    lines += [
+        "", f"# {repo_id.split('/')[-1]}", "",
+        "A layerpack pack: the model split into one file per layer unit, so it runs "
+        "layer by layer in less memory than the whole model needs.", "",
+        f"- architecture: {family}, {arch.get('num_layers', '?')} blocks, hidden size {arch.get('hidden_size', '?')}",
+        f"- quantization: {quant}",
+    ]
+    if bits is not None:
+        lines.append(f"- bits/param: {bits}")
+    if src.get("kind") == "hub" and src.get("id"):   # a local source id is a path on the converting machine
+        lines.append(f"- converted from: {src['id']}" + (f" at {src['revision']}" if src.get("revision") else ""))
+    lines += [
+        "", "## Usage", "", "```sh", "pip install layerpack",
+        f"layerpack pull {repo_id} ./{repo_id.split('/')[-1]}",
+        f"layerpack run ./{repo_id.split('/')[-1]} \"Hello\"", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _pack_files(pack_dir: str) -> list[str]:
+    """Every file of the pack folder to upload ("/"-separated), hidden files and folders left out."""
+    out = []
+    for dirpath, dirnames, names in os.walk(pack_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for n in sorted(names):
+            if not n.startswith("."):
+                out.append(os.path.relpath(os.path.join(dirpath, n), pack_dir).replace(os.sep, "/"))
+    return out
+
+
+def push(pack_dir: str, repo_id: str, revision: str | None = None, private: bool = False,
+         commit_message: str | None = None, token=None, quiet: bool = False) -> str:
+    """Upload a verified pack folder to the Hub repo `repo_id` (created if needed, and the branch
+    `revision` too); returns the url of the (last) commit. The pack folder is never modified."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from .verify import verify_pack
+
+    _check_repo_id(repo_id)
+    problems = verify_pack(pack_dir, quiet=True)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LayerpackError(f"{pack_dir}: not pushed, the pack fails verification: {problems[0]}{more}")
+    manifest = Manifest.load(pack_dir)
+    with open(os.path.join(pack_dir, MANIFEST_FILE), encoding="utf-8") as f:
+        totals = json.load(f).get("totals") or {}
+    files = _pack_files(pack_dir)
+    for rel in files:
+        size = os.path.getsize(os.path.join(pack_dir, rel))
+        if size >= MAX_FILE_BYTES:
+            raise LayerpackError(f"{rel}: {size} bytes; the Hub refuses files of 50 GB or more")
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=os.path.join(pack_dir, rel)) for rel in files]
+    if README_FILE not in files:
+        ops.append(CommitOperationAdd(path_in_repo=README_FILE, path_or_fileobj=model_card(manifest, repo_id, totals).encode()))
+    # small files first (manifest last: a pack is only complete once its manifest is there)
+    ops.sort(key=lambda op: (op.path_in_repo == MANIFEST_FILE, op.path_in_repo.startswith(LAYERS_DIR + "/"), op.path_in_repo))
+    message = commit_message or f"Upload layerpack pack ({manifest.quantization.scheme})"
+    api = HfApi(token=token)
+    batches = [ops[i:i + PUSH_BATCH_FILES] for i in range(0, len(ops), PUSH_BATCH_FILES)]
+    url = ""
+    with _progress(quiet), _hub_errors(repo_id, revision):
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        for n, batch in enumerate(batches, 1):
+            msg = message if len(batches) == 1 else f"{message} ({n}/{len(batches)})"
+            info = api.create_commit(repo_id, batch, commit_message=msg, repo_type="model", revision=revision)
+            url = info.commit_url
+    return url

@@ -1,4 +1,4 @@
-"""A small, strict, read-only Hugging Face Hub look-alike on 127.0.0.1, for tests without internet.
+"""A small, strict Hugging Face Hub look-alike on 127.0.0.1, for tests without internet.
 
 It serves model repos from local folders (one folder = one commit of one repo) to the real
 huggingface_hub client (point `HF_ENDPOINT` at `HubServer.url`; see `HubServer.client_env`).
@@ -35,16 +35,38 @@ is recorded with route=None; `unexpected()` lists them so a test can assert ther
 Every request is recorded (server, method, path, headers, status, route); Authorization and Cookie
 values are never stored (replaced by "<redacted>"; `RecordedRequest.auth` says whether one came).
 
-To extend (e.g. upload endpoints): add a (method, regex, handler-name) row to `_HUB_ROUTES` and a
+Uploads (what HfApi.create_repo / create_branch / create_commit send with HF_HUB_DISABLE_XET=1, read
+from hf_api.py, _commit_api.py and lfs.py); every one needs "Authorization: Bearer <token>" (the
+`write_token` when one is set, the repo's token for a private repo):
+
+  POST /api/repos/create                              {name, organization, visibility?, type?} -> {url};
+       409 (+ {url}) when the repo exists. visibility "private" makes the caller's token the repo's token.
+  POST /api/validate-yaml                             {content, repoType} -> {errors: [], warnings: []}
+  POST /api/models/{repo_id}/branch/{branch}          create_branch (at the current commit); 409 if it exists
+  POST /api/models/{repo_id}/preupload/{revision}     {files: [{path, sample, size}]} -> uploadMode
+       "lfs" for the LFS suffixes (or > 10 MB), else "regular"
+  POST /{repo_id}.git/info/lfs/objects/batch          LFS batch API, operation "upload", transfer
+       "basic": an upload action to the CDN server (none when the blob is already stored)
+  PUT  {cdn}/upload/{sha256}                          the upload: sha256 and size are checked (400 if not)
+  POST /api/models/{repo_id}/commit/{branch}          NDJSON: header, file (base64), lfsFile (a stored
+       blob of that size) -> {commitUrl, commitOid}; a new commit that the read endpoints then serve.
+Uploaded content is kept under a temporary folder (`storage`). Limits: one snapshot per repo (every
+ref serves the newest commit's files), no deletions/copies, no multipart LFS, no Xet, no PRs.
+`commits` lists (repo_id, branch, summary, paths) per accepted commit; `uploads` the stored sha256s.
+
+To extend: add a (method, regex, handler-name) row to `_HUB_ROUTES` and a
 `_h_<name>(self, m, query)` method to `_Handler`; handlers answer through `_send` / `_error`.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -62,10 +84,20 @@ _HUB_ROUTES = [
     (("GET",), re.compile(rf"^/api/models/{_REPO}/revision/(?P<rev>{_SEG})$"), "model_info"),
     (("GET",), re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>{_SEG})(?:/(?P<path>[^?]+))?$"), "tree"),
     (("GET", "HEAD"), re.compile(rf"^/{_REPO}/resolve/(?P<rev>{_SEG})/(?P<path>[^?]+)$"), "resolve"),
+    # uploads (handlers take the request body too)
+    (("POST",), re.compile(r"^/api/repos/create$"), "create_repo"),
+    (("POST",), re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
+    (("POST",), re.compile(rf"^/api/models/{_REPO}/branch/(?P<rev>{_SEG})$"), "create_branch"),
+    (("POST",), re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>{_SEG})$"), "preupload"),
+    (("POST",), re.compile(rf"^/(?P<ns>{_SEG})/(?P<name>[^/?]+)\.git/info/lfs/objects/batch$"), "lfs_batch"),
+    (("POST",), re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>{_SEG})$"), "commit"),
 ]
 _CDN_ROUTES = [
     (("GET", "HEAD"), re.compile(r"^/lfs/(?P<sha>[0-9a-f]{64})$"), "cdn_blob"),
+    (("PUT",), re.compile(r"^/upload/(?P<sha>[0-9a-f]{64})$"), "cdn_upload"),
 ]
+_BODY_METHODS = ("POST", "PUT")
+MAX_BODY = 256 * 1024 * 1024
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -145,7 +177,7 @@ def _load_repo(repo_id: str, folder: str, refs, token, lfs_suffixes) -> HubRepo:
 class HubServer:
     """Start with `with HubServer() as hub:` (or start()/stop()); add repos any time with add_repo."""
 
-    def __init__(self, lfs_redirect: bool = True, lfs_suffixes=LFS_SUFFIXES):
+    def __init__(self, lfs_redirect: bool = True, lfs_suffixes=LFS_SUFFIXES, write_token: str | None = None):
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[RecordedRequest] = []
         self.lfs_redirect = lfs_redirect
@@ -156,6 +188,11 @@ class HubServer:
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
         self.url = self.cdn_url = ""
+        self.write_token = write_token
+        self.storage = ""                        # uploaded blobs, by sha256 (created by start())
+        self.commits: list[tuple[str, str, str, list[str]]] = []   # (repo_id, branch, summary, paths)
+        self.uploads: list[str] = []             # sha256 of every accepted LFS upload
+        self._pending: dict[str, int] = {}       # sha256 -> size announced in an LFS batch request
 
     # -- setup ---------------------------------------------------------------------------------
     def add_repo(self, repo_id: str, folder: str, refs=("main",), token: str | None = None) -> HubRepo:
@@ -181,6 +218,7 @@ class HubServer:
             self._tampered.pop(self.repos[repo_id].files[path].sha256, None)
 
     def start(self) -> "HubServer":
+        self.storage = tempfile.mkdtemp(prefix="hub-test-storage-")
         for kind, routes in (("hub", _HUB_ROUTES), ("cdn", _CDN_ROUTES)):
             handler = type(f"{kind.title()}Handler", (_Handler,), {"hub": self, "kind": kind, "routes": routes})
             srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -201,6 +239,8 @@ class HubServer:
             t.join(5)
         self._servers.clear()
         self._threads.clear()
+        if self.storage:
+            shutil.rmtree(self.storage, ignore_errors=True)
 
     def __enter__(self) -> "HubServer":
         return self.start()
@@ -255,6 +295,22 @@ class HubServer:
             with open(f.local, "rb") as fh:
                 data = fh.read()
         return data
+
+    def upload_requests(self) -> list[RecordedRequest]:
+        """Requests that write (POST/PUT)."""
+        with self._lock:
+            return [r for r in self.requests if r.method in _BODY_METHODS]
+
+    def _store(self, data: bytes) -> tuple[str, str]:
+        """(sha256, local path) of `data`, kept in the storage folder."""
+        sha = hashlib.sha256(data).hexdigest()
+        path = os.path.join(self.storage, sha)
+        if not os.path.exists(path):
+            tmp = path + f".tmp{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        return sha, path
 
     def _blob(self, sha: str) -> RepoFile | None:
         with self._lock:
@@ -311,12 +367,91 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = _dispatch
 
-    def _refuse(self):  # read-only server: no method with a body; the body is not read, so close
+    def _refuse(self):  # no other method with a body; the body is not read, so close
         self._begin()
         self.close_connection = True
         self._error(405, None, f"{self.command} not allowed", expected=False)
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _refuse
+    do_PATCH = do_DELETE = do_OPTIONS = _refuse
+
+    def _dispatch_body(self):
+        """POST/PUT to an upload route: read the body, then the handler gets it; anything else: _refuse."""
+        split = urlsplit(self.path)
+        match = None
+        for methods, rx, name in self.routes:
+            m = rx.match(split.path)
+            if m and self.command in methods:
+                match = (m, name)
+                break
+        if match is None:
+            return self._refuse()
+        self._begin()
+        try:
+            body = self._read_body()
+            try:
+                query = parse_qs(split.query, keep_blank_values=True, strict_parsing=bool(split.query))
+            except ValueError:
+                raise _BadRequest("malformed query") from None
+            self.rec.route = match[1]
+            return getattr(self, f"_h_{match[1]}")(match[0], query, body)
+        except _BadRequest as e:
+            self.rec.route = None
+            return self._error(400, None, str(e), expected=False)
+
+    do_POST = do_PUT = _dispatch_body
+
+    def _read_body(self) -> bytes:
+        te = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+        if te:
+            if te != "chunked":
+                self.close_connection = True
+                raise _BadRequest(f"unsupported Transfer-Encoding: {te}")
+            parts, total = [], 0
+            while True:
+                line = self.rfile.readline(1024).strip().split(b";")[0]
+                try:
+                    n = int(line, 16)
+                except ValueError:
+                    self.close_connection = True
+                    raise _BadRequest("malformed chunked body") from None
+                if n == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(parts)
+                total += n
+                if total > MAX_BODY:
+                    self.close_connection = True
+                    raise _BadRequest("body too large")
+                parts.append(self.rfile.read(n))
+                self.rfile.readline(8)
+        cl = self.headers.get("Content-Length")
+        if cl is None or not cl.strip().isdigit():
+            self.close_connection = True
+            raise _BadRequest("Content-Length required")
+        n = int(cl)
+        if n > MAX_BODY:
+            self.close_connection = True
+            raise _BadRequest("body too large")
+        return self.rfile.read(n)
+
+    def _json_body(self, body: bytes):
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise _BadRequest("body is not JSON") from None
+
+    def _writer(self, repo: HubRepo | None = None) -> str | None:
+        """The caller's bearer token for a write, or None after answering 401/403."""
+        auth = self.headers.get("Authorization") or ""
+        if not auth.startswith("Bearer ") or not auth[7:].strip():
+            self._error(401, None, "Invalid username or password.")
+            return None
+        token = auth[7:].strip()
+        want = repo.token if repo is not None and repo.token is not None else self.hub.write_token
+        if want is not None and not hmac.compare_digest(token.encode(), want.encode()):
+            self._error(403 if repo is not None else 401, None, "Invalid credentials in Authorization header")
+            return None
+        return token
 
     # -- responses -----------------------------------------------------------------------------
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_length: int | None = None):
@@ -503,3 +638,180 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             return
         self._send(status, body, headers)
+
+    # -- upload handlers -----------------------------------------------------------------------
+    def _write_repo(self, m) -> HubRepo | None:
+        repo = self._repo(m)
+        if repo is None:
+            return None
+        return repo if self._writer(repo) is not None else None
+
+    def _h_create_repo(self, m, query, body):
+        self._only(query)
+        token = self._writer()
+        if token is None:
+            return
+        d = self._json_body(body)
+        if not isinstance(d, dict) or set(d) - {"name", "organization", "visibility", "type", "private"}:
+            raise _BadRequest("unsupported create-repo payload")
+        if d.get("type") not in (None, "model"):
+            raise _BadRequest("the test server only has model repos")
+        name, org = d.get("name"), d.get("organization")
+        if not isinstance(name, str) or not isinstance(org, str) or not re.fullmatch(r"[\w.-]+", name + org):
+            return self._error(400, None, "Invalid repo name")
+        repo_id = f"{org}/{name}"
+        private = d.get("visibility") == "private" or d.get("private") is True
+        with self.hub._lock:
+            if repo_id in self.hub.repos:
+                exists = True
+            else:
+                exists = False
+                commit = hashlib.sha1(b"commit " + repo_id.encode() + b"\0").hexdigest()
+                self.hub.repos[repo_id] = HubRepo(repo_id, self.hub.storage, {}, commit, {"main": commit},
+                                                  token if private else None)
+        if exists:
+            msg = "You already created this model repo"   # the Hub's 409 carries the url too; the client reads it
+            return self._send(409, json.dumps({"error": msg, "url": f"{self.hub.url}/{repo_id}"}).encode(),
+                              {"Content-Type": "application/json; charset=utf-8", "X-Error-Message": msg})
+        self._json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _h_validate_yaml(self, m, query, body):
+        self._only(query)
+        d = self._json_body(body)
+        if not isinstance(d, dict) or not isinstance(d.get("content"), str):
+            raise _BadRequest("validate-yaml needs {content}")
+        self._json({"errors": [], "warnings": []})
+
+    def _h_create_branch(self, m, query, body):
+        self._only(query)
+        repo = self._write_repo(m)
+        if repo is None:
+            return
+        branch = unquote(m["rev"])
+        if body.strip():
+            d = self._json_body(body)
+            if d not in ({}, None):
+                raise _BadRequest("create_branch from a revision is not implemented")
+        with self.hub._lock:
+            exists = branch in repo.refs
+            if not exists:
+                repo.refs[branch] = repo.commit
+        if exists:
+            return self._error(409, None, f"Reference refs/heads/{branch} already exists")
+        self._json({})
+
+    def _h_preupload(self, m, query, body):
+        self._only(query)
+        repo = self._write_repo(m)
+        if repo is None or self._commit(repo, m) is None:
+            return
+        d = self._json_body(body)
+        if not isinstance(d, dict) or not isinstance(d.get("files"), list):
+            raise _BadRequest("preupload needs {files: [...]}")
+        out = []
+        for f in d["files"]:
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("size"), int):
+                raise _BadRequest("preupload: malformed file entry")
+            lfs = f["path"].endswith(self.hub.lfs_suffixes) or f["size"] > 10 * 1024 * 1024
+            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": None})
+        self._json({"files": out, "commitOid": repo.commit})
+
+    def _h_lfs_batch(self, m, query, body):
+        self._only(query)
+        repo = self._write_repo(m)
+        if repo is None:
+            return
+        d = self._json_body(body)
+        if not isinstance(d, dict) or d.get("operation") != "upload" or "basic" not in (d.get("transfers") or ["basic"]) \
+                or d.get("hash_algo", "sha256") != "sha256" or not isinstance(d.get("objects"), list):
+            raise _BadRequest("LFS batch: only operation=upload, transfer basic, sha256")
+        objects = []
+        for o in d["objects"]:
+            oid, size = o.get("oid") if isinstance(o, dict) else None, o.get("size") if isinstance(o, dict) else None
+            if not isinstance(oid, str) or not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int) or size < 0:
+                raise _BadRequest("LFS batch: malformed object")
+            entry = {"oid": oid, "size": size}
+            path = os.path.join(self.hub.storage, oid)
+            if not (os.path.isfile(path) and os.path.getsize(path) == size):
+                with self.hub._lock:
+                    self.hub._pending[oid] = size
+                entry.update(authenticated=True, actions={"upload": {"href": f"{self.hub.cdn_url}/upload/{oid}", "header": {}}})
+            objects.append(entry)
+        self._send(200, json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode(),
+                   {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _h_cdn_upload(self, m, query, body):
+        self._only(query)
+        sha = m["sha"]
+        with self.hub._lock:
+            size = self.hub._pending.get(sha)
+        if size is None:
+            return self._error(403, None, "no upload was announced for this object", expected=False)
+        if len(body) != size:
+            return self._error(400, None, f"size mismatch: got {len(body)} bytes, announced {size}")
+        if hashlib.sha256(body).hexdigest() != sha:
+            return self._error(400, None, "sha256 mismatch")
+        self.hub._store(body)
+        with self.hub._lock:
+            self.hub._pending.pop(sha, None)
+            self.hub.uploads.append(sha)
+        self._send(200, b"")
+
+    def _h_commit(self, m, query, body):
+        self._only(query)
+        repo = self._write_repo(m)
+        if repo is None:
+            return
+        branch = unquote(m["rev"])
+        if branch not in repo.refs:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
+        if "ndjson" not in (self.headers.get("Content-Type") or ""):
+            raise _BadRequest("commit body must be application/x-ndjson")
+        try:
+            items = [json.loads(line) for line in body.splitlines() if line.strip()]
+        except ValueError:
+            raise _BadRequest("commit: malformed NDJSON") from None
+        if not items or not isinstance(items[0], dict) or items[0].get("key") != "header":
+            raise _BadRequest("commit: the first line must be the header")
+        header = items[0].get("value") or {}
+        if not isinstance(header.get("summary"), str) or not header["summary"].strip():
+            return self._error(400, None, "commit: a summary is required")
+        if "parentCommit" in header and header["parentCommit"] != repo.refs[branch]:
+            return self._error(412, None, "A commit has happened since. Please refresh and try again.")
+        new: dict[str, RepoFile] = {}
+        for item in items[1:]:
+            key, v = item.get("key"), item.get("value")
+            if not isinstance(v, dict) or not isinstance(v.get("path"), str) or not v["path"] \
+                    or v["path"].startswith("/") or ".." in v["path"].split("/"):
+                raise _BadRequest("commit: malformed operation")
+            path = v["path"]
+            if key == "file":
+                if v.get("encoding") != "base64":
+                    raise _BadRequest("commit: file content must be base64")
+                try:
+                    data = base64.b64decode(v.get("content", ""), validate=True)
+                except ValueError:
+                    raise _BadRequest("commit: bad base64") from None
+                sha, local = self.hub._store(data)
+                new[path] = RepoFile(path, local, len(data), sha, git_blob_sha1(data), False)
+            elif key == "lfsFile":
+                oid, size = v.get("oid"), v.get("size")
+                local = os.path.join(self.hub.storage, str(oid))
+                if v.get("algo") != "sha256" or not isinstance(oid, str) or not re.fullmatch(r"[0-9a-f]{64}", oid):
+                    raise _BadRequest("commit: malformed lfsFile")
+                if not os.path.isfile(local) or (size is not None and os.path.getsize(local) != size):
+                    return self._error(422, None, f"commit: LFS object {oid} for {path} was not uploaded")
+                size = os.path.getsize(local)
+                new[path] = RepoFile(path, local, size, oid, git_blob_sha1(lfs_pointer(oid, size)), True)
+            else:
+                raise _BadRequest(f"commit: unsupported operation {key!r}")
+        with self.hub._lock:
+            files = {**repo.files, **new}
+            tree = "".join(f"{p}\0{f.git_oid}\n" for p, f in sorted(files.items())).encode()
+            commit = hashlib.sha1(b"commit " + repo.refs[branch].encode() + b"\0" + tree
+                                  + header["summary"].encode()).hexdigest()
+            repo.files = files
+            repo.commit = commit
+            repo.refs[branch] = commit
+            self.hub.commits.append((repo.repo_id, branch, header["summary"], sorted(new)))
+        self._json({"success": True, "commitOid": commit, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{commit}"})
