@@ -815,3 +815,20 @@ class _Handler(BaseHTTPRequestHandler):
             repo.refs[branch] = commit
             self.hub.commits.append((repo.repo_id, branch, header["summary"], sorted(new)))
         self._json({"success": True, "commitOid": commit, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{commit}"})
+
+
+# -- helpers shared by the Hub tests ---------------------------------------------------------------
+
+def pack_files(folder) -> set[str]:
+    """Relative '/'-paths of the files under `folder` (huggingface_hub's .cache folder excluded)."""
+    out = set()
+    for dirpath, dirnames, names in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != ".cache"]
+        out.update(os.path.relpath(os.path.join(dirpath, n), folder).replace(os.sep, "/") for n in names)
+    return out
+
+
+def assert_no_token(proc, token: str) -> None:
+    """Neither the token nor anything token-shaped appears in a subprocess's output."""
+    for text in (proc.stdout, proc.stderr):
+        assert token not in text and "hf_secret" not in text

@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 
 import pytest
 
 from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
-from hub_server import HubServer
+from hub_server import HubServer, assert_no_token, pack_files
 
 TOKEN = "hf_secretLayerpackPullToken0123456789"
 REPO = "tiny/pack"
 TAMPERED = "layers/block.001.safetensors"
 
 
-def _files(folder) -> set[str]:
-    out = set()
-    for dirpath, dirnames, names in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if d != ".cache"]
-        out.update(os.path.relpath(os.path.join(dirpath, n), folder).replace(os.sep, "/") for n in names)
-    return out
-
-
 def _no_secret(proc, secret=TOKEN):
-    for text in (proc.stdout, proc.stderr):
-        assert secret not in text and "hf_secret" not in text
+    assert_no_token(proc, secret)
 
 
 def _requested_layers(log) -> set[str]:
@@ -74,8 +64,8 @@ def test_full_pull_verifies_and_is_identical(hub, tmp_path):
     assert proc.stdout.strip() == str(out.resolve())
     _no_secret(proc)
     assert run_cli("verify", out, "--quiet").returncode == 0
-    assert _files(out) == _files(hub.pack)
-    for rel in _files(hub.pack):
+    assert pack_files(out) == pack_files(hub.pack)
+    for rel in pack_files(hub.pack):
         assert filecmp.cmp(out / rel, hub.pack / rel, shallow=False), rel
 
 
@@ -105,15 +95,15 @@ def test_partial_pull_requests_only_selected_layers(hub, tmp_path):
     tok = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     expect = {"manifest.json", "config.json"} | wanted | (
         {f["path"] for f in hub.manifest["files"] if not f["path"].startswith("layers/")} - tok)
-    assert _files(out) == expect
+    assert pack_files(out) == expect
     for rel in expect:
         assert filecmp.cmp(out / rel, hub.pack / rel, shallow=False), rel
     # with the tokenizer (the default), a block range
     out2 = tmp_path / "out2"
     proc = run_cli("pull", REPO, out2, "--layers", "1-2", "--quiet", env=_env(hub, tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert {p for p in _files(out2) if p.startswith("layers/")} == {"layers/block.001.safetensors", "layers/block.002.safetensors"}
-    assert tok <= _files(out2)
+    assert {p for p in pack_files(out2) if p.startswith("layers/")} == {"layers/block.001.safetensors", "layers/block.002.safetensors"}
+    assert tok <= pack_files(out2)
 
 
 @pytest.mark.parametrize("spec", ["embed,7", "3-1", "bogus", "0,,1"])

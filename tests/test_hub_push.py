@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import shutil
 
 import pytest
 
 from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
-from hub_server import HubServer
+from hub_server import HubServer, assert_no_token, pack_files
 
 TOKEN = "hf_secretLayerpackPushToken0123456789"
 
 
-def _files(folder) -> set[str]:
-    out = set()
-    for dirpath, dirnames, names in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if d != ".cache"]
-        out.update(os.path.relpath(os.path.join(dirpath, n), folder).replace(os.sep, "/") for n in names)
-    return out
-
-
 def _no_secret(proc):
-    for text in (proc.stdout, proc.stderr):
-        assert TOKEN not in text and "hf_secret" not in text
+    assert_no_token(proc, TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +45,14 @@ def _env(hub, tmp_path, token=TOKEN):
 
 
 def test_push_then_pull_is_identical_and_has_a_model_card(hub, tmp_path):
-    before = {rel: (hub.pack / rel).read_bytes() for rel in _files(hub.pack)}
+    before = {rel: (hub.pack / rel).read_bytes() for rel in pack_files(hub.pack)}
     proc = run_cli("push", hub.pack, "tiny/new", "--quiet", env=_env(hub, tmp_path))
     assert proc.returncode == 0, proc.stderr
     _no_secret(proc)
     assert "/tiny/new/commit/" in proc.stdout
     # the pack folder is untouched: no README.md written into it
-    assert {rel: (hub.pack / rel).read_bytes() for rel in _files(hub.pack)} == before
-    assert "README.md" not in _files(hub.pack)
+    assert {rel: (hub.pack / rel).read_bytes() for rel in pack_files(hub.pack)} == before
+    assert "README.md" not in pack_files(hub.pack)
     # layer files went through the LFS upload (sha256 and size checked by the server)
     manifest = json.loads((hub.pack / "manifest.json").read_text())
     layer_shas = {f["sha256"] for f in manifest["files"] if f["path"].startswith("layers/")}
@@ -73,8 +63,8 @@ def test_push_then_pull_is_identical_and_has_a_model_card(hub, tmp_path):
     pulled = run_cli("pull", "tiny/new", out, "--quiet", env=_env(hub, tmp_path))
     assert pulled.returncode == 0, pulled.stderr
     assert run_cli("verify", out, "--quiet").returncode == 0
-    assert _files(out) == _files(hub.pack)              # pull fetches what the manifest lists
-    for rel in _files(hub.pack):
+    assert pack_files(out) == pack_files(hub.pack)              # pull fetches what the manifest lists
+    for rel in pack_files(hub.pack):
         assert filecmp.cmp(out / rel, hub.pack / rel, shallow=False), rel
 
     repo = hub.repos["tiny/new"]
