@@ -13,10 +13,17 @@ Layer selection (`layers=` / `--layers`): a comma-separated list of items, each 
 e.g. "embed,0-3,head". Block numbers never imply embed or head: name them. The manifest, config.json
 and the other non-layer files always come too; tokenizer files unless tokenizer=False.
 
-`push` uploads a verified pack with `HfApi.create_commit` in batches (huggingface_hub 2.x has no
-`upload_large_folder`): each batch of at most PUSH_BATCH_FILES files is one commit, the layer files
-go through the LFS (or Xet) upload, and a model card README.md is added (from memory, the pack folder is
-never written) when the pack has none.
+`push` uploads a verified pack; the manifest always goes last, in its own final commit (with the
+model card README.md, made from memory when the pack has none), so a repo only ever shows a manifest
+once every file it lists is there. The other files go up by the resumable path the client has:
+  - Xet on (hf_xet installed, the default against the real Hub): `HfApi.upload_folder`, which in
+    huggingface_hub 2.x is the streamed multi-commit pipeline (it replaced `upload_large_folder`):
+    content-defined chunks deduplicated server side, adaptive commit batches, and a re-run skips
+    committed files and re-sends ~0 bytes of uploaded ones.
+  - Xet off (HF_HUB_DISABLE_XET=1 or no hf_xet): `HfApi.create_commit` in batches of at most
+    PUSH_BATCH_FILES files over the LFS protocol. A re-run resumes too: the preupload answer names the
+    files already committed with the same content (the client drops them) and the LFS batch answer
+    has no upload action for blobs the server already stores.
 """
 from __future__ import annotations
 
@@ -282,10 +289,17 @@ def _pack_files(pack_dir: str) -> list[str]:
     return out
 
 
+def _xet_enabled() -> bool:
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    return is_xet_available()
+
+
 def push(pack_dir: str, repo_id: str, revision: str | None = None, private: bool = False,
          commit_message: str | None = None, token=None, quiet: bool = False) -> str:
     """Upload a verified pack folder to the Hub repo `repo_id` (created if needed, and the branch
-    `revision` too); returns the url of the (last) commit. The pack folder is never modified."""
+    `revision` too); returns the url of the last commit. Re-running after an interruption resumes
+    (see the module docstring). The pack folder is never modified."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     from .verify import verify_pack
@@ -303,21 +317,25 @@ def push(pack_dir: str, repo_id: str, revision: str | None = None, private: bool
         size = os.path.getsize(os.path.join(pack_dir, rel))
         if size >= MAX_FILE_BYTES:
             raise LayerpackError(f"{rel}: {size} bytes; the Hub refuses files of 50 GB or more")
-    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=os.path.join(pack_dir, rel)) for rel in files]
+    body = sorted((rel for rel in files if rel != MANIFEST_FILE), key=lambda rel: (rel.startswith(LAYERS_DIR + "/"), rel))
+    last = [CommitOperationAdd(path_in_repo=MANIFEST_FILE, path_or_fileobj=os.path.join(pack_dir, MANIFEST_FILE))]
     if README_FILE not in files:
-        ops.append(CommitOperationAdd(path_in_repo=README_FILE, path_or_fileobj=model_card(manifest, repo_id, totals).encode()))
-    # small files first (manifest last: a pack is only complete once its manifest is there)
-    ops.sort(key=lambda op: (op.path_in_repo == MANIFEST_FILE, op.path_in_repo.startswith(LAYERS_DIR + "/"), op.path_in_repo))
+        card = model_card(manifest, repo_id, totals).encode()
+        last.insert(0, CommitOperationAdd(path_in_repo=README_FILE, path_or_fileobj=card))
     message = commit_message or f"Upload layerpack pack ({manifest.quantization.scheme})"
     api = HfApi(token=token)
-    batches = [ops[i:i + PUSH_BATCH_FILES] for i in range(0, len(ops), PUSH_BATCH_FILES)]
-    url = ""
     with _progress(quiet), _hub_errors(repo_id, revision):
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        for n, batch in enumerate(batches, 1):
-            msg = message if len(batches) == 1 else f"{message} ({n}/{len(batches)})"
-            info = api.create_commit(repo_id, batch, commit_message=msg, repo_type="model", revision=revision)
-            url = info.commit_url
-    return url
+        if _xet_enabled():
+            api.upload_folder(repo_id=repo_id, folder_path=pack_dir, repo_type="model", revision=revision,
+                              allow_patterns=[_glob_escape(rel) for rel in body], commit_message=f"{message} (files)")
+        else:
+            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=os.path.join(pack_dir, rel)) for rel in body]
+            batches = [ops[i:i + PUSH_BATCH_FILES] for i in range(0, len(ops), PUSH_BATCH_FILES)]
+            for n, batch in enumerate(batches, 1):
+                api.create_commit(repo_id, batch, commit_message=f"{message} (files {n}/{len(batches)})",
+                                  repo_type="model", revision=revision)
+        info = api.create_commit(repo_id, last, commit_message=message, repo_type="model", revision=revision)
+    return info.commit_url

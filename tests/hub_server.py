@@ -22,8 +22,10 @@ _snapshot_download.py, utils/_http.py, utils/_pagination.py):
   HEAD/GET {cdn}/lfs/{sha256}                         the "CDN": LFS content by sha256
   Range: bytes=START-[END] on every file answer -> 206 + Content-Range (416 when out of range).
 
-Fault injection for tests: `interrupt_once` (drop the connection mid-body), `tamper` (serve other
-bytes under the advertised size and sha256). Private repos: `add_repo(..., token=...)`.
+Fault injection for tests: `interrupt_once` (drop the connection mid-body), `stall_once` (send part
+of a body, then hang until released: the client can be killed mid-download), `hold` (a file's
+content is not served until released), `tamper` (serve other bytes under the advertised size and
+sha256), `on_upload` (a callback before each LFS upload is stored). Private repos: `add_repo(..., token=...)`.
 
 Errors as the Hub sends them (X-Error-Code / X-Error-Message headers, JSON {"error": ...} body):
 unknown repo -> 404 RepoNotFound; private repo without a token -> 401 RepoNotFound; wrong token ->
@@ -44,7 +46,8 @@ from hf_api.py, _commit_api.py and lfs.py); every one needs "Authorization: Bear
   POST /api/validate-yaml                             {content, repoType} -> {errors: [], warnings: []}
   POST /api/models/{repo_id}/branch/{branch}          create_branch (at the current commit); 409 if it exists
   POST /api/models/{repo_id}/preupload/{revision}     {files: [{path, sample, size}]} -> uploadMode
-       "lfs" for the LFS suffixes (or > 10 MB), else "regular"
+       "lfs" for the LFS suffixes (or > 10 MB), else "regular"; "oid" of the file already at that path
+       (sha256 for LFS, git blob sha1 otherwise; null if none): the client drops unchanged files
   POST /{repo_id}.git/info/lfs/objects/batch          LFS batch API, operation "upload", transfer
        "basic": an upload action to the CDN server (none when the blob is already stored)
   PUT  {cdn}/upload/{sha256}                          the upload: sha256 and size are checked (400 if not)
@@ -185,6 +188,9 @@ class HubServer:
         self._lock = threading.Lock()
         self._interrupts: dict[str, int] = {}   # sha256 -> bytes to send before dropping the connection once
         self._tampered: dict[str, bytes] = {}    # sha256 -> bytes served instead (metadata unchanged)
+        self._stalls: dict[str, tuple[int, threading.Event, threading.Event]] = {}  # sha256 -> (bytes, stalled, release)
+        self._holds: dict[str, threading.Event] = {}  # sha256 -> served once set
+        self.on_upload = None                    # callable(sha256) -> bool, before an LFS upload is stored (False: refuse it)
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
         self.url = self.cdn_url = ""
@@ -205,6 +211,29 @@ class HubServer:
         """The next download of that file's content sends `after_bytes` bytes then closes the connection."""
         with self._lock:
             self._interrupts[self.repos[repo_id].files[path].sha256] = after_bytes
+
+    def stall_once(self, repo_id: str, path: str, after_bytes: int) -> tuple[threading.Event, threading.Event]:
+        """The next download of that file's content sends `after_bytes` bytes, then hangs until the
+        returned `release` event is set (then drops the connection). Returns (stalled, release):
+        `stalled` is set once the bytes were sent."""
+        stalled, release = threading.Event(), threading.Event()
+        with self._lock:
+            self._stalls[self.repos[repo_id].files[path].sha256] = (after_bytes, stalled, release)
+        return stalled, release
+
+    def hold(self, repo_id: str, path: str) -> threading.Event:
+        """Content GETs of that file (not HEADs, not Range requests for its first 64 KiB, which readers of
+        the safetensors header make) wait until the returned event is set."""
+        ev = threading.Event()
+        with self._lock:
+            self._holds[self.repos[repo_id].files[path].sha256] = ev
+        return ev
+
+    def release_all(self) -> None:
+        with self._lock:
+            events = [e for _, _, e in self._stalls.values()] + list(self._holds.values())
+        for e in events:
+            e.set()
 
     def tamper(self, repo_id: str, path: str, data: bytes) -> None:
         """Fault injection: serve `data` as that file's content while every header and listing still
@@ -232,6 +261,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self.release_all()  # no handler thread stays parked on a stall or hold
         for srv in self._servers:
             srv.shutdown()
             srv.server_close()
@@ -287,6 +317,14 @@ class HubServer:
     def _take_interrupt(self, sha: str) -> int | None:
         with self._lock:
             return self._interrupts.pop(sha, None)
+
+    def _take_stall(self, sha: str):
+        with self._lock:
+            return self._stalls.pop(sha, None)
+
+    def _hold_of(self, sha: str) -> threading.Event | None:
+        with self._lock:
+            return self._holds.get(sha)
 
     def _content(self, f: RepoFile) -> bytes:
         with self._lock:
@@ -625,19 +663,34 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         body = data[start:end + 1]
-        cut = self.hub._take_interrupt(f.sha256) if self.command == "GET" else None
-        if cut is not None and cut < len(body):
-            self.rec.note = f"interrupted after {cut} bytes"
-            self.close_connection = True
-            self.send_response(status)
-            for k, v in {**headers, "Content-Length": str(len(body)), "X-Request-Id": "test-cut"}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.rec.status = status
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            return
+        if self.command == "GET":
+            hold = self.hub._hold_of(f.sha256)
+            if hold is not None and not (status == 206 and end < 64 * 1024):
+                self.rec.note = "held"
+                if not hold.wait(60):
+                    return self._error(503, None, "held too long", expected=False)
+            stall = self.hub._take_stall(f.sha256)
+            cut = self.hub._take_interrupt(f.sha256)
+            if stall is not None and stall[0] < len(body):
+                return self._cut(status, headers, body, stall[0], stall)
+            if cut is not None and cut < len(body):
+                return self._cut(status, headers, body, cut, None)
         self._send(status, body, headers)
+
+    def _cut(self, status, headers, body, cut, stall):
+        """Send the headers and `cut` bytes of `body`, (hang until released when stalled,) then drop the connection."""
+        self.rec.note = f"{'stalled' if stall else 'interrupted'} after {cut} bytes"
+        self.close_connection = True
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(body)), "X-Request-Id": "test-cut"}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.rec.status = status
+        self.wfile.write(body[:cut])
+        self.wfile.flush()
+        if stall is not None:
+            stall[1].set()
+            stall[2].wait(60)
 
     # -- upload handlers -----------------------------------------------------------------------
     def _write_repo(self, m) -> HubRepo | None:
@@ -713,7 +766,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("size"), int):
                 raise _BadRequest("preupload: malformed file entry")
             lfs = f["path"].endswith(self.hub.lfs_suffixes) or f["size"] > 10 * 1024 * 1024
-            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": None})
+            have = repo.files.get(f["path"])
+            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                        "oid": have.etag if have is not None else None})
         self._json({"files": out, "commitOid": repo.commit})
 
     def _h_lfs_batch(self, m, query, body):
@@ -751,6 +806,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, None, f"size mismatch: got {len(body)} bytes, announced {size}")
         if hashlib.sha256(body).hexdigest() != sha:
             return self._error(400, None, "sha256 mismatch")
+        if self.hub.on_upload is not None and self.hub.on_upload(sha) is False:
+            return self._error(503, None, "upload refused by the test", expected=False)
         self.hub._store(body)
         with self.hub._lock:
             self.hub._pending.pop(sha, None)
