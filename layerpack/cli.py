@@ -80,21 +80,21 @@ def verify(pack, quiet):
 
 @main.command()
 @click.argument("pack", type=click.Path())
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
+@click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @_one_line_errors
-def inspect(pack):
+def inspect(pack, revision, token):
     """Summarize a pack (folder, or Hub repo id owner/name: reads only its manifest): architecture,
     layers, scheme, sizes, quantization errors."""
-    import os
-
     from layerpack_runtime.manifest import Manifest
+    from layerpack_runtime.remote import is_repo_id
 
     from .inspect_pack import summarize
-    from .source import HUB_REPO_ID
 
-    if not os.path.exists(pack) and HUB_REPO_ID.match(pack) and not pack.startswith((".", "/")):
+    if is_repo_id(pack):
         from .hub import remote_manifest
 
-        click.echo(summarize(remote_manifest(pack)))
+        click.echo(summarize(remote_manifest(pack, revision=revision, token=token)))
         return
     click.echo(summarize(Manifest.load(pack)))
 
@@ -150,22 +150,27 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before running (sizes and headers are always checked).")
 @click.option("--no-page-cache", is_flag=True, help="Drop streamed layers from the OS page cache after reading (for models larger than RAM).")
 @click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token and the memory plan to stderr.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
+@click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, stats):
-    """Generate a continuation of PROMPT with the model in PACK, streaming it to stdout."""
+        no_page_cache, stats, revision, token):
+    """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
+    layers download in execution order while it runs), streaming it to stdout."""
     import time
 
     from layerpack_runtime import load
     from layerpack_runtime.manifest import Manifest
+    from layerpack_runtime.remote import is_repo_id
 
     from .progress import progress_bar
 
     t0 = time.perf_counter()
-    total = Manifest.load(pack).totals.get("layer_bytes")  # the bar counts resident units' bytes as they load
-    with progress_bar(total, "load", quiet=False) as bar:
+    # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
+    total = None if is_repo_id(pack) else Manifest.load(pack).totals.get("layer_bytes")
+    with progress_bar(total, "load", quiet=total is None) as bar:
         model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
-                     page_cache=not no_page_cache, progress=bar.update)
+                     page_cache=not no_page_cache, progress=bar.update, revision=revision, token=token)
     load_s = time.perf_counter() - t0
     pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, chat=chat, stream=True)

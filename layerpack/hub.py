@@ -35,35 +35,13 @@ from contextlib import contextmanager
 from layerpack_runtime.errors import FormatError, LayerpackError
 from layerpack_runtime.format import LAYERS_DIR, MANIFEST_FILE, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from layerpack_runtime.manifest import Manifest
-from layerpack_runtime.pack import sha256_file
+from layerpack_runtime.remote import HUB_REPO_ID, check_download, hub_error
 
 # Non-layer pack files that belong to the tokenizer (skipped with tokenizer=False).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json", "tokenizer.model",
 )
-
-
-def hub_error(e: BaseException, repo_id: str, revision: str | None) -> LayerpackError:
-    """One line for a failed Hub request (the token never appears in it). LayerpackErrors pass through."""
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    if isinstance(e, LayerpackError):
-        return e
-    if isinstance(e, RevisionNotFoundError):
-        return LayerpackError(f"{repo_id}: revision {revision!r} not found on the Hub")
-    if isinstance(e, GatedRepoError):
-        return LayerpackError(f"{repo_id}: gated repository; accept its terms on the Hub and log in (HF_TOKEN)")
-    if isinstance(e, RepositoryNotFoundError):
-        return LayerpackError(f"{repo_id}: repository not found on the Hub (private? set HF_TOKEN or log in)")
-    if isinstance(e, HfHubHTTPError):
-        return LayerpackError(f"{repo_id}: Hub request failed ({_first_line(e)})")
-    # network errors and the like
-    return LayerpackError(f"{repo_id}: cannot fetch from the Hub ({type(e).__name__}: {_first_line(e)})")
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else ""
 
 
 @contextmanager
@@ -92,8 +70,6 @@ def _progress(quiet: bool):
 
 
 def _check_repo_id(repo_id: str) -> None:
-    from .source import HUB_REPO_ID
-
     if not HUB_REPO_ID.match(repo_id) or repo_id.startswith((".", "/")):
         raise LayerpackError(f"{repo_id}: not a Hub repo id (owner/name)")
 
@@ -187,37 +163,11 @@ def _glob_escape(path: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in path)
 
 
-def _discard(root: str, rel: str, local_dir: bool) -> None:
-    """Remove a bad download so nothing trusts it and a re-run fetches it again."""
-    path = os.path.join(root, rel)
-    targets = [path]
-    if local_dir:  # huggingface_hub's record of what it downloaded into local_dir
-        targets.append(os.path.join(root, ".cache", "huggingface", "download", rel + ".metadata"))
-    elif os.path.islink(path):  # HF cache: the snapshot link and the blob it points to
-        targets.append(os.path.realpath(path))
-    for t in targets:
-        try:
-            os.remove(t)
-        except FileNotFoundError:
-            pass
-
-
 def _verify(manifest: Manifest, root: str, files: list[str], local_dir: bool) -> None:
     entries = {f.path: f for f in manifest.files}
     for rel in files:
-        if rel == MANIFEST_FILE:
-            continue
-        e = entries[rel]
-        path = os.path.join(root, rel)
-        if not os.path.isfile(path):
-            raise LayerpackError(f"{rel}: listed in the manifest but not downloaded")
-        size = os.path.getsize(path)
-        if size != e.size:
-            _discard(root, rel, local_dir)
-            raise LayerpackError(f"{rel}: downloaded {size} bytes, the manifest says {e.size}; the file was deleted, re-run to fetch it again")
-        if sha256_file(path) != e.sha256:
-            _discard(root, rel, local_dir)
-            raise LayerpackError(f"{rel}: sha256 does not match the manifest (corrupt download); the file was deleted, re-run to fetch it again")
+        if rel != MANIFEST_FILE:
+            check_download(entries[rel], root, local_dir)
 
 
 def pull(repo_id: str, out: str | None = None, revision: str | None = None, layers: str | None = None,

@@ -13,11 +13,11 @@ import torch
 from layerpack_runtime.errors import FormatError, LayerpackError
 from layerpack_runtime.format import SIDECAR_FILES
 from layerpack_runtime.pack import sha256_file
+from layerpack_runtime.remote import HUB_REPO_ID
 from layerpack_runtime.safetensors_io import SafetensorsFile, TensorInfo
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -78,7 +78,7 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool, quiet: boo
     except LayerpackError:
         raise
     except Exception as e:  # Hub and network errors: one line, no token
-        from .hub import hub_error
+        from layerpack_runtime.remote import hub_error
 
         raise hub_error(e, repo_id, revision) from None
 

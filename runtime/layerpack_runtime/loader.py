@@ -93,6 +93,7 @@ class LayeredModel:
         self.page_cache = page_cache
         self.progress = progress  # called with the bytes of each resident unit loaded (a progress bar's update)
         self._resident: dict[str, dict[str, object]] = {}
+        self._deferred: dict[str, bool] = {}  # planned resident, file not here yet (remote pack) -> dequantize?
         self._embed_rows: dict[str, FileRows] | None = None
         self._row_stats = StreamStats()  # embedding rows read from the file
         self._forms: dict[str, bool] = {}
@@ -164,13 +165,13 @@ class LayeredModel:
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]
                 self._forms.pop(name, None)
+        self._deferred = {}
         for name, deq in new.resident.items():
             if name not in self._resident:
-                stored = self.pack.read_layer(name)
-                self._resident[name] = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
-                self._forms[name] = deq
-                if self.progress:
-                    self.progress(self._files[name].file_size)
+                if self.pack.is_local(name):
+                    self._load_resident(name, deq)
+                else:  # a remote pack's file still downloading: loaded when the forward pass first needs it
+                    self._deferred[name] = deq
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
@@ -180,12 +181,20 @@ class LayeredModel:
             streamed.remove(UNIT_EMBED)
             st = self._files[UNIT_EMBED]
             info = st.tensors["embed.weight"]
-            self._embed_rows = {"embed.weight": FileRows(st.path, info.start, info.shape, ST_DTYPES[info.dtype], self.dtype, self._row_stats)}
+            self._embed_rows = {"embed.weight": FileRows(st.path, info.start, info.shape, ST_DTYPES[info.dtype], self.dtype,
+                                                         self._row_stats, st.ready)}
         if streamed:
             buf = max(c.streamed for c in costs if c.name in streamed)
             self.streamer = UnitStreamer({n: self._files[n] for n in streamed}, streamed, buf, self.device,
                                          self.prefetch_depth, self.page_cache)
         self.plan, self.context, self.step_tokens, self.step_batch = new, context, step_tokens, batch
+
+    def _load_resident(self, name: str, deq: bool) -> None:
+        stored = self.pack.read_layer(name)
+        self._resident[name] = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+        self._forms[name] = deq
+        if self.progress:
+            self.progress(self._files[name].file_size)
 
     def ensure_context(self, tokens: int, step_tokens: int | None = None, batch: int = 1) -> None:
         """Make room for a KV cache of `tokens` slots (batch x length) and forward steps of
@@ -207,6 +216,8 @@ class LayeredModel:
         the compute dtype and quantized weights (QuantWeight, dequantized at use). The head unit of a
         tied model includes the embedding as `head.weight`. A streamed unit's tensors are valid until
         the next call."""
+        if unit in self._deferred:
+            self._load_resident(unit, self._deferred.pop(unit))
         if unit in self._resident:
             w = self._resident[unit]
         elif unit == UNIT_EMBED and self._embed_rows is not None:
@@ -216,7 +227,7 @@ class LayeredModel:
         else:
             raise LayerpackError(f"no layer unit {unit!r} in this pack")
         if unit == UNIT_HEAD and self.args.tie_word_embeddings:  # the embedding doubles as the output projection
-            w = {**w, "head.weight": self._resident[UNIT_EMBED]["embed.weight"]}
+            w = {**w, "head.weight": self.weights_for(UNIT_EMBED)["embed.weight"]}
         return w
 
     @property
@@ -396,24 +407,38 @@ class LayeredModel:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False,
-         page_cache: bool = True, progress=None) -> LayeredModel:
+         page_cache: bool = True, progress=None, revision: str | None = None, token=None) -> LayeredModel:
     """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
 
+    path: a pack folder, or a Hub repo id "owner/name" (needs huggingface_hub): the manifest and
+    tokenizer are fetched, then the layer files download in execution order while the model runs,
+    into the HF cache (remote.py). revision / token: for a repo id (token default: HF_TOKEN or the
+    saved login).
     max_memory: budget for the model's data ("2GiB", "110MB", bytes; None: hold everything). Units
     that do not fit stream from disk every step, prefetched `prefetch_depth` units ahead.
     context: KV cache slots (batch x tokens) planned for at load; a generation that needs more replans
     (keeping fewer units resident), or fails with the budget it would need.
-    verify: check every file's sha256 first (sizes and headers are always checked).
+    verify: check every file's sha256 first (sizes and headers are always checked; a remote pack
+    always hashes the files it downloads, and with verify also those it finds in the cache).
     page_cache: False drops streamed units from the OS page cache after each read (for streams
     larger than RAM: they would evict everything else, and could not stay cached anyway).
     progress: called with a byte count as each resident unit is loaded (e.g. a tqdm's update)."""
-    pack = Pack(path)
-    if verify:
-        problems = pack.verify()
-        if problems:
-            raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context,
-                        prefetch_depth=prefetch_depth, page_cache=page_cache, progress=progress)
+    from .remote import is_repo_id, open_remote
+
+    if is_repo_id(path):
+        pack: Pack = open_remote(os.fspath(path), revision=revision, token=token, verify=verify)
+    else:
+        pack = Pack(path)
+        if verify:
+            problems = pack.verify()
+            if problems:
+                raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    try:
+        return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context,
+                            prefetch_depth=prefetch_depth, page_cache=page_cache, progress=progress)
+    except BaseException:
+        pack.close()
+        raise
 
 
 def _logical_bytes(info) -> int:

@@ -89,12 +89,23 @@ class Pack:
         layer = self.manifest.layer(layer) if isinstance(layer, str) else layer
         if layer.file not in self._headers:
             st = SafetensorsFile(os.path.join(self.path, layer.file))
-            expected = {n for t in layer.tensors for n in stored_names(t)}
-            if set(st.tensors) != expected:
-                missing, extra = sorted(expected - set(st.tensors)), sorted(set(st.tensors) - expected)
-                raise FormatError(f"{layer.file}: tensors disagree with the manifest (missing {missing[:3]}, unexpected {extra[:3]})")
+            self._check_tensors(layer, st)
             self._headers[layer.file] = st
         return self._headers[layer.file]
+
+    @staticmethod
+    def _check_tensors(layer: LayerEntry, st: SafetensorsFile) -> None:
+        expected = {n for t in layer.tensors for n in stored_names(t)}
+        if set(st.tensors) != expected:
+            missing, extra = sorted(expected - set(st.tensors)), sorted(set(st.tensors) - expected)
+            raise FormatError(f"{layer.file}: tensors disagree with the manifest (missing {missing[:3]}, unexpected {extra[:3]})")
+
+    def is_local(self, layer: LayerEntry | str) -> bool:
+        """Whether the unit's file can be read now (a remote pack's may still be downloading)."""
+        return True
+
+    def close(self) -> None:
+        """Release background work (a remote pack's downloads)."""
 
     def read_layer(self, layer: LayerEntry | str) -> dict[str, torch.Tensor]:
         """The stored tensors of one layer unit (quantized codes as stored)."""

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -62,18 +63,24 @@ def _fail(path: str, what: str) -> FormatError:
 class SafetensorsFile:
     """A validated safetensors file. Construction reads only the header."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, head: bytes | None = None, file_size: int | None = None):
+        """Reads and validates the header of the file at `path`; or, for a file still downloading,
+        validates `head` (its first bytes, header included) against its known `file_size`."""
         self.path = os.fspath(path)
+        self.ensure_local: Callable[[], None] | None = None  # set for a file still downloading: blocks until it is there
         try:
-            self.file_size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                prefix = f.read(8)
-                if len(prefix) < 8:
-                    raise _fail(self.path, "shorter than 8 bytes")
-                (n,) = struct.unpack("<Q", prefix)
-                if n > MAX_HEADER_BYTES or 8 + n > self.file_size:
-                    raise _fail(self.path, f"header length {n} does not fit in a file of {self.file_size} bytes; truncated?")
-                raw = f.read(n)
+            if head is None:
+                self.file_size = os.path.getsize(self.path)
+                with open(self.path, "rb") as f:
+                    prefix = f.read(8)
+                    n = self._header_len(prefix)
+                    raw = f.read(n)
+            else:
+                self.file_size = int(file_size)  # type: ignore[arg-type]
+                n = self._header_len(head[:8])
+                raw = head[8:8 + n]
+                if len(raw) < n:
+                    raise _fail(self.path, f"header of {n} bytes, only {len(raw)} received")
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
         try:
@@ -122,6 +129,19 @@ class SafetensorsFile:
             raise _fail(self.path, f"{data_len - pos} trailing bytes after the last tensor")
         self.tensors = infos
 
+    def _header_len(self, prefix: bytes) -> int:
+        if len(prefix) < 8:
+            raise _fail(self.path, "shorter than 8 bytes")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES or 8 + n > self.file_size:
+            raise _fail(self.path, f"header length {n} does not fit in a file of {self.file_size} bytes; truncated?")
+        return n
+
+    def ready(self) -> None:
+        """Wait until the file's data can be read (immediately, unless it is still downloading)."""
+        if self.ensure_local is not None:
+            self.ensure_local()
+
     def _zstd_table(self, meta: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...]]]:
         if META_ZSTD not in meta:
             return {}
@@ -140,6 +160,7 @@ class SafetensorsFile:
         out: dict[str, torch.Tensor] = {}
         own = f is None
         if own:
+            self.ready()
             f = open(self.path, "rb", buffering=0)
         try:
             for info in infos:

@@ -75,6 +75,7 @@ class UnitStreamer:
         if n > slot.host.numel():
             raise FormatError(f"{st.path}: layer payload of {n} bytes exceeds the planned stream buffer")
         view = memoryview(slot.host.numpy())[:n]
+        st.ready()  # a file still downloading (remote pack): wait for it here, in the reader thread
         with open(st.path, "rb", buffering=0) as f:
             f.seek(st.data_start)
             if _read_full(f, view) != n:
@@ -181,8 +182,9 @@ class FileRows:
     (unquantized, uncompressed) embeddings, whose rows are contiguous in the file."""
 
     def __init__(self, path: str, offset: int, shape: tuple[int, int], stored_dtype: torch.dtype, dtype: torch.dtype,
-                 stats: StreamStats | None = None):
+                 stats: StreamStats | None = None, ready=None):
         self.path, self.offset, self.shape, self.stored_dtype, self.dtype = path, offset, tuple(shape), stored_dtype, dtype
+        self.ready = ready  # callable: waits until the file is there (a remote pack's download)
         self.row_bytes = self.shape[1] * torch.empty(0, dtype=stored_dtype).element_size()
         self.stats = stats
 
@@ -190,6 +192,8 @@ class FileRows:
         uniq, inv = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
         buf = torch.empty(uniq.numel() * self.row_bytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
+        if self.ready is not None:
+            self.ready()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for i, r in enumerate(uniq.tolist()):
