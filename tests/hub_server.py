@@ -71,6 +71,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -180,7 +181,11 @@ def _load_repo(repo_id: str, folder: str, refs, token, lfs_suffixes) -> HubRepo:
 class HubServer:
     """Start with `with HubServer() as hub:` (or start()/stop()); add repos any time with add_repo."""
 
-    def __init__(self, lfs_redirect: bool = True, lfs_suffixes=LFS_SUFFIXES, write_token: str | None = None):
+    def __init__(self, lfs_redirect: bool = True, lfs_suffixes=LFS_SUFFIXES, write_token: str | None = None,
+                 rate: float | None = None):
+        self.rate = rate                         # bytes/s of file content (all connections together); None: unlimited
+        self._rate_lock = threading.Lock()
+        self._rate_next = 0.0                    # time.monotonic() when the link is free again
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[RecordedRequest] = []
         self.lfs_redirect = lfs_redirect
@@ -501,7 +506,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.rec.status = status
         if self.command != "HEAD" and body:
-            self.wfile.write(body)
+            if self.hub.rate and len(body) > 64 * 1024:
+                self._write_paced(body)
+            else:
+                self.wfile.write(body)
+
+    def _write_paced(self, body: bytes, piece: int = 256 * 1024) -> None:
+        """Send at most `hub.rate` bytes/s over all connections together (a shared link; for benchmarks)."""
+        for i in range(0, len(body), piece):
+            chunk = body[i:i + piece]
+            with self.hub._rate_lock:
+                now = time.monotonic()
+                start = max(now, self.hub._rate_next)
+                self.hub._rate_next = start + len(chunk) / self.hub.rate
+            time.sleep(max(0.0, start - now))
+            self.wfile.write(chunk)
 
     def _json(self, obj, headers: dict | None = None):
         self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
