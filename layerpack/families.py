@@ -137,10 +137,11 @@ def _rope(config: dict) -> dict:
     merged = {**scaling, **params}
     kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's old name (transformers renames it too)
+    prf = merged.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor")
     rope = {"type": kind, "theta": float(theta)}
     if kind != "default":
         rope["scaling"] = {k: merged[k] for k in sorted(merged)}
-    prf = config.get("partial_rotary_factor")
     if prf not in (None, 1, 1.0):
         rope["partial_rotary_factor"] = float(prf)
     return rope

@@ -28,6 +28,8 @@ def _tiny_config(family: str, **over):
         return transformers.MistralConfig(sliding_window=32, **common)
     if family == "qwen2":
         return transformers.Qwen2Config(**common)
+    if family == "phi3":  # fused qkv_proj / gate_up_proj; a window shorter than the test prompts
+        return transformers.Phi3Config(**{"pad_token_id": 0, "sliding_window": 24, **common})
     if family == "qwen3":  # head_dim is its own config field (not hidden / heads)
         return transformers.Qwen3Config(**{"head_dim": 32, **common})
     raise ValueError(family)

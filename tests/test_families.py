@@ -23,6 +23,8 @@ PROMPT_LEN = 40
 VARIANTS = {
     "qwen3": ("qwen3", {}),
     "qwen3_tied_bias": ("qwen3", {"tie_word_embeddings": True, "attention_bias": True}),
+    "phi3": ("phi3", {}),
+    "mistral": ("mistral", {}),  # sliding window 32 < PROMPT_LEN: the window shapes the mask (streamed, nf4 too)
 }
 
 
@@ -113,6 +115,47 @@ def test_qwen3_manifest_records_qk_norm(packs):
     assert {"attn.q_norm.weight", "attn.k_norm.weight"} <= names and not any(n.endswith(".bias") for n in names)
     biased = {t.name for t in Pack(packs["qwen3_tied_bias", "none"][1]).manifest.layer("block.000").tensors}
     assert {"attn.q.bias", "attn.k.bias", "attn.v.bias", "attn.o.bias"} <= biased
+
+
+def test_phi3_fused_projections_are_split_exactly(packs):
+    from safetensors import safe_open
+
+    ckpt, pack = packs["phi3", "none"]
+    p = Pack(pack)
+    arch = p.manifest.architecture
+    assert arch["family"] == "phi3" and arch["sliding_window"] == 24 and arch["rope"] == {"type": "default", "theta": 10000.0}
+    src = {}
+    for f in os.listdir(ckpt):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(ckpt, f), "pt") as st:
+                src.update({k: st.get_tensor(k) for k in st.keys() if k.startswith("model.layers.1.")})
+    w = p.layer_weights("block.001")
+    assert not any("qkv" in n or "gate_up" in n for n in w)
+    assert w["attn.q.weight"].shape == (64, 64) and w["attn.k.weight"].shape == w["attn.v.weight"].shape == (32, 64)
+    assert torch.equal(torch.cat([w["attn.q.weight"], w["attn.k.weight"], w["attn.v.weight"]]), src["model.layers.1.self_attn.qkv_proj.weight"])
+    assert torch.equal(torch.cat([w["mlp.gate.weight"], w["mlp.up.weight"]]), src["model.layers.1.mlp.gate_up_proj.weight"])
+    nf4 = Pack(packs["phi3", "nf4"][1]).manifest.layer("block.001")
+    assert {t.name: t.scheme for t in nf4.tensors}["attn.k.weight"] == "nf4"  # each split part quantized on its own
+
+
+def test_phi3_longrope_converts_but_is_refused_clearly(packs, tmp_path):
+    """Phi-3 128k checkpoints use "longrope" ("su"): the pack records it; this runtime refuses it in one line."""
+    import shutil
+
+    ckpt = shutil.copytree(packs["phi3", "none"][0], tmp_path / "ckpt")
+    with open(ckpt / "config.json") as f:
+        cfg = json.load(f)
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=10000.0, original_max_position_embeddings=64,
+               rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
+    with open(ckpt / "config.json", "w") as f:
+        json.dump(cfg, f)
+    m = convert(str(ckpt), str(tmp_path / "pack"), ConvertOptions(quiet=True))
+    assert m.architecture["rope"]["type"] == "longrope" and m.architecture["rope"]["scaling"]["long_factor"] == [2.0] * 8
+    with pytest.raises(LayerpackError, match=r"rope type 'longrope' is not supported"):
+        load(tmp_path / "pack")
+    r = run_cli("run", tmp_path / "pack", "Hello", "--max-new-tokens", "2")
+    assert r.returncode == 1 and "longrope" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 # -- packs of unknown families --------------------------------------------------------------------
