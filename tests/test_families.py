@@ -24,6 +24,9 @@ VARIANTS = {
     "qwen3": ("qwen3", {}),
     "qwen3_tied_bias": ("qwen3", {"tie_word_embeddings": True, "attention_bias": True}),
     "phi3": ("phi3", {}),
+    "gemma3": ("gemma3", {}),
+    # final logits capped; attention capping is set but, as in transformers' Gemma3, not applied
+    "gemma3_softcap_untied": ("gemma3", {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "tie_word_embeddings": False}),
     "mistral": ("mistral", {}),  # sliding window 32 < PROMPT_LEN: the window shapes the mask (streamed, nf4 too)
 }
 
@@ -46,12 +49,12 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def hf_with_pack_weights(ckpt: str, pack: str):
+def hf_with_pack_weights(ckpt: str, pack: str, **kw):
     """transformers' model of `ckpt` (fp32) running the pack's weights as the runtime reconstructs
     them (dequantized): each canonical tensor goes back to its HF tensor (or row range of a fused one)."""
     import transformers
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, **kw).eval()
     state = ref.state_dict()
     p = Pack(pack)
     written = set()
@@ -156,6 +159,34 @@ def test_phi3_longrope_converts_but_is_refused_clearly(packs, tmp_path):
         load(tmp_path / "pack")
     r = run_cli("run", tmp_path / "pack", "Hello", "--max-new-tokens", "2")
     assert r.returncode == 1 and "longrope" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_gemma3_manifest_and_both_layer_types_matter(packs):
+    """The tiny Gemma 3 has sliding (window 16 < the 40-token prompt) and global blocks with their own
+    rope tables: each of these shapes the logits (so the parity test above exercises them all)."""
+    from layerpack_runtime.models.gemma3 import FULL, SLIDING
+
+    pack = packs["gemma3", "none"][1]
+    arch = Pack(pack).manifest.architecture
+    assert arch["family"] == "gemma3" and arch["activation"] == "gelu_pytorch_tanh" and arch["tie_word_embeddings"] is True
+    assert arch["layer_types"] == [SLIDING, FULL, SLIDING, FULL] and arch["sliding_window"] == 16
+    assert arch["rope"] == {"type": "linear", "theta": 100000.0, "scaling": {"factor": 2.0}}
+    assert arch["rope_local"] == {"type": "default", "theta": 1000.0}
+    assert arch["query_pre_attn_scalar"] == 24 and arch["qk_norm"] is True and arch["final_logit_softcapping"] is None
+    names = {t.name for t in Pack(pack).manifest.layer("block.001").tensors}
+    assert {"attn_post_norm.weight", "mlp_post_norm.weight", "attn.q_norm.weight"} <= names
+    ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(3))
+    model = load(pack)
+    want = model.logits(ids)
+    inv = dict(model.inv_freq)
+    model.inv_freq = {FULL: inv[SLIDING], SLIDING: inv[SLIDING]}
+    assert _rel(model.logits(ids), want) > 1e-3  # global blocks use their own table
+    model.inv_freq = {FULL: inv[FULL], SLIDING: inv[FULL]}
+    assert _rel(model.logits(ids), want) > 1e-3  # ...and so do sliding ones
+    model.inv_freq = inv
+    model.args.sliding_window = None
+    full = model.logits(ids)
+    assert torch.equal(full[:, :16], want[:, :16]) and _rel(full[:, 16:], want[:, 16:]) > 1e-3  # the window bites after 16
 
 
 # -- packs of unknown families --------------------------------------------------------------------

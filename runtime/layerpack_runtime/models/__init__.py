@@ -8,9 +8,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import LayerpackError
-from . import llama
+from . import gemma3, llama
 
-MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "phi3": llama}
+MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "phi3": llama,
+                                  "gemma3": gemma3}
 
 
 def supported() -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +72,22 @@ class ModelArgs:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
+    # What this module runs; a family module that reuses these args (gemma3) overrides them.
+    module: ClassVar[str] = "llama"
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+    activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
+
+    @classmethod
+    def extra_fields(cls, arch: dict[str, Any]) -> dict[str, Any]:
+        """Fields a subclass adds, read from the architecture object (inside from_dict's error handling)."""
+        return {}
+
     @classmethod
     def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
         """From a manifest's `architecture` object; anything this module cannot run is a LayerpackError."""
         family = arch.get("family")
-        if family not in FAMILIES:
-            raise LayerpackError(f"model family {family!r} is not supported by the llama runtime module (supports {', '.join(FAMILIES)})")
+        if family not in cls.families:
+            raise LayerpackError(f"model family {family!r} is not supported by the {cls.module} runtime module (supports {', '.join(cls.families)})")
         try:
             norm = arch.get("norm") or {"type": "rms", "eps": 1e-6}
             rope = arch.get("rope") or {"type": "default", "theta": 10000.0}
@@ -105,6 +115,7 @@ class ModelArgs:
                 bos_token_id=arch.get("bos_token_id"),
                 eos_token_ids=[int(i) for i in (arch.get("eos_token_ids") or [])],
                 pad_token_id=arch.get("pad_token_id"),
+                **cls.extra_fields(arch),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"manifest architecture is incomplete or malformed ({type(e).__name__}: {e})") from None
@@ -114,8 +125,8 @@ class ModelArgs:
             raise LayerpackError(f"rope type {args.rope_type!r} is not supported by the runtime yet (supported: {', '.join(ROPE_TYPES)})")
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
             raise LayerpackError(f"partial rotary embeddings (factor {rope['partial_rotary_factor']}) are not supported by the runtime yet")
-        if args.activation not in ACTIVATIONS:
-            raise LayerpackError(f"activation {args.activation!r} is not supported by the runtime (supported: {', '.join(ACTIVATIONS)})")
+        if args.activation not in cls.activations:
+            raise LayerpackError(f"activation {args.activation!r} is not supported by the {cls.module} runtime module (supported: {', '.join(cls.activations)})")
         if args.layer_types is not None:
             if len(args.layer_types) != args.num_layers or set(args.layer_types) - {"full_attention", "sliding_attention"}:
                 raise FormatError(f"manifest layer_types must name full_attention or sliding_attention for each of the {args.num_layers} blocks")
