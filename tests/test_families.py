@@ -207,6 +207,19 @@ def _with_family(src: str, dst, family: str) -> str:
     return str(dst)
 
 
+def test_packs_without_the_new_optional_fields_still_load(packs, tmp_path):
+    """Manifests written before qk_norm existed (llama-family packs) load and run as before."""
+    src = packs["mistral", "none"][1]
+    old = _with_family(src, tmp_path / "old", "mistral")
+    with open(os.path.join(old, "manifest.json")) as f:
+        m = json.load(f)
+    del m["architecture"]["qk_norm"]
+    with open(os.path.join(old, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    ids = [5, 6, 7, 8]
+    assert torch.equal(load(old).logits(ids), load(src).logits(ids))
+
+
 def test_unknown_family_is_a_clear_error_from_load_and_cli(packs, tmp_path):
     pack = _with_family(packs["qwen3", "none"][1], tmp_path / "future", "mamba9")
     with pytest.raises(LayerpackError, match=r"'mamba9' is not supported.*supported: .*llama.*qwen3") as e:
