@@ -23,6 +23,8 @@ PROMPT_LEN = 40
 VARIANTS = {
     "qwen3": ("qwen3", {}),
     "qwen3_tied_bias": ("qwen3", {"tie_word_embeddings": True, "attention_bias": True}),
+    # HF windows only blocks >= max_window_layers: recorded as layer_types (window 16 < PROMPT_LEN)
+    "qwen3_window": ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
     "phi3": ("phi3", {}),
     "gemma3": ("gemma3", {}),
     # final logits capped; attention capping is set but, as in transformers' Gemma3, not applied
@@ -110,12 +112,25 @@ def test_logits_match_transformers_resident_and_streamed(packs, variant, quant):
     assert diffs[worst] < REL_TOL, diffs
 
 
+@pytest.mark.parametrize("variant", ["gemma3", "phi3", "qwen3_window"])
+def test_batched_left_padded_generation_matches_single_prompts(packs, variant):
+    """Padding masks combine with each family's windows and rope tables (prompts cross the windows)."""
+    model = load(packs[variant, "none"][1])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (37, 12, 25)]
+    batched = model.generate_ids(prompts, max_new_tokens=8)
+    assert batched == [model.generate_ids(p, max_new_tokens=8) for p in prompts]
+    assert max(map(len, batched)) == 8
+
+
 def test_qwen3_manifest_records_qk_norm(packs):
     arch = Pack(packs["qwen3", "none"][1]).manifest.architecture
     assert arch["family"] == "qwen3" and arch["qk_norm"] is True and arch["head_dim"] == 32
     assert arch["attention_bias"] is False and arch["sliding_window"] is None
     names = {t.name for t in Pack(packs["qwen3", "none"][1]).manifest.layer("block.000").tensors}
     assert {"attn.q_norm.weight", "attn.k_norm.weight"} <= names and not any(n.endswith(".bias") for n in names)
+    windowed = Pack(packs["qwen3_window", "none"][1]).manifest.architecture
+    assert windowed["sliding_window"] == 16 and windowed["layer_types"] == ["full_attention"] + ["sliding_attention"] * 2
     biased = {t.name for t in Pack(packs["qwen3_tied_bias", "none"][1]).manifest.layer("block.000").tensors}
     assert {"attn.q.bias", "attn.k.bias", "attn.v.bias", "attn.o.bias"} <= biased
 
