@@ -1,15 +1,17 @@
 """Model families the runtime can execute. Each family maps to a module exposing the same unit
 functions (ModelArgs, prepare_steps, embed_forward, block_forward, head_forward, check_unit,
-rope_inv_freq); llama, mistral and qwen2 share `llama` (they differ only in architecture flags:
-biases, sliding window, rope scaling)."""
+rope_inv_freq); llama, mistral, qwen2, qwen3 and phi3 share `llama` (they differ only in
+architecture flags: biases, sliding window, rope scaling, q/k norms; Phi-3's fused projections are
+split by the converter)."""
 from __future__ import annotations
 
 from types import ModuleType
 
 from ..errors import LayerpackError
-from . import llama
+from . import gemma3, llama
 
-MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama}
+MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "phi3": llama,
+                                  "gemma3": gemma3}
 
 
 def supported() -> str:
