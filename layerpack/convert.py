@@ -63,6 +63,8 @@ class ConvertOptions:
     allow_pickle: bool = False
     overwrite: bool = False
     quiet: bool = False
+    evaluate: bool = False             # --eval: measure quality and store it in the manifest
+    eval_text: str | None = None       # None: the default text (layerpack_runtime.evaluate.default_text)
 
     def check(self) -> None:
         if self.quant not in SCHEMES:
@@ -259,6 +261,11 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
 def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
     opts = opts or ConvertOptions()
     opts.check()
+    text = None
+    if opts.evaluate:  # a bad --eval-text fails now, not after the conversion
+        from .evaluate import read_text
+
+        text = read_text(opts.eval_text)
     job = _plan(src, opts)
     try:
         os.makedirs(out, exist_ok=True)
@@ -266,9 +273,14 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
         raise LayerpackError(f"{out}: cannot create output folder ({e.strerror})") from None
     partial = _prepare_out(out, opts, _job_fingerprint(opts, job.source, job.quant), job.quant, job.source)
     if partial is None:
-        if not opts.quiet:
+        manifest = Manifest.load(out)
+        if text is not None and manifest.quality is None:  # the pack exists; only its measurement is missing
+            manifest.quality = _evaluate(job, out, manifest, text, opts.quiet)
+            validate_manifest(manifest.to_dict())
+            write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
+        elif not opts.quiet:
             print(f"{out}: already a complete pack of this source with these options; nothing to do")
-        return Manifest.load(out)
+        return manifest
 
     results = {u.name: rec for u in job.units if (rec := partial.done(out, u.name))}
     with ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher:
@@ -277,6 +289,9 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
     sidecars = _copy_sidecars(job.source, out)
     manifest = _build_manifest(job, [results[u.name] for u in job.units], sidecars, src_files)
     _remove_stale_layers(out, {unit_file(u.name) for u in job.units})
+    if text is not None:  # every file is final; the manifest that makes the folder a pack comes after
+        manifest.quality = _evaluate(job, out, manifest, text, opts.quiet)
+        validate_manifest(manifest.to_dict())
     write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
     fsync_dir(out)
     shutil.rmtree(partial.dir, ignore_errors=True)
@@ -326,6 +341,33 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
                 _fault_point(len(results))
                 stored, entries, params = {}, [], 0
     return [digests[rel] for rel in provenance_files(job.source)]
+
+
+def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], quiet: bool) -> dict:
+    """The manifest's `quality`: perplexity of the pack in `out` (run from the in-memory manifest,
+    before manifest.json exists) and, unless the pack holds the source's own values, KL and top-1
+    agreement against the source checkpoint converted unquantized in its own dtype (a temporary
+    pack under the partial folder)."""
+    from layerpack_runtime.loader import LayeredModel
+    from layerpack_runtime.pack import Pack
+
+    from .evaluate import DEFAULT_EVAL_DTYPE, evaluate_model, quality_record
+
+    q = manifest.quantization
+    src_dtype = DTYPE_TO_NAME[job.index.dtype_of(job.units[0].tensors["embed.weight"])]
+    same_as_source = q.scheme == SCHEME_NONE and q.dtype == src_dtype
+    model = LayeredModel(Pack(out, manifest=manifest), dtype=DEFAULT_EVAL_DTYPE)
+    ref, ref_dir, desc = None, os.path.join(out, PARTIAL_DIR, "reference"), None
+    try:
+        if not same_as_source:
+            from layerpack_runtime.loader import load
+
+            convert(job.source.root, ref_dir, ConvertOptions(quant=SCHEME_NONE, overwrite=True, quiet=True))
+            ref, desc = load(ref_dir, dtype=DEFAULT_EVAL_DTYPE), f"source checkpoint, unquantized ({src_dtype})"
+        result = evaluate_model(model, text[0], reference=ref, quiet=quiet)
+    finally:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+    return quality_record(manifest, result, text[1], DEFAULT_EVAL_DTYPE, desc)
 
 
 def _fault_point(units_done: int) -> None:

@@ -62,10 +62,14 @@ class Manifest:
     layers: list[LayerEntry]
     files: list[FileEntry]
     totals: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] | None = None  # format 1.1: measured quality (`convert --eval`); absent when not measured
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["quality"] is None:
+            del d["quality"]  # optional: a pack without a measurement has no key rather than a null
+        return d
 
     def to_json(self) -> str:
         # sort_keys + fixed separators: identical manifests are identical bytes (deterministic packs).
@@ -87,6 +91,7 @@ class Manifest:
             ],
             files=[FileEntry(**_known(FileEntry, f)) for f in d["files"]],
             totals=d.get("totals", {}),
+            quality=d.get("quality") if isinstance(d.get("quality"), dict) else None,
         )
 
     @classmethod
