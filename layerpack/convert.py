@@ -42,7 +42,7 @@ from layerpack_runtime.pack import sha256_file
 from . import __version__
 from .families import QUANTIZABLE, Family, architecture_spec, expected_shape, family_of, is_ignored
 from .progress import progress_bar
-from .quantize import quantize_tensor
+from .quantize import OUTLIER_MAGNITUDE, OUTLIER_RULES, quantize_tensor
 from .schema import validate_manifest
 from .source import Source, TensorIndex, file_digest, provenance_files, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
@@ -65,6 +65,7 @@ class ConvertOptions:
     quiet: bool = False
     evaluate: bool = False             # --eval: measure quality and store it in the manifest
     eval_text: str | None = None       # None: the default text (layerpack_runtime.evaluate.default_text)
+    outlier_rule: str = OUTLIER_MAGNITUDE  # which entries --outliers keeps (quantize.OUTLIER_RULES; scripts/sweep_outliers.py)
 
     def check(self) -> None:
         if self.quant not in SCHEMES:
@@ -77,6 +78,8 @@ class ConvertOptions:
             raise LayerpackError("--outliers needs a quantized scheme (--quant int8 or nf4)")
         if self.block_size is not None and self.quant == SCHEME_NONE:
             raise LayerpackError("--block-size needs a quantized scheme (--quant int8 or nf4)")
+        if self.outlier_rule not in OUTLIER_RULES:
+            raise LayerpackError(f"outlier rule must be one of {', '.join(OUTLIER_RULES)}")
         if self.block_size is not None and (self.block_size < 16 or self.block_size % 2):
             raise LayerpackError(f"--block-size must be an even number >= 16, not {self.block_size}")
 
@@ -189,6 +192,8 @@ def _job_fingerprint(opts: ConvertOptions, source: Source, quant: Quantization) 
         st = os.stat(os.path.join(source.root, rel))
         files.append([rel, st.st_size, st.st_mtime_ns])
     job = {"format": FORMAT_VERSION, "converter": __version__, "quantization": asdict(quant), "source": source.provenance(), "files": files}
+    if quant.outlier_fraction and opts.outlier_rule != OUTLIER_MAGNITUDE:  # (the default leaves old fingerprints as they were)
+        job["outlier_rule"] = opts.outlier_rule
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
@@ -229,6 +234,7 @@ class _Job:
     index: TensorIndex
     units: list[UnitPlan]
     quant: Quantization
+    outlier_rule: str = OUTLIER_MAGNITUDE
 
 
 def _plan(src: str, opts: ConvertOptions) -> _Job:
@@ -255,7 +261,7 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
         compression=opts.compress, zstd_level=opts.zstd_level if opts.compress == COMPRESS_ZSTD else None,
         quantized_embedding=arch["tie_word_embeddings"] and opts.quant != SCHEME_NONE,
     )
-    return _Job(source, arch, index, units, quant)
+    return _Job(source, arch, index, units, quant, opts.outlier_rule)
 
 
 def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
@@ -323,7 +329,8 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             w = ahead.result()
             ahead = reader.submit(job.index.read, jobs[j + 1][0].tensors[jobs[j + 1][1]]) if j + 1 < len(jobs) else None
             bar.set_description(u.name)
-            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction)
+            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction,
+                                       job.outlier_rule)
             stored.update(s)
             entries.append(entry)
             params += w.numel()
