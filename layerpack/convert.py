@@ -42,7 +42,7 @@ from layerpack_runtime.pack import sha256_file
 from . import __version__
 from .families import QUANTIZABLE, Family, architecture_spec, expected_shape, family_of, is_ignored
 from .progress import progress_bar
-from .quantize import OUTLIER_MAGNITUDE, OUTLIER_RULES, quantize_tensor
+from .quantize import OUTLIER_ROW, OUTLIER_RULES, quantize_tensor
 from .schema import validate_manifest
 from .source import Source, TensorIndex, file_digest, provenance_files, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
@@ -65,7 +65,7 @@ class ConvertOptions:
     quiet: bool = False
     evaluate: bool = False             # --eval: measure quality and store it in the manifest
     eval_text: str | None = None       # None: the default text (layerpack_runtime.evaluate.default_text)
-    outlier_rule: str = OUTLIER_MAGNITUDE  # which entries --outliers keeps (quantize.OUTLIER_RULES; scripts/sweep_outliers.py)
+    outlier_rule: str = OUTLIER_ROW    # which entries --outliers keeps (quantize.OUTLIER_RULES; chosen by scripts/sweep_outliers.py)
 
     def check(self) -> None:
         if self.quant not in SCHEMES:
@@ -191,9 +191,7 @@ def _job_fingerprint(opts: ConvertOptions, source: Source, quant: Quantization) 
     for rel in ["config.json"] + source.weight_files:
         st = os.stat(os.path.join(source.root, rel))
         files.append([rel, st.st_size, st.st_mtime_ns])
-    job = {"format": FORMAT_VERSION, "converter": __version__, "quantization": asdict(quant), "source": source.provenance(), "files": files}
-    if quant.outlier_fraction and opts.outlier_rule != OUTLIER_MAGNITUDE:  # (the default leaves old fingerprints as they were)
-        job["outlier_rule"] = opts.outlier_rule
+    job = {"format": FORMAT_VERSION, "converter": __version__, "quantization": quant.to_dict(), "source": source.provenance(), "files": files}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
@@ -209,7 +207,7 @@ def _prepare_out(out: str, opts: ConvertOptions, fingerprint: str, quant: Quanti
         elif os.path.isfile(manifest_path):
             old = _load_json(manifest_path)
             old_sizes = {f.get("path"): f.get("size") for f in old.get("source", {}).get("files", [])}
-            same = old.get("quantization") == asdict(quant) and all(
+            same = old.get("quantization") == quant.to_dict() and all(
                 old_sizes.get(rel) == os.path.getsize(os.path.join(source.root, rel)) for rel in source.weight_files)
             if same:
                 return None
@@ -234,7 +232,6 @@ class _Job:
     index: TensorIndex
     units: list[UnitPlan]
     quant: Quantization
-    outlier_rule: str = OUTLIER_MAGNITUDE
 
 
 def _plan(src: str, opts: ConvertOptions) -> _Job:
@@ -260,8 +257,9 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
         block_size=opts.block_size or DEFAULT_BLOCK_SIZE.get(opts.quant), outlier_fraction=opts.outliers,
         compression=opts.compress, zstd_level=opts.zstd_level if opts.compress == COMPRESS_ZSTD else None,
         quantized_embedding=arch["tie_word_embeddings"] and opts.quant != SCHEME_NONE,
+        outlier_rule=opts.outlier_rule if opts.outliers else None,
     )
-    return _Job(source, arch, index, units, quant, opts.outlier_rule)
+    return _Job(source, arch, index, units, quant)
 
 
 def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
@@ -330,7 +328,7 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             ahead = reader.submit(job.index.read, jobs[j + 1][0].tensors[jobs[j + 1][1]]) if j + 1 < len(jobs) else None
             bar.set_description(u.name)
             s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction,
-                                       job.outlier_rule)
+                                       q.outlier_rule or OUTLIER_ROW)
             stored.update(s)
             entries.append(entry)
             params += w.numel()

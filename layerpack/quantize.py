@@ -37,7 +37,7 @@ OUTLIER_MAGNITUDE = "magnitude"    # the k largest |w| of the tensor
 OUTLIER_ROW = "row"                # an equal share per output row: rows' largest |w| first, then their second, ...
 OUTLIER_BLOCK_GAIN = "block-gain"  # greedy on the estimated error saved: shrinking a block's absmax
 OUTLIER_RULES = (OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_BLOCK_GAIN)
-BLOCK_GAIN_DEPTH = 4               # at most this many outliers per quantization block under block-gain
+BLOCK_GAIN_DEPTH = 4               # candidates per quantization block under block-gain (more if k needs them)
 
 CHUNK_ELEMS = 1 << 21   # per chunk (a multiple of every block size we allow up to 2^21): ~8 MB fp32
 WORKERS = 2
@@ -189,13 +189,13 @@ def _select_block_gain(flat: torch.Tensor, k: int, block_size: int) -> torch.Ten
     """Greedy on the error saved. A block's quantization error scales with its absmax squared (every
     code is a fraction of it), so taking out its j largest entries saves about
     block_size * (m0^2 - m_j^2) (m: the block's sorted magnitudes). Candidates are each block's top
-    BLOCK_GAIN_DEPTH entries, valued by the average saving of the prefix they complete, made
+    BLOCK_GAIN_DEPTH entries (more when k needs them), valued by the average saving of the prefix they complete, made
     non-increasing along the block (a deeper entry is only worth taking after the ones above it)."""
     n = flat.numel()
     nb = -(-n // block_size)
     mag = torch.zeros(nb * block_size)
     mag[:n] = flat.float().abs()
-    d = min(BLOCK_GAIN_DEPTH, block_size - 1)
+    d = min(block_size - 1, max(BLOCK_GAIN_DEPTH, -(-k // nb) + 1))  # deeper only when k needs it
     top, pos = torch.topk(mag.view(nb, block_size), d + 1, dim=1, sorted=True)
     sq = top.double() ** 2
     saved = (sq[:, :1] - sq[:, 1:]) / torch.arange(1, d + 1, dtype=torch.float64)  # average saving of prefix j

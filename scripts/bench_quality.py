@@ -228,7 +228,6 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load1 = os.getloadavg()
-    from layerpack.quantize import OUTLIER_MAGNITUDE
     from sweep_outliers import RECOMMENDED_FRACTION
 
     cmd = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
@@ -242,7 +241,7 @@ def main():
         f"Text: {text_id}, first {len(ids)} tokens; sliding window {DEFAULT_WINDOW}, stride {DEFAULT_STRIDE} "
         f"({rows[0]['tokens']} tokens scored); fp32 compute for every row (the weights are what differs). KL = mean "
         "KL(bf16 ‖ row) of the next-token distributions at the scored positions; top-1 = share of positions where both "
-        f"pick the same token. Outliers use the `{OUTLIER_MAGNITUDE}` rule (the converter's default, see the sweep below). "
+        f"pick the same token. Outliers use the `{ConvertOptions().outlier_rule}` rule (the converter's default, chosen by the sweep below). "
         f"Decode: greedy, {args.decode_tokens} tokens after a short prompt, fp32, everything resident; "
         f"**noisy**: other agents share the 2 cores (load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end). "
         f"bitsandbytes rows: {bnb_versions}, via transformers on CPU against transformers' own fp32 model; their size is "

@@ -25,7 +25,7 @@ from bench_quality import DTYPE, CachedModel, fetch_src, pack_row  # noqa: E402
 from bench_quant_error import machine_info, record  # noqa: E402
 
 from layerpack.convert import ConvertOptions, convert  # noqa: E402
-from layerpack.quantize import OUTLIER_MAGNITUDE, OUTLIER_RULES  # noqa: E402
+from layerpack.quantize import OUTLIER_RULES  # noqa: E402
 from layerpack_runtime import load  # noqa: E402
 from layerpack_runtime.evaluate import DEFAULT_STRIDE, DEFAULT_WINDOW, default_text  # noqa: E402
 
@@ -95,7 +95,8 @@ def main():
         "",
         *out,
         "",
-        f"Lowest KL per (scheme, fraction): {summary}. Default kept/made: `{OUTLIER_MAGNITUDE}`.",
+        f"Lowest KL per (scheme, fraction): {summary}. The converter's default (`--outlier-rule`): "
+        f"`{ConvertOptions().outlier_rule}`.",
     ])
     print(section)
     if args.record:

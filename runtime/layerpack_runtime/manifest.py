@@ -49,6 +49,13 @@ class Quantization:
     compression: str = "none"
     zstd_level: int | None = None
     quantized_embedding: bool = False  # True only when a tied embedding doubles as the head
+    outlier_rule: str | None = None    # 1.1, informational: how the converter chose the outliers (None: no outliers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["outlier_rule"] is None:
+            del d["outlier_rule"]  # optional: manifests without outliers stay as in format 1.0
+        return d
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Manifest:
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["quantization"] = self.quantization.to_dict()
         if d["quality"] is None:
             del d["quality"]  # optional: a pack without a measurement has no key rather than a null
         return d
