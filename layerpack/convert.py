@@ -8,6 +8,7 @@ last, atomically, so a folder without manifest.json is never mistaken for a pack
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -359,7 +360,7 @@ def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], qu
     from .evaluate import DEFAULT_EVAL_DTYPE, evaluate_model, quality_record
 
     q = manifest.quantization
-    src_dtype = DTYPE_TO_NAME[job.index.dtype_of(job.units[0].tensors["embed.weight"])]
+    src_dtype = DTYPE_TO_NAME.get(job.index.dtype_of(job.units[0].tensors["embed.weight"]))  # None: e.g. fp8, needs --dtype
     same_as_source = q.scheme == SCHEME_NONE and q.dtype == src_dtype
     model = LayeredModel(Pack(out, manifest=manifest), dtype=DEFAULT_EVAL_DTYPE)
     ref, ref_dir, desc = None, os.path.join(out, PARTIAL_DIR, "reference"), None
@@ -367,11 +368,14 @@ def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], qu
         if not same_as_source:
             from layerpack_runtime.loader import load
 
-            convert(job.source.root, ref_dir, ConvertOptions(quant=SCHEME_NONE, overwrite=True, quiet=True))
-            ref, desc = load(ref_dir, dtype=DEFAULT_EVAL_DTYPE), f"source checkpoint, unquantized ({src_dtype})"
+            ref_dtype = src_dtype or q.dtype
+            convert(job.source.root, ref_dir, ConvertOptions(quant=SCHEME_NONE, dtype=ref_dtype, overwrite=True, quiet=True))
+            ref, desc = load(ref_dir, dtype=DEFAULT_EVAL_DTYPE), f"source checkpoint, unquantized ({ref_dtype})"
         result = evaluate_model(model, text[0], reference=ref, quiet=quiet)
     finally:
         shutil.rmtree(ref_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # an existing pack being evaluated: leave no partial folder behind
+            os.rmdir(os.path.dirname(ref_dir))
     return quality_record(manifest, result, text[1], DEFAULT_EVAL_DTYPE, desc)
 
 

@@ -216,7 +216,9 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
                     outlier_fraction: float = 0.0, outlier_rule: str = OUTLIER_MAGNITUDE) -> tuple[dict[str, torch.Tensor], TensorEntry]:
     """Quantize one logical tensor of the source. Returns the tensors to store and its manifest entry
     (with the relative RMS error of what the runtime reconstructs, against the source values).
-    outlier_rule: how the round(outlier_fraction * n) exact entries are chosen (OUTLIER_RULES)."""
+    outlier_rule: how the round(outlier_fraction * n) exact entries are chosen (OUTLIER_RULES). The
+    default here stays `magnitude` (the original rule, which tests pin); the converter's default is
+    `row` (ConvertOptions.outlier_rule), the rule scripts/sweep_outliers.py found best."""
     shape = list(w.shape)
     if not w.is_floating_point():
         raise LayerpackError(f"tensor {name} has dtype {w.dtype}; only floating-point weights can be converted")

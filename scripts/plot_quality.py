@@ -22,14 +22,16 @@ def main(src: str, out: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, ylabel in ((axes[0], "perplexity", "perplexity (lower is better)"),
                             (axes[1], "kl", "mean KL vs bf16, nats/token (log)")):
-        for r in rows:
+        for i, r in enumerate(rows):
             if key == "kl" and r["label"] == "source bf16":
                 continue  # KL 0: off a log axis
             marker = "s" if r["kind"] == "transformers" else "o"
             color = "tab:red" if r["kind"] == "transformers" else "tab:blue"
             ax.scatter(r["bits_per_param"], r[key], marker=marker, color=color)
-            ax.annotate(r["label"].replace("transformers + bitsandbytes", "bnb"), (r["bits_per_param"], r[key]),
-                        fontsize=7, xytext=(4, 3), textcoords="offset points")
+            label = (r["label"].replace("transformers + bitsandbytes", "bnb").replace("outliers ", "")
+                     .replace(", tied embedding/head kept bf16 (experiment)", ", head bf16 (exp.)"))
+            ax.annotate(label, (r["bits_per_param"], r[key]), fontsize=7, textcoords="offset points",
+                        xytext=(5, 4 if i % 2 else -10))  # alternate above/below: neighbours do not overlap
         if key == "perplexity":
             ax.axhline(rows[0]["perplexity"], color="gray", lw=0.8, ls="--")
         else:

@@ -128,6 +128,7 @@ def test_convert_eval_writes_valid_quality(packs, tmp_path):
     assert q["perplexity"] == pytest.approx(res.perplexity, rel=1e-6) and q["kl"] == pytest.approx(res.kl, rel=1e-5, abs=1e-9)
     assert q["kl"] > 0 and q["top1_agreement"] == pytest.approx(res.top1_agreement)
     assert run_cli("verify", out).returncode == 0  # evaluation left no file behind
+    assert f"perplexity {q['perplexity']:.4f}" in run_cli("inspect", out, check=True).stdout
     card = "\n".join(quality_card_lines(Manifest.load(str(out))))
     assert "## Quality" in card and f"{q['perplexity']:.3f}" in card and "nf4 + outliers 0.01" in card
 
@@ -142,6 +143,12 @@ def test_convert_eval_unquantized_has_no_reference(packs, tmp_path):
     assert "quality" not in json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert run_cli("convert", packs["ckpt"], tmp_path / "q", "--eval", "--eval-text", packs["text"], "-q").returncode == 0
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["quality"] == q
+    # ...also a quantized one, which converts a temporary reference inside it: nothing may be left behind
+    assert run_cli("convert", packs["ckpt"], tmp_path / "r", "--quant", "int8", "-q").returncode == 0
+    r = run_cli("convert", packs["ckpt"], tmp_path / "r", "--quant", "int8", "--eval", "--eval-text", packs["text"], "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["quality"]["kl"] > 0
+    assert sorted(os.listdir(tmp_path / "r")) == sorted(os.listdir(tmp_path / "q")) and run_cli("verify", tmp_path / "r").returncode == 0
 
 
 def test_format_1_0_pack_without_quality_still_loads(packs, tmp_path):

@@ -3,13 +3,27 @@ deterministically, by its own criterion; the rest of the weight stays NF4 bit-ex
 bitsandbytes (quantized with the outliers zeroed); and each reduces the error."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from layerpack.convert import ConvertOptions, convert
 from layerpack.quantize import (BLOCK_GAIN_DEPTH, OUTLIER_BLOCK_GAIN, OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_RULES,
                                 quantize_tensor, select_outliers_by)
+from layerpack.schema import schema_errors
 from layerpack_runtime import LayerpackError, Pack
+
+
+def test_default_rule_is_row_and_only_recorded_with_outliers(tiny_ckpts, tmp_path):
+    assert ConvertOptions().outlier_rule == OUTLIER_ROW  # chosen by scripts/sweep_outliers.py (BENCHMARKS.md)
+    convert(tiny_ckpts["llama"], str(tmp_path / "plain"), ConvertOptions(quant="nf4", quiet=True))
+    assert "outlier_rule" not in json.loads((tmp_path / "plain" / "manifest.json").read_text())["quantization"]
+    convert(tiny_ckpts["llama"], str(tmp_path / "o"), ConvertOptions(quant="int8", outliers=0.01, quiet=True))
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["quantization"]["outlier_rule"] == OUTLIER_ROW
+    # re-running the same command is still a no-op (the recorded rule compares equal)
+    m = convert(tiny_ckpts["llama"], str(tmp_path / "o"), ConvertOptions(quant="int8", outliers=0.01, quiet=True))
+    assert m.quantization.outlier_rule == OUTLIER_ROW
 
 
 def _weights(shape, seed=0):
@@ -67,7 +81,10 @@ def test_non_outlier_part_is_bitsandbytes_nf4_and_error_drops(rule):
 
 def test_convert_with_a_rule_and_bad_rule(tiny_ckpts, tmp_path):
     for rule in (OUTLIER_MAGNITUDE, OUTLIER_ROW):
-        convert(tiny_ckpts["llama"], str(tmp_path / rule), ConvertOptions(quant="nf4", outliers=0.02, outlier_rule=rule, quiet=True))
+        m = convert(tiny_ckpts["llama"], str(tmp_path / rule), ConvertOptions(quant="nf4", outliers=0.02, outlier_rule=rule, quiet=True))
+        d = json.loads((tmp_path / rule / "manifest.json").read_text())
+        assert d["quantization"]["outlier_rule"] == rule == m.quantization.outlier_rule and not schema_errors(d)
+        assert Pack(str(tmp_path / rule)).manifest.quantization.outlier_rule == rule
     a, b = (Pack(str(tmp_path / r)).read_layer("block.000")["attn.q.weight.outlier_idx"] for r in (OUTLIER_MAGNITUDE, OUTLIER_ROW))
     assert a.numel() == b.numel() and not torch.equal(a, b)
     with pytest.raises(LayerpackError, match="outlier rule"):
