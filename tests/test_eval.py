@@ -185,3 +185,16 @@ def test_eval_cli_output_and_one_line_errors(packs, tmp_path):
     r = run_cli("convert", packs["ckpt"], tmp_path / "x", "--eval-text", tmp_path / "missing.txt", "-q")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_eval_under_a_memory_budget_streams_and_agrees(packs):
+    """--max-memory as in `run`: blocks stream from disk, the figures do not change."""
+    m = load(packs["nf4"], dtype="fp32", context=32)
+    costs = {u: m._unit_cost(u) for u in m.units}
+    budget = (m._kv_bytes(32) + m._activation_bytes(32) + costs["embed"].stored + costs["head"].stored
+              + 2 * max(costs[b].streamed for b in m.block_units) + 16)
+    streamed, _ = evaluate_pack(packs["nf4"], packs["text"], reference=packs["none"], window=32, stride=16, max_memory=budget, quiet=True)
+    resident, _ = evaluate_pack(packs["nf4"], packs["text"], reference=packs["none"], window=32, stride=16, quiet=True)
+    assert load(packs["nf4"], dtype="fp32", context=32, max_memory=budget).plan.streamed  # the budget really streams
+    assert streamed.perplexity == pytest.approx(resident.perplexity, rel=1e-5)
+    assert streamed.kl == pytest.approx(resident.kl, rel=1e-4) and streamed.top1_agreement == resident.top1_agreement
