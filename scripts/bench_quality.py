@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quant_error import machine_info, record  # noqa: E402  (shared bench helpers)
