@@ -11,6 +11,8 @@ import click
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
 
+from .quantize import OUTLIER_ROW, OUTLIER_RULES
+
 
 def _one_line_errors(fn):
     @functools.wraps(fn)
@@ -44,21 +46,51 @@ def main():
 @click.option("--quant", type=click.Choice(SCHEMES), default="none", show_default=True, help="Weight quantization scheme.")
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Dtype of unquantized tensors and compute [default: the source's].")
 @click.option("--outliers", type=float, default=0.0, show_default=True, metavar="FRACTION", help="Fraction of each quantized weight kept exactly (e.g. 0.001-0.01).")
+@click.option("--outlier-rule", type=click.Choice(OUTLIER_RULES), default=OUTLIER_ROW, show_default=True, help="Which entries --outliers keeps: equal shares per output row, the largest |w| of the tensor, or greedy on the error saved per block (BENCHMARKS.md).")
 @click.option("--block-size", type=int, default=None, help="Quantization block size [default: 128 for int8, 64 for nf4].")
 @click.option("--compress", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="Compress layer payloads.")
 @click.option("--zstd-level", type=click.IntRange(1, 22), default=3, show_default=True)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin sources, loaded with torch.load(weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack or unfinished conversion in OUT.")
+@click.option("--eval", "evaluate", is_flag=True, help="Measure perplexity (and KL / top-1 agreement against the unquantized source) and store it in the manifest.")
+@click.option("--eval-text", default=None, type=click.Path(dir_okay=False), metavar="FILE", help="Text for --eval [default: the pydoc_data.topics slice, see `layerpack eval`].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_one_line_errors
-def convert(src, out, quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle, overwrite, quiet):
+def convert(src, out, quant, dtype, outliers, outlier_rule, block_size, compress, zstd_level, revision, allow_pickle, overwrite, evaluate, eval_text, quiet):
     """Convert a Hugging Face checkpoint (folder or Hub repo id) SRC into a layerpack at OUT."""
     from .convert import ConvertOptions, convert as run_convert
 
-    m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle, overwrite, quiet))
+    m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle,
+                                             overwrite, quiet, evaluate or eval_text is not None, eval_text, outlier_rule))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
+        if m.quality:
+            q = m.quality
+            click.echo(f"quality: perplexity {q['perplexity']:.4f} on {q['tokens']} tokens"
+                       + (f"; KL {q['kl']:.5f}, top-1 agreement {100 * q['top1_agreement']:.2f}% vs {q['reference']}" if q["kl"] is not None else ""))
+
+
+@main.command("eval")
+@click.argument("pack", type=click.Path())
+@click.option("--text", "text_file", default=None, metavar="FILE", help="UTF-8 text to evaluate on [default: pydoc_data.topics, sorted keys, first 20000 characters].")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Evaluate at most the first N tokens of the text.")
+@click.option("--reference", default=None, metavar="PACK_OR_HF_DIR", help="Also report KL divergence and top-1 agreement against this pack, or this HF checkpoint folder converted unquantized.")
+@click.option("--window", type=int, default=512, show_default=True, help="Tokens per forward (sliding window).")
+@click.option("--stride", type=int, default=256, show_default=True, help="Tokens between window starts; each token is scored once, with >= window - stride tokens of context.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="fp32", show_default=True, help="Compute dtype (fp32 measures the weights alone).")
+@click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget per model, e.g. 110MB, 2GiB; units beyond it stream from disk.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def eval_(pack, text_file, max_tokens, reference, window, stride, device, dtype, max_memory, quiet):
+    """Perplexity of PACK on a text (sliding window), and with --reference the mean KL divergence of
+    the next-token distributions and the top-1 agreement against the reference."""
+    from .evaluate import evaluate_pack, format_result
+
+    result, text_id = evaluate_pack(pack, text_file, max_tokens, reference, device=device, dtype=dtype, max_memory=max_memory,
+                                    window=window, stride=stride, quiet=quiet)
+    click.echo(format_result(result, text_id))
 
 
 @main.command()

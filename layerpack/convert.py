@@ -8,6 +8,7 @@ last, atomically, so a folder without manifest.json is never mistaken for a pack
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ from layerpack_runtime.pack import sha256_file
 from . import __version__
 from .families import QUANTIZABLE, Family, Rows, architecture_spec, expected_shape, family_of, is_ignored, split_rows
 from .progress import progress_bar
-from .quantize import quantize_tensor
+from .quantize import OUTLIER_ROW, OUTLIER_RULES, quantize_tensor
 from .schema import validate_manifest
 from .source import Source, TensorIndex, file_digest, provenance_files, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
@@ -63,6 +64,9 @@ class ConvertOptions:
     allow_pickle: bool = False
     overwrite: bool = False
     quiet: bool = False
+    evaluate: bool = False             # --eval: measure quality and store it in the manifest
+    eval_text: str | None = None       # None: the default text (layerpack_runtime.evaluate.default_text)
+    outlier_rule: str = OUTLIER_ROW    # which entries --outliers keeps (quantize.OUTLIER_RULES; chosen by scripts/sweep_outliers.py)
 
     def check(self) -> None:
         if self.quant not in SCHEMES:
@@ -75,6 +79,8 @@ class ConvertOptions:
             raise LayerpackError("--outliers needs a quantized scheme (--quant int8 or nf4)")
         if self.block_size is not None and self.quant == SCHEME_NONE:
             raise LayerpackError("--block-size needs a quantized scheme (--quant int8 or nf4)")
+        if self.outlier_rule not in OUTLIER_RULES:
+            raise LayerpackError(f"outlier rule must be one of {', '.join(OUTLIER_RULES)}")
         if self.block_size is not None and (self.block_size < 16 or self.block_size % 2):
             raise LayerpackError(f"--block-size must be an even number >= 16, not {self.block_size}")
 
@@ -193,7 +199,7 @@ def _job_fingerprint(opts: ConvertOptions, source: Source, quant: Quantization) 
     for rel in ["config.json"] + source.weight_files:
         st = os.stat(os.path.join(source.root, rel))
         files.append([rel, st.st_size, st.st_mtime_ns])
-    job = {"format": FORMAT_VERSION, "converter": __version__, "quantization": asdict(quant), "source": source.provenance(), "files": files}
+    job = {"format": FORMAT_VERSION, "converter": __version__, "quantization": quant.to_dict(), "source": source.provenance(), "files": files}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
@@ -209,7 +215,7 @@ def _prepare_out(out: str, opts: ConvertOptions, fingerprint: str, quant: Quanti
         elif os.path.isfile(manifest_path):
             old = _load_json(manifest_path)
             old_sizes = {f.get("path"): f.get("size") for f in old.get("source", {}).get("files", [])}
-            same = old.get("quantization") == asdict(quant) and all(
+            same = old.get("quantization") == quant.to_dict() and all(
                 old_sizes.get(rel) == os.path.getsize(os.path.join(source.root, rel)) for rel in source.weight_files)
             if same:
                 return None
@@ -261,6 +267,7 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
         block_size=opts.block_size or DEFAULT_BLOCK_SIZE.get(opts.quant), outlier_fraction=opts.outliers,
         compression=opts.compress, zstd_level=opts.zstd_level if opts.compress == COMPRESS_ZSTD else None,
         quantized_embedding=arch["tie_word_embeddings"] and opts.quant != SCHEME_NONE,
+        outlier_rule=opts.outlier_rule if opts.outliers else None,
     )
     return _Job(source, arch, index, units, quant)
 
@@ -285,6 +292,11 @@ def _nbytes(index: TensorIndex, u: UnitPlan, canonical: str) -> int:
 def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
     opts = opts or ConvertOptions()
     opts.check()
+    text = None
+    if opts.evaluate:  # a bad --eval-text fails now, not after the conversion
+        from .evaluate import read_text
+
+        text = read_text(opts.eval_text)
     job = _plan(src, opts)
     try:
         os.makedirs(out, exist_ok=True)
@@ -292,9 +304,14 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
         raise LayerpackError(f"{out}: cannot create output folder ({e.strerror})") from None
     partial = _prepare_out(out, opts, _job_fingerprint(opts, job.source, job.quant), job.quant, job.source)
     if partial is None:
-        if not opts.quiet:
+        manifest = Manifest.load(out)
+        if text is not None and manifest.quality is None:  # the pack exists; only its measurement is missing
+            manifest.quality = _evaluate(job, out, manifest, text, opts.quiet)
+            validate_manifest(manifest.to_dict())
+            write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
+        elif not opts.quiet:
             print(f"{out}: already a complete pack of this source with these options; nothing to do")
-        return Manifest.load(out)
+        return manifest
 
     results = {u.name: rec for u in job.units if (rec := partial.done(out, u.name))}
     with ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher:
@@ -303,6 +320,9 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
     sidecars = _copy_sidecars(job.source, out)
     manifest = _build_manifest(job, [results[u.name] for u in job.units], sidecars, src_files)
     _remove_stale_layers(out, {unit_file(u.name) for u in job.units})
+    if text is not None:  # every file is final; the manifest that makes the folder a pack comes after
+        manifest.quality = _evaluate(job, out, manifest, text, opts.quiet)
+        validate_manifest(manifest.to_dict())
     write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
     fsync_dir(out)
     shutil.rmtree(partial.dir, ignore_errors=True)
@@ -334,7 +354,8 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             w = ahead.result()
             ahead = reader.submit(_read, job.index, *jobs[j + 1]) if j + 1 < len(jobs) else None
             bar.set_description(u.name)
-            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction)
+            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction,
+                                       q.outlier_rule or OUTLIER_ROW)
             stored.update(s)
             entries.append(entry)
             params += w.numel()
@@ -352,6 +373,36 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
                 _fault_point(len(results))
                 stored, entries, params = {}, [], 0
     return [digests[rel] for rel in provenance_files(job.source)]
+
+
+def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], quiet: bool) -> dict:
+    """The manifest's `quality`: perplexity of the pack in `out` (run from the in-memory manifest,
+    before manifest.json exists) and, unless the pack holds the source's own values, KL and top-1
+    agreement against the source checkpoint converted unquantized in its own dtype (a temporary
+    pack under the partial folder)."""
+    from layerpack_runtime.loader import LayeredModel
+    from layerpack_runtime.pack import Pack
+
+    from .evaluate import DEFAULT_EVAL_DTYPE, evaluate_model, quality_record
+
+    q = manifest.quantization
+    src_dtype = DTYPE_TO_NAME.get(job.index.dtype_of(job.units[0].tensors["embed.weight"]))  # None: e.g. fp8, needs --dtype
+    same_as_source = q.scheme == SCHEME_NONE and q.dtype == src_dtype
+    model = LayeredModel(Pack(out, manifest=manifest), dtype=DEFAULT_EVAL_DTYPE)
+    ref, ref_dir, desc = None, os.path.join(out, PARTIAL_DIR, "reference"), None
+    try:
+        if not same_as_source:
+            from layerpack_runtime.loader import load
+
+            ref_dtype = src_dtype or q.dtype
+            convert(job.source.root, ref_dir, ConvertOptions(quant=SCHEME_NONE, dtype=ref_dtype, overwrite=True, quiet=True))
+            ref, desc = load(ref_dir, dtype=DEFAULT_EVAL_DTYPE), f"source checkpoint, unquantized ({ref_dtype})"
+        result = evaluate_model(model, text[0], reference=ref, quiet=quiet)
+    finally:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # an existing pack being evaluated: leave no partial folder behind
+            os.rmdir(os.path.dirname(ref_dir))
+    return quality_record(manifest, result, text[1], DEFAULT_EVAL_DTYPE, desc)
 
 
 def _fault_point(units_done: int) -> None:

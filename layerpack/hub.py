@@ -37,6 +37,8 @@ from layerpack_runtime.format import LAYERS_DIR, MANIFEST_FILE, UNIT_BLOCK, UNIT
 from layerpack_runtime.manifest import Manifest
 from layerpack_runtime.remote import HUB_REPO_ID, check_download, hub_error
 
+from .evaluate import quality_card_lines
+
 # Non-layer pack files that belong to the tokenizer (skipped with tokenizer=False).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -220,8 +222,9 @@ def model_card(manifest: Manifest, repo_id: str, totals: dict | None = None) -> 
         lines.append(f"- bits/param: {bits}")
     if src.get("kind") == "hub" and src.get("id"):   # a local source id is a path on the converting machine
         lines.append(f"- converted from: {src['id']}" + (f" at {src['revision']}" if src.get("revision") else ""))
+    lines += ["", *quality_card_lines(manifest)]   # the measured quality, when convert --eval stored it
     lines += [
-        "", "## Usage", "", "```sh", "pip install layerpack",
+        "## Usage", "", "```sh", "pip install layerpack",
         f"layerpack pull {repo_id} ./{repo_id.split('/')[-1]}",
         f"layerpack run ./{repo_id.split('/')[-1]} \"Hello\"", "```", "",
     ]

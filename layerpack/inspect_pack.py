@@ -12,6 +12,13 @@ def _size(n: float) -> str:
     return ""
 
 
+def _quality(q: dict) -> str:
+    line = f"quality:       perplexity {q['perplexity']:.4f} on {q['tokens']} tokens of {q['text'].split(' (')[0]}"
+    if q.get("kl") is not None:
+        line += f"; KL {q['kl']:.5f}, top-1 agreement {100 * q['top1_agreement']:.2f}% vs {q['reference']}"
+    return line
+
+
 def summarize(m: Manifest, top_errors: int = 8) -> str:
     a, q, t = m.architecture, m.quantization, m.totals
     sizes = {f.path: f.size for f in m.files}
@@ -23,10 +30,11 @@ def summarize(m: Manifest, top_errors: int = 8) -> str:
         f"rope:          {a['rope']['type']} theta={a['rope']['theta']:g}" + (f" scaling={a['rope']['scaling']}" if a["rope"].get("scaling") else "")
         + f"; tied embeddings: {'yes' if a['tie_word_embeddings'] else 'no'}",
         f"quantization:  {q.scheme}" + (f" block {q.block_size}" if q.block_size else "") + f", dtype {q.dtype}"
-        + (f", outliers {q.outlier_fraction:g}" if q.outlier_fraction else "") + f", compression {q.compression}"
+        + (f", outliers {q.outlier_fraction:g}" + (f" ({q.outlier_rule})" if q.outlier_rule else "") if q.outlier_fraction else "") + f", compression {q.compression}"
         + (", embedding quantized (tied head)" if q.quantized_embedding else ""),
         f"size:          {t['params'] / 1e6:.1f} M params, {_size(t['layer_bytes'])} of layers, "
         f"{t['layer_bytes'] / t['params']:.3f} bytes/param ({t['bits_per_param']:.2f} bits)",
+        *([_quality(m.quality)] if m.quality else []),
         "",
         f"{'layer':<12}{'params':>12}{'size':>12}{'bits/param':>12}{'max rel err':>13}",
     ]

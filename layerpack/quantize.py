@@ -32,6 +32,13 @@ from layerpack_runtime.format import (
 )
 from layerpack_runtime.manifest import TensorEntry
 
+# Outlier selection rules (which k entries of a weight are kept exactly; see select_outliers_by):
+OUTLIER_MAGNITUDE = "magnitude"    # the k largest |w| of the tensor
+OUTLIER_ROW = "row"                # an equal share per output row: rows' largest |w| first, then their second, ...
+OUTLIER_BLOCK_GAIN = "block-gain"  # greedy on the estimated error saved: shrinking a block's absmax
+OUTLIER_RULES = (OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_BLOCK_GAIN)
+BLOCK_GAIN_DEPTH = 4               # candidates per quantization block under block-gain (more if k needs them)
+
 CHUNK_ELEMS = 1 << 21   # per chunk (a multiple of every block size we allow up to 2^21): ~8 MB fp32
 WORKERS = 2
 SAMPLE_ELEMS = 1 << 20  # sample size for the outlier threshold estimate
@@ -146,6 +153,59 @@ def select_outliers(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.cat([above, equal])).values
 
 
+def select_outliers_by(rule: str, w: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
+    """Ascending flat indices of the k entries of w kept exactly, by `rule` (OUTLIER_RULES)."""
+    if rule == OUTLIER_MAGNITUDE:
+        return select_outliers(w.reshape(-1), k)
+    if rule == OUTLIER_ROW:
+        return _select_row(w, k)
+    if rule == OUTLIER_BLOCK_GAIN:
+        return _select_block_gain(w.reshape(-1), k, block_size)
+    raise LayerpackError(f"unknown outlier rule {rule!r} (one of {', '.join(OUTLIER_RULES)})")
+
+
+def _take_ranked(primary: torch.Tensor, secondary: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidates first by `primary` (descending), then `secondary` (descending), then lowest
+    index: a deterministic order (stable sorts, least significant key first)."""
+    order = torch.argsort(idx, stable=True)
+    order = order[torch.argsort(secondary[order], descending=True, stable=True)]
+    order = order[torch.argsort(primary[order], descending=True, stable=True)]
+    return torch.sort(idx[order[:k]]).values
+
+
+def _select_row(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Per output row (dim 0; a 1-D weight is one row): every row's largest |w| first (largest of
+    those first), then every row's second largest, ...: rows get equal shares, so no row's scale is
+    left to one huge entry while another row keeps several."""
+    rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+    r = min(rows.shape[1], -(-k // rows.shape[0]))
+    mag, col = torch.topk(rows.float().abs(), r, dim=1, sorted=True)
+    rank = torch.arange(r).expand_as(mag)
+    idx = (torch.arange(rows.shape[0])[:, None] * rows.shape[1] + col).reshape(-1)
+    return _take_ranked(-rank.reshape(-1).float(), mag.reshape(-1), idx, k)
+
+
+def _select_block_gain(flat: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
+    """Greedy on the error saved. A block's quantization error scales with its absmax squared (every
+    code is a fraction of it), so taking out its j largest entries saves about
+    block_size * (m0^2 - m_j^2) (m: the block's sorted magnitudes). Candidates are each block's top
+    BLOCK_GAIN_DEPTH entries (more when k needs them), valued by the average saving of the prefix they complete, made
+    non-increasing along the block (a deeper entry is only worth taking after the ones above it)."""
+    n = flat.numel()
+    nb = -(-n // block_size)
+    mag = torch.zeros(nb * block_size)
+    mag[:n] = flat.float().abs()
+    d = min(block_size - 1, max(BLOCK_GAIN_DEPTH, -(-k // nb) + 1))  # deeper only when k needs it
+    top, pos = torch.topk(mag.view(nb, block_size), d + 1, dim=1, sorted=True)
+    sq = top.double() ** 2
+    saved = (sq[:, :1] - sq[:, 1:]) / torch.arange(1, d + 1, dtype=torch.float64)  # average saving of prefix j
+    value = torch.cummin(saved, dim=1).values
+    idx = (torch.arange(nb)[:, None] * block_size + pos[:, :d]).reshape(-1)
+    value, secondary, idx = value.reshape(-1), top[:, :d].reshape(-1), idx
+    ok = idx < n
+    return _take_ranked(value[ok], secondary[ok], idx[ok], k)
+
+
 def _candidates(flat: torch.Tensor, s: int, e: int, thr: float) -> tuple[torch.Tensor, torch.Tensor]:
     mag = flat[s:e].float().abs()
     hit = torch.nonzero(mag >= thr).view(-1)
@@ -153,9 +213,12 @@ def _candidates(flat: torch.Tensor, s: int, e: int, thr: float) -> tuple[torch.T
 
 
 def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype, block_size: int | None,
-                    outlier_fraction: float = 0.0) -> tuple[dict[str, torch.Tensor], TensorEntry]:
+                    outlier_fraction: float = 0.0, outlier_rule: str = OUTLIER_MAGNITUDE) -> tuple[dict[str, torch.Tensor], TensorEntry]:
     """Quantize one logical tensor of the source. Returns the tensors to store and its manifest entry
-    (with the relative RMS error of what the runtime reconstructs, against the source values)."""
+    (with the relative RMS error of what the runtime reconstructs, against the source values).
+    outlier_rule: how the round(outlier_fraction * n) exact entries are chosen (OUTLIER_RULES). The
+    default here stays `magnitude` (the original rule, which tests pin); the converter's default is
+    `row` (ConvertOptions.outlier_rule), the rule scripts/sweep_outliers.py found best."""
     shape = list(w.shape)
     if not w.is_floating_point():
         raise LayerpackError(f"tensor {name} has dtype {w.dtype}; only floating-point weights can be converted")
@@ -173,7 +236,7 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
     stored: dict[str, torch.Tensor] = {}
     idx = None
     if k:
-        idx = select_outliers(flat, k)
+        idx = select_outliers_by(outlier_rule, w, k, block_size)
         stored[name + SUFFIX_OUTLIER_IDX] = idx.to(torch.int32 if n < 2**31 else torch.int64)
         stored[name + SUFFIX_OUTLIER_VAL] = flat[idx].to(dtype)
 

@@ -277,13 +277,13 @@ def machine_info() -> str:
     return f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def record(section: str, path: str) -> None:
-    """Replace (or add) only this script's marked section; re-read right before writing, as others
-    may edit the file concurrently."""
-    block = f"{START}\n{section.rstrip()}\n{END}"
+def record(section: str, path: str, start: str = START, end: str = END) -> None:
+    """Replace (or add) only this script's marked section (other scripts pass their own markers);
+    re-read right before writing, as others may edit the file concurrently."""
+    block = f"{start}\n{section.rstrip()}\n{end}"
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    if START in text and END in text and text.index(START) < text.index(END):
-        new = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    if start in text and end in text and text.index(start) < text.index(end):
+        new = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         new = text.rstrip("\n") + "\n\n" + block + "\n"
     with open(path, "w", encoding="utf-8") as f:

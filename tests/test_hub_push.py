@@ -225,3 +225,16 @@ def test_bad_repo_id_and_missing_pack(hub, tmp_path):
         proc = run_cli(*args, "--quiet", env=_env(hub, tmp_path))
         assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert hub.log() == []
+
+
+def test_model_card_carries_the_quality_measured_at_conversion(hub, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", seed=5)
+    write_tiny_tokenizer(ckpt)
+    pack = tmp_path / "pack"
+    run_cli("convert", ckpt, pack, "--quant", "nf4", "--eval", "--quiet", check=True)
+    quality = json.loads((pack / "manifest.json").read_text())["quality"]
+    proc = run_cli("push", pack, "tiny/quality", "--quiet", env=_env(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    card = open(hub.repos["tiny/quality"].files["README.md"].local, encoding="utf-8").read()
+    assert "## Quality" in card and f"{quality['perplexity']:.3f}" in card and f"{quality['kl']:.5f}" in card
+    assert card.index("## Quality") < card.index("## Usage")

@@ -10,7 +10,8 @@ import torch
 FORMAT_NAME = "layerpack"
 # Semantic version of the on-disk format. A reader refuses packs of a newer *major* version;
 # minor versions only add optional fields that older readers may ignore.
-FORMAT_VERSION = "1.0.0"
+# 1.1.0: optional manifest `quality` (perplexity, KL, top-1 of `convert --eval`). 1.0 packs read as before.
+FORMAT_VERSION = "1.1.0"
 FORMAT_MAJOR = int(FORMAT_VERSION.split(".")[0])
 
 MANIFEST_FILE = "manifest.json"

@@ -49,6 +49,13 @@ class Quantization:
     compression: str = "none"
     zstd_level: int | None = None
     quantized_embedding: bool = False  # True only when a tied embedding doubles as the head
+    outlier_rule: str | None = None    # 1.1, informational: how the converter chose the outliers (None: no outliers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["outlier_rule"] is None:
+            del d["outlier_rule"]  # optional: manifests without outliers stay as in format 1.0
+        return d
 
 
 @dataclass
@@ -62,10 +69,15 @@ class Manifest:
     layers: list[LayerEntry]
     files: list[FileEntry]
     totals: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] | None = None  # format 1.1: measured quality (`convert --eval`); absent when not measured
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["quantization"] = self.quantization.to_dict()
+        if d["quality"] is None:
+            del d["quality"]  # optional: a pack without a measurement has no key rather than a null
+        return d
 
     def to_json(self) -> str:
         # sort_keys + fixed separators: identical manifests are identical bytes (deterministic packs).
@@ -87,6 +99,7 @@ class Manifest:
             ],
             files=[FileEntry(**_known(FileEntry, f)) for f in d["files"]],
             totals=d.get("totals", {}),
+            quality=d.get("quality") if isinstance(d.get("quality"), dict) else None,
         )
 
     @classmethod

@@ -44,9 +44,11 @@ class Pack:
     each layer file's safetensors header is validated (and cross-checked with the manifest) the
     first time that file is used. `verify()` adds the full sha256 check."""
 
-    def __init__(self, path: str | os.PathLike, check_files: bool = True):
+    def __init__(self, path: str | os.PathLike, check_files: bool = True, manifest: Manifest | None = None):
+        """manifest: use this one instead of the folder's manifest.json (the converter evaluates a
+        pack before it writes the manifest that makes the folder a pack)."""
         self.path = os.fspath(path)
-        self.manifest = Manifest.load(self.path)
+        self.manifest = manifest if manifest is not None else Manifest.load(self.path)
         self.dtype = DTYPE_NAMES[self.manifest.quantization.dtype]
         self._headers: dict[str, SafetensorsFile] = {}
         problems = self.check_presence() if check_files else []
