@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -34,6 +33,9 @@ import subprocess
 import sys
 import time
 import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import machine, record  # noqa: E402  (shared bench helpers)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -232,17 +234,6 @@ def convert_once(src: str, out: str, extra: list[str], cold: bool, quiet_wait: f
 
 
 # ---------------------------------------------------------------------------------- reporting
-def machine() -> str:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return f"{cpu}, {os.cpu_count()} cores, {ram / GiB:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def code_snapshot() -> dict:
     """Commit + sha256 of each repository module a conversion loads. Others edit this repository
     concurrently, so the report names the code it measured and any module that changed meanwhile."""
@@ -313,21 +304,6 @@ def report(a, rows, full_b, half_b, bound, largest, cold, base, cmdline, load, c
     return "\n".join(lines)
 
 
-def record(section: str) -> None:
-    """Replace (or append) only this script's section of BENCHMARKS.md; other sections are kept."""
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    block = f"{START}\n{section}\n{END}"
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path + ".tmp-bench"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/layerpack-bench", help="cache folder for the checkpoint and scratch packs")
@@ -386,7 +362,7 @@ def main() -> None:
     text = report(a, rows, full_b, half_b, bound, largest, cold, base, cmdline.strip(), load, describe_code(code, code_snapshot()))
     print(text)
     if a.record:
-        record(text)
+        record(text, START, END)
         print(f"recorded in {os.path.join(ROOT, 'BENCHMARKS.md')}", file=sys.stderr)
 
 

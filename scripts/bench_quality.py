@@ -31,7 +31,7 @@ import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quant_error import machine_info, record  # noqa: E402  (shared bench helpers)
+from benchlib import machine, record  # noqa: E402  (shared bench helpers)
 
 from layerpack.convert import ConvertOptions, convert  # noqa: E402
 from layerpack_runtime import load  # noqa: E402
@@ -283,7 +283,7 @@ def main():
         "",
         f"`{cmd.strip()}` on {os.path.basename(src.rstrip('/'))} (SmolLM2-135M-Instruct; the bf16 checkpoint of "
         f"scripts/fetch_models.py, which is a dequantized Q4_1 GGUF, see the quantization-error section), "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine_info()}.",
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}.",
         "",
         f"Text: {text_id}, first {len(ids)} tokens; sliding window {DEFAULT_WINDOW}, stride {DEFAULT_STRIDE} "
         f"({rows[0]['tokens']} tokens scored); fp32 compute for every row (the weights are what differs). KL = mean "
@@ -311,7 +311,7 @@ def main():
 
 def record_section(section: str) -> None:
     path = os.path.join(ROOT, "BENCHMARKS.md")
-    record(section, path, START, END)
+    record(section, START, END, path)
     print(f"recorded in {path}", file=sys.stderr)
 
 

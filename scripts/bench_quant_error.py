@@ -17,7 +17,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -29,6 +28,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import machine, record  # noqa: E402  (shared bench helpers)
 from layerpack.convert import ConvertOptions, _load_json, convert, plan_units, scheme_for
 from layerpack.families import architecture_spec, family_of
 from layerpack.quantize import quantize_tensor
@@ -267,29 +268,6 @@ def notes(levels, rows1, control, zrows, roles, ctrl):
     return out
 
 
-def machine_info() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}"
-
-
-def record(section: str, path: str, start: str = START, end: str = END) -> None:
-    """Replace (or add) only this script's marked section (other scripts pass their own markers);
-    re-read right before writing, as others may edit the file concurrently."""
-    block = f"{start}\n{section.rstrip()}\n{end}"
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    if start in text and end in text and text.index(start) < text.index(end):
-        new = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        new = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", help="HF checkpoint folder [default: SmolLM2-135M-Instruct via scripts/fetch_models.py]")
@@ -307,7 +285,7 @@ def main():
         "## Quantization error with outlier tables, and zstd savings",
         "",
         f"`{cmd.strip()}` on {os.path.basename(src.rstrip('/'))} (SmolLM2-135M-Instruct, tied embedding quantized with the scheme), "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine_info()}. No timings (sizes and errors are deterministic).",
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}. No timings (sizes and errors are deterministic).",
         "",
         "Error = relative RMS error ‖W − dequant(W)‖ / ‖W‖ per tensor (the manifest's `rel_rms_error`), averaged unweighted over "
         "tensors; \"outliers f\" keeps round(f·n) largest-|w| entries exactly (int32 index + bf16 value = 48 bits each).",
@@ -323,7 +301,7 @@ def main():
     ])
     print(section)
     if args.record:
-        record(section, os.path.join(ROOT, "BENCHMARKS.md"))
+        record(section, START, END)
         print(f"recorded in {os.path.join(ROOT, 'BENCHMARKS.md')}", file=sys.stderr)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_baselines import PROMPT_TEXT  # noqa: E402  (stdlib-only module, shared prompt)
+from benchlib import machine, record  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_runtime:start -->", "<!-- bench_runtime:end -->"
 
@@ -109,12 +109,6 @@ def sequential_read_bandwidth(paths) -> float:
     return total / dt
 
 
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    mem = next((int(l.split()[1]) / 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -176,7 +170,7 @@ def main() -> None:
     report = render(a, results, baselines, bandwidth, budget, pack_bytes, load_avg)
     print(report)
     if a.record:
-        record(report)
+        record(report, MARK_START, MARK_END)
 
 
 def _tps(b: dict | None) -> float | None:
@@ -223,17 +217,6 @@ def render(a, r, baselines, bandwidth, budget, pack_bytes, load_avg) -> str:
         f"cold: I/O wait {cold['io_wait_per_step'] * 1e3:.1f} ms/step; plan: {st['plan']}.",
     ]
     return "\n".join(lines)
-
-
-def record(report: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_START}\n{report}\n{MARK_END}"
-    if MARK_START in text:
-        text = text[: text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

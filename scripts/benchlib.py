@@ -13,9 +13,12 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
 def machine() -> str:
+    """CPU model, cores, RAM, kernel, Python (and torch when it is imported)."""
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     mem = next((int(l.split()[1]) / 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+    torch = sys.modules.get("torch")
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+            + (f", torch {torch.__version__}" if torch else ""))
 
 
 def record(report: str, start: str, end: str, path: Path | str = BENCHMARKS) -> None:
@@ -27,7 +30,9 @@ def record(report: str, start: str, end: str, path: Path | str = BENCHMARKS) -> 
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    tmp = path.with_suffix(".md.tmp-bench")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # never a half-written BENCHMARKS.md
 
 
 def smollm2_checkpoint() -> str:

@@ -22,7 +22,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quality import DTYPE, CachedModel, fetch_src, pack_row  # noqa: E402
-from bench_quant_error import machine_info, record  # noqa: E402
+from benchlib import machine, record  # noqa: E402
 
 from layerpack.convert import ConvertOptions, convert  # noqa: E402
 from layerpack.quantize import OUTLIER_RULES  # noqa: E402
@@ -84,7 +84,7 @@ def main():
         "## Outlier selection rules",
         "",
         f"`python scripts/sweep_outliers.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + f" on {os.path.basename(src.rstrip('/'))}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine_info()} (no timings; load average "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()} (no timings; load average "
         f"{load0[0]:.2f} → {load1[0]:.2f}).",
         "",
         f"Text: {text_id}, first {len(ids)} tokens, window {DEFAULT_WINDOW} / stride {DEFAULT_STRIDE}, fp32 compute; bf16 "
@@ -100,7 +100,7 @@ def main():
     ])
     print(section)
     if args.record:
-        record(section, os.path.join(ROOT, "BENCHMARKS.md"), START, END)
+        record(section, START, END)
         print("recorded", file=sys.stderr)
 
 
