@@ -40,11 +40,11 @@ from layerpack_runtime.manifest import FileEntry, LayerEntry, Manifest, Quantiza
 from layerpack_runtime.pack import sha256_file
 
 from . import __version__
-from .families import QUANTIZABLE, Family, architecture_spec, expected_shape, family_of, is_ignored
+from .families import Family, is_quantizable, architecture_spec, expected_shape, family_of, is_ignored
 from .progress import progress_bar
 from .quantize import quantize_tensor
 from .schema import validate_manifest
-from .source import Source, TensorIndex, file_digest, provenance_files, resolve
+from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
 
 PARTIAL_DIR = ".layerpack-partial"
@@ -84,7 +84,7 @@ class UnitPlan:
     name: str
     kind: str
     index: int | None
-    tensors: dict[str, str]   # canonical -> HF name
+    tensors: dict[str, str | Part]   # canonical -> HF name (or a part of a fused HF tensor)
 
 
 def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
@@ -107,10 +107,36 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
         used.update(out.values())
         return out
 
+    def block(i: int) -> dict:
+        if not family.moe:
+            return take(family.block, family.optional, i)
+        if i not in arch["moe"]["layers"]:
+            return take({**family.block, **family.dense_mlp}, family.optional, i)
+        return {**take(family.block, family.optional, i), **experts(i)}
+
+    def experts(i: int) -> dict:
+        """Block i's router and per-expert weights, from whichever naming scheme the source uses."""
+        tables = list(family.moe.values())
+        table = next((t for t in tables if t["moe.router.weight"].format(i=i) in present), tables[0])
+        out = {}
+        for j in range(arch["moe"]["num_experts"]):
+            for canonical, src in table.items():
+                if isinstance(src, tuple):  # a part of a fused tensor (see families._MIXTRAL_MOE)
+                    pattern, part = src
+                    ref = Part(pattern.format(i=i), j, {"gate": 0, "up": 1, "expert": None}[part])
+                else:
+                    ref = src.format(i=i, j=j)
+                hf = base_name(ref)
+                if hf not in present:
+                    raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
+                out[canonical.format(j=j)] = ref
+                used.add(hf)
+        return out
+
     tied = arch["tie_word_embeddings"]
     head_table = {k: v for k, v in family.head.items() if not (tied and k == "head.weight")}
     units = [UnitPlan(UNIT_EMBED, UNIT_EMBED, None, take(family.embed, {}, None))]
-    units += [UnitPlan(unit_name(UNIT_BLOCK, i), UNIT_BLOCK, i, take(family.block, family.optional, i)) for i in range(arch["num_layers"])]
+    units += [UnitPlan(unit_name(UNIT_BLOCK, i), UNIT_BLOCK, i, block(i)) for i in range(arch["num_layers"])]
     units.append(UnitPlan(UNIT_HEAD, UNIT_HEAD, None, take(head_table, {}, None)))
     if tied:
         used.add(family.head["head.weight"])  # a tied checkpoint may still carry a copy; it is the embedding
@@ -128,7 +154,7 @@ def scheme_for(canonical: str, quant: str, tied: bool) -> str:
     head every token; untied, only a few rows are gathered per token, so it stays exact)."""
     if quant == SCHEME_NONE:
         return SCHEME_NONE
-    if canonical in QUANTIZABLE or (tied and canonical == "embed.weight"):
+    if is_quantizable(canonical) or (tied and canonical == "embed.weight"):
         return quant
     return SCHEME_NONE
 

@@ -5,13 +5,16 @@ Canonical names are architecture-neutral so one runtime module per family reads 
   embed unit:  embed.weight
   block unit:  attn_norm.weight, attn.{q,k,v,o}.weight (+ .bias), mlp_norm.weight, mlp.{gate,up,down}.weight
   head unit:   norm.weight, head.weight (absent when the embedding is tied)
+  MoE blocks:  the attention tensors, moe.router.weight, moe.experts.{j}.{gate,up,down}.weight per expert j
 Weights keep Hugging Face's layout (rotary q/k rows in HF's rotate-half order; [out, in] linears).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from layerpack_runtime.errors import LayerpackError
+from layerpack_runtime.format import EXPERT_PREFIX
 
 # One table per family: canonical name -> HF name pattern ({i} = block index), and whether it must exist.
 _LLAMA_BLOCK = {
@@ -25,6 +28,9 @@ _LLAMA_BLOCK = {
     "mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
+# The attention half of a block (every family has it; MoE blocks replace the MLP half).
+_ATTN_BLOCK = {k: v for k, v in _LLAMA_BLOCK.items() if not k.startswith("mlp.")}
+_DENSE_MLP = {k: v for k, v in _LLAMA_BLOCK.items() if k.startswith("mlp.")}
 # Present only when the config enables them (llama attention_bias / mlp_bias; always for qwen2 q/k/v).
 _OPTIONAL_BIASES = {
     "attn.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
@@ -43,6 +49,37 @@ _HEAD = {"norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+# Mixture-of-experts weights, per naming scheme a checkpoint may use ({j} = expert index). Checkpoints on
+# the Hub (and transformers 5's save_pretrained, which converts back) store one tensor per expert;
+# transformers 5's in-memory state dict fuses them per block: experts.gate_up_proj [E, 2I, H] (gate rows
+# first, then up) and experts.down_proj [E, H, I]. A fused source is (tensor pattern, part): part
+# "gate" / "up" = expert j's first / second half of gate_up_proj rows, "expert" = expert j's slice.
+# Every such part is a contiguous byte range of the source tensor, so it is read without the rest.
+_MIXTRAL_MOE = {
+    "per_expert": {
+        "moe.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+        "moe.experts.{j}.gate.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+        "moe.experts.{j}.up.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
+        "moe.experts.{j}.down.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",
+    },
+    "fused": {
+        "moe.router.weight": "model.layers.{i}.mlp.gate.weight",
+        "moe.experts.{j}.gate.weight": ("model.layers.{i}.mlp.experts.gate_up_proj", "gate"),
+        "moe.experts.{j}.up.weight": ("model.layers.{i}.mlp.experts.gate_up_proj", "up"),
+        "moe.experts.{j}.down.weight": ("model.layers.{i}.mlp.experts.down_proj", "expert"),
+    },
+}
+_QWEN_MOE = {
+    "per_expert": {
+        "moe.router.weight": "model.layers.{i}.mlp.gate.weight",
+        "moe.experts.{j}.gate.weight": "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+        "moe.experts.{j}.up.weight": "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
+        "moe.experts.{j}.down.weight": "model.layers.{i}.mlp.experts.{j}.down_proj.weight",
+    },
+    "fused": _MIXTRAL_MOE["fused"],
+}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -50,18 +87,24 @@ class Family:
     block: dict[str, str]
     head: dict[str, str]
     optional: dict[str, str]
+    # MoE families: naming scheme -> expert table (see _MIXTRAL_MOE); `block` is then the attention half
+    # and `dense_mlp` the MLP of blocks that have no experts (Qwen3-MoE's mlp_only_layers).
+    moe: dict[str, dict] = field(default_factory=dict)
+    dense_mlp: dict[str, str] = field(default_factory=dict)
 
 
 FAMILIES = {
     "llama": Family("llama", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
     "mistral": Family("mistral", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
     "qwen2": Family("qwen2", _EMBED, _QWEN2_BLOCK, _HEAD, _OPTIONAL_BIASES),
+    "mixtral": Family("mixtral", _EMBED, _ATTN_BLOCK, _HEAD, {}, moe=_MIXTRAL_MOE, dense_mlp=_DENSE_MLP),
 }
 # HF `architectures[0]` -> family
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
 }
 # Linear weights that block quantization applies to. Norms and biases always stay in the pack
 # dtype; the embedding is quantized only when tied (then it is also the head; see docs/FORMAT.md).
@@ -69,6 +112,13 @@ QUANTIZABLE = {
     "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
     "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight", "head.weight",
 }
+# Expert linears are quantized like the dense MLP's; the router (a tiny [experts, hidden] matrix whose
+# argmax decides which experts run) always stays in the pack dtype.
+_EXPERT_LINEAR = re.compile(re.escape(EXPERT_PREFIX) + r"\d+\.(gate|up|down)\.weight")
+
+
+def is_quantizable(canonical: str) -> bool:
+    return canonical in QUANTIZABLE or _EXPERT_LINEAR.fullmatch(canonical) is not None
 
 
 def supported() -> str:
@@ -151,13 +201,42 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "eos_token_ids": _ids(gen.get("eos_token_id", config.get("eos_token_id"))),
         "pad_token_id": (_ids(gen.get("pad_token_id", config.get("pad_token_id"))) or [None])[0],
     }
+    if fam.moe:
+        spec["moe"] = _moe_spec(fam, config, layers)
     return spec
+
+
+def _moe_spec(fam: Family, config: dict, layers: int) -> dict:
+    """Experts per block, routing, and which blocks have experts (the rest have a dense MLP)."""
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    top_k = int(config.get("num_experts_per_tok") or 0)
+    if not 0 < top_k <= experts:
+        raise LayerpackError(f"config.json: num_experts_per_tok={top_k} must be between 1 and the {experts} experts")
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense_only = set(config.get("mlp_only_layers") or [])
+    return {
+        "num_experts": experts,
+        "top_k": top_k,
+        "intermediate_size": int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+        # Mixtral always renormalises the top-k probabilities; Qwen MoE only with norm_topk_prob.
+        "norm_topk_prob": bool(config.get("norm_topk_prob", fam.name == "mixtral")),
+        # Mixtral weights the expert outputs with float32 routing weights; Qwen MoE casts them to
+        # the hidden states' dtype first (a visible difference in bf16).
+        "weights_dtype": "float32" if fam.name == "mixtral" else "compute",
+        "layers": [i for i in range(layers) if i not in dense_only and (i + 1) % step == 0],
+    }
 
 
 def expected_shape(canonical: str, arch: dict) -> list[int] | None:
     """Shape each canonical tensor must have under the architecture spec (catches configs that do
     not match their weights before anything is written)."""
     h, i, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
+    moe = arch.get("moe")
+    if moe and canonical.startswith(EXPERT_PREFIX):
+        e_i = moe["intermediate_size"]
+        return {"gate": [e_i, h], "up": [e_i, h], "down": [h, e_i]}.get(canonical.split(".")[-2])
+    if moe and canonical == "moe.router.weight":
+        return [moe["num_experts"], h]
     q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
     table = {
         "embed.weight": [v, h], "head.weight": [v, h], "norm.weight": [h],
