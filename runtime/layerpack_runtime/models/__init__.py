@@ -1,15 +1,15 @@
 """Model families the runtime can execute. Each family maps to a module exposing the same unit
 functions (ModelArgs, prepare_steps, embed_forward, block_forward, head_forward, check_unit,
 rope_inv_freq); llama, mistral and qwen2 share `llama` (they differ only in architecture flags:
-biases, sliding window, rope scaling)."""
+biases, sliding window, rope scaling); mixture-of-experts families use `mixtral`."""
 from __future__ import annotations
 
 from types import ModuleType
 
 from ..errors import LayerpackError
-from . import llama
+from . import llama, mixtral
 
-MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama}
+MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "mixtral": mixtral}
 
 
 def supported() -> str:

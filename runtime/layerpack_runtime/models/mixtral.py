@@ -1,0 +1,118 @@
+"""Mixture-of-experts decoders (mixtral) in plain PyTorch, one layer unit at a time.
+
+The attention half of a block is llama's (mistral's, with its optional sliding window); the MLP
+half is a top-k routed set of SwiGLU experts. The router runs first; only then are the selected
+experts' weights requested, from `w[EXPERTS_KEY]` when the loader streams them expert by expert
+(experts.ExpertStore: nothing of an unselected expert is read), or from `w` itself when the whole
+unit is in memory.
+
+Routing follows transformers 5 operation by operation: router logits in the compute dtype, softmax
+in float32, top-k, renormalised over the k (always for Mixtral; Qwen MoE with norm_topk_prob),
+routing weights kept in float32 (Mixtral) or cast to the compute dtype (Qwen MoE); experts run in
+ascending index order and their weighted outputs are summed with index_add_, as HF does.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FormatError, LayerpackError
+from ..experts import EXPERTS_KEY
+from ..format import EXPERT_LINEARS, ROUTER_WEIGHT, expert_weight
+from ..qweight import linear
+from . import llama
+from .llama import Step, embed_forward, head_forward, prepare_steps, rms_norm, rope_inv_freq  # noqa: F401 - the unit API
+
+FAMILIES = ("mixtral",)
+ATTN_TENSORS = tuple(n for n in llama.BLOCK_TENSORS if not n.startswith("mlp."))
+DENSE_MLP_TENSORS = tuple(n for n in llama.BLOCK_TENSORS if n.startswith("mlp."))
+EMBED_TENSORS, HEAD_TENSORS = llama.EMBED_TENSORS, llama.HEAD_TENSORS
+
+
+@dataclass
+class ModelArgs(llama.ModelArgs):
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    weights_fp32: bool = True          # routing weights stay float32 (Mixtral) or take the compute dtype
+    moe_layers: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
+        family = arch.get("family")
+        if family not in FAMILIES:
+            raise LayerpackError(f"model family {family!r} is not supported by the MoE runtime module (supports {', '.join(FAMILIES)})")
+        # The attention half is mistral's: let llama's parser check it (window, rope, heads) under that name.
+        base = llama.ModelArgs.from_dict({**arch, "family": "mistral"})
+        moe = arch.get("moe")
+        try:
+            args = cls(**{**asdict(base), "family": family},
+                       num_experts=int(moe["num_experts"]), top_k=int(moe["top_k"]),
+                       moe_intermediate_size=int(moe["intermediate_size"]), norm_topk_prob=bool(moe["norm_topk_prob"]),
+                       weights_fp32=moe["weights_dtype"] == "float32", moe_layers=[int(i) for i in moe["layers"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"manifest architecture.moe is missing or malformed ({type(e).__name__}: {e})") from None
+        if not 0 < args.top_k <= args.num_experts:
+            raise FormatError(f"manifest architecture.moe: top_k {args.top_k} must be in 1..{args.num_experts}")
+        if moe["weights_dtype"] not in ("float32", "compute"):
+            raise FormatError(f"manifest architecture.moe.weights_dtype {moe['weights_dtype']!r} is not float32 or compute")
+        return args
+
+
+def route(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, hidden] -> (routing weights [N, k], expert indices [N, k]), as transformers computes them."""
+    logits = linear(x, router)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    top_w, top_i = torch.topk(probs, args.top_k, dim=-1)
+    if args.norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    if not args.weights_fp32:
+        top_w = top_w.to(logits.dtype)
+    return top_w, top_i
+
+
+def moe(args: ModelArgs, w: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    B, T, H = x.shape
+    flat = x.reshape(-1, H)
+    top_w, top_i = route(args, w[ROUTER_WEIGHT], flat)
+    # [experts, k, tokens]: which (slot, token) pairs chose each expert
+    chosen = F.one_hot(top_i, num_classes=args.num_experts).permute(2, 1, 0)
+    needed = sorted(set(top_i.reshape(-1).tolist()))
+    provider = w.get(EXPERTS_KEY)
+    if provider is not None:
+        experts = provider(needed)  # reads (or finds in the cache) exactly these experts
+    else:
+        experts = {j: {l: w[expert_weight(j, l)] for l in EXPERT_LINEARS} for j in needed}
+    out = torch.zeros_like(flat)
+    for j in needed:
+        slot, tok = torch.where(chosen[j])
+        e = experts[j]
+        cur = flat[tok]
+        y = linear(F.silu(linear(cur, e["gate"])) * linear(cur, e["up"]), e["down"])
+        y = y * top_w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out.reshape(B, T, H)
+
+
+def block_forward(args: ModelArgs, w: dict[str, Any], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:
+    """One decoder block: attention, then the routed experts (or a dense MLP in blocks without experts)."""
+    h = h + llama.attention(args, w, rms_norm(h, w["attn_norm.weight"], args.norm_eps), step, layer_cache)
+    x = rms_norm(h, w["mlp_norm.weight"], args.norm_eps)
+    return h + (moe(args, w, x) if ROUTER_WEIGHT in w else llama.mlp(args, w, x))
+
+
+def check_unit(args: ModelArgs, kind: str, names) -> None:
+    names = set(names)
+    if kind != "block":
+        return llama.check_unit(args, kind, names)
+    if ROUTER_WEIGHT in names:
+        required = list(ATTN_TENSORS) + [ROUTER_WEIGHT] + [expert_weight(j, l) for j in range(args.num_experts) for l in EXPERT_LINEARS]
+    else:
+        required = list(ATTN_TENSORS) + list(DENSE_MLP_TENSORS)
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise FormatError(f"block unit lacks tensor(s) {', '.join(missing[:4])} that the {args.family} family needs")
