@@ -28,6 +28,8 @@ def _tiny_config(family: str, **over):
         return transformers.MistralConfig(sliding_window=32, **common)
     if family == "qwen2":
         return transformers.Qwen2Config(**common)
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common)
     raise ValueError(family)
 
 

@@ -170,8 +170,8 @@ class LayeredModel:
         costs = [self._unit_cost(n) for n in self.units]
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
         reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
-        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch) + reserve,
-                   self.prefetch_depth, required)
+        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
+                   self.prefetch_depth, required, reserve)
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]
@@ -199,7 +199,7 @@ class LayeredModel:
             self.streamer = UnitStreamer(files, streamed, buf, self.device, self.prefetch_depth, self.page_cache)
         if self.experts is not None and self.max_memory:
             # the reserved share plus what the plan left unused, but never more than the streamed experts
-            spare = self.max_memory - new.total + reserve
+            spare = self.max_memory - new.total + new.reserved_bytes
             self.experts.set_capacity(min(spare, self.experts.total_expert_bytes(streamed)))
         self.plan, self.context, self.step_tokens, self.step_batch = new, context, step_tokens, batch
 

@@ -1,0 +1,299 @@
+"""Mixture-of-experts packs (Mixtral): both source namings convert to the same pack, each expert is one
+contiguous byte range, logits match transformers (prefill + cached decode; resident, expert-streamed
+and whole-layer-streamed; fp32 and NF4 against the dequantized weights), streamed blocks read only
+the experts the router selects, the expert LRU cache serves repeats, and the budget accounts for it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
+from layerpack.convert import ConvertOptions, convert
+from layerpack.families import _ATTN_BLOCK
+from layerpack_runtime import LayerpackError, Pack, load
+from layerpack_runtime.experts import ExpertLayout
+from layerpack_runtime.format import EXPERT_LINEARS, expert_weight
+from layerpack_runtime.models import mixtral
+
+REL_TOL = 1e-4
+DECODE_STEPS = 8
+PROMPT_LEN = 24
+EXPERTS, TOP_K, LAYERS = 16, 2, 3
+MIXTRAL = dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=96, num_hidden_layers=LAYERS)
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def _fused_copy(ckpt: str, out: str) -> str:
+    """The same weights under transformers 5's in-memory names (fused experts: mlp.experts.gate_up_proj
+    [E, 2I, H], down_proj [E, H, I]; router mlp.gate), as a model's state_dict would be saved."""
+    import transformers
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    os.makedirs(out)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    shutil.copy(os.path.join(ckpt, "config.json"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """{name: path}: the per-expert (Hub-named) checkpoint, its fused copy, and packs of it."""
+    root = tmp_path_factory.mktemp("moe")
+    ckpt = make_checkpoint(root / "ckpt", "mixtral", dtype=torch.float32, **MIXTRAL)
+    write_tiny_tokenizer(ckpt)
+    out = {"ckpt": ckpt, "fused": _fused_copy(ckpt, str(root / "fused"))}
+    for name, opts in {"fp32": {}, "nf4": dict(quant="nf4", outliers=0.01), "int8z": dict(quant="int8", compress="zstd")}.items():
+        out[name] = str(root / name)
+        convert(ckpt, out[name], ConvertOptions(quiet=True, **opts))
+    return out
+
+
+def _stream_budget(path: str, **kw) -> int:
+    """A max_memory that keeps embed + head resident and streams every block (no room to keep experts)."""
+    m = load(path, **kw)
+    costs = {u: m._unit_cost(u) for u in m.units}
+    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
+    return fixed + costs["embed"].stored + costs["head"].stored + 2 * max(c.streamed for c in costs.values()) + 16
+
+
+def _hf_from_pack(ckpt: str, pack_path: str):
+    """A transformers model holding the pack's dequantized weights (the reference for quantized packs)."""
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    pack, sd = Pack(pack_path), {}
+    for layer in pack.manifest.layers:
+        w = pack.layer_weights(layer, torch.float32)
+        if layer.kind == "embed":
+            sd["model.embed_tokens.weight"] = w["embed.weight"]
+        elif layer.kind == "head":
+            sd["model.norm.weight"], sd["lm_head.weight"] = w["norm.weight"], w["head.weight"]
+        else:
+            i = layer.index
+            sd.update({hf.format(i=i): w[c] for c, hf in _ATTN_BLOCK.items()})
+            sd[f"model.layers.{i}.mlp.gate.weight"] = w["moe.router.weight"]
+            sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([w[expert_weight(j, "gate")], w[expert_weight(j, "up")]]) for j in range(EXPERTS)])
+            sd[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([w[expert_weight(j, "down")] for j in range(EXPERTS)])
+    ref.load_state_dict(sd, strict=True)
+    return ref
+
+
+# -- convert ------------------------------------------------------------------------------------
+
+def test_both_namings_convert_to_the_same_pack(moe, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(moe["fused"], "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()
+    with open(os.path.join(moe["ckpt"], "model.safetensors.index.json")) as f:
+        assert "model.layers.0.block_sparse_moe.experts.15.w2.weight" in json.load(f)["weight_map"]
+    convert(moe["fused"], str(tmp_path / "fused"), ConvertOptions(quiet=True, quant="nf4", outliers=0.01))
+    a, b = Pack(moe["nf4"]).manifest, Pack(tmp_path / "fused").manifest
+    assert a.architecture["moe"] == {"num_experts": EXPERTS, "top_k": TOP_K, "intermediate_size": 96, "norm_topk_prob": True,
+                                     "weights_dtype": "float32", "layers": list(range(LAYERS))}
+    assert [(f.path, f.sha256) for f in a.files if f.path.startswith("layers/")] == \
+           [(f.path, f.sha256) for f in b.files if f.path.startswith("layers/")]
+
+
+def test_each_expert_is_one_contiguous_range_and_only_linears_are_quantized(moe):
+    for kind in ("fp32", "nf4", "int8z"):
+        pack = Pack(moe[kind])
+        for layer in pack.manifest.layers[1:-1]:
+            st = pack.layer_file(layer)
+            lay = ExpertLayout(st, EXPERTS)  # raises unless dense-first and one range per expert
+            assert [r[0] for r in lay.ranges] == sorted(r[0] for r in lay.ranges)
+            assert lay.ranges[-1][1] == st.file_size and lay.dense_end == lay.ranges[0][0]
+            schemes = {t.name: t.scheme for t in layer.tensors}
+            assert schemes["moe.router.weight"] == "none"
+            assert schemes[expert_weight(7, "down")] == ("none" if kind == "fp32" else kind[:4])
+
+
+# -- parity -------------------------------------------------------------------------------------
+
+def _decode_diffs(model, ref, ids) -> dict[str, float]:
+    with torch.no_grad():
+        out = ref(ids, use_cache=True)
+    cache = model.new_cache(1, PROMPT_LEN + DECODE_STEPS)
+    diffs = {"prefill": _rel(model.forward(ids, cache=cache), out.logits)}
+    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for step in range(DECODE_STEPS):
+        with torch.no_grad():
+            out = ref(tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        diffs[f"decode{step}"] = _rel(model.forward(tok, cache=cache), out.logits)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    return diffs
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4"])
+@pytest.mark.parametrize("mode", ["resident", "expert_streamed", "layer_streamed"])
+def test_logits_match_transformers(moe, kind, mode):
+    import transformers
+
+    if kind == "fp32":
+        ref = transformers.AutoModelForCausalLM.from_pretrained(moe["ckpt"], dtype=torch.float32).eval()
+    else:
+        ref = _hf_from_pack(moe["ckpt"], moe[kind])
+    kw = {"expert_reads": mode != "layer_streamed"}
+    budget = None if mode == "resident" else _stream_budget(moe[kind], **kw)
+    model = load(moe[kind], max_memory=budget, **kw)
+    assert model.args.family == "mixtral" and model.dtype == torch.float32
+    if mode != "resident":
+        assert set(model.block_units) <= set(model.plan.streamed), model.plan.describe()
+    ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    diffs = _decode_diffs(model, ref, ids)
+    print(f"\n{kind}/{mode}: max rel diff {max(diffs.values()):.2e}; {model.experts.stats.summary()}")
+    assert max(diffs.values()) < REL_TOL, diffs
+    assert (model.experts.stats.reads > 0) == (mode == "expert_streamed")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8z"])
+def test_expert_streamed_equals_resident_bit_for_bit(moe, kind):
+    ids = torch.randint(3, 384, (2, 12), generator=torch.Generator().manual_seed(2))
+    want = load(moe[kind]).logits(ids)
+    for reads in (True, False):
+        assert torch.equal(load(moe[kind], max_memory=_stream_budget(moe[kind], expert_reads=reads), expert_reads=reads).logits(ids), want)
+
+
+# -- selective reads ----------------------------------------------------------------------------
+
+def test_only_selected_experts_are_read(moe, monkeypatch):
+    """Every pread of a block file is matched to an expert's byte range, and the router's choices are
+    recorded independently (wrapping mixtral.route): reads happen exactly for the selected experts,
+    in full, and experts no token chose are never read."""
+    model = load(moe["fp32"], max_memory=_stream_budget(moe["fp32"]))
+    model.experts.set_capacity(0)  # no cache: every selection is a read
+    lays = model.experts.layouts
+    by_path = {lay.file.path: unit for unit, lay in lays.items()}
+    preads: list[tuple[str, int, int]] = []
+    real_preadv, real_open, real_route = os.preadv, os.open, mixtral.route
+    fds: dict[int, str] = {}
+
+    def tracking_open(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        fds[fd] = os.fspath(path)
+        return fd
+
+    def tracking_preadv(fd, bufs, offset):
+        n = real_preadv(fd, bufs, offset)
+        if fds.get(fd) in by_path:
+            preads.append((by_path[fds[fd]], offset, n))
+        return n
+
+    routed: list[set[int]] = []
+
+    def tracking_route(args, router, x):
+        top_w, top_i = real_route(args, router, x)
+        routed.append(set(top_i.reshape(-1).tolist()))
+        return top_w, top_i
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "preadv", tracking_preadv)
+    monkeypatch.setattr(mixtral, "route", tracking_route)
+    steps = 4
+    model.generate_ids([5, 17, 42], max_new_tokens=steps)
+    assert len(routed) == steps * LAYERS  # one routing per block per step, in block order
+    want_reads: dict[tuple[str, int], int] = {}
+    for n, chosen in enumerate(routed):
+        for j in chosen:
+            key = (model.block_units[n % LAYERS], j)
+            want_reads[key] = want_reads.get(key, 0) + 1
+    got_reads: dict[tuple[str, int], int] = {}
+    for unit, offset, n in preads:
+        j = next(j for j, r in enumerate(lays[unit].ranges) if r[0] == offset)  # a read starts at an expert's range...
+        assert n == lays[unit].ranges[j][1] - offset  # ...and covers all of it
+        got_reads[(unit, j)] = got_reads.get((unit, j), 0) + 1
+    assert got_reads == want_reads == model.experts.stats.per_expert
+    never = [(u, j) for u in model.block_units for j in range(EXPERTS) if (u, j) not in got_reads]
+    assert never, "a short generation should leave some experts unread"
+    print(f"\n{len(got_reads)} of {LAYERS * EXPERTS} experts read, {len(never)} never")
+    # the unit streamer read only the blocks' dense prefixes (the embed and head are resident)
+    dense = sum(lays[u].dense_end - lays[u].file.data_start for u in model.block_units)
+    expert_bytes = sum(n for _, _, n in preads)
+    assert model.streamer.stats.bytes_read >= steps * dense
+    assert model.streamer.stats.bytes_read <= (steps + 1) * dense  # the prefetcher may hold the next step's first block
+    assert model.bytes_read == model.streamer.stats.bytes_read + expert_bytes
+
+
+def test_dense_read_baseline_streams_whole_layers(moe):
+    model = load(moe["fp32"], max_memory=_stream_budget(moe["fp32"], expert_reads=False), expert_reads=False)
+    model.generate_ids([5, 17, 42], max_new_tokens=3)
+    whole = sum(model._files[u].file_size - model._files[u].data_start for u in model.block_units)
+    assert model.experts.stats.reads == 0 and 3 * whole <= model.bytes_read <= 4 * whole
+
+
+# -- cache and budget ---------------------------------------------------------------------------
+
+def test_expert_cache_hits(moe):
+    model = load(moe["nf4"], max_memory=_stream_budget(moe["nf4"]))
+    total = model.experts.total_expert_bytes(model.block_units)
+    model.experts.set_capacity(total)  # room for every expert: a repeated generation reads nothing
+    first = model.generate_ids([5, 17, 42], max_new_tokens=4)
+    s = model.experts.stats
+    reads, selections = s.reads, sum(s.selected.values())
+    assert reads == len(s.per_expert) and s.hits == selections - reads  # each expert read once, then hit
+    assert model.generate_ids([5, 17, 42], max_new_tokens=4) == first
+    assert s.reads == reads and s.hits == 2 * selections - reads and model.experts.cached_bytes <= total
+
+
+def test_expert_cache_is_lru_within_capacity(moe):
+    model = load(moe["fp32"], max_memory=_stream_budget(moe["fp32"]))
+    store, unit = model.experts, model.block_units[0]
+    one = store.layouts[unit].stored_bytes(0)
+    store.set_capacity(2 * one)
+    store.stats.reset()
+    store.get(unit, [0, 1])      # reads 0, 1
+    store.get(unit, [0])         # hit: 0 becomes most recent
+    store.get(unit, [2])         # read; evicts 1 (least recent)
+    store.get(unit, [0, 2])      # hits
+    store.get(unit, [1])         # read again
+    assert store.stats.per_expert == {(unit, 0): 1, (unit, 1): 2, (unit, 2): 1}
+    assert store.stats.hits == 3 and store.cached_bytes == 2 * one
+
+
+def test_budget_reserves_the_expert_cache(moe):
+    path = moe["nf4"]
+    base = _stream_budget(path)
+    m0 = load(path, max_memory=base)
+    one = m0.experts.expert_bytes()
+    reserve = 5 * one
+    m = load(path, max_memory=base + reserve, expert_cache=reserve)
+    assert m.plan.reserved_bytes == reserve and m.plan.total <= base + reserve and m.experts.capacity >= reserve
+    assert set(m.block_units) <= set(m.plan.streamed)  # the reserve went to the cache, not to resident blocks
+    assert m.plan.activation_bytes >= min(EXPERTS, TOP_K * m.step_tokens) * one  # a step's experts are counted
+    with pytest.raises(LayerpackError, match="minimum"):
+        load(path, max_memory=base, expert_cache=base // 2)  # the reserve comes out of the budget
+
+
+def test_run_stats_report_experts(moe):
+    budget = _stream_budget(moe["nf4"])
+    r = run_cli("run", moe["nf4"], "Hello world", "--max-new-tokens", "4", "--max-memory", budget, "--stats", check=True)
+    line = next(l for l in r.stderr.splitlines() if l.startswith("experts:"))
+    assert "read" in line and "cache hits" in line and "expert cache" in line
+    r2 = run_cli("run", moe["nf4"], "Hello world", "--max-new-tokens", "4", "--max-memory", 10 * budget, "--stats",
+                 "--no-expert-reads", check=True)
+    assert r2.stdout == r.stdout and "experts: 0 read" in r2.stderr
+
+
+def test_missing_expert_is_a_clear_error(moe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(moe["ckpt"], bad)
+    for name in os.listdir(bad):
+        if name.endswith(".safetensors"):
+            sd = load_file(bad / name)
+            if "model.layers.1.block_sparse_moe.experts.3.w1.weight" in sd:
+                del sd["model.layers.1.block_sparse_moe.experts.3.w1.weight"]
+                save_file(sd, bad / name, metadata={"format": "pt"})
+    r = run_cli("convert", bad, tmp_path / "out")
+    assert r.returncode != 0 and "experts.3.w1.weight" in r.stderr and "Traceback" not in r.stderr
