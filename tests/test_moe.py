@@ -251,11 +251,16 @@ def test_expert_cache_is_lru_within_capacity(moe):
     one = store.layouts[unit].stored_bytes(0)
     store.set_capacity(2 * one)
     store.stats.reset()
-    store.get(unit, [0, 1])      # reads 0, 1
-    store.get(unit, [0])         # hit: 0 becomes most recent
-    store.get(unit, [2])         # read; evicts 1 (least recent)
-    store.get(unit, [0, 2])      # hits
-    store.get(unit, [1])         # read again
+
+    def use(*experts):  # reads are asynchronous; using the weights waits for them, as the model does
+        got = store.get(unit, experts)
+        return [got[j] for j in experts]
+
+    use(0, 1)      # reads 0, 1
+    use(0)         # hit: 0 becomes most recent
+    use(2)         # read; evicts 1 (least recent)
+    use(0, 2)      # hits
+    use(1)         # read again
     assert store.stats.per_expert == {(unit, 0): 1, (unit, 1): 2, (unit, 2): 1}
     assert store.stats.hits == 3 and store.cached_bytes == 2 * one
 

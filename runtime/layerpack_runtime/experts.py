@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -33,6 +34,20 @@ from .safetensors_io import SafetensorsFile, _zstd_decompress, itemsize
 # taking expert indices and returning {j: {"gate"|"up"|"down": weight}}). Absent: the experts are
 # in the dict itself under their canonical names (resident units, whole-file streaming).
 EXPERTS_KEY = "moe.experts"
+READ_THREADS = 2
+
+
+class _Experts:
+    """{expert: weights} whose entries may still be in flight; indexing waits for that expert only."""
+
+    def __init__(self):
+        self.ready: dict[int, dict[str, object]] = {}
+        self.pending: dict[int, Future] = {}
+
+    def __getitem__(self, j: int) -> dict[str, object]:
+        if j not in self.ready:
+            self.ready[j] = self.pending.pop(j).result()
+        return self.ready[j]
 
 
 @dataclass
@@ -108,6 +123,7 @@ class ExpertStore:
         self._cache: OrderedDict[tuple[str, int], tuple[dict, int]] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="layerpack-experts")
         self._entries = {name: {t.name: t for t in layer.tensors} for name, layer in layers.items() if name in self.layouts}
 
     # -- planning (loader) ----------------------------------------------------------------------
@@ -154,9 +170,12 @@ class ExpertStore:
         return lambda experts: self.get(unit, experts)
 
     # -- serving (compute thread) ---------------------------------------------------------------
-    def get(self, unit: str, experts) -> dict[int, dict[str, object]]:
-        """Compute-form weights {j: {"gate", "up", "down"}} of the given experts of `unit`."""
-        out = {}
+    def get(self, unit: str, experts) -> "_Experts":
+        """Compute-form weights {j: {"gate", "up", "down"}} of the given experts of `unit`. Misses
+        are read by a small thread pool, all submitted at once (the disk sees several requests;
+        pread releases the GIL), and the result waits for an expert only when it is used, so the
+        model computes expert j while later ones are still being read."""
+        out = _Experts()
         for j in experts:
             key = (unit, int(j))
             self.stats.selected[key] = self.stats.selected.get(key, 0) + 1
@@ -166,16 +185,22 @@ class ExpertStore:
                     self._cache.move_to_end(key)
             if hit is not None:
                 self.stats.hits += 1
-                out[key[1]] = hit[0]
-                continue
-            weights, nbytes = self._read(unit, key[1])
-            out[key[1]] = weights
-            with self._lock:
-                if nbytes <= self.capacity:
-                    self._cache[key] = (weights, nbytes)
-                    self._cached_bytes += nbytes
-                    self._evict()
+                out.ready[key[1]] = hit[0]
+            else:
+                out.pending[key[1]] = self._pool.submit(self._read_and_cache, key)
         return out
+
+    def _read_and_cache(self, key: tuple[str, int]) -> dict[str, object]:
+        weights, nbytes = self._read(*key)
+        with self._lock:
+            if nbytes <= self.capacity:
+                self._cache[key] = (weights, nbytes)
+                self._cached_bytes += nbytes
+                self._evict()
+        return weights
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
     def _evict(self) -> None:
         while self._cached_bytes > self.capacity and self._cache:
@@ -214,8 +239,9 @@ class ExpertStore:
             weights = {k: v.to(self.device) for k, v in weights.items()}
         named = {l: weights[expert_weight(j, l)] for l in EXPERT_LINEARS}
         nbytes = lay.stored_bytes(j)
-        self.stats.reads += 1
-        self.stats.bytes_read += end - start
-        self.stats.per_expert[(unit, j)] = self.stats.per_expert.get((unit, j), 0) + 1
-        self.stats.read_s += time.perf_counter() - t0
+        with self._lock:  # reads run on the pool's threads
+            self.stats.reads += 1
+            self.stats.bytes_read += end - start
+            self.stats.per_expert[(unit, j)] = self.stats.per_expert.get((unit, j), 0) + 1
+            self.stats.read_s += time.perf_counter() - t0
         return named, nbytes
