@@ -117,15 +117,11 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
     def experts(i: int) -> dict:
         """Block i's router and per-expert weights, from whichever naming scheme the source uses."""
         tables = list(family.moe.values())
-        table = next((t for t in tables if t["moe.router.weight"].format(i=i) in present), tables[0])
+        table = next((t for t in tables if _source_name(t["moe.experts.{j}.gate.weight"], i, 0) in present), tables[0])
         out = {}
         for j in range(arch["moe"]["num_experts"]):
             for canonical, src in table.items():
-                if isinstance(src, tuple):  # a part of a fused tensor (see families._MIXTRAL_MOE)
-                    pattern, part = src
-                    ref = Part(pattern.format(i=i), j, {"gate": 0, "up": 1, "expert": None}[part])
-                else:
-                    ref = src.format(i=i, j=j)
+                ref = _source_ref(src, i, j)
                 hf = base_name(ref)
                 if hf not in present:
                     raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
@@ -147,6 +143,19 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
             f"(does config.json num_hidden_layers={arch['num_layers']} match the weights?)"
         )
     return units
+
+
+def _source_ref(src, i: int, j: int):
+    """An expert table entry (see families._MIXTRAL_MOE) for block i, expert j: an HF name, or a Part
+    of a fused HF tensor."""
+    if isinstance(src, tuple):
+        pattern, part = src
+        return Part(pattern.format(i=i), j, {"gate": 0, "up": 1, "expert": None}[part])
+    return src.format(i=i, j=j)
+
+
+def _source_name(src, i: int, j: int) -> str:
+    return base_name(_source_ref(src, i, j))
 
 
 def scheme_for(canonical: str, quant: str, tied: bool) -> str:
