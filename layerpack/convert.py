@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -40,7 +40,7 @@ from layerpack_runtime.manifest import FileEntry, LayerEntry, Manifest, Quantiza
 from layerpack_runtime.pack import sha256_file
 
 from . import __version__
-from .families import Family, is_quantizable, architecture_spec, expected_shape, family_of, is_ignored
+from .families import Family, Rows, architecture_spec, expected_shape, family_of, is_ignored, is_quantizable, split_rows
 from .progress import progress_bar
 from .quantize import quantize_tensor
 from .schema import validate_manifest
@@ -85,6 +85,7 @@ class UnitPlan:
     kind: str
     index: int | None
     tensors: dict[str, str | Part]   # canonical -> HF name (or a part of a fused HF tensor)
+    rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # canonical -> (start, stop, rows) of a fused HF tensor
 
 
 def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
@@ -93,9 +94,14 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
     present = set(names)
     used: set[str] = set()
 
-    def take(table: dict[str, str], optional: dict[str, str], i: int | None) -> dict[str, str]:
+    rows: dict[int | None, dict[str, tuple[int, int, int]]] = {}
+
+    def take(table: dict[str, str | Rows], optional: dict[str, str], i: int | None) -> dict[str, str]:
         out = {}
         for canonical, pattern in table.items():
+            if isinstance(pattern, Rows):
+                rows.setdefault(i, {})[canonical] = split_rows(pattern.part, arch)
+                pattern = pattern.pattern
             hf = pattern.format(i=i)
             if hf not in present:
                 raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
@@ -132,7 +138,7 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
     tied = arch["tie_word_embeddings"]
     head_table = {k: v for k, v in family.head.items() if not (tied and k == "head.weight")}
     units = [UnitPlan(UNIT_EMBED, UNIT_EMBED, None, take(family.embed, {}, None))]
-    units += [UnitPlan(unit_name(UNIT_BLOCK, i), UNIT_BLOCK, i, block(i)) for i in range(arch["num_layers"])]
+    units += [UnitPlan(unit_name(UNIT_BLOCK, i), UNIT_BLOCK, i, block(i), rows.get(i, {})) for i in range(arch["num_layers"])]
     units.append(UnitPlan(UNIT_HEAD, UNIT_HEAD, None, take(head_table, {}, None)))
     if tied:
         used.add(family.head["head.weight"])  # a tied checkpoint may still carry a copy; it is the embedding
@@ -277,6 +283,8 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
     for u in units:
         for canonical, hf in u.tensors.items():
             want, got = expected_shape(canonical, arch), index.info(hf)[1]
+            if want is not None and canonical in u.rows:  # a row range of a fused tensor: check the whole
+                want = [u.rows[canonical][2], *want[1:]]
             if want is not None and want != got:
                 raise LayerpackError(f"source tensor {hf} has shape {got}, config.json implies {want}")
     src_dtype = index.dtype_of(units[0].tensors["embed.weight"])
@@ -289,6 +297,23 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
         quantized_embedding=arch["tie_word_embeddings"] and opts.quant != SCHEME_NONE,
     )
     return _Job(source, arch, index, units, quant)
+
+
+def _read(index: TensorIndex, u: UnitPlan, canonical: str) -> torch.Tensor:
+    """The source tensor of one canonical name (its rows only, for a split fused tensor)."""
+    w = index.read(u.tensors[canonical])
+    if canonical in u.rows:
+        a, b, _ = u.rows[canonical]
+        w = w[a:b].clone()  # a copy: the fused tensor is freed, and the slice owns compact storage
+    return w
+
+
+def _nbytes(index: TensorIndex, u: UnitPlan, canonical: str) -> int:
+    _, shape, nbytes = index.info(u.tensors[canonical])
+    if canonical in u.rows:
+        a, b, _ = u.rows[canonical]
+        return nbytes * (b - a) // shape[0]
+    return nbytes
 
 
 def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
@@ -332,16 +357,16 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
     for rel in provenance_files(job.source):
         if rel not in last_read:  # config, tokenizer, shards no remaining unit reads
             digests[rel] = hasher.submit(file_digest, job.source, rel)
-    total = sum(job.index.info(u.tensors[c])[2] for u, c in jobs)
+    total = sum(_nbytes(job.index, u, c) for u, c in jobs)
     with progress_bar(total, "convert", quiet) as bar, ThreadPoolExecutor(1) as reader:
         # Read tensor i+1 (disk) while tensor i is quantized (CPU): both overlap on 2 cores.
-        ahead = reader.submit(job.index.read, jobs[0][0].tensors[jobs[0][1]]) if jobs else None
+        ahead = reader.submit(_read, job.index, *jobs[0]) if jobs else None
         stored: dict[str, torch.Tensor] = {}
         entries: list[TensorEntry] = []
         params = 0
         for j, (u, canonical) in enumerate(jobs):
             w = ahead.result()
-            ahead = reader.submit(job.index.read, jobs[j + 1][0].tensors[jobs[j + 1][1]]) if j + 1 < len(jobs) else None
+            ahead = reader.submit(_read, job.index, *jobs[j + 1]) if j + 1 < len(jobs) else None
             bar.set_description(u.name)
             s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction)
             stored.update(s)

@@ -3,7 +3,9 @@ translation of a HF config.json into the manifest's architecture spec.
 
 Canonical names are architecture-neutral so one runtime module per family reads them:
   embed unit:  embed.weight
-  block unit:  attn_norm.weight, attn.{q,k,v,o}.weight (+ .bias), mlp_norm.weight, mlp.{gate,up,down}.weight
+  block unit:  attn_norm.weight, attn.{q,k,v,o}.weight (+ .bias), attn.{q,k}_norm.weight (qwen3, gemma3),
+               attn_post_norm.weight (gemma3), mlp_norm.weight, mlp.{gate,up,down}.weight,
+               mlp_post_norm.weight (gemma3)
   head unit:   norm.weight, head.weight (absent when the embedding is tied)
   MoE blocks:  the attention tensors, moe.router.weight, moe.experts.{j}.{gate,up,down}.weight per expert j
 Weights keep Hugging Face's layout (rotary q/k rows in HF's rotate-half order; [out, in] linears).
@@ -15,6 +17,23 @@ from dataclasses import dataclass, field
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import EXPERT_PREFIX
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A canonical tensor that is a row range of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj).
+    The converter splits fused projections so that every family shares one runtime code path and
+    quantization blocks never straddle two projections (docs/FORMAT.md)."""
+    pattern: str   # HF name pattern of the fused tensor
+    part: str      # q | k | v (of q,k,v stacked by rows) or gate | up (of gate,up stacked by rows)
+
+
+def split_rows(part: str, arch: dict) -> tuple[int, int, int]:
+    """(start, stop, fused rows) of `part` within its fused tensor under the architecture spec."""
+    q, kv, i = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"], arch["intermediate_size"]
+    table = {"q": (0, q, q + 2 * kv), "k": (q, q + kv, q + 2 * kv), "v": (q + kv, q + 2 * kv, q + 2 * kv),
+             "gate": (0, i, 2 * i), "up": (i, 2 * i, 2 * i)}
+    return table[part]
 
 # One table per family: canonical name -> HF name pattern ({i} = block index), and whether it must exist.
 _LLAMA_BLOCK = {
@@ -43,6 +62,41 @@ _OPTIONAL_BIASES = {
 }
 # Qwen2 always has q/k/v biases (and no o bias).
 _QWEN2_BLOCK = {**_LLAMA_BLOCK, **{k: v for k, v in _OPTIONAL_BIASES.items() if k in ("attn.q.bias", "attn.k.bias", "attn.v.bias")}}
+# Qwen3: llama's block, no biases by default (attention_bias adds all four), plus per-head q/k norms.
+_QK_NORMS = {
+    "attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+_QWEN3_BLOCK = {**_LLAMA_BLOCK, **_QK_NORMS}
+# Phi-3: fused projections, split at conversion into llama's canonical tensors (HF's
+# Phi3Attention slices qkv rows as q | k | v; Phi3MLP chunks gate_up rows as gate | up).
+_PHI3_BLOCK = {
+    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "attn.q.weight": Rows("model.layers.{i}.self_attn.qkv_proj.weight", "q"),
+    "attn.k.weight": Rows("model.layers.{i}.self_attn.qkv_proj.weight", "k"),
+    "attn.v.weight": Rows("model.layers.{i}.self_attn.qkv_proj.weight", "v"),
+    "attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "mlp.gate.weight": Rows("model.layers.{i}.mlp.gate_up_proj.weight", "gate"),
+    "mlp.up.weight": Rows("model.layers.{i}.mlp.gate_up_proj.weight", "up"),
+    "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Gemma 3 text: norms before and after attention and the MLP, q/k norms. HF's
+# post_attention_layernorm follows attention here (in llama it precedes the MLP).
+_GEMMA3_BLOCK = {
+    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "attn.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "attn.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "attn.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    **_QK_NORMS,
+    "attn_post_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "mlp_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "mlp_post_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
 _EMBED = {"embed.weight": "model.embed_tokens.weight"}
 _HEAD = {"norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
 # Tensors some checkpoints carry that are derived buffers, not weights.
@@ -84,7 +138,7 @@ _QWEN_MOE = {
 class Family:
     name: str
     embed: dict[str, str]
-    block: dict[str, str]
+    block: dict[str, str | Rows]
     head: dict[str, str]
     optional: dict[str, str]
     # MoE families: naming scheme -> expert table (see _MIXTRAL_MOE); `block` is then the attention half
@@ -97,14 +151,22 @@ FAMILIES = {
     "llama": Family("llama", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
     "mistral": Family("mistral", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
     "qwen2": Family("qwen2", _EMBED, _QWEN2_BLOCK, _HEAD, _OPTIONAL_BIASES),
+    "qwen3": Family("qwen3", _EMBED, _QWEN3_BLOCK, _HEAD, _OPTIONAL_BIASES),
+    "phi3": Family("phi3", _EMBED, _PHI3_BLOCK, _HEAD, {}),
+    "gemma3": Family("gemma3", _EMBED, _GEMMA3_BLOCK, _HEAD, _OPTIONAL_BIASES),
     "mixtral": Family("mixtral", _EMBED, _ATTN_BLOCK, _HEAD, {}, moe=_MIXTRAL_MOE, dense_mlp=_DENSE_MLP),
+    "qwen3_moe": Family("qwen3_moe", _EMBED, {**_ATTN_BLOCK, **_QK_NORMS}, _HEAD, {}, moe=_QWEN_MOE, dense_mlp=_DENSE_MLP),
 }
 # HF `architectures[0]` -> family
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma3ForCausalLM": "gemma3",
     "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # Linear weights that block quantization applies to. Norms and biases always stay in the pack
 # dtype; the embedding is quantized only when tied (then it is also the head; see docs/FORMAT.md).
@@ -146,10 +208,11 @@ def _rope(config: dict) -> dict:
     merged = {**scaling, **params}
     kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's old name (transformers renames it too)
+    prf = merged.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor")
     rope = {"type": kind, "theta": float(theta)}
     if kind != "default":
         rope["scaling"] = {k: merged[k] for k in sorted(merged)}
-    prf = config.get("partial_rotary_factor")
     if prf not in (None, 1, 1.0):
         rope["partial_rotary_factor"] = float(prf)
     return rope
@@ -161,6 +224,22 @@ def _ids(v) -> list[int]:
     return [int(x) for x in (v if isinstance(v, list) else [v])]
 
 
+def _gemma3(config: dict) -> tuple[dict, dict]:
+    """Gemma 3's global rope (`rope`) and local rope (`rope_local`, sliding blocks), from either
+    spelling: rope_parameters per layer type (transformers>=5), or rope_theta + rope_scaling
+    (global) and rope_local_base_freq (local)."""
+    if config.get("use_bidirectional_attention"):
+        raise LayerpackError("Gemma 3 with bidirectional attention (an embedding model) is not supported")
+    params = config.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = _rope({"rope_parameters": {"rope_theta": 1_000_000.0, **(params.get("full_attention") or {})}})
+        local = _rope({"rope_parameters": {"rope_theta": 10_000.0, **(params.get("sliding_attention") or {})}})
+    else:
+        full = _rope({"rope_theta": 1_000_000.0, **config})  # Gemma 3's default global theta
+        local = {"type": "default", "theta": float(config.get("rope_local_base_freq") or 10_000.0)}
+    return full, local
+
+
 def architecture_spec(config: dict, generation_config: dict | None = None) -> dict:
     """The manifest's `architecture` object: everything the runtime needs, nothing it must guess."""
     fam = family_of(config)
@@ -168,12 +247,16 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     sliding = config.get("sliding_window")
-    if fam.name == "qwen2" and not config.get("use_sliding_window", False):
-        sliding = None  # qwen2 configs carry a window they do not use unless use_sliding_window is set
+    if fam.name in ("qwen2", "qwen3", "qwen3_moe") and not config.get("use_sliding_window", False):
+        sliding = None  # qwen2/3 configs carry a window they do not use unless use_sliding_window is set
     layers = int(config["num_hidden_layers"])
     layer_types = config.get("layer_types")
-    if layer_types is None and fam.name == "qwen2" and sliding:
-        # Qwen2 windows only blocks >= max_window_layers (transformers' rule when the config predates layer_types).
+    if layer_types is None and fam.name == "gemma3" and sliding:
+        # Older configs give a period: every `sliding_window_pattern`-th block is global (transformers' rule).
+        period = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+        layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+    if layer_types is None and fam.name in ("qwen2", "qwen3", "qwen3_moe") and sliding:
+        # Qwen2/3 window only blocks >= max_window_layers (transformers' rule when the config predates layer_types).
         first = int(config.get("max_window_layers", layers))
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     spec = {
@@ -190,17 +273,23 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "max_position_embeddings": int(config.get("max_position_embeddings") or 0),
         "norm": {"type": "rms", "eps": float(config.get("rms_norm_eps", 1e-6))},
         "rope": _rope(config),
-        "activation": config.get("hidden_act", "silu"),
-        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "activation": config.get("hidden_activation") or config.get("hidden_act", "silu"),  # gemma: hidden_activation
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", fam.name == "gemma3")),
         "attention_bias": bool(config.get("attention_bias", fam.name == "qwen2")),
         "mlp_bias": bool(config.get("mlp_bias", False)),
         "sliding_window": int(sliding) if sliding else None,
         # per block "full_attention" | "sliding_attention" when blocks differ; None: all blocks alike
         "layer_types": [str(t) for t in layer_types] if layer_types and sliding else None,
+        "qk_norm": "attn.q_norm.weight" in fam.block,
         "bos_token_id": (_ids(gen.get("bos_token_id", config.get("bos_token_id"))) or [None])[0],
         "eos_token_ids": _ids(gen.get("eos_token_id", config.get("eos_token_id"))),
         "pad_token_id": (_ids(gen.get("pad_token_id", config.get("pad_token_id"))) or [None])[0],
     }
+    if fam.name == "gemma3":
+        spec["rope"], spec["rope_local"] = _gemma3(config)
+        spec["query_pre_attn_scalar"] = float(config.get("query_pre_attn_scalar") or spec["head_dim"])
+        spec["attn_logit_softcapping"] = config.get("attn_logit_softcapping")
+        spec["final_logit_softcapping"] = config.get("final_logit_softcapping")
     if fam.moe:
         spec["moe"] = _moe_spec(fam, config, layers)
     return spec
@@ -240,8 +329,9 @@ def expected_shape(canonical: str, arch: dict) -> list[int] | None:
     q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
     table = {
         "embed.weight": [v, h], "head.weight": [v, h], "norm.weight": [h],
-        "attn_norm.weight": [h], "mlp_norm.weight": [h],
+        "attn_norm.weight": [h], "mlp_norm.weight": [h], "attn_post_norm.weight": [h], "mlp_post_norm.weight": [h],
         "attn.q.weight": [q, h], "attn.k.weight": [kv, h], "attn.v.weight": [kv, h], "attn.o.weight": [h, q],
+        "attn.q_norm.weight": [arch["head_dim"]], "attn.k_norm.weight": [arch["head_dim"]],
         "attn.q.bias": [q], "attn.k.bias": [kv], "attn.v.bias": [kv], "attn.o.bias": [h],
         "mlp.gate.weight": [i, h], "mlp.up.weight": [i, h], "mlp.down.weight": [h, i],
         "mlp.gate.bias": [i], "mlp.up.bias": [i], "mlp.down.bias": [h],

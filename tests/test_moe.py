@@ -1,4 +1,4 @@
-"""Mixture-of-experts packs (Mixtral): both source namings convert to the same pack, each expert is one
+"""Mixture-of-experts packs (Mixtral, Qwen3-MoE): both source namings convert to the same pack, each expert is one
 contiguous byte range, logits match transformers (prefill + cached decode; resident, expert-streamed
 and whole-layer-streamed; fp32 and NF4 against the dequantized weights), streamed blocks read only
 the experts the router selects, the expert LRU cache serves repeats, and the budget accounts for it."""
@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
-from layerpack.families import _ATTN_BLOCK
+from layerpack.families import FAMILIES
 from layerpack_runtime import LayerpackError, Pack, load
 from layerpack_runtime.experts import ExpertLayout
 from layerpack_runtime.format import EXPERT_LINEARS, expert_weight
@@ -24,6 +24,8 @@ DECODE_STEPS = 8
 PROMPT_LEN = 24
 EXPERTS, TOP_K, LAYERS = 16, 2, 3
 MIXTRAL = dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=96, num_hidden_layers=LAYERS)
+# Qwen3-MoE: q/k norms, routing weights in the compute dtype, block 1 dense (mlp_only_layers)
+QWEN3_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, num_hidden_layers=3, mlp_only_layers=[1])
 
 
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,20 +58,25 @@ def moe(tmp_path_factory):
     return out
 
 
-def _stream_budget(path: str, **kw) -> int:
-    """A max_memory that keeps embed + head resident and streams every block (no room to keep experts)."""
+def _stream_budget(path: str, keep_ends: bool = True, **kw) -> int:
+    """A max_memory that streams every block (no room to keep experts), and keeps embed + head
+    resident (keep_ends) or streams them too (the planner's minimum)."""
     m = load(path, **kw)
     costs = {u: m._unit_cost(u) for u in m.units}
     fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
-    return fixed + costs["embed"].stored + costs["head"].stored + 2 * max(c.streamed for c in costs.values()) + 16
+    ends = costs["embed"].stored + costs["head"].stored if keep_ends else 0
+    return fixed + ends + 2 * max(c.streamed for c in costs.values()) + 16
 
 
 def _hf_from_pack(ckpt: str, pack_path: str):
-    """A transformers model holding the pack's dequantized weights (the reference for quantized packs)."""
+    """A transformers model holding the pack's dequantized weights (the reference for quantized packs),
+    under transformers 5's in-memory names (fused experts), from the family's own tables."""
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     pack, sd = Pack(pack_path), {}
+    arch = pack.manifest.architecture
+    fam, experts = FAMILIES[arch["family"]], arch["moe"]["num_experts"]
     for layer in pack.manifest.layers:
         w = pack.layer_weights(layer, torch.float32)
         if layer.kind == "embed":
@@ -78,11 +85,14 @@ def _hf_from_pack(ckpt: str, pack_path: str):
             sd["model.norm.weight"], sd["lm_head.weight"] = w["norm.weight"], w["head.weight"]
         else:
             i = layer.index
-            sd.update({hf.format(i=i): w[c] for c, hf in _ATTN_BLOCK.items()})
+            sd.update({hf.format(i=i): w[c] for c, hf in fam.block.items()})
+            if i not in arch["moe"]["layers"]:
+                sd.update({hf.format(i=i): w[c] for c, hf in fam.dense_mlp.items()})
+                continue
             sd[f"model.layers.{i}.mlp.gate.weight"] = w["moe.router.weight"]
             sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
-                [torch.cat([w[expert_weight(j, "gate")], w[expert_weight(j, "up")]]) for j in range(EXPERTS)])
-            sd[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([w[expert_weight(j, "down")] for j in range(EXPERTS)])
+                [torch.cat([w[expert_weight(j, "gate")], w[expert_weight(j, "up")]]) for j in range(experts)])
+            sd[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([w[expert_weight(j, "down")] for j in range(experts)])
     ref.load_state_dict(sd, strict=True)
     return ref
 
@@ -120,6 +130,7 @@ def test_each_expert_is_one_contiguous_range_and_only_linears_are_quantized(moe)
 # -- parity -------------------------------------------------------------------------------------
 
 def _decode_diffs(model, ref, ids) -> dict[str, float]:
+    """Relative logit differences for the prefill and DECODE_STEPS cached greedy steps."""
     with torch.no_grad():
         out = ref(ids, use_cache=True)
     cache = model.new_cache(1, PROMPT_LEN + DECODE_STEPS)
@@ -302,3 +313,56 @@ def test_missing_expert_is_a_clear_error(moe, tmp_path):
                 save_file(sd, bad / name, metadata={"format": "pt"})
     r = run_cli("convert", bad, tmp_path / "out")
     assert r.returncode != 0 and "experts.3.w1.weight" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- Qwen3-MoE ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3moe")
+    out = {}
+    for name, over in {"ckpt": {}, "ckpt_norm": {"norm_topk_prob": True}}.items():
+        out[name] = make_checkpoint(root / name, "qwen3_moe", dtype=torch.float32, **QWEN3_MOE, **over)
+    out["fused"] = _fused_copy(out["ckpt"], str(root / "fused"))
+    for name, (ck, opts) in {"fp32": ("ckpt", {}), "fp32_norm": ("ckpt_norm", {}), "nf4": ("ckpt", dict(quant="nf4")),
+                             "fused_nf4": ("fused", dict(quant="nf4"))}.items():
+        out[name] = str(root / name)
+        convert(out[ck], out[name], ConvertOptions(quiet=True, **opts))
+    return out
+
+
+def test_qwen3_moe_namings_and_spec(qwen):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(qwen["fused"], "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys() and "model.layers.1.mlp.gate_proj.weight" in f.keys()
+    a, b = Pack(qwen["nf4"]).manifest, Pack(qwen["fused_nf4"]).manifest
+    assert a.architecture["moe"] == {"num_experts": 8, "top_k": 2, "intermediate_size": 48, "norm_topk_prob": False,
+                                     "weights_dtype": "compute", "layers": [0, 2]}
+    assert a.architecture["qk_norm"] is True and Pack(qwen["fp32_norm"]).manifest.architecture["moe"]["norm_topk_prob"] is True
+    assert [(f.path, f.sha256) for f in a.files if f.path.startswith("layers/")] == \
+           [(f.path, f.sha256) for f in b.files if f.path.startswith("layers/")]
+    names = {t.name for t in a.layer("block.001").tensors}
+    assert "mlp.gate.weight" in names and "moe.router.weight" not in names  # the dense block keeps an MLP
+
+
+@pytest.mark.parametrize("kind,mode", [("fp32", "resident"), ("fp32", "expert_streamed"), ("fp32_norm", "expert_streamed"),
+                                       ("nf4", "expert_streamed"), ("nf4", "resident")])
+def test_qwen3_moe_logits_match_transformers(qwen, kind, mode):
+    import transformers
+
+    ckpt = qwen["ckpt_norm" if kind == "fp32_norm" else "ckpt"]
+    if kind.startswith("fp32"):
+        ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    else:
+        ref = _hf_from_pack(ckpt, qwen[kind])
+    model = load(qwen[kind], max_memory=None if mode == "resident" else _stream_budget(qwen[kind], keep_ends=False))
+    if mode != "resident":  # the MoE blocks stream (the small dense block may stay resident)
+        assert set(model.experts.layouts) <= set(model.plan.streamed), model.plan.describe()
+    assert model.args.family == "qwen3_moe" and model.args.qk_norm
+    ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(3))
+    diffs = _decode_diffs(model, ref, ids)
+    print(f"\nqwen3_moe {kind}/{mode}: max rel diff {max(diffs.values()):.2e}; {model.experts.stats.summary()}")
+    assert max(diffs.values()) < REL_TOL, diffs
+    if mode == "expert_streamed":
+        assert model.experts.stats.reads > 0 and set(model.experts.layouts) == {"block.000", "block.002"}

@@ -1,15 +1,17 @@
 """Model families the runtime can execute. Each family maps to a module exposing the same unit
 functions (ModelArgs, prepare_steps, embed_forward, block_forward, head_forward, check_unit,
-rope_inv_freq); llama, mistral and qwen2 share `llama` (they differ only in architecture flags:
-biases, sliding window, rope scaling); mixture-of-experts families use `mixtral`."""
+rope_inv_freq); llama, mistral, qwen2, qwen3 and phi3 share `llama` (they differ only in
+architecture flags: biases, sliding window, rope scaling, q/k norms; Phi-3's fused projections are
+split by the converter); mixture-of-experts families use `mixtral`."""
 from __future__ import annotations
 
 from types import ModuleType
 
 from ..errors import LayerpackError
-from . import llama, mixtral
+from . import gemma3, llama, mixtral
 
-MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "mixtral": mixtral}
+MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "phi3": llama,
+                                  "gemma3": gemma3, "mixtral": mixtral, "qwen3_moe": mixtral}
 
 
 def supported() -> str:

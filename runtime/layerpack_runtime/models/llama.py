@@ -1,4 +1,4 @@
-"""Llama-style decoder (llama, mistral, qwen2) in plain PyTorch, one layer unit at a time.
+"""Llama-style decoder (llama, mistral, qwen2, qwen3, phi3) in plain PyTorch, one layer unit at a time.
 
 gpt-fast / mlx-lm style: no nn.Module tree. Each unit is a function of its weights dict (the
 canonical names of a pack unit, already dequantized to the compute dtype), so the caller decides
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..qweight import embedding, linear
 from ..errors import FormatError, LayerpackError
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "swish")
 
@@ -40,6 +40,8 @@ BLOCK_TENSORS = (
     "attn_norm.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
     "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight",
 )
+# Per-head RMS norms of queries and keys, applied before rotary (Qwen3, Gemma 3): present when `qk_norm`.
+QK_NORM_TENSORS = ("attn.q_norm.weight", "attn.k_norm.weight")
 EMBED_TENSORS = ("embed.weight",)
 HEAD_TENSORS = ("norm.weight", "head.weight")  # head.weight is the embedding when tied
 
@@ -64,17 +66,28 @@ class ModelArgs:
     mlp_bias: bool = False
     sliding_window: int | None = None
     layer_types: list[str] | None = None  # per block "full_attention" | "sliding_attention"; None: all alike
+    qk_norm: bool = False  # per-head RMS norm of q and k before rotary (attn.q_norm / attn.k_norm)
     max_position_embeddings: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
+    # What this module runs; a family module that reuses these args (gemma3) overrides them.
+    module: ClassVar[str] = "llama"
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+    activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
+
+    @classmethod
+    def extra_fields(cls, arch: dict[str, Any]) -> dict[str, Any]:
+        """Fields a subclass adds, read from the architecture object (inside from_dict's error handling)."""
+        return {}
+
     @classmethod
     def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
         """From a manifest's `architecture` object; anything this module cannot run is a LayerpackError."""
         family = arch.get("family")
-        if family not in FAMILIES:
-            raise LayerpackError(f"model family {family!r} is not supported by the llama runtime module (supports {', '.join(FAMILIES)})")
+        if family not in cls.families:
+            raise LayerpackError(f"model family {family!r} is not supported by the {cls.module} runtime module (supports {', '.join(cls.families)})")
         try:
             norm = arch.get("norm") or {"type": "rms", "eps": 1e-6}
             rope = arch.get("rope") or {"type": "default", "theta": 10000.0}
@@ -97,10 +110,12 @@ class ModelArgs:
                 mlp_bias=bool(arch.get("mlp_bias", False)),
                 sliding_window=int(arch["sliding_window"]) if arch.get("sliding_window") else None,
                 layer_types=[str(t) for t in arch["layer_types"]] if arch.get("layer_types") else None,
+                qk_norm=bool(arch.get("qk_norm", False)),
                 max_position_embeddings=int(arch.get("max_position_embeddings") or 0),
                 bos_token_id=arch.get("bos_token_id"),
                 eos_token_ids=[int(i) for i in (arch.get("eos_token_ids") or [])],
                 pad_token_id=arch.get("pad_token_id"),
+                **cls.extra_fields(arch),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"manifest architecture is incomplete or malformed ({type(e).__name__}: {e})") from None
@@ -110,14 +125,14 @@ class ModelArgs:
             raise LayerpackError(f"rope type {args.rope_type!r} is not supported by the runtime yet (supported: {', '.join(ROPE_TYPES)})")
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
             raise LayerpackError(f"partial rotary embeddings (factor {rope['partial_rotary_factor']}) are not supported by the runtime yet")
-        if args.activation not in ACTIVATIONS:
-            raise LayerpackError(f"activation {args.activation!r} is not supported by the runtime (supported: {', '.join(ACTIVATIONS)})")
+        if args.activation not in cls.activations:
+            raise LayerpackError(f"activation {args.activation!r} is not supported by the {cls.module} runtime module (supported: {', '.join(cls.activations)})")
         if args.layer_types is not None:
             if len(args.layer_types) != args.num_layers or set(args.layer_types) - {"full_attention", "sliding_attention"}:
                 raise FormatError(f"manifest layer_types must name full_attention or sliding_attention for each of the {args.num_layers} blocks")
-        elif args.family == "qwen2" and args.sliding_window:
-            # HF Qwen2 windows only blocks >= max_window_layers, which the architecture spec does not record.
-            raise LayerpackError("qwen2 packs with a sliding window are not supported yet (the manifest does not say which blocks use it)")
+        elif args.family in ("qwen2", "qwen3") and args.sliding_window:
+            # HF Qwen2/3 window only blocks >= max_window_layers, which the architecture spec does not record.
+            raise LayerpackError(f"{args.family} packs with a sliding window are not supported yet (the manifest does not say which blocks use it)")
         if args.num_heads % args.num_kv_heads:
             raise FormatError(f"num_heads {args.num_heads} is not a multiple of num_kv_heads {args.num_kv_heads}")
         return args
@@ -237,6 +252,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def apply_qk_norm(args: ModelArgs, w: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor, norm=None):
+    """Qwen3-style per-head RMS norm of queries and keys ([B, heads, T, head_dim], over head_dim),
+    before rotary. `norm`: the family's RMS norm (default: llama's; Gemma passes its 1 + w form)."""
+    norm = norm or rms_norm
+    return norm(q, w["attn.q_norm.weight"], args.norm_eps), norm(k, w["attn.k_norm.weight"], args.norm_eps)
+
+
 def embed_forward(args: ModelArgs, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
     """input_ids [B, T] -> hidden states [B, T, hidden]."""
     return embedding(input_ids, w["embed.weight"])
@@ -248,6 +270,8 @@ def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step
     q = linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
     k = linear(x, w["attn.k.weight"], w.get("attn.k.bias")).view(B, T, KV, D).transpose(1, 2)
     v = linear(x, w["attn.v.weight"], w.get("attn.v.bias")).view(B, T, KV, D).transpose(1, 2)
+    if args.qk_norm:
+        q, k = apply_qk_norm(args, w, q, k)
     q = apply_rope(q, step.cos, step.sin)
     k = apply_rope(k, step.cos, step.sin)
     if layer_cache is not None:
@@ -281,7 +305,7 @@ def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -
 
 def check_unit(args: ModelArgs, kind: str, names) -> None:
     """The canonical tensors a unit must provide to this module (a clear error beats a KeyError mid-run)."""
-    required = {"embed": EMBED_TENSORS, "block": BLOCK_TENSORS,
+    required = {"embed": EMBED_TENSORS, "block": BLOCK_TENSORS + (QK_NORM_TENSORS if args.qk_norm else ()),
                 "head": ("norm.weight",) if args.tie_word_embeddings else HEAD_TENSORS}.get(kind, ())
     missing = [n for n in required if n not in names]
     if missing:

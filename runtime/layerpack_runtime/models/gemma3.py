@@ -1,0 +1,170 @@
+"""Gemma 3 text decoder (Gemma3ForCausalLM, model_type gemma3_text) in plain PyTorch, one layer
+unit at a time, with the same unit functions as `llama` (see its docstring for the calling pattern).
+
+What differs from llama, following Hugging Face's Gemma3 implementation operation by operation:
+* RMSNorm multiplies by (1 + w), computed in float32 and then cast (the checkpoint stores w
+  zero-centred); norms also follow attention and the MLP (`attn_post_norm`, `mlp_post_norm`),
+  and queries/keys get per-head norms before rotary (`attn.q_norm`, `attn.k_norm`).
+* The embedding is scaled by sqrt(hidden_size), the scale rounded to the compute dtype (as HF does).
+* Sliding-window and global blocks (`layer_types`) use different rotary tables: the global one from
+  `rope` (theta, optional scaling), the local one from `rope_local`. `rope_inv_freq` therefore
+  returns one table per layer type, and `prepare_steps` builds one Step per layer type.
+* Attention scores are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5; optional tanh
+  soft-capping of the final logits (None in Gemma 3). attn_logit_softcapping is recorded but, as in
+  transformers' Gemma3 (which never applies it), not applied.
+* GeGLU MLP with tanh-approximated GELU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FormatError, LayerpackError
+from ..qweight import embedding, linear
+from . import llama
+from .llama import ROPE_TYPES, Step, apply_qk_norm, apply_rope, prepare_step, rope_cos_sin
+
+FAMILIES = ("gemma3",)
+ACTIVATIONS = ("gelu_pytorch_tanh",)
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+BLOCK_TENSORS = (
+    "attn_norm.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
+    "attn.q_norm.weight", "attn.k_norm.weight", "attn_post_norm.weight",
+    "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight", "mlp_post_norm.weight",
+)
+EMBED_TENSORS = llama.EMBED_TENSORS
+HEAD_TENSORS = llama.HEAD_TENSORS
+
+
+@dataclass
+class ModelArgs(llama.ModelArgs):
+    query_pre_attn_scalar: float = 256.0
+    rope_local_type: str = "default"
+    rope_local_theta: float = 10000.0
+    rope_local_scaling: dict[str, Any] = field(default_factory=dict)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+
+    module: ClassVar[str] = "gemma3"
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+    activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
+
+    @classmethod
+    def extra_fields(cls, arch: dict[str, Any]) -> dict[str, Any]:
+        local = arch.get("rope_local") or {"type": "default", "theta": 10000.0}
+        cap = lambda v: float(v) if v else None  # noqa: E731  (0 / None: no capping)
+        return dict(
+            query_pre_attn_scalar=float(arch.get("query_pre_attn_scalar") or arch["head_dim"]),
+            rope_local_type=str(local.get("type", "default")),
+            rope_local_theta=float(local.get("theta", 10000.0)),
+            rope_local_scaling=dict(local.get("scaling") or {}),
+            attn_logit_softcapping=cap(arch.get("attn_logit_softcapping")),
+            final_logit_softcapping=cap(arch.get("final_logit_softcapping")),
+        )
+
+    @classmethod
+    def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
+        args = super().from_dict(arch)
+        if args.rope_local_type not in ROPE_TYPES:
+            raise LayerpackError(f"rope type {args.rope_local_type!r} (sliding layers) is not supported by the runtime yet (supported: {', '.join(ROPE_TYPES)})")
+        if args.sliding_window and args.layer_types is None:
+            raise FormatError("a gemma3 manifest with a sliding window must give layer_types (which blocks are sliding)")
+        return args
+
+    def layer_type(self, block: int) -> str:
+        return self.layer_types[block] if self.layer_types is not None else FULL
+
+
+# -- rotary embedding ---------------------------------------------------------------------
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One table per layer type: global blocks use `rope` (theta, scaling), sliding ones `rope_local`."""
+    local = dataclasses.replace(args, rope_type=args.rope_local_type, rope_theta=args.rope_local_theta,
+                                rope_scaling=args.rope_local_scaling)
+    return {FULL: llama.rope_inv_freq(args, device), SLIDING: llama.rope_inv_freq(local, device)}
+
+
+def prepare_steps(args: ModelArgs, inv_freq: dict[str, torch.Tensor], positions: torch.Tensor, start: int,
+                  kv_valid: torch.Tensor | None, kv_positions: torch.Tensor | None, dtype: torch.dtype) -> list[Step]:
+    """The Step of every block: one per layer type (its own rotary table and attention window)."""
+    by_type: dict[str, Step] = {}
+    steps = []
+    for i in range(args.num_layers):
+        t = args.layer_type(i)
+        if t not in by_type:
+            cos, sin = rope_cos_sin(inv_freq[t], positions, dtype)
+            by_type[t] = prepare_step(positions, start, kv_valid, kv_positions, args.window_of(i), cos, sin)
+        steps.append(by_type[t])
+    return steps
+
+
+# -- units -----------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: (x_normed * (1 + w)) in float32, then cast (llama casts before multiplying)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).type_as(x)
+
+
+def embed_forward(args: ModelArgs, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T] -> hidden states [B, T, hidden], scaled by sqrt(hidden) rounded to the compute dtype."""
+    h = embedding(input_ids, w["embed.weight"])
+    return h * torch.tensor(args.hidden_size ** 0.5, dtype=torch.float32).to(h.dtype)
+
+
+def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
+    B, T, _ = x.shape
+    H, KV, D = args.num_heads, args.num_kv_heads, args.head_dim
+    q = linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
+    k = linear(x, w["attn.k.weight"], w.get("attn.k.bias")).view(B, T, KV, D).transpose(1, 2)
+    v = linear(x, w["attn.v.weight"], w.get("attn.v.bias")).view(B, T, KV, D).transpose(1, 2)
+    q, k = apply_qk_norm(args, w, q, k, norm=rms_norm)
+    q = apply_rope(q, step.cos, step.sin)
+    k = apply_rope(k, step.cos, step.sin)
+    if layer_cache is not None:
+        k, v = layer_cache.update(k, v, step.start)  # views of columns [0, end)
+    # attn_logit_softcapping is deliberately not applied: transformers' Gemma3 keeps it in the config
+    # but never passes it to attention (only Gemma 2 caps scores), and it is null in Gemma 3 checkpoints.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
+                                         scale=args.query_pre_attn_scalar ** -0.5, enable_gqa=KV != H)
+    out = out.transpose(1, 2).reshape(B, T, H * D)
+    return linear(out, w["attn.o.weight"], w.get("attn.o.bias"))
+
+
+def mlp(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    gate = linear(x, w["mlp.gate.weight"], w.get("mlp.gate.bias"))
+    up = linear(x, w["mlp.up.weight"], w.get("mlp.up.bias"))
+    return linear(F.gelu(gate, approximate="tanh") * up, w["mlp.down.weight"], w.get("mlp.down.bias"))
+
+
+def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:
+    """One decoder block with norms before and after attention and the MLP: h [B, T, hidden] -> same."""
+    eps = args.norm_eps
+    a = attention(args, w, rms_norm(h, w["attn_norm.weight"], eps), step, layer_cache)
+    h = h + rms_norm(a, w["attn_post_norm.weight"], eps)
+    m = mlp(args, w, rms_norm(h, w["mlp_norm.weight"], eps))
+    return h + rms_norm(m, w["mlp_post_norm.weight"], eps)
+
+
+def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """Final norm + output projection (+ optional tanh soft-capping): h -> logits [B, T, vocab]."""
+    logits = linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["head.weight"])
+    if args.final_logit_softcapping:
+        cap = args.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_unit(args: ModelArgs, kind: str, names) -> None:
+    """The canonical tensors a unit must provide to this module."""
+    required = {"embed": EMBED_TENSORS, "block": BLOCK_TENSORS,
+                "head": ("norm.weight",) if args.tie_word_embeddings else HEAD_TENSORS}.get(kind, ())
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise FormatError(f"{kind} unit lacks tensor(s) {', '.join(missing)} that the {args.family} family needs")
