@@ -15,7 +15,7 @@ from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
 from layerpack.families import FAMILIES
 from layerpack_runtime import LayerpackError, Pack, load
-from layerpack_runtime.experts import ExpertLayout
+from layerpack_runtime.experts import WINDOW, ExpertLayout
 from layerpack_runtime.format import EXPERT_LINEARS, expert_weight
 from layerpack_runtime.models import mixtral
 
@@ -285,7 +285,7 @@ def test_budget_reserves_the_expert_cache(moe):
     m = load(path, max_memory=base + reserve, expert_cache=reserve)
     assert m.plan.reserved_bytes == reserve and m.plan.total <= base + reserve and m.experts.capacity >= reserve
     assert set(m.block_units) <= set(m.plan.streamed)  # the reserve went to the cache, not to resident blocks
-    assert m.plan.activation_bytes >= min(EXPERTS, TOP_K * m.step_tokens) * one  # a step's experts are counted
+    assert m.plan.activation_bytes >= (WINDOW + 1) * one  # the experts a step holds outside the cache are counted
     with pytest.raises(LayerpackError, match="minimum"):
         load(path, max_memory=base, expert_cache=base // 2)  # the reserve comes out of the budget
 
@@ -366,3 +366,17 @@ def test_qwen3_moe_logits_match_transformers(qwen, kind, mode):
     assert max(diffs.values()) < REL_TOL, diffs
     if mode == "expert_streamed":
         assert model.experts.stats.reads > 0 and set(model.experts.layouts) == {"block.000", "block.002"}
+
+
+def test_a_prefill_holds_a_bounded_window_of_experts(moe):
+    """A long prompt selects most experts of a block; without a cache they are read a few at a time
+    (at most WINDOW held outside the cache), which is what the planner reserves."""
+    model = load(moe["fp32"], max_memory=_stream_budget(moe["fp32"]))
+    model.experts.set_capacity(0)
+    ids = torch.randint(3, 384, (1, 64), generator=torch.Generator().manual_seed(9))
+    want = load(moe["fp32"]).logits(ids)
+    assert torch.equal(model.logits(ids), want)
+    s = model.experts.stats
+    assert s.per_expert == s.selected and set(s.per_expert.values()) == {1}  # each selected expert read once
+    assert max(sum(1 for (u, _) in s.per_expert if u == b) for b in model.block_units) > 2 * WINDOW  # many per block
+    assert 1 <= s.peak_held <= WINDOW

@@ -35,19 +35,51 @@ from .safetensors_io import SafetensorsFile, _zstd_decompress, itemsize
 # in the dict itself under their canonical names (resident units, whole-file streaming).
 EXPERTS_KEY = "moe.experts"
 READ_THREADS = 2
+# Experts of one step that are read but not (or no longer) in the cache are held only while in
+# flight or in use: at most this many at once, whatever the number of experts a step selects (a
+# prefill may select all of them). This bounds the working memory the planner reserves.
+WINDOW = READ_THREADS + 1
 
 
 class _Experts:
-    """{expert: weights} whose entries may still be in flight; indexing waits for that expert only."""
+    """{expert: weights} for the experts of one step, consumed in the order they were requested.
+    Cache hits are ready; misses are read by the store's pool, at most WINDOW ahead of (and
+    including) the one in use: indexing expert j waits for its read, drops the previous expert (the
+    model is done with it) and submits the next read."""
 
-    def __init__(self):
-        self.ready: dict[int, dict[str, object]] = {}
-        self.pending: dict[int, Future] = {}
+    def __init__(self, store: "ExpertStore", unit: str, ready: dict[int, dict], misses: list[int]):
+        self.store, self.unit = store, unit
+        self.inflight_done: dict[int, dict] = {}
+        self.ready = ready
+        self.misses = misses                     # in consumption order
+        self.inflight: dict[int, Future] = {}
+        self.current: int | None = None
+        self._fill()
+
+    def _fill(self) -> None:
+        held = len(self.inflight) + (self.current is not None and self.current not in self.ready)
+        while self.misses and held < WINDOW:
+            j = self.misses.pop(0)
+            self.inflight[j] = self.store._pool.submit(self.store._read_and_cache, (self.unit, j))
+            held += 1
+        self.store.stats.peak_held = max(self.store.stats.peak_held, held)
 
     def __getitem__(self, j: int) -> dict[str, object]:
-        if j not in self.ready:
-            self.ready[j] = self.pending.pop(j).result()
-        return self.ready[j]
+        if self.current is not None and self.current != j and self.current in self.inflight_done:
+            del self.inflight_done[self.current]  # the model has moved on: free it (unless cached)
+        if j in self.ready:
+            self.current = j
+            return self.ready[j]
+        if j not in self.inflight and j in self.misses:  # out of order: fetch it now
+            self.misses.remove(j)
+            self.inflight[j] = self.store._pool.submit(self.store._read_and_cache, (self.unit, j))
+        t0 = time.perf_counter()
+        weights = self.inflight.pop(j).result()
+        self.store.stats.wait_s += time.perf_counter() - t0
+        self.inflight_done[j] = weights
+        self.current = j
+        self._fill()
+        return weights
 
 
 @dataclass
@@ -56,12 +88,14 @@ class ExpertStats:
     bytes_read: int = 0
     hits: int = 0              # experts served from the cache
     read_s: float = 0.0
+    wait_s: float = 0.0        # compute thread blocked waiting for an expert read
+    peak_held: int = 0         # most experts read and held at once outside the cache (<= WINDOW)
     per_expert: dict[tuple[str, int], int] = field(default_factory=dict)   # (unit, expert) -> reads
     selected: dict[tuple[str, int], int] = field(default_factory=dict)     # (unit, expert) -> steps it was selected in
 
     def reset(self) -> None:
-        self.reads = self.bytes_read = self.hits = 0
-        self.read_s = 0.0
+        self.reads = self.bytes_read = self.hits = self.peak_held = 0
+        self.read_s = self.wait_s = 0.0
         self.per_expert.clear()
         self.selected.clear()
 
@@ -145,10 +179,11 @@ class ExpertStore:
         return max((lay.stored_bytes(j) for lay in self.layouts.values() for j in range(self.num_experts)), default=0)
 
     def working_bytes(self, tokens: int, top_k: int) -> int:
-        """Experts one block step holds at once (all its selected experts), beyond the cache."""
+        """Experts one block step holds at once beyond the cache: its selected experts, at most WINDOW
+        (+ 1: the model still references the previous expert while the next is handed over)."""
         if not self.selective or not self.layouts:
             return 0
-        return min(self.num_experts, max(1, tokens) * top_k) * self.expert_bytes()
+        return min(self.num_experts, max(1, tokens) * top_k, WINDOW + 1) * self.expert_bytes()
 
     def total_expert_bytes(self, units) -> int:
         return sum(self.layouts[u].stored_bytes(j) for u in units if u in self.layouts for j in range(self.num_experts))
@@ -170,12 +205,12 @@ class ExpertStore:
         return lambda experts: self.get(unit, experts)
 
     # -- serving (compute thread) ---------------------------------------------------------------
-    def get(self, unit: str, experts) -> "_Experts":
-        """Compute-form weights {j: {"gate", "up", "down"}} of the given experts of `unit`. Misses
-        are read by a small thread pool, all submitted at once (the disk sees several requests;
-        pread releases the GIL), and the result waits for an expert only when it is used, so the
-        model computes expert j while later ones are still being read."""
-        out = _Experts()
+    def get(self, unit: str, experts) -> _Experts:
+        """Compute-form weights {j: {"gate", "up", "down"}} of the given experts of `unit`, to be used
+        in the given order. Misses are read by a small thread pool (pread releases the GIL; the disk
+        sees several requests) a few experts ahead, and indexing waits for that expert only, so the
+        model computes expert j while the next ones are being read."""
+        ready, misses = {}, []
         for j in experts:
             key = (unit, int(j))
             self.stats.selected[key] = self.stats.selected.get(key, 0) + 1
@@ -185,10 +220,10 @@ class ExpertStore:
                     self._cache.move_to_end(key)
             if hit is not None:
                 self.stats.hits += 1
-                out.ready[key[1]] = hit[0]
+                ready[key[1]] = hit[0]
             else:
-                out.pending[key[1]] = self._pool.submit(self._read_and_cache, key)
-        return out
+                misses.append(key[1])
+        return _Experts(self, unit, ready, misses)
 
     def _read_and_cache(self, key: tuple[str, int]) -> dict[str, object]:
         weights, nbytes = self._read(*key)

@@ -246,7 +246,8 @@ class LayeredModel:
 
     @property
     def io_wait_s(self) -> float:
-        return self.streamer.stats.wait_s if self.streamer else 0.0
+        return ((self.streamer.stats.wait_s if self.streamer else 0.0)
+                + (self.experts.stats.wait_s if self.experts is not None else 0.0))
 
     # -- forward ---------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None) -> KVCache:
