@@ -298,6 +298,7 @@ def test_run_stats_report_experts(moe):
     r2 = run_cli("run", moe["nf4"], "Hello world", "--max-new-tokens", "4", "--max-memory", 10 * budget, "--stats",
                  "--no-expert-reads", check=True)
     assert r2.stdout == r.stdout and "experts: 0 read" in r2.stderr
+    assert f"{EXPERTS} experts (ffn 96), top-{TOP_K} routing, in {LAYERS} of {LAYERS} blocks" in run_cli("inspect", moe["nf4"], check=True).stdout
 
 
 def test_missing_expert_is_a_clear_error(moe, tmp_path):
