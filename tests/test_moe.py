@@ -381,3 +381,39 @@ def test_a_prefill_holds_a_bounded_window_of_experts(moe):
     assert s.per_expert == s.selected and set(s.per_expert.values()) == {1}  # each selected expert read once
     assert max(sum(1 for (u, _) in s.per_expert if u == b) for b in model.block_units) > 2 * WINDOW  # many per block
     assert 1 <= s.peak_held <= WINDOW
+
+
+# -- bf16: bit-exact routing -------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_bf16_logits_equal_transformers_eager_experts(tmp_path, family):
+    """In bf16 the routing details are visible: logits equal transformers' bit for bit (its eager
+    experts loop; the default grouped_mm kernel sums in another order), resident and expert-streamed,
+    prefill and cached decode, and flipping the routing-weights dtype (float32 for Mixtral, the
+    compute dtype for Qwen MoE) breaks that equality."""
+    import transformers
+
+    over = MIXTRAL if family == "mixtral" else QWEN3_MOE
+    ck = make_checkpoint(tmp_path / "ck", family, dtype=torch.bfloat16, **over)
+    convert(ck, str(tmp_path / "pack"), ConvertOptions(quiet=True))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.bfloat16, experts_implementation="eager").eval()
+    ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(4))
+    for budget in (None, _stream_budget(str(tmp_path / "pack"), keep_ends=False)):
+        model = load(tmp_path / "pack", max_memory=budget)
+        assert model.dtype == torch.bfloat16
+        with torch.no_grad():
+            out = ref(ids, use_cache=True)
+        cache = model.new_cache(1, PROMPT_LEN + 4)
+        assert torch.equal(model.forward(ids, cache=cache), out.logits.float())
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(4):
+            with torch.no_grad():
+                out = ref(tok, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            assert torch.equal(model.forward(tok, cache=cache), out.logits.float())
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        assert (model.experts.stats.reads > 0) == (budget is not None)
+    model.args.weights_fp32 = not model.args.weights_fp32
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    assert not torch.equal(model.logits(ids), want)
