@@ -132,6 +132,15 @@ _QWEN_MOE = {
     },
     "fused": _MIXTRAL_MOE["fused"],
 }
+# Qwen2-MoE adds a shared expert that every token uses (a dense SwiGLU MLP, scaled by a sigmoid gate):
+# part of the block's dense tensors (read with attention and router), never selected.
+_SHARED_EXPERT = {
+    "moe.shared.gate.weight": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "moe.shared.up.weight": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "moe.shared.down.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "moe.shared_gate.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
+_QWEN2_MOE = {scheme: {**table, **_SHARED_EXPERT} for scheme, table in _QWEN_MOE.items()}
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,7 @@ FAMILIES = {
     "gemma3": Family("gemma3", _EMBED, _GEMMA3_BLOCK, _HEAD, _OPTIONAL_BIASES),
     "mixtral": Family("mixtral", _EMBED, _ATTN_BLOCK, _HEAD, {}, moe=_MIXTRAL_MOE, dense_mlp=_DENSE_MLP),
     "qwen3_moe": Family("qwen3_moe", _EMBED, {**_ATTN_BLOCK, **_QK_NORMS}, _HEAD, {}, moe=_QWEN_MOE, dense_mlp=_DENSE_MLP),
+    "qwen2_moe": Family("qwen2_moe", _EMBED, _ATTN_BLOCK, _HEAD, _OPTIONAL_BIASES, moe=_QWEN2_MOE, dense_mlp=_DENSE_MLP),
 }
 # HF `architectures[0]` -> family
 ARCHITECTURES = {
@@ -167,6 +177,7 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 # Linear weights that block quantization applies to. Norms and biases always stay in the pack
 # dtype; the embedding is quantized only when tied (then it is also the head; see docs/FORMAT.md).
@@ -174,9 +185,10 @@ QUANTIZABLE = {
     "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
     "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight", "head.weight",
 }
-# Expert linears are quantized like the dense MLP's; the router (a tiny [experts, hidden] matrix whose
-# argmax decides which experts run) always stays in the pack dtype.
-_EXPERT_LINEAR = re.compile(re.escape(EXPERT_PREFIX) + r"\d+\.(gate|up|down)\.weight")
+# Expert linears (and the shared expert's) are quantized like the dense MLP's; the router (a tiny
+# [experts, hidden] matrix whose argmax decides which experts run) and the shared expert's [1, hidden]
+# gate always stay in the pack dtype.
+_EXPERT_LINEAR = re.compile(r"moe\.(experts\.\d+|shared)\.(gate|up|down)\.weight")
 
 
 def is_quantizable(canonical: str) -> bool:
@@ -247,7 +259,7 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     sliding = config.get("sliding_window")
-    if fam.name in ("qwen2", "qwen3", "qwen3_moe") and not config.get("use_sliding_window", False):
+    if fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not config.get("use_sliding_window", False):
         sliding = None  # qwen2/3 configs carry a window they do not use unless use_sliding_window is set
     layers = int(config["num_hidden_layers"])
     layer_types = config.get("layer_types")
@@ -255,7 +267,7 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         # Older configs give a period: every `sliding_window_pattern`-th block is global (transformers' rule).
         period = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
         layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
-    if layer_types is None and fam.name in ("qwen2", "qwen3", "qwen3_moe") and sliding:
+    if layer_types is None and fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and sliding:
         # Qwen2/3 window only blocks >= max_window_layers (transformers' rule when the config predates layer_types).
         first = int(config.get("max_window_layers", layers))
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -275,7 +287,8 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "rope": _rope(config),
         "activation": config.get("hidden_activation") or config.get("hidden_act", "silu"),  # gemma: hidden_activation
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", fam.name == "gemma3")),
-        "attention_bias": bool(config.get("attention_bias", fam.name == "qwen2")),
+        # qwen2_moe spells it qkv_bias (q/k/v only, like qwen2)
+        "attention_bias": bool(config.get("attention_bias", config.get("qkv_bias", fam.name == "qwen2"))),
         "mlp_bias": bool(config.get("mlp_bias", False)),
         "sliding_window": int(sliding) if sliding else None,
         # per block "full_attention" | "sliding_attention" when blocks differ; None: all blocks alike
@@ -313,6 +326,8 @@ def _moe_spec(fam: Family, config: dict, layers: int) -> dict:
         # the hidden states' dtype first (a visible difference in bf16).
         "weights_dtype": "float32" if fam.name == "mixtral" else "compute",
         "layers": [i for i in range(layers) if i not in dense_only and (i + 1) % step == 0],
+        # Qwen2-MoE's shared expert (null: none)
+        "shared_intermediate_size": int(config["shared_expert_intermediate_size"]) if "moe.shared.gate.weight" in fam.moe["fused"] else None,
     }
 
 
@@ -321,6 +336,10 @@ def expected_shape(canonical: str, arch: dict) -> list[int] | None:
     not match their weights before anything is written)."""
     h, i, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
     moe = arch.get("moe")
+    if moe and canonical.startswith("moe.shared"):
+        s_i = moe["shared_intermediate_size"]
+        return {"moe.shared.gate.weight": [s_i, h], "moe.shared.up.weight": [s_i, h], "moe.shared.down.weight": [h, s_i],
+                "moe.shared_gate.weight": [1, h]}.get(canonical)
     if moe and canonical.startswith(EXPERT_PREFIX):
         e_i = moe["intermediate_size"]
         return {"gate": [e_i, h], "up": [e_i, h], "down": [h, e_i]}.get(canonical.split(".")[-2])

@@ -1,4 +1,4 @@
-"""Mixture-of-experts packs (Mixtral, Qwen3-MoE): both source namings convert to the same pack, each expert is one
+"""Mixture-of-experts packs (Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert): both source namings convert to the same pack, each expert is one
 contiguous byte range, logits match transformers (prefill + cached decode; resident, expert-streamed
 and whole-layer-streamed; fp32 and NF4 against the dequantized weights), streamed blocks read only
 the experts the router selects, the expert LRU cache serves repeats, and the budget accounts for it."""
@@ -26,6 +26,9 @@ EXPERTS, TOP_K, LAYERS = 16, 2, 3
 MIXTRAL = dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=96, num_hidden_layers=LAYERS)
 # Qwen3-MoE: q/k norms, routing weights in the compute dtype, block 1 dense (mlp_only_layers)
 QWEN3_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, num_hidden_layers=3, mlp_only_layers=[1])
+# Qwen2-MoE: q/k/v biases, a gated shared expert next to the routed ones
+QWEN2_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                 num_hidden_layers=3, mlp_only_layers=[1])
 
 
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,11 +88,12 @@ def _hf_from_pack(ckpt: str, pack_path: str):
             sd["model.norm.weight"], sd["lm_head.weight"] = w["norm.weight"], w["head.weight"]
         else:
             i = layer.index
-            sd.update({hf.format(i=i): w[c] for c, hf in fam.block.items()})
+            sd.update({hf.format(i=i): w[c] for c, hf in {**fam.block, **fam.optional}.items() if c in w})
             if i not in arch["moe"]["layers"]:
                 sd.update({hf.format(i=i): w[c] for c, hf in fam.dense_mlp.items()})
                 continue
             sd[f"model.layers.{i}.mlp.gate.weight"] = w["moe.router.weight"]
+            sd.update({hf.format(i=i): w[c] for c, hf in fam.moe["fused"].items() if c.startswith("moe.shared")})
             sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
                 [torch.cat([w[expert_weight(j, "gate")], w[expert_weight(j, "up")]]) for j in range(experts)])
             sd[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([w[expert_weight(j, "down")] for j in range(experts)])
@@ -109,7 +113,8 @@ def test_both_namings_convert_to_the_same_pack(moe, tmp_path):
     convert(moe["fused"], str(tmp_path / "fused"), ConvertOptions(quiet=True, quant="nf4", outliers=0.01))
     a, b = Pack(moe["nf4"]).manifest, Pack(tmp_path / "fused").manifest
     assert a.architecture["moe"] == {"num_experts": EXPERTS, "top_k": TOP_K, "intermediate_size": 96, "norm_topk_prob": True,
-                                     "weights_dtype": "float32", "layers": list(range(LAYERS))}
+                                     "weights_dtype": "float32", "layers": list(range(LAYERS)),
+                                     "shared_intermediate_size": None}
     assert [(f.path, f.sha256) for f in a.files if f.path.startswith("layers/")] == \
            [(f.path, f.sha256) for f in b.files if f.path.startswith("layers/")]
 
@@ -339,7 +344,7 @@ def test_qwen3_moe_namings_and_spec(qwen):
         assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys() and "model.layers.1.mlp.gate_proj.weight" in f.keys()
     a, b = Pack(qwen["nf4"]).manifest, Pack(qwen["fused_nf4"]).manifest
     assert a.architecture["moe"] == {"num_experts": 8, "top_k": 2, "intermediate_size": 48, "norm_topk_prob": False,
-                                     "weights_dtype": "compute", "layers": [0, 2]}
+                                     "weights_dtype": "compute", "layers": [0, 2], "shared_intermediate_size": None}
     assert a.architecture["qk_norm"] is True and Pack(qwen["fp32_norm"]).manifest.architecture["moe"]["norm_topk_prob"] is True
     assert [(f.path, f.sha256) for f in a.files if f.path.startswith("layers/")] == \
            [(f.path, f.sha256) for f in b.files if f.path.startswith("layers/")]
@@ -385,7 +390,7 @@ def test_a_prefill_holds_a_bounded_window_of_experts(moe):
 
 # -- bf16: bit-exact routing -------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_bf16_logits_equal_transformers_eager_experts(tmp_path, family):
     """In bf16 the routing details are visible: logits equal transformers' bit for bit (its eager
     experts loop; the default grouped_mm kernel sums in another order), resident and expert-streamed,
@@ -393,7 +398,7 @@ def test_bf16_logits_equal_transformers_eager_experts(tmp_path, family):
     compute dtype for Qwen MoE) breaks that equality."""
     import transformers
 
-    over = MIXTRAL if family == "mixtral" else QWEN3_MOE
+    over = {"mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE, "qwen2_moe": QWEN2_MOE}[family]
     ck = make_checkpoint(tmp_path / "ck", family, dtype=torch.bfloat16, **over)
     convert(ck, str(tmp_path / "pack"), ConvertOptions(quiet=True))
     ref = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.bfloat16, experts_implementation="eager").eval()
@@ -417,3 +422,47 @@ def test_bf16_logits_equal_transformers_eager_experts(tmp_path, family):
     with torch.no_grad():
         want = ref(ids).logits.float()
     assert not torch.equal(model.logits(ids), want)
+
+
+# -- Qwen2-MoE (shared expert) ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2moe")
+    out = {"ckpt": make_checkpoint(root / "ckpt", "qwen2_moe", dtype=torch.float32, **QWEN2_MOE)}
+    out["fused"] = _fused_copy(out["ckpt"], str(root / "fused"))
+    for name, (ck, opts) in {"fp32": ("ckpt", {}), "nf4": ("ckpt", dict(quant="nf4")), "fused_nf4": ("fused", dict(quant="nf4"))}.items():
+        out[name] = str(root / name)
+        convert(out[ck], out[name], ConvertOptions(quiet=True, **opts))
+    return out
+
+
+def test_qwen2_moe_shared_expert_is_dense_and_quantized(qwen2):
+    a, b = Pack(qwen2["nf4"]).manifest, Pack(qwen2["fused_nf4"]).manifest
+    assert a.architecture["moe"]["shared_intermediate_size"] == 80 and a.architecture["attention_bias"] is True
+    assert [(f.path, f.sha256) for f in a.files if f.path.startswith("layers/")] == \
+           [(f.path, f.sha256) for f in b.files if f.path.startswith("layers/")]
+    schemes = {t.name: t.scheme for t in a.layer("block.000").tensors}
+    assert schemes["moe.shared.down.weight"] == "nf4" and schemes["moe.shared_gate.weight"] == "none"
+    assert "attn.q.bias" in schemes and "attn.o.bias" not in schemes
+    lay = ExpertLayout(Pack(qwen2["nf4"]).layer_file("block.000"), 8)
+    assert {"moe.shared.down.weight.q", "moe.shared_gate.weight"} <= set(lay.dense)  # read with the dense part
+
+
+@pytest.mark.parametrize("kind,mode", [("fp32", "resident"), ("fp32", "expert_streamed"), ("nf4", "expert_streamed")])
+def test_qwen2_moe_logits_match_transformers(qwen2, kind, mode):
+    import transformers
+
+    if kind == "fp32":
+        ref = transformers.AutoModelForCausalLM.from_pretrained(qwen2["ckpt"], dtype=torch.float32).eval()
+    else:
+        ref = _hf_from_pack(qwen2["ckpt"], qwen2[kind])
+    model = load(qwen2[kind], max_memory=None if mode == "resident" else _stream_budget(qwen2[kind], keep_ends=False))
+    assert model.args.family == "qwen2_moe" and model.args.shared_expert
+    if mode != "resident":
+        assert set(model.experts.layouts) <= set(model.plan.streamed), model.plan.describe()
+    ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(5))
+    diffs = _decode_diffs(model, ref, ids)
+    print(f"\nqwen2_moe {kind}/{mode}: max rel diff {max(diffs.values()):.2e}; {model.experts.stats.summary()}")
+    assert max(diffs.values()) < REL_TOL, diffs
+    assert (model.experts.stats.reads > 0) == (mode == "expert_streamed")

@@ -11,7 +11,8 @@ from ..errors import LayerpackError
 from . import gemma3, llama, mixtral
 
 MODULES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "phi3": llama,
-                                  "gemma3": gemma3, "mixtral": mixtral, "qwen3_moe": mixtral}
+                                  "gemma3": gemma3, "mixtral": mixtral, "qwen3_moe": mixtral,
+                                  "qwen2_moe": mixtral}
 
 
 def supported() -> str:

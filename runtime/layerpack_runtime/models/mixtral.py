@@ -27,7 +27,8 @@ from ..qweight import linear
 from . import llama
 from .llama import Step, embed_forward, head_forward, prepare_steps, rms_norm, rope_inv_freq  # noqa: F401 - the unit API
 
-FAMILIES = ("mixtral", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+SHARED_TENSORS = ("moe.shared.gate.weight", "moe.shared.up.weight", "moe.shared.down.weight", "moe.shared_gate.weight")
 ATTN_TENSORS = tuple(n for n in llama.BLOCK_TENSORS if not n.startswith("mlp."))
 DENSE_MLP_TENSORS = tuple(n for n in llama.BLOCK_TENSORS if n.startswith("mlp."))
 EMBED_TENSORS, HEAD_TENSORS = llama.EMBED_TENSORS, llama.HEAD_TENSORS
@@ -41,6 +42,7 @@ class ModelArgs(llama.ModelArgs):
     norm_topk_prob: bool = True
     weights_fp32: bool = True          # routing weights stay float32 (Mixtral) or take the compute dtype
     moe_layers: list[int] = field(default_factory=list)
+    shared_expert: bool = False        # Qwen2-MoE: a gated dense expert every token uses
 
     module: ClassVar[str] = "mixtral"
     families: ClassVar[tuple[str, ...]] = FAMILIES
@@ -52,15 +54,16 @@ class ModelArgs(llama.ModelArgs):
             raise ValueError(f"moe.weights_dtype {moe['weights_dtype']!r} is not float32 or compute")
         return dict(num_experts=int(moe["num_experts"]), top_k=int(moe["top_k"]),
                     moe_intermediate_size=int(moe["intermediate_size"]), norm_topk_prob=bool(moe["norm_topk_prob"]),
-                    weights_fp32=moe["weights_dtype"] == "float32", moe_layers=[int(i) for i in moe["layers"]])
+                    weights_fp32=moe["weights_dtype"] == "float32", moe_layers=[int(i) for i in moe["layers"]],
+                    shared_expert=bool(moe.get("shared_intermediate_size")))
 
     @classmethod
     def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
         args = super().from_dict(arch)
         if not 0 < args.top_k <= args.num_experts:
             raise FormatError(f"manifest architecture.moe: top_k {args.top_k} must be in 1..{args.num_experts}")
-        if args.family == "qwen3_moe" and args.sliding_window and args.layer_types is None:
-            raise LayerpackError("qwen3_moe packs with a sliding window are not supported yet (the manifest does not say which blocks use it)")
+        if args.family in ("qwen3_moe", "qwen2_moe") and args.sliding_window and args.layer_types is None:
+            raise LayerpackError(f"{args.family} packs with a sliding window are not supported yet (the manifest does not say which blocks use it)")
         return args
 
 
@@ -96,6 +99,9 @@ def moe(args: ModelArgs, w: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         y = linear(F.silu(linear(cur, e["gate"])) * linear(cur, e["up"]), e["down"])
         y = y * top_w[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
+    if args.shared_expert:  # Qwen2-MoE: + sigmoid(gate(x)) * shared_mlp(x), every token
+        shared = linear(F.silu(linear(flat, w["moe.shared.gate.weight"])) * linear(flat, w["moe.shared.up.weight"]), w["moe.shared.down.weight"])
+        out = out + torch.sigmoid(linear(flat, w["moe.shared_gate.weight"])) * shared
     return out.reshape(B, T, H)
 
 
@@ -113,6 +119,7 @@ def check_unit(args: ModelArgs, kind: str, names) -> None:
     attn = list(ATTN_TENSORS) + (list(llama.QK_NORM_TENSORS) if args.qk_norm else [])
     if ROUTER_WEIGHT in names:
         required = attn + [ROUTER_WEIGHT] + [expert_weight(j, l) for j in range(args.num_experts) for l in EXPERT_LINEARS]
+        required += list(SHARED_TENSORS) if args.shared_expert else []
     else:
         required = attn + list(DENSE_MLP_TENSORS)
     missing = [n for n in required if n not in names]
