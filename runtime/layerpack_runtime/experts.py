@@ -141,7 +141,9 @@ class ExpertLayout:
     def dense_view(self) -> SimpleNamespace:
         """The file as the unit streamer should see it: only the dense prefix."""
         st = self.file
-        return SimpleNamespace(path=st.path, data_start=st.data_start, file_size=self.dense_end, tensors=self.dense)
+        # `ready`: a file object may wait for its download (remote packs); forwarded when it has one
+        return SimpleNamespace(path=st.path, data_start=st.data_start, file_size=self.dense_end, tensors=self.dense,
+                               ready=getattr(st, "ready", lambda: None))
 
 
 class ExpertStore:
@@ -251,6 +253,9 @@ class ExpertStore:
         lay = self.layouts[unit]
         start, end = lay.ranges[j]
         buf = torch.empty(end - start, dtype=torch.uint8)
+        ready = getattr(lay.file, "ready", None)  # a file still downloading (remote pack): wait for it
+        if ready is not None:
+            ready()
         fd = os.open(lay.file.path, os.O_RDONLY)
         try:
             if os.preadv(fd, [memoryview(buf.numpy())], start) != end - start:
