@@ -5,9 +5,11 @@ expert's tensors as one contiguous byte range (the writer's order; see docs/FORM
 a block is not resident, the unit streamer reads only the dense prefix of the file (prefetched like
 any unit); the block's router then picks the experts of the current tokens, and `ExpertStore`
 serves them: from its LRU cache if there, else by one pread of that expert's byte range. Nothing
-of an unselected expert is read. The cache holds experts in stored form (quantized codes stay
-quantized; dequantized at use like every streamed weight) within a byte capacity that the loader
-gives it from the memory budget.
+of an unselected expert is read. Reads run on a 2-thread pool, a window of a few experts ahead of
+the one computing, so reading and compute overlap while a step never holds more than WINDOW
+uncached experts (a prefill may select them all). The cache holds experts in stored form
+(quantized codes stay quantized; dequantized at use like every streamed weight) within a byte
+capacity the loader gives it from the memory budget (a reserved share plus what the plan leaves).
 
 `expert_reads=False` turns this off (the whole layer file is streamed each step, as for dense
 models): the baseline the benchmark compares against, and a fallback.
@@ -147,6 +149,8 @@ class ExpertLayout:
 
 
 class ExpertStore:
+    """The experts of a pack's MoE blocks: their byte ranges, reads, LRU cache and counters."""
+
     def __init__(self, layers: dict, files: dict[str, SafetensorsFile], num_experts: int, dtype: torch.dtype,
                  device: torch.device, selective: bool = True, page_cache: bool = True):
         self.dtype, self.device, self.selective, self.page_cache = dtype, device, selective, page_cache
@@ -163,9 +167,6 @@ class ExpertStore:
         self._entries = {name: {t.name: t for t in layer.tensors} for name, layer in layers.items() if name in self.layouts}
 
     # -- planning (loader) ----------------------------------------------------------------------
-    def is_moe(self, unit: str) -> bool:
-        return unit in self.layouts
-
     def selective_for(self, unit: str) -> bool:
         return self.selective and unit in self.layouts
 
