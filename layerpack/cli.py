@@ -183,8 +183,10 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}", err=True)
         if model.experts is not None:
-            click.echo(f"{model.experts.stats.summary()}; expert cache {model.experts.cached_bytes / 2**20:.1f} "
-                       f"of {model.experts.capacity / 2**20:.1f} MiB", err=True)
+            from layerpack_runtime.budget import fmt_size
+
+            click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
+                       f"of {fmt_size(model.experts.capacity)}", err=True)
 
 
 if __name__ == "__main__":

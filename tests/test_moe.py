@@ -466,3 +466,16 @@ def test_qwen2_moe_logits_match_transformers(qwen2, kind, mode):
     print(f"\nqwen2_moe {kind}/{mode}: max rel diff {max(diffs.values()):.2e}; {model.experts.stats.summary()}")
     assert max(diffs.values()) < REL_TOL, diffs
     assert (model.experts.stats.reads > 0) == (mode == "expert_streamed")
+
+
+def test_run_expert_cache_option(moe):
+    budget = _stream_budget(moe["nf4"])
+    one = load(moe["nf4"]).experts.expert_bytes()
+    r = run_cli("run", moe["nf4"], "Hello world", "--max-new-tokens", "3", "--max-memory", budget + 4 * one,
+                "--expert-cache", 4 * one, "--stats", check=True)
+    from layerpack_runtime.budget import fmt_size
+
+    assert f"+ expert cache {fmt_size(4 * one)} =" in r.stderr  # the memory plan line shows the reserve
+    assert "expert cache holds" in next(l for l in r.stderr.splitlines() if l.startswith("experts:"))
+    bad = run_cli("run", moe["nf4"], "Hello", "--max-memory", budget, "--expert-cache", budget)
+    assert bad.returncode != 0 and "minimum" in bad.stderr and "expert cache" in bad.stderr and "Traceback" not in bad.stderr
