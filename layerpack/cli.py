@@ -181,12 +181,14 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before running (sizes and headers are always checked).")
 @click.option("--no-page-cache", is_flag=True, help="Drop streamed layers from the OS page cache after reading (for models larger than RAM).")
+@click.option("--expert-cache", default=None, metavar="SIZE", help="MoE packs: share of --max-memory reserved for the LRU cache of streamed experts [default: what the plan leaves].")
+@click.option("--no-expert-reads", is_flag=True, help="MoE packs: stream whole layer files instead of only the selected experts (the dense-read baseline).")
 @click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token and the memory plan to stderr.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, stats, revision, token):
+        no_page_cache, expert_cache, no_expert_reads, stats, revision, token):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
@@ -202,7 +204,8 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     total = None if is_repo_id(pack) else Manifest.load(pack).totals.get("layer_bytes")
     with progress_bar(total, "load", quiet=total is None) as bar:
         model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
-                     page_cache=not no_page_cache, progress=bar.update, revision=revision, token=token)
+                     page_cache=not no_page_cache, progress=bar.update, expert_reads=not no_expert_reads,
+                     expert_cache=expert_cache, revision=revision, token=token)
     load_s = time.perf_counter() - t0
     pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, chat=chat, stream=True)
@@ -216,6 +219,11 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     if stats:
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}", err=True)
+        if model.experts is not None:
+            from layerpack_runtime.budget import fmt_size
+
+            click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
+                       f"of {fmt_size(model.experts.capacity)}", err=True)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ from layerpack_runtime.manifest import FileEntry, LayerEntry, Manifest, Quantiza
 from layerpack_runtime.pack import sha256_file
 
 from . import __version__
-from .families import QUANTIZABLE, Family, Rows, architecture_spec, expected_shape, family_of, is_ignored, split_rows
+from .families import Family, Rows, architecture_spec, expected_shape, family_of, is_ignored, is_quantizable, split_rows
 from .progress import progress_bar
 from .quantize import OUTLIER_ROW, OUTLIER_RULES, quantize_tensor
 from .schema import validate_manifest
-from .source import Source, TensorIndex, file_digest, provenance_files, resolve
+from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
 
 PARTIAL_DIR = ".layerpack-partial"
@@ -90,7 +90,7 @@ class UnitPlan:
     name: str
     kind: str
     index: int | None
-    tensors: dict[str, str]   # canonical -> HF name
+    tensors: dict[str, str | Part]   # canonical -> HF name (or a part of a fused HF tensor)
     rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # canonical -> (start, stop, rows) of a fused HF tensor
 
 
@@ -119,11 +119,32 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
         used.update(out.values())
         return out
 
+    def block(i: int) -> dict:
+        if not family.moe:
+            return take(family.block, family.optional, i)
+        if i not in arch["moe"]["layers"]:
+            return take({**family.block, **family.dense_mlp}, family.optional, i)
+        return {**take(family.block, family.optional, i), **experts(i)}
+
+    def experts(i: int) -> dict:
+        """Block i's router and per-expert weights, from whichever naming scheme the source uses."""
+        tables = list(family.moe.values())
+        table = next((t for t in tables if _source_name(t["moe.experts.{j}.gate.weight"], i, 0) in present), tables[0])
+        out = {}
+        for j in range(arch["moe"]["num_experts"]):
+            for canonical, src in table.items():
+                ref = _source_ref(src, i, j)
+                hf = base_name(ref)
+                if hf not in present:
+                    raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
+                out[canonical.format(j=j)] = ref
+                used.add(hf)
+        return out
+
     tied = arch["tie_word_embeddings"]
     head_table = {k: v for k, v in family.head.items() if not (tied and k == "head.weight")}
     units = [UnitPlan(UNIT_EMBED, UNIT_EMBED, None, take(family.embed, {}, None))]
-    units += [UnitPlan(unit_name(UNIT_BLOCK, i), UNIT_BLOCK, i, take(family.block, family.optional, i), rows.get(i, {}))
-              for i in range(arch["num_layers"])]
+    units += [UnitPlan(unit_name(UNIT_BLOCK, i), UNIT_BLOCK, i, block(i), rows.get(i, {})) for i in range(arch["num_layers"])]
     units.append(UnitPlan(UNIT_HEAD, UNIT_HEAD, None, take(head_table, {}, None)))
     if tied:
         used.add(family.head["head.weight"])  # a tied checkpoint may still carry a copy; it is the embedding
@@ -136,12 +157,25 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
     return units
 
 
+def _source_ref(src, i: int, j: int):
+    """An expert table entry (see families._MIXTRAL_MOE) for block i, expert j: an HF name, or a Part
+    of a fused HF tensor."""
+    if isinstance(src, tuple):
+        pattern, part = src
+        return Part(pattern.format(i=i), j, {"gate": 0, "up": 1, "expert": None}[part])
+    return src.format(i=i, j=j)
+
+
+def _source_name(src, i: int, j: int) -> str:
+    return base_name(_source_ref(src, i, j))
+
+
 def scheme_for(canonical: str, quant: str, tied: bool) -> str:
     """Norms/biases never quantized; the embedding only when tied (it is then read in full as the
     head every token; untied, only a few rows are gathered per token, so it stays exact)."""
     if quant == SCHEME_NONE:
         return SCHEME_NONE
-    if canonical in QUANTIZABLE or (tied and canonical == "embed.weight"):
+    if is_quantizable(canonical) or (tied and canonical == "embed.weight"):
         return quant
     return SCHEME_NONE
 

@@ -7,13 +7,16 @@ Canonical names are architecture-neutral so one runtime module per family reads 
                attn_post_norm.weight (gemma3), mlp_norm.weight, mlp.{gate,up,down}.weight,
                mlp_post_norm.weight (gemma3)
   head unit:   norm.weight, head.weight (absent when the embedding is tied)
+  MoE blocks:  the attention tensors, moe.router.weight, moe.experts.{j}.{gate,up,down}.weight per expert j
 Weights keep Hugging Face's layout (rotary q/k rows in HF's rotate-half order; [out, in] linears).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from layerpack_runtime.errors import LayerpackError
+from layerpack_runtime.format import EXPERT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ _LLAMA_BLOCK = {
     "mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
+# The attention half of a block (every family has it; MoE blocks replace the MLP half).
+_ATTN_BLOCK = {k: v for k, v in _LLAMA_BLOCK.items() if not k.startswith("mlp.")}
+_DENSE_MLP = {k: v for k, v in _LLAMA_BLOCK.items() if k.startswith("mlp.")}
 # Present only when the config enables them (llama attention_bias / mlp_bias; always for qwen2 q/k/v).
 _OPTIONAL_BIASES = {
     "attn.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
@@ -97,6 +103,46 @@ _HEAD = {"norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+# Mixture-of-experts weights, per naming scheme a checkpoint may use ({j} = expert index). Checkpoints on
+# the Hub (and transformers 5's save_pretrained, which converts back) store one tensor per expert;
+# transformers 5's in-memory state dict fuses them per block: experts.gate_up_proj [E, 2I, H] (gate rows
+# first, then up) and experts.down_proj [E, H, I]. A fused source is (tensor pattern, part): part
+# "gate" / "up" = expert j's first / second half of gate_up_proj rows, "expert" = expert j's slice.
+# Every such part is a contiguous byte range of the source tensor, so it is read without the rest.
+_MIXTRAL_MOE = {
+    "per_expert": {
+        "moe.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+        "moe.experts.{j}.gate.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+        "moe.experts.{j}.up.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
+        "moe.experts.{j}.down.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",
+    },
+    "fused": {
+        "moe.router.weight": "model.layers.{i}.mlp.gate.weight",
+        "moe.experts.{j}.gate.weight": ("model.layers.{i}.mlp.experts.gate_up_proj", "gate"),
+        "moe.experts.{j}.up.weight": ("model.layers.{i}.mlp.experts.gate_up_proj", "up"),
+        "moe.experts.{j}.down.weight": ("model.layers.{i}.mlp.experts.down_proj", "expert"),
+    },
+}
+_QWEN_MOE = {
+    "per_expert": {
+        "moe.router.weight": "model.layers.{i}.mlp.gate.weight",
+        "moe.experts.{j}.gate.weight": "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+        "moe.experts.{j}.up.weight": "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
+        "moe.experts.{j}.down.weight": "model.layers.{i}.mlp.experts.{j}.down_proj.weight",
+    },
+    "fused": _MIXTRAL_MOE["fused"],
+}
+# Qwen2-MoE adds a shared expert that every token uses (a dense SwiGLU MLP, scaled by a sigmoid gate):
+# part of the block's dense tensors (read with attention and router), never selected.
+_SHARED_EXPERT = {
+    "moe.shared.gate.weight": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "moe.shared.up.weight": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "moe.shared.down.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "moe.shared_gate.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
+_QWEN2_MOE = {scheme: {**table, **_SHARED_EXPERT} for scheme, table in _QWEN_MOE.items()}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -104,6 +150,10 @@ class Family:
     block: dict[str, str | Rows]
     head: dict[str, str]
     optional: dict[str, str]
+    # MoE families: naming scheme -> expert table (see _MIXTRAL_MOE); `block` is then the attention half
+    # and `dense_mlp` the MLP of blocks that have no experts (Qwen3-MoE's mlp_only_layers).
+    moe: dict[str, dict] = field(default_factory=dict)
+    dense_mlp: dict[str, str] = field(default_factory=dict)
 
 
 FAMILIES = {
@@ -113,6 +163,9 @@ FAMILIES = {
     "qwen3": Family("qwen3", _EMBED, _QWEN3_BLOCK, _HEAD, _OPTIONAL_BIASES),
     "phi3": Family("phi3", _EMBED, _PHI3_BLOCK, _HEAD, {}),
     "gemma3": Family("gemma3", _EMBED, _GEMMA3_BLOCK, _HEAD, _OPTIONAL_BIASES),
+    "mixtral": Family("mixtral", _EMBED, _ATTN_BLOCK, _HEAD, {}, moe=_MIXTRAL_MOE, dense_mlp=_DENSE_MLP),
+    "qwen3_moe": Family("qwen3_moe", _EMBED, {**_ATTN_BLOCK, **_QK_NORMS}, _HEAD, {}, moe=_QWEN_MOE, dense_mlp=_DENSE_MLP),
+    "qwen2_moe": Family("qwen2_moe", _EMBED, _ATTN_BLOCK, _HEAD, _OPTIONAL_BIASES, moe=_QWEN2_MOE, dense_mlp=_DENSE_MLP),
 }
 # HF `architectures[0]` -> family
 ARCHITECTURES = {
@@ -122,6 +175,9 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 # Linear weights that block quantization applies to. Norms and biases always stay in the pack
 # dtype; the embedding is quantized only when tied (then it is also the head; see docs/FORMAT.md).
@@ -129,6 +185,14 @@ QUANTIZABLE = {
     "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
     "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight", "head.weight",
 }
+# Expert linears (and the shared expert's) are quantized like the dense MLP's; the router (a tiny
+# [experts, hidden] matrix whose argmax decides which experts run) and the shared expert's [1, hidden]
+# gate always stay in the pack dtype.
+_EXPERT_LINEAR = re.compile(r"moe\.(experts\.\d+|shared)\.(gate|up|down)\.weight")
+
+
+def is_quantizable(canonical: str) -> bool:
+    return canonical in QUANTIZABLE or _EXPERT_LINEAR.fullmatch(canonical) is not None
 
 
 def supported() -> str:
@@ -195,7 +259,7 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     sliding = config.get("sliding_window")
-    if fam.name in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
+    if fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not config.get("use_sliding_window", False):
         sliding = None  # qwen2/3 configs carry a window they do not use unless use_sliding_window is set
     layers = int(config["num_hidden_layers"])
     layer_types = config.get("layer_types")
@@ -203,7 +267,7 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         # Older configs give a period: every `sliding_window_pattern`-th block is global (transformers' rule).
         period = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
         layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
-    if layer_types is None and fam.name in ("qwen2", "qwen3") and sliding:
+    if layer_types is None and fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and sliding:
         # Qwen2/3 window only blocks >= max_window_layers (transformers' rule when the config predates layer_types).
         first = int(config.get("max_window_layers", layers))
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -223,7 +287,8 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "rope": _rope(config),
         "activation": config.get("hidden_activation") or config.get("hidden_act", "silu"),  # gemma: hidden_activation
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", fam.name == "gemma3")),
-        "attention_bias": bool(config.get("attention_bias", fam.name == "qwen2")),
+        # qwen2_moe spells it qkv_bias (q/k/v only, like qwen2)
+        "attention_bias": bool(config.get("attention_bias", config.get("qkv_bias", fam.name == "qwen2"))),
         "mlp_bias": bool(config.get("mlp_bias", False)),
         "sliding_window": int(sliding) if sliding else None,
         # per block "full_attention" | "sliding_attention" when blocks differ; None: all blocks alike
@@ -238,13 +303,48 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         spec["query_pre_attn_scalar"] = float(config.get("query_pre_attn_scalar") or spec["head_dim"])
         spec["attn_logit_softcapping"] = config.get("attn_logit_softcapping")
         spec["final_logit_softcapping"] = config.get("final_logit_softcapping")
+    if fam.moe:
+        spec["moe"] = _moe_spec(fam, config, layers)
     return spec
+
+
+def _moe_spec(fam: Family, config: dict, layers: int) -> dict:
+    """Experts per block, routing, and which blocks have experts (the rest have a dense MLP)."""
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    top_k = int(config.get("num_experts_per_tok") or 0)
+    if not 0 < top_k <= experts:
+        raise LayerpackError(f"config.json: num_experts_per_tok={top_k} must be between 1 and the {experts} experts")
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense_only = set(config.get("mlp_only_layers") or [])
+    return {
+        "num_experts": experts,
+        "top_k": top_k,
+        "intermediate_size": int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+        # Mixtral always renormalises the top-k probabilities; Qwen MoE only with norm_topk_prob.
+        "norm_topk_prob": bool(config.get("norm_topk_prob", fam.name == "mixtral")),
+        # Mixtral weights the expert outputs with float32 routing weights; Qwen MoE casts them to
+        # the hidden states' dtype first (a visible difference in bf16).
+        "weights_dtype": "float32" if fam.name == "mixtral" else "compute",
+        "layers": [i for i in range(layers) if i not in dense_only and (i + 1) % step == 0],
+        # Qwen2-MoE's shared expert (null: none)
+        "shared_intermediate_size": int(config["shared_expert_intermediate_size"]) if "moe.shared.gate.weight" in fam.moe["fused"] else None,
+    }
 
 
 def expected_shape(canonical: str, arch: dict) -> list[int] | None:
     """Shape each canonical tensor must have under the architecture spec (catches configs that do
     not match their weights before anything is written)."""
     h, i, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
+    moe = arch.get("moe")
+    if moe and canonical.startswith("moe.shared"):
+        s_i = moe["shared_intermediate_size"]
+        return {"moe.shared.gate.weight": [s_i, h], "moe.shared.up.weight": [s_i, h], "moe.shared.down.weight": [h, s_i],
+                "moe.shared_gate.weight": [1, h]}.get(canonical)
+    if moe and canonical.startswith(EXPERT_PREFIX):
+        e_i = moe["intermediate_size"]
+        return {"gate": [e_i, h], "up": [e_i, h], "down": [h, e_i]}.get(canonical.split(".")[-2])
+    if moe and canonical == "moe.router.weight":
+        return [moe["num_experts"], h]
     q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
     table = {
         "embed.weight": [v, h], "head.weight": [v, h], "norm.weight": [h],

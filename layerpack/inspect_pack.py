@@ -26,7 +26,9 @@ def summarize(m: Manifest, top_errors: int = 8) -> str:
         f"format:        layerpack {m.format_version} (written by {m.created_by})",
         f"source:        {m.source['kind']} {m.source['id']}" + (f" @ {m.source['revision']}" if m.source.get("revision") else ""),
         f"architecture:  {a['family']} ({a.get('hf_architecture')}), {a['num_layers']} layers, hidden {a['hidden_size']}, "
-        f"ffn {a['intermediate_size']}, heads {a['num_heads']}/{a['num_kv_heads']} kv, head_dim {a['head_dim']}, vocab {a['vocab_size']}",
+        f"ffn {a['intermediate_size']}, heads {a['num_heads']}/{a['num_kv_heads']} kv, head_dim {a['head_dim']}, vocab {a['vocab_size']}"
+        + (f"; {a['moe']['num_experts']} experts (ffn {a['moe']['intermediate_size']}), top-{a['moe']['top_k']} routing, "
+           f"in {len(a['moe']['layers'])} of {a['num_layers']} blocks" if a.get("moe") else ""),
         f"rope:          {a['rope']['type']} theta={a['rope']['theta']:g}" + (f" scaling={a['rope']['scaling']}" if a["rope"].get("scaling") else "")
         + f"; tied embeddings: {'yes' if a['tie_word_embeddings'] else 'no'}",
         f"quantization:  {q.scheme}" + (f" block {q.block_size}" if q.block_size else "") + f", dtype {q.dtype}"

@@ -3,6 +3,7 @@ without loading anything (safetensors headers only), so conversion can stream on
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -11,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from layerpack_runtime.errors import FormatError, LayerpackError
-from layerpack_runtime.format import SIDECAR_FILES
+from layerpack_runtime.format import SIDECAR_FILES, ST_DTYPES
 from layerpack_runtime.pack import sha256_file
 from layerpack_runtime.remote import HUB_REPO_ID
-from layerpack_runtime.safetensors_io import SafetensorsFile, TensorInfo
+from layerpack_runtime.safetensors_io import SafetensorsFile, TensorInfo, itemsize
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -113,6 +114,26 @@ def _weight_files(root: str, src: str, allow_pickle: bool) -> tuple[list[str], b
     raise LayerpackError(f"{src}: no weights found (no *.safetensors or pytorch_model*.bin)")
 
 
+@dataclass(frozen=True)
+class Part:
+    """A contiguous piece of a fused source tensor [E, R, C] (transformers 5's fused experts):
+    expert `expert`'s [R, C] slice, or its first (half=0) / second (half=1) R/2 rows."""
+    name: str
+    expert: int
+    half: int | None = None
+
+    def locate(self, shape: list[int]) -> tuple[int, list[int]]:
+        """(element offset in the flattened source tensor, shape of the part)."""
+        if len(shape) != 3 or not 0 <= self.expert < shape[0] or (self.half is not None and shape[1] % 2):
+            raise LayerpackError(f"source tensor {self.name} has shape {shape}; expected fused experts [experts, rows, cols]")
+        rows = shape[1] if self.half is None else shape[1] // 2
+        return (self.expert * shape[1] + (self.half or 0) * rows) * shape[2], [rows, shape[2]]
+
+
+def base_name(ref) -> str:
+    return ref.name if isinstance(ref, Part) else ref
+
+
 class TensorIndex:
     """name -> where to read it. Safetensors: validated headers, reads on demand. Pickle: loaded
     with weights_only=True and mmap, so tensors are paged in lazily too."""
@@ -140,16 +161,22 @@ class TensorIndex:
     def names(self) -> list[str]:
         return list(self._where)
 
-    def info(self, name: str) -> tuple[str, list[int], int]:
-        """(dtype name, shape, nbytes) without reading."""
-        rel, h = self._where[name]
+    def info(self, name) -> tuple[str, list[int], int]:
+        """(dtype name, shape, nbytes) without reading. `name`: a tensor name or a Part."""
+        rel, h = self._where[base_name(name)]
         if isinstance(h, torch.Tensor):
-            return str(h.dtype), list(h.shape), h.numel() * h.element_size()
-        info: TensorInfo = h[1]
-        return info.dtype, list(info.shape), info.nbytes
+            dtype, shape, item = str(h.dtype), list(h.shape), h.element_size()
+        else:
+            info: TensorInfo = h[1]
+            dtype, shape, item = info.dtype, list(info.shape), itemsize(info.dtype)
+        if isinstance(name, Part):
+            shape = name.locate(shape)[1]
+        return dtype, shape, math.prod(shape) * item
 
-    def read(self, name: str) -> torch.Tensor:
-        rel, h = self._where[name]
+    def read(self, name) -> torch.Tensor:
+        rel, h = self._where[base_name(name)]
+        if isinstance(name, Part):
+            return self._read_part(name, h)
         if isinstance(h, torch.Tensor):
             return h.contiguous().clone()
         st, info = h
@@ -158,11 +185,28 @@ class TensorIndex:
         except FormatError as e:
             raise LayerpackError(str(e)) from None
 
-    def file_of(self, name: str) -> str:
-        return self._where[name][0]
+    def _read_part(self, part: Part, h) -> torch.Tensor:
+        """Only the part's bytes: one expert of a fused tensor costs 1/E of reading it whole."""
+        if isinstance(h, torch.Tensor):
+            offset, shape = part.locate(list(h.shape))
+            return h.reshape(-1)[offset: offset + math.prod(shape)].reshape(shape).clone()
+        st, info = h
+        offset, shape = part.locate(list(info.shape))
+        dtype = ST_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise LayerpackError(f"source tensor {part.name} has dtype {info.dtype}, which cannot be converted")
+        item = itemsize(info.dtype)
+        raw = torch.empty(math.prod(shape) * item, dtype=torch.uint8)
+        with open(st.path, "rb", buffering=0) as f:
+            if os.preadv(f.fileno(), [memoryview(raw.numpy())], info.start + offset * item) != raw.numel():
+                raise LayerpackError(f"{st.path}: short read of tensor {part.name}; file changed or truncated")
+        return raw.view(dtype).reshape(shape)
 
-    def dtype_of(self, name: str) -> torch.dtype:
-        rel, h = self._where[name]
+    def file_of(self, name) -> str:
+        return self._where[base_name(name)][0]
+
+    def dtype_of(self, name) -> torch.dtype:
+        rel, h = self._where[base_name(name)]
         if isinstance(h, torch.Tensor):
             return h.dtype
         from layerpack_runtime.format import ST_DTYPES

@@ -14,7 +14,7 @@ import struct
 
 import torch
 
-from layerpack_runtime.format import META_FORMAT, META_UNIT, META_ZSTD, FORMAT_VERSION, FORMAT_NAME, TORCH_TO_ST
+from layerpack_runtime.format import META_FORMAT, META_UNIT, META_ZSTD, FORMAT_VERSION, FORMAT_NAME, TORCH_TO_ST, expert_of
 
 TMP_MARK = ".tmp-"
 
@@ -68,6 +68,9 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 def encode_tensors(tensors: dict[str, torch.Tensor], unit: str, zstd_level: int | None):
     """Header bytes and ordered payloads of a safetensors file. Order: by element size descending,
     then name, so every tensor is aligned to its element size (the header is padded to 8 bytes).
+    Mixture-of-experts tensors come after all the others, grouped per expert in expert order (each
+    group again by element size, then name): one expert = one contiguous byte range, read with one
+    pread; its tensors are aligned relative to the start of that range.
     With zstd, each payload becomes a U8 tensor and __metadata__ records its logical dtype/shape
     (the file stays an ordinary safetensors file)."""
     meta = {META_FORMAT: f"{FORMAT_NAME}/{FORMAT_VERSION}", META_UNIT: unit}
@@ -87,7 +90,7 @@ def encode_tensors(tensors: dict[str, torch.Tensor], unit: str, zstd_level: int 
         items.append((name, st_dtype, shape, payload, t.element_size() if zstd_level is None else 1))
     if zstd_table:
         meta[META_ZSTD] = json.dumps(zstd_table, sort_keys=True, separators=(",", ":"))
-    items.sort(key=lambda it: (-it[4], it[0]))
+    items.sort(key=_order)
     header: dict = {"__metadata__": meta}
     offset = 0
     for name, st_dtype, shape, payload, _ in items:
@@ -96,6 +99,12 @@ def encode_tensors(tensors: dict[str, torch.Tensor], unit: str, zstd_level: int 
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, [it[3] for it in items]
+
+
+def _order(item) -> tuple:
+    name, elsize = item[0], item[4]
+    j = expert_of(name)
+    return (j is not None, -1 if j is None else j, -elsize, name)
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], unit: str, zstd_level: int | None = None) -> tuple[int, str]:

@@ -40,6 +40,12 @@ def _tiny_config(family: str, **over):
         return transformers.Phi3Config(**{"pad_token_id": 0, "sliding_window": 24, **common})
     if family == "qwen3":  # head_dim is its own config field (not hidden / heads)
         return transformers.Qwen3Config(**{"head_dim": 32, **common})
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common)
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**common)
+    if family == "qwen3_moe":  # experts have their own intermediate size; head_dim is its own field
+        return transformers.Qwen3MoeConfig(**{"head_dim": 32, **common})
     raise ValueError(family)
 
 

@@ -61,27 +61,31 @@ class Plan:
     kv_bytes: int = 0
     activation_bytes: int = 0
     budget: int | None = None
+    reserved_bytes: int = 0    # set aside for a cache the caller manages (MoE experts)
 
     @property
     def total(self) -> int:
-        return self.weights_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes
+        return self.weights_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes + self.reserved_bytes
 
     def describe(self) -> str:
         deq = sum(self.resident.values())
         return (f"{len(self.resident)} resident ({deq} dequantized), {len(self.streamed)} streamed; "
                 f"weights {fmt_size(self.weights_bytes)} + stream buffers {fmt_size(self.buffer_bytes)} + KV {fmt_size(self.kv_bytes)} "
-                f"+ activations {fmt_size(self.activation_bytes)} = {fmt_size(self.total)}"
+                f"+ activations {fmt_size(self.activation_bytes)}"
+                + (f" + expert cache {fmt_size(self.reserved_bytes)}" if self.reserved_bytes else "")
+                + f" = {fmt_size(self.total)}"
                 + (f" of {fmt_size(self.budget)}" if self.budget else ""))
 
 
 def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_bytes: int, activation_bytes: int,
-         prefetch_depth: int = 1, required: tuple[str, ...] = ()) -> Plan:
+         prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0) -> Plan:
     """Resident set and forms under `budget` (None: everything resident, dequantized). `required`
-    units must be resident (e.g. a tied embedding, which is also the head)."""
+    units must be resident (e.g. a tied embedding, which is also the head). `reserved` bytes of the
+    budget are kept free for the caller (the MoE expert cache)."""
     by_name = {u.name: u for u in units}
     if budget is None:
         return Plan({u.name: True for u in units}, [], sum(u.dequantized for u in units), 0, kv_bytes, activation_bytes, None)
-    fixed = kv_bytes + activation_bytes
+    fixed = kv_bytes + activation_bytes + reserved
     # Fewest bytes we can run with: the required units resident, (depth + 1) buffers of the largest other unit.
     others = [u.streamed for u in units if u.name not in required]
     minimum = fixed + sum(by_name[n].stored for n in required) + (prefetch_depth + 1) * max(others, default=0)
@@ -89,6 +93,7 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
         raise LayerpackError(
             f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum)} "
             f"({prefetch_depth + 1} stream buffers of the largest layer + KV cache {fmt_size(kv_bytes)} + activations {fmt_size(activation_bytes)}"
+            + (f" + expert cache {fmt_size(reserved)}" if reserved else "")
             + (f" + resident {', '.join(required)}" if required else "") + ")"
         )
     resident: dict[str, bool] = {n: False for n in required}
@@ -117,4 +122,4 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
                 resident = trial
     weights, buffers = cost(resident)
     streamed = [u.name for u in units if u.name not in resident]
-    return Plan(resident, streamed, weights, buffers, kv_bytes, activation_bytes, budget)
+    return Plan(resident, streamed, weights, buffers, kv_bytes, activation_bytes, budget, reserved)

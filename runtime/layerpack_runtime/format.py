@@ -98,3 +98,22 @@ META_ZSTD = "layerpack.zstd"          # JSON {tensor: {"dtype": ST, "shape": [..
 
 # A safetensors header larger than this is refused before it is parsed (guards against garbage).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# Mixture-of-experts blocks: expert j's tensors are named `moe.experts.<j>.<gate|up|down>.weight` (+ the
+# stored parts of a quantized weight). The writer lays each expert's tensors out as one contiguous
+# byte range, after the block's dense tensors, so the runtime reads one expert with one pread.
+EXPERT_PREFIX = "moe.experts."
+ROUTER_WEIGHT = "moe.router.weight"
+EXPERT_LINEARS = ("gate", "up", "down")
+
+
+def expert_of(name: str) -> int | None:
+    """The expert index of a (stored or logical) tensor name, or None for a dense tensor."""
+    if not name.startswith(EXPERT_PREFIX):
+        return None
+    head = name[len(EXPERT_PREFIX):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def expert_weight(j: int, linear: str) -> str:
+    return f"{EXPERT_PREFIX}{j}.{linear}.weight"

@@ -20,6 +20,7 @@ from . import models
 from .budget import UnitCost, parse_size, plan
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
+from .experts import EXPERTS_KEY, ExpertStore
 from .format import ST_DTYPES, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from .generate import GenerationStats, SamplingParams, generate_tokens
 from .pack import Pack, stored_names
@@ -66,7 +67,7 @@ class LayeredModel:
 
     def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                  max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True,
-                 progress=None):
+                 progress=None, expert_reads: bool = True, expert_cache=None):
         self.pack = pack
         self.manifest = pack.manifest
         arch = self.manifest.architecture
@@ -89,6 +90,12 @@ class LayeredModel:
         # Every layer file's header is validated now (and cross-checked with the manifest), before any run.
         self._files = {l.name: pack.layer_file(l) for l in self.manifest.layers}
         self.max_memory = parse_size(max_memory)
+        # MoE packs: streamed blocks read only their selected experts (experts.py), cached within
+        # `expert_cache` bytes reserved from the budget plus whatever the plan leaves unused.
+        num_experts = getattr(self.args, "num_experts", 0)
+        self.experts = ExpertStore(self._layers, self._files, num_experts, self.dtype, self.device, expert_reads, page_cache) \
+            if num_experts else None
+        self.expert_cache = parse_size(expert_cache) or 0
         self.prefetch_depth = prefetch_depth
         self.page_cache = page_cache
         self.progress = progress  # called with the bytes of each resident unit loaded (a progress bar's update)
@@ -121,7 +128,10 @@ class LayeredModel:
         decompressed = sum(_logical_bytes(i) for i in st.tensors.values() if i.logical_dtype)
         if name == UNIT_EMBED and self._embed_rows_from_file():
             payload, decompressed = 0, 0  # not streamed whole: rows are read as needed (FileRows)
-        return UnitCost(name, stored, dequantized, payload + decompressed)
+        streamed = payload + decompressed
+        if self.experts is not None:  # a MoE block streams its dense part; experts are read one by one
+            streamed = self.experts.streamed_bytes(name, streamed)
+        return UnitCost(name, stored, dequantized, streamed)
 
     def _embed_rows_from_file(self) -> bool:
         """An untied, unquantized, uncompressed embedding can serve rows straight from its file."""
@@ -145,7 +155,8 @@ class LayeredModel:
         work = t * (8 * a.hidden_size + 3 * a.intermediate_size) * 4 + a.num_heads * t * seq * 4 + batch * a.vocab_size * 4 * 2
         largest = min(max(a.vocab_size * a.hidden_size, a.intermediate_size * a.hidden_size), CHUNK_ELEMS)
         quantized = self.manifest.quantization.scheme != "none"
-        return work + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
+        experts = self.experts.working_bytes(t, self.args.top_k) if self.experts is not None else 0
+        return work + experts + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
 
     def _priority(self) -> list[str]:
         # The embedding is needed every step (and is the head when tied), then the head, then blocks;
@@ -159,8 +170,9 @@ class LayeredModel:
         positions (the prefill), and load/drop resident units to match."""
         costs = [self._unit_cost(n) for n in self.units]
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
+        reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
         new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
-                   self.prefetch_depth, required)
+                   self.prefetch_depth, required, reserve)
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]
@@ -185,8 +197,12 @@ class LayeredModel:
                                                          self._row_stats, st.ready)}
         if streamed:
             buf = max(c.streamed for c in costs if c.name in streamed)
-            self.streamer = UnitStreamer({n: self._files[n] for n in streamed}, streamed, buf, self.device,
-                                         self.prefetch_depth, self.page_cache)
+            files = {n: self.experts.stream_view(n, self._files[n]) if self.experts else self._files[n] for n in streamed}
+            self.streamer = UnitStreamer(files, streamed, buf, self.device, self.prefetch_depth, self.page_cache)
+        if self.experts is not None and self.max_memory:
+            # the reserved share plus what the plan left unused, but never more than the streamed experts
+            spare = self.max_memory - new.total + new.reserved_bytes
+            self.experts.set_capacity(min(spare, self.experts.total_expert_bytes(streamed)))
         self.plan, self.context, self.step_tokens, self.step_batch = new, context, step_tokens, batch
 
     def _load_resident(self, name: str, deq: bool) -> None:
@@ -223,7 +239,11 @@ class LayeredModel:
         elif unit == UNIT_EMBED and self._embed_rows is not None:
             w = self._embed_rows
         elif self.streamer is not None and unit in self._layers:
-            w = compute_form(self._layers[unit], self.streamer.get(unit), self.dtype, dequantize=False)
+            if self.experts is not None and self.experts.selective_for(unit):
+                w = compute_form(self.experts.dense_layer(unit), self.streamer.get(unit), self.dtype, dequantize=False)
+                w[EXPERTS_KEY] = self.experts.provider(unit)
+            else:
+                w = compute_form(self._layers[unit], self.streamer.get(unit), self.dtype, dequantize=False)
         else:
             raise LayerpackError(f"no layer unit {unit!r} in this pack")
         if unit == UNIT_HEAD and self.args.tie_word_embeddings:  # the embedding doubles as the output projection
@@ -232,11 +252,13 @@ class LayeredModel:
 
     @property
     def bytes_read(self) -> int:
-        return (self.streamer.stats.bytes_read if self.streamer else 0) + self._row_stats.bytes_read
+        return ((self.streamer.stats.bytes_read if self.streamer else 0) + self._row_stats.bytes_read
+                + (self.experts.stats.bytes_read if self.experts is not None else 0))
 
     @property
     def io_wait_s(self) -> float:
-        return self.streamer.stats.wait_s if self.streamer else 0.0
+        return ((self.streamer.stats.wait_s if self.streamer else 0.0)
+                + (self.experts.stats.wait_s if self.experts is not None else 0.0))
 
     # -- forward ---------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None) -> KVCache:
@@ -407,7 +429,8 @@ class LayeredModel:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False,
-         page_cache: bool = True, progress=None, revision: str | None = None, token=None) -> LayeredModel:
+         page_cache: bool = True, progress=None, expert_reads: bool = True, expert_cache=None,
+         revision: str | None = None, token=None) -> LayeredModel:
     """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
 
     path: a pack folder, or a Hub repo id "owner/name" (needs huggingface_hub): the manifest and
@@ -422,7 +445,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     always hashes the files it downloads, and with verify also those it finds in the cache).
     page_cache: False drops streamed units from the OS page cache after each read (for streams
     larger than RAM: they would evict everything else, and could not stay cached anyway).
-    progress: called with a byte count as each resident unit is loaded (e.g. a tqdm's update)."""
+    progress: called with a byte count as each resident unit is loaded (e.g. a tqdm's update).
+    expert_reads (MoE packs): streamed blocks read only the experts their tokens select (False:
+    stream whole layer files, the dense-read baseline). expert_cache: bytes of the budget reserved
+    for the LRU cache of streamed experts (default 0; the cache also gets what the plan leaves)."""
     from .remote import is_repo_id, open_remote
 
     if is_repo_id(path):
@@ -435,7 +461,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
                 raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     try:
         return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context,
-                            prefetch_depth=prefetch_depth, page_cache=page_cache, progress=progress)
+                            prefetch_depth=prefetch_depth, page_cache=page_cache, progress=progress,
+                            expert_reads=expert_reads, expert_cache=expert_cache)
     except BaseException:
         pack.close()
         raise

@@ -89,6 +89,8 @@ class UnitStreamer:
                 buf = _zstd_decompress(st.path, info, bytearray(raw.numpy().tobytes()))
                 out[info.name] = torch.frombuffer(buf, dtype=ST_DTYPES[info.out_dtype]).reshape(info.out_shape)
             else:
+                if (info.start - st.data_start) % raw.new_empty(0, dtype=ST_DTYPES[info.dtype]).element_size():
+                    raw = raw.clone()  # a MoE expert range can start unaligned (see writer.encode_tensors): copy
                 out[info.name] = raw.view(ST_DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else \
                     torch.empty(info.shape, dtype=ST_DTYPES[info.dtype])
         if self._copy_stream is not None:
