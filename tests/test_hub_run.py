@@ -183,3 +183,36 @@ def test_inspect_remote_revision(hub, tmp_path):
     assert ok.returncode == 0 and "architecture:" in ok.stdout, ok.stderr
     bad = run_cli("inspect", REPO, "--revision", "nope", env=_env(hub, tmp_path / "home"))
     assert bad.returncode == 1 and "revision 'nope' not found" in bad.stderr
+
+
+def test_moe_pack_from_the_hub_reads_experts_after_their_file_arrives(hub, tmp_path):
+    """A Mixtral pack streamed from a repo id: expert preads wait for the block's download too."""
+    from layerpack.convert import ConvertOptions, convert
+    from layerpack_runtime import load
+    from test_moe import MIXTRAL, _stream_budget
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "mixtral", dtype=torch.float32, **MIXTRAL)
+    write_tiny_tokenizer(ckpt)
+    pack = str(tmp_path / "moe")
+    convert(ckpt, pack, ConvertOptions(quiet=True, quant="nf4"))
+    hub.add_repo("tiny/moe", pack)
+    budget = _stream_budget(pack)
+    local = load(pack, dtype="fp32", max_memory=budget)
+    want = local.logits([IDS])
+    release = hub.hold("tiny/moe", "layers/block.001.safetensors")
+    proc = subprocess.Popen([sys.executable, "-c", _LAZY, "tiny/moe", str(budget)], cwd=SRC, env=_env(hub, tmp_path / "home"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = []
+    try:
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if [e["event"] for e in events] == ["loaded", "block"]:   # block.000 ran while block.001 was held back
+                assert "layers/block.001.safetensors" in events[-1]["pending"]
+                release.set()
+        proc.wait(60)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert "streamed" in events[0]["plan"] and torch.equal(torch.tensor(events[-1]["values"]), want)
