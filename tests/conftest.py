@@ -122,6 +122,32 @@ def gemma3_270m():
     return _fetch("gemma3")
 
 
+def rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref| (both as float32)."""
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def decode_diffs(models: dict, ref, ids: torch.Tensor, steps: int) -> dict[str, float]:
+    """Relative logit differences of each runtime model against the transformers model `ref`, for the
+    prefill of `ids` and `steps` cached greedy decode steps (transformers' greedy token feeds every
+    model, so they all see the same sequence). Keys: "<model> prefill", "<model> decode<i>"."""
+    with torch.no_grad():
+        out = ref(ids, use_cache=True)
+    caches = {k: m.new_cache(1, ids.shape[1] + steps) for k, m in models.items()}
+    diffs = {f"{k} prefill": rel_diff(m.forward(ids, cache=caches[k]), out.logits) for k, m in models.items()}
+    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for step in range(steps):
+        with torch.no_grad():
+            out = ref(tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        for k, m in models.items():
+            diffs[f"{k} decode{step}"] = rel_diff(m.forward(tok, cache=caches[k]), out.logits)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    for k, c in caches.items():
+        assert c.length == ids.shape[1] + steps, k
+    return diffs
+
+
 def run_cli(*args, check: bool = False, env=None) -> subprocess.CompletedProcess:
     """Run the real `layerpack` command in a subprocess (exit codes and stderr as a user sees them)."""
     proc = subprocess.run([sys.executable, "-m", "layerpack.cli", *map(str, args)], capture_output=True, text=True,

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_checkpoint, run_cli
+from conftest import decode_diffs, make_checkpoint, rel_diff, run_cli
 from layerpack.convert import ConvertOptions, _plan, convert
 from layerpack_runtime import LayerpackError, Pack, load
 
@@ -45,10 +45,6 @@ def packs(tmp_path_factory):
             convert(ckpt, pack, ConvertOptions(quant=quant, quiet=True))
             out[name, quant] = (ckpt, pack)
     return out
-
-
-def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def hf_with_pack_weights(ckpt: str, pack: str, **kw):
@@ -94,19 +90,7 @@ def test_logits_match_transformers_resident_and_streamed(packs, variant, quant):
     assert resident.dtype == torch.float32 and resident.args.family == VARIANTS[variant][0]
     assert set(streamed.plan.streamed) & set(streamed.block_units) and not resident.plan.streamed, streamed.plan.describe()
     ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = ref(ids, use_cache=True)
-    models = {"resident": resident, "streamed": streamed}
-    caches = {k: m.new_cache(1, PROMPT_LEN + DECODE_STEPS) for k, m in models.items()}
-    diffs = {f"{k} prefill": _rel(m.forward(ids, cache=caches[k]), out.logits) for k, m in models.items()}
-    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    for step in range(DECODE_STEPS):
-        with torch.no_grad():
-            out = ref(tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        for k, m in models.items():
-            diffs[f"{k} decode{step}"] = _rel(m.forward(tok, cache=caches[k]), out.logits)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    diffs = decode_diffs({"resident": resident, "streamed": streamed}, ref, ids, DECODE_STEPS)
     worst = max(diffs, key=diffs.get)
     print(f"\n{variant}/{quant}: max rel diff {diffs[worst]:.2e} ({worst}); streamed {streamed.plan.streamed}")
     assert diffs[worst] < REL_TOL, diffs
@@ -195,13 +179,13 @@ def test_gemma3_manifest_and_both_layer_types_matter(packs):
     want = model.logits(ids)
     inv = dict(model.inv_freq)
     model.inv_freq = {FULL: inv[SLIDING], SLIDING: inv[SLIDING]}
-    assert _rel(model.logits(ids), want) > 1e-3  # global blocks use their own table
+    assert rel_diff(model.logits(ids), want) > 1e-3  # global blocks use their own table
     model.inv_freq = {FULL: inv[FULL], SLIDING: inv[FULL]}
-    assert _rel(model.logits(ids), want) > 1e-3  # ...and so do sliding ones
+    assert rel_diff(model.logits(ids), want) > 1e-3  # ...and so do sliding ones
     model.inv_freq = inv
     model.args.sliding_window = None
     full = model.logits(ids)
-    assert torch.equal(full[:, :16], want[:, :16]) and _rel(full[:, 16:], want[:, 16:]) > 1e-3  # the window bites after 16
+    assert torch.equal(full[:, :16], want[:, :16]) and rel_diff(full[:, 16:], want[:, 16:]) > 1e-3  # the window bites after 16
 
 
 # -- packs of unknown families --------------------------------------------------------------------

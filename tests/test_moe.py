@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
+from conftest import decode_diffs, make_checkpoint, run_cli, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
 from layerpack.families import FAMILIES
 from layerpack_runtime import LayerpackError, Pack, load
@@ -29,10 +29,6 @@ QWEN3_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
 # Qwen2-MoE: q/k/v biases, a gated shared expert next to the routed ones
 QWEN2_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
                  num_hidden_layers=3, mlp_only_layers=[1])
-
-
-def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def _fused_copy(ckpt: str, out: str) -> str:
@@ -134,22 +130,6 @@ def test_each_expert_is_one_contiguous_range_and_only_linears_are_quantized(moe)
 
 # -- parity -------------------------------------------------------------------------------------
 
-def _decode_diffs(model, ref, ids) -> dict[str, float]:
-    """Relative logit differences for the prefill and DECODE_STEPS cached greedy steps."""
-    with torch.no_grad():
-        out = ref(ids, use_cache=True)
-    cache = model.new_cache(1, PROMPT_LEN + DECODE_STEPS)
-    diffs = {"prefill": _rel(model.forward(ids, cache=cache), out.logits)}
-    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    for step in range(DECODE_STEPS):
-        with torch.no_grad():
-            out = ref(tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        diffs[f"decode{step}"] = _rel(model.forward(tok, cache=cache), out.logits)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    return diffs
-
-
 @pytest.mark.parametrize("kind", ["fp32", "nf4"])
 @pytest.mark.parametrize("mode", ["resident", "expert_streamed", "layer_streamed"])
 def test_logits_match_transformers(moe, kind, mode):
@@ -166,7 +146,7 @@ def test_logits_match_transformers(moe, kind, mode):
     if mode != "resident":
         assert set(model.block_units) <= set(model.plan.streamed), model.plan.describe()
     ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
-    diffs = _decode_diffs(model, ref, ids)
+    diffs = decode_diffs({mode: model}, ref, ids, DECODE_STEPS)
     print(f"\n{kind}/{mode}: max rel diff {max(diffs.values()):.2e}; {model.experts.stats.summary()}")
     assert max(diffs.values()) < REL_TOL, diffs
     assert (model.experts.stats.reads > 0) == (mode == "expert_streamed")
@@ -367,7 +347,7 @@ def test_qwen3_moe_logits_match_transformers(qwen, kind, mode):
         assert set(model.experts.layouts) <= set(model.plan.streamed), model.plan.describe()
     assert model.args.family == "qwen3_moe" and model.args.qk_norm
     ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(3))
-    diffs = _decode_diffs(model, ref, ids)
+    diffs = decode_diffs({mode: model}, ref, ids, DECODE_STEPS)
     print(f"\nqwen3_moe {kind}/{mode}: max rel diff {max(diffs.values()):.2e}; {model.experts.stats.summary()}")
     assert max(diffs.values()) < REL_TOL, diffs
     if mode == "expert_streamed":
@@ -462,7 +442,7 @@ def test_qwen2_moe_logits_match_transformers(qwen2, kind, mode):
     if mode != "resident":
         assert set(model.experts.layouts) <= set(model.plan.streamed), model.plan.describe()
     ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(5))
-    diffs = _decode_diffs(model, ref, ids)
+    diffs = decode_diffs({mode: model}, ref, ids, DECODE_STEPS)
     print(f"\nqwen2_moe {kind}/{mode}: max rel diff {max(diffs.values()):.2e}; {model.experts.stats.summary()}")
     assert max(diffs.values()) < REL_TOL, diffs
     assert (model.experts.stats.reads > 0) == (mode == "expert_streamed")

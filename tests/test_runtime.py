@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
+from conftest import decode_diffs, make_checkpoint, rel_diff, run_cli, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import LayerpackError, load
 from layerpack_runtime.generate import SamplingParams, sample
@@ -53,10 +53,6 @@ def tiny_llama(tiny):
     return load(tiny["llama"][1])
 
 
-def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
 # -- parity with transformers -----------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -68,18 +64,9 @@ def test_logits_match_transformers_prefill_and_decode(tiny, variant):
     model = load(pack)
     assert model.dtype == torch.float32 and model.args.family == VARIANTS[variant][0]
     ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    diffs = decode_diffs({"runtime": model}, ref, ids, DECODE_STEPS)
     with torch.no_grad():
-        out = ref(ids, use_cache=True)
-    cache = model.new_cache(1, PROMPT_LEN + DECODE_STEPS)
-    diffs = {"prefill": _rel(model.forward(ids, cache=cache), out.logits), "no_cache": _rel(model.logits(ids), out.logits)}
-    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    for step in range(DECODE_STEPS):
-        with torch.no_grad():
-            out = ref(tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        diffs[f"decode{step}"] = _rel(model.forward(tok, cache=cache), out.logits)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    assert cache.length == PROMPT_LEN + DECODE_STEPS
+        diffs["no_cache"] = rel_diff(model.logits(ids), ref(ids).logits)
     print(f"\n{variant}: max rel diff {max(diffs.values()):.2e} ({', '.join(f'{k} {v:.1e}' for k, v in diffs.items())})")
     assert max(diffs.values()) < REL_TOL, diffs
 
@@ -92,7 +79,7 @@ def test_sliding_window_is_applied(tiny):
     full = model.logits(ids)
     window = 32
     assert torch.equal(windowed[:, :window], full[:, :window])  # the window does not bite yet
-    assert _rel(windowed[:, window:], full[:, window:]) > 1e-3  # ...and then it does
+    assert rel_diff(windowed[:, window:], full[:, window:]) > 1e-3  # ...and then it does
 
 
 def test_qwen2_per_layer_sliding_window(tmp_path):
@@ -111,9 +98,9 @@ def test_qwen2_per_layer_sliding_window(tmp_path):
     ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         want = ref(ids).logits
-    assert _rel(load(tmp_path / "pack").logits(ids), want) < REL_TOL
+    assert rel_diff(load(tmp_path / "pack").logits(ids), want) < REL_TOL
     pack.manifest.architecture["layer_types"] = ["sliding_attention"] * 3  # every block windowed: different
-    assert _rel(LayeredModel(pack).logits(ids), want) > 1e-3
+    assert rel_diff(LayeredModel(pack).logits(ids), want) > 1e-3
     pack.manifest.architecture["layer_types"] = None  # a qwen2 window without layer_types is ambiguous: refused
     with pytest.raises(LayerpackError, match="sliding window"):
         LayeredModel(pack)
@@ -147,7 +134,7 @@ def test_padded_logits_match_unpadded(tiny):
     ids = torch.stack([torch.cat([torch.zeros(6, dtype=torch.long), short]), long])
     mask = torch.stack([torch.cat([torch.zeros(6, dtype=torch.long), torch.ones(9, dtype=torch.long)]), torch.ones(15, dtype=torch.long)])
     out = model.forward(ids, cache=model.new_cache(2, 15), attention_mask=mask)
-    assert _rel(out[0, 6:], model.logits(short)[0]) < REL_TOL and _rel(out[1], model.logits(long)[0]) < REL_TOL
+    assert rel_diff(out[0, 6:], model.logits(short)[0]) < REL_TOL and rel_diff(out[1], model.logits(long)[0]) < REL_TOL
 
 
 def test_chunked_prefill_matches_whole_sequence(tiny):
@@ -155,7 +142,7 @@ def test_chunked_prefill_matches_whole_sequence(tiny):
     ids = torch.randint(3, 384, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(6))
     cache = model.new_cache(1, PROMPT_LEN)
     chunks = torch.cat([model.forward(ids[:, :25], cache=cache), model.forward(ids[:, 25:], cache=cache)], dim=1)
-    assert _rel(chunks, model.logits(ids)) < REL_TOL
+    assert rel_diff(chunks, model.logits(ids)) < REL_TOL
 
 
 def test_greedy_generate_ids_feeds_argmax(tiny):
@@ -258,7 +245,7 @@ def test_compute_dtype_override(tiny):
     m32, m16 = load(pack), load(pack, dtype="bf16")
     assert m16.dtype == torch.bfloat16 and m16.weights_for("block.000")["attn.q.weight"].dtype == torch.bfloat16
     ids = list(range(3, 30))
-    assert _rel(m16.logits(ids), m32.logits(ids)) < 0.05
+    assert rel_diff(m16.logits(ids), m32.logits(ids)) < 0.05
 
 
 # -- the CLI and dependencies ---------------------------------------------------------------------
@@ -327,7 +314,7 @@ def test_smollm2_fp32_logits_match_transformers_prefill_and_16_decode_steps(smol
     caches = [m.new_cache(1, ids.shape[1] + 16) for m in (model, streamed)]
     first = [m.forward(ids, cache=c) for m, c in zip((model, streamed), caches)]
     assert torch.equal(first[0], first[1])
-    diffs = [_rel(first[0], out.logits)]
+    diffs = [rel_diff(first[0], out.logits)]
     past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(16):
         with torch.no_grad():
@@ -335,7 +322,7 @@ def test_smollm2_fp32_logits_match_transformers_prefill_and_16_decode_steps(smol
         past = out.past_key_values
         got = [m.forward(tok, cache=c) for m, c in zip((model, streamed), caches)]
         assert torch.equal(got[0], got[1])
-        diffs.append(_rel(got[0], out.logits))
+        diffs.append(rel_diff(got[0], out.logits))
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
     print(f"\nSmolLM2 fp32: max rel diff {max(diffs):.2e}")
     assert max(diffs) < REL_TOL, diffs
