@@ -75,6 +75,28 @@ def _local_logits(pack, ids=IDS):
     return load(pack, dtype="fp32").logits([ids])
 
 
+def _lazy_events(hub, home, repo, max_memory, held: str, released_after: list[str]) -> list[dict]:
+    """Run _LAZY on `repo` with the server holding `held` back; the hold is released (after asserting
+    the file is still pending) once the events so far are exactly `released_after`. Returns the events."""
+    release = hub.hold(repo, held)
+    proc = subprocess.Popen([sys.executable, "-c", _LAZY, repo, max_memory], cwd=SRC, env=_env(hub, home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = []
+    try:
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if [e["event"] for e in events] == released_after:
+                assert held in events[-1]["pending"]   # computed that far while the file was held back
+                release.set()
+        proc.wait(60)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()
+    return events
+
+
 def _layer_gets(log):
     """Layer files in the order their whole-file downloads were requested (HEAD of hf_hub_download)."""
     order = []
@@ -90,24 +112,8 @@ def _layer_gets(log):
 def test_generation_begins_before_the_last_layer_arrives(hub, tmp_path, max_memory):
     """The head's file is held back by the server: every block must run before it arrives (so the
     run cannot have waited for the whole pack), then the logits equal the local pack's exactly."""
-    release = hub.hold(REPO, HEAD_FILE)
     hub.clear_log()
-    proc = subprocess.Popen([sys.executable, "-c", _LAZY, REPO, max_memory], cwd=SRC, env=_env(hub, tmp_path / "home"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    events = []
-    try:
-        for line in proc.stdout:
-            ev = json.loads(line)
-            events.append(ev)
-            if ev["event"] == "block" and sum(e["event"] == "block" for e in events) == 4:
-                assert HEAD_FILE in ev["pending"]   # all blocks computed, the head still downloading
-                release.set()
-        proc.wait(60)
-    finally:
-        release.set()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, proc.stderr.read()
+    events = _lazy_events(hub, tmp_path / "home", REPO, max_memory, HEAD_FILE, ["loaded", "block", "block", "block", "block"])
     assert events[0]["event"] == "loaded" and HEAD_FILE in events[0]["pending"]
     assert ("4 streamed" if max_memory != "-" else "0 streamed") in events[0]["plan"]
     assert [e["event"] for e in events] == ["loaded", "block", "block", "block", "block", "logits"]
@@ -199,20 +205,5 @@ def test_moe_pack_from_the_hub_reads_experts_after_their_file_arrives(hub, tmp_p
     budget = _stream_budget(pack)
     local = load(pack, dtype="fp32", max_memory=budget)
     want = local.logits([IDS])
-    release = hub.hold("tiny/moe", "layers/block.001.safetensors")
-    proc = subprocess.Popen([sys.executable, "-c", _LAZY, "tiny/moe", str(budget)], cwd=SRC, env=_env(hub, tmp_path / "home"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    events = []
-    try:
-        for line in proc.stdout:
-            events.append(json.loads(line))
-            if [e["event"] for e in events] == ["loaded", "block"]:   # block.000 ran while block.001 was held back
-                assert "layers/block.001.safetensors" in events[-1]["pending"]
-                release.set()
-        proc.wait(60)
-    finally:
-        release.set()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, proc.stderr.read()
+    events = _lazy_events(hub, tmp_path / "home", "tiny/moe", str(budget), "layers/block.001.safetensors", ["loaded", "block"])
     assert "streamed" in events[0]["plan"] and torch.equal(torch.tensor(events[-1]["values"]), want)
