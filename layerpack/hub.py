@@ -79,7 +79,7 @@ def _check_repo_id(repo_id: str) -> None:
 def _fetch_manifest(repo_id: str, revision: str | None, token, quiet: bool) -> tuple[Manifest, str]:
     """(validated manifest, the commit it was read at). Downloads manifest.json only (HF cache)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError
 
     from .schema import validate_manifest
 
@@ -88,7 +88,8 @@ def _fetch_manifest(repo_id: str, revision: str | None, token, quiet: bool) -> t
         try:
             path = hf_hub_download(repo_id, MANIFEST_FILE, revision=revision, token=token)
         except EntryNotFoundError as e:
-            if isinstance(e, RevisionNotFoundError):  # not a subclass today; keep the revision message if it becomes one
+            # LocalEntryNotFoundError subclasses EntryNotFoundError: the Hub was not reached at all
+            if isinstance(e, (RevisionNotFoundError, LocalEntryNotFoundError)):  # not a subclass today; keep the revision message if it becomes one
                 raise hub_error(e, repo_id, revision) from None
             raise LayerpackError(f"{repo_id}: no {MANIFEST_FILE} at revision {revision or 'main'!r}; not a layerpack repo") from None
         except KeyboardInterrupt:

@@ -18,7 +18,7 @@ def verify_pack(path: str, quiet: bool = False) -> list[str]:
     Returns the list of problems (empty: the pack is intact)."""
     mpath = os.path.join(path, MANIFEST_FILE)
     if not os.path.isdir(path):
-        return [f"{path}: no such directory"]
+        return [f"{path}: no such pack directory"]
     if not os.path.isfile(mpath):
         return [f"{MANIFEST_FILE}: missing (an unfinished conversion writes it last)"]
     try:

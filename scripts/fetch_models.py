@@ -125,16 +125,18 @@ def patched(module, **attrs):
 
 
 def convert(gguf_path, out, quiet):
-    if quiet or not sys.stderr.isatty():  # no bars in logs; the GGUF loader uses a bare tqdm that
-        os.environ["TQDM_DISABLE"] = "1"  # transformers' switch misses; tqdm reads this when imported
+    # transformers' own bars (GGUF de-quantizing, loading, writing shards) stay off: this script reports
+    # its steps itself. The GGUF loader uses a bare tqdm that transformers' switch misses; tqdm reads
+    # TQDM_DISABLE when imported.
+    os.environ["TQDM_DISABLE"] = "1"
     import torch
     import transformers
     import transformers.modeling_utils as modeling_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    transformers.logging.disable_progress_bar()
     if quiet:
         transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
     folder, name = str(gguf_path.parent), gguf_path.name
 
     # Speed only (~3x on 2 cores): transformers' GGUF loader re-parses the whole

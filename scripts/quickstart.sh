@@ -10,4 +10,4 @@ PACK=${PACK:-out/smollm2-nf4}
 $PYBIN/layerpack convert "$CKPT" "$PACK" --quant nf4 --outliers 0.005 --overwrite
 $PYBIN/layerpack verify "$PACK"
 $PYBIN/layerpack inspect "$PACK" | head -n 12
-$PYBIN/layerpack run "$PACK" "${PROMPT:-What is the capital of France? Answer in one sentence.}" --chat --max-new-tokens 48 --temperature 0 --stats
+$PYBIN/layerpack run "$PACK" "${PROMPT:-What is the capital of France?}" --chat --max-new-tokens 48 --temperature 0 --stats

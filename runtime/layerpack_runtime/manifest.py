@@ -106,7 +106,7 @@ class Manifest:
     def load(cls, pack_dir: str | os.PathLike) -> "Manifest":
         path = os.path.join(pack_dir, MANIFEST_FILE)
         if not os.path.isdir(pack_dir):
-            raise FormatError(f"{pack_dir}: no such pack directory")
+            raise FormatError(f"{pack_dir}: " + ("not a directory (a pack is a folder)" if os.path.exists(pack_dir) else "no such pack directory"))
         if not os.path.isfile(path):
             raise FormatError(f"{pack_dir}: not a complete layerpack (no {MANIFEST_FILE}; an unfinished conversion writes it last)")
         try:

@@ -50,9 +50,11 @@ def hub_error(e: BaseException, repo_id: str, revision: str | None) -> Layerpack
     """One line for a failed Hub request (the token never appears in it). LayerpackErrors pass through."""
     if isinstance(e, LayerpackError):
         return e
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
+    if isinstance(e, LocalEntryNotFoundError):  # before EntryNotFoundError, its base class: the Hub was not reached
+        return LayerpackError(f"{repo_id}: cannot reach the Hub and the files are not in the local cache (check the connection or HF_ENDPOINT)")
     if isinstance(e, RevisionNotFoundError):
         return LayerpackError(f"{repo_id}: revision {revision!r} not found on the Hub")
     if isinstance(e, GatedRepoError):
