@@ -46,6 +46,7 @@ def main():
 @click.option("--quant", type=click.Choice(SCHEMES), default="none", show_default=True, help="Weight quantization scheme.")
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Dtype of unquantized tensors and compute [default: the source's].")
 @click.option("--outliers", type=float, default=0.0, show_default=True, metavar="FRACTION", help="Fraction of each quantized weight kept exactly (e.g. 0.001-0.01).")
+@click.option("--head-outliers", type=float, default=None, metavar="FRACTION", help="The output head's own fraction (a tied embedding is the head): the most sensitive weight, and a small share of a large model [default: --outliers].")
 @click.option("--outlier-rule", type=click.Choice(OUTLIER_RULES), default=OUTLIER_ROW, show_default=True, help="Which entries --outliers keeps: equal shares per output row, the largest |w| of the tensor, or greedy on the error saved per block (BENCHMARKS.md).")
 @click.option("--block-size", type=int, default=None, help="Quantization block size [default: 128 for int8, 64 for nf4].")
 @click.option("--compress", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="Compress layer payloads.")
@@ -57,12 +58,14 @@ def main():
 @click.option("--eval-text", default=None, type=click.Path(dir_okay=False), metavar="FILE", help="Text for --eval [default: the pydoc_data.topics slice, see `layerpack eval`].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_one_line_errors
-def convert(src, out, quant, dtype, outliers, outlier_rule, block_size, compress, zstd_level, revision, allow_pickle, overwrite, evaluate, eval_text, quiet):
+def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block_size, compress, zstd_level, revision, allow_pickle,
+            overwrite, evaluate, eval_text, quiet):
     """Convert a Hugging Face checkpoint (folder or Hub repo id) SRC into a layerpack at OUT."""
     from .convert import ConvertOptions, convert as run_convert
 
     m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle,
-                                             overwrite, quiet, evaluate or eval_text is not None, eval_text, outlier_rule))
+                                             overwrite, quiet, evaluate or eval_text is not None, eval_text, outlier_rule,
+                                             head_outliers))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
         if m.quality:

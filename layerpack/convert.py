@@ -67,6 +67,7 @@ class ConvertOptions:
     evaluate: bool = False             # --eval: measure quality and store it in the manifest
     eval_text: str | None = None       # None: the default text (layerpack_runtime.evaluate.default_text)
     outlier_rule: str = OUTLIER_ROW    # which entries --outliers keeps (quantize.OUTLIER_RULES; chosen by scripts/sweep_outliers.py)
+    head_outliers: float | None = None  # the output head's fraction (a tied embedding is the head); None: `outliers`
 
     def check(self) -> None:
         if self.quant not in SCHEMES:
@@ -77,6 +78,10 @@ class ConvertOptions:
             raise LayerpackError("--outliers is a fraction of each weight's entries, in [0, 0.5)")
         if self.outliers and self.quant == SCHEME_NONE:
             raise LayerpackError("--outliers needs a quantized scheme (--quant int8 or nf4)")
+        if self.head_outliers is not None and not 0.0 <= self.head_outliers < 0.5:
+            raise LayerpackError("--head-outliers is a fraction of the head's entries, in [0, 0.5)")
+        if self.head_outliers and self.quant == SCHEME_NONE:
+            raise LayerpackError("--head-outliers needs a quantized scheme (--quant int8 or nf4)")
         if self.block_size is not None and self.quant == SCHEME_NONE:
             raise LayerpackError("--block-size needs a quantized scheme (--quant int8 or nf4)")
         if self.outlier_rule not in OUTLIER_RULES:
@@ -301,7 +306,8 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
         block_size=opts.block_size or DEFAULT_BLOCK_SIZE.get(opts.quant), outlier_fraction=opts.outliers,
         compression=opts.compress, zstd_level=opts.zstd_level if opts.compress == COMPRESS_ZSTD else None,
         quantized_embedding=arch["tie_word_embeddings"] and opts.quant != SCHEME_NONE,
-        outlier_rule=opts.outlier_rule if opts.outliers else None,
+        outlier_rule=opts.outlier_rule if opts.outliers or opts.head_outliers else None,
+        head_outlier_fraction=opts.head_outliers if opts.head_outliers is not None and opts.head_outliers != opts.outliers else None,
     )
     return _Job(source, arch, index, units, quant)
 
@@ -388,7 +394,9 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             w = ahead.result()
             ahead = reader.submit(_read, job.index, *jobs[j + 1]) if j + 1 < len(jobs) else None
             bar.set_description(u.name)
-            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, q.outlier_fraction,
+            head = canonical == "head.weight" or (tied and canonical == "embed.weight")
+            fraction = q.head_outlier_fraction if head and q.head_outlier_fraction is not None else q.outlier_fraction
+            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, fraction,
                                        q.outlier_rule or OUTLIER_ROW)
             stored.update(s)
             entries.append(entry)

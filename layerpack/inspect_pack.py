@@ -32,7 +32,8 @@ def summarize(m: Manifest, top_errors: int = 8) -> str:
         f"rope:          {a['rope']['type']} theta={a['rope']['theta']:g}" + (f" scaling={a['rope']['scaling']}" if a["rope"].get("scaling") else "")
         + f"; tied embeddings: {'yes' if a['tie_word_embeddings'] else 'no'}",
         f"quantization:  {q.scheme}" + (f" block {q.block_size}" if q.block_size else "") + f", dtype {q.dtype}"
-        + (f", outliers {q.outlier_fraction:g}" + (f" ({q.outlier_rule})" if q.outlier_rule else "") if q.outlier_fraction else "") + f", compression {q.compression}"
+        + (f", outliers {q.outlier_fraction:g}" + (f" ({q.outlier_rule})" if q.outlier_rule else "") if q.outlier_fraction else "")
+        + (f", head outliers {q.head_outlier_fraction:g}" if q.head_outlier_fraction is not None else "") + f", compression {q.compression}"
         + (", embedding quantized (tied head)" if q.quantized_embedding else ""),
         f"size:          {t['params'] / 1e6:.1f} M params, {_size(t['layer_bytes'])} of layers, "
         f"{t['layer_bytes'] / t['params']:.3f} bytes/param ({t['bits_per_param']:.2f} bits)",

@@ -89,3 +89,36 @@ def test_convert_with_a_rule_and_bad_rule(tiny_ckpts, tmp_path):
     assert a.numel() == b.numel() and not torch.equal(a, b)
     with pytest.raises(LayerpackError, match="outlier rule"):
         convert(tiny_ckpts["llama"], str(tmp_path / "x"), ConvertOptions(quant="nf4", outliers=0.01, outlier_rule="nope"))
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_head_outliers_apply_to_the_head_only(tiny_ckpts, tmp_path, family):
+    """--head-outliers: the output head (a tied embedding, which is the head) gets its own fraction;
+    every other weight keeps --outliers. Recorded in the manifest (schema-valid), and the rest of the
+    pack is byte-identical to a conversion without it."""
+    from conftest import run_cli
+
+    out, base = tmp_path / "head", tmp_path / "base"
+    m = convert(tiny_ckpts[family], str(out), ConvertOptions(quant="nf4", outliers=0.001, head_outliers=0.02, quiet=True))
+    convert(tiny_ckpts[family], str(base), ConvertOptions(quant="nf4", outliers=0.001, quiet=True))
+    head = "embed.weight" if family == "llama_tied" else "head.weight"
+    for layer in m.layers:
+        for t in layer.tensors:
+            if t.scheme == "none":
+                continue
+            n = 1
+            for d in t.shape:
+                n *= d
+            assert t.outliers == round((0.02 if t.name == head else 0.001) * n), (layer.name, t.name)
+    d = json.loads((out / "manifest.json").read_text())
+    assert d["quantization"]["head_outlier_fraction"] == 0.02 and not schema_errors(d)
+    head_unit = "embed" if family == "llama_tied" else "head"
+    for layer in m.layers:
+        same = (out / layer.file).read_bytes() == (base / layer.file).read_bytes()
+        assert same == (layer.name != head_unit), layer.name
+    assert "head outliers 0.02" in run_cli("inspect", out, check=True).stdout
+    # a different head fraction is a different pack: not a silent no-op
+    with pytest.raises(LayerpackError, match="overwrite"):
+        convert(tiny_ckpts[family], str(out), ConvertOptions(quant="nf4", outliers=0.001, head_outliers=0.01, quiet=True))
+    bad = run_cli("convert", tiny_ckpts[family], tmp_path / "bad", "--head-outliers", "0.02")
+    assert bad.returncode == 1 and "needs a quantized scheme" in bad.stderr and bad.stderr.count("\n") == 1

@@ -50,11 +50,13 @@ class Quantization:
     zstd_level: int | None = None
     quantized_embedding: bool = False  # True only when a tied embedding doubles as the head
     outlier_rule: str | None = None    # 1.1, informational: how the converter chose the outliers (None: no outliers)
+    head_outlier_fraction: float | None = None  # 1.1: the output head's own fraction (the tied embedding's); None: outlier_fraction
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["outlier_rule"] is None:
-            del d["outlier_rule"]  # optional: manifests without outliers stay as in format 1.0
+        for key in ("outlier_rule", "head_outlier_fraction"):
+            if d[key] is None:
+                del d[key]  # optional: manifests without them stay as in format 1.0
         return d
 
 
