@@ -3,7 +3,8 @@
 source, bits/param, pack size and decode speed, for every scheme on SmolLM2-135M-Instruct, plus
 transformers + bitsandbytes (nf4 / int8) on the same checkpoint where bitsandbytes runs.
 
-    python scripts/bench_quality.py [--src CHECKPOINT] [--max-tokens 2048] [--record] [--json docs/quality.json]
+    python scripts/bench_quality.py [--model smollm2|gemma3] [--src CHECKPOINT] [--max-tokens 2048] [--record]
+                                    [--json docs/quality.json]
 
 Every layerpack row is converted into /tmp (deleted afterwards) and measured by
 layerpack_runtime.evaluate (the code of `layerpack eval`) on the default text (pydoc_data.topics
@@ -98,8 +99,18 @@ class CachedModel:
         return self._memo[key]
 
 
-def fetch_src() -> str:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fetch_models.py"), "smollm2", "--quiet"],
+# Per model: its name in reports, what its checkpoint is, its BENCHMARKS.md markers and plot.
+MODELS = {
+    "smollm2": ("SmolLM2-135M-Instruct", "the bf16 checkpoint of scripts/fetch_models.py, which is a dequantized Q4_1 GGUF, "
+                "see the quantization-error section", (START, END), "docs/quality.png"),
+    "gemma3": ("Gemma 3 270M (base)", "the bf16 checkpoint of scripts/fetch_models.py, a dequantized Q4_K_M GGUF; "
+               "tied embedding = 168M of its 268M parameters (vocabulary 262k)",
+               ("<!-- bench_quality_gemma3:start -->", "<!-- bench_quality_gemma3:end -->"), "docs/quality_gemma3.png"),
+}
+
+
+def fetch_src(model: str = "smollm2") -> str:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fetch_models.py"), model, "--quiet"],
                           check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
 
 
@@ -258,14 +269,16 @@ def targets(rows: list[dict], recommended: str) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", help="HF checkpoint folder [default: SmolLM2-135M-Instruct via scripts/fetch_models.py]")
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS), help="model from scripts/fetch_models.py")
+    ap.add_argument("--src", help="HF checkpoint folder [default: --model via scripts/fetch_models.py]")
     ap.add_argument("--max-tokens", type=int, default=2048, help="tokens of the default text evaluated")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--no-bnb", action="store_true", help="skip the transformers + bitsandbytes rows")
     ap.add_argument("--json", default=None, help="write the rows here (for scripts/plot_quality.py)")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md between this script's markers")
     args = ap.parse_args()
-    src = args.src or fetch_src()
+    src = args.src or fetch_src(args.model)
+    model_name, model_note, markers, plot = MODELS[args.model]
     text, text_id = default_text()
     load0 = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="bench_quality_", dir="/tmp")
@@ -283,10 +296,9 @@ def main():
     load1 = os.getloadavg()
     cmd = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
     section = "\n".join([
-        "## Quality: perplexity, KL and top-1 agreement per scheme",
+        "## Quality: perplexity, KL and top-1 agreement per scheme" + ("" if args.model == "smollm2" else f" ({model_name})"),
         "",
-        f"`{cmd.strip()}` on {os.path.basename(src.rstrip('/'))} (SmolLM2-135M-Instruct; the bf16 checkpoint of "
-        f"scripts/fetch_models.py, which is a dequantized Q4_1 GGUF, see the quantization-error section), "
+        f"`{cmd.strip()}` on {os.path.basename(src.rstrip('/'))} ({model_name}; {model_note}), "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}.",
         "",
         f"Text: {text_id}, first {len(ids)} tokens; sliding window {DEFAULT_WINDOW}, stride {DEFAULT_STRIDE} "
@@ -303,20 +315,15 @@ def main():
         "",
         *targets(rows, RECOMMENDED),
         "",
-        "![perplexity and KL vs bits/param](docs/quality.png)",
+        f"![perplexity and KL vs bits/param]({plot})",
     ])
     print(section)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "text": text_id, "tokens": rows[0]["tokens"]}, f, indent=1)
+            json.dump({"rows": rows, "text": text_id, "tokens": rows[0]["tokens"], "model": model_name}, f, indent=1)
     if args.record:
-        record_section(section)
-
-
-def record_section(section: str) -> None:
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    record(section, START, END, path)
-    print(f"recorded in {path}", file=sys.stderr)
+        record(section, *markers)
+        print(f"recorded in {os.path.join(ROOT, 'BENCHMARKS.md')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main(src: str, out: str) -> None:
         ax.set_xlabel("bits/param (transformers rows: memory footprint)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {d['tokens']} tokens of {d['text'].split(' (')[0]}, window 512 / stride 256, fp32 compute",
+    fig.suptitle(f"{d.get('model', 'SmolLM2-135M-Instruct')}, {d['tokens']} tokens of {d['text'].split(' (')[0]}, window 512 / stride 256, fp32 compute",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
