@@ -253,9 +253,11 @@ def targets(rows: list[dict], recommended: str) -> list[str]:
     exp = by.get("nf4, tied embedding/head kept bf16 (experiment)")
     bnb = by.get("transformers + bitsandbytes nf4")
     if exp:
-        notes.append(f"- The tied embedding is also the output head, and nf4 on it costs about half of the loss: keeping it bf16 "
-                     f"(experiment row, {exp['bits_per_param']:.2f} bits/param) cuts KL from {nf['kl']:.3f} to {exp['kl']:.3f} "
-                     f"and perplexity from {nf['perplexity']:.2f} to {exp['perplexity']:.2f}"
+        kl_share = 100 * (nf["kl"] - exp["kl"]) / nf["kl"]
+        gap_share = 100 * (nf["perplexity"] - exp["perplexity"]) / gap if gap > 0 else float("nan")
+        notes.append(f"- The tied embedding is also the output head: keeping it bf16 (experiment row, {exp['bits_per_param']:.2f} "
+                     f"bits/param) removes {kl_share:.0f}% of nf4's KL ({nf['kl']:.3f} → {exp['kl']:.3f}) and {gap_share:.0f}% of "
+                     f"its perplexity gap ({nf['perplexity']:.2f} → {exp['perplexity']:.2f})"
                      + (f"; that is what bitsandbytes does, and its nf4 row lands at the same place (KL {bnb['kl']:.3f}, "
                         f"perplexity {bnb['perplexity']:.2f}): the two nf4 implementations agree, only the choice of what "
                         "to quantize differs." if bnb else "."))
@@ -264,7 +266,19 @@ def targets(rows: list[dict], recommended: str) -> list[str]:
         f"- Target 2, {recommended} (the recommended setting) closes ≥ 30% of plain nf4's perplexity gap "
         f"at ≤ 0.25 extra bits/param: closes {share:.1f}% of the gap ({nf['perplexity']:.4f} → {d['perplexity']:.4f}, bf16 "
         f"{bf['perplexity']:.4f}) for {extra:+.3f} bits/param → **{'met' if share >= 30 and extra <= 0.25 else 'not met'}**.",
+        *_best_within(by, nf, gap, 0.25),
     ]
+
+
+def _best_within(by: dict, nf: dict, gap: float, extra_bits: float) -> list[str]:
+    """The nf4 + outliers row closing most of the perplexity gap within `extra_bits` (the best choice differs per model)."""
+    cands = [r for label, r in by.items() if label.startswith("nf4 +") and r["bits_per_param"] - nf["bits_per_param"] <= extra_bits]
+    if not cands or gap <= 0:
+        return []
+    best = min(cands, key=lambda r: r["perplexity"])
+    return [f"- Best outlier setting within +{extra_bits} bits/param on this model: {best['label']}, closing "
+            f"{100 * (nf['perplexity'] - best['perplexity']) / gap:.1f}% of the gap for "
+            f"{best['bits_per_param'] - nf['bits_per_param']:+.3f} bits/param."]
 
 
 def main():
