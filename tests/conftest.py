@@ -122,6 +122,16 @@ def gemma3_270m():
     return _fetch("gemma3")
 
 
+@pytest.fixture(autouse=True)
+def _no_unexpected_hub_requests(request):
+    """Every test that uses a local Hub server (a `hub` fixture, tests/hub_server.py) ends with the
+    server having answered only requests it implements: the client spoke the protocol we model."""
+    yield
+    if "hub" in request.fixturenames:
+        hub = request.getfixturevalue("hub")
+        assert hub.unexpected() == [], "\n".join(map(str, hub.unexpected()))
+
+
 def rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref| (both as float32)."""
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()

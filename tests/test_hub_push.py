@@ -38,12 +38,6 @@ def hub(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(autouse=True)
-def _no_unexpected_requests(hub):
-    yield
-    assert hub.unexpected() == [], "\n".join(map(str, hub.unexpected()))
-
-
 def _env(hub, tmp_path, token=TOKEN):
     return hub.client_env(tmp_path / "hf_home", token)
 

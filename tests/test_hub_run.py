@@ -59,12 +59,6 @@ def hub(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(autouse=True)
-def _no_unexpected_requests(hub):
-    yield
-    assert hub.unexpected() == [], "\n".join(map(str, hub.unexpected()))
-
-
 def _env(hub, home, token=TOKEN):
     return {**os.environ, **hub.client_env(home, token)}
 

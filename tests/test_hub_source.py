@@ -73,12 +73,6 @@ def hub(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(autouse=True)
-def _no_unexpected_requests(hub):
-    yield
-    assert hub.unexpected() == [], "\n".join(map(str, hub.unexpected()))
-
-
 @pytest.fixture(scope="module")
 def converted(hub):
     """tiny/llama converted from the Hub and the same checkpoint converted from its folder."""
