@@ -1,22 +1,42 @@
-"""Quantized weights kept in their stored form and dequantized inside the linear layer, at use
-(gpt-fast style): a streamed or resident 4-bit layer costs its 4-bit bytes of memory, not 16.
+"""Quantized weights kept in their stored form and used by the linear layer as they are (gpt-fast
+style): a streamed or resident 4-bit layer costs its 4-bit bytes of memory, not 16.
 
-CPU: pure torch (quant.dequantize_nf4: a 256-entry table maps each packed byte to its two NF4
-values, so one index_select does two codes). CUDA: bitsandbytes' dequantization kernel when it is installed
-(the NF4 layout is theirs), else the same pure-torch path. Outlier tables are written back after
-dequantization (their quantized value is exactly 0).
+How a QuantWeight computes, fastest first:
+* CPU, up to GEMV_MAX_ROWS activation rows (decode, small batches): the native kernels
+  (kernels/qmatvec.c) multiply straight from the codes, no dequantized copy: at the speed of the
+  stored bytes. Outlier tables are added as a sparse correction.
+* CUDA, one activation row, NF4: bitsandbytes' fused 4-bit GEMV (`matmul_4bit`) when installed.
+* Otherwise (prefill, odd layouts, no compiler): dequantize once - by the native kernel when
+  there is one, else pure torch (quant.py: a 256-entry table maps each packed byte to its two NF4
+  values) or bitsandbytes on CUDA - in row chunks, then one GEMM. Outlier tables are written back
+  after dequantization (their quantized value is exactly 0).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .format import SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 
 # Weights larger than this are dequantized and multiplied in row chunks, so a 128K-vocabulary head
 # needs a chunk's worth of working memory, not a full-precision copy of itself.
 CHUNK_ELEMS = 1 << 21
+# Up to this many activation rows multiply straight from the codes (each row tile of 4 decodes the
+# weights once, so 16 rows cost about 4 decodes); more rows dequantize once and use one GEMM.
+GEMV_MAX_ROWS = 16
+_CODE_DTYPES = {SCHEME_NF4: torch.uint8, SCHEME_INT8: torch.int8}
+_VAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _bnb_matmul():
+    try:
+        from bitsandbytes import matmul_4bit  # optional: fused 4-bit GEMV on CUDA
+
+        return matmul_4bit
+    except Exception:  # noqa: BLE001 - any import problem means "not available"
+        return None
 
 
 def _bnb():
@@ -43,6 +63,13 @@ class QuantWeight:
                    tensors.get(name + SUFFIX_OUTLIER_IDX), tensors.get(name + SUFFIX_OUTLIER_VAL), dtype)
 
     @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax, self.outlier_idx, self.outlier_val) if t is not None)
 
@@ -51,19 +78,41 @@ class QuantWeight:
         return QuantWeight(self.scheme, self.shape, self.block_size, move(self.codes), move(self.absmax),
                            move(self.outlier_idx), move(self.outlier_val), self.dtype)
 
+    def _native_layout(self) -> bool:
+        """Whether the native kernels can read these tensors as they are: contiguous CPU tensors of
+        the format's dtypes and the exact element counts of the shape (never read past a tensor)."""
+        n = self.numel
+        codes_n = (n + 1) // 2 if self.scheme == SCHEME_NF4 else n
+        return (self.codes.device.type == "cpu" and self.codes.dtype == _CODE_DTYPES.get(self.scheme)
+                and self.codes.is_contiguous() and self.codes.numel() == codes_n
+                and self.absmax.dtype == torch.float32 and self.absmax.is_contiguous()
+                and self.block_size > 0 and self.absmax.numel() == -(-n // self.block_size))
+
     def dequantize(self) -> torch.Tensor:
         device = self.codes.device
-        if self.scheme == SCHEME_NF4:
+        w = self._dequantize_native() if device.type == "cpu" else None
+        if w is None and self.scheme == SCHEME_NF4:
             w = self._nf4_cuda() if device.type == "cuda" else None
             if w is None:
                 w = dequantize_nf4(self.codes, self.absmax, self.shape, self.block_size, self.dtype)
-        elif self.scheme == SCHEME_INT8:
+        elif w is None and self.scheme == SCHEME_INT8:
             w = dequantize_int8(self.codes, self.absmax, self.shape, self.block_size, self.dtype)
-        else:
+        elif w is None:
             raise ValueError(self.scheme)
         if self.outlier_idx is not None and self.outlier_idx.numel():
             w = apply_outliers(w, self.outlier_idx, self.outlier_val)
         return w
+
+    def _dequantize_native(self) -> torch.Tensor | None:
+        if self.dtype not in _VAL_DTYPES or not self._native_layout() or (self.scheme == SCHEME_NF4 and self.block_size % 2):
+            return None
+        lib = kernels.native()
+        if lib is None:
+            return None
+        # the kernel writes float32 or bfloat16 directly; float16 goes through float32
+        out_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        w = kernels.dequantize(lib, self.scheme, self.codes, self.absmax, self.numel, self.block_size, out_dtype)
+        return w.to(self.dtype).view(self.shape)
 
     def _nf4_cuda(self) -> torch.Tensor | None:
         bnbf = _bnb()
@@ -88,6 +137,10 @@ class QuantWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self.shape[0], self.shape[-1]
+        if len(self.shape) == 2 and x.numel() <= GEMV_MAX_ROWS * cols:
+            y = self._linear_native(x) if x.device.type == "cpu" else self._linear_cuda(x) if x.device.type == "cuda" else None
+            if y is not None:
+                return y if bias is None else y.add_(bias)
         if len(self.shape) != 2 or rows * cols <= CHUNK_ELEMS or cols % self.block_size or cols % 2:
             return F.linear(x, self.dequantize(), bias)
         step = max(1, CHUNK_ELEMS // cols)
@@ -96,6 +149,39 @@ class QuantWeight:
             r1 = min(rows, r0 + step)
             out[..., r0:r1] = F.linear(x, self.row_slice(r0, r1).dequantize(), None if bias is None else bias[r0:r1])
         return out
+
+    def _linear_native(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T straight from the codes (CPU, few rows), or None when the kernel cannot take it."""
+        rows, cols = self.shape
+        if (self.scheme == SCHEME_NF4 and (cols % 2 or self.block_size % 2)) or not self._native_layout():
+            return None
+        idx, val = self.outlier_idx, self.outlier_val
+        if idx is not None and idx.numel() and not (idx.dtype in (torch.int32, torch.int64) and idx.is_contiguous()
+                                                    and val.dtype in _VAL_DTYPES and val.is_contiguous() and val.numel() == idx.numel()):
+            return None
+        lib = kernels.native()
+        if lib is None:
+            return None
+        x2 = x.reshape(-1, cols).to(torch.float32).contiguous()
+        y = kernels.matvec(lib, self.scheme, self.codes, self.absmax, rows, cols, self.block_size, x2, idx, val)
+        return y.to(x.dtype).view(*x.shape[:-1], rows)
+
+    def _linear_cuda(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight, or None."""
+        if self.scheme != SCHEME_NF4 or x.numel() != x.shape[-1] or self.shape[1] % self.block_size:
+            return None
+        bnb = _bnb_matmul()
+        bnbf = _bnb()
+        if bnb is None or bnbf is None:
+            return None
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=bnbf.get_4bit_type("nf4", device=x.device),
+                                blocksize=self.block_size, quant_type="nf4", dtype=x.dtype)
+        y = bnb(x, self.codes.view(-1, 1).t(), quant_state=state)
+        if self.outlier_idx is not None and self.outlier_idx.numel():
+            idx = self.outlier_idx.long()
+            contrib = x.reshape(-1)[idx % self.shape[1]] * self.outlier_val.to(x.dtype)
+            y.view(-1).index_add_(0, idx // self.shape[1], contrib)
+        return y
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed when

@@ -1,0 +1,156 @@
+"""Native CPU kernels for quantized weights (qmatvec.c), built once per machine and cached.
+
+Why a C file compiled at first use rather than a prebuilt wheel or a torch C++ extension: the
+kernel is one small file with no Python or torch headers, so the system C compiler builds it in
+about a second, with `-march=native` for the instructions of the machine that runs it (AVX-512,
+AVX2, or portable C elsewhere), and ctypes calls it with the GIL released. A torch extension would
+need torch's headers (tens of seconds to compile) and ninja. The result is cached under
+$LAYERPACK_CACHE/kernels (default ~/.cache/layerpack/kernels), keyed by the source, the compiler
+flags and the machine. No compiler, a failed build or LAYERPACK_KERNELS=torch -> the pure-torch path
+(qweight.py), with one warning line when it was a failure.
+
+Environment:
+  LAYERPACK_KERNELS=torch   never build or use the native kernels
+  LAYERPACK_KERNEL_FLAGS    compiler flags instead of the default "-O3 -march=native" (the tests
+                            build an AVX2-only and a portable variant with it)
+  CC                        the C compiler (default: cc)
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qmatvec.c")
+DEFAULT_FLAGS = "-O3 -march=native"
+ABI_VERSION = 1
+BUILD_TIMEOUT_S = 120
+
+_I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "lp_nf4_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _I32],
+    "lp_int8_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _I32],
+    "lp_outliers_matvec": [_P, _I32, _P, _I32, _I64, _I64, _I64, _P, _I64, _P],
+    "lp_nf4_dequant": [_P, _P, _I64, _I64, _P, _I32, _I32],
+    "lp_int8_dequant": [_P, _P, _I64, _I64, _P, _I32, _I32],
+}
+
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> str:
+    root = os.environ.get("LAYERPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "layerpack")
+    return os.path.join(root, "kernels")
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(flags: str) -> str:
+    """Compile qmatvec.c into the cache (atomically: temp file, then rename) and return its path."""
+    cc = os.environ.get("CC") or "cc"
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(src + flags.encode() + cc.encode() + _cpu_id().encode() + sys.platform.encode()).hexdigest()[:16]
+    out_dir = cache_dir()
+    lib = os.path.join(out_dir, f"qmatvec-{key}.so")
+    if os.path.isfile(lib):
+        return lib
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} not found)")
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        cmd = [cc, *flags.split(), "-fopenmp", "-shared", "-fPIC", "-std=c99", "-o", tmp, SOURCE]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if res.returncode != 0:
+            lines = (res.stderr or res.stdout).strip().splitlines()
+            first_error = next((l for l in lines if "error" in l), lines[-1] if lines else "no output")
+            raise RuntimeError(f"{cc} failed: {first_error.strip()}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    if lib.lp_abi_version() != ABI_VERSION:
+        raise RuntimeError("kernel library ABI mismatch")
+    lib.lp_isa.restype = ctypes.c_char_p
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def native() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (pure-torch fallback). Built on the first call."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    lib = None
+    if os.environ.get("LAYERPACK_KERNELS", "").lower() != "torch":
+        try:
+            lib = _load(_build(os.environ.get("LAYERPACK_KERNEL_FLAGS") or DEFAULT_FLAGS))
+        except Exception as e:  # noqa: BLE001 - any failure means "use the torch path", said once
+            print(f"warning: native quantized kernels unavailable ({e}); using the slower pure-torch path", file=sys.stderr)
+            lib = None
+    _state["lib"] = lib
+    return lib
+
+
+def isa() -> str:
+    """'avx512' | 'avx2' | 'scalar' for the native build, 'torch' without one."""
+    lib = native()
+    return lib.lp_isa().decode() if lib is not None else "torch"
+
+
+def reset() -> None:
+    """Forget the loaded library (tests switch variants through the environment)."""
+    _state.clear()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+_VAL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def matvec(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, block: int,
+           x: torch.Tensor, outlier_idx: torch.Tensor | None, outlier_val: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W.T for a few rows of x ([batch, cols] float32 contiguous) -> [batch, rows] float32.
+    The caller guarantees the layout (contiguous CPU tensors of the exact sizes, float32 absmax,
+    for NF4 even cols and block, outlier_idx int32/int64 and outlier_val float32/bf16/fp16)."""
+    batch = x.shape[0]
+    y = torch.empty(batch, rows, dtype=torch.float32)
+    fn = lib.lp_nf4_matvec if scheme == "nf4" else lib.lp_int8_matvec
+    fn(_ptr(codes), _ptr(absmax), rows, cols, block, _ptr(x), batch, _ptr(y), torch.get_num_threads())
+    if outlier_idx is not None and outlier_idx.numel():
+        lib.lp_outliers_matvec(_ptr(outlier_idx), int(outlier_idx.dtype == torch.int64), _ptr(outlier_val),
+                               _VAL_DTYPES[outlier_val.dtype], outlier_idx.numel(), rows, cols, _ptr(x), batch, _ptr(y))
+    return y
+
+
+def dequantize(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, n: int, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """n weight values in float32 or bfloat16 (the caller checks dtype and layout)."""
+    out = torch.empty(n, dtype=dtype)
+    fn = lib.lp_nf4_dequant if scheme == "nf4" else lib.lp_int8_dequant
+    fn(_ptr(codes), _ptr(absmax), n, block, _ptr(out), int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out

@@ -1,0 +1,406 @@
+/* Quantized matrix-vector products and dequantization for layerpack's NF4 and int8 weights, on CPU.
+
+   Plain C with no Python or torch headers: it compiles in about a second at first use
+   (kernels/__init__.py) with -march=native, and is called through ctypes, which releases the GIL.
+   Threads come from OpenMP; the library links libgomp.so.1 by soname, so inside a process that has
+   imported torch it shares torch's own OpenMP runtime and thread pool (no second pool to fight).
+
+   Layouts are the pack's, unchanged (docs/FORMAT.md): the weight [rows, cols] is flattened row-major
+   and split into blocks of `block` elements with one float32 absmax each.
+     NF4:  two codes per byte, the first element in the high nibble (bitsandbytes' order);
+           value = NF4[code] * absmax.
+     int8: one signed code per element; value = code * (absmax / 127).
+   Every weight value is formed exactly as the reference dequantization forms it (one float32
+   product), so results differ from dequantize-then-matmul only in summation order.
+
+   The caller checks what the kernels assume: NF4 needs an even number of columns and an even
+   block size (segments are whole bytes); int8 takes any layout. Outlier corrections are separate
+   (lp_outliers_matvec): the block codes at outlier positions dequantize to exactly 0.
+
+   Non-uniform 4-bit values are looked up with a 16-entry in-register table (one permute per 16
+   codes with AVX-512, two plus a blend with AVX2), the per-block scale folded into the table,
+   so no dequantized copy of the weight is ever written: the same idea as llama.cpp's IQ4_NL dot
+   products, but in float32 so the result equals the reference within rounding. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define INT8_QMAX 127.0f
+#define MAX_TILE 4 /* batch rows sharing one decode of the weights */
+
+static const float NF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+const char *lp_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+int lp_abi_version(void) { return 1; }
+
+static int threads_for(int64_t work, int nthreads) {
+    /* A parallel region costs a few microseconds; below ~256K weights one thread is faster. */
+    if (nthreads < 1) return 1;
+    int64_t by_work = work / (1 << 18);
+    if (by_work < 1) return 1;
+    return by_work < nthreads ? (int)by_work : nthreads;
+}
+
+/* A weight row is a run of segments, one per block it overlaps: a block straddles two rows when
+   cols is not a multiple of the block size (SmolLM2's 576 columns with int8's block of 128).
+   SEGMENTS runs BODY once per segment with: j..end (the segment's columns), flat (its first flat
+   index) and s (its block's absmax). */
+#define SEGMENTS(...)                                                    \
+    for (int64_t j = 0; j < cols;) {                                     \
+        int64_t flat = flat0 + j, k = flat / block;                      \
+        int64_t end = (k + 1) * block - flat0;                           \
+        if (end > cols) end = cols;                                      \
+        float s = absmax[k];                                             \
+        __VA_ARGS__;                                                     \
+        j = end;                                                         \
+    }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline float hsum256(__m256 v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+#endif
+
+/* ---- NF4 ----
+   One weight row (flat indices flat0 .. flat0 + cols; flat0, cols and block even, so segments are
+   whole bytes) against nb (<= MAX_TILE) activation rows, deinterleaved: xe[b] = x[b][0::2] pairs
+   with the high nibbles, xo[b] = x[b][1::2] with the low ones. */
+#define NF4_SCALAR_TAIL(I0, N, ACC, E, O)                                                        \
+    for (int64_t q_ = (I0); q_ < (N); q_++) {                                                    \
+        uint8_t byte = c[q_];                                                                    \
+        ACC += (NF4[byte >> 4] * s) * (E)[h + q_] + (NF4[byte & 15] * s) * (O)[h + q_];          \
+    }
+
+static void nf4_row(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                    const float *const *xe, const float *const *xo, int nb, float *out) {
+    float tail[MAX_TILE] = {0};
+#if defined(__AVX512F__)
+    /* permutexvar_ps reads only the low 4 bits of each index lane: no masking of the nibbles */
+    const __m512 tab = _mm512_loadu_ps(NF4);
+    if (nb == 1) { /* decode: four independent accumulators keep the FMA pipes busy */
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const float *e = xe[0], *o = xo[0];
+        SEGMENTS({
+            __m512 t = _mm512_mul_ps(tab, _mm512_set1_ps(s));
+            const uint8_t *c = codes + (flat >> 1);
+            int64_t h = j >> 1, n = (end - j) >> 1, i = 0;
+            for (; i + 32 <= n; i += 32) {
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + i)));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + i + 16)));
+                a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t), _mm512_loadu_ps(e + h + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, t), _mm512_loadu_ps(o + h + i), a1);
+                a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), t), _mm512_loadu_ps(e + h + i + 16), a2);
+                a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, t), _mm512_loadu_ps(o + h + i + 16), a3);
+            }
+            for (; i + 16 <= n; i += 16) {
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + i)));
+                a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t), _mm512_loadu_ps(e + h + i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, t), _mm512_loadu_ps(o + h + i), a1);
+            }
+            NF4_SCALAR_TAIL(i, n, tail[0], e, o)
+        })
+        out[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) + tail[0];
+        return;
+    }
+    __m512 acc[MAX_TILE];
+    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_ps();
+    SEGMENTS({
+        __m512 t = _mm512_mul_ps(tab, _mm512_set1_ps(s));
+        const uint8_t *c = codes + (flat >> 1);
+        int64_t h = j >> 1, n = (end - j) >> 1, i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + i)));
+            __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t), wlo = _mm512_permutexvar_ps(v, t);
+            for (int b = 0; b < nb; b++) {
+                acc[b] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xe[b] + h + i), acc[b]);
+                acc[b] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xo[b] + h + i), acc[b]);
+            }
+        }
+        for (int b = 0; b < nb; b++) { NF4_SCALAR_TAIL(i, n, tail[b], xe[b], xo[b]) }
+    })
+    for (int b = 0; b < nb; b++) out[b] = _mm512_reduce_add_ps(acc[b]) + tail[b];
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* permutevar8x32 uses the low 3 bits; bit 3, moved to the sign bit, picks the table half */
+    const __m256 tab_lo = _mm256_loadu_ps(NF4), tab_hi = _mm256_loadu_ps(NF4 + 8);
+    __m256 acc[MAX_TILE], acc2[MAX_TILE];
+    for (int b = 0; b < nb; b++) acc[b] = acc2[b] = _mm256_setzero_ps();
+    SEGMENTS({
+        __m256 sv = _mm256_set1_ps(s);
+        __m256 t0 = _mm256_mul_ps(tab_lo, sv), t1 = _mm256_mul_ps(tab_hi, sv);
+        const uint8_t *c = codes + (flat >> 1);
+        int64_t h = j >> 1, n = (end - j) >> 1, i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + i)));
+            __m256i hi = _mm256_srli_epi32(v, 4);
+            __m256 whi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, hi), _mm256_permutevar8x32_ps(t1, hi),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(hi, 28)));
+            __m256 wlo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, v), _mm256_permutevar8x32_ps(t1, v),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+            for (int b = 0; b < nb; b++) {
+                acc[b] = _mm256_fmadd_ps(whi, _mm256_loadu_ps(xe[b] + h + i), acc[b]);
+                acc2[b] = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(xo[b] + h + i), acc2[b]);
+            }
+        }
+        for (int b = 0; b < nb; b++) { NF4_SCALAR_TAIL(i, n, tail[b], xe[b], xo[b]) }
+    })
+    for (int b = 0; b < nb; b++) out[b] = hsum256(_mm256_add_ps(acc[b], acc2[b])) + tail[b];
+#else
+    SEGMENTS({
+        const uint8_t *c = codes + (flat >> 1);
+        int64_t h = j >> 1, n = (end - j) >> 1;
+        for (int b = 0; b < nb; b++) { NF4_SCALAR_TAIL(0, n, tail[b], xe[b], xo[b]) }
+    })
+    for (int b = 0; b < nb; b++) out[b] = tail[b];
+#endif
+}
+
+/* y[b, r] = sum_c W[r, c] x[b, c]; x: [batch, cols] float32 contiguous; y: [batch, rows]. */
+void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
+                   const float *x, int64_t batch, float *y, int nthreads) {
+    int64_t half = cols / 2;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(batch * cols));
+    if (!xs) return;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t i = 0; i < half; i++) {
+            xs[b * cols + i] = x[b * cols + 2 * i];
+            xs[b * cols + half + i] = x[b * cols + 2 * i + 1];
+        }
+    int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE), nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
+            int nb = (int)(batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE);
+            const float *xe[MAX_TILE], *xo[MAX_TILE];
+            float out[MAX_TILE];
+            for (int b = 0; b < nb; b++) {
+                xe[b] = xs + (b0 + b) * cols;
+                xo[b] = xe[b] + half;
+            }
+            nf4_row(codes, absmax, block, r * cols, cols, xe, xo, nb, out);
+            for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];
+        }
+    }
+    free(xs);
+}
+
+/* ---- int8: one weight row against nb activation rows; any block size ---- */
+#define INT8_SCALAR_TAIL(I0, N, ACC, X)                                               \
+    for (int64_t q_ = (I0); q_ < (N); q_++) ACC += ((float)c[q_] * sc) * (X)[j + q_];
+
+static void int8_row(const int8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                     const float *const *xr, int nb, float *out) {
+    float tail[MAX_TILE] = {0};
+#if defined(__AVX512F__)
+    if (nb == 1) { /* decode: two independent accumulators */
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        const float *xv = xr[0];
+        SEGMENTS({
+            float sc = s / INT8_QMAX;
+            __m512 sv = _mm512_set1_ps(sc);
+            const int8_t *c = codes + flat;
+            int64_t n = end - j, i = 0;
+            for (; i + 32 <= n; i += 32) {
+                __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + i)))), sv);
+                __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + i + 16)))), sv);
+                a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xv + j + i), a0);
+                a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xv + j + i + 16), a1);
+            }
+            for (; i + 16 <= n; i += 16) {
+                __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + i)))), sv);
+                a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xv + j + i), a0);
+            }
+            INT8_SCALAR_TAIL(i, n, tail[0], xv)
+        })
+        out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail[0];
+        return;
+    }
+    __m512 acc[MAX_TILE];
+    for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_ps();
+    SEGMENTS({
+        float sc = s / INT8_QMAX;
+        __m512 sv = _mm512_set1_ps(sc);
+        const int8_t *c = codes + flat;
+        int64_t n = end - j, i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + i)))), sv);
+            for (int b = 0; b < nb; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr[b] + j + i), acc[b]);
+        }
+        for (int b = 0; b < nb; b++) { INT8_SCALAR_TAIL(i, n, tail[b], xr[b]) }
+    })
+    for (int b = 0; b < nb; b++) out[b] = _mm512_reduce_add_ps(acc[b]) + tail[b];
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[MAX_TILE];
+    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+    SEGMENTS({
+        float sc = s / INT8_QMAX;
+        __m256 sv = _mm256_set1_ps(sc);
+        const int8_t *c = codes + flat;
+        int64_t n = end - j, i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + i)))), sv);
+            for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr[b] + j + i), acc[b]);
+        }
+        for (int b = 0; b < nb; b++) { INT8_SCALAR_TAIL(i, n, tail[b], xr[b]) }
+    })
+    for (int b = 0; b < nb; b++) out[b] = hsum256(acc[b]) + tail[b];
+#else
+    SEGMENTS({
+        float sc = s / INT8_QMAX;
+        const int8_t *c = codes + flat;
+        int64_t n = end - j;
+        for (int b = 0; b < nb; b++) { INT8_SCALAR_TAIL(0, n, tail[b], xr[b]) }
+    })
+    for (int b = 0; b < nb; b++) out[b] = tail[b];
+#endif
+}
+
+void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
+                    const float *x, int64_t batch, float *y, int nthreads) {
+    int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE) / 2, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
+            int nb = (int)(batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE);
+            const float *xr[MAX_TILE];
+            float out[MAX_TILE];
+            for (int b = 0; b < nb; b++) xr[b] = x + (b0 + b) * cols;
+            int8_row(codes, absmax, block, r * cols, cols, xr, nb, out);
+            for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];
+        }
+    }
+}
+
+/* ---- outliers: y[b, i / cols] += val[i] * x[b, i % cols] for each kept entry ----
+   idx: int32 or int64 (idx64), val: float32 (vdt 0), bfloat16 (1) or float16 (2). */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, f;
+    if (exp == 0) {
+        if (man == 0) f = sign;
+        else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            f = sign | (exp << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) f = sign | 0x7F800000u | (man << 13);
+    else f = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+static float value_at(const void *val, int vdt, int64_t i) {
+    if (vdt == 0) return ((const float *)val)[i];
+    uint16_t h = ((const uint16_t *)val)[i];
+    if (vdt == 2) return half_to_float(h);
+    uint32_t f = (uint32_t)h << 16;
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+void lp_outliers_matvec(const void *idx, int idx64, const void *val, int vdt, int64_t k, int64_t rows, int64_t cols,
+                        const float *x, int64_t batch, float *y) {
+    int64_t n = rows * cols;
+    for (int64_t i = 0; i < k; i++) {
+        int64_t flat = idx64 ? ((const int64_t *)idx)[i] : (int64_t)((const int32_t *)idx)[i];
+        if (flat < 0 || flat >= n) continue; /* never touch memory out of range (the reader rejects such packs) */
+        int64_t r = flat / cols, c = flat % cols;
+        float v = value_at(val, vdt, i);
+        for (int64_t b = 0; b < batch; b++) y[b * rows + r] += v * x[b * cols + c];
+    }
+}
+
+/* ---- dequantization of n elements (any n; block even for NF4) into float32 or bfloat16 ---- */
+static inline uint16_t to_bf16(float f) {
+    /* round to nearest even, as torch converts (values here are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static void store(float *out32, uint16_t *out16, int64_t i, float v) {
+    if (out16) out16[i] = to_bf16(v);
+    else out32[i] = v;
+}
+
+#if defined(__AVX512F__)
+static inline void store16(float *o32, uint16_t *o16, int64_t i, __m512 v) {
+    if (o16) {
+        __m512i u = _mm512_castps_si512(v); /* round to nearest even, as to_bf16 */
+        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        _mm256_storeu_si256((__m256i *)(o16 + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    } else {
+        _mm512_storeu_ps(o32 + i, v);
+    }
+}
+#endif
+
+/* out: float32 (bf16 == 0) or bfloat16 (bf16 == 1) */
+void lp_nf4_dequant(const uint8_t *codes, const float *absmax, int64_t n, int64_t block, void *out, int bf16, int nthreads) {
+    int64_t nblocks = (n + block - 1) / block;
+    float *o32 = bf16 ? NULL : (float *)out;
+    uint16_t *o16 = bf16 ? (uint16_t *)out : NULL;
+    int nt = threads_for(n, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t k = 0; k < nblocks; k++) {
+        float t[16];
+        for (int j = 0; j < 16; j++) t[j] = NF4[j] * absmax[k];
+        int64_t start = k * block, end = start + block < n ? start + block : n, i = start;
+#if defined(__AVX512F__)
+        if (block % 2 == 0) { /* whole bytes: 32 values per step, pairs interleaved back into order */
+            __m512 tv = _mm512_loadu_ps(t);
+            const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            for (; i + 32 <= end; i += 32) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + (i >> 1))));
+                __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tv), wlo = _mm512_permutexvar_ps(v, tv);
+                store16(o32, o16, i, _mm512_permutex2var_ps(whi, lo_idx, wlo));
+                store16(o32, o16, i + 16, _mm512_permutex2var_ps(whi, hi_idx, wlo));
+            }
+        }
+#endif
+        for (; i < end; i++) {
+            uint8_t byte = codes[i >> 1];
+            store(o32, o16, i, t[(i & 1) ? (byte & 15) : (byte >> 4)]);
+        }
+    }
+}
+
+void lp_int8_dequant(const int8_t *codes, const float *absmax, int64_t n, int64_t block, void *out, int bf16, int nthreads) {
+    int64_t nblocks = (n + block - 1) / block;
+    float *o32 = bf16 ? NULL : (float *)out;
+    uint16_t *o16 = bf16 ? (uint16_t *)out : NULL;
+    int nt = threads_for(n, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t k = 0; k < nblocks; k++) {
+        float s = absmax[k] / INT8_QMAX;
+        int64_t start = k * block, end = start + block < n ? start + block : n, i = start;
+#if defined(__AVX512F__)
+        __m512 sv = _mm512_set1_ps(s);
+        for (; i + 16 <= end; i += 16)
+            store16(o32, o16, i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)))), sv));
+#endif
+        for (; i < end; i++) store(o32, o16, i, (float)codes[i] * s);
+    }
+}

@@ -1,0 +1,168 @@
+"""The native quantized kernels (runtime kernels/qmatvec.c) against the reference: dequantize with
+the format's own math, then F.linear. Every shape class (model shapes, odd sizes, rows that are not
+whole blocks, outliers with int32 and int64 indices, batches around the tile and GEMV limits, row
+chunks, tied-embedding rows), every instruction-set variant this machine can run (AVX-512, AVX2,
+portable C), and the fallback to pure torch when no compiler is there."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerpack.quantize import quantize_tensor
+from layerpack_runtime import kernels, qweight
+from layerpack_runtime.qweight import QuantWeight
+from layerpack_runtime.quant import dequantize_weight
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _qw(shape, scheme, outliers=0.0, dtype=torch.float32, block=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    block = block or (64 if scheme == "nf4" else 128)
+    stored, entry = quantize_tensor("w", w, scheme, dtype, block, outliers)
+    return stored, entry, QuantWeight.from_stored(stored, "w", entry, dtype)
+
+
+def _ref_weight(stored, entry, dtype):
+    return dequantize_weight(stored, "w", {"scheme": entry.scheme, "shape": entry.shape, "block_size": entry.block_size,
+                                           "outliers": entry.outliers}, dtype)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts calls of the native matvec, so a test knows which path produced its numbers."""
+    calls = []
+    real = kernels.matvec
+
+    def counting(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "matvec", counting)
+    return calls
+
+
+def test_kernels_built_here():
+    # CI machines have a compiler: the native path must really be there (else the speed claims are void)
+    assert kernels.isa() in ("avx512", "avx2", "scalar"), "native kernels did not build on this machine"
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (576, 1536), (192, 4096)])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 16])
+def test_matvec_equals_dequantize_then_linear(native_calls, scheme, dtype, shape, batch):
+    stored, entry, q = _qw(shape, scheme, dtype=dtype)
+    x = torch.randn(batch, shape[1]).to(dtype)
+    y = q.linear(x)
+    assert native_calls == [scheme]
+    ref = F.linear(x, _ref_weight(stored, entry, dtype))
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert _rel(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("val_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_outliers(native_calls, scheme, idx_dtype, val_dtype):
+    stored, entry, q = _qw((320, 256), scheme, outliers=0.02)
+    q.outlier_idx, q.outlier_val = q.outlier_idx.to(idx_dtype), q.outlier_val.to(val_dtype)
+    assert q.outlier_idx.numel() > 1000
+    x = torch.randn(2, 3, 256)  # leading dims are flattened and restored
+    y = q.linear(x, bias=torch.linspace(-0.5, 0.5, 320))
+    assert native_calls == [scheme]
+    w = _ref_weight(stored, entry, torch.float32)
+    w.view(-1)[q.outlier_idx.long()] = q.outlier_val.float()  # the values as the kernel sees them
+    ref = F.linear(x, w, torch.linspace(-0.5, 0.5, 320))
+    assert _rel(y, ref) < 1e-5
+    # without the correction the result is far off: the outliers really are applied
+    plain = QuantWeight(q.scheme, q.shape, q.block_size, q.codes, q.absmax, None, None, q.dtype)
+    assert _rel(plain.linear(x, bias=torch.linspace(-0.5, 0.5, 320)), ref) > 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("shape,block", [((33, 7), 64), ((100, 96), 64), ((7, 64), 32), ((5, 48), 16), ((6, 10), 5), ((9, 576), 128)])
+def test_odd_layouts_fall_back_and_agree(native_calls, scheme, shape, block):
+    # odd sizes, blocks that straddle rows, short blocks: the fused kernel takes what it can (NF4
+    # needs whole bytes per segment), the dequantize path the rest, with the same numbers
+    stored, entry, q = _qw(shape, scheme, outliers=0.05, block=block)
+    x = torch.randn(2, shape[1])
+    y = q.linear(x)
+    fused = scheme == "int8" or (shape[1] % 2 == 0 and block % 2 == 0)
+    assert native_calls == ([scheme] if fused else [])
+    assert _rel(y, F.linear(x, _ref_weight(stored, entry, torch.float32))) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(192, 128), (33, 7), (1, 2), (1000, 64)])
+def test_native_dequantize_bit_exact(scheme, dtype, shape):
+    stored, entry, q = _qw(shape, scheme, outliers=0.01, dtype=dtype)
+    assert torch.equal(q.dequantize(), _ref_weight(stored, entry, dtype))
+
+
+def test_large_batch_uses_gemm_and_row_chunks(native_calls, monkeypatch):
+    monkeypatch.setattr(qweight, "CHUNK_ELEMS", 64 * 64)  # many row chunks on a small matrix
+    stored, entry, q = _qw((1000, 64), "nf4", outliers=0.01)
+    x = torch.randn(qweight.GEMV_MAX_ROWS + 1, 64)
+    y = q.linear(x)
+    assert native_calls == []  # prefill-sized: dequantize + GEMM
+    assert _rel(y, F.linear(x, _ref_weight(stored, entry, torch.float32))) < 1e-6
+    ids = torch.tensor([[5, 999, 5], [0, 17, 512]])  # tied-embedding rows
+    assert torch.equal(q.rows(ids), F.embedding(ids, _ref_weight(stored, entry, torch.float32)))
+
+
+_VARIANT = r"""
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, {tests!r})
+from test_kernels import _qw, _ref_weight, _rel
+from layerpack_runtime import kernels
+print("isa", kernels.isa())
+worst = 0.0
+for scheme in ("nf4", "int8"):
+    for shape in ((576, 1536), (320, 256)):
+        for batch in (1, 4, 6):
+            stored, entry, q = _qw(shape, scheme, outliers=0.01)
+            x = torch.randn(batch, shape[1])
+            worst = max(worst, _rel(q.linear(x), F.linear(x, _ref_weight(stored, entry, torch.float32))))
+            assert torch.equal(q.dequantize(), _ref_weight(stored, entry, torch.float32))
+print("worst", worst)
+"""
+
+
+def _run_variant(tmp_path, **env):
+    e = {**os.environ, "LAYERPACK_CACHE": str(tmp_path), **env}
+    res = subprocess.run([sys.executable, "-c", _VARIANT.format(tests=os.path.join(REPO, "tests"))],
+                         capture_output=True, text=True, env=e, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = dict(l.split(" ", 1) for l in res.stdout.splitlines())
+    assert float(lines["worst"]) < 1e-5
+    return lines["isa"], res.stderr
+
+
+@pytest.mark.parametrize("flags,isa", [("-O3 -march=x86-64-v3", "avx2"), ("-O2", "scalar")])
+def test_instruction_set_variants(tmp_path, flags, isa):
+    if flags.startswith("-O3 -march=x86-64-v3") and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")  # printed by -rs; CI machines have it
+    got, _ = _run_variant(tmp_path, LAYERPACK_KERNEL_FLAGS=flags)
+    assert got == isa
+
+
+def test_no_compiler_falls_back_with_one_warning(tmp_path):
+    got, err = _run_variant(tmp_path, CC=str(tmp_path / "no-such-cc"))
+    assert got == "torch"
+    warnings = [l for l in err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and "pure-torch" in warnings[0], err
+    got, err = _run_variant(tmp_path, LAYERPACK_KERNELS="torch")  # asked for: no warning
+    assert got == "torch" and "warning" not in err
