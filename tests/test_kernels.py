@@ -166,3 +166,14 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     assert len(warnings) == 1 and "pure-torch" in warnings[0], err
     got, err = _run_variant(tmp_path, LAYERPACK_KERNELS="torch")  # asked for: no warning
     assert got == "torch" and "warning" not in err
+
+
+@pytest.mark.parametrize("scheme,shape,block", [("nf4", (300, 64), 64), ("int8", (300, 576), 128), ("nf4", (50, 96), 64),
+                                                ("int8", (40, 7), 5)])
+@pytest.mark.parametrize("outliers", [0.0, 0.02])
+def test_embedding_rows_one_by_one(scheme, shape, block, outliers):
+    # rows that start inside a block (576 columns, blocks of 128), with and without outliers
+    stored, entry, q = _qw(shape, scheme, outliers=outliers, block=block, dtype=torch.bfloat16)
+    full = _ref_weight(stored, entry, torch.bfloat16)
+    for ids in (torch.tensor([[3]]), torch.tensor([[0, shape[0] - 1, 7, 7], [1, 2, 3, 4]]), torch.arange(shape[0]).view(2, -1)):
+        assert torch.equal(q.rows(ids), F.embedding(ids, full))

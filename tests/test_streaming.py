@@ -184,3 +184,41 @@ def test_run_cli_streams_with_stats(packs):
     r = run_cli("run", packs["nf4"], "hello", "--max-memory", str(_budget(packs["nf4"], 1) + 200_000), "--max-new-tokens", "4", "--stats")
     assert r.returncode == 0, r.stderr
     assert "MiB read per step" in r.stderr and "streamed" in r.stderr
+
+
+def _model_step_time(p, units, c_stored, c_deq, c_io=2.0):
+    """A cost model of one decode step: compute per parameter (dequantized bytes stand for parameters)
+    in the unit's form, plus reading for streamed units."""
+    t = 0.0
+    for u in units:
+        if u.name in p.resident:
+            t += u.dequantized * (c_deq if p.resident[u.name] else c_stored)
+        else:
+            t += u.dequantized * c_stored + u.streamed * c_io
+    return t
+
+
+@pytest.mark.parametrize("dequantize_faster,c_stored", [(False, 0.5), (True, 5.0)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_planner_larger_budget_never_slower(dequantize_faster, c_stored, tied):
+    # SmolLM2-like NF4 units (tied embedding = head) and a Llama-like untied pack with a big head
+    blocks = [f"block.{i:03d}" for i in range(30)]
+    if tied:
+        units = [UnitCost("embed", 16, 56, 16), *[UnitCost(b, 2, 7, 2) for b in blocks], UnitCost("head", 0, 0, 0)]
+        order, required = ["embed", "head", *blocks], ("embed",)
+    else:
+        units = [UnitCost("embed", 30, 110, 30), *[UnitCost(b, 4, 14, 4) for b in blocks], UnitCost("head", 30, 110, 30)]
+        order, required = ["embed", "head", *blocks], ()
+    times = []
+    for budget in range(10, 400):
+        try:
+            p = plan(units, order, budget, 1, 1, required=required, dequantize_faster=dequantize_faster)
+        except LayerpackError:
+            continue
+        assert p.total <= budget
+        times.append((budget, _model_step_time(p, units, c_stored, 1.0)))
+    assert len(times) > 200
+    worse = [(b0, t0, b1, t1) for (b0, t0), (b1, t1) in zip(times, times[1:]) if t1 > t0 * (1 + 1e-9)]
+    assert not worse, worse[:3]
+    p = plan(units, order, None, 1, 1, required=required, dequantize_faster=dequantize_faster)
+    assert all(v == dequantize_faster for v in p.resident.values())  # no budget: everything in the faster form

@@ -1,7 +1,8 @@
 """The memory budget planner: which layer units stay resident and which stream from disk.
 
 Everything the runtime holds is counted against `max_memory`: resident units (in the form they
-are kept: stored bytes, or dequantized bytes when memory allows the faster form), the streaming
+are kept: stored bytes, or dequantized bytes when memory allows and that form is the faster one
+on this machine - with the native kernels, the stored form usually is), the streaming
 buffers (prefetch depth + 1 units in flight), the KV cache and the activations of a forward
 step. The Python interpreter and torch themselves (~200-300 MB) are not: the budget is for the
 model's data. Units are kept resident in this order - embedding (gathered every step; when tied
@@ -78,13 +79,17 @@ class Plan:
 
 
 def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_bytes: int, activation_bytes: int,
-         prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0) -> Plan:
-    """Resident set and forms under `budget` (None: everything resident, dequantized). `required`
+         prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0, dequantize_faster: bool = True) -> Plan:
+    """Resident set and forms under `budget` (None: everything resident, in the faster form). `required`
     units must be resident (e.g. a tied embedding, which is also the head). `reserved` bytes of the
-    budget are kept free for the caller (the MoE expert cache)."""
+    budget are kept free for the caller (the MoE expert cache). `dequantize_faster`: whether, on this
+    machine, a dequantized weight computes faster than its stored form (measured by the caller,
+    qweight.dequantized_form_faster): if not, leftover memory is not spent on dequantized copies,
+    which would make a larger budget slower than a smaller one."""
     by_name = {u.name: u for u in units}
     if budget is None:
-        return Plan({u.name: True for u in units}, [], sum(u.dequantized for u in units), 0, kv_bytes, activation_bytes, None)
+        size = lambda u: u.dequantized if dequantize_faster else u.stored  # noqa: E731
+        return Plan({u.name: dequantize_faster for u in units}, [], sum(size(u) for u in units), 0, kv_bytes, activation_bytes, None)
     fixed = kv_bytes + activation_bytes + reserved
     # Fewest bytes we can run with: the required units resident, (depth + 1) buffers of the largest other unit.
     others = [u.streamed for u in units if u.name not in required]
@@ -114,8 +119,8 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
         trial = {**resident, u.name: False}
         if sum(cost(trial)) + fixed <= budget:
             resident = trial
-    # 2) with what is left, the faster dequantized form, same order
-    for u in [by_name[n] for n in priority]:
+    # 2) with what is left, the dequantized form where it is the faster one, same order
+    for u in [by_name[n] for n in priority] if dequantize_faster else []:
         if u.name in resident:
             trial = {**resident, u.name: True}
             if sum(cost(trial)) + fixed <= budget:

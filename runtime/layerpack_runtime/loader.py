@@ -4,9 +4,10 @@ A forward pass runs the embed unit, each block unit and the head unit in turn, a
 unit's weights from `weights_for(unit)` just before running it. With `max_memory`, the planner
 (budget.py) decides which units stay resident - in stored form, or dequantized when memory allows
 the faster form - and the others stream from disk every step through a prefetching reader
-(streaming.py) that reads unit i+1 while unit i computes. Without a budget everything is resident
-and dequantized. Quantized weights that are not dequantized ahead are dequantized inside the linear
-layer at use (qweight.py).
+(streaming.py) that reads unit i+1 while unit i computes. Without a budget everything is resident,
+in the faster of the stored and dequantized forms on this machine (measured once, qweight.py).
+Quantized weights that are not dequantized ahead are computed from their codes inside the linear
+layer (qweight.py).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .experts import EXPERTS_KEY, ExpertStore
 from .format import ST_DTYPES, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from .generate import GenerationStats, SamplingParams, generate_tokens
 from .pack import Pack, stored_names
-from .qweight import CHUNK_ELEMS, compute_form
+from .qweight import CHUNK_ELEMS, compute_form, dequantized_form_faster
 from .safetensors_io import itemsize
 from .streaming import FileRows, StreamStats, UnitStreamer
 from .tokenizer import PackTokenizer, TextStream
@@ -171,8 +172,10 @@ class LayeredModel:
         costs = [self._unit_cost(n) for n in self.units]
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
         reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
+        scheme = self.manifest.quantization.scheme
+        deq_faster = scheme == "none" or dequantized_form_faster(scheme, self.dtype, self.device)
         new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
-                   self.prefetch_depth, required, reserve)
+                   self.prefetch_depth, required, reserve, deq_faster)
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]

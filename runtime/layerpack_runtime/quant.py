@@ -108,3 +108,12 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], name: str, entry: dict, 
     if entry.get("outliers", 0):
         w = apply_outliers(w, tensors[name + SUFFIX_OUTLIER_IDX], tensors[name + SUFFIX_OUTLIER_VAL])
     return w
+
+
+def quantize_blocks_for_probe(scheme: str, n: int, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random codes and block scales of n weights (for timing the kernels, not for use)."""
+    g = torch.Generator().manual_seed(0)
+    absmax = torch.rand(-(-n // block_size), generator=g) * 0.1
+    if scheme == SCHEME_NF4:
+        return torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g), absmax
+    return torch.randint(-INT8_QMAX, INT8_QMAX + 1, (n,), dtype=torch.int8, generator=g), absmax

@@ -13,6 +13,8 @@ How a QuantWeight computes, fastest first:
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,8 @@ CHUNK_ELEMS = 1 << 21
 # Up to this many activation rows multiply straight from the codes (each row tile of 4 decodes the
 # weights once, so 16 rows cost about 4 decodes); more rows dequantize once and use one GEMM.
 GEMV_MAX_ROWS = 16
+# An embedding with outliers gathers up to this many distinct rows one by one, more by dequantizing it whole.
+ROWS_ONE_BY_ONE = 64
 _CODE_DTYPES = {SCHEME_NF4: torch.uint8, SCHEME_INT8: torch.int8}
 _VAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -184,16 +188,29 @@ class QuantWeight:
         return y
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed when
-        rows are whole blocks, else the whole matrix."""
+        """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed
+        (one by one up to ROWS_ONE_BY_ONE distinct rows), else the whole matrix."""
         hidden = self.shape[1]
-        if self.scheme == SCHEME_NF4 and hidden % self.block_size == 0 and hidden % 2 == 0 and self.outlier_idx is None:
-            uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
-            codes = self.codes.view(self.shape[0], hidden // 2)[uniq]
-            absmax = self.absmax.view(self.shape[0], hidden // self.block_size)[uniq]
-            part = QuantWeight(self.scheme, (uniq.numel(), hidden), self.block_size, codes, absmax, None, None, self.dtype)
-            return part.dequantize()[inv].view(*ids.shape, hidden)
-        return F.embedding(ids, self.dequantize())
+        uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+        if uniq.numel() > ROWS_ONE_BY_ONE or (self.scheme == SCHEME_NF4 and self.block_size % 2):
+            return F.embedding(ids, self.dequantize())
+        part = torch.stack([self._flat_range(r * hidden, (r + 1) * hidden) for r in uniq.tolist()])
+        return part[inv].view(*ids.shape, hidden)
+
+    def _flat_range(self, f0: int, f1: int) -> torch.Tensor:
+        """Dequantized values of flat indices [f0, f1), outliers included: the whole blocks that
+        cover the range are dequantized (a row may start inside a block), then cut."""
+        b0, b1 = f0 // self.block_size, -(-f1 // self.block_size)
+        e0, e1 = b0 * self.block_size, min(b1 * self.block_size, self.numel)
+        flat_codes = self.codes.reshape(-1)
+        codes = flat_codes[e0 // 2: (e1 + 1) // 2] if self.scheme == SCHEME_NF4 else flat_codes[e0:e1]
+        idx = val = None
+        if self.outlier_idx is not None and self.outlier_idx.numel():
+            bounds = torch.tensor([e0, e1], device=self.outlier_idx.device, dtype=self.outlier_idx.dtype)
+            lo, hi = (int(i) for i in torch.searchsorted(self.outlier_idx, bounds))
+            idx, val = self.outlier_idx[lo:hi] - e0, self.outlier_val[lo:hi]
+        part = QuantWeight(self.scheme, (e1 - e0,), self.block_size, codes, self.absmax[b0:b1], idx, val, self.dtype)
+        return part.dequantize()[f0 - e0: f1 - e0]
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,3 +239,37 @@ def compute_form(layer, stored: dict[str, torch.Tensor], dtype: torch.dtype, deq
             q = QuantWeight.from_stored(stored, t.name, t, dtype)
             out[t.name] = q.dequantize() if dequantize else q
     return out
+
+
+_FORM_SPEED: dict[tuple, bool] = {}
+PROBE_SHAPE = (1024, 2048)  # large enough to time, small enough to cost a few ms
+PROBE_REPEATS = 7
+
+
+def dequantized_form_faster(scheme: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a dequantized weight computes a decode step (one activation row) faster than its
+    stored form here, measured once per process: the planner spends memory on dequantized copies
+    only when they pay. Interleaved repeats, best of each, so a busy machine biases neither side."""
+    key = (scheme, dtype, device.type)
+    if scheme not in _CODE_DTYPES:
+        return True
+    if key not in _FORM_SPEED:
+        from .quant import quantize_blocks_for_probe
+
+        rows, cols = PROBE_SHAPE
+        codes, absmax = quantize_blocks_for_probe(scheme, rows * cols)
+        q = QuantWeight(scheme, PROBE_SHAPE, 64, codes.to(device), absmax.to(device), None, None, dtype)
+        w = q.dequantize()
+        x = torch.randn(1, cols, dtype=dtype, device=device)
+        best = {"stored": float("inf"), "dequantized": float("inf")}
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for i in range(PROBE_REPEATS):
+            for form, fn in (("stored", lambda: q.linear(x)), ("dequantized", lambda: F.linear(x, w))):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if i:  # the first round warms up
+                    best[form] = min(best[form], time.perf_counter() - t0)
+        _FORM_SPEED[key] = best["dequantized"] < 0.9 * best["stored"]
+    return _FORM_SPEED[key]
