@@ -177,3 +177,11 @@ def test_embedding_rows_one_by_one(scheme, shape, block, outliers):
     full = _ref_weight(stored, entry, torch.bfloat16)
     for ids in (torch.tensor([[3]]), torch.tensor([[0, shape[0] - 1, 7, 7], [1, 2, 3, 4]]), torch.arange(shape[0]).view(2, -1)):
         assert torch.equal(q.rows(ids), F.embedding(ids, full))
+
+
+@pytest.mark.parametrize("scheme,shape,block", [("int8", (900, 576), 128), ("nf4", (301, 75), 64), ("int8", (77, 33), 5)])
+def test_row_chunks_with_blocks_straddling_rows(monkeypatch, scheme, shape, block):
+    monkeypatch.setattr(qweight, "CHUNK_ELEMS", 4096)  # many chunks; each must start on a block boundary
+    stored, entry, q = _qw(shape, scheme, outliers=0.01, block=block)
+    x = torch.randn(qweight.GEMV_MAX_ROWS + 3, shape[1])
+    assert _rel(q.linear(x), F.linear(x, _ref_weight(stored, entry, torch.float32))) < 1e-6

@@ -13,6 +13,7 @@ How a QuantWeight computes, fastest first:
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -127,17 +128,19 @@ class QuantWeight:
         return bnbf.dequantize_4bit(self.codes.view(-1, 1), state)
 
     def row_slice(self, r0: int, r1: int) -> "QuantWeight":
-        """Rows [r0, r1) as a QuantWeight of their own (rows must be whole blocks)."""
+        """Rows [r0, r1) as a QuantWeight of their own; r0 must start a block (and a byte for NF4)."""
         cols = self.shape[1]
-        per_row_codes = cols // 2 if self.scheme == SCHEME_NF4 else cols
+        f0, f1 = r0 * cols, r1 * cols
+        assert f0 % self.block_size == 0 and (self.scheme != SCHEME_NF4 or f0 % 2 == 0), (r0, cols, self.block_size)
+        flat_codes = self.codes.reshape(-1)
+        codes = flat_codes[f0 // 2: (f1 + 1) // 2] if self.scheme == SCHEME_NF4 else flat_codes[f0:f1]
         idx = val = None
         if self.outlier_idx is not None and self.outlier_idx.numel():
-            lo, hi = (int(i) for i in torch.searchsorted(self.outlier_idx, torch.tensor([r0 * cols, r1 * cols], device=self.outlier_idx.device,
-                                                                                           dtype=self.outlier_idx.dtype)))
-            idx, val = self.outlier_idx[lo:hi] - r0 * cols, self.outlier_val[lo:hi]
-        bpr = cols // self.block_size
-        return QuantWeight(self.scheme, (r1 - r0, cols), self.block_size, self.codes.reshape(-1)[r0 * per_row_codes: r1 * per_row_codes],
-                           self.absmax[r0 * bpr: r1 * bpr], idx, val, self.dtype)
+            bounds = torch.tensor([f0, f1], device=self.outlier_idx.device, dtype=self.outlier_idx.dtype)
+            lo, hi = (int(i) for i in torch.searchsorted(self.outlier_idx, bounds))
+            idx, val = self.outlier_idx[lo:hi] - f0, self.outlier_val[lo:hi]
+        return QuantWeight(self.scheme, (r1 - r0, cols), self.block_size, codes,
+                           self.absmax[f0 // self.block_size: -(-f1 // self.block_size)], idx, val, self.dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self.shape[0], self.shape[-1]
@@ -145,9 +148,13 @@ class QuantWeight:
             y = self._linear_native(x) if x.device.type == "cpu" else self._linear_cuda(x) if x.device.type == "cuda" else None
             if y is not None:
                 return y if bias is None else y.add_(bias)
-        if len(self.shape) != 2 or rows * cols <= CHUNK_ELEMS or cols % self.block_size or cols % 2:
+        if len(self.shape) != 2 or rows * cols <= CHUNK_ELEMS:
             return F.linear(x, self.dequantize(), bias)
-        step = max(1, CHUNK_ELEMS // cols)
+        # row chunks that start on a block (and byte) boundary: a multiple of `align` rows
+        align = self.block_size // math.gcd(cols, self.block_size)
+        if self.scheme == SCHEME_NF4 and (cols * align) % 2:
+            align *= 2
+        step = max(align, CHUNK_ELEMS // cols // align * align)
         out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)

@@ -29,7 +29,21 @@
 #endif
 
 #define INT8_QMAX 127.0f
-#define MAX_TILE 4 /* batch rows sharing one decode of the weights */
+#define MAX_TILE 8 /* activation rows sharing one decode of the weights */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* Calls F(..., nb, out) with nb as a constant, so each tile size gets its own inlined copy whose
+   accumulators stay in registers. */
+#define WITH_CONST_NB(F, nb, ...)                 \
+    switch (nb) {                                 \
+    case 1: F(__VA_ARGS__, 1, out); break;        \
+    case 2: F(__VA_ARGS__, 2, out); break;        \
+    case 3: F(__VA_ARGS__, 3, out); break;        \
+    case 4: F(__VA_ARGS__, 4, out); break;        \
+    case 5: F(__VA_ARGS__, 5, out); break;        \
+    case 6: F(__VA_ARGS__, 6, out); break;        \
+    case 7: F(__VA_ARGS__, 7, out); break;        \
+    default: F(__VA_ARGS__, 8, out); break;       \
+    }
 
 static const float NF4[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -91,7 +105,7 @@ static inline float hsum256(__m256 v) {
         ACC += (NF4[byte >> 4] * s) * (E)[h + q_] + (NF4[byte & 15] * s) * (O)[h + q_];          \
     }
 
-static void nf4_row(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+ALWAYS_INLINE void nf4_row(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
                     const float *const *xe, const float *const *xo, int nb, float *out) {
     float tail[MAX_TILE] = {0};
 #if defined(__AVX512F__)
@@ -196,7 +210,7 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
                 xe[b] = xs + (b0 + b) * cols;
                 xo[b] = xe[b] + half;
             }
-            nf4_row(codes, absmax, block, r * cols, cols, xe, xo, nb, out);
+            WITH_CONST_NB(nf4_row, nb, codes, absmax, block, r * cols, cols, xe, xo)
             for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];
         }
     }
@@ -207,7 +221,7 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
 #define INT8_SCALAR_TAIL(I0, N, ACC, X)                                               \
     for (int64_t q_ = (I0); q_ < (N); q_++) ACC += ((float)c[q_] * sc) * (X)[j + q_];
 
-static void int8_row(const int8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+ALWAYS_INLINE void int8_row(const int8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
                      const float *const *xr, int nb, float *out) {
     float tail[MAX_TILE] = {0};
 #if defined(__AVX512F__)
@@ -284,7 +298,7 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
             const float *xr[MAX_TILE];
             float out[MAX_TILE];
             for (int b = 0; b < nb; b++) xr[b] = x + (b0 + b) * cols;
-            int8_row(codes, absmax, block, r * cols, cols, xr, nb, out);
+            WITH_CONST_NB(int8_row, nb, codes, absmax, block, r * cols, cols, xr)
             for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];
         }
     }
@@ -320,11 +334,15 @@ static float value_at(const void *val, int vdt, int64_t i) {
 
 void lp_outliers_matvec(const void *idx, int idx64, const void *val, int vdt, int64_t k, int64_t rows, int64_t cols,
                         const float *x, int64_t batch, float *y) {
-    int64_t n = rows * cols;
+    int64_t n = rows * cols, r = 0, row_start = 0;
     for (int64_t i = 0; i < k; i++) {
         int64_t flat = idx64 ? ((const int64_t *)idx)[i] : (int64_t)((const int32_t *)idx)[i];
         if (flat < 0 || flat >= n) continue; /* never touch memory out of range (the reader rejects such packs) */
-        int64_t r = flat / cols, c = flat % cols;
+        if (flat < row_start || flat >= row_start + cols) { /* indices ascend: usually the same or the next row */
+            r = (flat - row_start < 2 * cols && flat >= row_start) ? r + 1 : flat / cols;
+            row_start = r * cols;
+        }
+        int64_t c = flat - row_start;
         float v = value_at(val, vdt, i);
         for (int64_t b = 0; b < batch; b++) y[b * rows + r] += v * x[b * cols + c];
     }
