@@ -30,14 +30,13 @@ import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qmatvec.c")
 DEFAULT_FLAGS = "-O3 -march=native"
-ABI_VERSION = 1
+ABI_VERSION = 2
 BUILD_TIMEOUT_S = 120
 
 _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "lp_nf4_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _I32],
-    "lp_int8_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _I32],
-    "lp_outliers_matvec": [_P, _I32, _P, _I32, _I64, _I64, _I64, _P, _I64, _P],
+    "lp_nf4_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I32, _P, _I32, _I64, _I32],
+    "lp_int8_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I32, _P, _I32, _I64, _I32],
     "lp_nf4_dequant": [_P, _P, _I64, _I64, _P, _I32, _I32],
     "lp_int8_dequant": [_P, _P, _I64, _I64, _P, _I32, _I32],
 }
@@ -141,10 +140,10 @@ def matvec(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, rows: in
     batch = x.shape[0]
     y = torch.empty(batch, rows, dtype=torch.float32)
     fn = lib.lp_nf4_matvec if scheme == "nf4" else lib.lp_int8_matvec
-    fn(_ptr(codes), _ptr(absmax), rows, cols, block, _ptr(x), batch, _ptr(y), torch.get_num_threads())
-    if outlier_idx is not None and outlier_idx.numel():
-        lib.lp_outliers_matvec(_ptr(outlier_idx), int(outlier_idx.dtype == torch.int64), _ptr(outlier_val),
-                               _VAL_DTYPES[outlier_val.dtype], outlier_idx.numel(), rows, cols, _ptr(x), batch, _ptr(y))
+    k = 0 if outlier_idx is None else outlier_idx.numel()
+    fn(_ptr(codes), _ptr(absmax), rows, cols, block, _ptr(x), batch, _ptr(y),
+       _ptr(outlier_idx) if k else None, int(k and outlier_idx.dtype == torch.int64),
+       _ptr(outlier_val) if k else None, _VAL_DTYPES[outlier_val.dtype] if k else 0, k, torch.get_num_threads())
     return y
 
 

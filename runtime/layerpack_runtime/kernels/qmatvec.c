@@ -62,7 +62,7 @@ const char *lp_isa(void) {
 #endif
 }
 
-int lp_abi_version(void) { return 1; }
+int lp_abi_version(void) { return 2; }
 
 static int threads_for(int64_t work, int nthreads) {
     /* A parallel region costs a few microseconds; below ~256K weights one thread is faster. */
@@ -188,35 +188,6 @@ ALWAYS_INLINE void nf4_row(const uint8_t *codes, const float *absmax, int64_t bl
 #endif
 }
 
-/* y[b, r] = sum_c W[r, c] x[b, c]; x: [batch, cols] float32 contiguous; y: [batch, rows]. */
-void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
-                   const float *x, int64_t batch, float *y, int nthreads) {
-    int64_t half = cols / 2;
-    float *xs = (float *)malloc(sizeof(float) * (size_t)(batch * cols));
-    if (!xs) return;
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t i = 0; i < half; i++) {
-            xs[b * cols + i] = x[b * cols + 2 * i];
-            xs[b * cols + half + i] = x[b * cols + 2 * i + 1];
-        }
-    int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE), nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
-            int nb = (int)(batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE);
-            const float *xe[MAX_TILE], *xo[MAX_TILE];
-            float out[MAX_TILE];
-            for (int b = 0; b < nb; b++) {
-                xe[b] = xs + (b0 + b) * cols;
-                xo[b] = xe[b] + half;
-            }
-            WITH_CONST_NB(nf4_row, nb, codes, absmax, block, r * cols, cols, xe, xo)
-            for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];
-        }
-    }
-    free(xs);
-}
-
 /* ---- int8: one weight row against nb activation rows; any block size ---- */
 #define INT8_SCALAR_TAIL(I0, N, ACC, X)                                               \
     for (int64_t q_ = (I0); q_ < (N); q_++) ACC += ((float)c[q_] * sc) * (X)[j + q_];
@@ -288,24 +259,7 @@ ALWAYS_INLINE void int8_row(const int8_t *codes, const float *absmax, int64_t bl
 #endif
 }
 
-void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
-                    const float *x, int64_t batch, float *y, int nthreads) {
-    int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE) / 2, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
-            int nb = (int)(batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE);
-            const float *xr[MAX_TILE];
-            float out[MAX_TILE];
-            for (int b = 0; b < nb; b++) xr[b] = x + (b0 + b) * cols;
-            WITH_CONST_NB(int8_row, nb, codes, absmax, block, r * cols, cols, xr)
-            for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];
-        }
-    }
-}
-
-/* ---- outliers: y[b, i / cols] += val[i] * x[b, i % cols] for each kept entry ----
-   idx: int32 or int64 (idx64), val: float32 (vdt 0), bfloat16 (1) or float16 (2). */
+/* ---- outlier values: float32 (vdt 0), bfloat16 (1) or float16 (2) ---- */
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, f;
     if (exp == 0) {
@@ -332,20 +286,100 @@ static float value_at(const void *val, int vdt, int64_t i) {
     return out;
 }
 
-void lp_outliers_matvec(const void *idx, int idx64, const void *val, int vdt, int64_t k, int64_t rows, int64_t cols,
-                        const float *x, int64_t batch, float *y) {
-    int64_t n = rows * cols, r = 0, row_start = 0;
-    for (int64_t i = 0; i < k; i++) {
-        int64_t flat = idx64 ? ((const int64_t *)idx)[i] : (int64_t)((const int32_t *)idx)[i];
-        if (flat < 0 || flat >= n) continue; /* never touch memory out of range (the reader rejects such packs) */
-        if (flat < row_start || flat >= row_start + cols) { /* indices ascend: usually the same or the next row */
-            r = (flat - row_start < 2 * cols && flat >= row_start) ? r + 1 : flat / cols;
-            row_start = r * cols;
-        }
-        int64_t c = flat - row_start;
-        float v = value_at(val, vdt, i);
-        for (int64_t b = 0; b < batch; b++) y[b * rows + r] += v * x[b * cols + c];
+/* An outlier table: k ascending flat indices (int32 or int64) and their values. */
+typedef struct {
+    const void *idx;
+    int idx64;
+    const void *val;
+    int vdt;
+    int64_t k;
+} outliers_t;
+
+static inline int64_t outlier_at(const outliers_t *o, int64_t i) {
+    return o->idx64 ? ((const int64_t *)o->idx)[i] : (int64_t)((const int32_t *)o->idx)[i];
+}
+
+static int64_t first_outlier_from(const outliers_t *o, int64_t flat) {
+    int64_t lo = 0, hi = o->k;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (outlier_at(o, mid) < flat) lo = mid + 1;
+        else hi = mid;
     }
+    return lo;
+}
+
+/* Both matvecs share this driver: each thread takes a contiguous run of weight rows, finds the
+   first outlier of its run once, and adds each row's outliers (x[b, c] * value) to that row's dot
+   products as it goes, so the sparse correction is parallel and reads its table sequentially.
+   ROW(nb, out) computes the dot products of row r with activation rows b0 .. b0 + nb. */
+#define MATVEC_DRIVER(...)                                                                         \
+    int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE), nthreads);          \
+    _Pragma("omp parallel num_threads(nt)")                                                        \
+    {                                                                                              \
+        int t = 0, T = 1;                                                                          \
+        THREAD_IDS(t, T);                                                                          \
+        int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;                                \
+        int64_t oi = o.k ? first_outlier_from(&o, r_begin * cols) : 0;                             \
+        for (int64_t r = r_begin; r < r_end; r++) {                                                \
+            int64_t row0 = r * cols, oj = oi;                                                      \
+            for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {                                     \
+                int nb = (int)(batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE);                     \
+                float out[MAX_TILE];                                                               \
+                __VA_ARGS__;                                                                       \
+                for (oj = oi; oj < o.k; oj++) {                                                    \
+                    int64_t c = outlier_at(&o, oj) - row0;                                         \
+                    if (c >= cols) break;                                                          \
+                    if (c < 0) continue; /* out of order: never read out of range */              \
+                    float v = value_at(o.val, o.vdt, oj);                                          \
+                    for (int b = 0; b < nb; b++) out[b] += v * x[(b0 + b) * cols + c];             \
+                }                                                                                  \
+                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];                      \
+            }                                                                                      \
+            oi = oj;                                                                               \
+        }                                                                                          \
+    }
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_IDS(t, T) (t = omp_get_thread_num(), T = omp_get_num_threads())
+#else
+#define THREAD_IDS(t, T) ((void)0)
+#endif
+
+/* y[b, r] = sum_c W[r, c] x[b, c] (+ outliers); x: [batch, cols] float32 contiguous; y: [batch, rows]. */
+void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
+                   const float *x, int64_t batch, float *y, const void *oidx, int idx64, const void *oval, int vdt,
+                   int64_t k, int nthreads) {
+    outliers_t o = {oidx, idx64, oval, vdt, k};
+    int64_t half = cols / 2;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(batch * cols));
+    if (!xs) return;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t i = 0; i < half; i++) {
+            xs[b * cols + i] = x[b * cols + 2 * i];
+            xs[b * cols + half + i] = x[b * cols + 2 * i + 1];
+        }
+    MATVEC_DRIVER({
+        const float *xe[MAX_TILE], *xo[MAX_TILE];
+        for (int b = 0; b < nb; b++) {
+            xe[b] = xs + (b0 + b) * cols;
+            xo[b] = xe[b] + half;
+        }
+        WITH_CONST_NB(nf4_row, nb, codes, absmax, block, row0, cols, xe, xo)
+    })
+    free(xs);
+}
+
+void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
+                    const float *x, int64_t batch, float *y, const void *oidx, int idx64, const void *oval, int vdt,
+                    int64_t k, int nthreads) {
+    outliers_t o = {oidx, idx64, oval, vdt, k};
+    MATVEC_DRIVER({
+        const float *xr[MAX_TILE];
+        for (int b = 0; b < nb; b++) xr[b] = x + (b0 + b) * cols;
+        WITH_CONST_NB(int8_row, nb, codes, absmax, block, row0, cols, xr)
+    })
 }
 
 /* ---- dequantization of n elements (any n; block even for NF4) into float32 or bfloat16 ---- */
