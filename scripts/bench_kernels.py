@@ -41,6 +41,14 @@ SHAPES = {
 BLOCK = {"nf4": 64, "int8": 128}
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def make(scheme: str, shape, outliers: float) -> QuantWeight:
     n = shape[0] * shape[1]
     codes, absmax = quantize_blocks_for_probe(scheme, n, BLOCK[scheme])
@@ -52,7 +60,7 @@ def make(scheme: str, shape, outliers: float) -> QuantWeight:
         idx = torch.linspace(0, n - 1, k, dtype=torch.float64).long().unique()
         idx = idx.to(torch.int32 if n < 2**31 else torch.int64)
         val = torch.randn(idx.numel()).to(torch.bfloat16)
-    return QuantWeight(scheme, shape, BLOCK[scheme], codes, absmax, idx, val, torch.bfloat16)
+    return QuantWeight(scheme, shape, BLOCK[scheme], codes, absmax, idx, val, torch.bfloat16).to(DEVICE)
 
 
 def best_of(fns: dict, repeats: int) -> dict:
@@ -60,8 +68,10 @@ def best_of(fns: dict, repeats: int) -> dict:
     best = {k: float("inf") for k in fns}
     for r in range(repeats + 1):
         for k, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             if r:  # round 0 warms up
                 best[k] = min(best[k], time.perf_counter() - t0)
     return best
@@ -71,10 +81,10 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
     out_f, in_f = shape
     n = out_f * in_f
     forms = {"nf4": make("nf4", shape, 0.0), "nf4 + 1% outliers": make("nf4", shape, 0.01), "int8": make("int8", shape, 0.0)}
-    dense = torch.randn(shape, dtype=torch.bfloat16)
+    dense = torch.randn(shape, dtype=torch.bfloat16, device=DEVICE)
     results = []
     for rows in rows_list:
-        x = torch.randn(rows, in_f, dtype=torch.bfloat16)
+        x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=DEVICE)
         fns = {name: (lambda q=q: q.linear(x)) for name, q in forms.items()}
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
         if old_path:
@@ -96,8 +106,8 @@ def render(args, results, load_avg) -> str:
     lines = [
         f"## Quantized linear kernels vs dense bf16 ({time.strftime('%Y-%m-%d')})",
         "",
-        f"- Machine: {machine()}; kernels: {kernels.isa()}; threads: {torch.get_num_threads()}; load average at start {load_avg[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
-        f"- Command: `.venv/bin/python scripts/bench_kernels.py --shapes {args.shapes} --threads {torch.get_num_threads()}"
+        f"- Machine: {machine()}{'; GPU ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else ''}; device {DEVICE.type}; CPU kernels: {kernels.isa()}; threads: {torch.get_num_threads()}; load average at start {load_avg[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
+        f"- Command: `.venv/bin/python scripts/bench_kernels.py --shapes {args.shapes} --device {DEVICE.type} --threads {torch.get_num_threads()}"
         f"{' --record' if args.record else ''}` (best of {args.repeats} interleaved rounds; random codes in the pack layouts).",
         "- GB/s = stored bytes (codes + absmax + outlier tables; bf16 for the dense row) per second. "
         "\"per-param speed vs dense\" = dense bf16 time / this time for the same shape and rows (>= 1: no worse than dense).",
@@ -124,11 +134,14 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,128")
     ap.add_argument("--threads", type=int, default=None, help="torch/kernel threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bitsandbytes' fused GEMV at 1 row when installed)")
     ap.add_argument("--no-old-path", action="store_true", help="skip the slow pure-torch NF4 row")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    global DEVICE
+    DEVICE = torch.device(a.device)
     if kernels.native() is None:
         print("note: native kernels unavailable: the quantized rows measure the pure-torch fallback", file=sys.stderr)
     load_avg = os.getloadavg()
@@ -137,11 +150,14 @@ def main() -> None:
     for group in a.shapes.split(","):
         for shape in SHAPES[group]:
             print(f"... {shape[0]}x{shape[1]}", file=sys.stderr, flush=True)
-            results += bench_shape(shape, rows_list, a.repeats, not a.no_old_path and group != "llama3-405b")
+            results += bench_shape(shape, rows_list, a.repeats, not a.no_old_path and group != "llama3-405b" and DEVICE.type == "cpu")
     report = render(a, results, load_avg)
     print(report)
     if a.record:
-        record(report, MARK_START, MARK_END)
+        if DEVICE.type == "cuda":
+            record(report, "<!-- bench_kernels_cuda:start -->", "<!-- bench_kernels_cuda:end -->")
+        else:
+            record(report, MARK_START, MARK_END)
 
 
 if __name__ == "__main__":

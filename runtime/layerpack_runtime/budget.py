@@ -78,6 +78,16 @@ class Plan:
                 + (f" of {fmt_size(self.budget)}" if self.budget else ""))
 
 
+def minimum_budget(units: list[UnitCost], kv_bytes: int, activation_bytes: int, prefetch_depth: int = 1,
+                   required: tuple[str, ...] = (), reserved: int = 0) -> int:
+    """Fewest bytes a pack can run with: the required units resident, (depth + 1) stream buffers of
+    the largest other unit, the KV cache, activations and the reserve."""
+    by_name = {u.name: u for u in units}
+    others = [u.streamed for u in units if u.name not in required]
+    return (kv_bytes + activation_bytes + reserved + sum(by_name[n].stored for n in required)
+            + (prefetch_depth + 1) * max(others, default=0))
+
+
 def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_bytes: int, activation_bytes: int,
          prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0, dequantize_faster: bool = True) -> Plan:
     """Resident set and forms under `budget` (None: everything resident, in the faster form). `required`
@@ -91,9 +101,7 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
         size = lambda u: u.dequantized if dequantize_faster else u.stored  # noqa: E731
         return Plan({u.name: dequantize_faster for u in units}, [], sum(size(u) for u in units), 0, kv_bytes, activation_bytes, None)
     fixed = kv_bytes + activation_bytes + reserved
-    # Fewest bytes we can run with: the required units resident, (depth + 1) buffers of the largest other unit.
-    others = [u.streamed for u in units if u.name not in required]
-    minimum = fixed + sum(by_name[n].stored for n in required) + (prefetch_depth + 1) * max(others, default=0)
+    minimum = minimum_budget(units, kv_bytes, activation_bytes, prefetch_depth, required, reserved)
     if budget < minimum:
         raise LayerpackError(
             f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum)} "

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import models
-from .budget import UnitCost, parse_size, plan
+from .budget import UnitCost, minimum_budget, parse_size, plan
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .experts import EXPERTS_KEY, ExpertStore
@@ -165,6 +165,14 @@ class LayeredModel:
         if self._embed_rows_from_file():
             return [UNIT_HEAD, *self.block_units, UNIT_EMBED]
         return [UNIT_EMBED, UNIT_HEAD, *self.block_units]
+
+    def minimum_memory(self) -> int:
+        """The smallest `max_memory` this pack runs with at the current context (what the error for
+        too small a budget states)."""
+        required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()
+        reserve = self.expert_cache if self.experts is not None else 0
+        return minimum_budget([self._unit_cost(n) for n in self.units], self._kv_bytes(self.context),
+                              self._activation_bytes(self.step_tokens, self.step_batch), self.prefetch_depth, required, reserve)
 
     def _apply_plan(self, context: int, step_tokens: int, batch: int) -> None:
         """(Re)plan for a KV cache of `context` token slots and forward steps of up to `step_tokens`

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (under 8 minutes on one GPU): the CUDA tests, then the kernel
+# benchmark on the GPU, then one table. On a machine without CUDA it says so and exits 0.
+#
+#   bash scripts/gpu_check.sh     # uses $PYTHON (default .venv/bin/python if present, else python3: on the GPU image, the one with CUDA torch)
+#
+# No network is assumed: the project is used from this checkout (PYTHONPATH), nothing is installed
+# from an index. Packages the GPU image lacks (bitsandbytes for the fused 4-bit GEMV, zstandard,
+# jsonschema, ...) travel as wheels in .whl/ and are unpacked into a private folder first.
+# Output: the table on stdout, logs in ${OUT:-/tmp}/gpu_check/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+LOG=${OUT:-/tmp}/gpu_check
+mkdir -p "$LOG"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lp-site .whl/*.whl \
+    || { echo "error: could not unpack .whl/"; exit 1; }
+  export PYTHONPATH=/tmp/lp-site
+fi
+export PYTHONPATH="$PWD/runtime:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA on this machine ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo 'no torch')); nothing to check"
+  exit 0
+fi
+"$PY" - <<'EOF' | tee "$LOG/device.txt"
+import torch
+print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+try:
+    import bitsandbytes
+    print(f"bitsandbytes {bitsandbytes.__version__}: fused 4-bit GEMV in use")
+except Exception as e:
+    print(f"bitsandbytes not importable ({type(e).__name__}): NF4 on CUDA dequantizes with pure torch")
+EOF
+status=0
+timeout 240 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_kernels.py -p no:cacheprovider >"$LOG/tests.txt" 2>&1 || status=1
+tests_line=$(tail -1 "$LOG/tests.txt")
+timeout 240 "$PY" scripts/bench_kernels.py --device cuda --shapes smollm2,llama3-8b,llama3-405b --rows 1,16,128 --repeats 5 --no-old-path \
+  >"$LOG/bench_kernels.md" 2>"$LOG/bench_kernels.err" || status=1
+echo
+echo "| check | result |"
+echo "|---|---|"
+echo "| $(head -1 "$LOG/device.txt") | $(sed -n 2p "$LOG/device.txt") |"
+echo "| CUDA + kernel tests | $tests_line |"
+grep -E "^\| [0-9]+x[0-9]+ \| 1 \|" "$LOG/bench_kernels.md" | awk -F'|' '{printf "| decode %s %s | %s ms, %s GB/s, %s vs dense |\n", $2, $4, $5, $6, $7}'
+grep -E "^Decode" "$LOG/bench_kernels.md" | sed 's/^/| summary | /; s/$/ |/'
+[ $status -eq 0 ] || { echo "gpu_check: something failed, see $LOG"; tail -20 "$LOG/tests.txt"; }
+exit $status
