@@ -185,3 +185,34 @@ def test_row_chunks_with_blocks_straddling_rows(monkeypatch, scheme, shape, bloc
     stored, entry, q = _qw(shape, scheme, outliers=0.01, block=block)
     x = torch.randn(qweight.GEMV_MAX_ROWS + 3, shape[1])
     assert _rel(q.linear(x), F.linear(x, _ref_weight(stored, entry, torch.float32))) < 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_weight_over_2_31_elements(scheme):
+    # 405B's embedding and MLP matrices pass 2^31 elements: flat indices, code offsets and outlier
+    # indices must be 64-bit all the way. Rows near the end are checked against the reference.
+    rows, cols = 32769, 65536  # 2,147,549,184 elements
+    n = rows * cols
+    assert n > 2**31
+    g = torch.Generator().manual_seed(0)
+    if scheme == "nf4":
+        codes = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=g)
+    else:
+        codes = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
+    absmax = torch.rand(n // 64, generator=g)
+    idx = torch.tensor([5, n - cols - 3, n - 2, n - 1], dtype=torch.int64)  # in the last rows, past 2^31
+    val = torch.tensor([1.5, -2.0, 3.0, 0.25])
+    for i in idx.tolist():  # outlier positions hold the zero code, as the converter writes them
+        if scheme == "nf4":
+            byte = int(codes[i // 2])
+            codes[i // 2] = (byte & 0x0F) | (7 << 4) if i % 2 == 0 else (byte & 0xF0) | 7  # NF4 code 7 is 0.0
+        else:
+            codes.view(-1)[i] = 0
+    q = QuantWeight(scheme, (rows, cols), 64, codes, absmax, idx, val, torch.float32)
+    x = torch.randn(2, cols, generator=g)
+    y = q.linear(x)
+    tail = q.row_slice(rows - 3, rows).dequantize()  # the reference for the last three rows
+    ref = F.linear(x, tail)
+    assert _rel(y[:, -3:], ref) < 1e-5
+    assert q.rows(torch.tensor([rows - 1])).flatten()[-1] == 0.25
+    del codes, q
