@@ -136,7 +136,7 @@ def _free(path, new, old) -> bool:
         return False
     if isinstance(new, str) and isinstance(old, str):
         return True
-    return type(new) in (int, float) and type(new) is type(old) and math.isfinite(new) and new >= 0
+    return type(new) in (int, float) and (old is None or type(new) is type(old)) and math.isfinite(new) and new >= 0
 
 
 # -- pack file helpers --------------------------------------------------------------------------------

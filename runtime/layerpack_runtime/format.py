@@ -28,6 +28,12 @@ SIDECAR_FILES = (
     "tokenizer.model",
 )
 
+# Architecture fields every manifest has (the schema's list). A reader refuses a manifest without one
+# rather than run the model with a default in its place (a deleted sliding_window or eps changes output).
+ARCH_REQUIRED = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "norm", "rope", "activation", "tie_word_embeddings", "attention_bias", "mlp_bias",
+                 "sliding_window", "bos_token_id", "eos_token_ids")
+
 # Layer units, in execution order: one embedding unit, one unit per decoder block, one head unit.
 UNIT_EMBED = "embed"
 UNIT_BLOCK = "block"

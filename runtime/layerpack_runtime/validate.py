@@ -28,7 +28,7 @@ import torch
 
 from .errors import FormatError, VersionError
 from .format import (
-    BLOCK_SIZE_MULTIPLE, COMPRESS_ZSTD, COMPRESSIONS, DTYPE_NAMES, EXPERT_PREFIX, FORMAT_MAJOR, FORMAT_NAME,
+    ARCH_REQUIRED, BLOCK_SIZE_MULTIPLE, COMPRESS_ZSTD, COMPRESSIONS, DTYPE_NAMES, EXPERT_PREFIX, FORMAT_MAJOR, FORMAT_NAME,
     FORMAT_VERSION, MANIFEST_FILE, MAX_EXTRA_FILES, MAX_JSON_DEPTH, MAX_TENSOR_RANK, MAX_ZSTD_RATIO, META_UNIT,
     META_ZSTD, OUTLIER_IDX_I64_FROM, SCHEME_INT8, SCHEME_NF4, SCHEME_NONE, SCHEMES, ST_DTYPES, SUFFIX_ABSMAX,
     SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL, TORCH_TO_ST, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD,
@@ -84,6 +84,8 @@ def _fail(path: str, what: str) -> FormatError:
 
 
 def _show(v: Any) -> str:
+    if v is None:
+        return "null (or missing)"
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
@@ -221,6 +223,9 @@ _ARCH_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads")
 
 
 def _check_architecture(a: dict, n_layers: int) -> None:
+    missing = [k for k in ARCH_REQUIRED if k not in a]
+    if missing:
+        raise _fail(f"architecture.{missing[0]}", "is missing (a required field)")
     _typed(a.get("family"), str, "architecture.family")
     for key in _ARCH_DIMS:
         _int(a.get(key), f"architecture.{key}", lo=1)
@@ -245,14 +250,14 @@ def _check_architecture(a: dict, n_layers: int) -> None:
     for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qk_norm"):
         _typed(a.get(key, False), bool, f"architecture.{key}")
     _typed(a.get("activation", "silu"), str, "architecture.activation")
-    for key in ("norm", "rope"):
-        _typed(a.get(key), dict, f"architecture.{key}", optional=True)
-    if a.get("norm") is not None:
-        _typed(a["norm"].get("type", "rms"), str, "architecture.norm.type")
-        _num(a["norm"].get("eps", 1e-6), "architecture.norm.eps", lo=0)
-    for key in ("rope", "rope_local"):
-        if a.get(key) is not None:
-            _check_rope(a[key], f"architecture.{key}")
+    # norm and rope are required in full: a reader default (eps 1e-6, theta 10000) standing in for a
+    # deleted field would run the model with other numbers than its own.
+    norm = _typed(a.get("norm"), dict, "architecture.norm")
+    _typed(norm.get("type"), str, "architecture.norm.type")
+    _num(norm.get("eps"), "architecture.norm.eps", lo=0)
+    _check_rope(a.get("rope"), "architecture.rope")
+    if a.get("rope_local") is not None:
+        _check_rope(a["rope_local"], "architecture.rope_local")
     _opt_num(a, "query_pre_attn_scalar", "architecture", positive=True)
     _opt_num(a, "final_logit_softcapping", "architecture")
     _opt_num(a, "attn_logit_softcapping", "architecture")
@@ -272,12 +277,12 @@ def _check_architecture(a: dict, n_layers: int) -> None:
 
 def _check_rope(r: Any, path: str) -> None:
     _typed(r, dict, path)
-    _typed(r.get("type", "default"), str, f"{path}.type")
-    _num(r.get("theta", 10000.0), f"{path}.theta", positive=True)
+    _typed(r.get("type"), str, f"{path}.type")
+    _num(r.get("theta"), f"{path}.theta", positive=True)
     if r.get("partial_rotary_factor") is not None:
         _num(r["partial_rotary_factor"], f"{path}.partial_rotary_factor", positive=True)
     for k, v in (_typed(r.get("scaling") or {}, dict, f"{path}.scaling")).items():
-        if not (isinstance(v, str) or v is None or isinstance(v, list)):  # HF keeps a few strings/lists there
+        if not (isinstance(v, (str, bool, list)) or v is None):  # HF keeps a few strings/flags/lists there
             _num(v, f"{path}.scaling.{k}")
 
 
