@@ -329,7 +329,9 @@ def mut_payload(pack, m, rng):
         f.write(head + b"".join(bytes(x) for x in payloads))
     reseal(pack, m, rel)
     del torch
-    return f"{rel}: poison {w} {kind}", "error"
+    # An expert's tensors are read only when the router selects it: a poisoned expert that the prompt
+    # never selects cannot change the output (identical output is then right; any use must fail).
+    return f"{rel}: poison {w} {kind}", "strict" if w.startswith("moe.experts.") else "error"
 
 
 def mut_fs(pack, m, rng):
@@ -367,22 +369,30 @@ def run_pack(path: str, budget):
         run_close(model)
 
 
-def streaming_budget(path: str) -> int | None:
-    """A --max-memory under which the pack runs with some units streamed (exercises the streamer)."""
+def streaming_budget(path: str, unit: str | None = "block.001") -> int | None:
+    """The smallest --max-memory (to 1%) under which the pack loads; `unit` is then streamed (the
+    planner keeps embed, head and the first blocks resident first; None: any unit). None: no such budget."""
     from layerpack_runtime import load
     from layerpack_runtime.errors import LayerpackError
 
-    total = json.load(open(os.path.join(path, "manifest.json")))["totals"]["layer_bytes"]
-    for f in (0.5, 0.8, 1.2, 1.6, 2.4, 3.2, 5.0):
+    def attempt(b):
         try:
-            model = load(path, max_memory=int(total * f))
-        except LayerpackError:
-            continue
-        streamed = model.streamer is not None
+            model = load(path, max_memory=b)
+        except LayerpackError as e:
+            if "max_memory" not in str(e):
+                raise
+            return None
+        streamed = unit in model.plan.streamed if unit else bool(model.plan.streamed)
         run_close(model)
-        if streamed:
-            return int(total * f)
-    return None
+        return streamed
+
+    lo, hi = 1, json.load(open(os.path.join(path, "manifest.json")))["totals"]["layer_bytes"]
+    while attempt(hi) is None:  # grow until it loads at all
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, hi // 100):  # smallest budget that loads
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if attempt(mid) is not None else (mid, hi)
+    return hi if attempt(hi) else None
 
 
 def run_close(model) -> None:
@@ -460,7 +470,7 @@ def main() -> None:
     torch.set_num_threads(1)
     refs = {}
     for p in args.packs:
-        refs[p] = {"logits": run_pack(p, None), "budget": streaming_budget(p)}
+        refs[p] = {"logits": run_pack(p, None), "budget": streaming_budget(p, None)}
     # Memory guard: the address space this process has now (torch mapped) plus a margin. A hostile
     # pack that makes us allocate more gets a MemoryError/RuntimeError (a crash outcome), not the OOM killer.
     vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))

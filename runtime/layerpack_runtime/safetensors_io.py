@@ -104,7 +104,7 @@ class SafetensorsFile:
             if not isinstance(entry, dict):
                 raise _fail(self.path, f"entry {name!r} is not an object")
             dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if dtype not in _ITEMSIZE:
+            if not (isinstance(dtype, str) and dtype in _ITEMSIZE):  # str first: a hostile dict is unhashable
                 raise _fail(self.path, f"tensor {name!r} has unknown dtype {dtype!r}")
             if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_RANK and all(type(d) is int and d >= 0 for d in shape)):
                 raise _fail(self.path, f"tensor {name!r} has an invalid shape {shape!r}")

@@ -106,6 +106,11 @@ def _num(v: Any, path: str, lo: float | None = None, positive: bool = False) -> 
     return float(v)
 
 
+def _one_of(v: Any, choices) -> bool:
+    """Membership without hashing a hostile value (a dict or list where a string belongs)."""
+    return isinstance(v, str) and v in choices
+
+
 def _typed(v: Any, typ, path: str, optional: bool = False):
     if v is None and optional:
         return None
@@ -191,7 +196,7 @@ def _check_files(files: list, n_layers: int) -> dict[str, int]:
 def _check_quantization(q: dict) -> dict:
     if q.get("scheme") not in SCHEMES:
         raise FormatError(f"manifest quantization scheme {_show(q.get('scheme'))} is not one of {', '.join(SCHEMES)}")
-    if q.get("dtype") not in DTYPE_NAMES:
+    if not _one_of(q.get("dtype"), DTYPE_NAMES):
         raise FormatError(f"manifest dtype {_show(q.get('dtype'))} is not one of {', '.join(DTYPE_NAMES)}")
     if q.get("compression", "none") not in COMPRESSIONS:
         raise FormatError(f"manifest compression {_show(q.get('compression'))} is not one of {', '.join(COMPRESSIONS)}")
@@ -254,7 +259,7 @@ def _check_architecture(a: dict, n_layers: int) -> None:
     # deleted field would run the model with other numbers than its own.
     norm = _typed(a.get("norm"), dict, "architecture.norm")
     _typed(norm.get("type"), str, "architecture.norm.type")
-    _num(norm.get("eps"), "architecture.norm.eps", lo=0)
+    _num(norm.get("eps"), "architecture.norm.eps", positive=True)
     _check_rope(a.get("rope"), "architecture.rope")
     if a.get("rope_local") is not None:
         _check_rope(a["rope_local"], "architecture.rope_local")
@@ -359,7 +364,7 @@ def _check_layers(layers: list, a: dict, q: dict, sizes: dict[str, int]) -> None
             raise _fail(p, f"must be unit {want!r} (kind {kind!r}, index {index}) in execution order, not name "
                         f"{_show(l.get('name'))} kind {_show(l.get('kind'))} index {_show(l.get('index'))}")
         f = l.get("file")
-        if f not in sizes:
+        if not _one_of(f, sizes):
             raise FormatError(f"layer {want!r} refers to {_show(f)}, which the manifest's file list lacks")
         if f in used:
             raise _fail(f"{p}.file", f"{f!r} is already the file of layer {used[f]!r} (each layer has a file of its own)")
@@ -375,6 +380,10 @@ def _check_layers(layers: list, a: dict, q: dict, sizes: dict[str, int]) -> None
             names.add(t["name"])
             implied += _stored_min_bytes(t, dtype_bytes)
             params += numel(t["shape"])
+        if kind == UNIT_HEAD and ("head.weight" in names) == bool(a.get("tie_word_embeddings")):
+            # a tied model's head is the embedding: a head.weight beside it would be silently ignored
+            raise _fail(f"{p}.tensors", f"head.weight {'present' if 'head.weight' in names else 'absent'} but "
+                        f"architecture.tie_word_embeddings is {a.get('tie_word_embeddings')}")
         if l["params"] != params:
             raise _fail(f"{p}.params", f"{l['params']} != {params}, the sum of its tensors' elements")
         # Bounded by the bytes present: the file (whose size is checked on disk) must hold the tensors.
@@ -403,6 +412,8 @@ def _check_tensor(t: Any, p: str, q: dict, a: dict, shapes: dict, kind: str, moe
     scheme = t.get("scheme")
     if scheme not in (SCHEME_NONE, q["scheme"]) or (scheme != SCHEME_NONE and not _QUANTIZABLE.fullmatch(name) and not _EXPERT.fullmatch(name)):
         raise _fail(f"{p}.scheme", f"{_show(scheme)} for {name} in a {q['scheme']} pack")
+    if name == "embed.weight" and scheme != SCHEME_NONE and not a.get("tie_word_embeddings"):
+        raise _fail(f"{p}.scheme", "an untied embedding is never quantized (FORMAT.md: the embedding rule)")
     n = numel(shape)
     if scheme == SCHEME_NONE:
         if t.get("block_size") is not None or t.get("outliers", 0) != 0:
@@ -528,7 +539,7 @@ def check_zstd_table(path: str, table: Any, names: Iterable[str]) -> dict[str, t
     for k, v in table.items():
         if k not in known:
             raise FormatError(f"{path}: {META_ZSTD} metadata names {_show(k)}, which the file does not hold")
-        if not (isinstance(v, dict) and v.get("dtype") in ST_DTYPES and isinstance(v.get("shape"), list)
+        if not (isinstance(v, dict) and _one_of(v.get("dtype"), ST_DTYPES) and isinstance(v.get("shape"), list)
                 and len(v["shape"]) <= MAX_TENSOR_RANK and all(type(d) is int and d >= 0 for d in v["shape"])):
             raise FormatError(f"{path}: {META_ZSTD} metadata of tensor {k!r} is malformed ({_show(v)})")
         out[k] = (v["dtype"], tuple(v["shape"]))
