@@ -403,7 +403,7 @@ def _check_tensor(t: Any, p: str, q: dict, a: dict, shapes: dict, kind: str, moe
     key = _shape_key(name, a)
     if key not in shapes or _UNIT_OF.get(name, UNIT_BLOCK) != kind:
         raise _fail(f"{p}.name", f"{name!r} is not a tensor of a {kind} unit of this architecture")
-    if name.startswith("moe.") != moe_block and kind == UNIT_BLOCK and not name.startswith("attn") and "norm" not in name:
+    if kind == UNIT_BLOCK and name.startswith(("moe.", "mlp.")) and name.startswith("moe.") != moe_block:
         raise _fail(f"{p}.name", f"{name!r} does not match architecture.moe.layers (which blocks have experts)")
     if name in ("attn.q_norm.weight", "attn.k_norm.weight") and not a.get("qk_norm"):
         raise _fail(f"{p}.name", f"{name!r} present but architecture.qk_norm is false")
@@ -551,28 +551,46 @@ def check_zstd_table(path: str, table: Any, names: Iterable[str]) -> dict[str, t
 def check_payload(entries: Iterable, stored: dict[str, torch.Tensor], path: str) -> None:
     """Values a header cannot vouch for, checked on the bytes just read (quantized entries whose
     tables are in `stored`): absmax finite and >= 0; outlier indices strictly increasing within
-    [0, n); outlier values finite. A few reductions over tensors ~1/32 of the codes' size."""
+    [0, n); outlier values finite. The unit's scales are checked as one concatenated tensor and its
+    outlier values likewise, so a unit costs a handful of vectorised reductions (per-call overhead,
+    not bytes, dominates these small tables); the culprit is looked for only on failure."""
     if not PAYLOAD_CHECKS:
         return
-    for t in entries:
-        if t.scheme == SCHEME_NONE or t.name + SUFFIX_ABSMAX not in stored:
-            continue
-        absmax = stored[t.name + SUFFIX_ABSMAX]
-        if absmax.numel():
-            lo, hi = torch.aminmax(absmax)  # NaN propagates into both; +inf shows in hi
-            if not (bool(lo >= 0) and bool(hi < math.inf)):
-                raise FormatError(f"{path}: {t.name}{SUFFIX_ABSMAX} holds a negative, NaN or infinite scale")
-        if t.outliers:
-            idx, val = stored[t.name + SUFFIX_OUTLIER_IDX], stored[t.name + SUFFIX_OUTLIER_VAL]
-            if idx.numel() != val.numel():
-                raise FormatError(f"{path}: {t.name}: {idx.numel()} outlier indices but {val.numel()} values")
-            if int(idx[0]) < 0 or int(idx[-1]) >= numel(t.shape):
-                raise FormatError(f"{path}: {t.name}{SUFFIX_OUTLIER_IDX} has an index outside [0, {numel(t.shape)})")
-            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                raise FormatError(f"{path}: {t.name}{SUFFIX_OUTLIER_IDX} is not strictly increasing (unsorted or duplicated)")
-            lo, hi = torch.aminmax(val.float())
-            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                raise FormatError(f"{path}: {t.name}{SUFFIX_OUTLIER_VAL} holds a NaN or infinite value")
+    quantized = [t for t in entries if t.scheme != SCHEME_NONE and t.name + SUFFIX_ABSMAX in stored]
+    if not quantized:
+        return
+    scales = [stored[t.name + SUFFIX_ABSMAX].reshape(-1) for t in quantized]
+    if not _scales_ok(torch.cat(scales) if len(scales) > 1 else scales[0]):
+        bad = next(t for t, a in zip(quantized, scales) if not _scales_ok(a))
+        raise FormatError(f"{path}: {bad.name}{SUFFIX_ABSMAX} holds a negative, NaN or infinite scale")
+    with_outliers = [t for t in quantized if t.outliers]
+    for t in with_outliers:
+        idx, val = stored[t.name + SUFFIX_OUTLIER_IDX].numpy().reshape(-1), stored[t.name + SUFFIX_OUTLIER_VAL]
+        if idx.size != val.numel():
+            raise FormatError(f"{path}: {t.name}: {idx.size} outlier indices but {val.numel()} values")
+        if idx.size and (int(idx[0]) < 0 or int(idx[-1]) >= numel(t.shape)):
+            raise FormatError(f"{path}: {t.name}{SUFFIX_OUTLIER_IDX} has an index outside [0, {numel(t.shape)})")
+        if idx.size > 1 and not (idx[1:] > idx[:-1]).all():  # numpy: less per-call overhead than torch
+            raise FormatError(f"{path}: {t.name}{SUFFIX_OUTLIER_IDX} is not strictly increasing (unsorted or duplicated)")
+    if with_outliers:
+        vals = [stored[t.name + SUFFIX_OUTLIER_VAL].reshape(-1) for t in with_outliers]
+        if not _finite(torch.cat(vals) if len(vals) > 1 else vals[0]):
+            bad = next(t for t, v in zip(with_outliers, vals) if not _finite(v))
+            raise FormatError(f"{path}: {bad.name}{SUFFIX_OUTLIER_VAL} holds a NaN or infinite value")
+
+
+def _scales_ok(a: torch.Tensor) -> bool:
+    if not a.numel():
+        return True
+    lo, hi = torch.aminmax(a)  # NaN propagates into both; +inf shows in hi
+    return bool(lo >= 0) and bool(hi < math.inf)
+
+
+def _finite(v: torch.Tensor) -> bool:
+    if not v.numel():
+        return True
+    lo, hi = torch.aminmax(v)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def payload_tables(layer) -> list[str]:
