@@ -9,7 +9,6 @@ are decompressed transparently.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
