@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 from layerpack_runtime.errors import FormatError, LayerpackError
 from layerpack_runtime.format import LAYERS_DIR, MANIFEST_FILE, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
-from layerpack_runtime.manifest import Manifest
+from layerpack_runtime.manifest import Manifest, read_manifest_json
 from layerpack_runtime.remote import HUB_REPO_ID, check_download, hub_error
 
 from .evaluate import quality_card_lines
@@ -98,11 +98,7 @@ def _fetch_manifest(repo_id: str, revision: str | None, token, quiet: bool) -> t
             raise hub_error(e, repo_id, revision) from None
     commit = os.path.basename(os.path.dirname(path))  # .../snapshots/<commit>/manifest.json
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{repo_id}: unreadable {MANIFEST_FILE} ({e})") from None
-    try:
+        raw = read_manifest_json(os.path.dirname(path))  # bounded, no duplicate keys or deep nesting
         manifest = Manifest.from_dict(raw)  # version first: a newer major format says so
         validate_manifest(raw)
     except FormatError as e:

@@ -1,12 +1,11 @@
 """`layerpack verify`: every problem with a pack, or none."""
 from __future__ import annotations
 
-import json
 import os
 
 from layerpack_runtime.errors import FormatError
 from layerpack_runtime.format import LAYERS_DIR, MANIFEST_FILE
-from layerpack_runtime.manifest import Manifest
+from layerpack_runtime.manifest import Manifest, read_manifest_json
 from layerpack_runtime.pack import Pack
 
 from .progress import progress_bar
@@ -14,20 +13,16 @@ from .schema import schema_errors
 
 
 def verify_pack(path: str, quiet: bool = False) -> list[str]:
-    """Schema, structure, presence, sizes, sha256 and safetensors headers of every file.
-    Returns the list of problems (empty: the pack is intact)."""
+    """Schema, structure, presence, sizes, sha256, safetensors headers and payload checks (absmax,
+    outlier tables) of every file. Returns the list of problems (empty: the pack is intact)."""
     mpath = os.path.join(path, MANIFEST_FILE)
     if not os.path.isdir(path):
         return [f"{path}: no such pack directory"]
     if not os.path.isfile(mpath):
         return [f"{MANIFEST_FILE}: missing (an unfinished conversion writes it last)"]
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        return [f"{MANIFEST_FILE}: unreadable ({e})"]
-    try:
-        Manifest.from_dict(raw)  # version + structural checks first: a future major version is reported as such
+    try:  # bounded, no duplicate keys or deep nesting, inside the pack; then version + every field
+        raw = read_manifest_json(path)
+        Manifest.from_dict(raw)  # a future major version is reported as such
     except FormatError as e:
         return [f"{MANIFEST_FILE}: {e}"]
     problems = schema_errors(raw)

@@ -65,21 +65,24 @@ def test_huge_header_length_is_refused_before_allocation(tmp_path):
         SafetensorsFile(p)
 
 
-def _manifest_dict():
-    return {"format": "layerpack", "format_version": "1.0.0", "source": {}, "architecture": {},
-            "quantization": {"scheme": "none", "dtype": "bf16"}, "files": [{"path": "layers/embed.safetensors", "size": 1, "sha256": "0" * 64}],
-            "layers": [{"name": "embed", "file": "layers/embed.safetensors", "tensors": []}]}
+@pytest.fixture(scope="module")
+def real_manifest(tiny_ckpts, tmp_path_factory):
+    from layerpack.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("versions") / "p"
+    convert(tiny_ckpts["llama"], str(out), ConvertOptions(quiet=True))
+    return json.loads((out / "manifest.json").read_text())
 
 
-def test_manifest_version_rules():
-    check_structure(_manifest_dict())
-    check_structure({**_manifest_dict(), "format_version": "1.7.3"})  # newer minor: readable
+def test_manifest_version_rules(real_manifest):
+    check_structure(real_manifest)
+    check_structure({**real_manifest, "format_version": "1.7.3"})  # newer minor: readable
     with pytest.raises(VersionError, match="newer than this reader supports"):
-        check_structure({**_manifest_dict(), "format_version": "2.0.0"})
+        check_structure({**real_manifest, "format_version": "2.0.0"})
     with pytest.raises(FormatError, match="not a layerpack manifest"):
-        check_structure({**_manifest_dict(), "format": "gguf"})
+        check_structure({**real_manifest, "format": "gguf"})
     with pytest.raises(FormatError, match="MAJOR.MINOR.PATCH"):
-        check_structure({**_manifest_dict(), "format_version": "one"})
+        check_structure({**real_manifest, "format_version": "one"})
 
 
 def test_newer_minor_version_fields_are_ignored_by_old_readers(tiny_ckpts, tmp_path):

@@ -31,6 +31,7 @@ from .errors import FormatError
 from .format import EXPERT_LINEARS, ROUTER_WEIGHT, ST_DTYPES, expert_of, expert_weight
 from .qweight import compute_form
 from .safetensors_io import SafetensorsFile, _zstd_decompress, itemsize
+from .validate import check_payload
 
 # Key of a block's weights dict under which the model code finds its expert provider (a callable
 # taking expert indices and returning {j: {"gate"|"up"|"down": weight}}). Absent: the experts are
@@ -275,6 +276,7 @@ class ExpertStore:
                 stored[info.name] = raw.view(ST_DTYPES[info.dtype]).reshape(info.shape)
         entries = self._entries[unit]
         layer = SimpleNamespace(tensors=[entries[expert_weight(j, l)] for l in EXPERT_LINEARS])
+        check_payload(layer.tensors, stored, self.layers[unit].file)
         weights = compute_form(layer, stored, self.dtype, dequantize=False)
         if self.device.type != "cpu":
             weights = {k: v.to(self.device) for k, v in weights.items()}

@@ -28,6 +28,12 @@ SIDECAR_FILES = (
     "tokenizer.model",
 )
 
+# Architecture fields every manifest has (the schema's list). A reader refuses a manifest without one
+# rather than run the model with a default in its place (a deleted sliding_window or eps changes output).
+ARCH_REQUIRED = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "norm", "rope", "activation", "tie_word_embeddings", "attention_bias", "mlp_bias",
+                 "sliding_window", "bos_token_id", "eos_token_ids")
+
 # Layer units, in execution order: one embedding unit, one unit per decoder block, one head unit.
 UNIT_EMBED = "embed"
 UNIT_BLOCK = "block"
@@ -59,7 +65,7 @@ NF4_CODE = (
 )
 
 # Suffixes of the stored tensors that make up one logical (quantized) weight `W`:
-#   W.q            codes: int8 [same shape as W] for int8; uint8 [ceil(n/2)] packed nibbles for nf4
+#   W.q            codes: int8 [n] (flattened; readers also accept W's shape) for int8; uint8 [ceil(n/2)] packed nibbles for nf4
 #   W.absmax       float32 [ceil(n/block)]: per-block absolute maximum of the flattened weight
 #   W.outlier_idx  int32/int64 [k]: ascending flat indices of the entries kept exactly
 #   W.outlier_val  pack dtype [k]: their exact values (they were zeroed before quantization)
@@ -98,6 +104,30 @@ META_ZSTD = "layerpack.zstd"          # JSON {tensor: {"dtype": ST, "shape": [..
 
 # A safetensors header larger than this is refused before it is parsed (guards against garbage).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# -- Named limits of the reader (validate.py). Packs come from strangers: every limit below bounds the
+# time or memory a hostile file can cost before it is refused. None of them is a model size: sizes are
+# bounded by the bytes actually present (a tensor's implied bytes must fit in its file), so a 405B pack
+# (126 layers, 128K vocabulary, files > 4 GiB, tensors > 2^31 elements) passes unchanged.
+# manifest.json is parsed whole: 64 MiB is ~10x the manifest of a 256-expert, 100-layer MoE pack.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+# JSON nesting (manifest, layer headers, zstd metadata): real files nest 6 deep. Deeper input is refused
+# before Python's recursion limit turns it into a RecursionError.
+MAX_JSON_DEPTH = 32
+# Files a manifest may list beyond its layer files (tokenizer, config, model card, ...): a manifest of
+# millions of entries would cost minutes of stat() and GBs of objects before saying anything useful.
+MAX_EXTRA_FILES = 1024
+# Dimensions of a stored tensor (weights are 2-D, norms and biases 1-D, codes and tables 1-D).
+MAX_TENSOR_RANK = 8
+# Quantization blocks: a positive multiple of this (NF4 packs two codes per byte; the converter's rule).
+BLOCK_SIZE_MULTIPLE = 2
+# zstd: a tensor may decompress to at most this many times its compressed bytes (real weights compress
+# 1.1-1.5x; a constant tensor up to ~1000x), or to ZSTD_SMALL_BYTES whatever its ratio. Beyond it a
+# frame is a decompression bomb: refused before anything is allocated.
+MAX_ZSTD_RATIO = 4096
+ZSTD_SMALL_BYTES = 1 << 20
+# Outlier indices are int32 below this many entries per tensor, int64 from it on (FORMAT.md).
+OUTLIER_IDX_I64_FROM = 1 << 31
 
 # Mixture-of-experts blocks: expert j's tensors are named `moe.experts.<j>.<gate|up|down>.weight` (+ the
 # stored parts of a quantized weight). The writer lays each expert's tensors out as one contiguous

@@ -29,6 +29,7 @@ from .qweight import CHUNK_ELEMS, compute_form, dequantized_form_faster
 from .safetensors_io import itemsize
 from .streaming import FileRows, StreamStats, UnitStreamer
 from .tokenizer import PackTokenizer, TextStream
+from .validate import check_payload
 
 DTYPE_ALIASES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -209,7 +210,8 @@ class LayeredModel:
         if streamed:
             buf = max(c.streamed for c in costs if c.name in streamed)
             files = {n: self.experts.stream_view(n, self._files[n]) if self.experts else self._files[n] for n in streamed}
-            self.streamer = UnitStreamer(files, streamed, buf, self.device, self.prefetch_depth, self.page_cache)
+            self.streamer = UnitStreamer(files, streamed, buf, self.device, self.prefetch_depth, self.page_cache,
+                                         check=lambda n, t: check_payload(self._layers[n].tensors, t, self._layers[n].file))
         if self.experts is not None and self.max_memory:
             # the reserved share plus what the plan left unused, but never more than the streamed experts
             spare = self.max_memory - new.total + new.reserved_bytes

@@ -1,16 +1,17 @@
-"""The pack manifest: dataclasses, (de)serialisation, and the structural checks a reader makes
-before trusting a pack. The toolkit additionally validates against schemas/manifest.schema.json
-(the runtime cannot depend on jsonschema); both must agree, and the tests hold them together."""
+"""The pack manifest: dataclasses and (de)serialisation. Reading validates first (validate.py: every
+field's type, range and cross-consistency) and only then builds the dataclasses. The toolkit
+additionally validates against schemas/manifest.schema.json (the runtime cannot depend on
+jsonschema); both must agree, and the tests hold them together."""
 from __future__ import annotations
 
 import json
 import os
-import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import FormatError, VersionError
-from .format import COMPRESSIONS, DTYPE_NAMES, FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SCHEMES
+from .errors import FormatError
+from .format import MANIFEST_FILE, MAX_MANIFEST_BYTES
+from .validate import check_manifest, is_inside, load_json, pack_roots, parse_version, safe_relpath  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
-        check_structure(d)
+        check_manifest(d)
         return cls(
             format=d["format"],
             format_version=d["format_version"],
@@ -112,11 +113,9 @@ class Manifest:
         if not os.path.isfile(path):
             raise FormatError(f"{pack_dir}: not a complete layerpack (no {MANIFEST_FILE}; an unfinished conversion writes it last)")
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{path}: unreadable manifest ({e})") from None
-        return cls.from_dict(d)
+            return cls.from_dict(read_manifest_json(pack_dir))
+        except FormatError as e:  # name the file: the message is the user's one line
+            raise type(e)(f"{path}: {e}") from None
 
     # -- lookups -------------------------------------------------------------------------
     def file(self, path: str) -> FileEntry:
@@ -138,55 +137,26 @@ def _known(klass, d: dict) -> dict:
     return {k: v for k, v in d.items() if k in names}
 
 
-def parse_version(v: Any) -> tuple[int, int, int]:
+# The checks live in the validation layer (validate.py); these names stay for existing callers.
+check_structure = check_manifest
+
+
+def read_manifest_json(pack_dir: str | os.PathLike) -> dict:
+    """manifest.json of a pack folder as parsed, untrusted JSON: it must resolve inside the pack, be a
+    regular file of at most MAX_MANIFEST_BYTES, and parse without duplicate keys or deep nesting.
+    Errors do not name the file: callers prefix it."""
+    pack_dir = os.fspath(pack_dir)
+    real = os.path.realpath(os.path.join(pack_dir, MANIFEST_FILE))
+    if not is_inside(real, pack_roots(pack_dir)):
+        raise FormatError(f"resolves to {real}, outside the pack (a symlink leads out of it)")
+    if not os.path.isfile(real):  # before open(): opening a FIFO would block
+        raise FormatError("not a regular file")
     try:
-        parts = tuple(int(p) for p in str(v).split("."))
-        if len(parts) != 3:
-            raise ValueError
-        return parts  # type: ignore[return-value]
-    except ValueError:
-        raise FormatError(f"manifest format_version {v!r} is not MAJOR.MINOR.PATCH") from None
-
-
-def safe_relpath(p: Any) -> bool:
-    """Pack paths must stay inside the pack: relative, '/'-separated, no '..' (a pulled pack is untrusted)."""
-    return (
-        isinstance(p, str) and p != "" and not p.startswith("/") and "\\" not in p
-        and posixpath.normpath(p) == p and not p.startswith("..")
-    )
-
-
-def check_structure(d: Any) -> None:
-    """The checks every reader makes, in order: identity, version, then the fields it relies on."""
-    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
-        raise FormatError(f"not a {FORMAT_NAME} manifest (field 'format' is {d.get('format') if isinstance(d, dict) else None!r})")
-    major = parse_version(d.get("format_version"))[0]
-    if major > FORMAT_MAJOR:
-        raise VersionError(
-            f"pack format version {d['format_version']} is newer than this reader supports "
-            f"({FORMAT_VERSION}); upgrade layerpack / layerpack-runtime"
-        )
-    if major < 1:
-        raise VersionError(f"pack format version {d['format_version']} predates format 1 and is not supported")
-    for key, typ in (("source", dict), ("architecture", dict), ("quantization", dict), ("layers", list), ("files", list)):
-        if not isinstance(d.get(key), typ):
-            raise FormatError(f"manifest field {key!r} is missing or not a {typ.__name__}")
-    q = d["quantization"]
-    if q.get("scheme") not in SCHEMES:
-        raise FormatError(f"manifest quantization scheme {q.get('scheme')!r} is not one of {', '.join(SCHEMES)}")
-    if q.get("dtype") not in DTYPE_NAMES:
-        raise FormatError(f"manifest dtype {q.get('dtype')!r} is not one of {', '.join(DTYPE_NAMES)}")
-    if q.get("compression", "none") not in COMPRESSIONS:
-        raise FormatError(f"manifest compression {q.get('compression')!r} is not one of {', '.join(COMPRESSIONS)}")
-    files = set()
-    for f in d["files"]:
-        if not (isinstance(f, dict) and safe_relpath(f.get("path")) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)):
-            raise FormatError(f"manifest file entry {f!r} is malformed or points outside the pack")
-        files.add(f["path"])
-    if not d["layers"]:
-        raise FormatError("manifest lists no layers")
-    for l in d["layers"]:
-        if not (isinstance(l, dict) and isinstance(l.get("tensors"), list) and isinstance(l.get("name"), str)):
-            raise FormatError(f"manifest layer entry {str(l)[:80]!r} is malformed")
-        if l.get("file") not in files:
-            raise FormatError(f"layer {l['name']!r} refers to {l.get('file')!r}, which the manifest's file list lacks")
+        with open(real, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # never more than the limit, whatever the file claims
+    except OSError as e:
+        raise FormatError(f"unreadable manifest ({e.strerror or e})") from None
+    try:
+        return load_json(data, "", MAX_MANIFEST_BYTES)
+    except FormatError as e:
+        raise FormatError(f"unreadable manifest: {e}") from None

@@ -7,11 +7,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import FormatError
+from .errors import FormatError, LayerpackError
 from .format import DTYPE_NAMES, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .manifest import LayerEntry, Manifest
 from .quant import dequantize_weight
 from .safetensors_io import SafetensorsFile
+from .validate import check_layer_file, check_payload, pack_roots, payload_tables, resolve_in_pack
 
 HASH_CHUNK = 8 * 1024 * 1024
 
@@ -51,6 +52,7 @@ class Pack:
         self.manifest = manifest if manifest is not None else Manifest.load(self.path)
         self.dtype = DTYPE_NAMES[self.manifest.quantization.dtype]
         self._headers: dict[str, SafetensorsFile] = {}
+        self._roots = pack_roots(self.path)
         problems = self.check_presence() if check_files else []
         if problems:
             raise FormatError(f"{self.path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
@@ -59,17 +61,32 @@ class Pack:
     def check_presence(self) -> list[str]:
         problems = []
         for f in self.manifest.files:
-            p = os.path.join(self.path, f.path)
+            try:
+                p = resolve_in_pack(self.path, f.path, self._roots)
+            except FormatError as e:
+                problems.append(str(e))
+                continue
             if not os.path.isfile(p):
                 problems.append(f"{f.path}: missing")
             elif os.path.getsize(p) != f.size:
                 problems.append(f"{f.path}: size {os.path.getsize(p)} != {f.size} in the manifest")
         return problems
 
-    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
-        """Every problem found (empty list = pack is intact): presence, sizes, sha256, headers."""
+    def verify(self, progress: Callable[[int], None] | None = None, payloads: bool = True) -> list[str]:
+        """Every problem found (empty list = pack is intact): presence, sizes, sha256, that the
+        runtime can run the architecture, headers, and (payloads=True) the payload checks of
+        every quantized tensor's tables (validate.check_payload; the codes are not re-read)."""
+        from . import models
+
         problems = self.check_presence()
         bad = {p.split(":")[0] for p in problems}
+        try:
+            family = models.module_for(self.manifest.architecture.get("family"))
+            args = family.ModelArgs.from_dict(self.manifest.architecture)
+            for layer in self.manifest.layers:
+                family.check_unit(args, layer.kind, {t.name for t in layer.tensors})
+        except LayerpackError as e:
+            problems.append(f"manifest.json: {e}")
         for f in self.manifest.files:
             if f.path in bad:
                 continue
@@ -81,26 +98,36 @@ class Pack:
             if layer.file in bad:
                 continue
             try:
-                self.layer_file(layer)
+                st = self.layer_file(layer)
+                if payloads:
+                    self._check_payloads(layer, st)
             except FormatError as e:
                 problems.append(str(e))
         return problems
+
+    def _check_payloads(self, layer: LayerEntry, st: SafetensorsFile) -> None:
+        """verify's look inside the payloads: the tables check_payload inspects; in a compressed pack
+        also every other frame, decompressed one tensor at a time (a corrupt or lying frame is found
+        without holding more than one tensor)."""
+        tables = payload_tables(layer)
+        if self.manifest.quantization.compression != "none":
+            for name in st.tensors:
+                if name not in tables:
+                    st.read([name])
+        check_payload(layer.tensors, st.read(tables), layer.file)
 
     # -- reading -------------------------------------------------------------------------
     def layer_file(self, layer: LayerEntry | str) -> SafetensorsFile:
         layer = self.manifest.layer(layer) if isinstance(layer, str) else layer
         if layer.file not in self._headers:
+            resolve_in_pack(self.path, layer.file, self._roots)
             st = SafetensorsFile(os.path.join(self.path, layer.file))
             self._check_tensors(layer, st)
             self._headers[layer.file] = st
         return self._headers[layer.file]
 
-    @staticmethod
-    def _check_tensors(layer: LayerEntry, st: SafetensorsFile) -> None:
-        expected = {n for t in layer.tensors for n in stored_names(t)}
-        if set(st.tensors) != expected:
-            missing, extra = sorted(expected - set(st.tensors)), sorted(set(st.tensors) - expected)
-            raise FormatError(f"{layer.file}: tensors disagree with the manifest (missing {missing[:3]}, unexpected {extra[:3]})")
+    def _check_tensors(self, layer: LayerEntry, st: SafetensorsFile) -> None:
+        check_layer_file(layer, st, self.manifest.quantization)
 
     def is_local(self, layer: LayerEntry | str) -> bool:
         """Whether the unit's file can be read now (a remote pack's may still be downloading)."""
@@ -110,8 +137,11 @@ class Pack:
         """Release background work (a remote pack's downloads)."""
 
     def read_layer(self, layer: LayerEntry | str) -> dict[str, torch.Tensor]:
-        """The stored tensors of one layer unit (quantized codes as stored)."""
-        return self.layer_file(layer).read()
+        """The stored tensors of one layer unit (quantized codes as stored), payload-checked."""
+        layer = self.manifest.layer(layer) if isinstance(layer, str) else layer
+        stored = self.layer_file(layer).read()
+        check_payload(layer.tensors, stored, layer.file)
+        return stored
 
     def layer_weights(self, layer: LayerEntry | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Logical tensors of one layer unit, dequantized to `dtype` (default: the pack dtype)."""

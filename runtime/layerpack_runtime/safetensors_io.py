@@ -9,7 +9,6 @@ are decompressed transparently.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -19,7 +18,8 @@ from typing import Callable
 import torch
 
 from .errors import FormatError
-from .format import MAX_HEADER_BYTES, META_ZSTD, ST_DTYPES
+from .format import MAX_HEADER_BYTES, MAX_TENSOR_RANK, META_ZSTD, ST_DTYPES
+from .validate import check_zstd_table, load_json
 
 # Source checkpoints may hold dtypes a pack never does; we can index them and explain, not read them.
 _EXTRA_SOURCE_DTYPES = {
@@ -83,13 +83,14 @@ class SafetensorsFile:
                     raise _fail(self.path, f"header of {n} bytes, only {len(raw)} received")
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _fail(self.path, f"header is not JSON: {e}") from None
+        try:  # bounded, no duplicate keys, bounded nesting (validate.load_json)
+            header = load_json(raw, "header", MAX_HEADER_BYTES)
+        except FormatError as e:
+            raise _fail(self.path, f"header is not acceptable JSON: {e}") from None
         if not isinstance(header, dict):
             raise _fail(self.path, "header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
+        self._header_names = list(header)
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise _fail(self.path, "__metadata__ must map strings to strings")
         self.metadata: dict[str, str] = meta
@@ -102,11 +103,11 @@ class SafetensorsFile:
             if not isinstance(entry, dict):
                 raise _fail(self.path, f"entry {name!r} is not an object")
             dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if dtype not in _ITEMSIZE:
+            if not (isinstance(dtype, str) and dtype in _ITEMSIZE):  # str first: a hostile dict is unhashable
                 raise _fail(self.path, f"tensor {name!r} has unknown dtype {dtype!r}")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_RANK and all(type(d) is int and d >= 0 for d in shape)):
                 raise _fail(self.path, f"tensor {name!r} has an invalid shape {shape!r}")
-            if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
+            if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
                 raise _fail(self.path, f"tensor {name!r} has invalid data_offsets {offs!r}")
             if offs[1] > data_len:
                 raise _fail(self.path, f"tensor {name!r} ends at byte {offs[1]} but only {data_len} data bytes exist; truncated?")
@@ -146,10 +147,10 @@ class SafetensorsFile:
         if META_ZSTD not in meta:
             return {}
         try:
-            table = json.loads(meta[META_ZSTD])
-            return {k: (v["dtype"], tuple(v["shape"])) for k, v in table.items()}
-        except (ValueError, KeyError, TypeError):
-            raise _fail(self.path, f"malformed {META_ZSTD} metadata") from None
+            table = load_json(meta[META_ZSTD], META_ZSTD, MAX_HEADER_BYTES)
+        except FormatError as e:
+            raise _fail(self.path, f"malformed {META_ZSTD} metadata: {e}") from None
+        return check_zstd_table(self.path, table, self._header_names)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -202,11 +203,23 @@ def _read_full(f, view: memoryview) -> int:
 
 
 def _zstd_decompress(path: str, info: TensorInfo, buf: bytearray) -> bytearray:
+    """Decompress one tensor's frame into exactly the bytes its logical dtype/shape need. The frame's
+    declared content size is checked first: zstandard allocates what a frame declares (ignoring
+    max_output_size), so a frame declaring gigabytes must be refused before it is decompressed; a
+    frame that holds more than it declares, or trailing data, fails inside zstd."""
     import zstandard  # imported lazily: only compressed packs need it
 
     expected = math.prod(info.out_shape) * _ITEMSIZE[info.out_dtype]
+    data = bytes(buf)
     try:
-        data = zstandard.ZstdDecompressor().decompress(bytes(buf), max_output_size=expected)
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise _fail(path, f"tensor {info.name!r}: zstd payload is corrupt ({e})") from None
+    if declared != expected:
+        raise _fail(path, f"tensor {info.name!r}: zstd frame declares {'no' if declared < 0 else declared} content size, "
+                          f"expected {expected} bytes")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise _fail(path, f"tensor {info.name!r}: zstd payload is corrupt ({e})") from None
     if len(data) != expected:

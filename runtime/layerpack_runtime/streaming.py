@@ -49,8 +49,11 @@ class _Slot:
 
 class UnitStreamer:
     def __init__(self, files: dict[str, SafetensorsFile], order: list[str], buffer_bytes: int,
-                 device: torch.device, depth: int = 1, page_cache: bool = True):
+                 device: torch.device, depth: int = 1, page_cache: bool = True, check=None):
         self.files, self.order, self.device, self.depth = files, list(order), device, max(1, depth)
+        # check(unit, tensors): the payload checks (validate.check_payload), run here in the reader
+        # thread on the bytes just read, so they overlap compute like the read itself.
+        self.check = check
         # page_cache=False: drop each unit from the OS page cache once read, so a stream bigger than
         # RAM does not evict everything else (and every read really comes from the disk).
         self.page_cache = page_cache
@@ -93,6 +96,8 @@ class UnitStreamer:
                     raw = raw.clone()  # a MoE expert range can start unaligned (see writer.encode_tensors): copy
                 out[info.name] = raw.view(ST_DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else \
                     torch.empty(info.shape, dtype=ST_DTYPES[info.dtype])
+        if self.check is not None:
+            self.check(name, out)
         if self._copy_stream is not None:
             out = self._to_device(out, slot)
         with self._lock:
