@@ -295,3 +295,29 @@ def test_header_length_word_is_bounded(pack):
     (pack / BLOCK).write_bytes(bytes(data))
     reseal(str(pack), _m(pack), BLOCK)
     _refused(pack, BLOCK, "does not fit")
+
+
+def test_outlier_positions_must_hold_the_zero_code(tmp_path):
+    # the fused kernels add outliers to a dot product whose codes there are 0; a pack whose codes
+    # disagree would give different numbers on the fused and the dequantizing paths: refused
+    import torch
+    from conftest import make_checkpoint
+    from layerpack.convert import ConvertOptions, convert
+    from layerpack_runtime import load
+    from layerpack_runtime.errors import FormatError
+    from layerpack_runtime.validate import check_payload
+
+    ckpt = make_checkpoint(tmp_path / "src", "llama", dtype=torch.float32)
+    for scheme in ("nf4", "int8"):
+        out = tmp_path / scheme
+        convert(ckpt, str(out), ConvertOptions(quant=scheme, outliers=0.02, quiet=True))
+        m = load(str(out))
+        layer = m.manifest.layer("block.000")
+        stored = m.pack.read_layer(layer)  # a real unit passes
+        check_payload(layer.tensors, stored, "x")
+        t = next(t for t in layer.tensors if t.outliers)
+        i = int(stored[t.name + ".outlier_idx"][0])
+        codes = stored[t.name + ".q"].reshape(-1)
+        codes[i // 2 if scheme == "nf4" else i] ^= 0x11 if scheme == "nf4" else 1
+        with pytest.raises(FormatError, match="zero code"):
+            check_payload(layer.tensors, stored, "x")

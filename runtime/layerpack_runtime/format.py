@@ -64,6 +64,8 @@ NF4_CODE = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
+NF4_ZERO_CODE = NF4_CODE.index(0.0)  # 7: outlier positions hold it (they were zeroed before quantization)
+
 # Suffixes of the stored tensors that make up one logical (quantized) weight `W`:
 #   W.q            codes: int8 [n] (flattened; readers also accept W's shape) for int8; uint8 [ceil(n/2)] packed nibbles for nf4
 #   W.absmax       float32 [ceil(n/block)]: per-block absolute maximum of the flattened weight

@@ -30,7 +30,7 @@ from .errors import FormatError, VersionError
 from .format import (
     ARCH_REQUIRED, BLOCK_SIZE_MULTIPLE, COMPRESS_ZSTD, COMPRESSIONS, DTYPE_NAMES, EXPERT_PREFIX, FORMAT_MAJOR, FORMAT_NAME,
     FORMAT_VERSION, MANIFEST_FILE, MAX_EXTRA_FILES, MAX_JSON_DEPTH, MAX_TENSOR_RANK, MAX_ZSTD_RATIO, META_UNIT,
-    META_ZSTD, OUTLIER_IDX_I64_FROM, SCHEME_INT8, SCHEME_NF4, SCHEME_NONE, SCHEMES, ST_DTYPES, SUFFIX_ABSMAX,
+    META_ZSTD, NF4_ZERO_CODE, OUTLIER_IDX_I64_FROM, SCHEME_INT8, SCHEME_NF4, SCHEME_NONE, SCHEMES, ST_DTYPES, SUFFIX_ABSMAX,
     SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL, TORCH_TO_ST, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD,
     ZSTD_SMALL_BYTES, unit_name,
 )
@@ -572,11 +572,24 @@ def check_payload(entries: Iterable, stored: dict[str, torch.Tensor], path: str)
             raise FormatError(f"{path}: {t.name}{SUFFIX_OUTLIER_IDX} has an index outside [0, {numel(t.shape)})")
         if idx.size > 1 and not (idx[1:] > idx[:-1]).all():  # numpy: less per-call overhead than torch
             raise FormatError(f"{path}: {t.name}{SUFFIX_OUTLIER_IDX} is not strictly increasing (unsorted or duplicated)")
+        codes = stored.get(t.name + SUFFIX_CODES)
+        if codes is not None and idx.size and not _zero_codes_at(codes, idx, t.scheme):
+            # the kernels add outliers to a product whose codes there must be 0 (the converter zeroes
+            # them before quantizing); otherwise the fused and the dequantizing paths would disagree
+            raise FormatError(f"{path}: {t.name}{SUFFIX_CODES} is not the zero code at its outlier positions")
     if with_outliers:
         vals = [stored[t.name + SUFFIX_OUTLIER_VAL].reshape(-1) for t in with_outliers]
         if not _finite(torch.cat(vals) if len(vals) > 1 else vals[0]):
             bad = next(t for t, v in zip(with_outliers, vals) if not _finite(v))
             raise FormatError(f"{path}: {bad.name}{SUFFIX_OUTLIER_VAL} holds a NaN or infinite value")
+
+
+def _zero_codes_at(codes: torch.Tensor, idx, scheme: str) -> bool:
+    flat = codes.reshape(-1).numpy()
+    if scheme == SCHEME_NF4:  # two codes per byte, the first in the high nibble; NF4 code 7 is 0.0
+        b = flat[idx // 2]
+        return bool(((idx % 2 == 0) * (b >> 4) + (idx % 2 == 1) * (b & 15) == NF4_ZERO_CODE).all())
+    return bool((flat[idx] == 0).all())
 
 
 def _scales_ok(a: torch.Tensor) -> bool:
