@@ -209,7 +209,9 @@ class LayeredModel:
 
     def _load_resident(self, name: str, deq: bool) -> None:
         stored = self.pack.read_layer(name)
-        self._resident[name] = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+        w = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+        fuse = getattr(self.family, "fuse_unit", None)  # e.g. one q/k/v matmul where that keeps the same bits
+        self._resident[name] = fuse(self.args, w) if fuse is not None and self._layers[name].kind == UNIT_BLOCK else w
         self._forms[name] = deq
         if self.progress:
             self.progress(self._files[name].file_size)
