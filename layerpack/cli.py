@@ -84,15 +84,16 @@ def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="fp32", show_default=True, help="Compute dtype (fp32 measures the weights alone).")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget per model, e.g. 110MB, 2GiB; units beyond it stream from disk.")
+@click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores]. On a machine busy with other work, 1 can be much faster.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
-def eval_(pack, text_file, max_tokens, reference, window, stride, device, dtype, max_memory, quiet):
+def eval_(pack, text_file, max_tokens, reference, window, stride, device, dtype, max_memory, threads, quiet):
     """Perplexity of PACK on a text (sliding window), and with --reference the mean KL divergence of
     the next-token distributions and the top-1 agreement against the reference."""
     from .evaluate import evaluate_pack, format_result
 
     result, text_id = evaluate_pack(pack, text_file, max_tokens, reference, device=device, dtype=dtype, max_memory=max_memory,
-                                    window=window, stride=stride, quiet=quiet)
+                                    window=window, stride=stride, quiet=quiet, threads=threads)
     click.echo(format_result(result, text_id))
 
 
@@ -186,12 +187,13 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--no-page-cache", is_flag=True, help="Drop streamed layers from the OS page cache after reading (for models larger than RAM).")
 @click.option("--expert-cache", default=None, metavar="SIZE", help="MoE packs: share of --max-memory reserved for the LRU cache of streamed experts [default: what the plan leaves].")
 @click.option("--no-expert-reads", is_flag=True, help="MoE packs: stream whole layer files instead of only the selected experts (the dense-read baseline).")
-@click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token and the memory plan to stderr.")
+@click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores]. On a machine busy with other work, 1 can be much faster.")
+@click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads and the memory plan to stderr.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, stats, revision, token):
+        no_page_cache, expert_cache, no_expert_reads, threads, stats, revision, token):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
@@ -199,16 +201,18 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     from layerpack_runtime import load
     from layerpack_runtime.manifest import Manifest
     from layerpack_runtime.remote import is_repo_id
+    from layerpack_runtime.threads import resolve_threads
 
     from .progress import progress_bar
 
+    threads = resolve_threads(threads, "--threads")  # a bad --threads / $LAYERPACK_THREADS: one error line before any work
     t0 = time.perf_counter()
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
     total = None if is_repo_id(pack) else Manifest.load(pack).totals.get("layer_bytes")
     with progress_bar(total, "load", quiet=total is None) as bar:
         model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
                      page_cache=not no_page_cache, progress=bar.update, expert_reads=not no_expert_reads,
-                     expert_cache=expert_cache, revision=revision, token=token)
+                     expert_cache=expert_cache, revision=revision, token=token, threads=threads)
     load_s = time.perf_counter() - t0
     pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, chat=chat, stream=True)

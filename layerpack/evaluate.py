@@ -20,6 +20,7 @@ from layerpack_runtime.evaluate import (DEFAULT_MAX_TOKENS, DEFAULT_STRIDE, DEFA
 from layerpack_runtime.format import MANIFEST_FILE, SCHEME_NONE
 from layerpack_runtime.loader import load
 from layerpack_runtime.manifest import Manifest
+from layerpack_runtime.threads import resolve_threads
 
 from .progress import progress_bar
 
@@ -80,14 +81,15 @@ def evaluate_model(model, text: str, max_tokens: int | None = DEFAULT_MAX_TOKENS
 def evaluate_pack(pack: str, text_file: str | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS,
                   reference: str | None = None, device: str = "cpu", dtype: str | None = DEFAULT_EVAL_DTYPE,
                   max_memory=None, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
-                  quiet: bool = False) -> tuple[EvalResult, str]:
+                  quiet: bool = False, threads: int | None = None) -> tuple[EvalResult, str]:
     """`layerpack eval`: (result, text id). Text and reference are checked before any model loads."""
     if max_tokens is not None and max_tokens < 2:
         raise LayerpackError(f"--max-tokens must be at least 2, not {max_tokens}")
+    resolve_threads(threads, "--threads")  # a bad --threads / $LAYERPACK_THREADS fails before the text is read
     text, text_id = read_text(text_file)
     if reference is not None and not os.path.isdir(reference):
         raise LayerpackError(f"--reference {reference}: no such folder (a pack or a Hugging Face checkpoint folder)")
-    load_kw = dict(device=device, dtype=dtype, max_memory=max_memory, context=window)
+    load_kw = dict(device=device, dtype=dtype, max_memory=max_memory, context=window, threads=threads)
     model = load(pack, **load_kw)
     with reference_model(reference, **load_kw) as ref:
         return evaluate_model(model, text, max_tokens, ref, window, stride, quiet), text_id

@@ -5,11 +5,15 @@ as ratios, on SmolLM2-135M-Instruct (64 greedy new tokens after a fixed chat pro
     bash scripts/setup_bench_venv.sh                     # once: baselines' venv (accelerate, airllm)
     .venv/bin/python scripts/bench_runtime.py [--record]
 
-Rows: layerpack resident bf16; layerpack streaming under a budget of 40% of the pack (warm page
-cache; and cold: every streamed unit dropped from the page cache after it is read, so each step
-reads from disk); batch 16 vs batch 1 streaming. Baselines come from scripts/bench_baselines.py
-run in .bench-venv during the same invocation. Every configuration runs in its own subprocess
-(this script with --worker), after an untimed warm-up, best of --repeats.
+Rows: layerpack resident bf16 against transformers resident bf16 at each --threads count (default:
+the runtime's default, the physical cores, and 1), --rounds times, alternating which side goes
+first (ABBA...), both sides summarized the same way (median and best of all timed generates);
+layerpack streaming under a budget of 40% of the pack (warm page cache; and cold: every streamed
+unit dropped from the page cache after it is read, so each step reads from disk); batch 16 vs
+batch 1 streaming. Baselines come from scripts/bench_baselines.py run in .bench-venv during the
+same invocation (streaming rows and the offloading baselines at the first --threads count). Every
+configuration runs in its own subprocess (this script with --worker; bench_baselines.py's
+workers), after an untimed warm-up, --repeats timed generates.
 Cold-cache check: seconds/token against (bytes read per token / sequential read bandwidth of the
 same files with their pages dropped), measured in the same run.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_baselines import PROMPT_TEXT  # noqa: E402  (stdlib-only module, shared prompt)
-from benchlib import machine, record  # noqa: E402
+from benchlib import default_threads, machine, record  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_runtime:start -->", "<!-- bench_runtime:end -->"
 QMARK_START, QMARK_END = "<!-- bench_runtime_quant:start -->", "<!-- bench_runtime_quant:end -->"
@@ -46,9 +51,9 @@ def worker(cfg: dict) -> dict:
 
     max_memory = cfg.get("max_memory")
     if cfg.get("budget_factor"):  # a multiple of this pack's minimum budget (asked of the planner itself)
-        max_memory = int(cfg["budget_factor"] * load(cfg["pack"]).minimum_memory())
+        max_memory = int(cfg["budget_factor"] * load(cfg["pack"], threads=cfg.get("threads")).minimum_memory())
     model = load(cfg["pack"], max_memory=max_memory, page_cache=cfg.get("page_cache", True),
-                 prefetch_depth=cfg.get("prefetch", 1))
+                 prefetch_depth=cfg.get("prefetch", 1), threads=cfg.get("threads"))
     prompts = [cfg["prompt_ids"]] * cfg["batch"]
 
     def once(n):
@@ -123,6 +128,12 @@ def main() -> None:
     ap.add_argument("--budget-fraction", type=float, default=0.4)
     ap.add_argument("--work", default="/tmp/layerpack-bench-runtime")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--threads", default="default,1",
+                    help="comma list of CPU thread counts for the resident comparison ('default': the runtime's default); "
+                         "the streaming rows and offloading baselines run at the first")
+    ap.add_argument("--rounds", type=int, default=2, help="resident comparison: alternating rounds per thread count")
+    ap.add_argument("--baselines", default="transformers,accelerate_disk,airllm,airllm_nogc",
+                    help="baselines to run (transformers is the resident comparison)")
     ap.add_argument("--record", action="store_true", help="write the results into BENCHMARKS.md")
     ap.add_argument("--quantized", action="store_true",
                     help="instead: bf16 vs NF4 vs int8 packs, resident and streaming at 1.1x each pack's minimum budget")
@@ -150,11 +161,42 @@ def main() -> None:
     prompt_ids = AutoTokenizer.from_pretrained(ckpt).apply_chat_template(
         [{"role": "user", "content": PROMPT_TEXT}], add_generation_prompt=True, tokenize=True)
     prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
-    base = {"pack": pack, "prompt_ids": prompt_ids, "tokens": a.tokens, "repeats": a.repeats, "batch": 1}
+    threads = list(dict.fromkeys(default_threads() if t.strip() == "default" else int(t) for t in a.threads.split(",")))
+    base = {"pack": pack, "prompt_ids": prompt_ids, "tokens": a.tokens, "repeats": a.repeats, "batch": 1, "threads": threads[0]}
     load_avg = os.getloadavg()
+    bench_py = ROOT / ".bench-venv/bin/python"
+    have_baselines = not a.skip_baselines and bench_py.exists()
 
-    results = {}
-    results["lp_resident"] = run_worker({**base, "name": "resident"})
+    def baselines_run(names: str, n_threads: int) -> dict:
+        out = os.path.join(a.work, "baselines.json")
+        if os.path.exists(out):
+            os.remove(out)
+        r = sh(str(bench_py), str(ROOT / "scripts/bench_baselines.py"), "--json", out, "--new-tokens", str(a.tokens),
+               "--model-dir", ckpt, "--repeats", str(a.repeats), "--baselines", names, "--threads", str(n_threads))
+        found = {}
+        if os.path.isfile(out):
+            report = json.load(open(out))
+            found = report.get("baselines", {})
+            if report["prompt"]["token_ids"] != prompt_ids:
+                raise SystemExit("baselines used another prompt than layerpack: not comparable")
+        if r.returncode != 0:
+            print(f"some baselines failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
+        return found
+
+    # Resident layerpack vs resident transformers, per thread count, alternating who goes first.
+    resident = {n: {"lp": [], "tf": []} for n in threads}
+    for rnd in range(a.rounds):
+        for n in threads:
+            for who in (("lp", "tf") if rnd % 2 == 0 else ("tf", "lp")):
+                if who == "lp":
+                    resident[n]["lp"].append(run_worker({**base, "name": f"resident-{n}t", "threads": n}))
+                elif have_baselines and "transformers" in a.baselines.split(","):
+                    tf = baselines_run("transformers", n).get("transformers")
+                    if tf is not None:
+                        resident[n]["tf"].append(tf)
+                print(f"bench_runtime: round {rnd + 1}, {n} threads, {who} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+
+    results = {"lp_resident": resident[threads[0]]["lp"][0], "resident": resident}
     results["lp_stream"] = run_worker({**base, "name": "stream", "max_memory": budget})
     bandwidth = sequential_read_bandwidth(layer_files)
     results["lp_stream_cold"] = run_worker({**base, "name": "stream-cold", "max_memory": budget, "page_cache": False,
@@ -165,20 +207,15 @@ def main() -> None:
     results["lp_stream_b16"]["budget"] = b16_budget
 
     baselines = {}
-    bench_py = ROOT / ".bench-venv/bin/python"
-    if not a.skip_baselines and bench_py.exists():
-        out = os.path.join(a.work, "baselines.json")
-        r = sh(str(bench_py), str(ROOT / "scripts/bench_baselines.py"), "--json", out, "--new-tokens", str(a.tokens),
-               "--model-dir", ckpt, "--repeats", str(a.repeats))
-        if os.path.isfile(out):
-            report = json.load(open(out))
-            baselines = report.get("baselines", {})
-            if report["prompt"]["token_ids"] != prompt_ids:
-                raise SystemExit("baselines used another prompt than layerpack: not comparable")
-        if r.returncode != 0:
-            print(f"some baselines failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
+    if have_baselines:
+        others = [b for b in ("accelerate_disk", "airllm", "airllm_nogc") if b in a.baselines.split(",")]
+        if others:
+            baselines = baselines_run(",".join(others), threads[0])
+        if resident[threads[0]]["tf"]:
+            baselines["transformers"] = resident[threads[0]]["tf"][0]
+    load_end = os.getloadavg()
 
-    report = render(a, results, baselines, bandwidth, budget, pack_bytes, load_avg)
+    report = render(a, results, baselines, bandwidth, budget, pack_bytes, load_avg, load_end, threads)
     print(report)
     if a.record:
         record(report, MARK_START, MARK_END)
@@ -267,37 +304,66 @@ def _tps(b: dict | None) -> float | None:
     return b.get("tokens_per_s") if b and b.get("status") == "ok" else None
 
 
-def render(a, r, baselines, bandwidth, budget, pack_bytes, load_avg) -> str:
+def _all_tps(side: str, runs: list[dict]) -> list[float]:
+    """Every timed generate's decode tokens/s of one side (layerpack workers or transformers baselines)."""
+    if side == "lp":
+        return [x for r in runs for x in r["decode_tokens_per_s_all"]]
+    return [x["tokens_per_s"] for r in runs if r.get("status") == "ok" for x in r.get("runs", []) if x.get("tokens_per_s")]
+
+
+def resident_rows(r, threads) -> list[str]:
+    """The resident comparison: per thread count, median and best of all timed generates, each side alike."""
+    rows = ["| threads | layerpack resident bf16, tokens/s (median / best) | transformers bf16, tokens/s (median / best) | ratio of medians | ratio of bests |",
+            "|--:|--:|--:|--:|--:|"]
+    for n in threads:
+        lp, tf = _all_tps("lp", r["resident"][n]["lp"]), _all_tps("tf", r["resident"][n]["tf"])
+        med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+        cell = lambda xs: f"{med(xs):.2f} / {max(xs):.2f} (n={len(xs)})" if xs else "not run"  # noqa: E731
+        ratio = lambda x, y: f"**{x / y:.2f}x**" if x and y else "n/a"  # noqa: E731
+        rows.append(f"| {n} | {cell(lp)} | {cell(tf)} | {ratio(med(lp), med(tf))} | {ratio(max(lp, default=None), max(tf, default=None))} |")
+    return rows
+
+
+def render(a, r, baselines, bandwidth, budget, pack_bytes, load_avg, load_end, threads) -> str:
     res, st, cold, b16 = r["lp_resident"], r["lp_stream"], r["lp_stream_cold"], r["lp_stream_b16"]
-    tf, acc = _tps(baselines.get("transformers")), _tps(baselines.get("accelerate_disk"))
+    acc = _tps(baselines.get("accelerate_disk"))
     air = _tps(baselines.get("airllm"))
     ratio = lambda x, y: f"{x / y:.2f}x" if x and y else "n/a"  # noqa: E731
     cold_ideal = cold["bytes_per_step"] / bandwidth
+    lp_med = statistics.median(_all_tps("lp", r["resident"][threads[0]]["lp"]))
+    tf_all = _all_tps("tf", r["resident"][threads[0]]["tf"])
+    tf_med = statistics.median(tf_all) if tf_all else None
     rows = [
-        ("layerpack resident, bf16", res["decode_tokens_per_s"], f"vs transformers resident: **{ratio(res['decode_tokens_per_s'], tf)}** (target >= 1.0)"),
+        (f"layerpack resident, bf16 ({threads[0]} threads, median)", lp_med, f"vs transformers resident: **{ratio(lp_med, tf_med)}** (target >= 1.3)"),
         (f"layerpack streaming, budget {budget / 2**20:.0f} MiB ({a.budget_fraction:.0%} of pack; {st['resident']} units resident, {st['streamed']} streamed)",
          st["decode_tokens_per_s"], f"vs AirLLM: **{ratio(st['decode_tokens_per_s'], air)}** (target >= 20); vs accelerate disk offload: **{ratio(st['decode_tokens_per_s'], acc)}** (target >= 2)"),
         ("layerpack streaming, cold page cache", cold["decode_tokens_per_s"],
          f"{cold['s_per_step']:.3f} s/step vs ideal {cold_ideal:.3f} s ({cold['bytes_per_step'] / 2**20:.0f} MiB/step at {bandwidth / 2**20:.0f} MiB/s): **{cold['s_per_step'] / cold_ideal:.2f}x** (target <= 1.25)"),
         (f"layerpack streaming, batch 16 (total; budget {b16['budget'] / 2**20:.0f} MiB = the same weights budget + batch-16 KV and activations)", b16["decode_tokens_per_s"], f"vs batch 1 streaming: **{ratio(b16['decode_tokens_per_s'], st['decode_tokens_per_s'])}** (target >= 8)"),
     ]
-    for key, label in (("transformers", "transformers bf16, resident"), ("accelerate_disk", "accelerate disk offload (~40% in RAM)"),
+    for key, label in (("transformers", f"transformers bf16, resident ({threads[0]} threads, median)"), ("accelerate_disk", "accelerate disk offload (~40% in RAM)"),
                        ("airllm", "AirLLM (stock)"), ("airllm_nogc", "AirLLM without its per-layer gc.collect()")):
         b = baselines.get(key)
         if b is None:
-            note = "not run (bash scripts/setup_bench_venv.sh)"
+            note = "not run (--baselines)" if (ROOT / ".bench-venv/bin/python").exists() and not a.skip_baselines else "not run (bash scripts/setup_bench_venv.sh)"
         elif _tps(b) is None:
             note = f"failed: {b.get('error', '?')}"
         else:
             note = f"{b['new_tokens']} new tokens; same tokens as layerpack: {b.get('generated_ids', [])[:len(res['generated'])] == res['generated'][:len(b.get('generated_ids', []))]}"
-        rows.append((label, _tps(b), note))
+        rows.append((label, tf_med if key == "transformers" and b is not None else _tps(b), note))
     same = r["lp_resident"]["generated"] == r["lp_stream"]["generated"]
     lines = [
         f"## Runtime: SmolLM2-135M-Instruct, {a.tokens} greedy new tokens ({time.strftime('%Y-%m-%d')})",
         "",
-        f"- Machine: {machine()}; load average at start {load_avg[0]:.2f} (other work was running: absolute numbers are noisy, ratios come from the same run).",
-        f"- Command: `.venv/bin/python scripts/bench_runtime.py --record` (workers in fresh processes, warm-up, best of {a.repeats}; baselines from `scripts/bench_baselines.py` in `.bench-venv`).",
+        f"- Machine: {machine(' and '.join(map(str, threads)) + ' (resident comparison; the rest at ' + str(threads[0]) + ')')}; load average {load_avg[0]:.2f} at start, {load_end[0]:.2f} at end "
+        "(other work was running: absolute numbers are noisy, ratios come from the same run).",
+        f"- Command: `.venv/bin/python scripts/bench_runtime.py --record --threads {a.threads} --rounds {a.rounds} --repeats {a.repeats}` (every configuration in a fresh process, warm-up, "
+        f"{a.repeats} timed generates per process; baselines from `scripts/bench_baselines.py` in `.bench-venv`).",
         f"- Pack: bf16, {pack_bytes / 2**20:.0f} MiB of layers; streaming budget {budget / 2**20:.0f} MiB; layerpack streamed and resident generated the same tokens: {same}.",
+        "",
+        f"Resident decode, layerpack vs transformers, {a.rounds} alternating rounds per thread count (one process per side and round):",
+        "",
+        *resident_rows(r, threads),
         "",
         "| configuration | decode tokens/s | comparison |",
         "|---|--:|---|",

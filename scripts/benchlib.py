@@ -12,13 +12,27 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
-def machine() -> str:
-    """CPU model, cores, RAM, kernel, Python (and torch when it is imported)."""
+def default_threads() -> int:
+    """The CPU thread count the runtime uses by default here ($LAYERPACK_THREADS, else the physical
+    cores: layerpack_runtime/threads.py), or torch's own when the runtime is not importable."""
+    try:
+        from layerpack_runtime.threads import resolve_threads
+    except ImportError:
+        torch = sys.modules.get("torch")
+        return torch.get_num_threads() if torch else os.cpu_count() or 1
+    return resolve_threads()
+
+
+def machine(threads: str | int | None = None) -> str:
+    """CPU model, cores, RAM, kernel, Python, torch when it is imported, and the CPU threads the
+    measurements ran with (`threads`: a count or a description; default: the runtime's default)."""
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     mem = next((int(l.split()[1]) / 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    if threads is None:
+        threads = default_threads()
     torch = sys.modules.get("torch")
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
-            + (f", torch {torch.__version__}" if torch else ""))
+            + (f", torch {torch.__version__}" if torch else "") + f", threads: {threads}")
 
 
 def record(report: str, start: str, end: str, path: Path | str = BENCHMARKS) -> None:

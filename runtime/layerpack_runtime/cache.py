@@ -20,10 +20,10 @@ class LayerKV:
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values [B, kv_heads, T, head_dim] at columns [start, start+T); return
         views of columns [0, start+T)."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        T = k.shape[2]
+        self.k.narrow(2, start, T).copy_(k)
+        self.v.narrow(2, start, T).copy_(v)
+        return self.k.narrow(2, 0, start + T), self.v.narrow(2, 0, start + T)
 
 
 class KVCache:

@@ -58,6 +58,7 @@ class GenerationStats:
     decode_s: float = 0.0       # forward + sampling time of the later steps
     bytes_read: int = 0         # layer bytes streamed from disk during this generation
     io_wait_s: float = 0.0      # time compute waited for a streamed unit (reads not hidden by compute)
+    threads: int = 0            # torch's CPU threads during this generation
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -72,7 +73,7 @@ class GenerationStats:
         per_step = self.bytes_read / self.steps / 2**20 if self.steps else 0.0
         return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s ({self.prefill_tokens_per_s:.1f} tokens/s); "
                 f"decode: {max(self.steps - 1, 0) * self.batch} tokens in {self.decode_s:.3f} s ({self.decode_tokens_per_s:.2f} tokens/s); "
-                f"disk: {per_step:.1f} MiB read per step, {self.io_wait_s:.3f} s waiting for reads")
+                f"disk: {per_step:.1f} MiB read per step, {self.io_wait_s:.3f} s waiting for reads; threads: {self.threads}")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,6 +102,7 @@ def generate_tokens(model, prompts: list[list[int]], max_new_tokens: int, params
     stats = stats if stats is not None else GenerationStats()
     stats.batch, stats.prompt_tokens, stats.steps = len(prompts), sum(map(len, prompts)), 0
     stats.prefill_s = stats.decode_s = 0.0
+    stats.threads = torch.get_num_threads()
     if max_new_tokens <= 0:
         return
     cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens, step_tokens=ids.numel())

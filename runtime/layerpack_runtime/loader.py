@@ -28,6 +28,7 @@ from .pack import Pack, stored_names
 from .qweight import CHUNK_ELEMS, compute_form, dequantized_form_faster
 from .safetensors_io import itemsize
 from .streaming import FileRows, StreamStats, UnitStreamer
+from .threads import apply_threads
 from .tokenizer import PackTokenizer, TextStream
 from .validate import check_payload
 
@@ -69,7 +70,8 @@ class LayeredModel:
 
     def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                  max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True,
-                 progress=None, expert_reads: bool = True, expert_cache=None):
+                 progress=None, expert_reads: bool = True, expert_cache=None, threads: int | None = None):
+        self.threads = apply_threads(threads)  # torch's CPU threads (threads.py: explicit > $LAYERPACK_THREADS > physical cores)
         self.pack = pack
         self.manifest = pack.manifest
         arch = self.manifest.architecture
@@ -220,7 +222,9 @@ class LayeredModel:
 
     def _load_resident(self, name: str, deq: bool) -> None:
         stored = self.pack.read_layer(name)
-        self._resident[name] = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+        w = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+        fuse = getattr(self.family, "fuse_unit", None)  # e.g. one q/k/v matmul where that keeps the same bits
+        self._resident[name] = fuse(self.args, w) if fuse is not None and self._layers[name].kind == UNIT_BLOCK else w
         self._forms[name] = deq
         if self.progress:
             self.progress(self._files[name].file_size)
@@ -443,7 +447,7 @@ class LayeredModel:
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False,
          page_cache: bool = True, progress=None, expert_reads: bool = True, expert_cache=None,
-         revision: str | None = None, token=None) -> LayeredModel:
+         revision: str | None = None, token=None, threads: int | None = None) -> LayeredModel:
     """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
 
     path: a pack folder, or a Hub repo id "owner/name" (needs huggingface_hub): the manifest and
@@ -461,8 +465,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     progress: called with a byte count as each resident unit is loaded (e.g. a tqdm's update).
     expert_reads (MoE packs): streamed blocks read only the experts their tokens select (False:
     stream whole layer files, the dense-read baseline). expert_cache: bytes of the budget reserved
-    for the LRU cache of streamed experts (default 0; the cache also gets what the plan leaves)."""
+    for the LRU cache of streamed experts (default 0; the cache also gets what the plan leaves).
+    threads: torch's CPU threads for this process (default: $LAYERPACK_THREADS, else the physical
+    cores this process may use; threads.py). On a machine busy with other work, 1 can be much faster."""
     from .remote import is_repo_id, open_remote
+
+    apply_threads(threads)  # a bad value fails before any file is opened
 
     if is_repo_id(path):
         pack: Pack = open_remote(os.fspath(path), revision=revision, token=token, verify=verify)
@@ -475,7 +483,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     try:
         return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context,
                             prefetch_depth=prefetch_depth, page_cache=page_cache, progress=progress,
-                            expert_reads=expert_reads, expert_cache=expert_cache)
+                            expert_reads=expert_reads, expert_cache=expert_cache, threads=threads)
     except BaseException:
         pack.close()
         raise

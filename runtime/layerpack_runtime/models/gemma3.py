@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..errors import FormatError, LayerpackError
 from ..qweight import embedding, linear
 from . import llama
-from .llama import ROPE_TYPES, Step, apply_qk_norm, apply_rope, prepare_step, rope_cos_sin
+from .llama import ROPE_TYPES, Step, apply_qk_norm, fuse_unit, prepare_step, rope, rope_cos_sin  # noqa: F401 (fuse_unit: the loader's)
 
 FAMILIES = ("gemma3",)
 ACTIVATIONS = ("gelu_pytorch_tanh",)
@@ -121,12 +121,9 @@ def embed_forward(args: ModelArgs, w: dict[str, torch.Tensor], input_ids: torch.
 def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
     B, T, _ = x.shape
     H, KV, D = args.num_heads, args.num_kv_heads, args.head_dim
-    q = linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
-    k = linear(x, w["attn.k.weight"], w.get("attn.k.bias")).view(B, T, KV, D).transpose(1, 2)
-    v = linear(x, w["attn.v.weight"], w.get("attn.v.bias")).view(B, T, KV, D).transpose(1, 2)
+    q, k, v, _ = llama.qkv_proj(args, w, x)  # one matmul for a resident block (llama.fuse_unit)
     q, k = apply_qk_norm(args, w, q, k, norm=rms_norm)
-    q = apply_rope(q, step.cos, step.sin)
-    k = apply_rope(k, step.cos, step.sin)
+    q, k = rope(q, step), rope(k, step)
     if layer_cache is not None:
         k, v = layer_cache.update(k, v, step.start)  # views of columns [0, end)
     # attn_logit_softcapping is deliberately not applied: transformers' Gemma3 keeps it in the config
@@ -138,9 +135,8 @@ def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step
 
 
 def mlp(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    gate = linear(x, w["mlp.gate.weight"], w.get("mlp.gate.bias"))
-    up = linear(x, w["mlp.up.weight"], w.get("mlp.up.bias"))
-    return linear(F.gelu(gate, approximate="tanh") * up, w["mlp.down.weight"], w.get("mlp.down.bias"))
+    gate, up = llama.gate_up_proj(w, x)
+    return linear(F.gelu(gate, approximate="tanh").mul_(up), w["mlp.down.weight"], w.get("mlp.down.bias"))
 
 
 def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:

@@ -25,10 +25,10 @@ from ..experts import EXPERTS_KEY
 from ..format import EXPERT_LINEARS, ROUTER_WEIGHT, expert_weight
 from ..qweight import linear
 from . import llama
-from .llama import Step, embed_forward, head_forward, prepare_steps, rms_norm, rope_inv_freq
+from .llama import Step, embed_forward, fuse_unit, head_forward, prepare_steps, rms_norm, rope_inv_freq
 
-# The unit API the loader calls (embedding, head, rope and step preparation are llama's).
-__all__ = ["ModelArgs", "block_forward", "check_unit", "embed_forward", "head_forward", "prepare_steps", "rope_inv_freq"]
+# The unit API the loader calls (embedding, head, rope, step preparation and projection fusion are llama's).
+__all__ = ["ModelArgs", "block_forward", "check_unit", "embed_forward", "fuse_unit", "head_forward", "prepare_steps", "rope_inv_freq"]
 
 FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 SHARED_TENSORS = ("moe.shared.gate.weight", "moe.shared.up.weight", "moe.shared.down.weight", "moe.shared_gate.weight")
