@@ -96,6 +96,9 @@ def evaluate(model, ids, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STR
     if reference is not None and vocab is not None and getattr(reference.args, "vocab_size", vocab) != vocab:
         raise LayerpackError(f"the reference's vocabulary ({reference.args.vocab_size}) differs from the model's ({vocab}); "
                              "compare packs of the same model")
+    for m in (model, reference):  # scoring is all prefill: dequantized forms where memory allows
+        if hasattr(m, "prefer_dequantized"):
+            m.prefer_dequantized()
     nll = ref_nll = kl = 0.0
     agree = count = 0
     for begin, end, first in windows(ids.numel(), window, stride):

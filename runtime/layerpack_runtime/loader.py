@@ -111,6 +111,7 @@ class LayeredModel:
         self.streamer: UnitStreamer | None = None
         self.context = self.step_tokens = 0
         self.step_batch = 1
+        self._scoring = False  # prefer_dequantized()
         self._apply_plan(max(1, int(context)), max(1, int(context)), 1)
         self.progress = None  # only the first load reports
 
@@ -169,6 +170,14 @@ class LayeredModel:
             return [UNIT_HEAD, *self.block_units, UNIT_EMBED]
         return [UNIT_EMBED, UNIT_HEAD, *self.block_units]
 
+    def prefer_dequantized(self) -> None:
+        """For scoring (perplexity, KL: every step a long prefill), dequantized weights and one GEMM
+        beat computing from the codes: replan so that memory left over goes to dequantized forms,
+        whatever the decode-speed measurement said."""
+        if not self._scoring:
+            self._scoring = True
+            self._apply_plan(self.context, self.step_tokens, self.step_batch)
+
     def minimum_memory(self) -> int:
         """The smallest `max_memory` this pack runs with at the current context (what the error for
         too small a budget states)."""
@@ -184,7 +193,7 @@ class LayeredModel:
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
         reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
         scheme = self.manifest.quantization.scheme
-        deq_faster = scheme == "none" or dequantized_form_faster(scheme, self.dtype, self.device)
+        deq_faster = scheme == "none" or self._scoring or dequantized_form_faster(scheme, self.dtype, self.device)
         new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
                    self.prefetch_depth, required, reserve, deq_faster)
         for name in list(self._resident):

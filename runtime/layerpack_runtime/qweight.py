@@ -93,9 +93,10 @@ class QuantWeight:
                 and self.absmax.dtype == torch.float32 and self.absmax.is_contiguous()
                 and self.block_size > 0 and self.absmax.numel() == -(-n // self.block_size))
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight in `dtype`; on CPU, written into `out` (a reusable scratch buffer) when given."""
         device = self.codes.device
-        w = self._dequantize_native() if device.type == "cpu" else None
+        w = self._dequantize_native(out) if device.type == "cpu" else None
         if w is None and self.scheme == SCHEME_NF4:
             w = self._nf4_cuda() if device.type == "cuda" else None
             if w is None:
@@ -108,7 +109,7 @@ class QuantWeight:
             w = apply_outliers(w, self.outlier_idx, self.outlier_val)
         return w
 
-    def _dequantize_native(self) -> torch.Tensor | None:
+    def _dequantize_native(self, out: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.dtype not in _VAL_DTYPES or not self._native_layout() or (self.scheme == SCHEME_NF4 and self.block_size % 2):
             return None
         lib = kernels.native()
@@ -116,7 +117,9 @@ class QuantWeight:
             return None
         # the kernel writes float32 or bfloat16 directly; float16 goes through float32
         out_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        w = kernels.dequantize(lib, self.scheme, self.codes, self.absmax, self.numel, self.block_size, out_dtype)
+        if out is not None and (out.dtype != out_dtype or out.numel() < self.numel):
+            out = None
+        w = kernels.dequantize(lib, self.scheme, self.codes, self.absmax, self.numel, self.block_size, out_dtype, out)
         return w.to(self.dtype).view(self.shape)
 
     def _nf4_cuda(self) -> torch.Tensor | None:
@@ -156,9 +159,11 @@ class QuantWeight:
             align *= 2
         step = max(align, CHUNK_ELEMS // cols // align * align)
         out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
+        scratch = torch.empty(step * cols, dtype=torch.float32 if self.dtype == torch.float16 else self.dtype) \
+            if x.device.type == "cpu" else None  # one buffer for every chunk's dequantized rows
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            out[..., r0:r1] = F.linear(x, self.row_slice(r0, r1).dequantize(), None if bias is None else bias[r0:r1])
+            out[..., r0:r1] = F.linear(x, self.row_slice(r0, r1).dequantize(scratch), None if bias is None else bias[r0:r1])
         return out
 
     def _linear_native(self, x: torch.Tensor) -> torch.Tensor | None:

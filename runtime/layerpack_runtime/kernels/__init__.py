@@ -150,9 +150,12 @@ def matvec(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, rows: in
     return y
 
 
-def dequantize(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, n: int, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """n weight values in float32 or bfloat16 (the caller checks dtype and layout)."""
-    out = torch.empty(n, dtype=dtype)
+def dequantize(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, n: int, block: int, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """n weight values in float32 or bfloat16 (the caller checks dtype and layout), into `out`
+    (contiguous, at least n elements of dtype) when given: a reused buffer saves the page faults
+    of a fresh allocation, which cost more than the dequantization itself."""
+    out = torch.empty(n, dtype=dtype) if out is None else out.view(-1)[:n]
     fn = lib.lp_nf4_dequant if scheme == "nf4" else lib.lp_int8_dequant
     fn(_ptr(codes), _ptr(absmax), n, block, _ptr(out), int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
