@@ -3,8 +3,8 @@
 Everything the runtime holds is counted against `max_memory`: resident units (in the form they
 are kept: stored bytes, or dequantized bytes when memory allows the faster form), the streaming
 buffers (prefetch depth + 1 units in flight), the KV cache and the activations of a forward
-step. The Python interpreter and torch themselves (~200-300 MB) are not: the budget is for the
-model's data. Units are kept resident in this order - embedding (gathered every step; when tied
+step, and the tokenizer (Plan.runtime_bytes). The Python interpreter and the imported libraries
+(torch, tokenizers: ~200-300 MB) are not: the budget bounds the process's memory above that baseline. Units are kept resident in this order - embedding (gathered every step; when tied
 also the head), head, then blocks from the first - because every block costs the same to stream.
 """
 from __future__ import annotations
@@ -62,10 +62,15 @@ class Plan:
     activation_bytes: int = 0
     budget: int | None = None
     reserved_bytes: int = 0    # set aside for a cache the caller manages (MoE experts)
+    # Memory the run needs besides the model's data (the tokenizer's vocabulary and merges, held by
+    # `tokenizers` in native memory): it counts against the budget like the rest, so that the
+    # process's peak above its import baseline stays within max_memory (tests/test_memory_budget.py).
+    runtime_bytes: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes + self.reserved_bytes
+        return (self.weights_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes + self.reserved_bytes
+                + self.runtime_bytes)
 
     def describe(self) -> str:
         deq = sum(self.resident.values())
@@ -73,19 +78,22 @@ class Plan:
                 f"weights {fmt_size(self.weights_bytes)} + stream buffers {fmt_size(self.buffer_bytes)} + KV {fmt_size(self.kv_bytes)} "
                 f"+ activations {fmt_size(self.activation_bytes)}"
                 + (f" + expert cache {fmt_size(self.reserved_bytes)}" if self.reserved_bytes else "")
+                + (f" + tokenizer {fmt_size(self.runtime_bytes)}" if self.runtime_bytes else "")
                 + f" = {fmt_size(self.total)}"
                 + (f" of {fmt_size(self.budget)}" if self.budget else ""))
 
 
 def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_bytes: int, activation_bytes: int,
-         prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0) -> Plan:
+         prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0, runtime: int = 0) -> Plan:
     """Resident set and forms under `budget` (None: everything resident, dequantized). `required`
     units must be resident (e.g. a tied embedding, which is also the head). `reserved` bytes of the
-    budget are kept free for the caller (the MoE expert cache)."""
+    budget are kept free for the caller (the MoE expert cache); `runtime` bytes are what the run
+    needs besides the model (Plan.runtime_bytes)."""
     by_name = {u.name: u for u in units}
     if budget is None:
-        return Plan({u.name: True for u in units}, [], sum(u.dequantized for u in units), 0, kv_bytes, activation_bytes, None)
-    fixed = kv_bytes + activation_bytes + reserved
+        return Plan({u.name: True for u in units}, [], sum(u.dequantized for u in units), 0, kv_bytes, activation_bytes, None,
+                    runtime_bytes=runtime)
+    fixed = kv_bytes + activation_bytes + reserved + runtime
     # Fewest bytes we can run with: the required units resident, (depth + 1) buffers of the largest other unit.
     others = [u.streamed for u in units if u.name not in required]
     minimum = fixed + sum(by_name[n].stored for n in required) + (prefetch_depth + 1) * max(others, default=0)
@@ -94,6 +102,7 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
             f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum)} "
             f"({prefetch_depth + 1} stream buffers of the largest layer + KV cache {fmt_size(kv_bytes)} + activations {fmt_size(activation_bytes)}"
             + (f" + expert cache {fmt_size(reserved)}" if reserved else "")
+            + (f" + tokenizer {fmt_size(runtime)}" if runtime else "")
             + (f" + resident {', '.join(required)}" if required else "") + ")"
         )
     resident: dict[str, bool] = {n: False for n in required}
@@ -122,4 +131,4 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
                 resident = trial
     weights, buffers = cost(resident)
     streamed = [u.name for u in units if u.name not in resident]
-    return Plan(resident, streamed, weights, buffers, kv_bytes, activation_bytes, budget, reserved)
+    return Plan(resident, streamed, weights, buffers, kv_bytes, activation_bytes, budget, reserved, runtime)

@@ -8,6 +8,8 @@ dequantization (their quantized value is exactly 0).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +76,8 @@ class QuantWeight:
         return bnbf.dequantize_4bit(self.codes.view(-1, 1), state)
 
     def row_slice(self, r0: int, r1: int) -> "QuantWeight":
-        """Rows [r0, r1) as a QuantWeight of their own (rows must be whole blocks)."""
+        """Rows [r0, r1) as a QuantWeight of their own (r0 * cols and r1 * cols must fall on block
+        boundaries; a block may straddle two rows inside the slice)."""
         cols = self.shape[1]
         per_row_codes = cols // 2 if self.scheme == SCHEME_NF4 else cols
         idx = val = None
@@ -82,15 +85,17 @@ class QuantWeight:
             lo, hi = (int(i) for i in torch.searchsorted(self.outlier_idx, torch.tensor([r0 * cols, r1 * cols], device=self.outlier_idx.device,
                                                                                            dtype=self.outlier_idx.dtype)))
             idx, val = self.outlier_idx[lo:hi] - r0 * cols, self.outlier_val[lo:hi]
-        bpr = cols // self.block_size
+        b0, b1 = r0 * cols // self.block_size, r1 * cols // self.block_size
         return QuantWeight(self.scheme, (r1 - r0, cols), self.block_size, self.codes.reshape(-1)[r0 * per_row_codes: r1 * per_row_codes],
-                           self.absmax[r0 * bpr: r1 * bpr], idx, val, self.dtype)
+                           self.absmax.reshape(-1)[b0:b1], idx, val, self.dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self.shape[0], self.shape[-1]
-        if len(self.shape) != 2 or rows * cols <= CHUNK_ELEMS or cols % self.block_size or cols % 2:
+        if len(self.shape) != 2 or rows * cols <= CHUNK_ELEMS or cols % 2 or (rows * cols) % self.block_size:
             return F.linear(x, self.dequantize(), bias)
-        step = max(1, CHUNK_ELEMS // cols)
+        # chunks of whole blocks: `unit` rows end on a block boundary even when blocks straddle rows
+        unit = self.block_size // math.gcd(cols, self.block_size)
+        step = max(unit, CHUNK_ELEMS // cols // unit * unit)
         out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
@@ -100,13 +105,34 @@ class QuantWeight:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed when
         rows are whole blocks, else the whole matrix."""
-        hidden = self.shape[1]
-        if self.scheme == SCHEME_NF4 and hidden % self.block_size == 0 and hidden % 2 == 0 and self.outlier_idx is None:
+        rows, hidden = self.shape[0], self.shape[-1]
+        bs = self.block_size
+        if len(self.shape) == 2 and (rows * hidden) % bs == 0 and bs % 2 == 0:
+            # Only the blocks holding the selected rows are dequantized (int8 and NF4, blocks aligned
+            # to rows or not, with or without outliers): dequantizing a big vocabulary's whole
+            # embedding would cost several times the weight in float32 work buffers, far beyond the
+            # memory plan's activations.
             uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
-            codes = self.codes.view(self.shape[0], hidden // 2)[uniq]
-            absmax = self.absmax.view(self.shape[0], hidden // self.block_size)[uniq]
-            part = QuantWeight(self.scheme, (uniq.numel(), hidden), self.block_size, codes, absmax, None, None, self.dtype)
-            return part.dequantize()[inv].view(*ids.shape, hidden)
+            first = uniq * hidden // bs                               # first block of each row
+            span = -(-hidden // bs) + 1                               # blocks a row can touch
+            blocks = (first[:, None] + torch.arange(span, device=uniq.device)).clamp_(max=rows * hidden // bs - 1)
+            per_block = bs // 2 if self.scheme == SCHEME_NF4 else bs
+            codes = self.codes.reshape(-1, per_block)[blocks.reshape(-1)]
+            absmax = self.absmax.reshape(-1)[blocks.reshape(-1)]
+            part = QuantWeight(self.scheme, (blocks.numel() * bs,), bs, codes.reshape(-1), absmax, None, None, self.dtype)
+            values = part.dequantize().view(uniq.numel(), span * bs)
+            offset = (uniq * hidden - first * bs)[:, None] + torch.arange(hidden, device=uniq.device)
+            out = values.gather(1, offset)
+            if self.outlier_idx is not None and self.outlier_idx.numel():
+                # outliers are sorted flat indices: those of row r lie in [r * hidden, (r + 1) * hidden)
+                bounds = torch.stack([uniq * hidden, (uniq + 1) * hidden]).to(self.outlier_idx.dtype)
+                lo, hi = torch.searchsorted(self.outlier_idx, bounds)
+                counts = hi - lo
+                which = torch.repeat_interleave(torch.arange(uniq.numel(), device=uniq.device), counts)
+                pos = torch.repeat_interleave(lo - torch.cumsum(counts, 0) + counts, counts) + torch.arange(int(counts.sum()), device=uniq.device)
+                flat = self.outlier_idx[pos].long() - uniq[which] * hidden + which * hidden
+                out.view(-1).index_put_((flat,), self.outlier_val[pos].to(out.dtype))
+            return out[inv].view(*ids.shape, hidden)
         return F.embedding(ids, self.dequantize())
 
 
