@@ -45,10 +45,11 @@ from .families import Family, Rows, architecture_spec, expected_shape, family_of
 from .progress import progress_bar
 from .quantize import OUTLIER_ROW, OUTLIER_RULES, quantize_tensor
 from .schema import validate_manifest
-from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, resolve
+from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, read_json_object, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
 
 PARTIAL_DIR = ".layerpack-partial"
+_WEIGHT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}   # safetensors dtypes a weight may have
 DEFAULT_ZSTD_LEVEL = 3
 
 
@@ -186,14 +187,7 @@ def scheme_for(canonical: str, quant: str, tied: bool) -> str:
 
 
 def _load_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        return d
-    except (OSError, ValueError) as e:
-        raise LayerpackError(f"{path}: unreadable ({e})") from None
+    return read_json_object(path)
 
 
 class _Partial:
@@ -293,7 +287,10 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
     units = plan_units(family, arch, index.names())
     for u in units:
         for canonical, hf in u.tensors.items():
-            want, got = expected_shape(canonical, arch), index.info(hf)[1]
+            st_dtype, got = index.info(hf)[:2]
+            if st_dtype.upper() not in _WEIGHT_DTYPES and not st_dtype.startswith(("torch.float", "torch.bfloat")):
+                raise LayerpackError(f"{index.file_of(hf)}: tensor {base_name(hf)} has dtype {st_dtype}; weights must be floating point")
+            want = expected_shape(canonical, arch)
             if want is not None and canonical in u.rows:  # a row range of a fused tensor: check the whole
                 want = [u.rows[canonical][2], *want[1:]]
             if want is not None and want != got:

@@ -77,8 +77,8 @@ class Plan:
         return (f"{len(self.resident)} resident ({deq} dequantized), {len(self.streamed)} streamed; "
                 f"weights {fmt_size(self.weights_bytes)} + stream buffers {fmt_size(self.buffer_bytes)} + KV {fmt_size(self.kv_bytes)} "
                 f"+ activations {fmt_size(self.activation_bytes)}"
-                + (f" + expert cache {fmt_size(self.reserved_bytes)}" if self.reserved_bytes else "")
                 + (f" + tokenizer {fmt_size(self.runtime_bytes)}" if self.runtime_bytes else "")
+                + (f" + expert cache {fmt_size(self.reserved_bytes)}" if self.reserved_bytes else "")
                 + f" = {fmt_size(self.total)}"
                 + (f" of {fmt_size(self.budget)}" if self.budget else ""))
 
