@@ -116,7 +116,7 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
                 pattern = pattern.pattern
             hf = pattern.format(i=i)
             if hf not in present:
-                raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
+                raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family (config.json: num_hidden_layers={arch['num_layers']})")
             out[canonical] = hf
         for canonical, pattern in optional.items():
             hf = pattern.format(i=i)
@@ -142,7 +142,7 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
                 ref = _source_ref(src, i, j)
                 hf = base_name(ref)
                 if hf not in present:
-                    raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
+                    raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family (config.json: num_hidden_layers={arch['num_layers']})")
                 out[canonical.format(j=j)] = ref
                 used.add(hf)
         return out

@@ -87,6 +87,8 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _fail(self.path, f"header is not JSON: {e}") from None
+        except RecursionError:  # a header nested deeper than the parser's recursion limit
+            raise _fail(self.path, "header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise _fail(self.path, "header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
@@ -102,7 +104,7 @@ class SafetensorsFile:
             if not isinstance(entry, dict):
                 raise _fail(self.path, f"entry {name!r} is not an object")
             dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if dtype not in _ITEMSIZE:
+            if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
                 raise _fail(self.path, f"tensor {name!r} has unknown dtype {dtype!r}")
             if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
                 raise _fail(self.path, f"tensor {name!r} has an invalid shape {shape!r}")
