@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -363,7 +364,17 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
     write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
     fsync_dir(out)
     shutil.rmtree(partial.dir, ignore_errors=True)
+    if not opts.quiet and not any(f.path == "tokenizer.json" for f in sidecars):
+        _warn_no_tokenizer(src, job.source)
     return manifest
+
+
+def _warn_no_tokenizer(src: str, source: Source) -> None:
+    """A pack without tokenizer.json runs on token ids only: say so now, not at the first text prompt."""
+    only_sp = os.path.isfile(os.path.join(source.root, "tokenizer.model"))
+    print(f"warning: {src} has no tokenizer.json" + (" (only a sentencepiece tokenizer.model, which the runtime does not read)" if only_sp else "")
+          + "; the pack takes token ids but no text prompts. Add the model's tokenizer.json to the source and convert again",
+          file=sys.stderr)
 
 
 def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,

@@ -401,6 +401,9 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         first = c.int("max_window_layers", layers, lo=0)
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     archs = config.get("architectures")
+    # both files are checked; generation_config.json's value wins where it has the key
+    special = {k: (lambda from_config: g.ids(k) if k in g.d else from_config)(c.ids(k))
+               for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     spec = {
         "family": fam.name,
         "hf_architecture": archs[0],
@@ -425,9 +428,9 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         # per block "full_attention" | "sliding_attention" when blocks differ; None: all blocks alike
         "layer_types": list(layer_types) if layer_types and sliding else None,
         "qk_norm": "attn.q_norm.weight" in fam.block,
-        "bos_token_id": ((g if "bos_token_id" in g.d else c).ids("bos_token_id") or [None])[0],
-        "eos_token_ids": (g if "eos_token_id" in g.d else c).ids("eos_token_id"),
-        "pad_token_id": ((g if "pad_token_id" in g.d else c).ids("pad_token_id") or [None])[0],
+        "bos_token_id": (special["bos_token_id"] or [None])[0],
+        "eos_token_ids": special["eos_token_id"],
+        "pad_token_id": (special["pad_token_id"] or [None])[0],
     }
     if fam.name == "gemma3":
         spec["rope"], spec["rope_local"] = _gemma3(config)
