@@ -14,7 +14,7 @@ import torch
 from layerpack_runtime.errors import FormatError, LayerpackError
 from layerpack_runtime.format import SIDECAR_FILES, ST_DTYPES
 from layerpack_runtime.pack import sha256_file
-from layerpack_runtime.remote import HUB_REPO_ID
+from layerpack_runtime.remote import check_reachable, is_repo_id
 from layerpack_runtime.safetensors_io import SafetensorsFile, TensorInfo, itemsize
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -62,7 +62,7 @@ def resolve(src: str, revision: str | None = None, allow_pickle: bool = False, q
         if not os.path.isdir(src):
             raise LayerpackError(f"{src}: is a file; give the checkpoint folder that holds config.json")
         root, kind, ident = os.path.abspath(src), "local", os.path.basename(os.path.abspath(src))
-    elif HUB_REPO_ID.match(src) and not src.startswith((".", "/")):
+    elif is_repo_id(src):
         root, revision = _download(src, revision, allow_pickle, quiet)
         kind, ident = "hub", src
     else:
@@ -82,6 +82,7 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool, quiet: boo
     except ImportError:  # pragma: no cover - a toolkit dependency
         raise LayerpackError("huggingface_hub is required to convert from a Hub repo id") from None
     silent = quiet or not sys.stderr.isatty()
+    check_reachable(repo_id)
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
         names = [s.rfilename for s in info.siblings or []]

@@ -458,10 +458,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     expert_reads (MoE packs): streamed blocks read only the experts their tokens select (False:
     stream whole layer files, the dense-read baseline). expert_cache: bytes of the budget reserved
     for the LRU cache of streamed experts (default 0; the cache also gets what the plan leaves)."""
-    from .remote import is_repo_id, open_remote
+    from .remote import is_repo_id, no_such_pack, open_remote
 
     if is_repo_id(path):
         pack: Pack = open_remote(os.fspath(path), revision=revision, token=token, verify=verify)
+    elif not os.path.exists(path):
+        raise no_such_pack(path)
     else:
         pack = Pack(path)
         if verify:
