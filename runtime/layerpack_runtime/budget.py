@@ -3,7 +3,7 @@
 Everything the runtime holds is counted against `max_memory`: resident units (in the form they
 are kept: stored bytes, or dequantized bytes when memory allows the faster form), the streaming
 buffers (prefetch depth + 1 units in flight), the KV cache and the activations of a forward
-step, and the tokenizer (Plan.runtime_bytes). The Python interpreter and the imported libraries
+step, and the tokenizer and torch's working memory (Plan.runtime_bytes). The Python interpreter and the imported libraries
 (torch, tokenizers: ~200-300 MB) are not: the budget bounds the process's memory above that baseline. Units are kept resident in this order - embedding (gathered every step; when tied
 also the head), head, then blocks from the first - because every block costs the same to stream.
 """
@@ -62,9 +62,10 @@ class Plan:
     activation_bytes: int = 0
     budget: int | None = None
     reserved_bytes: int = 0    # set aside for a cache the caller manages (MoE experts)
-    # Memory the run needs besides the model's data (the tokenizer's vocabulary and merges, held by
-    # `tokenizers` in native memory): it counts against the budget like the rest, so that the
-    # process's peak above its import baseline stays within max_memory (tests/test_memory_budget.py).
+    # Memory the run needs besides the model's data (the tokenizer, held by `tokenizers` in native
+    # memory, and torch's first-use working memory; loader.TORCH_WORKING_BYTES): it counts against the
+    # budget like the rest, so that the process's peak above its import baseline stays within
+    # max_memory (tests/test_memory_budget.py).
     runtime_bytes: int = 0
 
     @property
@@ -77,7 +78,7 @@ class Plan:
         return (f"{len(self.resident)} resident ({deq} dequantized), {len(self.streamed)} streamed; "
                 f"weights {fmt_size(self.weights_bytes)} + stream buffers {fmt_size(self.buffer_bytes)} + KV {fmt_size(self.kv_bytes)} "
                 f"+ activations {fmt_size(self.activation_bytes)}"
-                + (f" + tokenizer {fmt_size(self.runtime_bytes)}" if self.runtime_bytes else "")
+                + (f" + runtime {fmt_size(self.runtime_bytes)}" if self.runtime_bytes else "")
                 + (f" + expert cache {fmt_size(self.reserved_bytes)}" if self.reserved_bytes else "")
                 + f" = {fmt_size(self.total)}"
                 + (f" of {fmt_size(self.budget)}" if self.budget else ""))
@@ -102,7 +103,7 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
             f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum)} "
             f"({prefetch_depth + 1} stream buffers of the largest layer + KV cache {fmt_size(kv_bytes)} + activations {fmt_size(activation_bytes)}"
             + (f" + expert cache {fmt_size(reserved)}" if reserved else "")
-            + (f" + tokenizer {fmt_size(runtime)}" if runtime else "")
+            + (f" + runtime (tokenizer, torch) {fmt_size(runtime)}" if runtime else "")
             + (f" + resident {', '.join(required)}" if required else "") + ")"
         )
     resident: dict[str, bool] = {n: False for n in required}

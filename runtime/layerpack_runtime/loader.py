@@ -37,9 +37,15 @@ DTYPE_ALIASES = {
 
 Prompt = Any  # str | list[int] | list[dict] (a chat conversation)
 
-# `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
-# loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB); the plan counts it.
+# What a run holds besides the model's data, counted by the plan (Plan.runtime_bytes) so that the
+# process's peak RSS above its import baseline stays within max_memory (tests/test_memory_budget.py):
+# - `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
+#   loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB);
+# - torch's first-use allocations on CPU (intra-op thread pool, kernel workspaces, allocator arenas
+#   of the reader threads): 12-30 MB measured on the first forward (more with MoE routing and expert
+#   reader threads), whatever the model size.
 TOKENIZER_BYTES_PER_FILE_BYTE = 12
+TORCH_WORKING_BYTES = 32 * 2**20
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -162,10 +168,11 @@ class LayeredModel:
         experts = self.experts.working_bytes(t, self.args.top_k) if self.experts is not None else 0
         return work + experts + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
 
-    def _tokenizer_bytes(self) -> int:
-        """Memory the pack's tokenizer takes once loaded (0 when the pack has none)."""
+    def _runtime_bytes(self) -> int:
+        """Memory a run takes besides the model's data: the pack's tokenizer once loaded, and torch's
+        first-use working memory (see TORCH_WORKING_BYTES)."""
         size = next((f.size for f in self.manifest.files if f.path == "tokenizer.json"), 0)
-        return size * TOKENIZER_BYTES_PER_FILE_BYTE
+        return size * TOKENIZER_BYTES_PER_FILE_BYTE + TORCH_WORKING_BYTES
 
     def _priority(self) -> list[str]:
         # The embedding is needed every step (and is the head when tied), then the head, then blocks;
@@ -181,7 +188,7 @@ class LayeredModel:
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()  # a tied embedding is also the head
         reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
         new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
-                   self.prefetch_depth, required, reserve, self._tokenizer_bytes())
+                   self.prefetch_depth, required, reserve, self._runtime_bytes())
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]
