@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 
 import click
@@ -26,12 +27,33 @@ def _one_line_errors(fn):
             _die(f"{e.filename}: {what}" if e.filename else what)
         except KeyboardInterrupt:
             _die("interrupted" + ("; re-run the same command to resume" if fn.__name__ == "convert" else ""), code=130)
+        except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug: still one line (LAYERPACK_DEBUG=1 shows the traceback)
+            if os.environ.get("LAYERPACK_DEBUG"):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            _die(f"internal error ({type(e).__name__}: {first[:300]}); please report it (LAYERPACK_DEBUG=1 shows the traceback)")
     return wrapper
 
 
 def _die(msg: str, code: int = 1):
-    click.echo(f"error: {msg}", err=True)
+    """The one way an error reaches the terminal: one line, through the token scrubber."""
+    from layerpack_runtime.remote import scrub
+
+    click.echo(f"error: {scrub(msg)}", err=True)
     sys.exit(code)
+
+
+def _existing_or_repo(pack: str) -> bool:
+    """True for a Hub repo id; a local path that does not exist is "no such pack folder" (never sent to the Hub)."""
+    from layerpack_runtime.remote import is_repo_id, no_such_pack
+
+    if is_repo_id(pack):
+        return True
+    if not os.path.exists(pack):
+        raise no_such_pack(pack)
+    return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,11 +145,10 @@ def inspect(pack, revision, token):
     """Summarize a pack (folder, or Hub repo id owner/name: reads only its manifest): architecture,
     layers, scheme, sizes, quantization errors."""
     from layerpack_runtime.manifest import Manifest
-    from layerpack_runtime.remote import is_repo_id
 
     from .inspect_pack import summarize
 
-    if is_repo_id(pack):
+    if _existing_or_repo(pack):
         from .hub import remote_manifest
 
         click.echo(summarize(remote_manifest(pack, revision=revision, token=token)))
@@ -200,7 +221,6 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
     from layerpack_runtime import load
     from layerpack_runtime.manifest import Manifest
-    from layerpack_runtime.remote import is_repo_id
     from layerpack_runtime.threads import resolve_threads
 
     from .progress import progress_bar
@@ -208,7 +228,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     threads = resolve_threads(threads, "--threads")  # a bad --threads / $LAYERPACK_THREADS: one error line before any work
     t0 = time.perf_counter()
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
-    total = None if is_repo_id(pack) else Manifest.load(pack).totals.get("layer_bytes")
+    total = None if _existing_or_repo(pack) else Manifest.load(pack).totals.get("layer_bytes")
     with progress_bar(total, "load", quiet=total is None) as bar:
         model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
                      page_cache=not no_page_cache, progress=bar.update, expert_reads=not no_expert_reads,

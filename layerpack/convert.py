@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -45,10 +46,11 @@ from .families import Family, Rows, architecture_spec, expected_shape, family_of
 from .progress import progress_bar
 from .quantize import OUTLIER_ROW, OUTLIER_RULES, quantize_tensor
 from .schema import validate_manifest
-from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, resolve
+from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, read_json_object, resolve
 from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
 
 PARTIAL_DIR = ".layerpack-partial"
+_WEIGHT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}   # safetensors dtypes a weight may have
 DEFAULT_ZSTD_LEVEL = 3
 
 
@@ -115,7 +117,7 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
                 pattern = pattern.pattern
             hf = pattern.format(i=i)
             if hf not in present:
-                raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
+                raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family (config.json: num_hidden_layers={arch['num_layers']})")
             out[canonical] = hf
         for canonical, pattern in optional.items():
             hf = pattern.format(i=i)
@@ -141,7 +143,7 @@ def plan_units(family: Family, arch: dict, names: list[str]) -> list[UnitPlan]:
                 ref = _source_ref(src, i, j)
                 hf = base_name(ref)
                 if hf not in present:
-                    raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family")
+                    raise LayerpackError(f"source lacks tensor {hf} required by the {family.name} family (config.json: num_hidden_layers={arch['num_layers']})")
                 out[canonical.format(j=j)] = ref
                 used.add(hf)
         return out
@@ -186,14 +188,7 @@ def scheme_for(canonical: str, quant: str, tied: bool) -> str:
 
 
 def _load_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        return d
-    except (OSError, ValueError) as e:
-        raise LayerpackError(f"{path}: unreadable ({e})") from None
+    return read_json_object(path)
 
 
 class _Partial:
@@ -293,7 +288,10 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
     units = plan_units(family, arch, index.names())
     for u in units:
         for canonical, hf in u.tensors.items():
-            want, got = expected_shape(canonical, arch), index.info(hf)[1]
+            st_dtype, got = index.info(hf)[:2]
+            if st_dtype.upper() not in _WEIGHT_DTYPES and not st_dtype.startswith(("torch.float", "torch.bfloat")):
+                raise LayerpackError(f"{index.file_of(hf)}: tensor {base_name(hf)} has dtype {st_dtype}; weights must be floating point")
+            want = expected_shape(canonical, arch)
             if want is not None and canonical in u.rows:  # a row range of a fused tensor: check the whole
                 want = [u.rows[canonical][2], *want[1:]]
             if want is not None and want != got:
@@ -366,7 +364,17 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
     write_text_atomic(os.path.join(out, MANIFEST_FILE), manifest.to_json())
     fsync_dir(out)
     shutil.rmtree(partial.dir, ignore_errors=True)
+    if not opts.quiet and not any(f.path == "tokenizer.json" for f in sidecars):
+        _warn_no_tokenizer(src, job.source)
     return manifest
+
+
+def _warn_no_tokenizer(src: str, source: Source) -> None:
+    """A pack without tokenizer.json runs on token ids only: say so now, not at the first text prompt."""
+    only_sp = os.path.isfile(os.path.join(source.root, "tokenizer.model"))
+    print(f"warning: {src} has no tokenizer.json" + (" (only a sentencepiece tokenizer.model, which the runtime does not read)" if only_sp else "")
+          + "; the pack takes token ids but no text prompts. Add the model's tokenizer.json to the source and convert again",
+          file=sys.stderr)
 
 
 def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,

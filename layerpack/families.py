@@ -12,6 +12,8 @@ Weights keep Hugging Face's layout (rotary q/k rows in HF's rotate-half order; [
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -200,28 +202,148 @@ def supported() -> str:
 
 
 def family_of(config: dict) -> Family:
-    archs = config.get("architectures") or []
-    for arch in archs:
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise LayerpackError(f"config.json: field 'architectures' must be a list of strings, not {json.dumps(archs)[:60]}")
+    for arch in archs or []:
         if arch in ARCHITECTURES:
             return FAMILIES[ARCHITECTURES[arch]]
     name = archs[0] if archs else f"model_type {config.get('model_type')!r}"
-    raise LayerpackError(f"unsupported architecture {name}; supported: {supported()}")
+    raise LayerpackError(f"config.json: unsupported architecture {str(name)[:80]}; supported: {supported()}")
 
 
 def is_ignored(hf_name: str) -> bool:
     return hf_name.endswith(_IGNORED_SUFFIXES)
 
 
-def _rope(config: dict) -> dict:
+# Upper bounds far above any real model (Llama 3.1 405B: hidden 16384, 126 layers, vocab 128256,
+# intermediate 53248, 128 heads), there only so that a corrupt number fails here instead of
+# allocating per-layer tables or overflowing later.
+_MAX = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 22, "num_hidden_layers": 1 << 14,
+        "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "head_dim": 1 << 14,
+        "max_position_embeddings": 1 << 40, "sliding_window": 1 << 40, "num_local_experts": 1 << 16,
+        "num_experts": 1 << 16, "num_experts_per_tok": 1 << 16, "moe_intermediate_size": 1 << 22,
+        "shared_expert_intermediate_size": 1 << 22, "decoder_sparse_step": 1 << 14, "max_window_layers": 1 << 14,
+        "sliding_window_pattern": 1 << 14, "_sliding_window_pattern": 1 << 14}
+_NO_VALUE = object()
+
+
+class ConfigFields:
+    """Typed, bounded reads of a config.json (or generation_config.json) object: every wrong type,
+    missing required field or out-of-range number is a LayerpackError naming the file and the field.
+    JSON null counts as absent (real configs write null for unused optional fields)."""
+
+    def __init__(self, config: dict, file: str = "config.json"):
+        self.d, self.file = config, file
+
+    def _bad(self, key: str, want: str, v) -> LayerpackError:
+        shown = json.dumps(v)[:60] if not isinstance(v, float) or math.isfinite(v) else str(v)
+        return LayerpackError(f"{self.file}: field {key!r} must be {want}, not {shown}")
+
+    def get(self, key: str, default=None):
+        v = self.d.get(key)
+        return default if v is None else v
+
+    def int(self, key: str, default=_NO_VALUE, lo: int = 1, hi: int | None = None) -> int:
+        v = self.d.get(key)
+        if v is None:
+            if default is _NO_VALUE:
+                raise LayerpackError(f"{self.file}: required field {key!r} is missing")
+            return default
+        hi = hi if hi is not None else _MAX.get(key, 1 << 40)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self._bad(key, f"an integer in [{lo}, {hi}]", v)
+        return v
+
+    def float(self, key: str, default=_NO_VALUE, positive: bool = True) -> float:
+        v = self.d.get(key)
+        if v is None:
+            if default is _NO_VALUE:
+                raise LayerpackError(f"{self.file}: required field {key!r} is missing")
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise self._bad(key, "a positive number" if positive else "a finite number", v)
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):  # "false" (a string) is true in Python: never guess
+            raise self._bad(key, "true or false", v)
+        return v
+
+    def str(self, key: str, default: str | None = None) -> str | None:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise self._bad(key, "a string", v)
+        return v
+
+    def dict(self, key: str) -> dict:
+        v = self.d.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise self._bad(key, "an object", v)
+        return v
+
+    def ids(self, key: str, default=None) -> list[int]:
+        """A token id or a list of token ids."""
+        v = self.d.get(key, default)
+        if v is None:
+            return []
+        items = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < (1 << 31) for x in items):
+            raise self._bad(key, "a token id or a list of token ids", v)
+        return list(items)
+
+    def int_list(self, key: str, hi: int) -> list[int]:
+        v = self.d.get(key)
+        if v is None:
+            return []
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < hi for x in v):
+            raise self._bad(key, f"a list of block indices below {hi}", v)
+        return v
+
+    def str_list(self, key: str, length: int) -> list[str] | None:
+        v = self.d.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, list) or len(v) != length or not all(isinstance(x, str) for x in v):
+            raise self._bad(key, f"a list of {length} strings (one per block)", v)
+        return v
+
+
+def _rope_fields(raw: dict, file: str, where: str) -> dict:
+    """A rope_scaling / rope_parameters object: strings, finite numbers, or lists of finite numbers."""
+    for k, v in raw.items():
+        ok = (isinstance(v, str) or v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+              or (isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+              or isinstance(v, bool))
+        if not ok:
+            raise LayerpackError(f"{file}: field {where}.{k} must be a number, a string or a list of numbers, not {json.dumps(v)[:60]}")
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _rope(config: dict, file: str = "config.json") -> dict:
     """Normalise HF's two spellings (transformers<5: rope_theta + rope_scaling; >=5: rope_parameters)."""
-    params = dict(config.get("rope_parameters") or {})
-    scaling = dict(config.get("rope_scaling") or {})
-    theta = params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
+    c = ConfigFields(config, file)
+    params = _rope_fields(c.dict("rope_parameters"), file, "rope_parameters")
+    scaling = _rope_fields(c.dict("rope_scaling"), file, "rope_scaling")
+    theta = params.pop("rope_theta", None)
+    theta = ConfigFields({"rope_parameters.rope_theta": theta}, file).float("rope_parameters.rope_theta", None) \
+        if theta is not None else c.float("rope_theta", 10000.0)
     merged = {**scaling, **params}
     kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
+    if not isinstance(kind, str):
+        raise LayerpackError(f"{file}: field rope_scaling.rope_type must be a string, not {json.dumps(kind)[:60]}")
     kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's old name (transformers renames it too)
-    prf = merged.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor")
+    prf = merged.pop("partial_rotary_factor", None)
+    prf = ConfigFields({"partial_rotary_factor": prf}, file).float("partial_rotary_factor", None) if prf is not None \
+        else c.float("partial_rotary_factor", None)
     rope = {"type": kind, "theta": float(theta)}
     if kind != "default":
         rope["scaling"] = {k: merged[k] for k in sorted(merged)}
@@ -230,79 +352,91 @@ def _rope(config: dict) -> dict:
     return rope
 
 
-def _ids(v) -> list[int]:
-    if v is None:
-        return []
-    return [int(x) for x in (v if isinstance(v, list) else [v])]
-
-
 def _gemma3(config: dict) -> tuple[dict, dict]:
     """Gemma 3's global rope (`rope`) and local rope (`rope_local`, sliding blocks), from either
     spelling: rope_parameters per layer type (transformers>=5), or rope_theta + rope_scaling
     (global) and rope_local_base_freq (local)."""
-    if config.get("use_bidirectional_attention"):
+    c = ConfigFields(config)
+    if c.bool("use_bidirectional_attention", False):
         raise LayerpackError("Gemma 3 with bidirectional attention (an embedding model) is not supported")
-    params = config.get("rope_parameters") or {}
+    params = c.dict("rope_parameters")
     if "full_attention" in params or "sliding_attention" in params:
-        full = _rope({"rope_parameters": {"rope_theta": 1_000_000.0, **(params.get("full_attention") or {})}})
-        local = _rope({"rope_parameters": {"rope_theta": 10_000.0, **(params.get("sliding_attention") or {})}})
+        per_type = ConfigFields(params, "config.json rope_parameters")
+        full = _rope({"rope_parameters": {"rope_theta": 1_000_000.0, **per_type.dict("full_attention")}})
+        local = _rope({"rope_parameters": {"rope_theta": 10_000.0, **per_type.dict("sliding_attention")}})
     else:
-        full = _rope({"rope_theta": 1_000_000.0, **config})  # Gemma 3's default global theta
-        local = {"type": "default", "theta": float(config.get("rope_local_base_freq") or 10_000.0)}
+        full = _rope({"rope_theta": 1_000_000.0, **{k: v for k, v in config.items() if v is not None}})  # Gemma 3's default global theta
+        local = {"type": "default", "theta": c.float("rope_local_base_freq", 10_000.0)}
     return full, local
 
 
 def architecture_spec(config: dict, generation_config: dict | None = None) -> dict:
-    """The manifest's `architecture` object: everything the runtime needs, nothing it must guess."""
+    """The manifest's `architecture` object: everything the runtime needs, nothing it must guess.
+    Every field read is type- and range-checked (ConfigFields): a bad config.json fails here, with
+    its file and field named, before anything is read or written."""
     fam = family_of(config)
-    gen = generation_config or {}
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    sliding = config.get("sliding_window")
-    if fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not config.get("use_sliding_window", False):
+    c = ConfigFields(config)
+    g = ConfigFields(generation_config or {}, "generation_config.json")
+    heads = c.int("num_attention_heads")
+    hidden = c.int("hidden_size")
+    layers = c.int("num_hidden_layers")
+    head_dim = c.int("head_dim", None)
+    if head_dim is None:
+        if hidden % heads:
+            raise LayerpackError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads} (and no head_dim)")
+        head_dim = hidden // heads
+    kv_heads = c.int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise LayerpackError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    sliding = c.int("sliding_window", None, lo=0) or None  # 0: no window (Qwen2-MoE writes 0)
+    if fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not c.bool("use_sliding_window", False):
         sliding = None  # qwen2/3 configs carry a window they do not use unless use_sliding_window is set
-    layers = int(config["num_hidden_layers"])
-    layer_types = config.get("layer_types")
+    layer_types = c.str_list("layer_types", layers)
     if layer_types is None and fam.name == "gemma3" and sliding:
         # Older configs give a period: every `sliding_window_pattern`-th block is global (transformers' rule).
-        period = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+        period = c.int("sliding_window_pattern", None) or c.int("_sliding_window_pattern", 6)
         layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
     if layer_types is None and fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and sliding:
         # Qwen2/3 window only blocks >= max_window_layers (transformers' rule when the config predates layer_types).
-        first = int(config.get("max_window_layers", layers))
+        first = c.int("max_window_layers", layers, lo=0)
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    archs = config.get("architectures")
+    # both files are checked; generation_config.json's value wins where it has the key
+    special = {k: (lambda from_config: g.ids(k) if k in g.d else from_config)(c.ids(k))
+               for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     spec = {
         "family": fam.name,
-        "hf_architecture": (config.get("architectures") or [None])[0],
-        "model_type": config.get("model_type"),
-        "vocab_size": int(config["vocab_size"]),
+        "hf_architecture": archs[0],
+        "model_type": c.str("model_type"),
+        "vocab_size": c.int("vocab_size"),
         "hidden_size": hidden,
-        "intermediate_size": int(config["intermediate_size"]),
+        "intermediate_size": c.int("intermediate_size"),
         "num_layers": layers,
         "num_heads": heads,
-        "num_kv_heads": int(config.get("num_key_value_heads") or heads),
-        "head_dim": int(config.get("head_dim") or hidden // heads),
-        "max_position_embeddings": int(config.get("max_position_embeddings") or 0),
-        "norm": {"type": "rms", "eps": float(config.get("rms_norm_eps", 1e-6))},
-        "rope": _rope(config),
-        "activation": config.get("hidden_activation") or config.get("hidden_act", "silu"),  # gemma: hidden_activation
-        "tie_word_embeddings": bool(config.get("tie_word_embeddings", fam.name == "gemma3")),
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": c.int("max_position_embeddings", 0, lo=0),
+        "norm": {"type": "rms", "eps": c.float("rms_norm_eps", 1e-6)},
+        "rope": _rope(config) if fam.name != "gemma3" else None,  # gemma3: set below
+        # gemma: hidden_activation
+        "activation": c.str("hidden_activation") or c.str("hidden_act", "silu"),
+        "tie_word_embeddings": c.bool("tie_word_embeddings", fam.name == "gemma3"),
         # qwen2_moe spells it qkv_bias (q/k/v only, like qwen2)
-        "attention_bias": bool(config.get("attention_bias", config.get("qkv_bias", fam.name == "qwen2"))),
-        "mlp_bias": bool(config.get("mlp_bias", False)),
-        "sliding_window": int(sliding) if sliding else None,
+        "attention_bias": c.bool("attention_bias", c.bool("qkv_bias", fam.name == "qwen2")),
+        "mlp_bias": c.bool("mlp_bias", False),
+        "sliding_window": sliding if sliding else None,
         # per block "full_attention" | "sliding_attention" when blocks differ; None: all blocks alike
-        "layer_types": [str(t) for t in layer_types] if layer_types and sliding else None,
+        "layer_types": list(layer_types) if layer_types and sliding else None,
         "qk_norm": "attn.q_norm.weight" in fam.block,
-        "bos_token_id": (_ids(gen.get("bos_token_id", config.get("bos_token_id"))) or [None])[0],
-        "eos_token_ids": _ids(gen.get("eos_token_id", config.get("eos_token_id"))),
-        "pad_token_id": (_ids(gen.get("pad_token_id", config.get("pad_token_id"))) or [None])[0],
+        "bos_token_id": (special["bos_token_id"] or [None])[0],
+        "eos_token_ids": special["eos_token_id"],
+        "pad_token_id": (special["pad_token_id"] or [None])[0],
     }
     if fam.name == "gemma3":
         spec["rope"], spec["rope_local"] = _gemma3(config)
-        spec["query_pre_attn_scalar"] = float(config.get("query_pre_attn_scalar") or spec["head_dim"])
-        spec["attn_logit_softcapping"] = config.get("attn_logit_softcapping")
-        spec["final_logit_softcapping"] = config.get("final_logit_softcapping")
+        spec["query_pre_attn_scalar"] = c.float("query_pre_attn_scalar", None) or float(spec["head_dim"])
+        spec["attn_logit_softcapping"] = c.float("attn_logit_softcapping", None)
+        spec["final_logit_softcapping"] = c.float("final_logit_softcapping", None)
     if fam.moe:
         spec["moe"] = _moe_spec(fam, config, layers)
     return spec
@@ -310,24 +444,25 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
 
 def _moe_spec(fam: Family, config: dict, layers: int) -> dict:
     """Experts per block, routing, and which blocks have experts (the rest have a dense MLP)."""
-    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
-    top_k = int(config.get("num_experts_per_tok") or 0)
+    c = ConfigFields(config)
+    experts = c.int("num_local_experts", None) or c.int("num_experts", 0, lo=0)
+    top_k = c.int("num_experts_per_tok", 0, lo=0)
     if not 0 < top_k <= experts:
         raise LayerpackError(f"config.json: num_experts_per_tok={top_k} must be between 1 and the {experts} experts")
-    step = int(config.get("decoder_sparse_step") or 1)
-    dense_only = set(config.get("mlp_only_layers") or [])
+    step = c.int("decoder_sparse_step", 1)
+    dense_only = set(c.int_list("mlp_only_layers", layers))
     return {
         "num_experts": experts,
         "top_k": top_k,
-        "intermediate_size": int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+        "intermediate_size": c.int("moe_intermediate_size", None) or c.int("intermediate_size"),
         # Mixtral always renormalises the top-k probabilities; Qwen MoE only with norm_topk_prob.
-        "norm_topk_prob": bool(config.get("norm_topk_prob", fam.name == "mixtral")),
+        "norm_topk_prob": c.bool("norm_topk_prob", fam.name == "mixtral"),
         # Mixtral weights the expert outputs with float32 routing weights; Qwen MoE casts them to
         # the hidden states' dtype first (a visible difference in bf16).
         "weights_dtype": "float32" if fam.name == "mixtral" else "compute",
         "layers": [i for i in range(layers) if i not in dense_only and (i + 1) % step == 0],
         # Qwen2-MoE's shared expert (null: none)
-        "shared_intermediate_size": int(config["shared_expert_intermediate_size"]) if "moe.shared.gate.weight" in fam.moe["fused"] else None,
+        "shared_intermediate_size": c.int("shared_expert_intermediate_size") if "moe.shared.gate.weight" in fam.moe["fused"] else None,
     }
 
 

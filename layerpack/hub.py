@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from layerpack_runtime.errors import FormatError, LayerpackError
 from layerpack_runtime.format import LAYERS_DIR, MANIFEST_FILE, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from layerpack_runtime.manifest import Manifest, read_manifest_json
-from layerpack_runtime.remote import HUB_REPO_ID, check_download, hub_error
+from layerpack_runtime.remote import HUB_REPO_ID, check_download, check_reachable, hub_error, is_repo_id, remember_token
 
 from .evaluate import quality_card_lines
 
@@ -71,9 +71,12 @@ def _progress(quiet: bool):
             enable_progress_bars()
 
 
-def _check_repo_id(repo_id: str) -> None:
-    if not HUB_REPO_ID.match(repo_id) or repo_id.startswith((".", "/")):
+def _check_repo_id(repo_id: str, token=None) -> None:
+    """A repo id (not a local-looking path), a Hub that answers, and the token registered with the scrubber."""
+    remember_token(token)
+    if not is_repo_id(repo_id):
         raise LayerpackError(f"{repo_id}: not a Hub repo id (owner/name)")
+    check_reachable(repo_id)
 
 
 def _fetch_manifest(repo_id: str, revision: str | None, token, quiet: bool) -> tuple[Manifest, str]:
@@ -83,7 +86,7 @@ def _fetch_manifest(repo_id: str, revision: str | None, token, quiet: bool) -> t
 
     from .schema import validate_manifest
 
-    _check_repo_id(repo_id)
+    _check_repo_id(repo_id, token)
     with _progress(quiet):
         try:
             path = hf_hub_download(repo_id, MANIFEST_FILE, revision=revision, token=token)
@@ -254,7 +257,9 @@ def push(pack_dir: str, repo_id: str, revision: str | None = None, private: bool
 
     from .verify import verify_pack
 
-    _check_repo_id(repo_id)
+    remember_token(token)
+    if not is_repo_id(repo_id):
+        raise LayerpackError(f"{repo_id}: not a Hub repo id (owner/name)")
     problems = verify_pack(pack_dir, quiet=True)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -274,6 +279,7 @@ def push(pack_dir: str, repo_id: str, revision: str | None = None, private: bool
         last.insert(0, CommitOperationAdd(path_in_repo=README_FILE, path_or_fileobj=card))
     message = commit_message or f"Upload layerpack pack ({manifest.quantization.scheme})"
     api = HfApi(token=token)
+    check_reachable(repo_id)
     with _progress(quiet), _hub_errors(repo_id, revision):
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision is not None and revision != "main":

@@ -14,12 +14,33 @@ import torch
 from layerpack_runtime.errors import FormatError, LayerpackError
 from layerpack_runtime.format import SIDECAR_FILES, ST_DTYPES
 from layerpack_runtime.pack import sha256_file
-from layerpack_runtime.remote import HUB_REPO_ID
+from layerpack_runtime.remote import check_reachable, is_repo_id
 from layerpack_runtime.safetensors_io import SafetensorsFile, TensorInfo, itemsize
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+MAX_JSON_BYTES = 64 * 2**20   # config.json is a few KB; a 405B shard index ~100 KB
+
+
+def read_json_object(path: str, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """A source JSON file (config.json, generation_config.json, the shard index) as a dict, or one
+    LayerpackError naming the file: unreadable, too large, not JSON, nested too deeply for the parser
+    (RecursionError), or not an object."""
+    try:
+        if os.path.getsize(path) > max_bytes:
+            raise LayerpackError(f"{path}: {os.path.getsize(path)} bytes, more than any real {os.path.basename(path)}; refusing to parse it")
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except RecursionError:
+        raise LayerpackError(f"{path}: unreadable (JSON nested too deeply)") from None
+    except (OSError, ValueError) as e:
+        raise LayerpackError(f"{path}: unreadable ({str(e)[:200]})") from None
+    if not isinstance(d, dict):
+        raise LayerpackError(f"{path}: unreadable (not a JSON object)")
+    return d
 
 
 @dataclass
@@ -41,7 +62,7 @@ def resolve(src: str, revision: str | None = None, allow_pickle: bool = False, q
         if not os.path.isdir(src):
             raise LayerpackError(f"{src}: is a file; give the checkpoint folder that holds config.json")
         root, kind, ident = os.path.abspath(src), "local", os.path.basename(os.path.abspath(src))
-    elif HUB_REPO_ID.match(src) and not src.startswith((".", "/")):
+    elif is_repo_id(src):
         root, revision = _download(src, revision, allow_pickle, quiet)
         kind, ident = "hub", src
     else:
@@ -61,6 +82,7 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool, quiet: boo
     except ImportError:  # pragma: no cover - a toolkit dependency
         raise LayerpackError("huggingface_hub is required to convert from a Hub repo id") from None
     silent = quiet or not sys.stderr.isatty()
+    check_reachable(repo_id)
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
         names = [s.rfilename for s in info.siblings or []]
@@ -90,12 +112,7 @@ def _weight_files(root: str, src: str, allow_pickle: bool) -> tuple[list[str], b
         if os.path.isfile(index_path):
             if pickle and not allow_pickle:
                 break
-            try:
-                with open(index_path) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise LayerpackError(f"{index_path}: malformed shard index") from None
-            files = sorted(set(weight_map.values()))
+            files = _index_files(index_path, index_name, pickle)
             missing = [p for p in files if not os.path.isfile(os.path.join(root, p))]
             if missing:
                 raise LayerpackError(f"{src}: shard {missing[0]} listed in {index_name} is missing")
@@ -112,6 +129,21 @@ def _weight_files(root: str, src: str, allow_pickle: bool) -> tuple[list[str], b
             )
         return bins, True
     raise LayerpackError(f"{src}: no weights found (no *.safetensors or pytorch_model*.bin)")
+
+
+def _index_files(index_path: str, index_name: str, pickle: bool) -> list[str]:
+    """The shard files a shard index lists, validated: weight_map maps tensor names to plain file
+    names inside the checkpoint folder (never a path out of it)."""
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LayerpackError(f"{index_path}: field 'weight_map' must be a non-empty object of tensor name -> shard file")
+    suffix = ".bin" if pickle else ".safetensors"
+    for name, shard in weight_map.items():
+        if (not isinstance(shard, str) or not shard.endswith(suffix) or shard.startswith(("/", "\\")) or "\\" in shard
+                or any(part in ("", ".", "..") for part in shard.split("/")) or "\0" in shard):
+            raise LayerpackError(f"{index_path}: field 'weight_map' entry {name[:80]!r} -> {json.dumps(shard)[:80]}: "
+                                 f"not a {suffix} file inside the checkpoint folder")
+    return sorted(set(weight_map.values()))
 
 
 @dataclass(frozen=True)
@@ -156,6 +188,8 @@ class TensorIndex:
                 except FormatError as e:
                     raise LayerpackError(str(e)) from None
                 for name, info in st.tensors.items():
+                    if name in self._where:
+                        raise LayerpackError(f"{path}: tensor {name[:100]!r} is also in {self._where[name][0]}; a checkpoint holds each tensor once")
                     self._where[name] = (rel, (st, info))
 
     def names(self) -> list[str]:

@@ -158,10 +158,10 @@ def decode_diffs(models: dict, ref, ids: torch.Tensor, steps: int) -> dict[str, 
     return diffs
 
 
-def run_cli(*args, check: bool = False, env=None) -> subprocess.CompletedProcess:
+def run_cli(*args, check: bool = False, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run the real `layerpack` command in a subprocess (exit codes and stderr as a user sees them)."""
     proc = subprocess.run([sys.executable, "-m", "layerpack.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"layerpack {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc

@@ -25,7 +25,8 @@ _snapshot_download.py, utils/_http.py, utils/_pagination.py):
 Fault injection for tests: `interrupt_once` (drop the connection mid-body), `stall_once` (send part
 of a body, then hang until released: the client can be killed mid-download), `hold` (a file's
 content is not served until released), `tamper` (serve other bytes under the advertised size and
-sha256), `on_upload` (a callback before each LFS upload is stored). Private repos: `add_repo(..., token=...)`.
+sha256), `on_upload` (a callback before each LFS upload is stored), `echo_headers` (a repo's every
+request answered by a 400 that quotes the request headers, token included). Private repos: `add_repo(..., token=...)`.
 
 Errors as the Hub sends them (X-Error-Code / X-Error-Message headers, JSON {"error": ...} body):
 unknown repo -> 404 RepoNotFound; private repo without a token -> 401 RepoNotFound; wrong token ->
@@ -195,6 +196,7 @@ class HubServer:
         self._tampered: dict[str, bytes] = {}    # sha256 -> bytes served instead (metadata unchanged)
         self._stalls: dict[str, tuple[int, threading.Event, threading.Event]] = {}  # sha256 -> (bytes, stalled, release)
         self._holds: dict[str, threading.Event] = {}  # sha256 -> served once set
+        self._echo: set[str] = set()             # repo ids whose every request is answered by echo_headers' 400
         self.on_upload = None                    # callable(sha256) -> bool, before an LFS upload is stored (False: refuse it)
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
@@ -233,6 +235,13 @@ class HubServer:
         with self._lock:
             self._holds[self.repos[repo_id].files[path].sha256] = ev
         return ev
+
+    def echo_headers(self, repo_id: str) -> None:
+        """Fault injection: every request for `repo_id` gets a 400 whose error message (X-Error-Message
+        header and JSON body) quotes the request's headers verbatim, Authorization included - a
+        misbehaving endpoint or proxy. The request log still never stores the token."""
+        with self._lock:
+            self._echo.add(repo_id)
 
     def release_all(self) -> None:
         with self._lock:
@@ -539,6 +548,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self, m) -> HubRepo | None:
         """The repo, or None after answering an error (unknown, or private without the right token)."""
         repo_id = f"{unquote(m['ns'])}/{unquote(m['name'])}"
+        with self.hub._lock:
+            echo = repo_id in self.hub._echo
+        if echo:
+            received = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
+            self._error(400, None, f"Bad request. Headers received: {received}")
+            return None
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", "Repository not found")

@@ -171,7 +171,7 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 @pytest.mark.parametrize("scheme,shape,block", [("nf4", (300, 64), 64), ("int8", (300, 576), 128), ("nf4", (50, 96), 64),
                                                 ("int8", (40, 7), 5)])
 @pytest.mark.parametrize("outliers", [0.0, 0.02])
-def test_embedding_rows_one_by_one(scheme, shape, block, outliers):
+def test_embedding_rows_dequantize_only_their_blocks(scheme, shape, block, outliers):
     # rows that start inside a block (576 columns, blocks of 128), with and without outliers
     stored, entry, q = _qw(shape, scheme, outliers=outliers, block=block, dtype=torch.bfloat16)
     full = _ref_weight(stored, entry, torch.bfloat16)

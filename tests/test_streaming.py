@@ -29,7 +29,7 @@ def _budget(path, resident_blocks: int) -> int:
     m = load(path)
     costs = {u: m._unit_cost(u) for u in m.units}
     blocks = [costs[u] for u in m.block_units]
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
+    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
     everything = fixed + sum(c.stored for c in costs.values())
     wanted = (fixed + costs["embed"].stored + costs["head"].stored + 2 * max(b.streamed for b in blocks)
               + sum(b.stored for b in blocks[:resident_blocks]) + 16)
@@ -86,7 +86,7 @@ def test_untied_embedding_rows_come_from_the_file(tmp_path):
     resident = load(tmp_path / "p")
     m = load(tmp_path / "p")
     costs = {u: m._unit_cost(u) for u in m.units}
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
+    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
     budget = fixed + 2 * max(c.streamed for u, c in costs.items() if u != "embed") + 16  # the minimum: the 1 MiB head x 2
     model = load(tmp_path / "p", max_memory=budget)
     order = model.streamer.order if model.streamer else []
@@ -111,8 +111,8 @@ def test_longer_generation_replans_with_fewer_resident_units(packs):
     m = load(packs["fp32"], context=8)
     costs = [m._unit_cost(u) for u in m.units]
     stored_all, block = sum(c.stored for c in costs), costs[1]
-    big = m._kv_bytes(200 + 40) + m._activation_bytes(200)  # the generation below: 200-token prompt, 40 new tokens
-    budget = max(m._kv_bytes(8) + m._activation_bytes(8) + stored_all + 1000,  # everything fits for 8 tokens...
+    big = m._kv_bytes(200 + 40) + m._activation_bytes(200) + m._runtime_bytes()  # the generation below: 200-token prompt, 40 new tokens
+    budget = max(m._kv_bytes(8) + m._activation_bytes(8) + m._runtime_bytes() + stored_all + 1000,  # everything fits for 8 tokens...
                  big + costs[0].stored + costs[-1].stored + 2 * block.streamed + block.stored)  # ...and a bit for 240
     assert budget < big + stored_all
     model = load(packs["fp32"], max_memory=budget, context=8)

@@ -4,8 +4,8 @@ Everything the runtime holds is counted against `max_memory`: resident units (in
 are kept: stored bytes, or dequantized bytes when memory allows and that form is the faster one
 on this machine - with the native kernels, the stored form usually is), the streaming
 buffers (prefetch depth + 1 units in flight), the KV cache and the activations of a forward
-step. The Python interpreter and torch themselves (~200-300 MB) are not: the budget is for the
-model's data. Units are kept resident in this order - embedding (gathered every step; when tied
+step, and the tokenizer and torch's working memory (Plan.runtime_bytes). The Python interpreter and the imported libraries
+(torch, tokenizers: ~200-300 MB) are not: the budget bounds the process's memory above that baseline. Units are kept resident in this order - embedding (gathered every step; when tied
 also the head), head, then blocks from the first - because every block costs the same to stream.
 """
 from __future__ import annotations
@@ -63,50 +63,61 @@ class Plan:
     activation_bytes: int = 0
     budget: int | None = None
     reserved_bytes: int = 0    # set aside for a cache the caller manages (MoE experts)
+    # Memory the run needs besides the model's data (the tokenizer, held by `tokenizers` in native
+    # memory, and torch's first-use working memory; loader.TORCH_WORKING_BYTES): it counts against the
+    # budget like the rest, so that the process's peak above its import baseline stays within
+    # max_memory (tests/test_memory_budget.py).
+    runtime_bytes: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes + self.reserved_bytes
+        return (self.weights_bytes + self.buffer_bytes + self.kv_bytes + self.activation_bytes + self.reserved_bytes
+                + self.runtime_bytes)
 
     def describe(self) -> str:
         deq = sum(self.resident.values())
         return (f"{len(self.resident)} resident ({deq} dequantized), {len(self.streamed)} streamed; "
                 f"weights {fmt_size(self.weights_bytes)} + stream buffers {fmt_size(self.buffer_bytes)} + KV {fmt_size(self.kv_bytes)} "
                 f"+ activations {fmt_size(self.activation_bytes)}"
+                + (f" + runtime {fmt_size(self.runtime_bytes)}" if self.runtime_bytes else "")
                 + (f" + expert cache {fmt_size(self.reserved_bytes)}" if self.reserved_bytes else "")
                 + f" = {fmt_size(self.total)}"
                 + (f" of {fmt_size(self.budget)}" if self.budget else ""))
 
 
 def minimum_budget(units: list[UnitCost], kv_bytes: int, activation_bytes: int, prefetch_depth: int = 1,
-                   required: tuple[str, ...] = (), reserved: int = 0) -> int:
+                   required: tuple[str, ...] = (), reserved: int = 0, runtime: int = 0) -> int:
     """Fewest bytes a pack can run with: the required units resident, (depth + 1) stream buffers of
-    the largest other unit, the KV cache, activations and the reserve."""
+    the largest other unit, the KV cache, activations, the reserve and the runtime's own memory."""
     by_name = {u.name: u for u in units}
     others = [u.streamed for u in units if u.name not in required]
-    return (kv_bytes + activation_bytes + reserved + sum(by_name[n].stored for n in required)
+    return (kv_bytes + activation_bytes + reserved + runtime + sum(by_name[n].stored for n in required)
             + (prefetch_depth + 1) * max(others, default=0))
 
 
 def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_bytes: int, activation_bytes: int,
-         prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0, dequantize_faster: bool = True) -> Plan:
+         prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0, dequantize_faster: bool = True,
+         runtime: int = 0) -> Plan:
     """Resident set and forms under `budget` (None: everything resident, in the faster form). `required`
     units must be resident (e.g. a tied embedding, which is also the head). `reserved` bytes of the
-    budget are kept free for the caller (the MoE expert cache). `dequantize_faster`: whether, on this
-    machine, a dequantized weight computes faster than its stored form (measured by the caller,
+    budget are kept free for the caller (the MoE expert cache); `runtime` bytes are what the run
+    needs besides the model (Plan.runtime_bytes). `dequantize_faster`: whether, on this machine, a
+    dequantized weight computes faster than its stored form (measured by the caller,
     qweight.dequantized_form_faster): if not, leftover memory is not spent on dequantized copies,
     which would make a larger budget slower than a smaller one."""
     by_name = {u.name: u for u in units}
     if budget is None:
         size = lambda u: u.dequantized if dequantize_faster else u.stored  # noqa: E731
-        return Plan({u.name: dequantize_faster for u in units}, [], sum(size(u) for u in units), 0, kv_bytes, activation_bytes, None)
-    fixed = kv_bytes + activation_bytes + reserved
-    minimum = minimum_budget(units, kv_bytes, activation_bytes, prefetch_depth, required, reserved)
+        return Plan({u.name: dequantize_faster for u in units}, [], sum(size(u) for u in units), 0, kv_bytes, activation_bytes, None,
+                    runtime_bytes=runtime)
+    fixed = kv_bytes + activation_bytes + reserved + runtime
+    minimum = minimum_budget(units, kv_bytes, activation_bytes, prefetch_depth, required, reserved, runtime)
     if budget < minimum:
         raise LayerpackError(
             f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum)} "
             f"({prefetch_depth + 1} stream buffers of the largest layer + KV cache {fmt_size(kv_bytes)} + activations {fmt_size(activation_bytes)}"
             + (f" + expert cache {fmt_size(reserved)}" if reserved else "")
+            + (f" + runtime (tokenizer, torch) {fmt_size(runtime)}" if runtime else "")
             + (f" + resident {', '.join(required)}" if required else "") + ")"
         )
     resident: dict[str, bool] = {n: False for n in required}
@@ -135,4 +146,4 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
                 resident = trial
     weights, buffers = cost(resident)
     streamed = [u.name for u in units if u.name not in resident]
-    return Plan(resident, streamed, weights, buffers, kv_bytes, activation_bytes, budget, reserved)
+    return Plan(resident, streamed, weights, buffers, kv_bytes, activation_bytes, budget, reserved, runtime)

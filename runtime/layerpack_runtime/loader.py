@@ -40,6 +40,16 @@ DTYPE_ALIASES = {
 
 Prompt = Any  # str | list[int] | list[dict] (a chat conversation)
 
+# What a run holds besides the model's data, counted by the plan (Plan.runtime_bytes) so that the
+# process's peak RSS above its import baseline stays within max_memory (tests/test_memory_budget.py):
+# - `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
+#   loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB);
+# - torch's first-use allocations on CPU (intra-op thread pool, kernel workspaces, allocator arenas
+#   of the reader threads): 12-30 MB measured on the first forward (more with MoE routing and expert
+#   reader threads), whatever the model size.
+TOKENIZER_BYTES_PER_FILE_BYTE = 12
+TORCH_WORKING_BYTES = 32 * 2**20
+
 
 def _device(device: str | torch.device) -> torch.device:
     try:
@@ -163,6 +173,12 @@ class LayeredModel:
         experts = self.experts.working_bytes(t, self.args.top_k) if self.experts is not None else 0
         return work + experts + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
 
+    def _runtime_bytes(self) -> int:
+        """Memory a run takes besides the model's data: the pack's tokenizer once loaded, and torch's
+        first-use working memory (see TORCH_WORKING_BYTES)."""
+        size = next((f.size for f in self.manifest.files if f.path == "tokenizer.json"), 0)
+        return size * TOKENIZER_BYTES_PER_FILE_BYTE + TORCH_WORKING_BYTES
+
     def _priority(self) -> list[str]:
         # The embedding is needed every step (and is the head when tied), then the head, then blocks;
         # an embedding that can serve rows from its file comes last: keeping it saves only a few reads.
@@ -184,7 +200,8 @@ class LayeredModel:
         required = (UNIT_EMBED,) if self.args.tie_word_embeddings else ()
         reserve = self.expert_cache if self.experts is not None else 0
         return minimum_budget([self._unit_cost(n) for n in self.units], self._kv_bytes(self.context),
-                              self._activation_bytes(self.step_tokens, self.step_batch), self.prefetch_depth, required, reserve)
+                              self._activation_bytes(self.step_tokens, self.step_batch), self.prefetch_depth, required, reserve,
+                              self._runtime_bytes())
 
     def _apply_plan(self, context: int, step_tokens: int, batch: int) -> None:
         """(Re)plan for a KV cache of `context` token slots and forward steps of up to `step_tokens`
@@ -195,7 +212,7 @@ class LayeredModel:
         scheme = self.manifest.quantization.scheme
         deq_faster = scheme == "none" or self._scoring or dequantized_form_faster(scheme, self.dtype, self.device)
         new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
-                   self.prefetch_depth, required, reserve, deq_faster)
+                   self.prefetch_depth, required, reserve, deq_faster, self._runtime_bytes())
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]
@@ -477,12 +494,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     for the LRU cache of streamed experts (default 0; the cache also gets what the plan leaves).
     threads: torch's CPU threads for this process (default: $LAYERPACK_THREADS, else the physical
     cores this process may use; threads.py). On a machine busy with other work, 1 can be much faster."""
-    from .remote import is_repo_id, open_remote
+    from .remote import is_repo_id, no_such_pack, open_remote
 
     apply_threads(threads)  # a bad value fails before any file is opened
 
     if is_repo_id(path):
         pack: Pack = open_remote(os.fspath(path), revision=revision, token=token, verify=verify)
+    elif not os.path.exists(path):
+        raise no_such_pack(path)
     else:
         pack = Pack(path)
         if verify:

@@ -29,8 +29,6 @@ CHUNK_ELEMS = 1 << 21
 # Up to this many activation rows multiply straight from the codes (each row tile of 4 decodes the
 # weights once, so 16 rows cost about 4 decodes); more rows dequantize once and use one GEMM.
 GEMV_MAX_ROWS = 16
-# An embedding with outliers gathers up to this many distinct rows one by one, more by dequantizing it whole.
-ROWS_ONE_BY_ONE = 64
 _CODE_DTYPES = {SCHEME_NF4: torch.uint8, SCHEME_INT8: torch.int8}
 _VAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -200,29 +198,37 @@ class QuantWeight:
         return y
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed
-        (one by one up to ROWS_ONE_BY_ONE distinct rows), else the whole matrix."""
-        hidden = self.shape[1]
-        uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
-        if uniq.numel() > ROWS_ONE_BY_ONE or (self.scheme == SCHEME_NF4 and self.block_size % 2):
-            return F.embedding(ids, self.dequantize())
-        part = torch.stack([self._flat_range(r * hidden, (r + 1) * hidden) for r in uniq.tolist()])
-        return part[inv].view(*ids.shape, hidden)
-
-    def _flat_range(self, f0: int, f1: int) -> torch.Tensor:
-        """Dequantized values of flat indices [f0, f1), outliers included: the whole blocks that
-        cover the range are dequantized (a row may start inside a block), then cut."""
-        b0, b1 = f0 // self.block_size, -(-f1 // self.block_size)
-        e0, e1 = b0 * self.block_size, min(b1 * self.block_size, self.numel)
-        flat_codes = self.codes.reshape(-1)
-        codes = flat_codes[e0 // 2: (e1 + 1) // 2] if self.scheme == SCHEME_NF4 else flat_codes[e0:e1]
-        idx = val = None
-        if self.outlier_idx is not None and self.outlier_idx.numel():
-            bounds = torch.tensor([e0, e1], device=self.outlier_idx.device, dtype=self.outlier_idx.dtype)
-            lo, hi = (int(i) for i in torch.searchsorted(self.outlier_idx, bounds))
-            idx, val = self.outlier_idx[lo:hi] - e0, self.outlier_val[lo:hi]
-        part = QuantWeight(self.scheme, (e1 - e0,), self.block_size, codes, self.absmax[b0:b1], idx, val, self.dtype)
-        return part.dequantize()[f0 - e0: f1 - e0]
+        """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed when
+        rows are whole blocks, else the whole matrix."""
+        rows, hidden = self.shape[0], self.shape[-1]
+        bs = self.block_size
+        if len(self.shape) == 2 and (rows * hidden) % bs == 0 and bs % 2 == 0:
+            # Only the blocks holding the selected rows are dequantized (int8 and NF4, blocks aligned
+            # to rows or not, with or without outliers): dequantizing a big vocabulary's whole
+            # embedding would cost several times the weight in float32 work buffers, far beyond the
+            # memory plan's activations.
+            uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+            first = uniq * hidden // bs                               # first block of each row
+            span = -(-hidden // bs) + 1                               # blocks a row can touch
+            blocks = (first[:, None] + torch.arange(span, device=uniq.device)).clamp_(max=rows * hidden // bs - 1)
+            per_block = bs // 2 if self.scheme == SCHEME_NF4 else bs
+            codes = self.codes.reshape(-1, per_block)[blocks.reshape(-1)]
+            absmax = self.absmax.reshape(-1)[blocks.reshape(-1)]
+            part = QuantWeight(self.scheme, (blocks.numel() * bs,), bs, codes.reshape(-1), absmax, None, None, self.dtype)
+            values = part.dequantize().view(uniq.numel(), span * bs)
+            offset = (uniq * hidden - first * bs)[:, None] + torch.arange(hidden, device=uniq.device)
+            out = values.gather(1, offset)
+            if self.outlier_idx is not None and self.outlier_idx.numel():
+                # outliers are sorted flat indices: those of row r lie in [r * hidden, (r + 1) * hidden)
+                bounds = torch.stack([uniq * hidden, (uniq + 1) * hidden]).to(self.outlier_idx.dtype)
+                lo, hi = torch.searchsorted(self.outlier_idx, bounds)
+                counts = hi - lo
+                which = torch.repeat_interleave(torch.arange(uniq.numel(), device=uniq.device), counts)
+                pos = torch.repeat_interleave(lo - torch.cumsum(counts, 0) + counts, counts) + torch.arange(int(counts.sum()), device=uniq.device)
+                flat = self.outlier_idx[pos].long() - uniq[which] * hidden + which * hidden
+                out.view(-1).index_put_((flat,), self.outlier_val[pos].to(out.dtype))
+            return out[inv].view(*ids.shape, hidden)
+        return F.embedding(ids, self.dequantize())
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,10 +13,12 @@ Needs huggingface_hub (the `layerpack-runtime[hub]` extra); nothing else in the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
 import struct
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -32,10 +34,120 @@ HEADER_WORKERS = 8            # ranged header reads at once (one small request e
 HEADER_PROBE = 64 * 1024      # first ranged read per layer file; a longer header takes a second one
 
 
-def is_repo_id(path: str | os.PathLike) -> bool:
-    """`owner/name` that is not an existing local path."""
+PROBE_TIMEOUT_S = 4.0         # an unreachable Hub is reported after this, not after huggingface_hub's retries
+
+
+def looks_local(path: str | os.PathLike) -> bool:
+    """A path the user meant as a local folder: it exists, starts with . / ~, or its first component
+    is an existing folder (`out/smollm2-nf44`, a typo under out/). Never sent to the Hub."""
     s = os.fspath(path)
-    return not os.path.exists(s) and bool(HUB_REPO_ID.match(s)) and not s.startswith((".", "/"))
+    return (os.path.exists(s) or s.startswith((".", "/", "~", "\\")) or os.sep in s and os.path.isdir(s.split(os.sep, 1)[0])
+            or "/" in s and os.path.isdir(s.split("/", 1)[0]))
+
+
+def is_repo_id(path: str | os.PathLike) -> bool:
+    """`owner/name` that does not look like a local path (looks_local)."""
+    s = os.fspath(path)
+    return bool(HUB_REPO_ID.match(s)) and not looks_local(s)
+
+
+def no_such_pack(path: str | os.PathLike) -> LayerpackError:
+    return LayerpackError(f"{os.fspath(path)}: no such pack folder")
+
+
+# -- tokens ------------------------------------------------------------------------------------------
+# The one scrubber: every message that comes from the Hub or from an exception goes through scrub()
+# before it is printed, logged or stored. It removes the tokens in use (remember_token, HF_TOKEN,
+# the saved login) and anything token-shaped.
+_TOKENS: set[str] = set()
+_TOKEN_SHAPES = [
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9_\-.~+/=]{8,}"), r"\1\2<redacted>"),
+    (re.compile(r"(?i)\b(authorization|x-api-key|cookie|x-token|token|access_token|api_key|password)([\"']?\s*[:=]\s*[\"']?)"
+                r"(?!<redacted>)[^\s\"',;}&]+(?:[ \t]+(?!<redacted>)[^\s\"',;}&]+)?"), r"\1\2<redacted>"),
+    (re.compile(r"\b(hf|api_org|api)_[A-Za-z0-9]{8,}"), "<redacted>"),
+]
+
+
+def remember_token(token) -> None:
+    """Register a token in use (an explicit --token / token=) so scrub() removes it everywhere."""
+    if isinstance(token, str) and len(token) >= 4:
+        _TOKENS.add(token)
+
+
+def _tokens_in_use() -> set[str]:
+    found = set(_TOKENS)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if len(os.environ.get(var) or "") >= 4:
+            found.add(os.environ[var])
+    hf = sys.modules.get("huggingface_hub")  # the saved login, only where huggingface_hub is in use anyway
+    if hf is not None:
+        try:
+            t = hf.get_token()
+        except Exception:  # noqa: BLE001 - an unreadable token file is no reason to fail an error message
+            t = None
+        if isinstance(t, str) and len(t) >= 4:
+            found.add(t)
+    return found
+
+
+def scrub(text) -> str:
+    """`text` without the tokens in use and without anything token-shaped (hf_..., Bearer ...,
+    Authorization: ...)."""
+    out = str(text)
+    for t in sorted(_tokens_in_use(), key=len, reverse=True):
+        out = out.replace(t, "<redacted>")
+    for rx, repl in _TOKEN_SHAPES:
+        out = rx.sub(repl, out)
+    return out
+
+
+class ScrubFilter(logging.Filter):
+    """Scrubs huggingface_hub's log records (its retry warnings quote URLs and server answers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            record.msg, record.args = scrub(record.getMessage()), None
+        except Exception:  # noqa: BLE001
+            pass
+        return True
+
+
+def _install_log_scrubber() -> None:
+    log = logging.getLogger("huggingface_hub")
+    if not any(isinstance(f, ScrubFilter) for f in log.filters):
+        log.addFilter(ScrubFilter())
+        for h in log.handlers:
+            h.addFilter(ScrubFilter())
+
+
+def check_reachable(repo_id: str) -> None:
+    """Fail within PROBE_TIMEOUT_S when the Hub endpoint cannot be reached (DNS, refused, timeout):
+    one TCP connection, no request, instead of huggingface_hub's ~25 s of retries. Skipped when
+    HF_HUB_OFFLINE is set (the HF cache is used as is) or a proxy is configured (the proxy decides)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    _hf()
+    from huggingface_hub import constants
+
+    _install_log_scrubber()
+    if constants.HF_HUB_OFFLINE:
+        return
+    endpoint = constants.ENDPOINT
+    parts = urlsplit(endpoint)
+    scheme = parts.scheme or "https"
+    if any(os.environ.get(v) for v in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")):
+        return
+    host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
+    if not host:
+        return
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or type(e).__name__)
+        raise LayerpackError(f"{repo_id}: cannot reach the Hub at {endpoint} ({reason}); check the connection or HF_ENDPOINT, "
+                             "or set HF_HUB_OFFLINE=1 to use only what is in the local HF cache") from None
 
 
 def _hf():
@@ -49,10 +161,12 @@ def _hf():
 def hub_error(e: BaseException, repo_id: str, revision: str | None) -> LayerpackError:
     """One line for a failed Hub request (the token never appears in it). LayerpackErrors pass through."""
     if isinstance(e, LayerpackError):
-        return e
+        return type(e)(scrub(e)) if scrub(e) != str(e) else e
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
+    if isinstance(e, LocalEntryNotFoundError) and isinstance(e.__cause__, HfHubHTTPError):
+        e = e.__cause__  # the Hub answered with an error (swallowed into "not in the cache"): report the answer
     if isinstance(e, LocalEntryNotFoundError):  # before EntryNotFoundError, its base class: the Hub was not reached
         return LayerpackError(f"{repo_id}: cannot reach the Hub and the files are not in the local cache (check the connection or HF_ENDPOINT)")
     if isinstance(e, RevisionNotFoundError):
@@ -68,8 +182,17 @@ def hub_error(e: BaseException, repo_id: str, revision: str | None) -> Layerpack
     return LayerpackError(f"{repo_id}: cannot fetch from the Hub ({type(e).__name__}: {_first_line(e)})")
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else ""
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """One line for an exception: its first line, plus the server's own message for an HTTP error
+    (often the useful part), through the token scrubber (servers and proxies may echo headers)."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    text = lines[0] if lines else ""
+    server = getattr(e, "server_message", None)
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(server, str) and server.strip():
+        text = (f"HTTP {status}: " if status else "") + " ".join(server.split())
+    text = scrub(text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def discard(root: str, rel: str, local_dir: bool) -> None:
@@ -107,6 +230,8 @@ class RemotePack(Pack):
     def __init__(self, repo_id: str, revision: str | None = None, token=None, verify: bool = False,
                  workers: int | None = None):
         hf = _hf()
+        remember_token(token)
+        check_reachable(repo_id)
         self.repo_id, self.token, self._verify_cached = repo_id, token, verify
         try:
             manifest_path = hf.hf_hub_download(repo_id, MANIFEST_FILE, revision=revision, token=token)
