@@ -370,7 +370,7 @@ def run_pack(path: str, budget):
 
 
 def streaming_budget(path: str, unit: str | None = "block.001") -> int | None:
-    """The smallest --max-memory (to 1%) under which the pack loads; `unit` is then streamed (the
+    """The smallest --max-memory (to 0.005%) under which the pack loads; `unit` is then streamed (the
     planner keeps embed, head and the first blocks resident first; None: any unit). None: no such budget."""
     from layerpack_runtime import load
     from layerpack_runtime.errors import LayerpackError
@@ -389,7 +389,7 @@ def streaming_budget(path: str, unit: str | None = "block.001") -> int | None:
     lo, hi = 1, json.load(open(os.path.join(path, "manifest.json")))["totals"]["layer_bytes"]
     while attempt(hi) is None:  # grow until it loads at all
         lo, hi = hi, hi * 2
-    while hi - lo > max(1, hi // 100):  # smallest budget that loads
+    while hi - lo > max(1, hi // 20000):  # smallest budget that loads (to 0.005%: the runtime term makes streaming windows narrow)
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if attempt(mid) is not None else (mid, hi)
     return hi if attempt(hi) else None

@@ -607,11 +607,12 @@ def _finite(v: torch.Tensor) -> bool:
 
 
 def payload_tables(layer) -> list[str]:
-    """Stored names whose values check_payload inspects (what `verify` reads: not the codes)."""
+    """Stored names whose values check_payload inspects (what `verify` reads: scales, outlier
+    tables, and the codes of weights that have outliers)."""
     names = []
     for t in layer.tensors:
         if t.scheme != SCHEME_NONE:
             names.append(t.name + SUFFIX_ABSMAX)
-            if t.outliers:
-                names += [t.name + SUFFIX_OUTLIER_IDX, t.name + SUFFIX_OUTLIER_VAL]
+            if t.outliers:  # and the codes, whose outlier positions must hold the zero code
+                names += [t.name + SUFFIX_OUTLIER_IDX, t.name + SUFFIX_OUTLIER_VAL, t.name + SUFFIX_CODES]
     return names
