@@ -6,8 +6,8 @@
 For each weight shape (SmolLM2-135M's, Llama-3-8B's MLP, Llama-3.1-405B's MLP) and each form -
 NF4, NF4 with 1% outliers, int8 (all in the pack's layouts, random codes), the old pure-torch NF4
 path (dequantize, then F.linear) and the dense bf16 weight - the time of `QuantWeight.linear` for
-1 activation row (decode), 4 and 16 rows (small batches: each tile of 4 rows decodes the weights
-once) and 128 rows (prefill: dequantize once, then one GEMM). Reported: best-of-N time, stored
+1 activation row (decode), 4 and 16 rows (small batches: each tile of up to 8 rows decodes the
+weights once) and 128 rows (prefill: dequantize once, then one GEMM). Reported: best-of-N time, stored
 bytes per second (codes + absmax + outlier tables), and time per parameter against bf16 F.linear
 of the same shape and rows in the same run (>1: the quantized form is faster). Forms are timed
 interleaved, so a busy machine slows them alike. Random data; the kernels' speed does not
@@ -106,12 +106,13 @@ def render(args, results, load_avg) -> str:
     lines = [
         f"## Quantized linear kernels vs dense bf16 ({time.strftime('%Y-%m-%d')})",
         "",
-        f"- Machine: {machine()}{'; GPU ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else ''}; device {DEVICE.type}; CPU kernels: {kernels.isa()}; threads: {torch.get_num_threads()}; load average at start {load_avg[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
+        f"- Machine: {machine()}{'; GPU ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else ''}; device {DEVICE.type}; CPU kernels: {kernels.isa()}; load average at start {load_avg[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
         f"- Command: `.venv/bin/python scripts/bench_kernels.py --shapes {args.shapes} --device {DEVICE.type} --threads {torch.get_num_threads()}"
         f"{' --record' if args.record else ''}` (best of {args.repeats} interleaved rounds; random codes in the pack layouts).",
         "- GB/s = stored bytes (codes + absmax + outlier tables; bf16 for the dense row) per second. "
         "\"per-param speed vs dense\" = dense bf16 time / this time for the same shape and rows (>= 1: no worse than dense).",
-        "- Rows 1 = decode; 4 and 16 = small batches (native kernel, weights decoded once per 4 rows); 128 = prefill (dequantize once, then GEMM).",
+        "- Rows 1 = decode; 4 and 16 = small batches (native kernel, weights decoded once per tile of up to 8 rows); 128 = prefill "
+        "(dequantize in row chunks of 2M weights into one reused buffer, then GEMM per chunk: memory stays bounded).",
         "",
         "| weight (out x in) | rows | form | time ms | GB/s stored | per-param speed vs dense |",
         "|---|--:|---|--:|--:|--:|",
