@@ -61,7 +61,7 @@ def test_kernels_built_here():
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (576, 1536), (192, 4096)])
-@pytest.mark.parametrize("batch", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("batch", [1, 3, 5, 8])
 def test_matvec_equals_dequantize_then_linear(native_calls, scheme, dtype, shape, batch):
     stored, entry, q = _qw(shape, scheme, dtype=dtype)
     x = torch.randn(batch, shape[1]).to(dtype)

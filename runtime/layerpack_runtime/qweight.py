@@ -26,9 +26,10 @@ from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 # Weights larger than this are dequantized and multiplied in row chunks, so a 128K-vocabulary head
 # needs a chunk's worth of working memory, not a full-precision copy of itself.
 CHUNK_ELEMS = 1 << 21
-# Up to this many activation rows multiply straight from the codes (each row tile of 4 decodes the
-# weights once, so 16 rows cost about 4 decodes); more rows dequantize once and use one GEMM.
-GEMV_MAX_ROWS = 16
+# Up to this many activation rows multiply straight from the codes (one tile: the weights are decoded
+# once for all of them); more rows dequantize in chunks and use GEMM. Measured (bench_kernels.py):
+# at 16 rows dequantize + GEMM already wins on 8B/405B-sized matrices, at 4-8 rows the codes do.
+GEMV_MAX_ROWS = 8
 _CODE_DTYPES = {SCHEME_NF4: torch.uint8, SCHEME_INT8: torch.int8}
 _VAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
