@@ -7,8 +7,8 @@
 shared 2-core machine does) for the duration of each measurement, then stop. Each configuration runs
 `layerpack run --stats` in a fresh process (the spin policy is read when torch loads), best of
 --repeats, rounds interleaved. Rows: 1 thread; 2 threads with GNU OpenMP's default spinning
-(GOMP_SPINCOUNT=300000, what torch gets when nothing is set); 2 threads with the runtime's default
-(GOMP_SPINCOUNT=1000); 2 threads with OMP_WAIT_POLICY=PASSIVE.
+(GOMP_SPINCOUNT=300000, what torch and the runtime get when nothing is set); 2 threads with a short
+spin (GOMP_SPINCOUNT=1000); 2 threads with OMP_WAIT_POLICY=PASSIVE.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from benchlib import machine, record, smollm2_checkpoint  # noqa: E402
 MARK_START, MARK_END = "<!-- bench_threads:start -->", "<!-- bench_threads:end -->"
 CONFIGS = [  # label, threads, environment
     ("1 thread", 1, {}),
-    ("2 threads, OpenMP default spin (GOMP_SPINCOUNT=300000)", 2, {"GOMP_SPINCOUNT": "300000"}),
-    ("2 threads, runtime default (GOMP_SPINCOUNT=1000)", 2, {}),
+    ("2 threads, OpenMP's default spin (GOMP_SPINCOUNT=300000; the runtime's default)", 2, {"GOMP_SPINCOUNT": "300000"}),
+    ("2 threads, GOMP_SPINCOUNT=1000", 2, {"GOMP_SPINCOUNT": "1000"}),
     ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
 ]
 HOG = "import time\nt = time.time() + {s}\nwhile time.time() < t: pass\n"

@@ -7,7 +7,10 @@ LAYERPACK_THREADS environment variable, then the number of physical cores this p
 On a machine shared with other work, fewer threads can be much faster: every parallel operation
 ends at a barrier that waits for its slowest thread, and a thread the OS has descheduled for
 another process's time slice stalls the whole step (measured: 2 threads 10x slower than 1 for
-decode on 2 busy cores). `--threads 1` (or LAYERPACK_THREADS=1) avoids that.
+decode on 2 busy cores). `--threads 1` (or LAYERPACK_THREADS=1) avoids that, and so does a short
+OpenMP spin: GOMP_SPINCOUNT=1000 or OMP_WAIT_POLICY=PASSIVE in the environment before torch loads
+(scripts/bench_threads.py: on a busy machine 2x faster than the default spin; on a quiet one
+10-30% slower, which is why the runtime does not set it for you).
 """
 from __future__ import annotations
 
