@@ -175,3 +175,12 @@ def _fixed_weight_forms(monkeypatch):
     in-process tests keep quantized units in stored form (the answer on CI machines with the
     native kernels); the planner's choice itself is tested through plan(dequantize_faster=...)."""
     monkeypatch.setattr("layerpack_runtime.loader.dequantized_form_faster", lambda *a, **k: False)
+
+
+def one_line_error(proc) -> str:
+    """The single `error:` line a failed CLI command printed (exit 1, no traceback)."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]

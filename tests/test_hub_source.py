@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import make_checkpoint, run_cli
+from conftest import make_checkpoint, one_line_error as _one_line_error, run_cli
 from hub_server import HubServer
 
 TOKEN = "hf_secretLayerpackTestToken0123456789"   # in the environment of every hub conversion below
@@ -44,14 +44,6 @@ def _assert_no_secret(proc, *dirs, secret=TOKEN):
         for p in _files_under(d):
             with open(p, "rb") as f:
                 assert secret.encode() not in f.read(), f"token written into {p}"
-
-
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

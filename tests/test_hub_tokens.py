@@ -9,18 +9,10 @@ import time
 
 import pytest
 
-from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
+from conftest import make_checkpoint, one_line_error as _one_line_error, run_cli, write_tiny_tokenizer
 from hub_server import HubServer
 
 TOKEN = "hf_secretEchoedTokenAbcdefghijklmnop42"
-
-
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 def _no_token(proc, token=TOKEN):
