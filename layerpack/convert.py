@@ -46,7 +46,8 @@ from .progress import progress_bar
 from .quantize import OUTLIER_ROW, OUTLIER_RULES
 from .schema import validate_manifest
 from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, read_json_object, resolve
-from .streamquant import WINDOW_ELEMS, InMemory, outlier_count, quantize_stream, stored_specs
+from . import streamquant
+from .streamquant import InMemory, outlier_count, quantize_stream, stored_specs
 from .writer import TMP_MARK, UnitWriter, fsync_dir, write_bytes_atomic, write_text_atomic
 
 PARTIAL_DIR = ".layerpack-partial"
@@ -317,8 +318,8 @@ def _open(index: TensorIndex, u: UnitPlan, canonical: str):
     rows = u.rows[canonical][:2] if canonical in u.rows else None
     _, shape, _ = index.info(ref)
     n = math.prod(shape) if rows is None else math.prod(shape) // shape[0] * (rows[1] - rows[0])
-    if n > WINDOW_ELEMS:
-        return index.source(ref, rows)
+    if n > streamquant.WINDOW_ELEMS:
+        return index.reader(ref, rows)
     w = index.read(ref)
     if rows is not None:
         w = w[rows[0]: rows[1]].clone()  # a copy: the fused tensor is freed, and the slice owns compact storage
@@ -417,6 +418,7 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
         # Read tensor i+1 (disk) while tensor i is quantized (CPU): both overlap on 2 cores. A tensor
         # larger than one window is not read here but window by window as it is quantized.
         ahead = reader.submit(_open, job.index, *jobs[0]) if jobs else None
+        on_window = _window_done(bar)
         j = 0
         for u in todo:
             names = sorted(u.tensors)
@@ -432,7 +434,7 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
                     ahead = reader.submit(_open, job.index, *jobs[j + 1]) if j + 1 < len(jobs) else None
                     scheme, fraction, _ = plans[canonical]
                     entries.append(quantize_stream(canonical, src, scheme, dtype, q.block_size, fraction,
-                                                   q.outlier_rule or OUTLIER_ROW, writer, bar.update))
+                                                   q.outlier_rule or OUTLIER_ROW, writer, on_window))
                     params += math.prod(src.shape)
                     del src
                     for f_rel, last in last_read.items():
@@ -475,6 +477,24 @@ def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], qu
         with contextlib.suppress(OSError):  # an existing pack being evaluated: leave no partial folder behind
             os.rmdir(os.path.dirname(ref_dir))
     return quality_record(manifest, result, text[1], DEFAULT_EVAL_DTYPE, desc)
+
+
+def _window_done(bar):
+    """Progress per window read; with LAYERPACK_FAULT_KILL_AFTER_WINDOWS=N the process SIGKILLs
+    itself after N windows, i.e. in the middle of a unit (the resume tests' kill -9)."""
+    limit = int(os.environ.get("LAYERPACK_FAULT_KILL_AFTER_WINDOWS") or 0)
+    if not limit:
+        return bar.update
+    count = [0]
+
+    def update(nbytes: int) -> None:
+        bar.update(nbytes)
+        count[0] += 1
+        if count[0] >= limit:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    return update
 
 
 def _fault_point(units_done: int) -> None:

@@ -236,7 +236,7 @@ class TensorIndex:
                 raise LayerpackError(f"{st.path}: short read of tensor {part.name}; file changed or truncated")
         return raw.view(dtype).reshape(shape)
 
-    def source(self, name, rows: tuple[int, int] | None = None):
+    def reader(self, name, rows: tuple[int, int] | None = None):
         """A TensorSource (streamquant) reading the tensor - or rows [a, b) of its first dimension -
         straight from its file in pieces, never whole: how the converter takes a 4 GB tensor."""
         from .streamquant import InMemory

@@ -208,13 +208,16 @@ class UnitWriter:
         if name not in self._streams:  # its own spool file: other tensors' pieces arrive meanwhile
             spool = open(f"{self.tmp}.spool{len(self._extra)}", "wb+")
             self._extra.append(spool)
-            self._streams[name] = (self._cctx.compressobj(size=nbytes), spool)
-        cobj, spool = self._streams[name]
-        spool.write(cobj.compress(data))
+            # stream_writer with the size puts the content size in the frame header (the reader checks it)
+            # (its own compressor: one ZstdCompressor's context cannot serve two frames at once)
+            cctx = _compressor(self.zstd_level)
+            self._streams[name] = (cctx.stream_writer(spool, size=nbytes, closefd=False), spool)
+        stream, spool = self._streams[name]
+        stream.write(data)
         if pos + len(data) == nbytes:
             del self._streams[name]
-            spool.write(cobj.flush())
-            self._spooled[name] = (spool, 0, spool.tell())
+            stream.close()  # ends the frame; the spool file stays open (closefd=False)
+            self._spooled[name] = (spool, 0, spool.seek(0, 2))
 
     def _to_spool(self, name: str, blobs: list[bytes]) -> None:
         begin = self._spool.seek(0, 2)
