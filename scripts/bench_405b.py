@@ -260,8 +260,10 @@ def _convert_rows(logs: list[str]) -> list[str]:
         wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([0-9:.]+)", txt).group(1)
         parts = [float(x) for x in wall.split(":")]
         secs = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-        m = re.search(r"source_bytes=(\d+)", txt)
-        rate = f"{int(m.group(1)) / secs / 1e6:.0f}" if m else "-"
+        m = re.search(r"convert (\S+) ", txt)  # the source folder, from the timed command line
+        src = m.group(1) if m else ""
+        size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors")) if os.path.isdir(src) else 0
+        rate = f"{size / secs / 1e6:.0f}" if size else "-"
         rows.append(f"| {label} | {rss / GiB:.2f} GiB | {secs:.0f} s | {rate} |")
     return rows
 
