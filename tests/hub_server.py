@@ -64,6 +64,7 @@ To extend: add a (method, regex, handler-name) row to `_HUB_ROUTES` and a
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -373,6 +374,18 @@ class HubServer:
         return None
 
 
+@dataclass
+class _SpooledBody:
+    """An upload received into a file: where, how many bytes, their sha256."""
+    path: str
+    size: int
+    sha256: str
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+
+
 class _BadRequest(Exception):
     pass
 
@@ -439,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._refuse()
         self._begin()
         try:
-            body = self._read_body()
+            body = self._read_upload() if match[1] == "cdn_upload" else self._read_body()
             try:
                 query = parse_qs(split.query, keep_blank_values=True, strict_parsing=bool(split.query))
             except ValueError:
@@ -485,6 +498,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise _BadRequest("body too large")
         return self.rfile.read(n)
+
+    def _read_upload(self) -> "_SpooledBody":
+        """An LFS upload body (a layer file can be several GB): streamed into the storage folder and
+        hashed as it arrives, never held in memory. Content-Length is required."""
+        cl = self.headers.get("Content-Length")
+        if cl is None or not cl.strip().isdigit():
+            self.close_connection = True
+            raise _BadRequest("Content-Length required")
+        left = int(cl)
+        tmp = os.path.join(self.hub.storage, f"upload.tmp{threading.get_ident()}")
+        h = hashlib.sha256()
+        with open(tmp, "wb") as f:
+            while left:
+                piece = self.rfile.read(min(left, 8 << 20))
+                if not piece:
+                    self.close_connection = True
+                    os.remove(tmp)
+                    raise _BadRequest("body shorter than Content-Length")
+                f.write(piece)
+                h.update(piece)
+                left -= len(piece)
+        return _SpooledBody(tmp, int(cl), h.hexdigest())
 
     def _json_body(self, body: bytes):
         try:
@@ -836,13 +871,16 @@ class _Handler(BaseHTTPRequestHandler):
             size = self.hub._pending.get(sha)
         if size is None:
             return self._error(403, None, "no upload was announced for this object", expected=False)
-        if len(body) != size:
-            return self._error(400, None, f"size mismatch: got {len(body)} bytes, announced {size}")
-        if hashlib.sha256(body).hexdigest() != sha:
+        if body.size != size:
+            body.discard()
+            return self._error(400, None, f"size mismatch: got {body.size} bytes, announced {size}")
+        if body.sha256 != sha:
+            body.discard()
             return self._error(400, None, "sha256 mismatch")
         if self.hub.on_upload is not None and self.hub.on_upload(sha) is False:
+            body.discard()
             return self._error(503, None, "upload refused by the test", expected=False)
-        self.hub._store(body)
+        os.replace(body.path, os.path.join(self.hub.storage, sha))
         with self.hub._lock:
             self.hub._pending.pop(sha, None)
             self.hub.uploads.append(sha)
