@@ -9,6 +9,7 @@ increasing) need real bytes when a test reads them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from layerpack_runtime.safetensors_io import itemsize
 from layerpack_runtime.validate import _expected_shapes, stored_spec
 
 FAKE_SHA = "0" * 64  # files whose hash a test never checks (hashing 230 GB of holes is not the point)
+HASH_UP_TO = 64 << 20  # smaller layer files get their real sha256
 LLAMA_BLOCK = ("attn_norm.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
                "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight")
 QUANTIZABLE = {"attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight", "mlp.gate.weight", "mlp.up.weight",
@@ -58,6 +60,14 @@ def write_sparse_safetensors(path: str, unit: str, spec: dict[str, tuple[str, tu
                 f.seek(data_start + rel[name] + at)
                 f.write(data)
     return {"size": data_start + offset, "data_start": data_start, "starts": {n: data_start + o for n, o in rel.items()}}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _unit_tensors(kind: str, arch: dict) -> list[str]:
@@ -103,7 +113,8 @@ def sparse_pack(out: str, template: str, arch: dict, scheme: str = "nf4", block_
         layers.append({"name": name, "kind": kind, "index": index, "file": unit_file(name), "params": params,
                        "tensors": [{"name": e.name, "shape": e.shape, "scheme": e.scheme, "block_size": e.block_size,
                                     "outliers": e.outliers, "rel_rms_error": 0.0} for e in entries]})
-        files.append({"path": unit_file(name), "size": res["size"], "sha256": FAKE_SHA})
+        files.append({"path": unit_file(name), "size": res["size"], "sha256": _sha256(os.path.join(out, unit_file(name)))
+                      if res["size"] <= HASH_UP_TO else FAKE_SHA})
         params_total += params
         layer_bytes += res["size"]
     m.update(architecture=a, layers=layers, files=sorted(files, key=lambda f: f["path"]),

@@ -1,0 +1,298 @@
+"""Paths that only break at 405B size, tested at CI size (issue 12, item 5): reads above 2 GiB, files
+above 4 GiB, tensors of 2^31 elements or more with int64 outlier indices, headers of large layers,
+and the planner's and the KV cache's arithmetic at Llama 3.1 405B's dimensions.
+
+How without the big files: sparse files (tests/sparse_pack.py: a valid header, then a hole; real
+bytes only where a test reads them, e.g. past 2^32), a per-call cap on os.preadv (so the read loop
+runs many times on small files, as it does once past 0x7ffff000 bytes), a threshold lowered by
+monkeypatch (int64 indices on a small tensor), and a few real large objects where they are cheap:
+one read of 2.2 GB from a sparse file and one NF4 weight of 2^31 + 16384 elements (1 GiB of codes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import make_checkpoint, write_tiny_tokenizer
+from sparse_pack import LLAMA_405B, sparse_pack, write_sparse_safetensors
+from layerpack.convert import ConvertOptions, convert
+from layerpack_runtime import fileio, loader
+from layerpack_runtime.budget import fmt_size
+from layerpack_runtime.errors import FormatError, LayerpackError
+from layerpack_runtime.format import MAX_HEADER_BYTES
+from layerpack_runtime.pack import Pack
+from layerpack_runtime.safetensors_io import SafetensorsFile
+from layerpack_runtime.streaming import FileRows, UnitStreamer
+
+LINUX_READ_MAX = 0x7FFFF000  # the most one read()/pread()/preadv() returns on Linux
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama checkpoint and its NF4 pack with outlier tables (the template of the sparse packs)."""
+    root = tmp_path_factory.mktemp("large")
+    ckpt = make_checkpoint(root / "ckpt", "llama")
+    write_tiny_tokenizer(ckpt)
+    pack = str(root / "nf4")
+    convert(ckpt, pack, ConvertOptions(quant="nf4", outliers=0.01, quiet=True))
+    return {"root": root, "ckpt": ckpt, "nf4": pack}
+
+
+def cap_preadv(monkeypatch, cap: int) -> list[int]:
+    """Make every os.preadv return at most `cap` bytes (as Linux does at 0x7ffff000); returns the list
+    of byte counts of the calls made."""
+    real, calls = os.preadv, []
+
+    def capped(fd, buffers, offset):
+        n = real(fd, [memoryview(buffers[0]).cast("B")[:cap]], offset)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(os, "preadv", capped)
+    return calls
+
+
+# -- 1. reads above 2 GiB ---------------------------------------------------------------------------
+
+def test_read_fully_loops_over_short_reads(tmp_path, monkeypatch):
+    data = os.urandom(100_003)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    calls = cap_preadv(monkeypatch, 4093)
+    buf = bytearray(90_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert fileio.read_fully(fd, buf, 7) == 90_000 and bytes(buf) == data[7:90_007]
+        assert len(calls) == math.ceil(90_000 / 4093)  # a single call would have filled 4093 bytes
+        # the file ends first: the bytes there, then a FormatError naming the file (never a hang)
+        assert fileio.read_fully(fd, buf, 50_000) == 50_003
+        with pytest.raises(FormatError, match=r"short read of layer x \(50003 of 90000 bytes at byte 50000\)"):
+            fileio.read_exact(fd, buf, 50_000, str(path), "layer x")
+    finally:
+        os.close(fd)
+
+
+def test_every_payload_reader_loops(tiny, monkeypatch):
+    """Resident loads (SafetensorsFile.read), the streamer, embedding rows: with every os.preadv cut
+    to 1000 bytes (odd, so cuts fall inside elements), a forward gives the same logits as uncut."""
+    ids = torch.tensor([[5, 17, 42, 99]])
+    want = loader.load(tiny["nf4"]).logits(ids)
+    calls = cap_preadv(monkeypatch, 1000)
+    resident = loader.load(tiny["nf4"])
+    budget = resident.minimum_memory()
+    streamed = loader.load(tiny["nf4"], max_memory=budget)
+    assert streamed.plan.streamed and streamed._embed_rows is not None  # blocks streamed, embedding rows from the file
+    assert torch.equal(resident.logits(ids), want)
+    assert torch.equal(streamed.logits(ids), want)
+    assert len(calls) > 100 and max(calls) == 1000
+
+
+def test_converter_reads_loop(tiny, tmp_path, monkeypatch):
+    """The converter reads source tensors through the same loop: cut reads give the same bytes."""
+    cap_preadv(monkeypatch, 777)
+    convert(tiny["ckpt"], str(tmp_path / "p"), ConvertOptions(quant="nf4", outliers=0.01, quiet=True))
+    for rel in sorted(os.listdir(os.path.join(tiny["nf4"], "layers"))):
+        with open(os.path.join(tiny["nf4"], "layers", rel), "rb") as a, open(tmp_path / "p" / "layers" / rel, "rb") as b:
+            assert a.read() == b.read(), rel
+
+
+def test_one_read_above_2gib(tmp_path):
+    """A real streamed unit of 2.2 GB (sparse: zeros, with marks across the file's 2 GiB boundary, across
+    the end of what one call returns, and at the end): the streamer's read gets all of it, while one
+    os.preadv into the same buffer stops at 0x7ffff000 bytes (so this test fails with a single call).
+    Cost: faulting in 2.2 GB of fresh memory (about 1 s on a quiet machine, 10+ s on a loaded VM)."""
+    n = 2 * GiB + 200 * (1 << 20)
+    marks = {2 * GiB - 8 - 500: os.urandom(1024),        # the file's 2 GiB (the header is small)
+             LINUX_READ_MAX - 500: os.urandom(1024),     # where the first call stops
+             n - 1024: os.urandom(1024)}                 # the last bytes
+    res = write_sparse_safetensors(str(tmp_path / "u.safetensors"), "block.000", {"w": ("U8", (n,))},
+                                   {"w": list(marks.items())})
+    st = SafetensorsFile(tmp_path / "u.safetensors")
+    streamer = UnitStreamer({"block.000": st}, ["block.000"], n, torch.device("cpu"))
+    try:
+        t0 = time.perf_counter()
+        w = streamer.get("block.000")["w"]
+        took = time.perf_counter() - t0
+        assert w.numel() == n and streamer.stats.bytes_read == n
+        for at, mark in marks.items():
+            assert bytes(w[at:at + len(mark)].numpy()) == mark, at
+        assert not bool(w[:1 << 20].any())
+        fd = os.open(st.path, os.O_RDONLY)
+        try:  # the kernel's limit, on the same (now faulted-in) buffer
+            assert os.preadv(fd, [memoryview(streamer.held.host.numpy())], res["data_start"]) == LINUX_READ_MAX
+        finally:
+            os.close(fd)
+        print(f"\n2.2 GB unit read in {took:.2f} s")
+    finally:
+        streamer.release()
+        streamer.close()
+
+
+# -- 2. files above 4 GiB ---------------------------------------------------------------------------
+
+# A tied, unquantized pack whose embedding file is 4,295,000,064 + header bytes (> 2^32): vocabulary
+# 131073 x hidden 16384 in bf16; everything else tiny (1 head of 8, intermediate 2, one block).
+BIG_EMBED = dict(vocab_size=131073, hidden_size=16384, intermediate_size=2, num_layers=1, num_heads=1, num_kv_heads=1,
+                 head_dim=8, tie_word_embeddings=True)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_file_above_4gib(tiny, tmp_path):
+    """Header offsets past 2^32, manifest sizes past 2^32 (reader and JSON schema), embedding rows read
+    past 2^32, and verify's hashing of the 4.3 GB file in bounded memory (a sparse file hashes zeros)."""
+    from layerpack.schema import schema_errors
+    from layerpack.verify import verify_pack
+
+    row = 16384 * 2
+    rows = {0: os.urandom(row), 65536: os.urandom(row), 131071: os.urandom(row), 131072: os.urandom(row)}
+    written = sparse_pack(str(tmp_path / "p"), tiny["nf4"], BIG_EMBED, scheme="none",
+                          fill={"embed": {"embed.weight": [(r * row, b) for r, b in rows.items()]}})
+    embed = written["embed"]
+    assert embed["size"] > 1 << 32
+    raw = json.load(open(tmp_path / "p" / "manifest.json"))
+    assert schema_errors(raw) == []  # sizes, layer_bytes > 2^32: JSON Schema integers have no 32-bit bound
+    pack = Pack(str(tmp_path / "p"))  # sizes checked on disk, the header validated against the manifest
+    st = pack.layer_file("embed")
+    info = st.tensors["embed.weight"]
+    assert info.end == st.file_size > 1 << 32 and info.shape == (131073, 16384)
+    # the last row starts exactly at 2^32 bytes into the data: read by offset, not by a 32-bit product
+    fr = FileRows(st.path, info.start, info.shape, torch.bfloat16, torch.bfloat16)
+    got = fr.rows(torch.tensor([131072, 0, 131071, 65536, 131072], dtype=torch.int32))
+    for i, r in enumerate([131072, 0, 131071, 65536, 131072]):
+        assert bytes(got[i].contiguous().view(torch.uint8).numpy()) == rows[r], r  # bytes: random bits hold NaNs
+    # verify: the layer file's sha256 is a placeholder, so exactly that mismatch is reported, after
+    # hashing all 4.3 GB in chunks: memory stays flat (sampled while it runs)
+    peak, base, done = [0], _rss(), threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    t0 = time.perf_counter()
+    try:
+        problems = verify_pack(str(tmp_path / "p"), quiet=True)
+    finally:
+        done.set()
+        t.join()
+    assert problems == ["layers/embed.safetensors: sha256 mismatch (file is corrupt or was modified)"]
+    assert peak[0] - base < 64 << 20, f"verify grew RSS by {(peak[0] - base) >> 20} MiB"
+    print(f"\nverify hashed {embed['size'] / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s, RSS +{(peak[0] - base) >> 20} MiB")
+
+
+def test_truncated_big_file_is_refused(tiny, tmp_path):
+    """A file cut short of what its header declares past 4 GiB: refused at open, never read short."""
+    written = sparse_pack(str(tmp_path / "p"), tiny["nf4"], BIG_EMBED, scheme="none")
+    path = tmp_path / "p" / "layers" / "embed.safetensors"
+    os.truncate(path, written["embed"]["size"] - 1)
+    with pytest.raises(FormatError, match="truncated"):
+        SafetensorsFile(path)
+    with pytest.raises(FormatError, match="embed.safetensors: size"):
+        Pack(str(tmp_path / "p"))
+
+
+# -- 4. headers, the planner and the KV cache at Llama 3.1 405B's dimensions --------------------------
+
+H, I, V, L, HEADS, KV, HD = 16384, 53248, 128256, 126, 128, 8, 128
+LINEARS = {"attn.q.weight": HEADS * HD * H, "attn.k.weight": KV * HD * H, "attn.v.weight": KV * HD * H,
+           "attn.o.weight": H * HEADS * HD, "mlp.gate.weight": I * H, "mlp.up.weight": I * H, "mlp.down.weight": H * I}
+
+
+def _stored_bytes(n: int, scheme: str, frac: float) -> int:
+    """Bytes of one quantized weight of n elements as the format stores it (FORMAT.md)."""
+    k = round(frac * n)
+    codes = {"nf4": (n + 1) // 2, "int8": n, "none": 2 * n}[scheme]
+    scales = 0 if scheme == "none" else -(-n // {"nf4": 64, "int8": 128}[scheme]) * 4
+    return codes + scales + k * ((4 if n < 2 ** 31 else 8) + 2)
+
+
+@pytest.fixture(scope="module")
+def packs_405b(tiny, tmp_path_factory):
+    """Sparse packs with all 126 blocks of Llama 3.1 405B, in nf4 (+ outliers 0.001), int8 and bf16."""
+    root = tmp_path_factory.mktemp("405b")
+    out = {}
+    for scheme, bs, frac in (("nf4", 64, 0.001), ("int8", 128, 0.0), ("none", None, 0.0)):
+        out[scheme] = (str(root / scheme), sparse_pack(str(root / scheme), tiny["nf4"], LLAMA_405B, scheme, bs, frac), frac)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "none"])
+def test_405b_headers_and_unit_sizes(packs_405b, scheme):
+    path, written, frac = packs_405b[scheme]
+    block = sum(_stored_bytes(n, scheme, frac) for n in LINEARS.values()) + 2 * H * 2  # + two norms
+    head = _stored_bytes(V * H, scheme, frac) + H * 2
+    pack = Pack(path)
+    for layer in pack.manifest.layers:
+        st = pack.layer_file(layer)  # parsed and checked against the manifest
+        assert st.data_start - 8 < 8192 < MAX_HEADER_BYTES  # a 405B unit's header is a few KiB
+    st = pack.layer_file("block.000")
+    assert st.file_size - st.data_start == block
+    assert pack.layer_file("head").file_size - pack.layer_file("head").data_start == head
+    assert pack.layer_file("embed").file_size - pack.layer_file("embed").data_start == V * H * 2  # never quantized
+    if scheme == "none":  # 6.4 GB per block: offsets past 2^32 in the header
+        assert block > 6e9 and max(i.end for i in st.tensors.values()) > 1 << 32
+    assert pack.manifest.totals["params"] == L * (sum(LINEARS.values()) + 2 * H) + 2 * V * H + H  # 405.85B
+    assert 405e9 < pack.manifest.totals["params"] < 406e9
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "none"])
+def test_405b_planner_and_kv(packs_405b, scheme, monkeypatch):
+    """Unit costs, KV and the plan at 405B, each checked against numbers computed here; resident loads
+    are recorded, not performed (the payloads are holes)."""
+    from layerpack_runtime.cache import KVCache
+
+    path, written, frac = packs_405b[scheme]
+    loads: list = []
+    monkeypatch.setattr(loader.LayeredModel, "_load_resident", lambda self, name, deq: loads.append(name))
+    m = loader.LayeredModel(Pack(path), max_memory="64GB", context=256)
+    # KV cache: 2 (k, v) x 126 layers x 8 KV heads x 128 x 2 bytes (bf16) = 516,096 bytes per token
+    assert m._kv_bytes(1) == 2 * 126 * 8 * 128 * 2 == 516_096
+    assert m._kv_bytes(131072) == 516_096 * 131072 > 1 << 32  # the full 128K context: 67.6 GB
+    cache = KVCache(L, 1, KV, 256, HD, torch.bfloat16)
+    assert sum(t.k.numel() * 2 + t.v.numel() * 2 for t in cache.layers) == m._kv_bytes(256)
+    del cache
+    # activations of a 256-token prefill: hidden/MLP buffers, scores, logits, one dequantized chunk
+    t = 256
+    act = t * (8 * H + 3 * I) * 4 + HEADS * t * t * 4 + V * 4 * 2 + (((1 << 21) * (4 + 2)) if scheme != "none" else 0)
+    assert m._activation_bytes(256) == act
+    block = written["block.000"]["size"] - written["block.000"]["data_start"]
+    head = written["head"]["size"] - written["head"]["data_start"]
+    cost = {u: m._unit_cost(u) for u in m.units}
+    assert cost["block.000"].stored == cost["block.000"].streamed == block
+    assert cost["block.000"].dequantized == (sum(LINEARS.values()) + 2 * H) * 2
+    assert cost["embed"].streamed == 0  # untied, unquantized: rows come from the file (FileRows)
+    fixed = m._kv_bytes(256) + act + m._runtime_bytes()
+    assert m.minimum_memory() == fixed + 2 * max(block, head)
+    # the plan at 64 GB: head first, then blocks in order, in the stored form; everything counted
+    p = m.plan
+    assert p.total <= 64e9 and p.total == p.weights_bytes + p.buffer_bytes + p.kv_bytes + p.activation_bytes + p.runtime_bytes
+    n_res = sum(1 for u in p.resident if u.startswith("block."))
+    assert "head" in p.resident and p.resident["head"] is (scheme == "none")  # bf16: stored == dequantized
+    assert set(p.resident) == {"head", *(f"block.{i:03d}" for i in range(n_res))} and loads == list(p.resident)
+    assert p.weights_bytes == head + n_res * block and p.buffer_bytes == 2 * block
+    assert head + (n_res + 1) * block + 2 * block + fixed > 64e9  # one more block would not fit
+    print(f"\n405B {scheme}: block {block / 1e9:.2f} GB, minimum {m.minimum_memory() / 1e9:.2f} GB, "
+          f"at 64 GB {n_res} of 126 blocks resident")
+    # 8 GB (the seeds' budget): fits NF4 and int8 (two 1.8 / 3.3 GB stream buffers), not bf16 (6.4 GB each)
+    if scheme == "none":
+        need = re.escape(fmt_size(fixed + 2 * block))  # 12.3 GiB: two 6.4 GB stream buffers + KV + activations
+        with pytest.raises(LayerpackError, match=rf"max_memory 7\.5 GiB is below this pack's minimum of {need} "):
+            loader.LayeredModel(Pack(path), max_memory="8GB", context=256)
+    else:
+        assert loader.LayeredModel(Pack(path), max_memory="8GB", context=256).plan.total <= 8e9
