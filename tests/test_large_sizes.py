@@ -296,3 +296,139 @@ def test_405b_planner_and_kv(packs_405b, scheme, monkeypatch):
             loader.LayeredModel(Pack(path), max_memory="8GB", context=256)
     else:
         assert loader.LayeredModel(Pack(path), max_memory="8GB", context=256).plan.total <= 8e9
+
+
+# -- 3. tensors of 2^31 elements or more: int64 outlier indices -----------------------------------
+
+def test_outlier_index_dtype_rule():
+    """The format's rule (FORMAT.md, Outlier tables): int32 below 2^31 entries, int64 from 2^31 on,
+    decided by the element count alone; 405B's embedding/head (2,101,346,304) stays below it."""
+    from layerpack_runtime.manifest import TensorEntry
+    from layerpack_runtime.validate import stored_spec
+
+    def idx_dtype(shape):
+        return stored_spec(TensorEntry("head.weight", list(shape), "nf4", 64, 3), "BF16")["head.weight.outlier_idx"][0]
+
+    assert idx_dtype([V, H]) == "I32" and V * H < 2 ** 31
+    assert idx_dtype([46340, 46340]) == "I32" and 46340 ** 2 < 2 ** 31 < 46341 ** 2
+    assert idx_dtype([2 ** 31 - 1]) == "I32"
+    assert idx_dtype([2 ** 31]) == "I64" and idx_dtype([46341, 46341]) == "I64"
+    assert idx_dtype([131073, 16384]) == "I64"  # a 131K x 16K table: 2^31 + 16384 entries
+
+
+def _with_int64_indices(src: str, out: str) -> None:
+    """A copy of pack `src` whose outlier tables are stored as int64 (as the converter writes them
+    for tensors of 2^31 entries or more), with the manifest's sizes and hashes updated."""
+    from layerpack.writer import write_safetensors
+
+    shutil.copytree(src, out)
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    files = {f["path"]: f for f in m["files"]}
+    for layer in m["layers"]:
+        path = os.path.join(out, layer["file"])
+        st = SafetensorsFile(path)
+        tensors = st.read()
+        if not any(k.endswith(".outlier_idx") for k in tensors):
+            continue
+        tensors = {k: v.long() if k.endswith(".outlier_idx") else v for k, v in tensors.items()}
+        size, sha = write_safetensors(path, tensors, layer["name"])
+        files[layer["file"]].update(size=size, sha256=sha)
+    m["totals"]["layer_bytes"] = sum(files[l["file"]]["size"] for l in m["layers"])
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(m, f, indent=1, sort_keys=True)
+
+
+def test_int64_outlier_indices_run_like_int32(tiny, tmp_path, monkeypatch):
+    """With the 2^31 threshold lowered to 0 (so the tiny pack's tensors count as huge), int64 tables are
+    what the reader demands: the int32 pack is refused, and the int64 pack gives the int32 pack's
+    logits bit for bit - resident and streamed, native kernels and the pure-torch path - and verifies.
+    Without the patch the int64 pack is refused (the rule holds both ways)."""
+    from layerpack_runtime import kernels, validate
+
+    from layerpack.verify import verify_pack
+
+    big = str(tmp_path / "i64")
+    _with_int64_indices(tiny["nf4"], big)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    want = loader.load(tiny["nf4"]).logits(ids)
+    with pytest.raises(FormatError, match=r"outlier_idx' is stored as I64\[\d+\], the manifest entry implies I32"):
+        loader.load(big)
+    monkeypatch.setattr(validate, "OUTLIER_IDX_I64_FROM", 0)
+    with pytest.raises(FormatError, match=r"outlier_idx' is stored as I32\[\d+\], the manifest entry implies I64"):
+        loader.load(tiny["nf4"])
+    resident = loader.load(big)
+    qw = resident.weights_for("block.000")["mlp.up.weight"]
+    assert qw.outlier_idx.dtype == torch.int64 and qw.outlier_idx.numel() > 0
+    assert torch.equal(resident.logits(ids), want)
+    streamed = loader.load(big, max_memory=resident.minimum_memory())
+    assert streamed.plan.streamed and torch.equal(streamed.logits(ids), want)
+    assert verify_pack(big, quiet=True) == []
+    monkeypatch.setattr(kernels, "native", lambda: None)  # the pure-torch fallback: int64 == int32 there too
+    torch_path = loader.load(big).logits(ids)
+    monkeypatch.setattr(validate, "OUTLIER_IDX_I64_FROM", 1 << 31)
+    assert torch.equal(torch_path, loader.load(tiny["nf4"]).logits(ids))
+
+
+def test_tensor_of_2_31_elements(monkeypatch):
+    """One real NF4 weight of 131073 x 16384 = 2^31 + 16384 elements (1 GiB of codes): zero everywhere
+    (code 7) except known values in its first and last rows and int64 outliers on both sides of 2^31.
+    Row gathers, row slices and the native matvec over all of it match values computed here from
+    the few non-zero entries; the pure-torch fallback agrees on the slices and gathers."""
+    from layerpack_runtime import kernels
+    from layerpack_runtime.format import NF4_CODE
+    from layerpack_runtime.qweight import QuantWeight
+
+    rows, cols, bs = 131073, 16384, 64
+    n = rows * cols
+    assert n == 2 ** 31 + 16384
+    codes = torch.full(((n + 1) // 2,), 0x77, dtype=torch.uint8)   # NF4 code 7 = 0.0 in both nibbles
+    absmax = torch.ones(-(-n // bs), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    planted = {0: None, rows - 2: None, rows - 1: None}           # rows given random codes and scales
+    for r in planted:
+        c = torch.randint(0, 256, (cols // 2,), dtype=torch.uint8, generator=g)
+        s = torch.rand(cols // bs, generator=g) + 0.5
+        codes[r * cols // 2:(r + 1) * cols // 2] = c
+        absmax[r * cols // bs:(r + 1) * cols // bs] = s
+        pairs = torch.stack([c >> 4, c & 15], 1).reshape(-1).long()
+        planted[r] = torch.tensor(NF4_CODE)[pairs] * s.repeat_interleave(bs)
+    # outliers (codes there are the zero code): at the start, just below and at 2^31, and at the end
+    idx = torch.tensor([5, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 7, n - 1], dtype=torch.int64)
+    val = torch.tensor([1.5, -2.0, 3.0, -4.5, 6.0], dtype=torch.bfloat16)
+    for i in idx.tolist():
+        r, c = divmod(i, cols)
+        if r in planted:
+            planted[r][c] = 0.0
+        b = i // 2
+        codes[b] = (codes[b] & 0x0F) | 0x70 if i % 2 == 0 else (codes[b] & 0xF0) | 0x07
+    dense = {r: v.clone() for r, v in planted.items()}  # the expected rows, outliers included
+    dense.setdefault(2 ** 31 // cols - 1, torch.zeros(cols))
+    dense.setdefault(2 ** 31 // cols, torch.zeros(cols))
+    for i, v in zip(idx.tolist(), val.float().tolist()):
+        r, c = divmod(i, cols)
+        dense.setdefault(r, torch.zeros(cols))[c] = v
+    w = QuantWeight("nf4", (rows, cols), bs, codes, absmax, idx, val, torch.float32)
+
+    def check(tag):
+        ids = torch.tensor([rows - 1, 0, 2 ** 31 // cols, rows - 2, 2 ** 31 // cols - 1], dtype=torch.int32)
+        got = w.rows(ids)
+        for k, r in enumerate(ids.tolist()):
+            assert torch.equal(got[k], dense[r]), (tag, r)
+        part = w.row_slice(2 ** 31 // cols - 1, rows)  # rows across 2^31, the last one included
+        assert part.outlier_idx.dtype == torch.int64 and part.outlier_idx.tolist() == [cols - 1, cols, cols + 7, 2 * cols - 1]
+        deq = part.dequantize()
+        assert torch.equal(deq[0], dense[2 ** 31 // cols - 1]) and torch.equal(deq[1], dense[2 ** 31 // cols])
+        assert torch.equal(deq[-1], dense[rows - 1]) and torch.equal(deq[-2], dense[rows - 2])
+
+    check("native")
+    x = torch.randn(1, cols, generator=g)
+    y = w.linear(x)  # native matvec over all 2^31 + 16384 entries, outliers past 2^31 included
+    want = torch.zeros(rows)
+    for r, v in dense.items():
+        want[r] = (v.double() @ x[0].double()).float()
+    assert torch.allclose(y[0], want, rtol=1e-4, atol=1e-3)
+    zero = torch.ones(rows, dtype=torch.bool)
+    zero[list(dense)] = False
+    assert not bool(y[0][zero].any())  # rows of zero codes give exactly 0: no read went astray
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    check("torch")
