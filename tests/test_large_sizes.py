@@ -432,3 +432,93 @@ def test_tensor_of_2_31_elements(monkeypatch):
     assert not bool(y[0][zero].any())  # rows of zero codes give exactly 0: no read went astray
     monkeypatch.setattr(kernels, "native", lambda: None)
     check("torch")
+
+
+# -- 5. the Hub: sha256 computed while the bytes stream, not in a second pass ----------------------
+
+# Runs in a subprocess (huggingface_hub reads HF_ENDPOINT at import), one job after another (one
+# process: imports cost more than the jobs). Download chunks of 4 KiB (the client's default is 10 MiB)
+# stand in for a multi-GB body of many chunks. Prints, per job, as JSON: the files hashed by a second
+# read (layerpack's fallback check, or the client's own hashing before an upload), and the chunks and
+# bytes hashed as they streamed.
+_HUB_SCRIPT = r"""
+import json, sys
+from huggingface_hub import constants, lfs
+import layerpack_runtime.remote as remote
+from layerpack_runtime import stream_hash
+constants.DOWNLOAD_CHUNK_SIZE = 4096
+real_file, real_write, real_sha = remote.sha256_file, stream_hash._HashingFile.write, lfs.sha_fileobj
+def counted_file(path, progress=None):
+    count["second"].append(path.rsplit("/", 1)[-1])
+    return real_file(path, progress)
+def counted_write(self, data):
+    count["chunks"] += 1
+    count["bytes"] += len(data)
+    return real_write(self, data)
+def counted_sha(f, *a, **k):
+    count["second"].append(getattr(f, "name", "?").rsplit("/", 1)[-1])
+    return real_sha(f, *a, **k)
+remote.sha256_file, stream_hash._HashingFile.write, lfs.sha_fileobj = counted_file, counted_write, counted_sha
+from layerpack.hub import pull, push
+from layerpack_runtime import load
+for mode, repo, arg, layers in json.loads(sys.argv[1]):
+    count = {"second": [], "chunks": 0, "bytes": 0}
+    if mode == "pull":
+        pull(repo, arg, layers=layers, quiet=True)
+    elif mode == "push":
+        push(arg, repo, quiet=True)
+    else:
+        model = load(repo)
+        model.generate_ids([5, 17], max_new_tokens=2)
+        for rel in model.pack.pending():
+            model.pack.ensure(rel)
+    count["second"].sort()
+    print(json.dumps(count), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tiny):
+    from hub_server import HubServer
+
+    with HubServer(write_token=HUB_TOKEN) as server:
+        server.add_repo("tiny/nf4", tiny["nf4"])
+        yield server
+
+
+HUB_TOKEN = "hf_largeSizesWriteToken0123456789"
+
+
+def _pack_paths(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/") for d, _, ns in os.walk(root)
+            if ".cache" not in os.path.relpath(d, root) for n in ns}
+
+
+def test_hub_hashes_while_the_bytes_stream(hub, tiny, tmp_path):
+    """pull (whole, then --layers) and a lazy `run owner/name` check every file's sha256 without reading
+    it again; a pull into a folder that already holds the files hashes those (nothing downloaded);
+    push hashes each file once (verify) and hands the digests to the client, which would otherwise
+    read every file again before the upload."""
+    import subprocess
+    import sys
+
+    m = json.load(open(os.path.join(tiny["nf4"], "manifest.json")))
+    sizes = {f["path"]: f["size"] for f in m["files"]}
+    layer_bytes = sum(s for p, s in sizes.items() if p.startswith("layers/"))
+    jobs = [("pull", "tiny/nf4", str(tmp_path / "out"), None), ("pull", "tiny/nf4", str(tmp_path / "out"), None),
+            ("pull", "tiny/nf4", str(tmp_path / "part"), "embed,1,head"), ("lazy", "tiny/nf4", None, None),
+            ("push", "tiny/pushed", tiny["nf4"], None)]
+    env = {**os.environ, **hub.client_env(tmp_path / "home", HUB_TOKEN)}
+    proc = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, json.dumps(jobs)], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh, again, part, lazy, pushed = (json.loads(l) for l in proc.stdout.strip().splitlines()[-5:])
+    assert fresh["second"] == [] and fresh["bytes"] == sum(sizes.values())
+    assert fresh["chunks"] >= sum(-(-s // 4096) for s in sizes.values())  # hashed chunk by chunk, as written
+    assert again["bytes"] == 0 and len(again["second"]) == len(sizes)    # already there: hashed by a read
+    want = {p for p in sizes if not p.startswith("layers/")} | {f"layers/{u}.safetensors" for u in ("embed", "block.001", "head")}
+    assert part["second"] == [] and part["bytes"] == sum(sizes[p] for p in want)
+    assert _pack_paths(tmp_path / "part") == want | {"manifest.json"}
+    assert lazy["second"] == [] and lazy["bytes"] >= layer_bytes          # run owner/name: every layer file
+    assert pushed["second"] == []                                          # the client re-hashed nothing
+    assert {f["sha256"] for f in m["files"] if f["path"].startswith("layers/")} <= set(hub.uploads)  # server-checked

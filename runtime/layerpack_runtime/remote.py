@@ -27,6 +27,7 @@ from .format import MANIFEST_FILE
 from .manifest import FileEntry, LayerEntry
 from .pack import Pack, sha256_file
 from .safetensors_io import SafetensorsFile
+from .stream_hash import hashing_downloads, streamed_sha256
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DOWNLOAD_WORKERS = 4          # layer files downloading at once (in execution order)
@@ -210,8 +211,10 @@ def discard(root: str, rel: str, local_dir: bool) -> None:
             pass
 
 
-def check_download(entry: FileEntry, root: str, local_dir: bool = False, hash_it: bool = True) -> None:
-    """A downloaded pack file must have the manifest's size (and sha256): else it is deleted and named."""
+def check_download(entry: FileEntry, root: str, local_dir: bool = False, hash_it: bool = True, progress=None) -> None:
+    """A downloaded pack file must have the manifest's size (and sha256): else it is deleted and named.
+    The sha256 is the one computed while the file downloaded (stream_hash), when there is one: a
+    multi-GB layer file is not read a second time; else the file is hashed here (progress(n) per chunk)."""
     path = os.path.join(root, entry.path)
     if not os.path.isfile(path):
         raise LayerpackError(f"{entry.path}: listed in the manifest but not downloaded")
@@ -219,7 +222,12 @@ def check_download(entry: FileEntry, root: str, local_dir: bool = False, hash_it
     if size != entry.size:
         discard(root, entry.path, local_dir)
         raise LayerpackError(f"{entry.path}: downloaded {size} bytes, the manifest says {entry.size}; the file was deleted, re-run to fetch it again")
-    if hash_it and sha256_file(path) != entry.sha256:
+    digest = streamed_sha256(path, size) if hash_it else None
+    if digest is None and hash_it:
+        digest = sha256_file(path, progress)
+    elif progress is not None:
+        progress(size)
+    if hash_it and digest != entry.sha256:
         discard(root, entry.path, local_dir)
         raise LayerpackError(f"{entry.path}: sha256 does not match the manifest (corrupt download); the file was deleted, re-run to fetch it again")
 
@@ -268,7 +276,8 @@ class RemotePack(Pack):
     def _fetch(self, rel: str) -> str:
         fresh = not self._in_cache(rel)
         try:
-            path = _hf().hf_hub_download(self.repo_id, rel, revision=self.commit, token=self.token)
+            with hashing_downloads():  # the sha256 is computed as the bytes arrive (stream_hash)
+                path = _hf().hf_hub_download(self.repo_id, rel, revision=self.commit, token=self.token)
         except Exception as e:
             raise hub_error(e, self.repo_id, self.revision) from None
         check_download(self._entries[rel], self.path, hash_it=fresh or self._verify_cached)
