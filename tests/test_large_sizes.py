@@ -434,6 +434,27 @@ def test_tensor_of_2_31_elements(monkeypatch):
     check("torch")
 
 
+def test_torch_dequantization_in_bounded_steps(monkeypatch):
+    """The pure-torch dequantization works in steps of whole blocks (its temporaries are several times
+    the output: a whole 405B head at once would need ~20 GB of them); any step gives the same bits."""
+    from layerpack_runtime import quant
+
+    g = torch.Generator().manual_seed(0)
+    for scheme, shape, bs in (("nf4", (37, 65), 64), ("nf4", (64, 64), 64), ("nf4", (7,), 2), ("nf4", (10, 10), 6),
+                              ("int8", (3, 1001), 128), ("int8", (64, 64), 128), ("int8", (5, 3), 2)):
+        n = math.prod(shape)
+        codes = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g) if scheme == "nf4" else \
+            torch.randint(-127, 128, (n,), dtype=torch.int8, generator=g)
+        absmax = torch.rand(-(-n // bs), generator=g)
+        fn = quant.dequantize_nf4 if scheme == "nf4" else quant.dequantize_int8
+        whole = fn(codes, absmax, shape, bs, torch.bfloat16)
+        for step in (1, 2, 3, 64, 130, 4096):
+            monkeypatch.setattr(quant, "DEQUANT_CHUNK", step)
+            got = fn(codes, absmax, shape, bs, torch.bfloat16)
+            assert got.shape == shape and torch.equal(got.view(torch.int16), whole.view(torch.int16)), (scheme, shape, step)
+        monkeypatch.setattr(quant, "DEQUANT_CHUNK", 1 << 24)
+
+
 # -- 5. the Hub: sha256 computed while the bytes stream, not in a second pass ----------------------
 
 # Runs in a subprocess (huggingface_hub reads HF_ENDPOINT at import), one job after another (one
