@@ -543,3 +543,95 @@ def test_hub_hashes_while_the_bytes_stream(hub, tiny, tmp_path):
     assert lazy["second"] == [] and lazy["bytes"] >= layer_bytes          # run owner/name: every layer file
     assert pushed["second"] == []                                          # the client re-hashed nothing
     assert {f["sha256"] for f in m["files"] if f["path"].startswith("layers/")} <= set(hub.uploads)  # server-checked
+
+
+class _FakeBody:
+    """A streamed answer of `size` bytes (byte i is i % 251), made chunk by chunk as read: a 6 GB layer
+    file that costs nothing unless a client reads it all. Counts the bytes handed out."""
+
+    def __init__(self, status: int, size: int, start: int = 0, chunk: int = 1 << 20):
+        self.status_code, self.size, self.start, self.chunk, self.sent = status, size, start, chunk, 0
+        self.headers = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        return self
+
+    def iter_bytes(self):
+        pos = self.start
+        while pos < self.size:
+            n = min(self.chunk, self.size - pos)
+            self.sent += n
+            yield bytes((pos + i) % 251 for i in range(min(n, 4096))) + bytes(max(0, n - 4096))
+            pos += n
+
+
+def _expected(start: int, n: int) -> bytes:
+    """_FakeBody's bytes start .. start + n (its chunks hold the pattern only in their first 4 KiB)."""
+    chunk, out = 1 << 20, bytearray()
+    for p in range(start, start + n):
+        out.append(p % 251 if p % chunk < 4096 else 0)
+    return bytes(out)
+
+
+def test_ranged_read_keeps_only_what_it_asked_for(monkeypatch):
+    """The lazy runner's header probe (remote._ranged): a server that ignores the Range header and
+    answers 200 with a whole 6 GB layer file costs one chunk beyond the bytes asked for, not 6 GB of
+    memory; a 206 answer is taken as it comes; offsets past 2^32 are plain numbers."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import utils as hf_utils
+
+    from layerpack_runtime.remote import RemotePack
+
+    answers: list[_FakeBody] = []
+
+    class Session:
+        def stream(self, method, url, headers, follow_redirects):
+            start, end = (int(x) for x in headers["Range"].split("=")[1].split("-"))
+            body = self.next(start, end)
+            answers.append(body)
+            return body
+
+    session = Session()
+    monkeypatch.setattr(hf_utils, "get_session", lambda: session)
+    rp = RemotePack.__new__(RemotePack)
+    rp.repo_id, rp.commit, rp.revision, rp.token = "owner/big", "0" * 40, None, None
+    size = 6_400_000_000
+    session.next = lambda s, e: _FakeBody(200, size)  # Range ignored: the whole file from byte 0
+    assert rp._ranged("layers/block.000.safetensors", 0, 65535) == _expected(0, 65536)
+    assert answers[-1].sent <= 1 << 20
+    assert rp._ranged("layers/block.000.safetensors", 5_000_000, 5_000_099) == _expected(5_000_000, 100)
+    assert answers[-1].sent <= 5_000_100 + (1 << 20)
+    session.next = lambda s, e: _FakeBody(206, e + 1, start=s)  # honoured, past 2^32
+    assert rp._ranged("layers/block.000.safetensors", 5 << 30, (5 << 30) + 99) == _expected(5 << 30, 100)
+
+
+def test_hostile_header_length_is_not_fetched(tmp_path):
+    """A remote layer file whose 8-byte header length claims (nearly) the whole 6.4 GB file: the lazy
+    runner refuses it from the first 64 KiB, without asking for the rest (which it would hold in memory)."""
+    import struct
+    from types import SimpleNamespace
+
+    from layerpack_runtime.remote import HEADER_PROBE, RemotePack
+
+    size = 6_400_000_000
+    calls: list[tuple[int, int]] = []
+    rp = RemotePack.__new__(RemotePack)
+    rp.path, rp._cached = str(tmp_path), set()
+    rp._entries = {"layers/block.000.safetensors": SimpleNamespace(size=size)}
+    rp.is_local = lambda layer: False
+
+    def ranged(rel, start, end):
+        calls.append((start, end))
+        assert end - start < HEADER_PROBE, f"asked for bytes {start}-{end} of a hostile header"
+        return (struct.pack("<Q", size - 8) + b"{" * (end - start + 1))[:end - start + 1]
+
+    rp._ranged = ranged
+    with pytest.raises(FormatError, match="header length 6399999992 does not fit"):
+        rp._header_of(SimpleNamespace(file="layers/block.000.safetensors"))
+    assert calls == [(0, HEADER_PROBE - 1)]

@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import FormatError, LayerpackError
-from .format import MANIFEST_FILE
+from .format import MANIFEST_FILE, MAX_HEADER_BYTES
 from .manifest import FileEntry, LayerEntry
 from .pack import Pack, sha256_file
 from .safetensors_io import SafetensorsFile
@@ -335,7 +335,7 @@ class RemotePack(Pack):
             head = self._ranged(rel, 0, min(size, HEADER_PROBE) - 1)
             if len(head) >= 8:
                 (n,) = struct.unpack("<Q", head[:8])
-                if len(head) < 8 + n <= size:
+                if len(head) < 8 + n <= size and n <= MAX_HEADER_BYTES:  # a longer one is refused unread
                     head += self._ranged(rel, len(head), 8 + n - 1)
             st = SafetensorsFile(local, head=head, file_size=size)
         st.ensure_local = lambda: self.ensure(rel)
@@ -343,19 +343,30 @@ class RemotePack(Pack):
 
     def _ranged(self, rel: str, start: int, end: int) -> bytes:
         """Bytes start..end (inclusive) of a repo file, by a ranged GET (redirects followed; the
-        client drops the Authorization header when a redirect leaves the Hub's origin)."""
+        client drops the Authorization header when a redirect leaves the Hub's origin). The body is
+        streamed and only the bytes asked for are kept: a server that ignores the Range header and
+        sends a whole 6 GB layer file costs one chunk beyond them, not 6 GB of memory."""
         hf = _hf()
         url = hf.hf_hub_url(self.repo_id, rel, revision=self.commit)
         headers = {**hf.utils.build_hf_headers(token=self.token), "Range": f"bytes={start}-{end}"}
+        want = end - start + 1
         try:
-            resp = hf.utils.get_session().get(url, headers=headers, follow_redirects=True)
-            hf.utils.hf_raise_for_status(resp)
+            with hf.utils.get_session().stream("GET", url, headers=headers, follow_redirects=True) as resp:
+                if resp.status_code >= 400:
+                    resp.read()  # an error answer is small; its body holds the Hub's message
+                hf.utils.hf_raise_for_status(resp)
+                skip = start if resp.status_code == 200 else 0  # Range ignored: the body starts at byte 0
+                data = bytearray()
+                for chunk in resp.iter_bytes():
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    data += chunk[:want - len(data)]
+                    if len(data) >= want:
+                        break
         except Exception as e:
             raise hub_error(e, self.repo_id, self.revision) from None
-        data = resp.content
-        if resp.status_code == 200:  # the server ignored the Range header: keep the part we asked for
-            data = data[start:end + 1]
-        return data
+        return bytes(data)
 
 
 def open_remote(repo_id: str, revision: str | None = None, token=None, verify: bool = False) -> RemotePack:
