@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-
-import torch
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import (
@@ -44,10 +43,12 @@ from layerpack_runtime.pack import sha256_file
 from . import __version__
 from .families import Family, Rows, architecture_spec, expected_shape, family_of, is_ignored, is_quantizable, split_rows
 from .progress import progress_bar
-from .quantize import OUTLIER_ROW, OUTLIER_RULES, quantize_tensor
+from .quantize import OUTLIER_ROW, OUTLIER_RULES
 from .schema import validate_manifest
 from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, read_json_object, resolve
-from .writer import TMP_MARK, fsync_dir, write_bytes_atomic, write_safetensors, write_text_atomic
+from . import streamquant
+from .streamquant import InMemory, outlier_count, quantize_stream, stored_specs
+from .writer import TMP_MARK, UnitWriter, fsync_dir, write_bytes_atomic, write_text_atomic
 
 PARTIAL_DIR = ".layerpack-partial"
 _WEIGHT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}   # safetensors dtypes a weight may have
@@ -310,13 +311,34 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
     return _Job(source, arch, index, units, quant)
 
 
-def _read(index: TensorIndex, u: UnitPlan, canonical: str) -> torch.Tensor:
-    """The source tensor of one canonical name (its rows only, for a split fused tensor)."""
-    w = index.read(u.tensors[canonical])
+def _open(index: TensorIndex, u: UnitPlan, canonical: str):
+    """The source tensor of one canonical name (its rows only, for a split fused tensor): read into
+    memory when it fits one window, else a reader that the quantizer pulls windows from."""
+    ref = u.tensors[canonical]
+    rows = u.rows[canonical][:2] if canonical in u.rows else None
+    _, shape, _ = index.info(ref)
+    n = math.prod(shape) if rows is None else math.prod(shape) // shape[0] * (rows[1] - rows[0])
+    if n > streamquant.WINDOW_ELEMS:
+        return index.reader(ref, rows)
+    w = index.read(ref)
+    if rows is not None:
+        w = w[rows[0]: rows[1]].clone()  # a copy: the fused tensor is freed, and the slice owns compact storage
+    return InMemory(w)
+
+
+def _tensor_plan(job: "_Job", u: UnitPlan, canonical: str) -> tuple[str, float, dict]:
+    """(scheme, outlier fraction, stored tensor specs) of one canonical tensor, before reading it."""
+    q, tied = job.quant, job.arch["tie_word_embeddings"]
+    ref = u.tensors[canonical]
+    _, shape, _ = job.index.info(ref)
     if canonical in u.rows:
         a, b, _ = u.rows[canonical]
-        w = w[a:b].clone()  # a copy: the fused tensor is freed, and the slice owns compact storage
-    return w
+        shape = [b - a, *shape[1:]]
+    head = canonical == "head.weight" or (tied and canonical == "embed.weight")
+    fraction = q.head_outlier_fraction if head and q.head_outlier_fraction is not None else q.outlier_fraction
+    scheme = scheme_for(canonical, q.scheme, tied)
+    k = outlier_count(fraction, math.prod(shape)) if scheme != SCHEME_NONE else 0
+    return scheme, fraction, stored_specs(canonical, shape, scheme, DTYPE_NAMES[q.dtype], q.block_size, k)
 
 
 def _nbytes(index: TensorIndex, u: UnitPlan, canonical: str) -> int:
@@ -384,7 +406,7 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
     each, while their pages are still cached: hashing ahead would read a model larger than RAM
     twice from disk. Returns the digest futures, in provenance_files order."""
     q = job.quant
-    dtype, tied = DTYPE_NAMES[q.dtype], job.arch["tie_word_embeddings"]
+    dtype = DTYPE_NAMES[q.dtype]
     jobs = [(u, c) for u in todo for c in sorted(u.tensors)]
     last_read = {job.index.file_of(u.tensors[c]): j for j, (u, c) in enumerate(jobs)}
     digests: dict[str, Future] = {}
@@ -393,35 +415,37 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             digests[rel] = hasher.submit(file_digest, job.source, rel)
     total = sum(_nbytes(job.index, u, c) for u, c in jobs)
     with progress_bar(total, "convert", quiet) as bar, ThreadPoolExecutor(1) as reader:
-        # Read tensor i+1 (disk) while tensor i is quantized (CPU): both overlap on 2 cores.
-        ahead = reader.submit(_read, job.index, *jobs[0]) if jobs else None
-        stored: dict[str, torch.Tensor] = {}
-        entries: list[TensorEntry] = []
-        params = 0
-        for j, (u, canonical) in enumerate(jobs):
-            w = ahead.result()
-            ahead = reader.submit(_read, job.index, *jobs[j + 1]) if j + 1 < len(jobs) else None
+        # Read tensor i+1 (disk) while tensor i is quantized (CPU): both overlap on 2 cores. A tensor
+        # larger than one window is not read here but window by window as it is quantized.
+        ahead = reader.submit(_open, job.index, *jobs[0]) if jobs else None
+        on_window = _window_done(bar)
+        j = 0
+        for u in todo:
+            names = sorted(u.tensors)
+            plans = {c: _tensor_plan(job, u, c) for c in names}
+            specs = {n: spec for c in names for n, spec in plans[c][2].items()}
+            rel = unit_file(u.name)
+            entries: list[TensorEntry] = []
+            params = 0
             bar.set_description(u.name)
-            head = canonical == "head.weight" or (tied and canonical == "embed.weight")
-            fraction = q.head_outlier_fraction if head and q.head_outlier_fraction is not None else q.outlier_fraction
-            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, fraction,
-                                       q.outlier_rule or OUTLIER_ROW)
-            stored.update(s)
-            entries.append(entry)
-            params += w.numel()
-            bar.update(w.numel() * w.element_size())
-            del w, s
-            for rel, last in last_read.items():
-                if last == j:
-                    digests[rel] = hasher.submit(file_digest, job.source, rel)
-            if j + 1 == len(jobs) or jobs[j + 1][0] is not u:  # unit complete: write it, record it
-                rel = unit_file(u.name)
-                size, sha = write_safetensors(os.path.join(out, rel), stored, u.name, q.zstd_level)
-                layer, f = LayerEntry(u.name, u.kind, rel, params, entries, u.index), FileEntry(rel, size, sha)
-                partial.save(u.name, layer, f)
-                results[u.name] = (layer, f)
-                _fault_point(len(results))
-                stored, entries, params = {}, [], 0
+            with UnitWriter(os.path.join(out, rel), u.name, specs, q.zstd_level) as writer:
+                for canonical in names:
+                    src = ahead.result()
+                    ahead = reader.submit(_open, job.index, *jobs[j + 1]) if j + 1 < len(jobs) else None
+                    scheme, fraction, _ = plans[canonical]
+                    entries.append(quantize_stream(canonical, src, scheme, dtype, q.block_size, fraction,
+                                                   q.outlier_rule or OUTLIER_ROW, writer, on_window))
+                    params += math.prod(src.shape)
+                    del src
+                    for f_rel, last in last_read.items():
+                        if last == j:
+                            digests[f_rel] = hasher.submit(file_digest, job.source, f_rel)
+                    j += 1
+                size, sha = writer.finish()
+            layer, f = LayerEntry(u.name, u.kind, rel, params, entries, u.index), FileEntry(rel, size, sha)
+            partial.save(u.name, layer, f)
+            results[u.name] = (layer, f)
+            _fault_point(len(results))
     return [digests[rel] for rel in provenance_files(job.source)]
 
 
@@ -453,6 +477,24 @@ def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], qu
         with contextlib.suppress(OSError):  # an existing pack being evaluated: leave no partial folder behind
             os.rmdir(os.path.dirname(ref_dir))
     return quality_record(manifest, result, text[1], DEFAULT_EVAL_DTYPE, desc)
+
+
+def _window_done(bar):
+    """Progress per window read; with LAYERPACK_FAULT_KILL_AFTER_WINDOWS=N the process SIGKILLs
+    itself after N windows, i.e. in the middle of a unit (the resume tests' kill -9)."""
+    limit = int(os.environ.get("LAYERPACK_FAULT_KILL_AFTER_WINDOWS") or 0)
+    if not limit:
+        return bar.update
+    count = [0]
+
+    def update(nbytes: int) -> None:
+        bar.update(nbytes)
+        count[0] += 1
+        if count[0] >= limit:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    return update
 
 
 def _fault_point(units_done: int) -> None:

@@ -22,13 +22,7 @@ from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import (
     INT8_QMAX,
     NF4_CODE,
-    SCHEME_INT8,
     SCHEME_NF4,
-    SCHEME_NONE,
-    SUFFIX_ABSMAX,
-    SUFFIX_CODES,
-    SUFFIX_OUTLIER_IDX,
-    SUFFIX_OUTLIER_VAL,
 )
 from layerpack_runtime.manifest import TensorEntry
 
@@ -219,41 +213,13 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
     outlier_rule: how the round(outlier_fraction * n) exact entries are chosen (OUTLIER_RULES). The
     default here stays `magnitude` (the original rule, which tests pin); the converter's default is
     `row` (ConvertOptions.outlier_rule), the rule scripts/sweep_outliers.py found best."""
-    shape = list(w.shape)
+    from .streamquant import DictSink, InMemory, outlier_count, quantize_stream, stored_specs
+
     if not w.is_floating_point():
         raise LayerpackError(f"tensor {name} has dtype {w.dtype}; only floating-point weights can be converted")
-    if scheme == SCHEME_NONE:
-        out = w.to(dtype).contiguous()
-        if not _all_finite(out):
-            raise LayerpackError(f"tensor {name} contains NaN or Inf values; the source checkpoint is corrupt")
-        return {name: out}, TensorEntry(name, shape, scheme, None, 0, _rel_rms(w, out) if out.dtype != w.dtype else 0.0)
-    if scheme not in (SCHEME_NF4, SCHEME_INT8):
-        raise LayerpackError(f"unknown quantization scheme {scheme!r}")
-
-    flat = w.reshape(-1)
-    n = flat.numel()
-    k = int(round(outlier_fraction * n)) if outlier_fraction else 0
-    stored: dict[str, torch.Tensor] = {}
-    idx = None
-    if k:
-        idx = select_outliers_by(outlier_rule, w, k, block_size)
-        stored[name + SUFFIX_OUTLIER_IDX] = idx.to(torch.int32 if n < 2**31 else torch.int64)
-        stored[name + SUFFIX_OUTLIER_VAL] = flat[idx].to(dtype)
-
-    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
-    codes = torch.empty((n + 1) // 2, dtype=torch.uint8) if scheme == SCHEME_NF4 else torch.empty(n, dtype=torch.int8)
-    step = CHUNK_ELEMS // block_size * block_size
-    full = n - n % block_size
-    # Whole-block chunks, then the short tail block (if any) on its own.
-    spans = [(s, min(s + step, full)) for s in range(0, full, step)] + ([(full, n)] if full < n else [])
-    try:
-        results = list(_POOL.map(lambda se: _quantize_chunk(flat, se[0], se[1], scheme, block_size, dtype, idx, codes, absmax), spans))
-    except LayerpackError as e:
-        raise LayerpackError(f"tensor {name} {e}") from None
-    sq_err, sq_ref = sum(r[0] for r in results), sum(r[1] for r in results)
-    stored[name + SUFFIX_CODES] = codes
-    stored[name + SUFFIX_ABSMAX] = absmax
-    return stored, TensorEntry(name, shape, scheme, block_size, k, math.sqrt(sq_err / sq_ref) if sq_ref > 0 else 0.0)
+    sink = DictSink(stored_specs(name, list(w.shape), scheme, dtype, block_size, outlier_count(outlier_fraction, w.numel())))
+    entry = quantize_stream(name, InMemory(w), scheme, dtype, block_size, outlier_fraction, outlier_rule, sink)
+    return sink.tensors, entry
 
 
 def _rel_rms(ref: torch.Tensor, approx: torch.Tensor) -> float:

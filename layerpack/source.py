@@ -238,6 +238,25 @@ class TensorIndex:
             raise LayerpackError(str(e)) from None
         return raw.view(dtype).reshape(shape)
 
+    def reader(self, name, rows: tuple[int, int] | None = None):
+        """A TensorSource (streamquant) reading the tensor - or rows [a, b) of its first dimension -
+        straight from its file in pieces, never whole: how the converter takes a 4 GB tensor."""
+        from .streamquant import InMemory
+
+        rel, h = self._where[base_name(name)]
+        if isinstance(h, torch.Tensor):  # pickle, mmap'ed: pages come in as the pieces are read
+            t = self._read_part(name, h) if isinstance(name, Part) else h
+            return InMemory(t if rows is None else t[rows[0]: rows[1]])
+        st, info = h
+        dtype = ST_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise LayerpackError(f"source tensor {base_name(name)} has dtype {info.dtype}, which cannot be converted")
+        offset, shape = name.locate(list(info.shape)) if isinstance(name, Part) else (0, list(info.shape))
+        if rows is not None:
+            row = math.prod(shape[1:])
+            offset, shape = offset + rows[0] * row, [rows[1] - rows[0], *shape[1:]]
+        return FileTensor(st.path, info.start + offset * itemsize(info.dtype), shape, dtype, base_name(name))
+
     def file_of(self, name) -> str:
         return self._where[base_name(name)][0]
 
@@ -248,6 +267,26 @@ class TensorIndex:
         from layerpack_runtime.format import ST_DTYPES
 
         return ST_DTYPES.get(h[1].dtype, torch.float32)
+
+
+class FileTensor:
+    """Elements of one tensor in a safetensors file (already validated: inside the file), read by
+    pread on demand; a file shorter than its header says is an error."""
+
+    def __init__(self, path: str, offset: int, shape: list[int], dtype: torch.dtype, name: str):
+        self.path, self.offset, self.shape, self.dtype, self.name = path, offset, shape, dtype, name
+        self.item = torch.empty((), dtype=dtype).element_size()
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        raw = torch.empty((stop - start) * self.item, dtype=torch.uint8)
+        view, pos = memoryview(raw.numpy()), self.offset + start * self.item
+        with open(self.path, "rb", buffering=0) as f:
+            while len(view):  # one call reads at most 0x7ffff000 bytes on Linux
+                n = os.preadv(f.fileno(), [view], pos)
+                if n <= 0:
+                    raise LayerpackError(f"{self.path}: short read of tensor {self.name}; file changed or truncated")
+                view, pos = view[n:], pos + n
+        return raw.view(self.dtype)
 
 
 def provenance_files(source: Source) -> list[str]:
