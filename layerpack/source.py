@@ -279,13 +279,10 @@ class FileTensor:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         raw = torch.empty((stop - start) * self.item, dtype=torch.uint8)
-        view, pos = memoryview(raw.numpy()), self.offset + start * self.item
-        with open(self.path, "rb", buffering=0) as f:
-            while len(view):  # one call reads at most 0x7ffff000 bytes on Linux
-                n = os.preadv(f.fileno(), [view], pos)
-                if n <= 0:
-                    raise LayerpackError(f"{self.path}: short read of tensor {self.name}; file changed or truncated")
-                view, pos = view[n:], pos + n
+        try:  # the runtime's read loop: one call reads at most 0x7ffff000 bytes on Linux
+            read_range(self.path, raw.numpy(), self.offset + start * self.item, f"tensor {self.name}")
+        except FormatError as e:
+            raise LayerpackError(str(e)) from None
         return raw.view(self.dtype)
 
 
