@@ -2,9 +2,10 @@
 
 While unit i computes, a reader thread fills a second buffer with the next streamed unit: one
 large read of the file's whole data region (fileio.read_fully: positional reads in a loop, as one
-call stops short of 2 GiB; the safetensors header was validated once, at open), zstd payloads decompressed in that thread too, tensors made as views of the buffer (no
-per-tensor copies). Buffers are allocated once and reused, so streaming a 100 GB model allocates
-nothing per layer and calls no gc/empty_cache. On CUDA the buffers are pinned and the copy to the
+call stops short of 2 GiB; the safetensors header was validated once, at open), zstd payloads
+decompressed in that thread too, tensors made as views of the buffer (no per-tensor copies).
+Buffers are allocated once and reused, so streaming a 100 GB model allocates nothing per layer and
+calls no gc/empty_cache. On CUDA the buffers are pinned and the copy to the
 GPU runs on a side stream, overlapping the compute stream.
 
 The reads follow the model's execution order cyclically: after the last streamed block of one
