@@ -10,7 +10,6 @@ one read of 2.2 GB from a sparse file and one NF4 weight of 2^31 + 16384 element
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
