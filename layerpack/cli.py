@@ -234,6 +234,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
                      page_cache=not no_page_cache, progress=bar.update, expert_reads=not no_expert_reads,
                      expert_cache=expert_cache, revision=revision, token=token, threads=threads)
     load_s = time.perf_counter() - t0
+    model.unit_times.enabled = stats
     pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, chat=chat, stream=True)
     try:
@@ -246,6 +247,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     if stats:
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}", err=True)
+        click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
 

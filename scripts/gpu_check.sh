@@ -37,6 +37,34 @@ timeout 240 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_kernels.py -p n
 tests_line=$(tail -1 "$LOG/tests.txt")
 timeout 240 "$PY" scripts/bench_kernels.py --device cuda --shapes smollm2,llama3-8b,llama3-405b --rows 1,16,128 --repeats 5 --no-old-path \
   >"$LOG/bench_kernels.md" 2>"$LOG/bench_kernels.err" || status=1
+# A Llama-3.1-405B-shaped pack (1 decoder layer, the real 128256 x 16384 embedding and head: 14.8 GB
+# of bf16 -> 4.4 GB NF4) run with an 8 GB GPU budget, per unit, when the machine has the disk and
+# the time left (skipped otherwise, with the reason in the table).
+l405="skipped"
+free_gb=$(df -BG --output=avail /tmp | tail -1 | tr -dc 0-9)
+if [ "${GPU_405B:-1}" = 1 ] && [ "$free_gb" -ge 24 ] && [ $SECONDS -lt 240 ]; then
+  src=/tmp/l405-src; pack=/tmp/l405-nf4
+  if timeout 150 "$PY" scripts/make_synthetic.py "$src" --layers 1 --quiet --tokenizer "" >"$LOG/l405.txt" 2>&1 \
+     && timeout 200 "$PY" -m layerpack.cli convert "$src" "$pack" --quant nf4 --outliers 0.001 --quiet >>"$LOG/l405.txt" 2>&1 \
+     && timeout 120 "$PY" scripts/bench_405b.py --child --pack "$pack" --budget 8GB --tokens 4 --device cuda >"$LOG/l405.json" 2>>"$LOG/l405.txt"; then
+    l405=$("$PY" - "$LOG/l405.json" <<'PYEOF'
+import json, sys
+r = json.loads([l for l in open(sys.argv[1]) if l.startswith("{")][-1])
+if "error" in r:
+    print("error: " + r["error"][:150]); sys.exit()
+steps = max(1, r["steps"])
+per = "; ".join(f"{u} {r['placement'][u]} {v[3] / steps:.3f} s compute, {v[2] / steps:.3f} s wait, {v[0] / steps / 1e9:.2f} GB read"
+                for u, v in r["rows"].items())
+print(f"{(r['prefill_s'] + r['decode_s']) / steps:.3f} s/step; {per}")
+PYEOF
+)
+  else
+    l405="failed (see $LOG/l405.txt)"; status=1
+  fi
+  rm -rf "$src" "$pack"
+elif [ "${GPU_405B:-1}" = 1 ]; then
+  l405="skipped: ${free_gb} GB free in /tmp (24 needed) or ${SECONDS} s already spent"
+fi
 echo
 echo "| check | result |"
 echo "|---|---|"
@@ -44,5 +72,6 @@ echo "| $(head -1 "$LOG/device.txt") | $(sed -n 2p "$LOG/device.txt") |"
 echo "| CUDA + kernel tests | $tests_line |"
 grep -E "^\| [0-9]+x[0-9]+ \| 1 \|" "$LOG/bench_kernels.md" | awk -F'|' '{printf "| decode %s %s | %s ms, %s GB/s, %s vs dense |\n", $2, $4, $5, $6, $7}'
 grep -E "^Decode" "$LOG/bench_kernels.md" | sed 's/^/| summary | /; s/$/ |/'
+echo "| 405B-shaped NF4 pack (1 layer + embed + head), 8 GB GPU budget | $l405 |"
 [ $status -eq 0 ] || { echo "gpu_check: something failed, see $LOG"; tail -20 "$LOG/tests.txt"; }
 exit $status

@@ -45,7 +45,7 @@ LLAMA_405B = {
     "rope_theta": 500000.0, "initializer_range": 0.02, "pretraining_tp": 1, "tie_word_embeddings": False,
     "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "use_cache": True,
+    "use_cache": True, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],  # the tokenizer's ids replace these
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -136,17 +136,18 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (405B has 126)")
     ap.add_argument("--tokenizer", default=os.path.expanduser("~/.cache/layerpack/models/smollm2"),
-                    help="folder with a tokenizer.json (scripts/fetch_models.py smollm2 puts SmolLM2's here)")
+                    help="folder with a tokenizer.json (scripts/fetch_models.py smollm2 puts SmolLM2's here); "
+                         "'' for none (the pack then takes token ids only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     if a.layers < 1:
         sys.exit("error: --layers must be >= 1")
     tok_cfg_path = os.path.join(a.tokenizer, "config.json")
-    if not os.path.isfile(os.path.join(a.tokenizer, "tokenizer.json")):
+    if a.tokenizer and not os.path.isfile(os.path.join(a.tokenizer, "tokenizer.json")):
         sys.exit(f"error: {a.tokenizer} has no tokenizer.json (run scripts/fetch_models.py smollm2, or pass --tokenizer)")
     cfg = dict(LLAMA_405B, num_hidden_layers=a.layers)
-    if os.path.isfile(tok_cfg_path):  # the tokenizer's special ids, so that its EOS ends generation
+    if a.tokenizer and os.path.isfile(tok_cfg_path):  # the tokenizer's special ids, so that its EOS ends generation
         with open(tok_cfg_path) as f:
             tok_cfg = json.load(f)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -184,7 +185,7 @@ def main() -> None:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if a.tokenizer else ():
         if os.path.isfile(os.path.join(a.tokenizer, name)) and name != "generation_config.json":
             shutil.copy(os.path.join(a.tokenizer, name), os.path.join(a.out, name))
     with open(marker, "w") as f:

@@ -30,6 +30,7 @@ from .safetensors_io import itemsize
 from .streaming import FileRows, StreamStats, UnitStreamer
 from .threads import apply_threads
 from .tokenizer import PackTokenizer, TextStream
+from .unitstats import UnitTimes
 from .validate import check_payload
 
 DTYPE_ALIASES = {
@@ -117,6 +118,8 @@ class LayeredModel:
         self._deferred: dict[str, bool] = {}  # planned resident, file not here yet (remote pack) -> dequantize?
         self._embed_rows: dict[str, FileRows] | None = None
         self._row_stats = StreamStats()  # embedding rows read from the file
+        self.unit_times = UnitTimes()  # per-unit I/O and compute (--stats); compute timed when .enabled
+        self.unit_times.device = self.device
         self._forms: dict[str, bool] = {}
         self.streamer: UnitStreamer | None = None
         self.context = self.step_tokens = 0
@@ -234,12 +237,13 @@ class LayeredModel:
             st = self._files[UNIT_EMBED]
             info = st.tensors["embed.weight"]
             self._embed_rows = {"embed.weight": FileRows(st.path, info.start, info.shape, ST_DTYPES[info.dtype], self.dtype,
-                                                         self._row_stats, st.ready)}
+                                                         self._row_stats, st.ready, self.unit_times, UNIT_EMBED)}
         if streamed:
             buf = max(c.streamed for c in costs if c.name in streamed)
             files = {n: self.experts.stream_view(n, self._files[n]) if self.experts else self._files[n] for n in streamed}
             self.streamer = UnitStreamer(files, streamed, buf, self.device, self.prefetch_depth, self.page_cache,
-                                         check=lambda n, t: check_payload(self._layers[n].tensors, t, self._layers[n].file))
+                                         check=lambda n, t: check_payload(self._layers[n].tensors, t, self._layers[n].file),
+                                         times=self.unit_times)
         if self.experts is not None and self.max_memory:
             # the reserved share plus what the plan left unused, but never more than the streamed experts
             spare = self.max_memory - new.total + new.reserved_bytes
@@ -293,6 +297,18 @@ class LayeredModel:
             w = {**w, "head.weight": self.weights_for(UNIT_EMBED)["embed.weight"]}
         return w
 
+    def placement(self) -> dict[str, str]:
+        """unit -> where its weights live under the current plan (the --stats table's column)."""
+        out = {}
+        for u in self.units:
+            if u in self._resident or u in self._deferred:
+                out[u] = "resident" + (" (dequantized)" if self.plan.resident.get(u) else "")
+            elif u == UNIT_EMBED and self._embed_rows is not None:
+                out[u] = "rows from file"
+            else:
+                out[u] = "streamed"
+        return out
+
     @property
     def bytes_read(self) -> int:
         return ((self.streamer.stats.bytes_read if self.streamer else 0) + self._row_stats.bytes_read
@@ -333,12 +349,23 @@ class LayeredModel:
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
         start, positions = cache.reserve(ids, mask)
         steps = fam.prepare_steps(args, self.inv_freq, positions, start, cache.kv_valid(start + T), cache.positions, self.dtype)
-        h = fam.embed_forward(args, self.weights_for(UNIT_EMBED), ids)
+        times = self.unit_times
+        w = self.weights_for(UNIT_EMBED)
+        t0 = times.start()
+        h = fam.embed_forward(args, w, ids)
+        times.stop(UNIT_EMBED, t0)
         for i, unit in enumerate(self.block_units):
-            h = fam.block_forward(args, self.weights_for(unit), h, steps[i], cache.layers[i])
+            w = self.weights_for(unit)
+            t0 = times.start()
+            h = fam.block_forward(args, w, h, steps[i], cache.layers[i])
+            times.stop(unit, t0)
         if last_only:
             h = h[:, -1:]
-        logits = fam.head_forward(args, self.weights_for(UNIT_HEAD), h)
+        w = self.weights_for(UNIT_HEAD)
+        t0 = times.start()
+        logits = fam.head_forward(args, w, h)
+        times.stop(UNIT_HEAD, t0)
+        del w
         cache.commit(T, mask)
         return logits.float()
 

@@ -51,11 +51,12 @@ class _Slot:
 
 class UnitStreamer:
     def __init__(self, files: dict[str, SafetensorsFile], order: list[str], buffer_bytes: int,
-                 device: torch.device, depth: int = 1, page_cache: bool = True, check=None):
+                 device: torch.device, depth: int = 1, page_cache: bool = True, check=None, times=None):
         self.files, self.order, self.device, self.depth = files, list(order), device, max(1, depth)
         # check(unit, tensors): the payload checks (validate.check_payload), run here in the reader
         # thread on the bytes just read, so they overlap compute like the read itself.
         self.check = check
+        self.times = times  # unitstats.UnitTimes: per-unit bytes, read and wait seconds
         # page_cache=False: drop each unit from the OS page cache once read, so a stream bigger than
         # RAM does not evict everything else (and every read really comes from the disk).
         self.page_cache = page_cache
@@ -108,6 +109,8 @@ class UnitStreamer:
             self.stats.bytes_read += n
             self.stats.units_read += 1
             self.stats.read_s += time.perf_counter() - t0
+        if self.times is not None:
+            self.times.add(name, nbytes=n, read_s=time.perf_counter() - t0)
         return out
 
     def _to_device(self, tensors: dict[str, torch.Tensor], slot: _Slot) -> dict[str, torch.Tensor]:
@@ -167,7 +170,10 @@ class UnitStreamer:
         unit, fut, slot = self.inflight.pop(0)
         t0 = time.perf_counter()
         tensors = fut.result()
-        self.stats.wait_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.stats.wait_s += waited
+        if self.times is not None:
+            self.times.add(name, wait_s=waited)
         if slot.ready is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(slot.ready)
@@ -193,13 +199,15 @@ class FileRows:
     (unquantized, uncompressed) embeddings, whose rows are contiguous in the file."""
 
     def __init__(self, path: str, offset: int, shape: tuple[int, int], stored_dtype: torch.dtype, dtype: torch.dtype,
-                 stats: StreamStats | None = None, ready=None):
+                 stats: StreamStats | None = None, ready=None, times=None, unit: str = "embed"):
+        self.times, self.unit = times, unit
         self.path, self.offset, self.shape, self.stored_dtype, self.dtype = path, offset, tuple(shape), stored_dtype, dtype
         self.ready = ready  # callable: waits until the file is there (a remote pack's download)
         self.row_bytes = self.shape[1] * torch.empty(0, dtype=stored_dtype).element_size()
         self.stats = stats
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         uniq, inv = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
         buf = torch.empty(uniq.numel() * self.row_bytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
@@ -214,5 +222,7 @@ class FileRows:
             os.close(fd)
         if self.stats is not None:
             self.stats.bytes_read += len(view)
+        if self.times is not None:
+            self.times.add(self.unit, nbytes=len(view), read_s=time.perf_counter() - t0)
         table = buf.view(self.stored_dtype).view(uniq.numel(), self.shape[1]).to(self.dtype)
         return table[inv].view(*ids.shape, self.shape[1]).to(ids.device)

@@ -1,0 +1,77 @@
+"""Where a token's time goes, unit by unit: bytes read, reading, waiting for reads, computing.
+
+`layerpack run --stats` prints it, and scripts/bench_405b.py builds its projection on it: for a
+model far larger than memory the question is whether a step is bound by the disk (read time not
+hidden: wait > 0) or by compute, and for which units. Reads happen in the prefetch thread
+(streaming.py) and overlap compute, so read_s and compute_s of one unit add up to more than its
+share of the wall time; wait_s is the part of the read that was not hidden.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+
+class UnitTimes:
+    FIELDS = ("bytes", "read_s", "wait_s", "compute_s")
+
+    def __init__(self) -> None:
+        self.enabled = False  # compute timing costs a clock call per unit (and a device sync on CUDA)
+        self.device: torch.device | None = None
+        self.rows: dict[str, list[float]] = {}
+        self._lock = threading.Lock()  # the prefetch thread adds reads
+
+    def reset(self) -> None:
+        with self._lock:
+            self.rows = {}
+
+    def add(self, unit: str, nbytes: int = 0, read_s: float = 0.0, wait_s: float = 0.0, compute_s: float = 0.0) -> None:
+        with self._lock:
+            r = self.rows.setdefault(unit, [0, 0.0, 0.0, 0.0])
+            r[0] += nbytes
+            r[1] += read_s
+            r[2] += wait_s
+            r[3] += compute_s
+
+    def start(self) -> float | None:
+        """The clock before a unit's compute (None when timing is off)."""
+        if not self.enabled:
+            return None
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def stop(self, unit: str, t0: float | None) -> None:
+        if t0 is None:
+            return
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.add(unit, compute_s=time.perf_counter() - t0)
+
+    def table(self, steps: int, placement: dict[str, str], max_rows: int = 12) -> str:
+        """Per unit and per step (forward pass): MiB read, read / wait / compute ms. With more than
+        max_rows units, the blocks are summed by placement (resident / streamed) with their mean."""
+        steps = max(1, steps)
+        units = list(placement)
+        rows = {u: self.rows.get(u, [0, 0.0, 0.0, 0.0]) for u in units}
+        lines = [f"{'unit':<14} {'placement':<22} {'MiB read':>9} {'read ms':>9} {'wait ms':>9} {'compute ms':>11}   (per step, {steps} steps)"]
+
+        def line(label: str, where: str, r: list[float], n: int = 1) -> str:
+            return (f"{label:<14} {where:<22} {r[0] / 2**20 / steps / n:>9.1f} {1e3 * r[1] / steps / n:>9.1f} "
+                    f"{1e3 * r[2] / steps / n:>9.1f} {1e3 * r[3] / steps / n:>11.1f}")
+        if len(units) <= max_rows:
+            lines += [line(u, placement[u], rows[u]) for u in units]
+        else:
+            groups: dict[str, list[str]] = {}
+            for u in units:
+                key = u if not u.startswith("block.") else f"blocks {placement[u]}"
+                groups.setdefault(key, []).append(u)
+            for key, members in groups.items():
+                total = [sum(rows[u][i] for u in members) for i in range(4)]
+                label = key if len(members) == 1 else f"{len(members)} blocks"
+                lines.append(line(label + (" (mean)" if len(members) > 1 else ""), placement[members[0]], total, len(members)))
+        total = [sum(r[i] for r in rows.values()) for i in range(4)]
+        lines.append(line("total", "", total))
+        return "\n".join(lines)
