@@ -36,8 +36,10 @@ from layerpack_runtime.errors import FormatError, LayerpackError
 from layerpack_runtime.format import LAYERS_DIR, MANIFEST_FILE, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from layerpack_runtime.manifest import Manifest, read_manifest_json
 from layerpack_runtime.remote import HUB_REPO_ID, check_download, check_reachable, hub_error, is_repo_id, remember_token
+from layerpack_runtime.stream_hash import hashing_downloads
 
 from .evaluate import quality_card_lines
+from .progress import progress_bar
 
 # Non-layer pack files that belong to the tokenizer (skipped with tokenizer=False).
 TOKENIZER_FILES = (
@@ -165,11 +167,14 @@ def _glob_escape(path: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in path)
 
 
-def _verify(manifest: Manifest, root: str, files: list[str], local_dir: bool) -> None:
+def _verify(manifest: Manifest, root: str, files: list[str], local_dir: bool, quiet: bool = False) -> None:
+    """Size and sha256 of every file against the manifest: the digest computed while it downloaded
+    (no second read), or hashed here for a file already there (with a progress bar: GBs of them)."""
     entries = {f.path: f for f in manifest.files}
-    for rel in files:
-        if rel != MANIFEST_FILE:
-            check_download(entries[rel], root, local_dir)
+    checked = [entries[rel] for rel in files if rel != MANIFEST_FILE]
+    with progress_bar(sum(e.size for e in checked), "check", quiet) as bar:
+        for entry in checked:
+            check_download(entry, root, local_dir, progress=bar.update)
 
 
 def pull(repo_id: str, out: str | None = None, revision: str | None = None, layers: str | None = None,
@@ -183,11 +188,11 @@ def pull(repo_id: str, out: str | None = None, revision: str | None = None, laye
     files = [MANIFEST_FILE, *_selected_files(manifest, layers, tokenizer)]
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise LayerpackError(f"{out}: exists and is not a folder")
-    with _progress(quiet), _hub_errors(repo_id, revision):
+    with _progress(quiet), _hub_errors(repo_id, revision), hashing_downloads():  # sha256 while the bytes arrive
         root = snapshot_download(repo_id, revision=commit, allow_patterns=[_glob_escape(p) for p in files],
                                  local_dir=out, token=token)
     root = os.path.abspath(out) if out is not None else root
-    _verify(manifest, root, files, local_dir=out is not None)
+    _verify(manifest, root, files, local_dir=out is not None, quiet=quiet)
     return root
 
 
@@ -260,7 +265,7 @@ def push(pack_dir: str, repo_id: str, revision: str | None = None, private: bool
     remember_token(token)
     if not is_repo_id(repo_id):
         raise LayerpackError(f"{repo_id}: not a Hub repo id (owner/name)")
-    problems = verify_pack(pack_dir, quiet=True)
+    problems = verify_pack(pack_dir, quiet=quiet)  # hashes every file: GBs, so with a progress bar
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LayerpackError(f"{pack_dir}: not pushed, the pack fails verification: {problems[0]}{more}")
@@ -289,6 +294,10 @@ def push(pack_dir: str, repo_id: str, revision: str | None = None, private: bool
                               allow_patterns=[_glob_escape(rel) for rel in body], commit_message=f"{message} (files)")
         else:
             ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=os.path.join(pack_dir, rel)) for rel in body]
+            verified = {f.path: f.sha256 for f in manifest.files}
+            for op in ops:  # verify_pack just hashed these files: the client need not read them a second time
+                if op.path_in_repo in verified:  # (it hashes lazily, on first use of upload_info.sha256)
+                    op.upload_info.sha256 = bytes.fromhex(verified[op.path_in_repo])
             batches = [ops[i:i + PUSH_BATCH_FILES] for i in range(0, len(ops), PUSH_BATCH_FILES)]
             for n, batch in enumerate(batches, 1):
                 api.create_commit(repo_id, batch, commit_message=f"{message} (files {n}/{len(batches)})",

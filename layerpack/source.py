@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from layerpack_runtime.errors import FormatError, LayerpackError
+from layerpack_runtime.fileio import read_range
 from layerpack_runtime.format import SIDECAR_FILES, ST_DTYPES
 from layerpack_runtime.pack import sha256_file
 from layerpack_runtime.remote import check_reachable, is_repo_id
@@ -231,9 +232,10 @@ class TensorIndex:
             raise LayerpackError(f"source tensor {part.name} has dtype {info.dtype}, which cannot be converted")
         item = itemsize(info.dtype)
         raw = torch.empty(math.prod(shape) * item, dtype=torch.uint8)
-        with open(st.path, "rb", buffering=0) as f:
-            if os.preadv(f.fileno(), [memoryview(raw.numpy())], info.start + offset * item) != raw.numel():
-                raise LayerpackError(f"{st.path}: short read of tensor {part.name}; file changed or truncated")
+        try:  # read_range loops: one part of a fused expert tensor can exceed a single read's 2 GiB
+            read_range(st.path, raw.numpy(), info.start + offset * item, f"tensor {part.name}")
+        except FormatError as e:
+            raise LayerpackError(str(e)) from None
         return raw.view(dtype).reshape(shape)
 
     def reader(self, name, rows: tuple[int, int] | None = None):
@@ -277,13 +279,10 @@ class FileTensor:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         raw = torch.empty((stop - start) * self.item, dtype=torch.uint8)
-        view, pos = memoryview(raw.numpy()), self.offset + start * self.item
-        with open(self.path, "rb", buffering=0) as f:
-            while len(view):  # one call reads at most 0x7ffff000 bytes on Linux
-                n = os.preadv(f.fileno(), [view], pos)
-                if n <= 0:
-                    raise LayerpackError(f"{self.path}: short read of tensor {self.name}; file changed or truncated")
-                view, pos = view[n:], pos + n
+        try:  # the runtime's read loop: one call reads at most 0x7ffff000 bytes on Linux
+            read_range(self.path, raw.numpy(), self.offset + start * self.item, f"tensor {self.name}")
+        except FormatError as e:
+            raise LayerpackError(str(e)) from None
         return raw.view(self.dtype)
 
 

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from .errors import FormatError
+from .fileio import read_exact
 from .format import EXPERT_LINEARS, ROUTER_WEIGHT, ST_DTYPES, expert_of, expert_weight
 from .qweight import compute_form
 from .safetensors_io import SafetensorsFile, _zstd_decompress, itemsize
@@ -260,8 +261,7 @@ class ExpertStore:
             ready()
         fd = os.open(lay.file.path, os.O_RDONLY)
         try:
-            if os.preadv(fd, [memoryview(buf.numpy())], start) != end - start:
-                raise FormatError(f"{lay.file.path}: short read of expert {j}; truncated or changed on disk")
+            read_exact(fd, buf.numpy(), start, lay.file.path, f"expert {j}")
             if not self.page_cache and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
         finally:

@@ -65,20 +65,45 @@ def _nf4_pairs(device: torch.device) -> torch.Tensor:
     return _PAIRS[device]
 
 
+# Elements per step of the pure-torch dequantization. Its float32 (and index) temporaries are several
+# times the output, so a whole 405B head (2.1B entries) at once would need ~20 GB of them; in steps of
+# whole blocks they stay ~200 MB whatever the tensor. Elementwise math: the steps change no bit.
+DEQUANT_CHUNK = 1 << 24
+
+
+def _in_steps(part, codes: torch.Tensor, absmax: torch.Tensor, shape, block_size: int, dtype, per_byte: int) -> torch.Tensor:
+    """part(codes, absmax, n) over steps of whole blocks (and whole bytes, per_byte codes in one)."""
+    n = math.prod(shape)
+    step = max(1, DEQUANT_CHUNK // block_size) * block_size
+    step += step % per_byte * block_size  # an even number of elements when two codes share a byte
+    if n <= step:
+        return part(codes.reshape(-1), absmax.reshape(-1), n).to(dtype).reshape(shape)
+    flat, scales = codes.reshape(-1), absmax.reshape(-1)
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    for s in range(0, n, step):  # Python ints: offsets past 2^31 are plain numbers
+        e = min(n, s + step)
+        out[s:e] = part(flat[s // per_byte: -(-e // per_byte)], scales[s // block_size: -(-e // block_size)], e - s)
+    return out.view(shape)
+
+
 def dequantize_nf4(packed, absmax, shape, block_size, dtype) -> torch.Tensor:
     """NF4_CODE[code] * absmax of its block, in float32, then cast to dtype."""
-    n = math.prod(shape)
-    if n % 2 == 0 and n % block_size == 0:
-        # fast path: one table row per packed byte gives both of its values
-        values = torch.index_select(_nf4_pairs(packed.device), 0, packed.reshape(-1).int()).view(-1, block_size)
-        return values.mul_(absmax.float().view(-1, 1)).to(dtype).view(shape)
-    values = nf4_code(packed.device)[nf4_unpack(packed, n)]
-    return _scale_blocks(values, absmax.float(), block_size).to(dtype).reshape(shape)
+
+    def part(packed, absmax, n):
+        if n % 2 == 0 and n % block_size == 0:
+            # fast path: one table row per packed byte gives both of its values
+            values = torch.index_select(_nf4_pairs(packed.device), 0, packed.int()).view(-1, block_size)
+            return values.mul_(absmax.float().view(-1, 1)).view(-1)
+        return _scale_blocks(nf4_code(packed.device)[nf4_unpack(packed, n)], absmax.float(), block_size)
+
+    return _in_steps(part, packed, absmax, shape, block_size, dtype, 2)
 
 
 def dequantize_int8(codes, absmax, shape, block_size, dtype) -> torch.Tensor:
-    scale = absmax.float() / INT8_QMAX
-    return _scale_blocks(codes.reshape(-1).float(), scale, block_size).to(dtype).reshape(shape)
+    def part(codes, absmax, n):
+        return _scale_blocks(codes.float(), absmax.float() / INT8_QMAX, block_size)
+
+    return _in_steps(part, codes, absmax, shape, block_size, dtype, 1)
 
 
 def apply_outliers(weight: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,7 @@ class QuantWeight:
             # embedding would cost several times the weight in float32 work buffers, far beyond the
             # memory plan's activations.
             uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+            uniq = uniq.long()  # flat offsets (row * hidden) pass 2^31 in a big table: never int32 ids
             first = uniq * hidden // bs                               # first block of each row
             span = -(-hidden // bs) + 1                               # blocks a row can touch
             blocks = (first[:, None] + torch.arange(span, device=uniq.device)).clamp_(max=rows * hidden // bs - 1)

@@ -23,10 +23,11 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import FormatError, LayerpackError
-from .format import MANIFEST_FILE
+from .format import MANIFEST_FILE, MAX_HEADER_BYTES
 from .manifest import FileEntry, LayerEntry
 from .pack import Pack, sha256_file
 from .safetensors_io import SafetensorsFile
+from .stream_hash import hashing_downloads, streamed_sha256
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DOWNLOAD_WORKERS = 4          # layer files downloading at once (in execution order)
@@ -210,8 +211,10 @@ def discard(root: str, rel: str, local_dir: bool) -> None:
             pass
 
 
-def check_download(entry: FileEntry, root: str, local_dir: bool = False, hash_it: bool = True) -> None:
-    """A downloaded pack file must have the manifest's size (and sha256): else it is deleted and named."""
+def check_download(entry: FileEntry, root: str, local_dir: bool = False, hash_it: bool = True, progress=None) -> None:
+    """A downloaded pack file must have the manifest's size (and sha256): else it is deleted and named.
+    The sha256 is the one computed while the file downloaded (stream_hash), when there is one: a
+    multi-GB layer file is not read a second time; else the file is hashed here (progress(n) per chunk)."""
     path = os.path.join(root, entry.path)
     if not os.path.isfile(path):
         raise LayerpackError(f"{entry.path}: listed in the manifest but not downloaded")
@@ -219,7 +222,12 @@ def check_download(entry: FileEntry, root: str, local_dir: bool = False, hash_it
     if size != entry.size:
         discard(root, entry.path, local_dir)
         raise LayerpackError(f"{entry.path}: downloaded {size} bytes, the manifest says {entry.size}; the file was deleted, re-run to fetch it again")
-    if hash_it and sha256_file(path) != entry.sha256:
+    digest = streamed_sha256(path, size) if hash_it else None
+    if digest is None and hash_it:
+        digest = sha256_file(path, progress)
+    elif progress is not None:
+        progress(size)
+    if hash_it and digest != entry.sha256:
         discard(root, entry.path, local_dir)
         raise LayerpackError(f"{entry.path}: sha256 does not match the manifest (corrupt download); the file was deleted, re-run to fetch it again")
 
@@ -268,7 +276,8 @@ class RemotePack(Pack):
     def _fetch(self, rel: str) -> str:
         fresh = not self._in_cache(rel)
         try:
-            path = _hf().hf_hub_download(self.repo_id, rel, revision=self.commit, token=self.token)
+            with hashing_downloads():  # the sha256 is computed as the bytes arrive (stream_hash)
+                path = _hf().hf_hub_download(self.repo_id, rel, revision=self.commit, token=self.token)
         except Exception as e:
             raise hub_error(e, self.repo_id, self.revision) from None
         check_download(self._entries[rel], self.path, hash_it=fresh or self._verify_cached)
@@ -326,7 +335,7 @@ class RemotePack(Pack):
             head = self._ranged(rel, 0, min(size, HEADER_PROBE) - 1)
             if len(head) >= 8:
                 (n,) = struct.unpack("<Q", head[:8])
-                if len(head) < 8 + n <= size:
+                if len(head) < 8 + n <= size and n <= MAX_HEADER_BYTES:  # a longer one is refused unread
                     head += self._ranged(rel, len(head), 8 + n - 1)
             st = SafetensorsFile(local, head=head, file_size=size)
         st.ensure_local = lambda: self.ensure(rel)
@@ -334,19 +343,30 @@ class RemotePack(Pack):
 
     def _ranged(self, rel: str, start: int, end: int) -> bytes:
         """Bytes start..end (inclusive) of a repo file, by a ranged GET (redirects followed; the
-        client drops the Authorization header when a redirect leaves the Hub's origin)."""
+        client drops the Authorization header when a redirect leaves the Hub's origin). The body is
+        streamed and only the bytes asked for are kept: a server that ignores the Range header and
+        sends a whole 6 GB layer file costs one chunk beyond them, not 6 GB of memory."""
         hf = _hf()
         url = hf.hf_hub_url(self.repo_id, rel, revision=self.commit)
         headers = {**hf.utils.build_hf_headers(token=self.token), "Range": f"bytes={start}-{end}"}
+        want = end - start + 1
         try:
-            resp = hf.utils.get_session().get(url, headers=headers, follow_redirects=True)
-            hf.utils.hf_raise_for_status(resp)
+            with hf.utils.get_session().stream("GET", url, headers=headers, follow_redirects=True) as resp:
+                if resp.status_code >= 400:
+                    resp.read()  # an error answer is small; its body holds the Hub's message
+                hf.utils.hf_raise_for_status(resp)
+                skip = start if resp.status_code == 200 else 0  # Range ignored: the body starts at byte 0
+                data = bytearray()
+                for chunk in resp.iter_bytes():
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    data += chunk[:want - len(data)]
+                    if len(data) >= want:
+                        break
         except Exception as e:
             raise hub_error(e, self.repo_id, self.revision) from None
-        data = resp.content
-        if resp.status_code == 200:  # the server ignored the Range header: keep the part we asked for
-            data = data[start:end + 1]
-        return data
+        return bytes(data)
 
 
 def open_remote(repo_id: str, revision: str | None = None, token=None, verify: bool = False) -> RemotePack:

@@ -2,8 +2,8 @@
 
 We parse the header ourselves instead of using `safetensors.safe_open` because (1) every
 offset and size is checked before a byte of payload is trusted (a truncated or hostile file
-fails with a clear message, never a crash or a huge allocation), (2) reads are plain
-`readinto` calls into buffers we own, so memory is exactly what we asked for (no mmap pages
+fails with a clear message, never a crash or a huge allocation), (2) reads are positional reads
+(fileio.read_fully, of any size) into buffers we own, so memory is exactly what we asked for (no mmap pages
 lingering in RSS while streaming a 100 GB model), and (3) zstd-compressed payloads of a pack
 are decompressed transparently.
 """
@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .errors import FormatError
+from .fileio import read_fully
 from .format import MAX_HEADER_BYTES, MAX_TENSOR_RANK, META_ZSTD, ST_DTYPES
 from .validate import check_zstd_table, load_json
 
@@ -155,25 +156,21 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, names=None, f=None) -> dict[str, torch.Tensor]:
+    def read(self, names=None) -> dict[str, torch.Tensor]:
         """Read tensors (all by default) into memory we own, in file order, decompressing zstd payloads."""
         infos = sorted((self.tensors[n] for n in (names if names is not None else self.tensors)), key=lambda i: i.start)
         out: dict[str, torch.Tensor] = {}
-        own = f is None
-        if own:
-            self.ready()
-            f = open(self.path, "rb", buffering=0)
+        self.ready()
+        fd = os.open(self.path, os.O_RDONLY)
         try:
             for info in infos:
                 # torch.empty: no zero-fill (a bytearray would touch every page twice)
                 raw = torch.empty(info.nbytes, dtype=torch.uint8)
-                f.seek(info.start)
-                if info.nbytes and _read_full(f, memoryview(raw.numpy())) != info.nbytes:
+                if info.nbytes and read_fully(fd, raw.numpy(), info.start) != info.nbytes:
                     raise _fail(self.path, f"short read of tensor {info.name!r}; file changed or truncated")
                 out[info.name] = self._to_tensor(info, raw)
         finally:
-            if own:
-                f.close()
+            os.close(fd)
         return out
 
     def read_tensor(self, name: str) -> torch.Tensor:
@@ -189,17 +186,6 @@ class SafetensorsFile:
         if raw.numel() == 0:
             return torch.empty(info.out_shape, dtype=dtype)
         return raw.view(dtype).reshape(info.out_shape)
-
-
-def _read_full(f, view: memoryview) -> int:
-    """readinto until the view is full or the file ends (a single call may return short)."""
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
 
 
 def _zstd_decompress(path: str, info: TensorInfo, buf: bytearray) -> bytearray:

@@ -1,10 +1,11 @@
 """Streaming layer units from disk with a background prefetcher (double buffering).
 
 While unit i computes, a reader thread fills a second buffer with the next streamed unit: one
-large `readinto` of the file's whole data region (the safetensors header was validated once, at
-open), zstd payloads decompressed in that thread too, tensors made as views of the buffer (no
-per-tensor copies). Buffers are allocated once and reused, so streaming a 100 GB model allocates
-nothing per layer and calls no gc/empty_cache. On CUDA the buffers are pinned and the copy to the
+large read of the file's whole data region (fileio.read_fully: positional reads in a loop, as one
+call stops short of 2 GiB; the safetensors header was validated once, at open), zstd payloads
+decompressed in that thread too, tensors made as views of the buffer (no per-tensor copies).
+Buffers are allocated once and reused, so streaming a 100 GB model allocates nothing per layer and
+calls no gc/empty_cache. On CUDA the buffers are pinned and the copy to the
 GPU runs on a side stream, overlapping the compute stream.
 
 The reads follow the model's execution order cyclically: after the last streamed block of one
@@ -23,7 +24,8 @@ import torch
 
 from .errors import FormatError
 from .format import ST_DTYPES
-from .safetensors_io import SafetensorsFile, _read_full, _zstd_decompress
+from .fileio import read_exact, read_fully
+from .safetensors_io import SafetensorsFile, _zstd_decompress
 
 
 @dataclass
@@ -80,12 +82,14 @@ class UnitStreamer:
             raise FormatError(f"{st.path}: layer payload of {n} bytes exceeds the planned stream buffer")
         view = memoryview(slot.host.numpy())[:n]
         st.ready()  # a file still downloading (remote pack): wait for it here, in the reader thread
-        with open(st.path, "rb", buffering=0) as f:
-            f.seek(st.data_start)
-            if _read_full(f, view) != n:
+        fd = os.open(st.path, os.O_RDONLY)
+        try:
+            if read_fully(fd, view, st.data_start) != n:
                 raise FormatError(f"{st.path}: file shorter than its header says; truncated or changed on disk")
             if not self.page_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
         out = {}
         for info in st.tensors.values():
             raw = slot.host[info.start - st.data_start: info.end - st.data_start]
@@ -211,10 +215,9 @@ class FileRows:
             self.ready()
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for i, r in enumerate(uniq.tolist()):
-                chunk = view[i * self.row_bytes:(i + 1) * self.row_bytes]
-                if os.preadv(fd, [chunk], self.offset + r * self.row_bytes) != self.row_bytes:
-                    raise FormatError(f"{self.path}: short read of embedding row {r}; truncated or changed on disk")
+            for i, r in enumerate(uniq.tolist()):  # Python ints: a row of a 128K-row table lies past 4 GiB
+                read_exact(fd, view[i * self.row_bytes:(i + 1) * self.row_bytes], self.offset + r * self.row_bytes,
+                           self.path, f"embedding row {r}")
         finally:
             os.close(fd)
         if self.stats is not None:
