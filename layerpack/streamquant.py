@@ -23,6 +23,7 @@ import torch
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import (
+    OUTLIER_IDX_I64_FROM,
     SCHEME_INT8,
     SCHEME_NF4,
     SCHEME_NONE,
@@ -36,7 +37,6 @@ from layerpack_runtime.manifest import TensorEntry
 from . import quantize as Q
 
 WINDOW_ELEMS = 1 << 25  # 32M elements per read (64 MB of bf16); a multiple of Q.CHUNK_ELEMS
-INT32_INDEX_LIMIT = 2**31  # tensors with at least this many elements store int64 outlier indices
 
 _READ_AHEAD = ThreadPoolExecutor(1, thread_name_prefix="read-window")
 
@@ -85,7 +85,7 @@ def stored_specs(name: str, shape: list[int], scheme: str, dtype: torch.dtype, b
     n = math.prod(shape)
     specs: dict[str, tuple[torch.dtype, list[int]]] = {}
     if k:
-        specs[name + SUFFIX_OUTLIER_IDX] = (torch.int32 if n < INT32_INDEX_LIMIT else torch.int64, [k])
+        specs[name + SUFFIX_OUTLIER_IDX] = (torch.int32 if n < OUTLIER_IDX_I64_FROM else torch.int64, [k])
         specs[name + SUFFIX_OUTLIER_VAL] = (dtype, [k])
     specs[name + SUFFIX_CODES] = ((torch.uint8, [(n + 1) // 2]) if scheme == SCHEME_NF4 else (torch.int8, [n]))
     specs[name + SUFFIX_ABSMAX] = (torch.float32, [-(-n // block_size)])
@@ -127,7 +127,7 @@ def quantize_stream(name: str, src: TensorSource, scheme: str, dtype: torch.dtyp
     idx = None
     if k:
         idx = select_outliers_stream(outlier_rule, src, k, block_size)
-        sink.write(name + SUFFIX_OUTLIER_IDX, 0, idx.to(torch.int32 if n < INT32_INDEX_LIMIT else torch.int64))
+        sink.write(name + SUFFIX_OUTLIER_IDX, 0, idx.to(torch.int32 if n < OUTLIER_IDX_I64_FROM else torch.int64))
     step = Q.CHUNK_ELEMS // block_size * block_size
     full = n - n % block_size
     window = max(step, WINDOW_ELEMS // step * step)
