@@ -341,13 +341,12 @@ class HubServer:
         with self._lock:
             return self._holds.get(sha)
 
-    def _content(self, f: RepoFile) -> bytes:
+    def _content(self, f: RepoFile) -> "bytes | _FileSlice":
+        """A file's content: tampered bytes, or a view of the file on disk (a layer file can be
+        several GB: it is read piece by piece as it is sent, never whole)."""
         with self._lock:
             data = self._tampered.get(f.sha256)
-        if data is None:
-            with open(f.local, "rb") as fh:
-                data = fh.read()
-        return data
+        return data if data is not None else _FileSlice(f.local, 0, os.path.getsize(f.local))
 
     def upload_requests(self) -> list[RecordedRequest]:
         """Requests that write (POST/PUT)."""
@@ -372,6 +371,39 @@ class HubServer:
                     if f.lfs and f.sha256 == sha:
                         return f
         return None
+
+
+class _FileSlice:
+    """Bytes [start, stop) of a file, read only when written out (in 8 MiB pieces)."""
+
+    def __init__(self, path: str, start: int, stop: int):
+        self.path, self.start, self.stop = path, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, k: slice) -> "_FileSlice":
+        a, b, _ = k.indices(len(self))
+        return _FileSlice(self.path, self.start + a, self.start + max(a, b))
+
+    def pieces(self, size: int = 8 << 20):
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            left = len(self)
+            while left:
+                piece = f.read(min(size, left))
+                if not piece:
+                    raise OSError(f"{self.path}: shorter than expected")
+                left -= len(piece)
+                yield piece
+
+
+def _write(wfile, body) -> None:
+    if isinstance(body, _FileSlice):
+        for piece in body.pieces():
+            wfile.write(piece)
+    else:
+        wfile.write(body)
 
 
 @dataclass
@@ -553,7 +585,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.hub.rate and len(body) > 64 * 1024:
                 self._write_paced(body)
             else:
-                self.wfile.write(body)
+                _write(self.wfile, body)
 
     def _write_paced(self, body: bytes, piece: int = 256 * 1024) -> None:
         """Send at most `hub.rate` bytes/s over all connections together (a shared link; for benchmarks)."""
@@ -564,7 +596,7 @@ class _Handler(BaseHTTPRequestHandler):
                 start = max(now, self.hub._rate_next)
                 self.hub._rate_next = start + len(chunk) / self.hub.rate
             time.sleep(max(0.0, start - now))
-            self.wfile.write(chunk)
+            _write(self.wfile, chunk)
 
     def _json(self, obj, headers: dict | None = None):
         self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
@@ -755,7 +787,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.rec.status = status
-        self.wfile.write(body[:cut])
+        _write(self.wfile, body[:cut])
         self.wfile.flush()
         if stall is not None:
             stall[1].set()
