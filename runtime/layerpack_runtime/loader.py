@@ -38,18 +38,6 @@ class LayeredModel(TextGenerator, UnitRange):
                 f"hidden={a.hidden_size}, scheme={self.manifest.quantization.scheme}, dtype={self.dtype}, device={self.device}; "
                 f"{self.plan.describe()})")
 
-    def check_ids(self, input_ids) -> torch.Tensor:
-        """Token ids [B, T] (or [T]) as a long tensor on the device, every id inside the vocabulary."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.numel() == 0:
-            raise LayerpackError(f"input_ids must be a non-empty [batch, tokens] array, got shape {tuple(ids.shape)}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.args.vocab_size:
-            raise LayerpackError(f"token id {lo if lo < 0 else hi} is outside the vocabulary (0..{self.args.vocab_size - 1})")
-        return ids
-
     @torch.inference_mode()
     def forward(self, input_ids, cache: KVCache | None = None, attention_mask=None, last_only: bool = False) -> torch.Tensor:
         """Run new tokens [B, T] (or [T]) through every unit; returns float32 logits [B, T or 1, vocab].

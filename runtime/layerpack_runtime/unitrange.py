@@ -323,6 +323,18 @@ class UnitRange:
         self.ensure_context(batch * max_len, step_tokens, batch)
         return KVCache(len(self.block_units), batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
+    def check_ids(self, input_ids) -> torch.Tensor:
+        """Token ids [B, T] (or [T]) as a long tensor on the device, every id inside the vocabulary."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise LayerpackError(f"input_ids must be a non-empty [batch, tokens] array, got shape {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.args.vocab_size:
+            raise LayerpackError(f"token id {lo if lo < 0 else hi} is outside the vocabulary (0..{self.args.vocab_size - 1})")
+        return ids
+
     def begin_step(self, cache: KVCache, shape: tuple[int, int], mask: torch.Tensor | None) -> list:
         """Claim cache columns for new tokens of `shape` [B, T] (mask [B, T]: 1 = token, 0 = left
         padding) and return every block's Step (rotary tables, attention masks); after the forward,
