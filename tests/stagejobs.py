@@ -53,7 +53,8 @@ class ParityJob:
         if self.text:
             res["text_equal"] = pipe.generate("The quick brown fox", max_new_tokens=self.new_tokens) == \
                 ref.generate("The quick brown fox", max_new_tokens=self.new_tokens)
-        res["plan"] = pipe.stage.units.plan.describe()
+        u = pipe.stage.units
+        res["plan"], res["plan_total"], res["budget"], res["streamed"] = u.plan.describe(), u.plan.total, u.max_memory, len(u.plan.streamed)
         res["units"] = pipe.stage.units.units
         with open(self.out, "w") as f:
             json.dump(res, f)

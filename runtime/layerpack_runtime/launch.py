@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from .errors import LayerpackError
 from .stages import StageOptions, join
 
-STOP_GRACE_S = 5.0  # after a failure or Ctrl-C: SIGTERM, then SIGKILL after this long
+STOP_GRACE_S = 5.0
+FAULT_ENV = "LAYERPACK_FAULT_STAGE"  # after a failure or Ctrl-C: SIGTERM, then SIGKILL after this long
 
 
 class StageError(LayerpackError):
@@ -58,9 +59,7 @@ def stage_entry(rank: int, opts: StageOptions, job, error_dir: str | None = None
     is recorded in error_dir (the local launcher reads it) or printed as one `error:` line."""
     if local:  # Ctrl-C reaches every process of the terminal's group: the launcher stops them all
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    hook = opts.extra.get("fault")
-    if hook:
-        _install_fault(hook, rank)
+    _install_fault(os.environ.get(FAULT_ENV, ""), rank)
     name = [f"stage {rank}"]
     try:
         pipe = join(opts, rank, opts.stages if local else None, on_name=name.__setitem__)
@@ -81,25 +80,28 @@ def stage_entry(rank: int, opts: StageOptions, job, error_dir: str | None = None
         os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
-def _install_fault(hook: dict, rank: int) -> None:
-    """Test hooks (tests/test_stages.py): make one stage fail in a given way."""
-    if hook.get("rank") != rank:
+def _install_fault(spec: str, rank: int) -> None:
+    """Crash-test hook (tests/test_stages.py), like the converter's LAYERPACK_FAULT_KILL_AFTER_UNITS:
+    LAYERPACK_FAULT_STAGE=RANK:exit makes stage RANK exit at start-up, RANK:kill:N SIGKILLs it
+    at its (N+1)-th forward - a stage that dies, deterministically."""
+    parts = spec.split(":")
+    if len(parts) < 2 or not parts[0].isdigit() or int(parts[0]) != rank:
         return
-    if hook["kind"] == "exit_at_start":
+    if parts[1] == "exit":
         os._exit(3)
-    if hook["kind"] == "kill_after_forwards":
+    if parts[1] == "kill":
         from . import stages
 
-        n = [int(hook["n"])]
-        orig = stages.Stage.forward
+        left = [int(parts[2]) if len(parts) > 2 else 0]
+        forward = stages.Stage.forward
 
-        def forward(self, *a, **k):
-            n[0] -= 1
-            if n[0] < 0:
+        def dying_forward(self, *a, **k):
+            left[0] -= 1
+            if left[0] < 0:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return orig(self, *a, **k)
+            return forward(self, *a, **k)
 
-        stages.Stage.forward = forward
+        stages.Stage.forward = dying_forward
 
 
 def free_port() -> int:
@@ -108,7 +110,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _root_cause(error_dir: str, procs, failed: int | None) -> str:
+def _root_cause(error_dir: str, procs, failed: int | None, names: list[str]) -> str:
     """The message of the stage that failed first: its own error (not a lost connection, which
     is what its neighbours report), else the one that died, else the earliest report."""
     reports = []
@@ -126,7 +128,7 @@ def _root_cause(error_dir: str, procs, failed: int | None) -> str:
     for i in dead:
         code = procs[i].exitcode
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        return f"stage {i}: the process died ({how})"
+        return f"{names[i]}: the process died ({how})"
     if reports:
         return reports[0]["message"]
     return "a stage failed"
@@ -151,7 +153,14 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
     others; KeyboardInterrupt after stopping all of them."""
     import torch.multiprocessing as mp
 
+    from .pack import Pack
+    from .stages import describe_range, parse_budgets, stage_ranges
+
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # its warnings are not our one line
+    pack = Pack(opts.pack, check_files=False)  # a bad pack or split: one error here, before any process starts
+    ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
+    names = [f"stage {k} ({describe_range(len(pack.manifest.layers) - 2, *r)})" for k, r in enumerate(ranges)]
+    pack.close()
     opts.addr, opts.port = "127.0.0.1", free_port()
     error_dir = tempfile.mkdtemp(prefix="layerpack-stages-")
     ctx = mp.start_processes(stage_entry, args=(opts, job, error_dir, True), nprocs=opts.stages, join=False,
@@ -163,7 +172,7 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
                     return
             except mp.ProcessException as e:
                 _stop(ctx.processes)
-                raise StageError(_root_cause(error_dir, ctx.processes, e.error_index)) from None
+                raise StageError(_root_cause(error_dir, ctx.processes, e.error_index, names)) from None
     except KeyboardInterrupt:
         _stop(ctx.processes)
         raise

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -34,7 +34,7 @@ from .format import UNIT_EMBED, UNIT_HEAD
 from .generate import GenerationStats, SamplingParams, left_pad, sample
 from .pack import Pack
 from .text import TextGenerator
-from .threads import apply_threads
+from .threads import apply_threads, resolve_threads
 from .unitrange import UnitRange, pack_units
 
 HEADER_LEN = 8
@@ -159,14 +159,13 @@ class StageOptions:
     page_cache: bool = True
     expert_reads: bool = True
     expert_cache: object = None
-    threads: int | None = None
+    threads: int | None = None       # default: $LAYERPACK_THREADS, else this machine's cores / its stages
     micro_batches: int | None = None  # default: min(batch, stages)
     backend: str | None = None        # default: nccl when every stage is on CUDA, else gloo
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     addr: str | None = None           # None: torchrun's environment (MASTER_ADDR, MASTER_PORT)
     port: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _stage_device(device: str, local_rank: int) -> str:
@@ -459,7 +458,9 @@ def join(opts: StageOptions, rank: int | None = None, world: int | None = None, 
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world != opts.stages:
         raise LayerpackError(f"{world} processes were started for {opts.stages} stages")
-    apply_threads(opts.threads)
+    # the stages on one machine share its cores (default: an equal share each)
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    apply_threads(opts.threads if opts.threads or os.environ.get("LAYERPACK_THREADS") else max(1, resolve_threads() // per_machine))
     pack = Pack(opts.pack, check_files=False)
     ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
     pack.close()
