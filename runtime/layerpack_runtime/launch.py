@@ -26,7 +26,10 @@ from .errors import LayerpackError
 from .stages import StageOptions, join
 
 STOP_GRACE_S = 5.0
-FAULT_ENV = "LAYERPACK_FAULT_STAGE"  # after a failure or Ctrl-C: SIGTERM, then SIGKILL after this long
+FAULT_ENV = "LAYERPACK_FAULT_STAGE"
+# torch's C++ warnings (c10d's socket timeouts, ...) would print lines of their own next to our one
+# `error:` line: stage processes start with only errors shown.
+CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"  # after a failure or Ctrl-C: SIGTERM, then SIGKILL after this long
 
 
 class StageError(LayerpackError):
@@ -152,6 +155,7 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
     all have finished; raises StageError (naming the stage) if any failed, after stopping the
     others; KeyboardInterrupt after stopping all of them."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     from .pack import Pack
     from .stages import describe_range, parse_budgets, stage_ranges
@@ -162,6 +166,7 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
     names = [f"stage {k} ({describe_range(len(pack.manifest.layers) - 2, *r)})" for k, r in enumerate(ranges)]
     pack.close()
     opts.addr, opts.port = "127.0.0.1", free_port()
+    os.environ.setdefault(CPP_LOG_ENV, "ERROR")  # inherited by the stage processes
     error_dir = tempfile.mkdtemp(prefix="layerpack-stages-")
     ctx = mp.start_processes(stage_entry, args=(opts, job, error_dir, True), nprocs=opts.stages, join=False,
                              start_method=start_method)
@@ -170,7 +175,7 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
             try:
                 if ctx.join(timeout=0.2, grace_period=1.0):
                     return
-            except mp.ProcessException as e:
+            except ProcessException as e:
                 _stop(ctx.processes)
                 raise StageError(_root_cause(error_dir, ctx.processes, e.error_index, names)) from None
     except KeyboardInterrupt:
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m layerpack_runtime.launch PACK PROMPT --stages S ...` under torchrun (one process per stage)."""
     import argparse
 
+    if CPP_LOG_ENV not in os.environ:  # read once, when torch loads: start again with it set
+        os.environ[CPP_LOG_ENV] = "ERROR"
+        os.execv(sys.executable, [sys.executable, "-m", "layerpack_runtime.launch", *(sys.argv[1:] if argv is None else argv)])
     p = argparse.ArgumentParser(prog="python -m layerpack_runtime.launch", description="One pipeline stage (start with torchrun).")
     p.add_argument("pack")
     p.add_argument("prompt")
