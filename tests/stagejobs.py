@@ -11,7 +11,8 @@ import torch
 
 def rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref| (as conftest.rel_diff)."""
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    ours, ref = ours.float().cpu(), ref.float().cpu()
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 @dataclass
@@ -21,11 +22,12 @@ class ParityJob:
     decode_steps: int = 4
     new_tokens: int = 8
     text: bool = False
+    device: str = "cpu"
 
     def __call__(self, pipe) -> None:
         from layerpack_runtime import load
 
-        ref = load(self.pack, dtype="fp32")
+        ref = load(self.pack, dtype="fp32", device=self.device)  # the single-process model, on the same device
         g = torch.Generator().manual_seed(0)
         V = ref.args.vocab_size
         res: dict = {"stages": pipe.world, "diffs": {}}
@@ -53,6 +55,10 @@ class ParityJob:
         if self.text:
             res["text_equal"] = pipe.generate("The quick brown fox", max_new_tokens=self.new_tokens) == \
                 ref.generate("The quick brown fox", max_new_tokens=self.new_tokens)
+        stats = pipe.stage_stats()
+        res["stage_stats_ok"] = len(stats) == pipe.world and all(st["busy_s"] > 0 and st["peak_rss"] > 2**20 for st in stats)
+        res["ping_ok"] = pipe.world == 1 or pipe.ping(4096) > 0
+        res["hop_bytes_per_position"] = pipe.hop_bytes / max(1, pipe.hop_positions)
         u = pipe.stage.units
         res["plan"], res["plan_total"], res["budget"], res["streamed"] = u.plan.describe(), u.plan.total, u.max_memory, len(u.plan.streamed)
         res["units"] = pipe.stage.units.units

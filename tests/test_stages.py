@@ -172,6 +172,9 @@ def test_pipeline_matches_single_process(packs, tmp_path, family, stages, budget
     assert res["diffs"]["logits"] <= REL_TOL and res["diffs"]["cached_decode"] <= REL_TOL, res
     assert res["batched_equal"] and res["single_equal"] and res.get("text_equal", True), res
     assert "head" not in res["units"] and res["units"][0] == "embed"  # rank 0 held only its own units
+    assert res["stage_stats_ok"] and res["ping_ok"], res
+    hidden = Pack(pack).manifest.architecture["hidden_size"]
+    assert res["hop_bytes_per_position"] == hidden * 4  # fp32 hidden states, nothing else counted
     if budgets:
         assert res["plan_total"] <= res["budget"], res
     else:

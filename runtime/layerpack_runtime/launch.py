@@ -62,6 +62,7 @@ def stage_entry(rank: int, opts: StageOptions, job, error_dir: str | None = None
     is recorded in error_dir (the local launcher reads it) or printed as one `error:` line."""
     if local:  # Ctrl-C reaches every process of the terminal's group: the launcher stops them all
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _die_with_parent()
     _install_fault(os.environ.get(FAULT_ENV, ""), rank)
     name = [f"stage {rank}"]
     try:
@@ -81,6 +82,19 @@ def stage_entry(rank: int, opts: StageOptions, job, error_dir: str | None = None
 
             print(f"error: {scrub(msg)}", file=sys.stderr, flush=True)
         os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
+
+
+def _die_with_parent() -> None:
+    """Linux: a stage whose launcher is gone (killed with SIGKILL, say) is killed too - never an orphan."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before we got here
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
 
 
 def _install_fault(spec: str, rank: int) -> None:

@@ -38,7 +38,8 @@ from .threads import apply_threads, resolve_threads
 from .unitrange import UnitRange, pack_units
 
 HEADER_LEN = 8
-OP_CACHE, OP_FORWARD, OP_DROP, OP_STOP = 1, 2, 3, 4
+OP_CACHE, OP_FORWARD, OP_DROP, OP_STOP, OP_STATS, OP_PING = 1, 2, 3, 4, 5, 6
+STATS_FIELDS = ("busy_s", "peak_rss", "plan_bytes")  # per stage, collected by Pipeline.stage_stats()
 FLAG_LAST_ONLY, FLAG_MASK = 1, 2
 DEFAULT_CONNECT_TIMEOUT_S = 120.0   # every stage must join within this (a missing peer is an error, not a hang)
 DEFAULT_STEP_TIMEOUT_S = 600.0      # the longest a stage waits for its neighbour's next message
@@ -181,6 +182,8 @@ def init_group(opts: StageOptions, rank: int, world: int) -> str:
     import torch.distributed as dist
 
     backend = opts.backend or ("nccl" if opts.device.startswith("cuda") and torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(_stage_device(opts.device, int(os.environ.get("LOCAL_RANK", rank)))))
     addr = opts.addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(opts.port or os.environ.get("MASTER_PORT", 29500))
     # Under torchrun's c10d rendezvous its agent hosts the store; else rank 0 does.
@@ -202,6 +205,21 @@ def init_group(opts: StageOptions, rank: int, world: int) -> str:
         raise LayerpackError(f"not every one of the {world} stages joined within {opts.connect_timeout_s:g} s "
                              f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
     return backend
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (VmHWM: unlike ru_maxrss, not inherited through
+    the fork + exec that starts a spawned stage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Link:
@@ -266,18 +284,28 @@ class Stage:
         self.name = f"stage {rank} ({self.units.describe_units()})"
         self.link = _Link(rank, world, self.units.device, backend)
         self.caches: dict[int, KVCache] = {}
+        self.busy_s = 0.0  # time spent computing (for the pipeline bubble)
+
+    def stats_row(self) -> list[float]:
+        return [self.busy_s, float(peak_rss()), float(self.units.plan.total)]
 
     @property
     def hidden(self) -> int:
         return self.units.args.hidden_size
 
     def forward(self, x: torch.Tensor, mb: int, mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:
+        import time
+
+        t0 = time.perf_counter()
         cache = self.caches[mb]
         B, T = x.shape[:2]
         steps = self.units.begin_step(cache, (B, T), mask)
         with torch.inference_mode():
             out = self.units.run(x, cache, steps, last_only)
         cache.commit(T, mask)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        self.busy_s += time.perf_counter() - t0
         return out
 
     def serve(self) -> None:
@@ -298,10 +326,23 @@ class Stage:
                         link.send(mask, nxt)
                     link.send_hidden(out, nxt)
                 continue
+            if op in (OP_STATS, OP_PING):  # pass a table / payload on; the last stage returns it to rank 0
+                t = link.recv((self.world, len(STATS_FIELDS)), torch.float64, prev) if op == OP_STATS else link.recv((a,), torch.uint8, prev)
+                if op == OP_STATS:
+                    t[self.rank] = torch.tensor(self.stats_row(), dtype=torch.float64)
+                    if flags:
+                        self.busy_s = 0.0
+                if not last:
+                    link.send_header(nxt, op, mb, B, T, flags, a, b)
+                link.send(t, 0 if last else nxt)
+                continue
             if op == OP_CACHE:
                 self.caches[mb] = self.units.new_cache(B, a, step_tokens=b)
-            elif op == OP_DROP:
-                self.caches.clear()
+            elif op == OP_DROP:  # a = 1: only micro-batch mb's caches
+                if a:
+                    self.caches.pop(mb, None)
+                else:
+                    self.caches.clear()
             elif op != OP_STOP:
                 raise LayerpackError(f"unexpected message {op} from stage {prev}")
             if not last:
@@ -330,7 +371,7 @@ class Pipeline(TextGenerator):
         self.world = stage.world
         self.last_stats = GenerationStats()
         self._next_mb = 0
-        self.hop_bytes = 0
+        self.hop_bytes = self.hop_positions = 0  # hidden states sent by stage 0 (bytes, token positions)
 
     def __repr__(self) -> str:
         return f"Pipeline({os.path.basename(self.pack.path)!r}, {self.world} stages; {self.stage.name}: {self.stage.units.plan.describe()})"
@@ -364,6 +405,7 @@ class Pipeline(TextGenerator):
             link.send(mask.long(), 1)
         link.send_hidden(out, 1)
         self.hop_bytes += out.numel() * out.element_size()
+        self.hop_positions += B * T
         return None
 
     def recv_logits(self, B: int, T: int) -> torch.Tensor:
@@ -373,11 +415,17 @@ class Pipeline(TextGenerator):
         """Like LayeredModel.forward, through every stage: float32 logits [B, T or 1, vocab]."""
         ids = self.stage.units.check_ids(input_ids)
         B, T = ids.shape
-        if cache is None:
+        own_cache = cache is None
+        if own_cache:
             cache = self.new_cache(B, T)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
         out = self.send_forward(ids, cache, mask, last_only)
-        return out.float() if out is not None else self.recv_logits(B, 1 if last_only else T)
+        logits = out.float() if out is not None else self.recv_logits(B, 1 if last_only else T)
+        if own_cache:  # a whole sequence: its caches are not needed any more, on any stage
+            self.stage.caches.pop(cache.mb, None)
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_DROP, cache.mb, 0, 0, 0, 1)
+        return logits
 
     def logits(self, input_ids) -> torch.Tensor:
         return self.forward(input_ids)
@@ -435,6 +483,33 @@ class Pipeline(TextGenerator):
                 yield out
         finally:
             self.stage.link.flush()
+
+    def stage_stats(self, reset: bool = False) -> list[dict[str, float]]:
+        """Every stage's compute time (busy_s, since the last reset), peak RSS and planned bytes."""
+        table = torch.zeros(self.world, len(STATS_FIELDS), dtype=torch.float64)
+        table[0] = torch.tensor(self.stage.stats_row(), dtype=torch.float64)
+        if reset:
+            self.stage.busy_s = 0.0
+        if self.world > 1:
+            link = self.stage.link
+            link.send_header(1, OP_STATS, 0, 0, 0, int(reset))
+            link.send(table, 1)
+            table = link.recv(table.shape, torch.float64, self.world - 1)
+        return [dict(zip(STATS_FIELDS, row)) for row in table.tolist()]
+
+    def ping(self, nbytes: int) -> float:
+        """Seconds for `nbytes` to go round every stage and back to rank 0 (S hops, no compute)."""
+        import time
+
+        if self.world == 1:
+            return 0.0
+        link = self.stage.link
+        payload = torch.zeros(nbytes, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        link.send_header(1, OP_PING, 0, 0, 0, 0, nbytes)
+        link.send(payload, 1)
+        link.recv((nbytes,), torch.uint8, self.world - 1)
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Tell every stage to stop (they exit their loops) and leave the process group."""
