@@ -13,7 +13,7 @@ import os
 import torch
 
 from .cache import KVCache
-from .errors import FormatError, LayerpackError
+from .errors import FormatError
 from .generate import GenerationStats
 from .pack import Pack
 from .text import Prompt, TextGenerator  # noqa: F401 - Prompt: part of this module's API

@@ -177,8 +177,8 @@ def _stage_device(device: str, local_rank: int) -> str:
 
 
 def init_group(opts: StageOptions, rank: int, world: int) -> str:
-    """Join the process group: our own TCP store on a local launch (so that a peer that never
-    comes is an error after connect_timeout_s), torchrun's rendezvous otherwise. Returns the backend."""
+    """Join the process group through a TCP store with connect_timeout_s (a peer that never comes
+    is an error, not a hang): hosted by rank 0, or under torchrun by its agent. Returns the backend."""
     import torch.distributed as dist
 
     backend = opts.backend or ("nccl" if opts.device.startswith("cuda") and torch.cuda.is_available() else "gloo")
