@@ -212,12 +212,21 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads and the memory plan to stderr.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
+@click.option("--stages", type=click.IntRange(1), default=None, help="Split the model into S pipeline stages, one process each (torch.distributed, gloo on CPU), each holding only its own layers; --max-memory then applies per stage (one size, or one per stage: 1GiB,2GiB).")
+@click.option("--split", default=None, metavar="SPEC", help="Blocks of each stage, e.g. 0-9,10-21,22-31 [default: balanced by bytes and budgets].")
+@click.option("--micro-batches", type=click.IntRange(1), default=None, help="With --stages: micro-batches a batch is split into [default: min(batch, stages)].")
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, stats, revision, token):
+        no_page_cache, expert_cache, no_expert_reads, threads, stats, revision, token, stages, split, micro_batches):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
+
+    if stages or split:
+        return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
+                           not no_expert_reads, expert_cache, threads, stats,
+                           dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                chat=chat))
 
     from layerpack_runtime import load
     from layerpack_runtime.manifest import Manifest
@@ -253,6 +262,29 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
             click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
                        f"of {fmt_size(model.experts.capacity)}", err=True)
+
+
+def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, page_cache, expert_reads,
+                expert_cache, threads, stats, gen):
+    """`run --stages`: S local stage processes (launch.launch_local); rank 0 prints the text."""
+    from layerpack_runtime.launch import GenerateJob, launch_local
+    from layerpack_runtime.stages import StageOptions
+    from layerpack_runtime.threads import resolve_threads
+
+    if _existing_or_repo(pack):
+        raise LayerpackError("--stages runs a local pack folder; for a Hub pack, `layerpack pull REPO --layers ...` "
+                             "each stage's units first (README: pipeline stages)")
+    if stages is None:
+        stages = len(split.split(","))
+    if threads is not None:
+        threads = resolve_threads(threads, "--threads")
+    opts = StageOptions(pack, stages, split, max_memory, device, dtype, prefetch_depth=prefetch, page_cache=page_cache,
+                        expert_reads=expert_reads, expert_cache=expert_cache, threads=threads, micro_batches=micro_batches)
+    try:
+        launch_local(opts, GenerateJob(prompt, gen, stats))
+    except KeyboardInterrupt:
+        click.echo()
+        _die("interrupted; every stage was stopped", code=130)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ EOF
 status=0
 timeout 240 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_kernels.py -p no:cacheprovider >"$LOG/tests.txt" 2>&1 || status=1
 tests_line=$(tail -1 "$LOG/tests.txt")
+# pipeline stages on CUDA: 2 processes on one GPU over gloo; NCCL with two GPUs or more (issue 14)
+timeout 180 "$PY" -m pytest -q -rs tests/test_stages_cuda.py -p no:cacheprovider >"$LOG/stages.txt" 2>&1 || status=1
+stages_line=$(tail -1 "$LOG/stages.txt")
 timeout 240 "$PY" scripts/bench_kernels.py --device cuda --shapes smollm2,llama3-8b,llama3-405b --rows 1,16,128 --repeats 5 --no-old-path \
   >"$LOG/bench_kernels.md" 2>"$LOG/bench_kernels.err" || status=1
 # A Llama-3.1-405B-shaped pack (1 decoder layer, the real 128256 x 16384 embedding and head: 14.8 GB
@@ -70,6 +73,7 @@ echo "| check | result |"
 echo "|---|---|"
 echo "| $(head -1 "$LOG/device.txt") | $(sed -n 2p "$LOG/device.txt") |"
 echo "| CUDA + kernel tests | $tests_line |"
+echo "| CUDA pipeline stages | $stages_line |"
 grep -E "^\| [0-9]+x[0-9]+ \| 1 \|" "$LOG/bench_kernels.md" | awk -F'|' '{printf "| decode %s %s | %s ms, %s GB/s, %s vs dense |\n", $2, $4, $5, $6, $7}'
 grep -E "^Decode" "$LOG/bench_kernels.md" | sed 's/^/| summary | /; s/$/ |/'
 echo "| 405B-shaped NF4 pack (1 layer + embed + head), 8 GB GPU budget | $l405 |"

@@ -174,7 +174,7 @@ def _fixed_weight_forms(monkeypatch):
     process to the next. Tests that compare two runs bit for bit need both in the same form, so
     in-process tests keep quantized units in stored form (the answer on CI machines with the
     native kernels); the planner's choice itself is tested through plan(dequantize_faster=...)."""
-    monkeypatch.setattr("layerpack_runtime.loader.dequantized_form_faster", lambda *a, **k: False)
+    monkeypatch.setattr("layerpack_runtime.unitrange.dequantized_form_faster", lambda *a, **k: False)
 
 
 def one_line_error(proc) -> str:

@@ -58,9 +58,13 @@ class Pack:
             raise FormatError(f"{self.path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
 
     # -- integrity -----------------------------------------------------------------------
-    def check_presence(self) -> list[str]:
+    def check_presence(self, only: set[str] | None = None) -> list[str]:
+        """Problems with the files' presence and sizes (only: just these paths, e.g. a pipeline
+        stage's own layers)."""
         problems = []
         for f in self.manifest.files:
+            if only is not None and f.path not in only:
+                continue
             try:
                 p = resolve_in_pack(self.path, f.path, self._roots)
             except FormatError as e:

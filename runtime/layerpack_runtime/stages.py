@@ -1,0 +1,566 @@
+"""Pipeline stages: a pack split into S contiguous unit ranges, one per process, over torch.distributed.
+
+Stage k (rank k) opens only its own units (a UnitRange, unitrange.py), holds them resident or
+streams them under its own `max_memory`, and keeps the KV cache of its own blocks. Rank 0 holds
+the embedding and the first blocks, and owns the tokenizer, sampling and output (a `Pipeline`,
+which generates text like a LayeredModel); the hidden states of each step go from stage to stage
+by point-to-point send/recv, and the last stage (which holds the head) sends the logits back to
+rank 0. Batched prompts are split into micro-batches, each with its own KV caches, sent one after
+the other so that all stages work at once (GPipe's fill: the bubble is (S-1)/(M+S-1) of a step).
+
+Messages from stage k to k+1 - a header of HEADER_LEN int64 (op, micro-batch, B, T, flags, a, b),
+then for a forward the attention mask [B, T] when padded and the hidden states [B, T, hidden] as
+raw bytes of the compute dtype. Every stage derives the rotary positions and masks from the same
+header and mask, so no stage needs another's cache.
+
+Backends: gloo on CPU; NCCL when every stage runs on CUDA (one GPU per process: device cuda:LOCAL_RANK);
+gloo also carries CUDA tensors through host memory (e.g. S processes sharing one GPU). Faults:
+every wait has a timeout, a peer that disappears breaks the connection, and the local launcher
+(launch.py) stops every process when one fails.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .budget import parse_size
+from .cache import KVCache
+from .errors import FormatError, LayerpackError
+from .format import UNIT_EMBED, UNIT_HEAD
+from .generate import GenerationStats, SamplingParams, left_pad, sample
+from .pack import Pack
+from .text import TextGenerator
+from .threads import apply_threads, resolve_threads
+from .unitrange import UnitRange, pack_units
+
+HEADER_LEN = 8
+OP_CACHE, OP_FORWARD, OP_DROP, OP_STOP, OP_STATS, OP_PING = 1, 2, 3, 4, 5, 6
+STATS_FIELDS = ("busy_s", "peak_rss", "plan_bytes")  # per stage, collected by Pipeline.stage_stats()
+FLAG_LAST_ONLY, FLAG_MASK = 1, 2
+DEFAULT_CONNECT_TIMEOUT_S = 120.0   # every stage must join within this (a missing peer is an error, not a hang)
+DEFAULT_STEP_TIMEOUT_S = 600.0      # the longest a stage waits for its neighbour's next message
+
+
+# -- the split ----------------------------------------------------------------------------------
+def parse_split(spec: str, num_layers: int) -> list[tuple[int, int]]:
+    """'0-9,10-21,22-31' (block ranges, one per stage, contiguous, covering every block) ->
+    unit index ranges [(first, last)]: stage 0 also holds the embedding, the last stage the head."""
+    ranges = []
+    for part in spec.split(","):
+        a, _, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise LayerpackError(f"cannot read --split {spec!r}: use block ranges per stage, e.g. 0-9,10-21,22-31") from None
+        ranges.append((lo, hi))
+    expect = 0
+    for lo, hi in ranges:
+        if lo != expect or hi < lo:
+            raise LayerpackError(f"--split {spec!r}: stages must hold contiguous, non-empty block ranges starting at 0 "
+                                 f"(expected a range starting at block {expect})")
+        expect = hi + 1
+    if expect != num_layers:
+        raise LayerpackError(f"--split {spec!r} covers blocks 0-{expect - 1}, but the pack has blocks 0-{num_layers - 1}")
+    n_units = num_layers + 2
+    return [(0 if k == 0 else lo + 1, n_units - 1 if k == len(ranges) - 1 else hi + 1) for k, (lo, hi) in enumerate(ranges)]
+
+
+def balanced_split(unit_bytes: list[int], stages: int, shares: list[float] | None = None) -> list[tuple[int, int]]:
+    """Contiguous unit ranges [(first, last)] for `stages` stages with bytes in proportion to
+    `shares` (e.g. each stage's memory budget; default equal). Units: embed, blocks.., head;
+    every stage gets at least one block."""
+    n = len(unit_bytes)
+    blocks = n - 2
+    if not 1 <= stages <= blocks:
+        raise LayerpackError(f"--stages {stages}: the pack has {blocks} blocks; use 1 to {blocks} stages")
+    shares = shares or [1.0] * stages
+    total, cum = float(sum(unit_bytes)), [0]
+    for b in unit_bytes:
+        cum.append(cum[-1] + b)
+    bounds, acc = [0], 0.0
+    for k in range(1, stages):
+        acc += shares[k - 1] / sum(shares)
+        lo = bounds[-1] + (2 if k == 1 else 1)       # stage k-1 gets >= 1 block (stage 0: embed + a block)
+        hi = n - 1 - (stages - k)                     # leave a block for every later stage (the last: + head)
+        bounds.append(min(range(lo, hi + 1), key=lambda i: abs(cum[i] - acc * total)))
+    bounds.append(n)
+    return [(bounds[k], bounds[k + 1] - 1) for k in range(stages)]
+
+
+def stage_ranges(pack: Pack, stages: int, split: str | None = None, budgets: list[int | None] | None = None) -> list[tuple[int, int]]:
+    """The unit ranges of `stages` stages: given (`split`) or balanced by file bytes and budgets."""
+    m = pack.manifest
+    num_layers = len(m.layers) - 2
+    if split:
+        ranges = parse_split(split, num_layers)
+        if stages and len(ranges) != stages:
+            raise LayerpackError(f"--split names {len(ranges)} stages but --stages is {stages}")
+        return ranges
+    sizes = {f.path: f.size for f in m.files}
+    unit_bytes = [sizes.get(l.file, 0) for l in m.layers]
+    if m.architecture.get("tie_word_embeddings"):
+        unit_bytes[-1] += unit_bytes[0]  # the last stage also holds the tied embedding (its head)
+    shares = [float(b) for b in budgets] if budgets and all(b for b in budgets) else None
+    return balanced_split(unit_bytes, stages, shares)
+
+
+def parse_budgets(value, stages: int) -> list[int | None]:
+    """--max-memory for stages: one size for every stage, or one per stage ('1GiB,2GiB,2GiB')."""
+    if value is None or isinstance(value, (int, float)):
+        return [parse_size(value)] * stages
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) == 1:
+        parts = parts * stages
+    if len(parts) != stages:
+        raise LayerpackError(f"--max-memory gives {len(parts)} budgets for {stages} stages (give one, or one per stage)")
+    return [parse_size(p) for p in parts]
+
+
+def describe_range(num_layers: int, first: int, last: int) -> str:
+    units = pack_units(num_layers)
+    return units[first] if first == last else f"{units[first]}..{units[last]}"
+
+
+def open_stage_pack(path: str, first: int, last: int, tokenizer: bool) -> Pack:
+    """The pack folder as one stage sees it: only its own layer files (with a tied embedding, the
+    stage holding the head also needs the embedding's file) and, for rank 0, the tokenizer need
+    be there - e.g. `layerpack pull --layers` of just those units."""
+    pack = Pack(path, check_files=False)
+    units = [l.name for l in pack.manifest.layers][first:last + 1]
+    if units[-1] == UNIT_HEAD and pack.manifest.architecture.get("tie_word_embeddings"):
+        units.append(UNIT_EMBED)
+    own = {l.file for l in pack.manifest.layers if l.name in units}
+    layer_files = {l.file for l in pack.manifest.layers}
+    problems = pack.check_presence(only={f.path for f in pack.manifest.files
+                                         if f.path in own or (tokenizer and f.path not in layer_files)})
+    if problems:
+        raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    return pack
+
+
+# -- the process group --------------------------------------------------------------------------
+@dataclass
+class StageOptions:
+    """What every stage process needs to know (picklable: the local launcher sends it to each)."""
+    pack: str
+    stages: int
+    split: str | None = None
+    max_memory: object = None        # one size for all stages, or one per stage
+    device: str = "cpu"
+    dtype: str | None = None
+    context: int = 256
+    prefetch_depth: int = 1
+    page_cache: bool = True
+    expert_reads: bool = True
+    expert_cache: object = None
+    threads: int | None = None       # default: $LAYERPACK_THREADS, else this machine's cores / its stages
+    micro_batches: int | None = None  # default: min(batch, stages)
+    backend: str | None = None        # default: nccl when every stage is on CUDA, else gloo
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    addr: str | None = None           # None: torchrun's environment (MASTER_ADDR, MASTER_PORT)
+    port: int | None = None
+
+
+def _stage_device(device: str, local_rank: int) -> str:
+    # "cuda" without an index: one GPU per process on its machine (torchrun's LOCAL_RANK)
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def init_group(opts: StageOptions, rank: int, world: int) -> str:
+    """Join the process group through a TCP store with connect_timeout_s (a peer that never comes
+    is an error, not a hang): hosted by rank 0, or under torchrun by its agent. Returns the backend."""
+    import torch.distributed as dist
+
+    backend = opts.backend or ("nccl" if opts.device.startswith("cuda") and torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(_stage_device(opts.device, int(os.environ.get("LOCAL_RANK", rank)))))
+    addr = opts.addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(opts.port or os.environ.get("MASTER_PORT", 29500))
+    # Under torchrun's c10d rendezvous its agent hosts the store; else rank 0 does.
+    agent_store = opts.addr is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent_store,
+                              timeout=datetime.timedelta(seconds=opts.connect_timeout_s), wait_for_workers=False)
+        store = dist.PrefixStore("layerpack", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=opts.connect_timeout_s))
+    except Exception as e:  # noqa: BLE001 - a missing peer or an unreachable address: one line
+        raise LayerpackError(f"could not join the {world} stages at {addr}:{port} within {opts.connect_timeout_s:g} s "
+                             f"(is every stage started, with the same address?): {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+    # the first collective: every stage is there (a missing one: a timeout error here, not mid-run)
+    flag = torch.ones(1, device="cuda" if backend == "nccl" else "cpu")
+    try:
+        dist.all_reduce(flag)
+    except Exception as e:  # noqa: BLE001
+        raise LayerpackError(f"not every one of the {world} stages joined within {opts.connect_timeout_s:g} s "
+                             f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    return backend
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (VmHWM: unlike ru_maxrss, not inherited through
+    the fork + exec that starts a spawned stage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Link:
+    """Point-to-point messages between neighbouring stages (send side non-blocking)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, backend: str):
+        self.rank, self.world, self.backend = rank, world, backend
+        self.comm_device = device if backend == "nccl" else torch.device("cpu")
+        self.pending: list = []     # (work, tensor): a send in flight keeps its buffer alive
+        self.bytes_sent = 0
+        self.sends = 0
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        import torch.distributed as dist
+
+        t = t.contiguous().to(self.comm_device)
+        self.pending = [(w, b) for w, b in self.pending if not w.is_completed()]
+        self.pending.append((dist.isend(t, dst), t))
+        self.bytes_sent += t.numel() * t.element_size()
+        self.sends += 1
+
+    def recv(self, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t = torch.empty(shape, dtype=dtype, device=self.comm_device)
+        dist.recv(t, src)
+        return t
+
+    def send_header(self, dst: int, *fields: int) -> None:
+        h = torch.zeros(HEADER_LEN, dtype=torch.long)
+        h[:len(fields)] = torch.tensor(fields, dtype=torch.long)
+        self.send(h, dst)
+
+    def recv_header(self, src: int) -> list[int]:
+        return self.recv((HEADER_LEN,), torch.long, src).tolist()
+
+    def send_hidden(self, h: torch.Tensor, dst: int) -> None:
+        self.send(h.contiguous().view(torch.uint8), dst)  # raw bytes: any compute dtype, bit for bit
+
+    def recv_hidden(self, shape, dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
+        item = torch.empty(0, dtype=dtype).element_size()
+        raw = self.recv((*shape[:-1], shape[-1] * item), torch.uint8, src)
+        return raw.view(dtype).to(device)
+
+    def flush(self) -> None:
+        for w, _ in self.pending:
+            w.wait()
+        self.pending = []
+
+
+class Stage:
+    """One stage's units and the KV caches of its blocks, one per micro-batch."""
+
+    def __init__(self, opts: StageOptions, rank: int, world: int, ranges: list[tuple[int, int]], backend: str,
+                 local_rank: int = 0):
+        self.rank, self.world = rank, world
+        first, last = ranges[rank]
+        budgets = parse_budgets(opts.max_memory, world)
+        pack = open_stage_pack(opts.pack, first, last, tokenizer=rank == 0)
+        self.units = UnitRange(pack, _stage_device(opts.device, local_rank), opts.dtype, budgets[rank], opts.context,
+                               opts.prefetch_depth, opts.page_cache, None, opts.expert_reads, opts.expert_cache, first, last)
+        self.name = f"stage {rank} ({self.units.describe_units()})"
+        self.link = _Link(rank, world, self.units.device, backend)
+        self.caches: dict[int, KVCache] = {}
+        self.busy_s = 0.0  # time spent computing (for the pipeline bubble)
+
+    def stats_row(self) -> list[float]:
+        return [self.busy_s, float(peak_rss()), float(self.units.plan.total)]
+
+    @property
+    def hidden(self) -> int:
+        return self.units.args.hidden_size
+
+    def forward(self, x: torch.Tensor, mb: int, mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:
+        import time
+
+        t0 = time.perf_counter()
+        cache = self.caches[mb]
+        B, T = x.shape[:2]
+        steps = self.units.begin_step(cache, (B, T), mask)
+        with torch.inference_mode():
+            out = self.units.run(x, cache, steps, last_only)
+        cache.commit(T, mask)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+    def serve(self) -> None:
+        """Rank > 0: answer the previous stage's messages until it says stop."""
+        link, prev, nxt, last = self.link, self.rank - 1, self.rank + 1, self.rank == self.world - 1
+        dev = self.units.device
+        while True:
+            op, mb, B, T, flags, a, b, _ = link.recv_header(prev)
+            if op == OP_FORWARD:
+                mask = link.recv((B, T), torch.long, prev).to(dev) if flags & FLAG_MASK else None
+                h = link.recv_hidden((B, T, self.hidden), self.units.dtype, prev, dev)
+                out = self.forward(h, mb, mask, bool(flags & FLAG_LAST_ONLY))
+                if last:
+                    link.send(out.float(), 0)
+                else:
+                    link.send_header(nxt, op, mb, B, T, flags, a, b)
+                    if mask is not None:
+                        link.send(mask, nxt)
+                    link.send_hidden(out, nxt)
+                continue
+            if op in (OP_STATS, OP_PING):  # pass a table / payload on; the last stage returns it to rank 0
+                t = link.recv((self.world, len(STATS_FIELDS)), torch.float64, prev) if op == OP_STATS else link.recv((a,), torch.uint8, prev)
+                if op == OP_STATS:
+                    t[self.rank] = torch.tensor(self.stats_row(), dtype=torch.float64)
+                    if flags:
+                        self.busy_s = 0.0
+                if not last:
+                    link.send_header(nxt, op, mb, B, T, flags, a, b)
+                link.send(t, 0 if last else nxt)
+                continue
+            if op == OP_CACHE:
+                self.caches[mb] = self.units.new_cache(B, a, step_tokens=b)
+            elif op == OP_DROP:  # a = 1: only micro-batch mb's caches
+                if a:
+                    self.caches.pop(mb, None)
+                else:
+                    self.caches.clear()
+            elif op != OP_STOP:
+                raise LayerpackError(f"unexpected message {op} from stage {prev}")
+            if not last:
+                link.send_header(nxt, op, mb, B, T, flags, a, b)
+            if op == OP_STOP:
+                link.flush()
+                return
+
+
+class PipelineCache:
+    """Rank 0's handle of one micro-batch's caches (its own blocks here, the others' on their stages)."""
+
+    def __init__(self, mb: int, local: KVCache):
+        self.mb, self.local = mb, local
+        self.batch, self.max_len = local.batch, local.max_len
+
+
+class Pipeline(TextGenerator):
+    """Rank 0 of a pipeline: the whole pack's forward and text generation across the stages
+    (same API as LayeredModel: forward, logits, new_cache, generate, generate_ids)."""
+
+    def __init__(self, stage: Stage, opts: StageOptions):
+        self.stage, self.opts = stage, opts
+        u = stage.units
+        self.pack, self.manifest, self.args, self.device, self.dtype = u.pack, u.manifest, u.args, u.device, u.dtype
+        self.world = stage.world
+        self.last_stats = GenerationStats()
+        self._next_mb = 0
+        self.hop_bytes = self.hop_positions = 0  # hidden states sent by stage 0 (bytes, token positions)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({os.path.basename(self.pack.path)!r}, {self.world} stages; {self.stage.name}: {self.stage.units.plan.describe()})"
+
+    def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None) -> PipelineCache:
+        mb = self._next_mb
+        self._next_mb += 1
+        step_tokens = batch * max_len if step_tokens is None else step_tokens
+        self.stage.caches[mb] = self.stage.units.new_cache(batch, max_len, step_tokens)
+        if self.world > 1:
+            self.stage.link.send_header(1, OP_CACHE, mb, batch, 0, 0, max_len, step_tokens)
+        return PipelineCache(mb, self.stage.caches[mb])
+
+    def drop_caches(self) -> None:
+        self.stage.caches.clear()
+        self._next_mb = 0
+        if self.world > 1:
+            self.stage.link.send_header(1, OP_DROP)
+
+    def send_forward(self, ids: torch.Tensor, cache: PipelineCache, mask: torch.Tensor | None, last_only: bool):
+        """Run stage 0 on ids [B, T] and pass the hidden states on (returns at once); with one
+        stage, returns the logits."""
+        out = self.stage.forward(ids, cache.mb, mask, last_only)
+        if self.world == 1:
+            return out
+        B, T = ids.shape
+        flags = (FLAG_LAST_ONLY if last_only else 0) | (FLAG_MASK if mask is not None else 0)
+        link = self.stage.link
+        link.send_header(1, OP_FORWARD, cache.mb, B, T, flags)
+        if mask is not None:
+            link.send(mask.long(), 1)
+        link.send_hidden(out, 1)
+        self.hop_bytes += out.numel() * out.element_size()
+        self.hop_positions += B * T
+        return None
+
+    def recv_logits(self, B: int, T: int) -> torch.Tensor:
+        return self.stage.link.recv((B, T, self.args.vocab_size), torch.float32, self.world - 1).to(self.device)
+
+    def forward(self, input_ids, cache: PipelineCache | None = None, attention_mask=None, last_only: bool = False) -> torch.Tensor:
+        """Like LayeredModel.forward, through every stage: float32 logits [B, T or 1, vocab]."""
+        ids = self.stage.units.check_ids(input_ids)
+        B, T = ids.shape
+        own_cache = cache is None
+        if own_cache:
+            cache = self.new_cache(B, T)
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
+        out = self.send_forward(ids, cache, mask, last_only)
+        logits = out.float() if out is not None else self.recv_logits(B, 1 if last_only else T)
+        if own_cache:  # a whole sequence: its caches are not needed any more, on any stage
+            self.stage.caches.pop(cache.mb, None)
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_DROP, cache.mb, 0, 0, 0, 1)
+        return logits
+
+    def logits(self, input_ids) -> torch.Tensor:
+        return self.forward(input_ids)
+
+    def micro_batches(self, batch: int) -> list[slice]:
+        m = max(1, min(batch, self.opts.micro_batches or self.world))
+        size, extra = divmod(batch, m)
+        out, start = [], 0
+        for k in range(m):
+            n = size + (k < extra)
+            out.append(slice(start, start + n))
+            start += n
+        return out
+
+    def _token_loop(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, pad_id: int,
+                    generator: torch.Generator | None, stats: GenerationStats) -> Iterator[torch.Tensor]:
+        """generate.generate_tokens across the stages, the batch in micro-batches: every step sends
+        all of them before waiting for the first one's logits, so the stages work at once."""
+        import time
+
+        params.check()
+        ids, mask = left_pad(prompts, pad_id)
+        ids = ids.to(self.device)
+        mask = mask.to(self.device) if mask is not None else None
+        stats.batch, stats.prompt_tokens, stats.steps = len(prompts), sum(map(len, prompts)), 0
+        stats.prefill_s = stats.decode_s = 0.0
+        stats.threads = torch.get_num_threads()
+        if max_new_tokens <= 0:
+            return
+        self.drop_caches()
+        parts = self.micro_batches(ids.shape[0])
+        L = ids.shape[1]
+        caches = [self.new_cache(p.stop - p.start, L + max_new_tokens, step_tokens=(p.stop - p.start) * L) for p in parts]
+        read0, wait0 = self.stage.units.bytes_read, self.stage.units.io_wait_s
+
+        def step(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+            local = [self.send_forward(x[p], c, None if m is None else m[p], True) for p, c in zip(parts, caches)]
+            logits = [out if out is not None else self.recv_logits(p.stop - p.start, 1) for p, out in zip(parts, local)]
+            return torch.cat(logits)[:, -1].float()
+
+        try:
+            t0 = time.perf_counter()
+            tok = sample(step(ids, mask), params, generator)
+            out = tok.cpu()
+            stats.prefill_s, stats.steps = time.perf_counter() - t0, 1
+            stats.bytes_read, stats.io_wait_s = self.stage.units.bytes_read - read0, self.stage.units.io_wait_s - wait0
+            yield out
+            for _ in range(max_new_tokens - 1):
+                t0 = time.perf_counter()
+                tok = sample(step(tok[:, None], None), params, generator)
+                out = tok.cpu()
+                stats.decode_s += time.perf_counter() - t0
+                stats.steps += 1
+                stats.bytes_read, stats.io_wait_s = self.stage.units.bytes_read - read0, self.stage.units.io_wait_s - wait0
+                yield out
+        finally:
+            self.stage.link.flush()
+
+    def stage_stats(self, reset: bool = False) -> list[dict[str, float]]:
+        """Every stage's compute time (busy_s, since the last reset), peak RSS and planned bytes."""
+        table = torch.zeros(self.world, len(STATS_FIELDS), dtype=torch.float64)
+        table[0] = torch.tensor(self.stage.stats_row(), dtype=torch.float64)
+        if reset:
+            self.stage.busy_s = 0.0
+        if self.world > 1:
+            link = self.stage.link
+            link.send_header(1, OP_STATS, 0, 0, 0, int(reset))
+            link.send(table, 1)
+            table = link.recv(table.shape, torch.float64, self.world - 1)
+        return [dict(zip(STATS_FIELDS, row)) for row in table.tolist()]
+
+    def ping(self, nbytes: int) -> float:
+        """Seconds for `nbytes` to go round every stage and back to rank 0 (S hops, no compute)."""
+        import time
+
+        if self.world == 1:
+            return 0.0
+        link = self.stage.link
+        payload = torch.zeros(nbytes, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        link.send_header(1, OP_PING, 0, 0, 0, 0, nbytes)
+        link.send(payload, 1)
+        link.recv((nbytes,), torch.uint8, self.world - 1)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Tell every stage to stop (they exit their loops) and leave the process group."""
+        import torch.distributed as dist
+
+        if self.world > 1:
+            self.stage.link.send_header(1, OP_STOP)
+            self.stage.link.flush()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join(opts: StageOptions, rank: int | None = None, world: int | None = None, on_name=None) -> Pipeline | None:
+    """Join the pipeline as stage `rank` (default: torchrun's RANK / WORLD_SIZE). Rank 0 gets the
+    Pipeline to generate with (call close() when done); every other rank serves until rank 0
+    closes it, then returns None. on_name(0, name): told this stage's name (for error messages)."""
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", opts.stages)) if world is None else world
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if world != opts.stages:
+        raise LayerpackError(f"{world} processes were started for {opts.stages} stages")
+    # the stages on one machine share its cores (default: an equal share each)
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    apply_threads(opts.threads if opts.threads or os.environ.get("LAYERPACK_THREADS") else max(1, resolve_threads() // per_machine))
+    pack = Pack(opts.pack, check_files=False)
+    ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
+    pack.close()
+    if on_name is not None:
+        on_name(0, f"stage {rank} ({describe_range(len(ranges) and ranges[-1][1] - 1, *ranges[rank])})")
+    backend = init_group(opts, rank, world) if world > 1 else "gloo"
+    # step timeout from here on: the longest a stage waits for its neighbour
+    if world > 1:
+        _set_timeout(opts.step_timeout_s)
+    stage = Stage(opts, rank, world, ranges, backend, local_rank)
+    if world > 1:  # every stage has opened its units before rank 0 starts sending
+        dist.barrier()
+    if rank == 0:
+        return Pipeline(stage, opts)
+    try:
+        stage.serve()
+    finally:
+        dist.destroy_process_group()
+    return None
+
+
+def _set_timeout(seconds: float) -> None:
+    """The process group's timeout after start-up (init used the shorter connect timeout)."""
+    import torch.distributed as dist
+
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is not None:  # older torch: the connect timeout stays in force
+        setter(datetime.timedelta(seconds=seconds))

@@ -1,0 +1,404 @@
+"""A contiguous range of a pack's units - their weights and the forward pass over them.
+
+`UnitRange` is the piece the single-process model (loader.LayeredModel: the whole pack, embed ..
+head) and a pipeline stage (stages.py: some of the units, on its own process or machine) share.
+It opens only its own units' files, plans which of them stay resident within its own
+`max_memory` (budget.py) - in stored form, or dequantized when memory allows the faster form -
+streams the others from disk every step through a prefetching reader (streaming.py) that reads
+unit i+1 while unit i computes, and holds the KV cache of its own blocks only. Without a budget
+everything is resident, in the faster of the stored and dequantized forms on this machine
+(measured once, qweight.py). Quantized weights that are not dequantized ahead are computed from
+their codes inside the linear layer (qweight.py).
+
+A range's forward takes token ids when it starts with the embedding (else hidden states
+[B, T, hidden]) and returns logits when it ends with the head (else hidden states).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import models
+from .budget import UnitCost, minimum_budget, parse_size, plan
+from .cache import KVCache
+from .errors import FormatError, LayerpackError
+from .experts import EXPERTS_KEY, ExpertStore
+from .format import ST_DTYPES, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
+from .pack import Pack, stored_names
+from .qweight import CHUNK_ELEMS, compute_form, dequantized_form_faster
+from .safetensors_io import itemsize
+from .unitstats import UnitTimes
+from .streaming import FileRows, StreamStats, UnitStreamer
+from .validate import check_payload
+
+DTYPE_ALIASES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+# What a run holds besides the model's data, counted by the plan (Plan.runtime_bytes) so that the
+# process's peak RSS above its import baseline stays within max_memory (tests/test_memory_budget.py):
+# - `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
+#   loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB);
+# - torch's first-use allocations on CPU (intra-op thread pool, kernel workspaces, allocator arenas
+#   of the reader threads): 12-30 MB measured on the first forward (more with MoE routing and expert
+#   reader threads), whatever the model size.
+TOKENIZER_BYTES_PER_FILE_BYTE = 12
+TORCH_WORKING_BYTES = 32 * 2**20
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LayerpackError(f"invalid device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise LayerpackError(f"device {device!r} requested but CUDA is not available in this torch build / machine")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise LayerpackError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise LayerpackError("device 'mps' requested but MPS is not available")
+    return d
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype in DTYPE_ALIASES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_ALIASES:
+        return DTYPE_ALIASES[dtype.lower()]
+    raise LayerpackError(f"unsupported compute dtype {dtype!r} (use bf16, fp16 or fp32)")
+
+
+def pack_units(num_layers: int) -> list[str]:
+    """Every unit of a pack with `num_layers` blocks, in execution order."""
+    return [UNIT_EMBED, *(unit_name(UNIT_BLOCK, i) for i in range(num_layers)), UNIT_HEAD]
+
+
+class UnitRange:
+    """Units [first, last] (indices into embed, block.000 .., head) of a pack, ready to run."""
+
+    def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True,
+                 progress=None, expert_reads: bool = True, expert_cache=None, first: int = 0, last: int | None = None):
+        self.pack = pack
+        self.manifest = pack.manifest
+        arch = self.manifest.architecture
+        self.family = models.module_for(arch.get("family"))
+        self.args = self.family.ModelArgs.from_dict(arch)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, pack.dtype)
+        every = pack_units(self.args.num_layers)
+        names = [l.name for l in self.manifest.layers]
+        if names != every:
+            raise FormatError(f"pack units {names[:3]}...{names[-2:]} do not match the architecture's "
+                              f"{self.args.num_layers} blocks (expected embed, block.000 .. block.{self.args.num_layers - 1:03d}, head)")
+        last = len(every) - 1 if last is None else last
+        if not 0 <= first <= last < len(every):
+            raise LayerpackError(f"unit range {first}..{last} is outside the pack's {len(every)} units")
+        self.first, self.last = first, last
+        own = every[first:last + 1]
+        self.has_embed, self.has_head = own[0] == UNIT_EMBED, own[-1] == UNIT_HEAD
+        self.block_units = [u for u in own if u not in (UNIT_EMBED, UNIT_HEAD)]
+        self.first_block = first - 1 if not self.has_embed else 0  # global index of this range's first block
+        # A tied embedding is also the output projection: a range ending with the head opens it too.
+        self.tied_head = self.has_head and not self.has_embed and self.args.tie_word_embeddings
+        self.units = own + [UNIT_EMBED] if self.tied_head else own  # the units this range opens, plans and holds
+        self.inv_freq = self.family.rope_inv_freq(self.args, self.device)
+        self._layers = {l.name: l for l in self.manifest.layers if l.name in self.units}
+        for layer in self._layers.values():
+            self.family.check_unit(self.args, layer.kind, {t.name for t in layer.tensors})
+        # Every own layer file's header is validated now (and cross-checked with the manifest), before any run.
+        self._files = {name: pack.layer_file(layer) for name, layer in self._layers.items()}
+        self.max_memory = parse_size(max_memory)
+        # MoE packs: streamed blocks read only their selected experts (experts.py), cached within
+        # `expert_cache` bytes reserved from the budget plus whatever the plan leaves unused.
+        num_experts = getattr(self.args, "num_experts", 0)
+        self.experts = ExpertStore(self._layers, self._files, num_experts, self.dtype, self.device, expert_reads, page_cache) \
+            if num_experts else None
+        self.expert_cache = parse_size(expert_cache) or 0
+        self.prefetch_depth = prefetch_depth
+        self.page_cache = page_cache
+        self.progress = progress  # called with the bytes of each resident unit loaded (a progress bar's update)
+        self._resident: dict[str, dict[str, object]] = {}
+        self._deferred: dict[str, bool] = {}  # planned resident, file not here yet (remote pack) -> dequantize?
+        self._embed_rows: dict[str, FileRows] | None = None
+        self._row_stats = StreamStats()  # embedding rows read from the file
+        self.unit_times = UnitTimes()  # per-unit I/O and compute (--stats); compute timed when .enabled
+        self.unit_times.device = self.device
+        self._forms: dict[str, bool] = {}
+        self.streamer: UnitStreamer | None = None
+        self.context = self.step_tokens = 0
+        self.step_batch = 1
+        self._scoring = False  # prefer_dequantized()
+        self._apply_plan(max(1, int(context)), max(1, int(context)), 1)
+        self.progress = None  # only the first load reports
+
+    def describe_units(self) -> str:
+        own = [u for u in self.units if u != UNIT_EMBED or self.has_embed]
+        return own[0] if len(own) == 1 else f"{own[0]}..{own[-1]}"
+
+    # -- planning --------------------------------------------------------------------------------
+    def _unit_cost(self, name: str) -> UnitCost:
+        layer, st = self._layers[name], self._files[name]
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        stored = dequantized = 0
+        for t in layer.tensors:
+            n = 1
+            for d in t.shape:
+                n *= d
+            dequantized += n * item
+            if t.scheme == "none":
+                stored += n * item
+            else:  # codes + absmax (+ outliers), as held in memory (decompressed)
+                stored += sum(_logical_bytes(st.tensors[k]) for k in stored_names(t))
+        payload = st.file_size - st.data_start
+        decompressed = sum(_logical_bytes(i) for i in st.tensors.values() if i.logical_dtype)
+        if name == UNIT_EMBED and self._embed_rows_from_file():
+            payload, decompressed = 0, 0  # not streamed whole: rows are read as needed (FileRows)
+        streamed = payload + decompressed
+        if self.experts is not None:  # a MoE block streams its dense part; experts are read one by one
+            streamed = self.experts.streamed_bytes(name, streamed)
+        return UnitCost(name, stored, dequantized, streamed)
+
+    def _embed_rows_from_file(self) -> bool:
+        """An untied, unquantized, uncompressed embedding can serve rows straight from its file."""
+        if self.args.tie_word_embeddings or UNIT_EMBED not in self._files:
+            return False
+        info = self._files[UNIT_EMBED].tensors.get("embed.weight")
+        return info is not None and info.logical_dtype is None and len(info.shape) == 2
+
+    def _kv_bytes(self, tokens: int) -> int:
+        a = self.args
+        return 2 * len(self.block_units) * a.num_kv_heads * a.head_dim * tokens * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _activation_bytes(self, tokens: int, batch: int = 1) -> int:
+        """Peak working memory of one forward step over `tokens` positions in `batch` rows (the
+        prefill), roughly: a few hidden-sized buffers and the MLP's intermediate ones per position,
+        each row's attention scores, the last logits, and the largest weight dequantized on the fly
+        (fp32 work buffer + result, in chunks of at most CHUNK_ELEMS)."""
+        a = self.args
+        t = max(1, tokens)
+        seq = max(1, t // max(1, batch))
+        work = t * (8 * a.hidden_size + 3 * a.intermediate_size) * 4 + a.num_heads * t * seq * 4 + batch * a.vocab_size * 4 * 2
+        largest = min(max(a.vocab_size * a.hidden_size, a.intermediate_size * a.hidden_size), CHUNK_ELEMS)
+        quantized = self.manifest.quantization.scheme != "none"
+        experts = self.experts.working_bytes(t, self.args.top_k) if self.experts is not None else 0
+        return work + experts + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
+
+    def _runtime_bytes(self) -> int:
+        """Memory a run takes besides the model's data: the pack's tokenizer once loaded (by the
+        range that starts with the embedding: the one that owns the text), and torch's first-use
+        working memory (see TORCH_WORKING_BYTES)."""
+        size = next((f.size for f in self.manifest.files if f.path == "tokenizer.json"), 0) if self.has_embed else 0
+        return size * TOKENIZER_BYTES_PER_FILE_BYTE + TORCH_WORKING_BYTES
+
+    def _priority(self) -> list[str]:
+        # The embedding is needed every step (and is the head when tied), then the head, then blocks;
+        # an embedding that can serve rows from its file comes last: keeping it saves only a few reads.
+        if self._embed_rows_from_file():
+            order = [UNIT_HEAD, *self.block_units, UNIT_EMBED]
+        else:
+            order = [UNIT_EMBED, UNIT_HEAD, *self.block_units]
+        return [u for u in order if u in self._layers]
+
+    def _required(self) -> tuple[str, ...]:
+        return (UNIT_EMBED,) if self.args.tie_word_embeddings and UNIT_EMBED in self._layers else ()  # a tied embedding is also the head
+
+    def prefer_dequantized(self) -> None:
+        """For scoring (perplexity, KL: every step a long prefill), dequantized weights and one GEMM
+        beat computing from the codes: replan so that memory left over goes to dequantized forms,
+        whatever the decode-speed measurement said."""
+        if not self._scoring:
+            self._scoring = True
+            self._apply_plan(self.context, self.step_tokens, self.step_batch)
+
+    def minimum_memory(self) -> int:
+        """The smallest `max_memory` this range runs with at the current context (what the error for
+        too small a budget states)."""
+        reserve = self.expert_cache if self.experts is not None else 0
+        return minimum_budget([self._unit_cost(n) for n in self.units], self._kv_bytes(self.context),
+                              self._activation_bytes(self.step_tokens, self.step_batch), self.prefetch_depth, self._required(),
+                              reserve, self._runtime_bytes())
+
+    def _apply_plan(self, context: int, step_tokens: int, batch: int) -> None:
+        """(Re)plan for a KV cache of `context` token slots and forward steps of up to `step_tokens`
+        positions (the prefill), and load/drop resident units to match."""
+        costs = [self._unit_cost(n) for n in self.units]
+        reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
+        scheme = self.manifest.quantization.scheme
+        deq_faster = scheme == "none" or self._scoring or dequantized_form_faster(scheme, self.dtype, self.device)
+        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
+                   self.prefetch_depth, self._required(), reserve, deq_faster, self._runtime_bytes())
+        for name in list(self._resident):
+            if new.resident.get(name) != self._forms.get(name):
+                del self._resident[name]
+                self._forms.pop(name, None)
+        self._deferred = {}
+        for name, deq in new.resident.items():
+            if name not in self._resident:
+                if self.pack.is_local(name):
+                    self._load_resident(name, deq)
+                else:  # a remote pack's file still downloading: loaded when the forward pass first needs it
+                    self._deferred[name] = deq
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+        self._embed_rows = None
+        streamed = list(new.streamed)
+        if UNIT_EMBED in streamed and self._embed_rows_from_file():
+            streamed.remove(UNIT_EMBED)
+            st = self._files[UNIT_EMBED]
+            info = st.tensors["embed.weight"]
+            self._embed_rows = {"embed.weight": FileRows(st.path, info.start, info.shape, ST_DTYPES[info.dtype], self.dtype,
+                                                         self._row_stats, st.ready, self.unit_times, UNIT_EMBED)}
+        if streamed:
+            buf = max(c.streamed for c in costs if c.name in streamed)
+            files = {n: self.experts.stream_view(n, self._files[n]) if self.experts else self._files[n] for n in streamed}
+            self.streamer = UnitStreamer(files, streamed, buf, self.device, self.prefetch_depth, self.page_cache,
+                                         check=lambda n, t: check_payload(self._layers[n].tensors, t, self._layers[n].file),
+                                         times=self.unit_times)
+        if self.experts is not None and self.max_memory:
+            # the reserved share plus what the plan left unused, but never more than the streamed experts
+            spare = self.max_memory - new.total + new.reserved_bytes
+            self.experts.set_capacity(min(spare, self.experts.total_expert_bytes(streamed)))
+        self.plan, self.context, self.step_tokens, self.step_batch = new, context, step_tokens, batch
+
+    def _load_resident(self, name: str, deq: bool) -> None:
+        stored = self.pack.read_layer(name)
+        w = {k: v.to(self.device) for k, v in compute_form(self._layers[name], stored, self.dtype, deq).items()}
+        fuse = getattr(self.family, "fuse_unit", None)  # e.g. one q/k/v matmul where that keeps the same bits
+        self._resident[name] = fuse(self.args, w) if fuse is not None and self._layers[name].kind == UNIT_BLOCK else w
+        self._forms[name] = deq
+        if self.progress:
+            self.progress(self._files[name].file_size)
+
+    def ensure_context(self, tokens: int, step_tokens: int | None = None, batch: int = 1) -> None:
+        """Make room for a KV cache of `tokens` slots (batch x length) and forward steps of
+        `step_tokens` positions over `batch` rows, replanning (fewer resident units) if needed."""
+        step_tokens = tokens if step_tokens is None else step_tokens
+        if (tokens > self.context or self._activation_bytes(step_tokens, batch)
+                > self._activation_bytes(self.step_tokens, self.step_batch)):
+            self._apply_plan(max(tokens, self.context), step_tokens, batch)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def weights_for(self, unit: str) -> dict[str, object]:
+        """Canonical tensors of one unit for the model code, on the compute device: plain tensors in
+        the compute dtype and quantized weights (QuantWeight, dequantized at use). The head unit of a
+        tied model includes the embedding as `head.weight`. A streamed unit's tensors are valid until
+        the next call."""
+        if unit in self._deferred:
+            self._load_resident(unit, self._deferred.pop(unit))
+        if unit in self._resident:
+            w = self._resident[unit]
+        elif unit == UNIT_EMBED and self._embed_rows is not None:
+            w = self._embed_rows
+        elif self.streamer is not None and unit in self._layers:
+            if self.experts is not None and self.experts.selective_for(unit):
+                w = compute_form(self.experts.dense_layer(unit), self.streamer.get(unit), self.dtype, dequantize=False)
+                w[EXPERTS_KEY] = self.experts.provider(unit)
+            else:
+                w = compute_form(self._layers[unit], self.streamer.get(unit), self.dtype, dequantize=False)
+        else:
+            raise LayerpackError(f"no layer unit {unit!r} in this " + ("pack" if self.first == 0 and self.has_head else "stage"))
+        if unit == UNIT_HEAD and self.args.tie_word_embeddings:  # the embedding doubles as the output projection
+            w = {**w, "head.weight": self.weights_for(UNIT_EMBED)["embed.weight"]}
+        return w
+
+    def placement(self) -> dict[str, str]:
+        """unit -> where its weights live under the current plan (the --stats table's column)."""
+        out = {}
+        for u in self.units:
+            if u in self._resident or u in self._deferred:
+                out[u] = "resident" + (" (dequantized)" if self.plan.resident.get(u) else "")
+            elif u == UNIT_EMBED and self._embed_rows is not None:
+                out[u] = "rows from file"
+            else:
+                out[u] = "streamed"
+        return out
+
+    @property
+    def bytes_read(self) -> int:
+        return ((self.streamer.stats.bytes_read if self.streamer else 0) + self._row_stats.bytes_read
+                + (self.experts.stats.bytes_read if self.experts is not None else 0))
+
+    @property
+    def io_wait_s(self) -> float:
+        return ((self.streamer.stats.wait_s if self.streamer else 0.0)
+                + (self.experts.stats.wait_s if self.experts is not None else 0.0))
+
+    # -- forward ---------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None) -> KVCache:
+        """A KV cache of this range's blocks for `batch` rows of up to `max_len` tokens; `step_tokens`:
+        the most positions one forward will process (the prefill: batch x prompt length), for the plan."""
+        a = self.args
+        self.ensure_context(batch * max_len, step_tokens, batch)
+        return KVCache(len(self.block_units), batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+
+    def check_ids(self, input_ids) -> torch.Tensor:
+        """Token ids [B, T] (or [T]) as a long tensor on the device, every id inside the vocabulary."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise LayerpackError(f"input_ids must be a non-empty [batch, tokens] array, got shape {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.args.vocab_size:
+            raise LayerpackError(f"token id {lo if lo < 0 else hi} is outside the vocabulary (0..{self.args.vocab_size - 1})")
+        return ids
+
+    def begin_step(self, cache: KVCache, shape: tuple[int, int], mask: torch.Tensor | None) -> list:
+        """Claim cache columns for new tokens of `shape` [B, T] (mask [B, T]: 1 = token, 0 = left
+        padding) and return every block's Step (rotary tables, attention masks); after the forward,
+        `cache.commit(T, mask)`."""
+        start, positions = cache.reserve(torch.empty(shape, device="meta"), mask)
+        return self.family.prepare_steps(self.args, self.inv_freq, positions, start, cache.kv_valid(start + shape[1]),
+                                         cache.positions, self.dtype)
+
+    def run(self, x: torch.Tensor, cache: KVCache, steps: list, last_only: bool = False) -> torch.Tensor:
+        """This range's units over x: token ids [B, T] if it starts with the embedding, else hidden
+        states [B, T, hidden]. Returns logits [B, T or 1, vocab] (compute dtype) if it ends with the
+        head, else hidden states [B, T, hidden]."""
+        fam, args, times = self.family, self.args, self.unit_times
+        h = x
+        if self.has_embed:
+            w = self.weights_for(UNIT_EMBED)
+            t0 = times.start()
+            h = fam.embed_forward(args, w, x)
+            times.stop(UNIT_EMBED, t0)
+        for j, unit in enumerate(self.block_units):
+            w = self.weights_for(unit)
+            t0 = times.start()
+            h = fam.block_forward(args, w, h, steps[self.first_block + j], cache.layers[j])
+            times.stop(unit, t0)
+        if not self.has_head:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        w = self.weights_for(UNIT_HEAD)
+        t0 = times.start()
+        h = fam.head_forward(args, w, h)
+        times.stop(UNIT_HEAD, t0)
+        return h
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+        if self.experts is not None:
+            self.experts.close()
+
+    def __repr__(self) -> str:
+        a = self.args
+        return (f"{type(self).__name__}({os.path.basename(self.pack.path)!r}, {self.describe_units()}, family={a.family}, "
+                f"layers={a.num_layers}, hidden={a.hidden_size}, scheme={self.manifest.quantization.scheme}, dtype={self.dtype}, "
+                f"device={self.device}; {self.plan.describe()})")
+
+
+def _logical_bytes(info) -> int:
+    """Bytes of a stored tensor once in memory (after zstd decompression, if compressed)."""
+    return math.prod(info.out_shape) * itemsize(info.out_dtype)
