@@ -81,6 +81,7 @@ class EngineStats:
     tokens: int = 0           # tokens generated over all requests
     max_active: int = 0       # most slots in use at once
     realigns: int = 0
+    cancelled: int = 0        # requests that ended by cancel (a client that left)
 
 
 class Engine:
@@ -294,6 +295,7 @@ class Engine:
         if r.finish_reason is not None:
             return
         r.finish_reason = reason
+        self.stats.cancelled += reason == "cancelled"
         self._call(r, Event(text, tok, reason, error))
 
     @staticmethod
