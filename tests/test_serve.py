@@ -279,3 +279,41 @@ def test_cli_serves_and_never_logs_the_key(pack, tmp_path):
     text = open(tmp_path / "log").read()
     assert "serving 'tiny'" in text and "API key required" in text and "POST /v1/chat/completions" in text
     assert KEY not in text
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_run(smollm2, tmp_path):
+    """The real model, four concurrent chat clients on a streamed NF4 pack: each answer equals what
+    `layerpack run --chat --dtype fp32` prints for its prompt alone. fp32 compute: in bf16 a batch
+    changes floating-point rounding (GEMM instead of GEMV, masked attention), and greedy text can
+    then part from the single-prompt text after some tokens - as the runtime's batched generate
+    already does (README, "Serving")."""
+    pack = str(tmp_path / "smol")
+    convert(smollm2, pack, ConvertOptions(quant="nf4", quiet=True))
+    questions = ["What is the capital of France?", "Who wrote Hamlet?", "What is 12 times 12?", "Write a haiku about the sea."]
+    probe = load(pack, dtype="fp32")
+    Engine(probe, max_batch=4, context=256)
+    model = load(pack, dtype="fp32", max_memory=probe.minimum_memory() + 10 * 2**20)  # little beyond the minimum
+    engine = Engine(model, max_batch=4, context=256)
+    assert len(model.plan.streamed) > 10  # the weights stream: one pass per step shared by the clients
+    want = [greedy(model, q, 24, chat=True) for q in questions]
+    srv = Server(engine, "smol")
+    try:
+        got = [None] * len(questions)
+
+        def worker(i):
+            time.sleep(0.05 * i)
+            got[i] = srv.client().chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": questions[i]}], max_tokens=24, temperature=0).choices[0].message.content
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert got == want
+        assert srv.engine.stats.max_active >= 3
+    finally:
+        srv.close()
+    assert subprocess.run([sys.executable, "-m", "layerpack.cli", "run", pack, questions[2], "--chat", "--dtype", "fp32",
+                           "--max-new-tokens", "24"], capture_output=True, text=True, cwd=REPO).stdout.rstrip("\n") == want[2]
