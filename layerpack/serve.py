@@ -230,7 +230,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     async def health(request: Request):
         return JSONResponse({"status": "ok" if engine.error is None else "error", "active": engine.active,
-                             "waiting": engine.waiting, "max_batch": engine.max_batch, "context": engine.context})
+                             "waiting": engine.waiting, "max_batch": engine.max_batch, "context": engine.context,
+                             "steps": engine.stats.steps, "prefills": engine.stats.prefills, "tokens": engine.stats.tokens})
 
     async def api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)

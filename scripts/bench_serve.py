@@ -41,7 +41,8 @@ def min_budget(pack: str, batch: int, context: int) -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
-def one_request(client, i: int, tokens: int, out: list) -> None:
+def one_request(client, i: int, tokens: int, out: list, start: threading.Barrier) -> None:
+    start.wait()
     t0 = time.perf_counter()
     ttft, n = None, 0
     stream = client.chat.completions.create(
@@ -60,13 +61,17 @@ def level(url: str, clients: int, tokens: int) -> dict:
 
     results = [None] * clients
     cs = [openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=1800) for _ in range(clients)]
-    threads = [threading.Thread(target=one_request, args=(cs[i], i, tokens, results)) for i in range(clients)]
-    t0 = time.perf_counter()
+    start = threading.Barrier(clients + 1)  # every client is ready before the clock starts
+    threads = [threading.Thread(target=one_request, args=(cs[i], i, tokens, results, start)) for i in range(clients)]
     for t in threads:
         t.start()
+    h0 = health(url)
+    start.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    h1 = health(url)
     ttfts, lats = [r[0] for r in results], sorted(r[1] for r in results)
     total = sum(r[2] for r in results)
 
@@ -74,39 +79,35 @@ def level(url: str, clients: int, tokens: int) -> dict:
         return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
     return {"clients": clients, "tokens": total, "wall": wall, "tps": total / wall, "ttft": statistics.median(ttfts),
-            "p50": pct(lats, 0.5), "p95": pct(lats, 0.95)}
+            "p50": pct(lats, 0.5), "p95": pct(lats, 0.95), "steps": h1["steps"] - h0["steps"],
+            "prefills": h1["prefills"] - h0["prefills"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--extra-memory", default="8MiB", help="budget above the minimum (the rest streams)")
-    ap.add_argument("--work", default="/tmp/layerpack-bench-serve")
-    ap.add_argument("--record", action="store_true")
-    a = ap.parse_args()
+def health(url: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as r:
+        return json.load(r)
+
+
+def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
+    """Serve one pack and measure every level; returns the report's lines and the 8-client ratio."""
+    import openai
     from layerpack_runtime.budget import fmt_size, parse_size
 
-    pack = os.path.join(a.work, "pack")
-    if not os.path.isfile(os.path.join(pack, "manifest.json")):
-        subprocess.run([sys.executable, "-m", "layerpack.cli", "convert", smollm2_checkpoint(), pack, "--quant", "nf4",
-                        "--quiet", "--overwrite"], check=True)
     batch = max(LEVELS)
     budget = min_budget(pack, batch, a.context) + parse_size(a.extra_memory)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = ["layerpack", "serve", pack, "--port", str(port), "--max-memory", str(budget), "--max-batch", str(batch),
-           "--context", str(a.context), "--threads", str(a.threads), "--model-name", "pack", "--quiet"]
-    log = open(os.path.join(a.work, "server.log"), "w+")
+    args = [pack, "--port", str(port), "--max-memory", str(budget), "--max-batch", str(batch), "--context", str(a.context),
+            "--threads", str(a.threads), "--model-name", "pack", "--quiet"]
+    log = open(os.path.join(a.work, f"server-{quant}.log"), "w+")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", *cmd[1:]], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", "serve", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        import openai
-
         deadline = time.time() + 300
         while True:
             try:
@@ -123,7 +124,7 @@ def main() -> None:
         for r in range(a.rounds):
             for n in LEVELS:
                 res = level(url, n, a.tokens)
-                print(f"round {r + 1}: {n:2d} clients: {res['tps']:.2f} tokens/s, TTFT {res['ttft']:.2f} s, "
+                print(f"{quant} round {r + 1}: {n:2d} clients: {res['tps']:.2f} tokens/s, TTFT {res['ttft']:.2f} s, "
                       f"p50 {res['p50']:.2f} s, p95 {res['p95']:.2f} s", flush=True)
                 if n not in best or res["tps"] > best[n]["tps"]:
                     best[n] = res
@@ -134,22 +135,49 @@ def main() -> None:
     log.seek(0)
     plan = re.search(r"memory plan: (.*)", log.read())
     base = best[1]["tps"]
-    lines = [f"## `layerpack serve`: concurrent clients on a streamed SmolLM2 pack ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {machine(a.threads)}. Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after.",
-             f"Pack: SmolLM2-135M-Instruct NF4. Server: `{' '.join(cmd[:3])} --max-memory {fmt_size(budget)} "
-             f"--max-batch {batch} --context {a.context} --threads {a.threads}` "
-             f"(the smallest budget for 16 KV slots + {a.extra_memory}); plan: {plan.group(1) if plan else '?'}.",
-             f"Command: `.venv/bin/python scripts/bench_serve.py --tokens {a.tokens} --context {a.context} "
-             f"--threads {a.threads} --rounds {a.rounds}`. Each client: one streaming greedy chat request for "
-             f"{a.tokens} new tokens, all clients at once (openai client); best of {a.rounds} interleaved rounds.", "",
-             "| clients | total tokens/s | vs 1 client | TTFT (median) | latency p50 | latency p95 | tokens |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"### {quant} pack", "",
+             f"Server: `layerpack serve PACK --max-memory {fmt_size(budget)} --max-batch {batch} --context {a.context} "
+             f"--threads {a.threads}` (the smallest budget for {batch} KV slots + {a.extra_memory}); load average "
+             f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; plan: {plan.group(1) if plan else '?'}.", "",
+             "| clients | total tokens/s | vs 1 client | TTFT (median) | latency p50 | latency p95 | tokens | decode steps + prefills (weight passes) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in LEVELS:
         r = best[n]
-        lines.append(f"| {n} | {r['tps']:.2f} | {r['tps'] / base:.2f}x | {r['ttft']:.2f} s | {r['p50']:.2f} s | "
-                     f"{r['p95']:.2f} s | {r['tokens']} |")
-    x8 = best[8]["tps"] / base
-    lines += ["", f"Target: >= 5x one client's tokens/s with 8 clients: {'met' if x8 >= 5 else 'MISSED'} ({x8:.2f}x)."]
+        lines.append(f"| {n} | {r['tps']:.2f} | **{r['tps'] / base:.2f}x** | {r['ttft']:.2f} s | {r['p50']:.2f} s | "
+                     f"{r['p95']:.2f} s | {r['tokens']} | {r['steps']} + {r['prefills']} |")
+    return lines + [""], best[8]["tps"] / base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per request")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quants", default="nf4,bf16", help="packs to serve, converted from SmolLM2 (nf4, int8, bf16)")
+    ap.add_argument("--extra-memory", default="8MiB", help="budget above the minimum (the rest streams)")
+    ap.add_argument("--work", default="/tmp/layerpack-bench-serve")
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    lines = [f"## `layerpack serve`: concurrent clients on a streamed SmolLM2 pack ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {machine(a.threads)}.",
+             f"Command: `.venv/bin/python scripts/bench_serve.py --tokens {a.tokens} --context {a.context} --threads {a.threads} "
+             f"--rounds {a.rounds} --quants {a.quants} --record`. Each client: one streaming greedy chat request "
+             f"(the real `openai` client, one thread per client) for {a.tokens} new tokens (fewer if the model ends "
+             f"its answer), all clients at once; total tokens/s = all completion tokens / wall time of the level; "
+             f"levels interleaved over {a.rounds} rounds, best round per level.", ""]
+    ratios = {}
+    for quant in a.quants.split(","):
+        pack = os.path.join(a.work, f"smollm2-{quant}")
+        if not os.path.isfile(os.path.join(pack, "manifest.json")):
+            opts = [] if quant == "bf16" else ["--quant", quant]
+            subprocess.run([sys.executable, "-m", "layerpack.cli", "convert", smollm2_checkpoint(), pack, *opts,
+                            "--quiet", "--overwrite"], check=True)
+        part, ratios[quant] = run_pack(pack, quant, a)
+        lines += part
+    lines.append("Target: >= 5x one client's tokens/s with 8 clients: "
+                 + "; ".join(f"{q} {'met' if r >= 5 else 'MISSED'} ({r:.2f}x)" for q, r in ratios.items()) + ".")
     report = "\n".join(lines)
     print(report)
     if a.record:

@@ -36,6 +36,9 @@ from .tokenizer import TextStream
 # slot near the context limit would force a compaction (a copy of the KV cache) almost every step.
 SLACK_FRACTION = 4
 DEFAULT_MAX_QUEUE = 64
+# An idle engine waits this long after the first request before its prefill, so that a burst of
+# clients shares one prefill (one pass over the weights) instead of one each.
+ADMIT_WAIT_S = 0.01
 
 
 class QueueFull(LayerpackError):
@@ -183,10 +186,14 @@ class Engine:
         try:
             while True:
                 with self._lock:
+                    idle = not self._active
                     while not self._stop and not self._waiting and not self._active:
                         self._lock.wait()
                     if self._stop:
                         break
+                    deadline = time.monotonic() + ADMIT_WAIT_S
+                    while idle and not self._stop and len(self._waiting) < self.max_batch and time.monotonic() < deadline:
+                        self._lock.wait(max(0.0, deadline - time.monotonic()))
                 self.step()
         except Exception as e:  # noqa: BLE001 - every waiting client must hear about it
             self.error = f"{type(e).__name__}: {e}"
