@@ -150,6 +150,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if max_tokens > room:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
                            f"context of {engine.context} tokens", param="max_tokens", code="context_length_exceeded")
+        if engine.error:
+            raise ApiError(503, f"the server cannot generate: {engine.error}", "server_error")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
@@ -168,18 +170,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             return EventStream(sse(req, g, ids, queue, rid, chat), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts = []
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
                     e = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    e = None
+                if e is not None:
+                    parts.append(e.text)
+                    if e.finish_reason:
+                        break
+                if time.monotonic() >= next_check:  # events may arrive every few ms: check by the clock
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         req.cancel()
                         return JSONResponse(api.error_body("client disconnected"), status_code=499)
-                    continue
-                parts.append(e.text)
-                if e.finish_reason:
-                    break
         finally:
             if req.finish_reason is None:
                 req.cancel()

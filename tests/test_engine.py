@@ -67,18 +67,24 @@ def test_batched_greedy_equals_single_prompt_generation(packs, family):
     model = load(packs[family], dtype="fp32")
     eos = set(model.eos_ids)
     ref = [model.generate_ids(p, max_new_tokens=20) for p in PROMPTS]
-    # 3 slots for 7 requests: they queue, join mid-decode, leave; slack 1 forces compactions.
-    engine = Engine(model, max_batch=3, context=51, slack=1).start()
-    try:
-        results = run_concurrently(engine, PROMPTS, 20)
-    finally:
-        engine.close()
+    # 3 slots for 7 requests, stepped by hand so that the schedule is fixed: one joins every third
+    # step (mid-decode, its own length), finished ones leave; slack 1 forces compactions.
+    engine = Engine(model, max_batch=3, context=51, slack=1)
+    tokens = [[] for _ in PROMPTS]
+    reqs, step = [], 0
+    while len(reqs) < len(PROMPTS) or engine.active or engine.waiting:
+        if len(reqs) < len(PROMPTS) and step % 3 == 0:
+            i = len(reqs)
+            reqs.append(engine.submit(PROMPTS[i], 20, on_event=lambda e, i=i: e.token is not None and tokens[i].append(e.token)))
+        engine.step()
+        step += 1
+    results = list(zip(tokens, reqs))
     for (ids, r), want in zip(results, ref):
         got = [t for t in ids if t not in eos]
         assert got == want
         assert r.finish_reason == ("length" if len(want) == 20 else "stop")
         assert r.completion_tokens == len(ids)
-    assert engine.stats.max_active == 3 and engine.stats.realigns > 0
+    assert engine.stats.max_active == 3 and engine.cache.realigns > 0 and engine.stats.prefills > 2
     assert engine.stats.steps < sum(len(ids) for ids, _ in results)  # decode steps were shared
 
 
@@ -148,10 +154,10 @@ def test_bad_requests_and_a_full_queue_are_refused(packs):
 def test_memory_plan_reserves_slots_and_a_prefill(packs):
     model = load(packs["llama"])
     engine = Engine(model, max_batch=4, context=100)
-    need = model._kv_bytes(4 * engine.max_len + 100)
-    assert engine.max_len >= 100 and model.plan.kv_bytes == need
+    need = model._kv_bytes(4 * engine.max_len + engine.prefill_tokens)
+    assert engine.max_len >= 100 and engine.prefill_tokens >= 100 and model.plan.kv_bytes == need
     assert sum(k.numel() * k.element_size() * 2 for k in engine.cache.k) <= need
-    small = load(packs["llama"], max_memory="40MB")  # fits the model, not 64 x 4096 tokens of KV (~120 MB)
+    small = load(packs["llama"], max_memory="60MB")  # fits the model, not 64 x 4096 tokens of KV (~120 MB)
     with pytest.raises(LayerpackError, match="max_memory .* below"):
         Engine(small, max_batch=64, context=4096)
     Engine(small, max_batch=4, context=256)
@@ -161,7 +167,7 @@ def test_slot_cache_moves_and_realigns_keep_each_sequence():
     c = SlotKVCache(num_layers=1, slots=3, kv_heads=1, max_len=8, head_dim=1, dtype=torch.float32)
     seq = lambda n, base: (torch.arange(base, base + n, dtype=torch.float32).view(1, n, 1),) * 2  # noqa: E731
     assert c.add([seq(3, 10)]) == 0 and c.end == 3
-    assert c.add([seq(5, 20)]) == 1 and c.end == 5  # longer than the timeline: the first moves right
+    assert c.add([seq(5, 20)]) == 1 and c.end == 5 and c.realigns == 1  # longer than the timeline: the first moves right
     assert c.k[0][0, 0, 2:5, 0].tolist() == [10, 11, 12] and c.positions[0, 2:5].tolist() == [0, 1, 2]
     assert c.add([seq(2, 30)]) == 2
     assert c.remove(0) == 2  # the last slot moves into the freed one
@@ -177,3 +183,17 @@ def test_slot_cache_moves_and_realigns_keep_each_sequence():
         c.realign(4)  # shorter than the longest sequence
     with pytest.raises(LayerpackError, match="full"):
         c.make_room(4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (scripts/gpu_check.sh runs this on a GPU)")
+def test_engine_on_cuda_equals_single_prompt_generation(packs):
+    model = load(packs["llama"], device="cuda", dtype="fp32")
+    eos = set(model.eos_ids)
+    ref = [model.generate_ids(p, max_new_tokens=16) for p in PROMPTS]
+    engine = Engine(model, max_batch=3, context=51, slack=1).start()
+    try:
+        results = run_concurrently(engine, PROMPTS, 16)
+    finally:
+        engine.close()
+    assert [[t for t in ids if t not in eos] for ids, _ in results] == ref
+    assert engine.cache.k[0].device.type == "cuda" and engine.stats.max_active == 3

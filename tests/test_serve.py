@@ -160,6 +160,18 @@ def test_client_leaving_mid_stream_frees_its_slot(pack):
         assert srv.engine.stats.tokens < 1000  # the left stream did not run to its end
         h = json.load(urllib.request.urlopen(srv.url + "/health"))
         assert h["status"] == "ok" and h["active"] == 0
+        # a non-streaming client that leaves while waiting for its answer
+        body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "temperature": 0}).encode()
+        port = int(srv.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            while srv.engine.active == 0:
+                time.sleep(0.005)
+        deadline = time.time() + 20
+        while srv.engine.active and time.time() < deadline:
+            time.sleep(0.02)
+        assert srv.engine.active == 0 and srv.engine.stats.cancelled == 2
     finally:
         srv.close()
 

@@ -32,6 +32,10 @@ from .generate import SamplingParams, left_pad, sample
 from .slots import SlotKVCache
 from .tokenizer import TextStream
 
+# Default positions of one prefill forward at least (admitted prompts, padded): a burst of chat
+# requests (each with its template's system prompt) shares one prefill - one pass over streamed
+# weights - rather than one per few prompts when --context is small.
+MIN_PREFILL_TOKENS = 512
 # Default extra timeline columns per slot beyond --context (a fraction of it): without slack, a
 # slot near the context limit would force a compaction (a copy of the KV cache) almost every step.
 SLACK_FRACTION = 4
@@ -83,7 +87,6 @@ class EngineStats:
     prefills: int = 0         # prefill forwards
     tokens: int = 0           # tokens generated over all requests
     max_active: int = 0       # most slots in use at once
-    realigns: int = 0
     cancelled: int = 0        # requests that ended by cancel (a client that left)
 
 
@@ -92,7 +95,7 @@ class Engine:
 
     max_batch: slots (sequences decoded together). context: most tokens of one sequence (prompt +
     completion). prefill_tokens: most positions of one prefill forward (admitted prompts, padded;
-    default: context). The memory plan reserves the slot cache, one prefill's cache and the larger
+    default: the larger of context and MIN_PREFILL_TOKENS). The memory plan reserves the slot cache, one prefill's cache and the larger
     of the prefill's and the decode step's activations at construction."""
 
     def __init__(self, model, max_batch: int = 8, context: int = 2048, max_queue: int = DEFAULT_MAX_QUEUE,
@@ -105,7 +108,7 @@ class Engine:
             raise LayerpackError(f"max_queue must be >= 0, not {max_queue}")
         self.model = model
         self.max_batch, self.context, self.max_queue = int(max_batch), int(context), int(max_queue)
-        self.prefill_tokens = max(int(prefill_tokens or self.context), self.context)
+        self.prefill_tokens = max(int(prefill_tokens or MIN_PREFILL_TOKENS), self.context)
         self.max_len = self.context + (max(1, self.context // SLACK_FRACTION) if slack is None else int(slack))
         self._plan_memory()
         a = model.args
@@ -221,12 +224,11 @@ class Engine:
         out: list[Request] = []
         longest = 0
         with self._lock:
+            for r in [r for r in self._waiting if r.cancelled]:  # a client that left while queued
+                self._waiting.remove(r)
+                self._finish(r, "cancelled")
             while self._waiting and len(self._active) + len(out) < self.max_batch:
                 r = self._waiting[0]
-                if r.cancelled:
-                    self._waiting.popleft()
-                    self._finish(r, "cancelled")
-                    continue
                 longest2 = max(longest, len(r.prompt))
                 if out and longest2 * (len(out) + 1) > self.prefill_tokens:
                     break  # the rest waits for the next prefill
@@ -259,10 +261,7 @@ class Engine:
     @torch.inference_mode()
     def _decode(self) -> None:
         ids = torch.tensor([[r._last] for r in self._active], dtype=torch.long)
-        end0 = self.cache.end
         logits = self.model.forward(ids, cache=self.cache.view(), last_only=True)[:, -1]
-        if self.cache.end != end0 + 1:
-            self.stats.realigns += 1
         self.stats.steps += 1
         done = []
         for slot, r in enumerate(self._active):

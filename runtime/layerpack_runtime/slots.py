@@ -43,6 +43,7 @@ class SlotKVCache:
         self.lengths = [0] * slots  # tokens held by each slot
         self.active = 0             # slots in use: rows [0, active)
         self.end = 0                # columns [0, end) of the timeline are in use
+        self.realigns = 0           # times the slots' columns were moved (compactions and right shifts)
 
     # -- slot management -------------------------------------------------------------------------
     def add(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -100,6 +101,7 @@ class SlotKVCache:
                     k[r, :, dst] = k[r, :, src].clone()
                     v[r, :, dst] = v[r, :, src].clone()
             self.positions[:self.active, dst] = self.positions[:self.active, src].clone()
+            self.realigns += 1
         self.end = new_end
 
     def make_room(self, T: int = 1) -> None:
