@@ -139,12 +139,13 @@ def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
              f"Server: `layerpack serve PACK --max-memory {fmt_size(budget)} --max-batch {batch} --context {a.context} "
              f"--threads {a.threads}` (the smallest budget for {batch} KV slots + {a.extra_memory}); load average "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; plan: {plan.group(1) if plan else '?'}.", "",
-             "| clients | total tokens/s | vs 1 client | TTFT (median) | latency p50 | latency p95 | tokens | decode steps + prefills (weight passes) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| clients | total tokens/s | vs 1 client | TTFT (median) | latency p50 | latency p95 | tokens | decode steps + prefills (weight passes) | tokens per pass |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in LEVELS:
         r = best[n]
         lines.append(f"| {n} | {r['tps']:.2f} | **{r['tps'] / base:.2f}x** | {r['ttft']:.2f} s | {r['p50']:.2f} s | "
-                     f"{r['p95']:.2f} s | {r['tokens']} | {r['steps']} + {r['prefills']} |")
+                     f"{r['p95']:.2f} s | {r['tokens']} | {r['steps']} + {r['prefills']} | "
+                     f"{r['tokens'] / max(1, r['steps'] + r['prefills']):.2f} |")
     return lines + [""], best[8]["tps"] / base
 
 
