@@ -95,8 +95,10 @@ class Engine:
 
     max_batch: slots (sequences decoded together). context: most tokens of one sequence (prompt +
     completion). prefill_tokens: most positions of one prefill forward (admitted prompts, padded;
-    default: the larger of context and MIN_PREFILL_TOKENS). The memory plan reserves the slot cache, one prefill's cache and the larger
-    of the prefill's and the decode step's activations at construction."""
+    default: the larger of context and MIN_PREFILL_TOKENS). slack: timeline columns per slot beyond
+    context (default context / SLACK_FRACTION). The memory plan reserves the slot cache, one
+    prefill's cache and the larger of the prefill's and the decode step's activations at
+    construction. `start()` runs the loop in a thread; without it, `step()` advances by hand."""
 
     def __init__(self, model, max_batch: int = 8, context: int = 2048, max_queue: int = DEFAULT_MAX_QUEUE,
                  prefill_tokens: int | None = None, slack: int | None = None):
