@@ -287,5 +287,39 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
         _die("interrupted; every stage was stopped", code=130)
 
 
+@main.command()
+@click.argument("pack", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; any other than loopback needs --api-key (or --insecure).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget for the model, its KV slots and activations, e.g. 2GiB; units beyond it stream from disk.")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Requests decoded together (KV slots).")
+@click.option("--context", type=click.IntRange(2, 1 << 20), default=2048, show_default=True, help="Most tokens of one request (prompt + completion).")
+@click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=64, show_default=True, help="Requests waiting for a slot; beyond it the server answers 503.")
+@click.option("--max-body", type=click.IntRange(1, 1 << 30), default=1 << 20, show_default=True, metavar="BYTES", help="Largest request body (413 beyond).")
+@click.option("--api-key", envvar="LAYERPACK_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' [default: $LAYERPACK_API_KEY, which keeps the key out of the process list].")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.option("--model-name", default=None, help="Model id clients send [default: the pack's folder name or repo id].")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
+@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Compute dtype [default: the pack's].")
+@click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
+@click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores].")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
+@click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no access log.")
+@_one_line_errors
+def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body, api_key, insecure, model_name, device, dtype,
+          prefetch, threads, revision, token, quiet):
+    """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
+    /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
+    from layerpack_runtime.threads import resolve_threads
+    from .serve import ServeOptions, check_bind, serve as run_serve
+    check_bind(host, api_key, insecure)  # before loading anything
+    threads = resolve_threads(threads, "--threads")
+    _existing_or_repo(pack)
+    opts = ServeOptions(host, port, max_memory, max_batch, context, api_key, insecure, max_queue, max_body, model_name,
+                        device, dtype, threads, prefetch, revision, token, quiet)
+    run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
+
+
 if __name__ == "__main__":
     main()

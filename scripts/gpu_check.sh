@@ -33,7 +33,7 @@ except Exception as e:
     print(f"bitsandbytes not importable ({type(e).__name__}): NF4 on CUDA dequantizes with pure torch")
 EOF
 status=0
-timeout 240 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_kernels.py -p no:cacheprovider >"$LOG/tests.txt" 2>&1 || status=1
+timeout 240 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_kernels.py tests/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation -p no:cacheprovider >"$LOG/tests.txt" 2>&1 || status=1
 tests_line=$(tail -1 "$LOG/tests.txt")
 # pipeline stages on CUDA: 2 processes on one GPU over gloo; NCCL with two GPUs or more (issue 14)
 timeout 180 "$PY" -m pytest -q -rs tests/test_stages_cuda.py -p no:cacheprovider >"$LOG/stages.txt" 2>&1 || status=1

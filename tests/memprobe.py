@@ -1,6 +1,6 @@
 """Peak memory of one `run` / `eval` / Python-API call, above the process's own import baseline.
 
-    python tests/memprobe.py api|run|eval PACK BUDGET [--tokens N]
+    python tests/memprobe.py api|run|eval|engine PACK BUDGET [--tokens N]
 
 Imports everything the call will import (torch, tokenizers, the runtime, the CLI), measures the
 resident set (VmRSS) as the baseline, resets the high-water mark (/proc/self/clear_refs "5"), runs
@@ -26,7 +26,7 @@ def _status(field: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["api", "run", "eval"])
+    p.add_argument("mode", choices=["api", "run", "eval", "engine"])
     p.add_argument("pack")
     p.add_argument("budget")
     p.add_argument("--tokens", type=int, default=8)
@@ -39,8 +39,9 @@ def main() -> None:
     from layerpack_runtime.budget import parse_size
     from layerpack_runtime.evaluate import default_text
 
-    if a.mode != "api":
+    if a.mode not in ("api", "engine"):
         from layerpack import cli, evaluate  # noqa: F401
+    from layerpack_runtime.engine import Engine
     text = default_text()[0][:4000]
     prompt = "The history of the city of Paris begins"
     import gc
@@ -53,6 +54,14 @@ def main() -> None:
     if a.mode == "api":
         model = layerpack_runtime.load(a.pack, max_memory=a.budget)
         model.generate(prompt, max_new_tokens=a.tokens)
+    elif a.mode == "engine":  # the serve engine: 8 slots of 128 tokens, all in use, 8 prompts in one prefill
+        model = layerpack_runtime.load(a.pack, max_memory=a.budget)
+        engine = Engine(model, max_batch=8, context=128)
+        ids = model.encode_prompt(prompt)
+        for i in range(8):
+            engine.submit(ids[: len(ids) - i % 3], 128 - len(ids))
+        while engine.waiting or engine.active:
+            engine.step()
     elif a.mode == "run":
         try:
             cli.main(["run", a.pack, prompt, "--max-memory", a.budget, "--max-new-tokens", str(a.tokens)], standalone_mode=False)

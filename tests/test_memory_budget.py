@@ -46,6 +46,7 @@ CASES = [
     ("int8", "api", "180MB"), ("int8", "run", "200MB"), ("int8", "eval", "250MB"),
     ("nf4", "api", "130MB"), ("nf4", "api", "200MB"), ("nf4", "run", "150MB"), ("nf4", "eval", "150MB"),
     ("moe", "api", "64MB"), ("moe", "run", "64MB"), ("moe", "eval", "56MB"),
+    ("nf4", "engine", "200MB"),  # serve's engine: 8 KV slots x 128 tokens and a 512-token prefill planned in the budget
 ]
 
 

@@ -1,0 +1,338 @@
+"""Continuous batching: many requests share each pass over the weights.
+
+When every decode step streams the weights from disk, the only way to serve several users is to
+share that pass. The engine runs one loop (in its own thread): at each iteration it
+
+1. drops cancelled requests (their slots are freed at once);
+2. admits waiting requests into free slots: their prompts are prefilled together (one left-padded
+   batch, exactly `generate_tokens`' prefill; a lone prompt is exactly `LayeredModel.generate`'s),
+   the first token is sampled, and each sequence's keys/values move into its own slot;
+3. runs one decode step over every active slot (sequences of different lengths; slots.py), samples
+   each row with its own parameters and generator, and reports the new text to each request.
+
+A request ends at EOS, at a stop string, after max_tokens, or when cancelled, and leaves its slot
+to the next one. The model is used only through `forward(ids, cache, attention_mask, last_only)`.
+Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
+through the callback (from the engine thread).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import KVCache
+from .errors import LayerpackError
+from .generate import SamplingParams, left_pad, sample
+from .slots import SlotKVCache
+from .tokenizer import TextStream
+
+# Default positions of one prefill forward at least (admitted prompts, padded): a burst of chat
+# requests (each with its template's system prompt) shares one prefill - one pass over streamed
+# weights - rather than one per few prompts when --context is small.
+MIN_PREFILL_TOKENS = 512
+# Default extra timeline columns per slot beyond --context (a fraction of it): without slack, a
+# slot near the context limit would force a compaction (a copy of the KV cache) almost every step.
+SLACK_FRACTION = 4
+DEFAULT_MAX_QUEUE = 64
+# An idle engine waits this long after the first request before its prefill, so that a burst of
+# clients shares one prefill (one pass over the weights) instead of one each.
+ADMIT_WAIT_S = 0.01
+
+
+class QueueFull(LayerpackError):
+    """The engine's waiting queue is full (an HTTP server answers 503)."""
+
+
+@dataclass
+class Event:
+    text: str = ""                      # new final text (may be empty)
+    token: int | None = None            # the token just generated (None for the closing event of a cancel)
+    finish_reason: str | None = None    # "stop" (EOS / stop string), "length", "cancelled", "error"
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    on_event: Callable[[Event], None] = lambda e: None
+    # filled by the engine
+    id: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    submitted: float = 0.0
+    first_token_s: float | None = None  # time to first token, from submit
+    _stream: TextStream | None = None
+    _generator: torch.Generator | None = None
+    _last: int = 0
+
+    def cancel(self) -> None:
+        """Stop generating for this request (safe from any thread); its slot is freed at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0            # decode steps
+    prefills: int = 0         # prefill forwards
+    tokens: int = 0           # tokens generated over all requests
+    max_active: int = 0       # most slots in use at once
+    cancelled: int = 0        # requests that ended by cancel (a client that left)
+
+
+class Engine:
+    """Continuous-batching generation over a LayeredModel (see the module docstring).
+
+    max_batch: slots (sequences decoded together). context: most tokens of one sequence (prompt +
+    completion). prefill_tokens: most positions of one prefill forward (admitted prompts, padded;
+    default: the larger of context and MIN_PREFILL_TOKENS). slack: timeline columns per slot beyond
+    context (default context / SLACK_FRACTION). The memory plan reserves the slot cache, one
+    prefill's cache and the larger of the prefill's and the decode step's activations at
+    construction. `start()` runs the loop in a thread; without it, `step()` advances by hand."""
+
+    def __init__(self, model, max_batch: int = 8, context: int = 2048, max_queue: int = DEFAULT_MAX_QUEUE,
+                 prefill_tokens: int | None = None, slack: int | None = None):
+        if int(max_batch) < 1:
+            raise LayerpackError(f"max_batch must be >= 1, not {max_batch}")
+        if int(context) < 2:
+            raise LayerpackError(f"context must be >= 2 tokens, not {context}")
+        if int(max_queue) < 0:
+            raise LayerpackError(f"max_queue must be >= 0, not {max_queue}")
+        self.model = model
+        self.max_batch, self.context, self.max_queue = int(max_batch), int(context), int(max_queue)
+        self.prefill_tokens = max(int(prefill_tokens or MIN_PREFILL_TOKENS), self.context)
+        self.max_len = self.context + (max(1, self.context // SLACK_FRACTION) if slack is None else int(slack))
+        self._plan_memory()
+        a = model.args
+        self.cache = SlotKVCache(a.num_layers, self.max_batch, a.num_kv_heads, self.max_len, a.head_dim, model.dtype, model.device)
+        self.tokenizer = model.tokenizer
+        self.eos = set(model.eos_ids)
+        self.pad_id = model._pad_id()
+        self.stats = EngineStats()
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []  # index = slot
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None  # set if the loop died (a bug or a failing disk); requests then fail
+
+    def _plan_memory(self) -> None:
+        m = self.model
+        kv_tokens = self.max_batch * self.max_len + self.prefill_tokens  # slots + one prefill's cache
+        prefill = m._activation_bytes(self.prefill_tokens, 1)
+        decode = m._activation_bytes(self.max_batch, self.max_batch) + m.args.num_heads * self.max_batch * self.max_len * 4
+        step, batch = (self.prefill_tokens, 1) if prefill >= decode else (self.max_batch, self.max_batch)
+        m.ensure_context(kv_tokens, step, batch)
+
+    # -- requests --------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, stop=None,
+               seed: int | None = None, on_event: Callable[[Event], None] | None = None) -> Request:
+        """Queue a request; raises LayerpackError for a bad one and QueueFull when the queue is full."""
+        params = params or SamplingParams()
+        params.check()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise LayerpackError("the prompt encodes to no tokens")
+        vocab = self.model.args.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise LayerpackError(f"a prompt token is outside the vocabulary (0..{vocab - 1})")
+        if int(max_tokens) < 1:
+            raise LayerpackError(f"max_tokens must be >= 1, not {max_tokens}")
+        if len(prompt) + int(max_tokens) > self.context:
+            raise LayerpackError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                 f"context of {self.context} tokens")
+        if self.error:
+            raise LayerpackError(f"the engine stopped: {self.error}")
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        req = Request(prompt, int(max_tokens), params, stops, seed, on_event or (lambda e: None))
+        req.id, req.submitted = next(self._ids), time.perf_counter()
+        with self._lock:
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._active)):
+                raise QueueFull(f"the server is busy ({len(self._waiting)} requests waiting); retry later")
+            self._waiting.append(req)
+            self._lock.notify()
+        return req
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="layerpack-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    idle = not self._active
+                    while not self._stop and not self._waiting and not self._active:
+                        self._lock.wait()
+                    if self._stop:
+                        break
+                    deadline = time.monotonic() + ADMIT_WAIT_S
+                    while idle and not self._stop and len(self._waiting) < self.max_batch and time.monotonic() < deadline:
+                        self._lock.wait(max(0.0, deadline - time.monotonic()))
+                self.step()
+        except Exception as e:  # noqa: BLE001 - every waiting client must hear about it
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            with self._lock:
+                pending = list(self._active) + list(self._waiting)
+                self._waiting.clear()
+            for r in pending:
+                if r.finish_reason is None:
+                    self._finish(r, "error" if self.error else "cancelled", error=self.error)
+
+    def step(self) -> None:
+        """One iteration: drop cancelled requests, admit waiting ones (one prefill), one decode step."""
+        for slot in reversed(range(len(self._active))):
+            if self._active[slot].cancelled:
+                self._finish(self._active[slot], "cancelled")
+                self._free(slot)
+        admitted = self._take_waiting()
+        if admitted:
+            self._prefill(admitted)
+        if self._active:
+            self._decode()
+
+    def _take_waiting(self) -> list[Request]:
+        out: list[Request] = []
+        longest = 0
+        with self._lock:
+            for r in [r for r in self._waiting if r.cancelled]:  # a client that left while queued
+                self._waiting.remove(r)
+                self._finish(r, "cancelled")
+            while self._waiting and len(self._active) + len(out) < self.max_batch:
+                r = self._waiting[0]
+                longest2 = max(longest, len(r.prompt))
+                if out and longest2 * (len(out) + 1) > self.prefill_tokens:
+                    break  # the rest waits for the next prefill
+                out.append(self._waiting.popleft())
+                longest = longest2
+        return out
+
+    @torch.inference_mode()
+    def _prefill(self, reqs: list[Request]) -> None:
+        m = self.model
+        ids, mask = left_pad([r.prompt for r in reqs], self.pad_id)
+        a = m.args
+        cache = KVCache(a.num_layers, len(reqs), a.num_kv_heads, ids.shape[1], a.head_dim, m.dtype, m.device)
+        logits = m.forward(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
+        self.stats.prefills += 1
+        L = ids.shape[1]
+        for b, r in enumerate(reqs):
+            r._stream = TextStream(self.tokenizer, r.stop)
+            if r.seed is not None:
+                r._generator = torch.Generator(device=m.device).manual_seed(int(r.seed))
+            tok = self._sample(logits[b:b + 1], r)
+            if self._emit(r, tok):
+                continue
+            n = len(r.prompt)
+            slot = self.cache.add([(layer.k[b, :, L - n:], layer.v[b, :, L - n:]) for layer in cache.layers])
+            assert slot == len(self._active)
+            self._active.append(r)
+        self.stats.max_active = max(self.stats.max_active, len(self._active))
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        ids = torch.tensor([[r._last] for r in self._active], dtype=torch.long)
+        logits = self.model.forward(ids, cache=self.cache.view(), last_only=True)[:, -1]
+        self.stats.steps += 1
+        done = []
+        for slot, r in enumerate(self._active):
+            if self._emit(r, self._sample(logits[slot:slot + 1], r)):
+                done.append(slot)
+        for slot in reversed(done):
+            self._free(slot)
+
+    def _sample(self, logits: torch.Tensor, r: Request) -> int:
+        return int(sample(logits, r.params, r._generator)[0])
+
+    def _emit(self, r: Request, tok: int) -> bool:
+        """Report token `tok` of request r; True when r is finished."""
+        if r.first_token_s is None:
+            r.first_token_s = time.perf_counter() - r.submitted
+        self.stats.tokens += 1
+        r._last = tok
+        if tok in self.eos:
+            r.completion_tokens += 1
+            self._finish(r, "stop", r._stream.finish(), tok)
+            return True
+        r.completion_tokens += 1
+        piece = r._stream.push(tok)
+        if r._stream.stopped:
+            self._finish(r, "stop", piece, tok)
+            return True
+        if r.completion_tokens >= r.max_tokens:
+            self._finish(r, "length", piece + r._stream.finish(), tok)
+            return True
+        if r.cancelled:
+            self._finish(r, "cancelled", piece, tok)
+            return True
+        self._call(r, Event(piece, tok))
+        return False
+
+    def _finish(self, r: Request, reason: str, text: str = "", tok: int | None = None, error: str | None = None) -> None:
+        if r.finish_reason is not None:
+            return
+        r.finish_reason = reason
+        self.stats.cancelled += reason == "cancelled"
+        self._call(r, Event(text, tok, reason, error))
+
+    @staticmethod
+    def _call(r: Request, e: Event) -> None:
+        try:
+            r.on_event(e)
+        except Exception:  # noqa: BLE001 - a failing consumer must not stop the others
+            r.cancelled = True
+
+    def _free(self, slot: int) -> None:
+        moved = self.cache.remove(slot)
+        last = self._active.pop()
+        if moved is not None:
+            self._active[slot] = last
+
+    # -- convenience (no web layer) --------------------------------------------------------------
+    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, stop=None,
+                 seed: int | None = None) -> tuple[str, Request]:
+        """Blocking: submit one request and wait for its text (the engine must be started)."""
+        done = threading.Event()
+        parts: list[str] = []
+
+        def on_event(e: Event) -> None:
+            parts.append(e.text)
+            if e.finish_reason:
+                done.set()
+
+        r = self.submit(prompt, max_tokens, params, stop, seed, on_event)
+        done.wait()
+        if r.finish_reason == "error":
+            raise LayerpackError(f"generation failed: {self.error}")
+        return "".join(parts), r
