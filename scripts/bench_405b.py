@@ -207,6 +207,7 @@ def main() -> None:
                     help="LABEL=FILE: a `/usr/bin/time -v layerpack convert` log to list (peak RSS, wall time)")
     ap.add_argument("--hub", metavar="PACK", help="also push / pull --layers / lazily run PACK through the local Hub look-alike")
     ap.add_argument("--work", default="/tmp", help="scratch space for --hub (the pushed copy and the pulled layers)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report (e.g. the load during --load'ed runs)")
     ap.add_argument("--save", help="also write the runs (JSON) to this file")
     ap.add_argument("--load", action="append", default=[], help="runs saved by --save to include (packs measured earlier)")
     ap.add_argument("--record", action="store_true")
@@ -225,6 +226,8 @@ def main() -> None:
     for path in a.load:
         with open(path) as f:
             saved = json.load(f)
+        for r in saved["runs"]:
+            r.setdefault("disk", saved["disk"])  # the disk as measured in the session of that run
         runs += saved["runs"]
         disks.append(saved["disk"])
     if packs:
@@ -237,7 +240,7 @@ def main() -> None:
             layers = json.load(f)["architecture"]["num_layers"]
         for budget in a.budgets.split(","):
             r = run_child(pack, budget, a)
-            r.update(scheme=scheme, requested=budget, layers=layers)
+            r.update(scheme=scheme, requested=budget, layers=layers, disk=disks[-1])
             runs.append(r)
             if "error" in r:
                 print(f"{scheme} {budget}: {r['error']}", file=sys.stderr)
@@ -249,7 +252,7 @@ def main() -> None:
             json.dump({"disk": disks[-1] if packs else disk, "runs": runs}, f)
     for r in runs:
         if "error" not in r:
-            r["sum"] = summarize(r, disk)
+            r["sum"] = summarize(r, r.get("disk", disk))
             costs[r["scheme"]] = {**r["costs"], "kv_per_token": r["kv_per_token"], "activation": r["activation"],
                                   "runtime": r["runtime"], "layers": r["layers"]}
     for scheme in dict.fromkeys(r["scheme"] for r in runs):
@@ -259,7 +262,7 @@ def main() -> None:
             per_scheme[scheme] = dict(
                 block_compute=min(r["sum"]["block_compute"] for r in ok),
                 head_compute=min(r["sum"]["head_compute"] for r in ok),
-                read_eff=min(1.0, max(r["sum"]["read_rate"] for r in streamed) / disk) if streamed else 1.0,
+                read_eff=min(1.0, max(r["sum"]["read_rate"] / r.get("disk", disk) for r in streamed)) if streamed else 1.0,
                 overlap=max(r["sum"]["ratio"] for r in streamed) if streamed else 1.0)
     shipped = ship(a.hub, a.work) if a.hub else []
     load1 = os.getloadavg()
@@ -333,11 +336,15 @@ def _convert_rows(logs: list[str]) -> list[str]:
 
 def report(a, runs, per_scheme, costs, disk, load0, load1, shipped) -> str:
     out = ["### Llama-3.1-405B-shaped packs (`scripts/bench_405b.py`)", "",
-           f"- Machine: {machine()}; load average {load0[0]:.1f} before, {load1[0]:.1f} after (shared machine).",
+           f"- Machine: {machine()}; " + (f"load average {load0[0]:.1f} before, {load1[0]:.1f} after (shared machine)." if a.packs
+                                             else "shared machine (load per run group below)."),
            f"- Command: `python scripts/bench_405b.py {' '.join(sys.argv[1:])}`",
-           f"- Disk: {disk:.2f} GB/s sequential read, measured on a pack file evicted from the page cache.",
+           f"- Disk: sequential read measured on a pack file evicted from the page cache at the start of each session "
+           f"({', '.join(f'{d:.2f}' for d in sorted(set(r.get('disk', disk) for r in runs)))} GB/s: the disk is shared too); each run's "
+           "bound uses its own session's figure, the projection's read efficiency is a run's read rate over it.",
            "- Runs: a fresh process per row, 1-token prompt, greedy, page cache off for streamed units "
-           "(every streamed byte comes from the disk, every step); per step = per forward pass.", ""]
+           "(every streamed byte comes from the disk, every step); per step = per forward pass.",
+           *[f"- {n}" for n in a.note], ""]
     if a.convert_log:
         out += ["Conversion (`/usr/bin/time -v layerpack convert`):", "",
                 "| conversion | peak RSS | wall | MB/s of source |", "|---|--:|--:|--:|", *_convert_rows(a.convert_log), ""]
