@@ -27,6 +27,7 @@ from layerpack_runtime.format import (
     DTYPE_TO_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
+    FORMAT_VERSION_CALIBRATED,
     LAYERS_DIR,
     MANIFEST_FILE,
     SCHEME_NONE,
@@ -44,6 +45,8 @@ from layerpack_runtime.pack import sha256_file
 from . import __version__
 from .families import Family, Rows, architecture_spec, expected_shape, family_of, is_ignored, is_quantizable, split_rows
 from .progress import progress_bar
+from .calibrate import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS, MAX_TOKENS as MAX_CALIBRATION_TOKENS
+from .calibrated import Calibrated, parse_methods
 from .quantize import OUTLIER_ROW, OUTLIER_RULES, quantize_tensor
 from .schema import validate_manifest
 from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, read_json_object, resolve
@@ -70,6 +73,10 @@ class ConvertOptions:
     eval_text: str | None = None       # None: the default text (layerpack_runtime.evaluate.default_text)
     outlier_rule: str = OUTLIER_ROW    # which entries --outliers keeps (quantize.OUTLIER_RULES; chosen by scripts/sweep_outliers.py)
     head_outliers: float | None = None  # the output head's fraction (a tied embedding is the head); None: `outliers`
+    calibrate: bool = False            # --calibrate: activation-aware outliers and scales (calibrate.py, calibrated.py)
+    calibration_text: str | None = None  # None: the text that ships with layerpack (calibrate.default_text)
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
+    calibrate_methods: str | None = None  # comma-separated subset of calibrated.METHODS; None: all
 
     def check(self) -> None:
         if self.quant not in SCHEMES:
@@ -90,6 +97,14 @@ class ConvertOptions:
             raise LayerpackError(f"outlier rule must be one of {', '.join(OUTLIER_RULES)}")
         if self.block_size is not None and (self.block_size < 16 or self.block_size % 2):
             raise LayerpackError(f"--block-size must be an even number >= 16, not {self.block_size}")
+        if self.calibrate and self.quant == SCHEME_NONE:
+            raise LayerpackError("--calibrate needs a quantized scheme (--quant int8 or nf4)")
+        if not self.calibrate and (self.calibration_text is not None or self.calibrate_methods is not None):
+            raise LayerpackError("--calibration-text / --calibrate-methods need --calibrate")
+        if not 1 <= self.calibration_tokens <= MAX_CALIBRATION_TOKENS:
+            raise LayerpackError(f"--calibration-tokens must be in 1..{MAX_CALIBRATION_TOKENS}")
+        if self.calibrate:
+            parse_methods(self.calibrate_methods)
 
 
 @dataclass
@@ -274,6 +289,8 @@ class _Job:
     index: TensorIndex
     units: list[UnitPlan]
     quant: Quantization
+    calibration_ids: torch.Tensor | None = None   # --calibrate: the calibration token ids
+    stats: dict | None = None                     # --calibrate: {canonical: calibrate.ColumnStats}
 
 
 def _plan(src: str, opts: ConvertOptions) -> _Job:
@@ -307,7 +324,16 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
         outlier_rule=opts.outlier_rule if opts.outliers or opts.head_outliers else None,
         head_outlier_fraction=opts.head_outliers if opts.head_outliers is not None and opts.head_outliers != opts.outliers else None,
     )
-    return _Job(source, arch, index, units, quant)
+    job = _Job(source, arch, index, units, quant)
+    if opts.calibrate:  # the text is tokenized now: its provenance is part of the job (fingerprint, manifest)
+        from . import calibrate
+
+        text, text_id = calibrate.read_text(opts.calibration_text)
+        job.calibration_ids = calibrate.token_ids(source.root, arch, text, opts.calibration_tokens)
+        quant.calibration = {"text": text_id, "text_sha256": calibrate.text_sha256(text),
+                             "tokens": int(job.calibration_ids.numel()), "sequence_length": calibrate.SEQ_LEN,
+                             "methods": list(parse_methods(opts.calibrate_methods))}
+    return job
 
 
 def _read(index: TensorIndex, u: UnitPlan, canonical: str) -> torch.Tensor:
@@ -352,6 +378,8 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
         return manifest
 
     results = {u.name: rec for u in job.units if (rec := partial.done(out, u.name))}
+    if job.calibration_ids is not None and len(results) < len(job.units):
+        job.stats = _calibration_stats(job, partial, opts.quiet)
     with ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher:
         digests = _convert_units(job, [u for u in job.units if u.name not in results], out, partial, results, opts.quiet, hasher)
         src_files = [d.result() for d in digests]
@@ -404,8 +432,9 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             bar.set_description(u.name)
             head = canonical == "head.weight" or (tied and canonical == "embed.weight")
             fraction = q.head_outlier_fraction if head and q.head_outlier_fraction is not None else q.outlier_fraction
-            s, entry = quantize_tensor(canonical, w, scheme_for(canonical, q.scheme, tied), dtype, q.block_size, fraction,
-                                       q.outlier_rule or OUTLIER_ROW)
+            scheme = scheme_for(canonical, q.scheme, tied)
+            s, entry = quantize_tensor(canonical, w, scheme, dtype, q.block_size, fraction,
+                                       q.outlier_rule or OUTLIER_ROW, _calibrated(job, canonical, scheme))
             stored.update(s)
             entries.append(entry)
             params += w.numel()
@@ -423,6 +452,30 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
                 _fault_point(len(results))
                 stored, entries, params = {}, [], 0
     return [digests[rel] for rel in provenance_files(job.source)]
+
+
+def _calibration_stats(job: _Job, partial: _Partial, quiet: bool) -> dict:
+    """The activation statistics of every linear: saved by an earlier run of this job (resume), or
+    computed now by running the source unit by unit (calibrate.collect) and saved for a resume."""
+    from . import calibrate
+
+    path = os.path.join(partial.dir, calibrate.STATS_FILE)
+    fingerprint = partial.fingerprint() or ""
+    stats = calibrate.load(path, fingerprint)
+    if stats is None:
+        with progress_bar(len(job.units), "calibrate", quiet) as bar:
+            stats = calibrate.collect(job.arch, job.units, lambda u: {c: _read(job.index, u, c) for c in u.tensors},
+                                      job.calibration_ids, job.arch["tie_word_embeddings"], lambda u: bar.update(1))
+        calibrate.save(path, stats, fingerprint)
+    return stats
+
+
+def _calibrated(job: _Job, canonical: str, scheme: str) -> Calibrated | None:
+    """The calibration of one weight for quantize_tensor (None: not calibrated, or not a quantized linear)."""
+    if job.stats is None or scheme == SCHEME_NONE or canonical not in job.stats:
+        return None
+    st = job.stats[canonical]
+    return Calibrated(st.sq_mean, st.abs_max, tuple(job.quant.calibration["methods"]))
 
 
 def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], quiet: bool) -> dict:
@@ -488,7 +541,7 @@ def _build_manifest(job: _Job, done: list[tuple[LayerEntry, FileEntry]], sidecar
     params = sum(l.params for l, _ in done)
     m = Manifest(
         format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION_CALIBRATED if job.quant.calibration is not None else FORMAT_VERSION,
         created_by=f"layerpack {__version__}",
         source={**job.source.provenance(), "files": src_files},
         architecture=job.arch,

@@ -90,7 +90,8 @@ def _block_stats(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.
 
 
 def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: int, dtype: torch.dtype,
-                    outliers: torch.Tensor | None, codes: torch.Tensor, absmax: torch.Tensor) -> tuple[float, float]:
+                    outliers: torch.Tensor | None, codes: torch.Tensor, absmax: torch.Tensor,
+                    calibrated=None) -> tuple[float, float]:
     """Quantize src[s:e] into codes/absmax (disjoint slices, so chunks run in parallel).
     Returns (squared error of the reconstruction in `dtype`, squared norm of the source)."""
     ref = src[s:e].float()
@@ -103,6 +104,10 @@ def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: 
     am, scaled = _block_stats(x, block_size)
     if not _all_finite(am):
         raise LayerpackError("contains NaN or Inf values; the source checkpoint is corrupt")
+    if calibrated is not None and "scales" in calibrated.methods:  # convert --calibrate: see calibrated.py (c)
+        from .calibrated import choose_scales
+
+        am, scaled = choose_scales(x, am, calibrated.element_importance(s, e), scheme, block_size)
     b0 = s // block_size
     absmax[b0: b0 + am.numel()] = am
     if scheme == SCHEME_NF4:
@@ -213,12 +218,15 @@ def _candidates(flat: torch.Tensor, s: int, e: int, thr: float) -> tuple[torch.T
 
 
 def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype, block_size: int | None,
-                    outlier_fraction: float = 0.0, outlier_rule: str = OUTLIER_MAGNITUDE) -> tuple[dict[str, torch.Tensor], TensorEntry]:
+                    outlier_fraction: float = 0.0, outlier_rule: str = OUTLIER_MAGNITUDE,
+                    calibrated=None) -> tuple[dict[str, torch.Tensor], TensorEntry]:
     """Quantize one logical tensor of the source. Returns the tensors to store and its manifest entry
     (with the relative RMS error of what the runtime reconstructs, against the source values).
     outlier_rule: how the round(outlier_fraction * n) exact entries are chosen (OUTLIER_RULES). The
     default here stays `magnitude` (the original rule, which tests pin); the converter's default is
-    `row` (ConvertOptions.outlier_rule), the rule scripts/sweep_outliers.py found best."""
+    `row` (ConvertOptions.outlier_rule), the rule scripts/sweep_outliers.py found best.
+    calibrated: a calibrated.Calibrated (activation statistics of this weight's input columns, from
+    convert --calibrate) for activation-aware outliers and scales; None: the plain rules above."""
     shape = list(w.shape)
     if not w.is_floating_point():
         raise LayerpackError(f"tensor {name} has dtype {w.dtype}; only floating-point weights can be converted")
@@ -236,7 +244,12 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
     stored: dict[str, torch.Tensor] = {}
     idx = None
     if k:
-        idx = select_outliers_by(outlier_rule, w, k, block_size)
+        if calibrated is not None and w.dim() == 2:
+            from .calibrated import select
+
+            idx = select(w, k, calibrated, lambda w_, k_: select_outliers_by(outlier_rule, w_, k_, block_size))
+        else:
+            idx = select_outliers_by(outlier_rule, w, k, block_size)
         stored[name + SUFFIX_OUTLIER_IDX] = idx.to(torch.int32 if n < 2**31 else torch.int64)
         stored[name + SUFFIX_OUTLIER_VAL] = flat[idx].to(dtype)
 
@@ -247,7 +260,8 @@ def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype,
     # Whole-block chunks, then the short tail block (if any) on its own.
     spans = [(s, min(s + step, full)) for s in range(0, full, step)] + ([(full, n)] if full < n else [])
     try:
-        results = list(_POOL.map(lambda se: _quantize_chunk(flat, se[0], se[1], scheme, block_size, dtype, idx, codes, absmax), spans))
+        results = list(_POOL.map(lambda se: _quantize_chunk(flat, se[0], se[1], scheme, block_size, dtype, idx, codes, absmax,
+                                                                calibrated), spans))
     except LayerpackError as e:
         raise LayerpackError(f"tensor {name} {e}") from None
     sq_err, sq_ref = sum(r[0] for r in results), sum(r[1] for r in results)
