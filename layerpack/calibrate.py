@@ -134,8 +134,15 @@ def _sequences(ids: torch.Tensor) -> list[torch.Tensor]:
     return [ids[s: s + SEQ_LEN][None] for s in range(0, ids.numel(), SEQ_LEN)]
 
 
+def key(unit: str, canonical: str) -> str:
+    """The statistics' name of one weight: its unit and canonical name (e.g. block.003:attn.q.weight)."""
+    return f"{unit}:{canonical}"
+
+
 def collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progress=None) -> dict[str, ColumnStats]:
-    """Run the source through every unit and return {canonical linear weight name: ColumnStats}.
+    """Run the source through every unit and return {key(unit, canonical): ColumnStats} for every
+    linear weight (a tied embedding's statistics are those of its use as the head, under the
+    embedding's own unit and name: that is where the converter quantizes it).
     units: the converter's UnitPlans in execution order; read_unit(unit) -> {canonical: tensor}
     (the unquantized source tensors of that unit); progress(unit): called after each unit."""
     from layerpack_runtime import models
@@ -173,13 +180,13 @@ def collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progres
                 hidden = new
             elif u.kind == UNIT_HEAD:
                 # Only the head's input matters: run the final norm, record, skip the vocabulary matmul.
-                name = "head.weight" if "head.weight" in w else "embed.weight"
+                name = key(u.name, "head.weight") if "head.weight" in w else key(UNIT_EMBED, "embed.weight")
                 cols = (w.get("head.weight") if "head.weight" in w else embed_weight).shape[-1]
                 acc = accs.setdefault(name, _Accumulator(cols))
                 for h in hidden:
                     acc.add(_head_input(fam, args, w, h))
             for k, a in accs.items():
-                stats[k] = a.result()
+                stats[k if u.kind == UNIT_HEAD else key(u.name, k)] = a.result()
             del w
             if progress is not None:
                 progress(u)

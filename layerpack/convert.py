@@ -434,7 +434,7 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             fraction = q.head_outlier_fraction if head and q.head_outlier_fraction is not None else q.outlier_fraction
             scheme = scheme_for(canonical, q.scheme, tied)
             s, entry = quantize_tensor(canonical, w, scheme, dtype, q.block_size, fraction,
-                                       q.outlier_rule or OUTLIER_ROW, _calibrated(job, canonical, scheme))
+                                       q.outlier_rule or OUTLIER_ROW, _calibrated(job, u.name, canonical, scheme))
             stored.update(s)
             entries.append(entry)
             params += w.numel()
@@ -470,11 +470,13 @@ def _calibration_stats(job: _Job, partial: _Partial, quiet: bool) -> dict:
     return stats
 
 
-def _calibrated(job: _Job, canonical: str, scheme: str) -> Calibrated | None:
+def _calibrated(job: _Job, unit: str, canonical: str, scheme: str) -> Calibrated | None:
     """The calibration of one weight for quantize_tensor (None: not calibrated, or not a quantized linear)."""
-    if job.stats is None or scheme == SCHEME_NONE or canonical not in job.stats:
+    from .calibrate import key
+
+    st = job.stats.get(key(unit, canonical)) if job.stats is not None and scheme != SCHEME_NONE else None
+    if st is None:
         return None
-    st = job.stats[canonical]
     return Calibrated(st.sq_mean, st.abs_max, tuple(job.quant.calibration["methods"]))
 
 
