@@ -321,3 +321,26 @@ def test_cli_errors(ckpt, tmp_path):
     assert r.returncode != 0 and "need --calibrate" in one_line_error(r)
     r = run_cli("convert", src, str(tmp_path / "w"), "--quant", "nf4", "--calibrate", "--calibrate-methods", "bogus")
     assert r.returncode != 0 and "--calibrate-methods" in one_line_error(r)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mixtral"])
+def test_calibrate_other_families(family, tmp_path):
+    """Gemma 3 (its own norms, sliding windows) and MoE (experts see only their routed tokens) run the
+    calibration pass through their family code; every quantized linear gets statistics."""
+    src = make_checkpoint(tmp_path / "src", family)
+    write_tiny_tokenizer(src)
+    (tmp_path / "t.txt").write_text(TEXT)
+    from layerpack.convert import _plan, _read
+
+    job = _plan(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=str(tmp_path / "t.txt"), calibration_tokens=600, quiet=True))
+    stats = calibrate.collect(job.arch, job.units, lambda u: {c: _read(job.index, u, c) for c in u.tensors}, job.calibration_ids,
+                              job.arch["tie_word_embeddings"])
+    from layerpack.convert import scheme_for
+
+    want = {calibrate.key(u.name, c) for u in job.units for c in u.tensors
+            if scheme_for(c, "nf4", job.arch["tie_word_embeddings"]) != "none"}
+    assert want <= set(stats)  # (and unquantized linears such as a router: recorded, unused)
+    assert all(bool(torch.isfinite(s.sq_mean).all()) for s in stats.values())
+    m = convert(src, str(tmp_path / "p"), ConvertOptions(quant="nf4", outliers=0.01, calibrate=True, calibration_text=str(tmp_path / "t.txt"),
+                                                          calibration_tokens=600, quiet=True))
+    assert m.format_version == "1.2.0"
