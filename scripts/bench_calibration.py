@@ -75,7 +75,7 @@ def quality(args) -> None:
     rows = []
     prev = {}
     if args.json and os.path.exists(args.json) and only:  # measure some rows again, keep the others
-        prev = {r["label"]: r for r in json.load(open(args.json))["rows"]}
+        prev = {r["label"]: r for r in json.load(open(args.json))["rows"] if r.get("kind") == "layerpack"}
     try:
         from layerpack.convert import ConvertOptions, convert
 
@@ -84,12 +84,17 @@ def quality(args) -> None:
         ref_model = load(ref_dir, dtype="fp32", context=DEFAULT_WINDOW)
         ids = ref_model.tokenizer.encode(text)[: args.max_tokens]
         reference = CachedModel(ref_model)
-        for label, opts in CONFIGS:
-            if only and label not in only:
-                if label in prev:
-                    rows.append(prev[label])
-                continue
-            rows.append(pack_row(label, src, opts, tmp, ids, reference, 0))
+        # --only: measured in the order given (the most important rows first on a slow machine); every
+        # finished row is written to --json at once, so an interrupted run keeps what it measured.
+        todo = [c for c in CONFIGS if not only or c[0] in only]
+        if only:
+            todo.sort(key=lambda c: args.only.split(",").index(c[0]))
+        done = dict(prev)
+        for label, opts in todo:
+            done[label] = pack_row(label, src, opts, tmp, ids, reference, 0)
+            if args.json:
+                _write_json(args.json, [done[c[0]] for c in CONFIGS if c[0] in done], text_id, name)
+        rows = [done[c[0]] for c in CONFIGS if c[0] in done]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load1 = os.getloadavg()
@@ -128,11 +133,14 @@ def quality(args) -> None:
     section = "\n".join(lines)
     print(section)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows + ([dict(bnb, label="transformers + bitsandbytes nf4")] if bnb else []), "text": text_id,
-                       "tokens": rows[0]["tokens"], "model": name}, f, indent=1)
+        _write_json(args.json, rows + ([dict(bnb, label="transformers + bitsandbytes nf4")] if bnb else []), text_id, name)
     if args.record:
         record(section, *MARKERS[args.model])
+
+
+def _write_json(path: str, rows: list[dict], text_id: str, name: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"rows": rows, "text": text_id, "tokens": rows[0]["tokens"], "model": name}, f, indent=1)
 
 
 def _bnb_row(model: str) -> dict | None:
