@@ -8,7 +8,7 @@ wrapped in a _Recorder: the family calls qweight.linear(x, weight, bias), which 
 weight.linear(x, bias) for anything that is not a plain tensor, so the recorder sees the linear's
 input x, adds x^2 and |x| per input column to its statistics, and multiplies as F.linear would.
 
-What comes out, per canonical weight name (a tied embedding's name for its use as the head):
+What comes out, per weight (key(unit, canonical); a tied embedding's for its use as the head):
 E[x_j^2] and max |x_j| over the calibration tokens (ColumnStats). quantize_tensor uses them through
 calibrated.Calibrated (activation-weighted outliers, outlier feature columns, scale search).
 
@@ -143,6 +143,7 @@ def collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progres
     """Run the source through every unit and return {key(unit, canonical): ColumnStats} for every
     linear weight (a tied embedding's statistics are those of its use as the head, under the
     embedding's own unit and name: that is where the converter quantizes it).
+    tied: the architecture's tie_word_embeddings (the head unit then has no head.weight of its own).
     units: the converter's UnitPlans in execution order; read_unit(unit) -> {canonical: tensor}
     (the unquantized source tensors of that unit); progress(unit): called after each unit."""
     from layerpack_runtime import models
@@ -169,8 +170,7 @@ def collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progres
 
             if u.kind == UNIT_EMBED:
                 hidden = [fam.embed_forward(args, w, s) for s in seqs]
-                if tied:  # the head's input is known only at the head unit: keep the embedding for it
-                    embed_weight = w["embed.weight"]
+                embed_cols = w["embed.weight"].shape[-1]  # a tied head's input width (the weight itself is not kept)
             elif u.kind == UNIT_BLOCK:
                 ww = {k: (rec(k) if _is_linear(k, v) else v) for k, v in w.items()}
                 new = []
@@ -179,9 +179,10 @@ def collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progres
                     memo.clear()
                 hidden = new
             elif u.kind == UNIT_HEAD:
+                assert tied == ("head.weight" not in w), "tie_word_embeddings disagrees with the head unit's tensors"
                 # Only the head's input matters: run the final norm, record, skip the vocabulary matmul.
                 name = key(u.name, "head.weight") if "head.weight" in w else key(UNIT_EMBED, "embed.weight")
-                cols = (w.get("head.weight") if "head.weight" in w else embed_weight).shape[-1]
+                cols = w["head.weight"].shape[-1] if "head.weight" in w else embed_cols
                 acc = accs.setdefault(name, _Accumulator(cols))
                 for h in hidden:
                     acc.add(_head_input(fam, args, w, h))

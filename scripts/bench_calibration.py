@@ -48,15 +48,15 @@ CONFIGS = (
     ("nf4 + outliers 0.5%", dict(quant="nf4", outliers=OUT)),
     ("nf4 cal (a) weighted outliers 0.5%", _cal("nf4", "weighted")),
     ("nf4 cal (b) feature columns 0.5%", _cal("nf4", "features")),
-    ("nf4 cal (c) scales, no outliers", _cal("nf4", "scales", 0.0)),
-    ("nf4 cal (a+c), 0.5%", _cal("nf4", "weighted,scales")),
-    ("nf4 cal (a+b+c), 0.5%", _cal("nf4", None)),
+    ("nf4 cal (c) scales only (no outliers)", _cal("nf4", "scales", 0.0)),
+    ("nf4 cal (a+c) 0.5%", _cal("nf4", "weighted,scales")),
+    ("nf4 cal (a+b+c) 0.5%", _cal("nf4", None)),
     ("int8", dict(quant="int8")),
     ("int8 + outliers 0.5%", dict(quant="int8", outliers=OUT)),
     ("int8 cal (a) weighted outliers 0.5%", _cal("int8", "weighted")),
     ("int8 cal (b) feature columns 0.5%", _cal("int8", "features")),
-    ("int8 cal (c) scales, no outliers", _cal("int8", "scales", 0.0)),
-    ("int8 cal (a+b+c), 0.5%", _cal("int8", None)),
+    ("int8 cal (c) scales only (no outliers)", _cal("int8", "scales", 0.0)),
+    ("int8 cal (a+b+c) 0.5%", _cal("int8", None)),
 )
 MARKERS = {m: (f"<!-- bench_calibration_{m}:start -->", f"<!-- bench_calibration_{m}:end -->") for m in MODELS}
 TIMING_MARKERS = ("<!-- bench_calibration_timing:start -->", "<!-- bench_calibration_timing:end -->")
@@ -98,6 +98,14 @@ def quality(args) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load1 = os.getloadavg()
+    if args.json:
+        _write_json(args.json, rows, text_id, name)
+    render(args, rows, text_id, len(ids), f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end")
+
+
+def render(args, rows: list[dict], text_id: str, ntok: int, load: str) -> None:
+    """The BENCHMARKS.md section of the quality rows (--render: from --json, measured earlier)."""
+    name = MODELS[args.model][0]
     bnb = _bnb_row(args.model)
     by = {r["label"]: r for r in rows}
     ref_ppl = rows[0]["ref_perplexity"]
@@ -105,10 +113,9 @@ def quality(args) -> None:
         f"## Calibrated quantization (`convert --calibrate`): {name}",
         "",
         f"`python scripts/bench_calibration.py {' '.join(sys.argv[1:])}`, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{machine()}; torch threads {args.threads}; load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end "
-        "(quality figures do not depend on load).",
+        f"{machine()}; torch threads {args.threads}; {load} (quality figures do not depend on load).",
         "",
-        f"Eval text: {text_id}, first {len(ids)} tokens, window 512 / stride 256, fp32 compute, reference = the bf16 source "
+        f"Eval text: {text_id}, first {ntok} tokens, window 512 / stride 256, fp32 compute, reference = the bf16 source "
         f"(perplexity {ref_ppl:.4f}). Calibration: layerpack/calibration.txt (public-domain prose and code, no overlap with "
         f"the eval text), {DEFAULT_TOKENS} tokens in sequences of 512. Outliers: fraction 0.5% (+0.24 bits/param), uncalibrated rows "
         "by the converter's default `row` rule. (a) = outliers chosen by w²·E[x²] (equal shares per row); (b) = input columns "
@@ -132,8 +139,6 @@ def quality(args) -> None:
     lines += ["", *targets(by, ref_ppl, bnb), "", f"![KL vs bits/param](docs/quality_calibrated_{args.model}.png)"]
     section = "\n".join(lines)
     print(section)
-    if args.json:
-        _write_json(args.json, rows + ([dict(bnb, label="transformers + bitsandbytes nf4")] if bnb else []), text_id, name)
     if args.record:
         record(section, *MARKERS[args.model])
 
@@ -233,7 +238,17 @@ def main():
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--timing", action="store_true", help="measure convert time instead of quality")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--render", action="store_true", help="no measuring: the section from the rows in --json")
     args = ap.parse_args()
+    if args.render:
+        d = json.load(open(args.json))
+        rows = [r for r in d["rows"] if r.get("kind") == "layerpack"]
+        for r in rows:  # labels of runs before they lost their commas (--only splits on commas)
+            r["label"] = r["label"].replace(", 0.5%", " 0.5%").replace("(c) scales, no outliers", "(c) scales only (no outliers)")
+        order = [c[0] for c in CONFIGS]
+        rows.sort(key=lambda r: order.index(r["label"]))
+        render(args, rows, d["text"], d["ntok"] if "ntok" in d else args.max_tokens, "rows measured by the runs named in the commit log")
+        return
     timing(args) if args.timing else quality(args)
 
 
