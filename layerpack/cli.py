@@ -12,6 +12,7 @@ import click
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
 
+from .calibrate import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
 from .quantize import OUTLIER_ROW, OUTLIER_RULES
 
 
@@ -78,16 +79,20 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack or unfinished conversion in OUT.")
 @click.option("--eval", "evaluate", is_flag=True, help="Measure perplexity (and KL / top-1 agreement against the unquantized source) and store it in the manifest.")
 @click.option("--eval-text", default=None, type=click.Path(dir_okay=False), metavar="FILE", help="Text for --eval [default: the pydoc_data.topics slice, see `layerpack eval`].")
+@click.option("--calibrate", is_flag=True, help="Run the source on a calibration text first and choose outliers and block scales by the error weighted with each input column's activations (BENCHMARKS.md: calibrated quantization).")
+@click.option("--calibration-text", default=None, type=click.Path(dir_okay=False), metavar="FILE", help="UTF-8 text for --calibrate [default: layerpack/calibration.txt, public domain; not the eval text].")
+@click.option("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, show_default=True, metavar="N", help="Tokens of the calibration text run through the model.")
+@click.option("--calibrate-methods", default=None, metavar="LIST", help="Which uses of the statistics: a comma-separated subset of weighted (outlier choice), features (whole outlier input columns), scales (block scale search) [default: all].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block_size, compress, zstd_level, revision, allow_pickle,
-            overwrite, evaluate, eval_text, quiet):
+            overwrite, evaluate, eval_text, calibrate, calibration_text, calibration_tokens, calibrate_methods, quiet):
     """Convert a Hugging Face checkpoint (folder or Hub repo id) SRC into a layerpack at OUT."""
     from .convert import ConvertOptions, convert as run_convert
 
     m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle,
                                              overwrite, quiet, evaluate or eval_text is not None, eval_text, outlier_rule,
-                                             head_outliers))
+                                             head_outliers, calibrate, calibration_text, calibration_tokens, calibrate_methods))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
         if m.quality:

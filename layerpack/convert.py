@@ -18,6 +18,8 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import (
     COMPRESS_ZSTD,
@@ -26,6 +28,7 @@ from layerpack_runtime.format import (
     DTYPE_TO_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
+    FORMAT_VERSION_CALIBRATED,
     LAYERS_DIR,
     MANIFEST_FILE,
     SCHEME_NONE,
@@ -43,6 +46,8 @@ from layerpack_runtime.pack import sha256_file
 from . import __version__
 from .families import Family, Rows, architecture_spec, expected_shape, family_of, is_ignored, is_quantizable, split_rows
 from .progress import progress_bar
+from .calibrate import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS, MAX_TOKENS as MAX_CALIBRATION_TOKENS
+from .calibrated import Calibrated, parse_methods
 from .quantize import OUTLIER_ROW, OUTLIER_RULES
 from .schema import validate_manifest
 from .source import Part, Source, TensorIndex, base_name, file_digest, provenance_files, read_json_object, resolve
@@ -71,6 +76,10 @@ class ConvertOptions:
     eval_text: str | None = None       # None: the default text (layerpack_runtime.evaluate.default_text)
     outlier_rule: str = OUTLIER_ROW    # which entries --outliers keeps (quantize.OUTLIER_RULES; chosen by scripts/sweep_outliers.py)
     head_outliers: float | None = None  # the output head's fraction (a tied embedding is the head); None: `outliers`
+    calibrate: bool = False            # --calibrate: activation-aware outliers and scales (calibrate.py, calibrated.py)
+    calibration_text: str | None = None  # None: the text that ships with layerpack (calibrate.default_text)
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
+    calibrate_methods: str | None = None  # comma-separated subset of calibrated.METHODS; None: all
 
     def check(self) -> None:
         if self.quant not in SCHEMES:
@@ -91,6 +100,14 @@ class ConvertOptions:
             raise LayerpackError(f"outlier rule must be one of {', '.join(OUTLIER_RULES)}")
         if self.block_size is not None and (self.block_size < 16 or self.block_size % 2):
             raise LayerpackError(f"--block-size must be an even number >= 16, not {self.block_size}")
+        if self.calibrate and self.quant == SCHEME_NONE:
+            raise LayerpackError("--calibrate needs a quantized scheme (--quant int8 or nf4)")
+        if not self.calibrate and (self.calibration_text is not None or self.calibrate_methods is not None):
+            raise LayerpackError("--calibration-text / --calibrate-methods need --calibrate")
+        if not 1 <= self.calibration_tokens <= MAX_CALIBRATION_TOKENS:
+            raise LayerpackError(f"--calibration-tokens must be in 1..{MAX_CALIBRATION_TOKENS}")
+        if self.calibrate:
+            parse_methods(self.calibrate_methods)
 
 
 @dataclass
@@ -275,6 +292,8 @@ class _Job:
     index: TensorIndex
     units: list[UnitPlan]
     quant: Quantization
+    calibration_ids: torch.Tensor | None = None   # --calibrate: the calibration token ids
+    stats: dict | None = None                     # --calibrate: {canonical: calibrate.ColumnStats}
 
 
 def _plan(src: str, opts: ConvertOptions) -> _Job:
@@ -308,7 +327,16 @@ def _plan(src: str, opts: ConvertOptions) -> _Job:
         outlier_rule=opts.outlier_rule if opts.outliers or opts.head_outliers else None,
         head_outlier_fraction=opts.head_outliers if opts.head_outliers is not None and opts.head_outliers != opts.outliers else None,
     )
-    return _Job(source, arch, index, units, quant)
+    job = _Job(source, arch, index, units, quant)
+    if opts.calibrate:  # the text is tokenized now: its provenance is part of the job (fingerprint, manifest)
+        from . import calibrate
+
+        text, text_id = calibrate.read_text(opts.calibration_text)
+        job.calibration_ids = calibrate.token_ids(source.root, arch, text, opts.calibration_tokens)
+        quant.calibration = {"text": text_id, "text_sha256": calibrate.text_sha256(text),
+                             "tokens": int(job.calibration_ids.numel()), "sequence_length": calibrate.SEQ_LEN,
+                             "methods": list(parse_methods(opts.calibrate_methods))}
+    return job
 
 
 def _open(index: TensorIndex, u: UnitPlan, canonical: str):
@@ -324,6 +352,12 @@ def _open(index: TensorIndex, u: UnitPlan, canonical: str):
     if rows is not None:
         w = w[rows[0]: rows[1]].clone()  # a copy: the fused tensor is freed, and the slice owns compact storage
     return InMemory(w)
+
+
+def _read_whole(index: TensorIndex, u: UnitPlan, canonical: str):
+    """The whole source tensor in memory (the calibration pass runs a unit at a time)."""
+    src = _open(index, u, canonical)
+    return src.read(0, math.prod(src.shape)).reshape(src.shape)
 
 
 def _tensor_plan(job: "_Job", u: UnitPlan, canonical: str) -> tuple[str, float, dict]:
@@ -374,6 +408,8 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None) -> Manifest:
         return manifest
 
     results = {u.name: rec for u in job.units if (rec := partial.done(out, u.name))}
+    if job.calibration_ids is not None and len(results) < len(job.units):
+        job.stats = _calibration_stats(job, partial, opts.quiet)
     with ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher:
         digests = _convert_units(job, [u for u in job.units if u.name not in results], out, partial, results, opts.quiet, hasher)
         src_files = [d.result() for d in digests]
@@ -434,7 +470,8 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
                     ahead = reader.submit(_open, job.index, *jobs[j + 1]) if j + 1 < len(jobs) else None
                     scheme, fraction, _ = plans[canonical]
                     entries.append(quantize_stream(canonical, src, scheme, dtype, q.block_size, fraction,
-                                                   q.outlier_rule or OUTLIER_ROW, writer, on_window))
+                                                   q.outlier_rule or OUTLIER_ROW, writer, on_window,
+                                                   _calibrated(job, u.name, canonical, scheme)))
                     params += math.prod(src.shape)
                     del src
                     for f_rel, last in last_read.items():
@@ -447,6 +484,32 @@ def _convert_units(job: _Job, todo: list[UnitPlan], out: str, partial: _Partial,
             results[u.name] = (layer, f)
             _fault_point(len(results))
     return [digests[rel] for rel in provenance_files(job.source)]
+
+
+def _calibration_stats(job: _Job, partial: _Partial, quiet: bool) -> dict:
+    """The activation statistics of every linear: saved by an earlier run of this job (resume), or
+    computed now by running the source unit by unit (calibrate.collect) and saved for a resume."""
+    from . import calibrate
+
+    path = os.path.join(partial.dir, calibrate.STATS_FILE)
+    fingerprint = partial.fingerprint() or ""
+    stats = calibrate.load(path, fingerprint)
+    if stats is None:
+        with progress_bar(len(job.units), "calibrate", quiet) as bar:
+            stats = calibrate.collect(job.arch, job.units, lambda u: {c: _read_whole(job.index, u, c) for c in u.tensors},
+                                      job.calibration_ids, job.arch["tie_word_embeddings"], lambda u: bar.update(1))
+        calibrate.save(path, stats, fingerprint)
+    return stats
+
+
+def _calibrated(job: _Job, unit: str, canonical: str, scheme: str) -> Calibrated | None:
+    """The calibration of one weight for quantize_tensor (None: not calibrated, or not a quantized linear)."""
+    from .calibrate import key
+
+    st = job.stats.get(key(unit, canonical)) if job.stats is not None and scheme != SCHEME_NONE else None
+    if st is None:
+        return None
+    return Calibrated(st.sq_mean, st.abs_max, tuple(job.quant.calibration["methods"]))
 
 
 def _evaluate(job: _Job, out: str, manifest: Manifest, text: tuple[str, str], quiet: bool) -> dict:
@@ -530,7 +593,7 @@ def _build_manifest(job: _Job, done: list[tuple[LayerEntry, FileEntry]], sidecar
     params = sum(l.params for l, _ in done)
     m = Manifest(
         format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION_CALIBRATED if job.quant.calibration is not None else FORMAT_VERSION,
         created_by=f"layerpack {__version__}",
         source={**job.source.provenance(), "files": src_files},
         architecture=job.arch,

@@ -84,7 +84,8 @@ def _block_stats(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.
 
 
 def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: int, dtype: torch.dtype,
-                    outliers: torch.Tensor | None, codes: torch.Tensor, absmax: torch.Tensor) -> tuple[float, float]:
+                    outliers: torch.Tensor | None, codes: torch.Tensor, absmax: torch.Tensor,
+                    calibrated=None) -> tuple[float, float]:
     """Quantize src[s:e] into codes/absmax (disjoint slices, so chunks run in parallel).
     Returns (squared error of the reconstruction in `dtype`, squared norm of the source)."""
     ref = src[s:e].float()
@@ -97,6 +98,10 @@ def _quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: 
     am, scaled = _block_stats(x, block_size)
     if not _all_finite(am):
         raise LayerpackError("contains NaN or Inf values; the source checkpoint is corrupt")
+    if calibrated is not None and "scales" in calibrated.methods:  # convert --calibrate: see calibrated.py (c)
+        from .calibrated import choose_scales
+
+        am, scaled = choose_scales(x, am, calibrated.element_importance(s, e), scheme, block_size)
     b0 = s // block_size
     absmax[b0: b0 + am.numel()] = am
     if scheme == SCHEME_NF4:
@@ -207,18 +212,22 @@ def _candidates(flat: torch.Tensor, s: int, e: int, thr: float) -> tuple[torch.T
 
 
 def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype, block_size: int | None,
-                    outlier_fraction: float = 0.0, outlier_rule: str = OUTLIER_MAGNITUDE) -> tuple[dict[str, torch.Tensor], TensorEntry]:
+                    outlier_fraction: float = 0.0, outlier_rule: str = OUTLIER_MAGNITUDE,
+                    calibrated=None) -> tuple[dict[str, torch.Tensor], TensorEntry]:
     """Quantize one logical tensor of the source. Returns the tensors to store and its manifest entry
     (with the relative RMS error of what the runtime reconstructs, against the source values).
     outlier_rule: how the round(outlier_fraction * n) exact entries are chosen (OUTLIER_RULES). The
     default here stays `magnitude` (the original rule, which tests pin); the converter's default is
-    `row` (ConvertOptions.outlier_rule), the rule scripts/sweep_outliers.py found best."""
+    `row` (ConvertOptions.outlier_rule), the rule scripts/sweep_outliers.py found best.
+    calibrated: a calibrated.Calibrated (activation statistics of this weight's input columns, from
+    convert --calibrate) for activation-aware outliers and scales; None: the plain rules above."""
     from .streamquant import DictSink, InMemory, outlier_count, quantize_stream, stored_specs
 
     if not w.is_floating_point():
         raise LayerpackError(f"tensor {name} has dtype {w.dtype}; only floating-point weights can be converted")
     sink = DictSink(stored_specs(name, list(w.shape), scheme, dtype, block_size, outlier_count(outlier_fraction, w.numel())))
-    entry = quantize_stream(name, InMemory(w), scheme, dtype, block_size, outlier_fraction, outlier_rule, sink)
+    entry = quantize_stream(name, InMemory(w), scheme, dtype, block_size, outlier_fraction, outlier_rule, sink,
+                            calibrated=calibrated)
     return sink.tensors, entry
 
 

@@ -110,10 +110,11 @@ def _read_windows(src: TensorSource, spans: list[tuple[int, int]]):
 
 
 def quantize_stream(name: str, src: TensorSource, scheme: str, dtype: torch.dtype, block_size: int | None,
-                    outlier_fraction: float, outlier_rule: str, sink: Sink, progress=None) -> TensorEntry:
+                    outlier_fraction: float, outlier_rule: str, sink: Sink, progress=None, calibrated=None) -> TensorEntry:
     """Quantize one logical tensor from `src` into `sink` (the tensors of stored_specs); returns its
     manifest entry. See quantize.quantize_tensor for the meaning of the arguments. `progress` is
-    called with the source bytes of each window done (a progress bar's update)."""
+    called with the source bytes of each window done (a progress bar's update). `calibrated`:
+    convert --calibrate's statistics of this weight (calibrated.Calibrated) or None."""
     shape = list(src.shape)
     n = math.prod(shape)
     if not src.dtype.is_floating_point:
@@ -126,7 +127,15 @@ def quantize_stream(name: str, src: TensorSource, scheme: str, dtype: torch.dtyp
     k = outlier_count(outlier_fraction, n)
     idx = None
     if k:
-        idx = select_outliers_stream(outlier_rule, src, k, block_size)
+        if calibrated is not None and len(shape) == 2:
+            # Calibrated selection works on the whole weight (not windowed yet: a 405B-size tensor
+            # is then held in memory once while its outliers are chosen).
+            from .calibrated import select
+
+            idx = select(src.read(0, n).reshape(shape), k, calibrated,
+                         lambda w_, k_: Q.select_outliers_by(outlier_rule, w_, k_, block_size))
+        else:
+            idx = select_outliers_stream(outlier_rule, src, k, block_size)
         sink.write(name + SUFFIX_OUTLIER_IDX, 0, idx.to(torch.int32 if n < OUTLIER_IDX_I64_FROM else torch.int64))
     step = Q.CHUNK_ELEMS // block_size * block_size
     full = n - n % block_size
@@ -146,9 +155,10 @@ def quantize_stream(name: str, src: TensorSource, scheme: str, dtype: torch.dtyp
         codes = torch.empty((m + 1) // 2, dtype=torch.uint8) if scheme == SCHEME_NF4 else torch.empty(m, dtype=torch.int8)
         absmax = torch.empty(-(-m // block_size), dtype=torch.float32)
         chunks = [(s, min(s + step, m)) for s in range(0, m, step)]
+        cal = _Shifted(calibrated, ws) if calibrated is not None else None
         try:
-            results = list(Q._POOL.map(lambda se: Q._quantize_chunk(w, se[0], se[1], scheme, block_size, dtype, local, codes, absmax),
-                                       chunks))
+            results = list(Q._POOL.map(lambda se: Q._quantize_chunk(w, se[0], se[1], scheme, block_size, dtype, local, codes, absmax,
+                                                                    cal), chunks))
         except LayerpackError as e:
             raise LayerpackError(f"tensor {name} {e}") from None
         for r in results:  # in order: the same float sums as one pass over the whole tensor
@@ -158,6 +168,16 @@ def quantize_stream(name: str, src: TensorSource, scheme: str, dtype: torch.dtyp
         sink.write(name + SUFFIX_ABSMAX, ws // block_size, absmax)
         progress(m * w.element_size())
     return TensorEntry(name, shape, scheme, block_size, k, math.sqrt(sq_err / sq_ref) if sq_ref > 0 else 0.0)
+
+
+class _Shifted:
+    """A Calibrated seen from a window starting at flat position `offset` (chunks use window positions)."""
+
+    def __init__(self, cal, offset: int):
+        self.cal, self.offset, self.methods = cal, offset, cal.methods
+
+    def element_importance(self, s: int, e: int) -> torch.Tensor:
+        return self.cal.element_importance(self.offset + s, self.offset + e)
 
 
 def _store_plain(name: str, src: TensorSource, n: int, dtype: torch.dtype, sink: Sink, progress) -> TensorEntry:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Plot the rows of scripts/bench_quality.py --json: perplexity and KL vs bits/param.
+"""Plot the rows of scripts/bench_quality.py --json (or bench_calibration.py --json): perplexity and
+KL vs bits/param.
 
     /work/main/.bench-venv/bin/python scripts/plot_quality.py docs/quality.json docs/quality.png
 
@@ -26,7 +27,8 @@ def main(src: str, out: str) -> None:
             if key == "kl" and r["label"] == "source bf16":
                 continue  # KL 0: off a log axis
             marker = "s" if r["kind"] == "transformers" else "o"
-            color = "tab:red" if r["kind"] == "transformers" else "tab:blue"
+            # bench_calibration.py rows: calibrated (convert --calibrate) in green
+            color = "tab:red" if r["kind"] == "transformers" else "tab:green" if " cal " in r["label"] else "tab:blue"
             ax.scatter(r["bits_per_param"], r[key], marker=marker, color=color)
             label = (r["label"].replace("transformers + bitsandbytes", "bnb").replace("outliers ", "")
                      .replace(", tied embedding/head kept bf16 (experiment)", ", head bf16 (exp.)"))
@@ -34,7 +36,8 @@ def main(src: str, out: str) -> None:
             ax.annotate(label, (r["bits_per_param"], r[key]), fontsize=7, textcoords="offset points",
                         xytext=(18, 10 if i % 2 else -14), arrowprops=dict(arrowstyle="-", lw=0.4, color="gray"))
         if key == "perplexity":
-            ax.axhline(rows[0]["perplexity"], color="gray", lw=0.8, ls="--")
+            ax.axhline(rows[0].get("ref_perplexity") if rows[0]["label"] != "source bf16" else rows[0]["perplexity"],
+                       color="gray", lw=0.8, ls="--")
         else:
             ax.set_yscale("log")
         ax.set_xlabel("bits/param (transformers rows: memory footprint)")

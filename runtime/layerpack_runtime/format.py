@@ -12,6 +12,10 @@ FORMAT_NAME = "layerpack"
 # minor versions only add optional fields that older readers may ignore.
 # 1.1.0: optional manifest `quality` (perplexity, KL, top-1 of `convert --eval`). 1.0 packs read as before.
 FORMAT_VERSION = "1.1.0"
+# 1.2.0: optional `quantization.calibration` (provenance of `convert --calibrate`'s activation
+# statistics). Only a pack that has it declares 1.2.0 (and its layer files still say 1.1.0: their
+# layout did not change), so packs converted without --calibrate stay byte-identical to 1.1 output.
+FORMAT_VERSION_CALIBRATED = "1.2.0"
 FORMAT_MAJOR = int(FORMAT_VERSION.split(".")[0])
 
 MANIFEST_FILE = "manifest.json"

@@ -52,10 +52,11 @@ class Quantization:
     quantized_embedding: bool = False  # True only when a tied embedding doubles as the head
     outlier_rule: str | None = None    # 1.1, informational: how the converter chose the outliers (None: no outliers)
     head_outlier_fraction: float | None = None  # 1.1: the output head's own fraction (the tied embedding's); None: outlier_fraction
+    calibration: dict | None = None    # 1.2, informational: provenance of convert --calibrate's statistics (None: not calibrated)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("outlier_rule", "head_outlier_fraction"):
+        for key in ("outlier_rule", "head_outlier_fraction", "calibration"):
             if d[key] is None:
                 del d[key]  # optional: manifests without them stay as in format 1.0
         return d

@@ -234,10 +234,11 @@ class QuantWeight:
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for plain tensors and QuantWeights alike."""
-    if isinstance(weight, QuantWeight):
-        return weight.linear(x, bias)
-    return F.linear(x, weight, bias)
+    """F.linear for plain tensors; anything else computes itself: a QuantWeight, or the converter's
+    calibration recorder (layerpack/calibrate.py), which sees the input of every linear."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight.linear(x, bias)
 
 
 def embedding(ids: torch.Tensor, weight) -> torch.Tensor:

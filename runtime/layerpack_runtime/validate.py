@@ -214,6 +214,7 @@ def _check_quantization(q: dict) -> dict:
     _typed(q.get("zstd_level"), int, "quantization.zstd_level", optional=True)
     _typed(q.get("quantized_embedding", False), bool, "quantization.quantized_embedding")
     _typed(q.get("outlier_rule"), str, "quantization.outlier_rule", optional=True)
+    _typed(q.get("calibration"), dict, "quantization.calibration", optional=True)  # 1.2, informational
     return q
 
 

@@ -1,0 +1,166 @@
+"""Quantization guided by activation statistics (convert --calibrate; the statistics come from
+calibrate.py): which entries the outlier table keeps, and which scale each block stores.
+
+The error that matters for a linear y = W x is not ||W - Q(W)||^2 but E||(W - Q(W)) x||^2, which
+(columns taken as uncorrelated, the imatrix / AWQ approximation) is sum_ij (W_ij - Q_ij)^2 E[x_j^2]:
+every entry's error counts with its input column's activation energy. Three uses, each on or off:
+
+(a) WEIGHTED outliers: the outlier budget goes, in equal shares per output row as the `row` rule
+    does, to the entries with the largest W_ij^2 E[x_j^2] (their expected share of the output),
+    instead of the largest |W_ij|.
+(b) FEATURE columns (LLM.int8()): input columns whose activations reach FEATURE_THRESHOLD in
+    magnitude are kept exactly, all their entries, as ordinary outlier-table entries - at most
+    FEATURE_SHARE of the outlier budget, the columns with the largest E[x_j^2] first.
+(c) SCALE search: each block's stored scale (the `absmax` field; bitsandbytes multiplies the code
+    values by it, so any positive scale dequantizes correctly) minimizes the block's weighted error
+    sum_j E[x_j^2] (x_j - s q_j(s))^2 instead of being the block's max |x|: Lloyd iterations from
+    s = max |x| (nearest codes for s; then the weighted least-squares s for those codes), keeping
+    a block's new scale only when its weighted error, measured with the exact encoding, is lower.
+    Values beyond the scale clip to the extreme code; that is part of the error it minimizes.
+
+Every decision is per output row (a, b: given the column statistics) or per block (c), so the
+code works on row chunks of a weight as well as on whole tensors. Outlier positions stay zeroed
+before quantization, so they keep the NF4 zero code / int8 0 the validator expects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from layerpack_runtime.format import INT8_QMAX, SCHEME_NF4
+
+METHODS = ("weighted", "features", "scales")   # (a), (b), (c): the names --calibrate-methods takes
+FEATURE_THRESHOLD = 6.0      # LLM.int8()'s outlier-feature magnitude
+FEATURE_SHARE = 0.5          # at most this share of a weight's outlier budget goes to whole columns
+SCALE_ITERS = 2              # Lloyd iterations of the scale search (measured: a third changes little)
+IMPORTANCE_FLOOR = 0.01      # of the mean E[x^2]: columns the text never excites still count a little
+
+
+
+@dataclass
+class Calibrated:
+    """What quantize_tensor needs from calibration for one weight [rows, cols] (flattened row-major):
+    its input columns' statistics and which of the three uses are on."""
+    sq_mean: torch.Tensor        # float32 [cols]: E[x_j^2]
+    abs_max: torch.Tensor        # float32 [cols]: max |x_j|
+    methods: tuple[str, ...] = METHODS
+
+    def __post_init__(self):
+        s = self.sq_mean.double()
+        self.importance = (s + IMPORTANCE_FLOOR * s.mean().clamp(min=1e-30)).float()
+
+    @property
+    def cols(self) -> int:
+        return self.sq_mean.numel()
+
+    def element_importance(self, s: int, e: int) -> torch.Tensor:
+        """E[x^2] (with the floor) of the input column of each flat position in [s, e)."""
+        return self.importance[torch.arange(s, e) % self.cols]
+
+
+def feature_columns(cal: Calibrated, rows: int, k: int) -> torch.Tensor:
+    """(b): ascending input columns kept whole: activations reaching FEATURE_THRESHOLD, the
+    largest E[x^2] first, as many as FEATURE_SHARE of the budget k pays for."""
+    limit = int(FEATURE_SHARE * k) // max(rows, 1)
+    hot = torch.nonzero(cal.abs_max >= FEATURE_THRESHOLD).view(-1)
+    if limit <= 0 or hot.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    order = torch.argsort(cal.sq_mean[hot], descending=True, stable=True)
+    return torch.sort(hot[order[:limit]]).values
+
+
+def select(w: torch.Tensor, k: int, cal: Calibrated, fallback) -> torch.Tensor:
+    """Ascending flat indices of the k entries of w [rows, cols] kept exactly: feature columns (b)
+    if on, then the rest of the budget by activation-weighted magnitude (a) or by `fallback(w, k)`
+    (the converter's uncalibrated rule)."""
+    rows = w.shape[0]
+    w2 = w.reshape(rows, -1)
+    cols = torch.empty(0, dtype=torch.long)
+    if "features" in cal.methods:
+        cols = feature_columns(cal, rows, k)
+    taken = (torch.arange(rows)[:, None] * w2.shape[1] + cols[None, :]).reshape(-1)
+    rest = k - taken.numel()
+    if rest <= 0:
+        return torch.sort(taken).values
+    if "weighted" in cal.methods:
+        score = w2.float().square() * cal.importance[None, :]
+    else:
+        score = None
+    if cols.numel():  # the rest is chosen among the other columns
+        masked = (score if score is not None else w2.float().abs()).clone()
+        masked[:, cols] = -1.0
+        score = masked
+    if score is None:
+        more = fallback(w, rest)
+    else:
+        more = _select_row_scores(score, rest)
+    return torch.sort(torch.cat([taken, more])).values
+
+
+def _select_row_scores(score: torch.Tensor, k: int) -> torch.Tensor:
+    """quantize._select_row on scores (>= 0; taken entries -1) instead of |w|: every row's best
+    entry first (best of those first), then every row's second, ... (deterministic ties)."""
+    from .quantize import _take_ranked
+
+    rows, cols = score.shape
+    r = min(cols, -(-k // rows))
+    val, col = torch.topk(score, r, dim=1, sorted=True)
+    rank = torch.arange(r).expand_as(val)
+    idx = (torch.arange(rows)[:, None] * cols + col).reshape(-1)
+    ok = val.reshape(-1) >= 0
+    return _take_ranked(-rank.reshape(-1).float()[ok], val.reshape(-1)[ok], idx[ok], k)
+
+
+# -- (c) scale search ---------------------------------------------------------------------------
+
+def _reconstruct(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """x [blocks, b] fp32, scale [blocks]: what the pack reconstructs with that scale (the same
+    encoding as quantize._quantize_chunk: x * (1/scale) clamped, nearest code)."""
+    scaled = (x * (1.0 / scale.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
+    if scheme == SCHEME_NF4:
+        from .quantize import _NF4, _NF4_CODE_NP  # the converter's exact encoder (table lookup)
+
+        c = torch.from_numpy(np.take(_NF4_CODE_NP, _NF4.codes(scaled.reshape(-1).numpy()))).view(scaled.shape)
+    else:
+        c = torch.round(scaled * INT8_QMAX) / INT8_QMAX
+    return c
+
+
+def choose_scales(x: torch.Tensor, absmax: torch.Tensor, imp: torch.Tensor, scheme: str,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c) for a chunk of whole blocks (or one short tail block): x fp32 [n] (outliers zeroed),
+    absmax [blocks], imp [n] per-element importance -> (scales [blocks], x / scale clamped to [-1, 1])."""
+    blocks = x.view(-1, block_size) if x.numel() % block_size == 0 else x.view(1, -1)
+    wts = imp.view(blocks.shape)
+    best = absmax.clone()
+    c = _reconstruct(blocks, best, scheme)
+    best_err = (wts * (blocks - c * best.view(-1, 1)).square()).sum(1)
+    for _ in range(SCALE_ITERS):
+        num = (wts * blocks * c).sum(1)
+        den = (wts * c * c).sum(1)
+        cand = torch.where(den > 0, num / den.clamp(min=1e-38), best)
+        cand = torch.where(cand > 0, cand, best)
+        c_new = _reconstruct(blocks, cand, scheme)
+        err = (wts * (blocks - c_new * cand.view(-1, 1)).square()).sum(1)
+        better = err < best_err
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+        c = torch.where(better.view(-1, 1), c_new, c)
+    scaled = (blocks * (1.0 / best.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
+    return best, scaled
+
+
+def parse_methods(spec: str | None) -> tuple[str, ...]:
+    """'weighted,features,scales' (any subset, any order) -> the canonical tuple."""
+    from layerpack_runtime.errors import LayerpackError
+
+    if spec is None:
+        return METHODS
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise LayerpackError(f"--calibrate-methods takes a comma-separated subset of {', '.join(METHODS)}" + (f" (not {bad[0]!r})" if bad else ""))
+    return tuple(m for m in METHODS if m in names)
+
