@@ -50,7 +50,7 @@ def test_statistics_match_transformers_linears(ckpt):
     import transformers
 
     src, text_file = ckpt
-    from layerpack.convert import _plan, _read
+    from layerpack.convert import _plan, _read_whole as _read
 
     job = _plan(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=text_file, calibration_tokens=700, quiet=True))
     ids = job.calibration_ids
@@ -207,7 +207,7 @@ def test_resume_recomputes_damaged_statistics(ckpt, tmp_path):
 
 
 def _collect_args(src, text_file):
-    from layerpack.convert import _plan, _read
+    from layerpack.convert import _plan, _read_whole as _read
 
     job = _plan(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=text_file, calibration_tokens=600, quiet=True))
     return job.arch, job.units, (lambda u: {c: _read(job.index, u, c) for c in u.tensors}), job.calibration_ids, True
@@ -330,7 +330,7 @@ def test_calibrate_other_families(family, tmp_path):
     src = make_checkpoint(tmp_path / "src", family)
     write_tiny_tokenizer(src)
     (tmp_path / "t.txt").write_text(TEXT)
-    from layerpack.convert import _plan, _read
+    from layerpack.convert import _plan, _read_whole as _read
 
     job = _plan(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=str(tmp_path / "t.txt"), calibration_tokens=600, quiet=True))
     stats = calibrate.collect(job.arch, job.units, lambda u: {c: _read(job.index, u, c) for c in u.tensors}, job.calibration_ids,
