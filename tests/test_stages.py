@@ -216,8 +216,11 @@ def _run_watched(args, env=None, interrupt: bool = False):
     """Run the CLI, recording its child processes (the stages) as they appear; optionally send
     Ctrl-C (SIGINT to the process group, as a terminal does) once stdout shows some text.
     Returns (proc, stdout, stderr, seconds, children seen)."""
+    # Unbuffered: rank 0's text must reach the pipe as it is generated (a block-buffered pipe holds
+    # 8 KB, which a slow machine may not fill before the deadline, so Ctrl-C would never be sent).
     proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            start_new_session=True)
     t0, seen, out = time.monotonic(), set(), []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()
