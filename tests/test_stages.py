@@ -212,6 +212,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, as in a terminal. An ignored SIGINT is
+    inherited across exec, and a stage run in-process by another test (launch.stage_entry ignores
+    SIGINT in stage processes) can leave the pytest process ignoring it: the CLI would then never
+    see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_watched(args, env=None, interrupt: bool = False):
     """Run the CLI, recording its child processes (the stages) as they appear; optionally send
     Ctrl-C (SIGINT to the process group, as a terminal does) once stdout shows some text.
@@ -220,7 +228,7 @@ def _run_watched(args, env=None, interrupt: bool = False):
     # 8 KB, which a slow machine may not fill before the deadline, so Ctrl-C would never be sent).
     proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     t0, seen, out = time.monotonic(), set(), []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()
@@ -234,7 +242,8 @@ def _run_watched(args, env=None, interrupt: bool = False):
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        pytest.fail(f"still running after {FAULT_DEADLINE_S} s")
+        pytest.fail(f"still running after {FAULT_DEADLINE_S} s (Ctrl-C sent: {sent}; stdout so far: {''.join(out)[-200:]!r}; "
+                    f"stderr: {proc.stderr.read()[-500:]!r})")
     err = proc.stderr.read()
     reader.join(10)
     return proc, "".join(out), err, time.monotonic() - t0, seen
