@@ -214,9 +214,9 @@ def _alive(pid: int) -> bool:
 
 def _default_sigint() -> None:
     """In the child before exec: SIGINT back to its default, as in a terminal. An ignored SIGINT is
-    inherited across exec, and a stage run in-process by another test (launch.stage_entry ignores
-    SIGINT in stage processes) can leave the pytest process ignoring it: the CLI would then never
-    see the Ctrl-C this test sends."""
+    inherited across exec; in the full suite (not when this file runs alone) this test's CLI never
+    reacted to Ctrl-C, as if something earlier in the pytest process had left SIGINT ignored
+    (launch.stage_entry does that in stage processes; the culprit in the suite is not identified)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
