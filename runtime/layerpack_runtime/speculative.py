@@ -167,7 +167,7 @@ def speculative_tokens(model, prompts: list[list[int]], max_new_tokens: int, par
     produced = 1
     while produced < max_new_tokens:
         t0 = time.perf_counter()
-        tree = proposer.propose(context, min(budget, max_new_tokens - produced - 1))
+        tree = proposer.propose(context, budget if max_new_tokens - produced > 1 else 0)  # the last token needs no candidates
         t1 = time.perf_counter()
         read1 = getattr(model, "bytes_read", 0)
         cache.add_tree([-1] + [p + 1 for p in tree.parents])  # row 0: the root (the last token)
