@@ -89,8 +89,8 @@ class KVCache:
         base, m = self.base, len(path)
         if m:
             idx = torch.as_tensor(list(path), dtype=torch.long, device=self.tree_ancestors.device)
-            anc = self.tree_ancestors[idx][:, idx]
-            chain = bool((anc == torch.ones(m, m, dtype=torch.bool, device=anc.device).tril()).all())
+            # depths 0, 1, 2.. and each node an ancestor of the next: each is the next one's parent
+            chain = bool(self.tree_ancestors[idx[1:], idx[:-1]].all())
             if not chain or not bool((self.tree_depth[idx] == torch.arange(m, device=idx.device)).all()):
                 raise LayerpackError("keep: the columns given are not a root-first path of the token tree")
             if not bool((idx == torch.arange(m, device=idx.device)).all()):  # already in place: nothing to move

@@ -246,6 +246,24 @@ def os_has_tokenizer(model) -> bool:
     return os.path.isfile(os.path.join(model.pack.path, "tokenizer.json"))
 
 
+def open_draft(path, max_memory, device="cpu", dtype=None, threads=None, revision=None, token=None):
+    """`run --draft`: load the draft pack resident and return it with what is left of `max_memory`
+    for the target (the draft's weights, KV cache and activations are counted inside the budget;
+    torch's working memory once, by the target's plan)."""
+    from .budget import fmt_size, parse_size
+    from .loader import load
+
+    draft = load(path, device=device, dtype=dtype, threads=threads, revision=revision, token=token)
+    budget = parse_size(max_memory)
+    if budget is None:
+        return draft, None
+    own = draft.plan.total - draft.plan.runtime_bytes
+    if own >= budget:
+        draft.close()
+        raise LayerpackError(f"the draft takes {fmt_size(own)}, all of --max-memory {fmt_size(budget)}; give more memory or a smaller draft")
+    return draft, budget - own
+
+
 def load_draft(path, target, device=None, dtype=None, **kwargs):
     """Load a draft pack resident (on the target's device) and check it against the target."""
     from .loader import load
