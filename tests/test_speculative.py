@@ -248,3 +248,37 @@ def test_speculative_sampling_has_the_target_distribution_tiny_model(packs, tmp_
     print(f"tiny model p-values: plain {p_plain:.3g}, speculative {p_spec:.3g}, broken rule {p_broken:.3g}")
     assert p_plain > P_FAIL and p_spec > P_FAIL
     assert p_broken < 1e-9
+
+
+# -- the run command ----------------------------------------------------------------------------------
+
+def test_run_speculate_prints_the_plain_text_and_stats(packs):
+    prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+    plain = run_cli("run", packs["llama"], prompt, "--max-new-tokens", "24", "--dtype", "fp32", "--threads", "1", check=True)
+    for opts in (["--speculate", "lookup"], ["--draft", packs["llama_draft"], "--draft-tokens", "6"]):
+        r = run_cli("run", packs["llama"], prompt, "--max-new-tokens", "24", "--dtype", "fp32", "--threads", "1", "--stats", *opts, check=True)
+        assert r.stdout == plain.stdout, opts
+        assert "speculation: " in r.stderr and "accepted candidates per pass: mean" in r.stderr and "MiB read per generated token" in r.stderr
+    assert "draft memory plan: " in r.stderr
+
+
+def test_run_speculate_refusals(packs, tmp_path):
+    r = run_cli("run", packs["llama"], "hello", "--speculate", "lookup", "--stages", "2")
+    assert "--speculate is not supported with --stages yet" in one_line_error(r)
+    ck = make_checkpoint(tmp_path / "ck", "llama", vocab_size=320)
+    write_tiny_tokenizer(ck, vocab_size=320)
+    convert(ck, str(tmp_path / "other"), ConvertOptions(quiet=True))
+    r = run_cli("run", packs["llama"], "hello", "--draft", tmp_path / "other")
+    assert "the draft's vocabulary has 320 tokens, the target's 384" in one_line_error(r)
+    r = run_cli("run", packs["llama"], "hello", "--draft-tokens", "4")
+    assert "--draft-tokens needs --speculate lookup or --draft" in one_line_error(r)
+    r = run_cli("run", packs["llama"], "hello", "--draft", packs["llama_draft"], "--max-memory", "100KB")
+    assert "the draft takes" in one_line_error(r)
+
+
+def test_speculation_is_one_prompt_at_a_time(packs):
+    model = load(packs["llama"])
+    with pytest.raises(LayerpackError, match="one prompt at a time"):
+        model.generate_ids([[1, 2, 3], [4, 5]], max_new_tokens=4, speculate="lookup")
+    with pytest.raises(LayerpackError, match="--speculate must be one of"):
+        model.generate_ids([1, 2, 3], max_new_tokens=4, speculate="medusa")
