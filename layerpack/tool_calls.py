@@ -118,10 +118,11 @@ def forced_grammar(tools: list[dict], choice, kind: str, parallel: bool) -> str:
     options = [{"type": "object", "properties": {"name": {"const": n},
                                                  "arguments": by_name[n].get("parameters") or {"type": "object"}},
                 "required": ["name", "arguments"], "additionalProperties": False} for n in names]
-    schema = json.dumps({"anyOf": options} if len(options) > 1 else options[0])
-    more = "*" if parallel else ""
+    from .structured import JSON_STYLE  # JSON as json.dumps writes it (see there)
+    schema = json.dumps({**({"anyOf": options} if len(options) > 1 else options[0]), "x-guidance": JSON_STYLE})
     if kind == "tagged":
-        return (f'start: call ("\\n" call){more}\ncall: "{OPEN}\\n" obj "\\n{CLOSE}"\n'
+        calls = 'call ("\\n" call)*' if parallel else "call"
+        return (f'start: {calls}\ncall: "{OPEN}\\n" obj "\\n{CLOSE}"\n'
                 f"obj: %json {schema}\n")
     if parallel:
         return f'start: "[" obj (", " obj)* "]" | obj\nobj: %json {schema}\n'

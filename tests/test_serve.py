@@ -43,14 +43,16 @@ def pack(tmp_path_factory):
 class Server:
     """The app on a free 127.0.0.1 port, served by uvicorn in a thread."""
 
-    def __init__(self, engine: Engine, name: str, api_key: str | None = None, max_body: int = 1 << 20):
+    def __init__(self, engine: Engine, name: str, api_key: str | None = None, max_body: int = 1 << 20,
+                 lifespan: str = "auto", **app_options):
         import uvicorn
 
         self.engine = engine
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        app = create_app(engine, name, api_key, max_body)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        app = create_app(engine, name, api_key, max_body, **app_options)
+        # lifespan "off": a second server over an engine another one started and will close
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
