@@ -318,9 +318,45 @@ def test_echo_and_model_retrieve(served):
     s = "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="The quick", max_tokens=4,
                                                                    temperature=0, echo=True, stream=True) if ch.choices)
     assert s == r.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        c.completions.create(model="tiny", prompt="The quick", max_tokens=4, echo=True, logprobs=1)
+    # echo + logprobs: the prompt's tokens are scored too (the first has no context: null), from a
+    # full forward over prompt + completion
+    r = c.completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = model.encode_prompt("The quick")
+    gen = [int(t[0]) for t in generate_tokens(model, [ids], 4, SamplingParams(0.0))]
+    full = ids + gen
+    assert lp.tokens == [model.tokenizer.decode([t], skip_special_tokens=False) for t in full]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    logits = model.forward(torch.tensor([full]), cache=model.new_cache(1, len(full)), last_only=False)[0]
+    ref = torch.log_softmax(logits.float(), -1)
+    for k in range(1, len(full)):
+        assert lp.token_logprobs[k] == pytest.approx(float(ref[k - 1, full[k]]), abs=1e-4), k
+        assert len(lp.top_logprobs[k]) <= 2
+    streamed = []
+    for ch in c.completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0, echo=True, logprobs=2,
+                                   stream=True):
+        if ch.choices and ch.choices[0].logprobs:
+            streamed += ch.choices[0].logprobs.token_logprobs
+    assert streamed == lp.token_logprobs
     m = c.models.retrieve("tiny")
     assert m.id == "tiny" and m.object == "model"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("gpt-4")
+
+
+def test_prompt_scoring_in_chunks_equals_one_forward(pack):
+    """Echo + logprobs scores the prompt in chunks no larger than one prefill hidden state: with a
+    chunk of 2 positions, the logprobs equal one full forward's."""
+    model = load(pack, dtype="fp32")
+    engine = Engine(model, max_batch=1, context=CONTEXT)
+    a = model.args
+    engine.prefill_tokens = 2 * a.vocab_size // a.hidden_size  # -> chunks of 2 positions
+    ids = model.encode_prompt("The quick brown fox jumps")
+    r = engine.request(ids, 1, sampling=RequestSampling(prompt_logprobs=1))
+    engine._score_prompt(r)
+    logits = model.forward(torch.tensor([ids]), cache=model.new_cache(1, len(ids)), last_only=False)[0]
+    ref = torch.log_softmax(logits.float(), -1)
+    assert len(ids) > 4 and [t for t, _, _ in r.prompt_entries] == ids and r.prompt_entries[0][1] is None
+    for k in range(1, len(ids)):
+        assert r.prompt_entries[k][1] == pytest.approx(float(ref[k - 1, ids[k]]), abs=1e-4)
+        assert r.prompt_entries[k][2][0][0] == int(ref[k - 1].argmax())

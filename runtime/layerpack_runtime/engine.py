@@ -36,7 +36,7 @@ import torch
 from .cache import KVCache
 from .errors import LayerpackError
 from .generate import SamplingParams, left_pad
-from .request_sampling import Choice, RequestSampler, RequestSampling
+from .request_sampling import Choice, RequestSampler, RequestSampling, token_logprobs
 from .slots import SlotKVCache
 from .tokenizer import TextStream
 
@@ -79,6 +79,7 @@ class Request:
     on_event: Callable[[Event], None] = lambda e: None
     sampling: RequestSampling | None = None
     # filled by the engine
+    prompt_entries: list | None = None  # sampling.prompt_logprobs: (token, logprob or None, top) per prompt token
     id: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -300,8 +301,33 @@ class Engine:
         return out
 
     @torch.inference_mode()
+    def _score_prompt(self, r: Request) -> None:
+        """The logprob of every prompt token after the first (which has no context), for echo +
+        logprobs. Its own forward passes over the prompt, before the batch's prefill allocates its
+        cache: a KV cache of one prompt (<= the prefill's) and logits chunks no larger than one of the
+        prefill's hidden-state tensors, so the planned memory holds it."""
+        m, a, ids = self.model, self.model.args, r.prompt
+        chunk = max(1, self.prefill_tokens * a.hidden_size // a.vocab_size)
+        cache = KVCache(a.num_layers, 1, a.num_kv_heads, len(ids), a.head_dim, m.dtype, m.device)
+        entries: list = [(ids[0], None, [])]
+        for s in range(0, len(ids) - 1, chunk):  # positions s..e-1 predict tokens s+1..e
+            e = min(len(ids) - 1, s + chunk)
+            logits = m.forward(torch.tensor([ids[s:e]], dtype=torch.long), cache=cache, last_only=False)[0]
+            entries += token_logprobs(logits, ids[s + 1:e + 1], r.sampling.prompt_logprobs)
+        r.prompt_entries = entries
+
+    @torch.inference_mode()
     def _prefill(self, reqs: list[Request]) -> None:
         m = self.model
+        for r in reqs:
+            if r.sampling is not None and r.sampling.prompt_logprobs is not None:
+                try:
+                    self._score_prompt(r)
+                except Exception as e:  # noqa: BLE001 - this request's own passes: it fails alone
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+        reqs = [r for r in reqs if r.finish_reason is None]
+        if not reqs:
+            return
         rows: dict[tuple[int, ...], int] = {}  # prompt -> its prefill row (equal prompts share one)
         for r in reqs:
             rows.setdefault(tuple(r.prompt), len(rows))
