@@ -36,7 +36,7 @@ import torch
 from .cache import KVCache
 from .errors import LayerpackError
 from .generate import SamplingParams, left_pad
-from .request_sampling import Choice, RequestSampler, RequestSampling, token_logprobs
+from .request_sampling import Choice, RequestSampler, RequestSampling, score_prompt
 from .slots import SlotKVCache
 from .tokenizer import TextStream
 
@@ -300,21 +300,12 @@ class Engine:
             self._admitting = out
         return out
 
-    @torch.inference_mode()
     def _score_prompt(self, r: Request) -> None:
-        """The logprob of every prompt token after the first (which has no context), for echo +
-        logprobs. Its own forward passes over the prompt, before the batch's prefill allocates its
-        cache: a KV cache of one prompt (<= the prefill's) and logits chunks no larger than one of the
-        prefill's hidden-state tensors, so the planned memory holds it."""
-        m, a, ids = self.model, self.model.args, r.prompt
+        """Echo + logprobs: every prompt token's logprob, before the batch's prefill allocates its
+        cache, in chunks of logits no larger than one of the prefill's hidden states (the plan holds it)."""
+        a = self.model.args
         chunk = max(1, self.prefill_tokens * a.hidden_size // a.vocab_size)
-        cache = KVCache(a.num_layers, 1, a.num_kv_heads, len(ids), a.head_dim, m.dtype, m.device)
-        entries: list = [(ids[0], None, [])]
-        for s in range(0, len(ids) - 1, chunk):  # positions s..e-1 predict tokens s+1..e
-            e = min(len(ids) - 1, s + chunk)
-            logits = m.forward(torch.tensor([ids[s:e]], dtype=torch.long), cache=cache, last_only=False)[0]
-            entries += token_logprobs(logits, ids[s + 1:e + 1], r.sampling.prompt_logprobs)
-        r.prompt_entries = entries
+        r.prompt_entries = score_prompt(self.model, r.prompt, r.sampling.prompt_logprobs, chunk)
 
     @torch.inference_mode()
     def _prefill(self, reqs: list[Request]) -> None:

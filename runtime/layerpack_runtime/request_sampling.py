@@ -77,6 +77,22 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tupl
     return list(zip(tokens, chosen, tops))
 
 
+@torch.inference_mode()
+def score_prompt(model, ids: list[int], k: int, chunk: int) -> list[tuple[int, float | None, list]]:
+    """The logprob of every token of `ids` after the first (which has no context: None), and the k
+    most likely alternatives, from the model's own passes over `ids`, `chunk` positions at a time
+    (one KV cache of len(ids) tokens; logits of `chunk` positions at once)."""
+    from .cache import KVCache
+    a = model.args
+    cache = KVCache(a.num_layers, 1, a.num_kv_heads, len(ids), a.head_dim, model.dtype, model.device)
+    entries: list = [(ids[0], None, [])]
+    for s in range(0, len(ids) - 1, chunk):  # positions s..e-1 predict tokens s+1..e
+        e = min(len(ids) - 1, s + chunk)
+        logits = model.forward(torch.tensor([ids[s:e]], dtype=torch.long), cache=cache, last_only=False)[0]
+        entries += token_logprobs(logits, ids[s + 1:e + 1], k)
+    return entries
+
+
 class RequestSampler:
     """The per-request state: the generator, the counts of generated tokens (for the penalties)."""
 
