@@ -372,3 +372,33 @@ def test_prompt_scoring_in_chunks_equals_one_forward(pack):
     for k in range(1, len(ids)):
         assert r.prompt_entries[k][1] == pytest.approx(float(ref[k - 1, ids[k]]), abs=1e-4)
         assert r.prompt_entries[k][2][0][0] == int(ref[k - 1].argmax())
+
+
+def test_fuzzed_bodies_never_get_500(served):
+    """Every parameter replaced by values of every JSON type (a fixed seed): each answer is 200 or a
+    4xx with OpenAI's error body, never a 500, and the server keeps serving."""
+    import random
+    _, srv = served
+    rnd = random.Random(22)
+    values = [None, True, False, 0, -1, 1, 2**64, -(2**63), 0.5, -0.0, 1e308, -1e-308, "", "x", "\U0001F600", "9" * 30,
+              [], [1], ["a"], [[1, 2]], [None], {}, {"a": 1}, {"type": "json_object"}, {"1": 1}, [{"role": "user"}]]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    comp = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    keys = sorted({"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+                   "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs",
+                   "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls", "echo", "best_of",
+                   "suffix", "messages", "prompt", "model"})
+    statuses = set()
+    for i in range(160):
+        base, path = (chat, "/v1/chat/completions") if i % 2 else (comp, "/v1/completions")
+        body = dict(base)
+        for k in rnd.sample(keys, rnd.choice([1, 1, 2, 3])):
+            body[k] = rnd.choice(values)
+        status, _, out = post(srv, path, json.dumps(body).encode())
+        statuses.add(status)
+        assert status in (200, 400, 404), (body, status, out[:300])
+        if status != 200:
+            assert set(json.loads(out)["error"]) == {"message", "type", "param", "code"}
+    assert {200, 400} <= statuses
+    h = health(srv)
+    assert h["status"] == "ok" and h["recovered_errors"] == 0
