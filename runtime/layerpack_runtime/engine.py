@@ -17,8 +17,9 @@ own RequestSampler (request_sampling.py: penalties, logit_bias, constraints, log
 
 Faults stay local: an error while choosing one request's token fails that request only; an error in
 a forward pass fails the requests of that pass, and the supervisor in `_run` logs it, frees their
-slots and goes on serving (`errors` / `last_error` count and show them, /health reports them). The model is used only through `forward(ids, cache, attention_mask, last_only)`.
-Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
+slots and goes on serving (`errors` / `last_error` count and show them, /health reports them).
+
+The model is used only through `forward(ids, cache, attention_mask, last_only)`. Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
 through the callback (from the engine thread).
 """
 from __future__ import annotations
