@@ -12,8 +12,8 @@ import click
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
 
-from .calibrate import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
-from .quantize import OUTLIER_ROW, OUTLIER_RULES
+from .quantizer.activation_stats import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
+from .quantizer import OUTLIER_ROW, OUTLIER_RULES
 
 
 def _one_line_errors(fn):
@@ -90,9 +90,12 @@ def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block
     """Convert a Hugging Face checkpoint (folder or Hub repo id) SRC into a layerpack at OUT."""
     from .convert import ConvertOptions, convert as run_convert
 
-    m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle,
-                                             overwrite, quiet, evaluate or eval_text is not None, eval_text, outlier_rule,
-                                             head_outliers, calibrate, calibration_text, calibration_tokens, calibrate_methods))
+    m = run_convert(src, out, ConvertOptions(
+        quant=quant, dtype=dtype, outliers=outliers, block_size=block_size, compress=compress, zstd_level=zstd_level,
+        revision=revision, allow_pickle=allow_pickle, overwrite=overwrite, quiet=quiet,
+        evaluate=evaluate or eval_text is not None, eval_text=eval_text, outlier_rule=outlier_rule, head_outliers=head_outliers,
+        calibrate=calibrate, calibration_text=calibration_text, calibration_tokens=calibration_tokens,
+        calibrate_methods=calibrate_methods))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
         if m.quality:
