@@ -12,6 +12,7 @@ import click
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
 
+from .environment import API_KEY as API_KEY_ENV, debug
 from .quantizer.activation_stats import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
 from .quantizer import OUTLIER_ROW, OUTLIER_RULES
 
@@ -31,7 +32,7 @@ def _one_line_errors(fn):
         except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:  # a bug: still one line (LAYERPACK_DEBUG=1 shows the traceback)
-            if os.environ.get("LAYERPACK_DEBUG"):
+            if debug():
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
             _die(f"internal error ({type(e).__name__}: {first[:300]}); please report it (LAYERPACK_DEBUG=1 shows the traceback)")
@@ -304,7 +305,7 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--context", type=click.IntRange(2, 1 << 20), default=2048, show_default=True, help="Most tokens of one request (prompt + completion).")
 @click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=64, show_default=True, help="Requests waiting for a slot; beyond it the server answers 503.")
 @click.option("--max-body", type=click.IntRange(1, 1 << 30), default=1 << 20, show_default=True, metavar="BYTES", help="Largest request body (413 beyond).")
-@click.option("--api-key", envvar="LAYERPACK_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' [default: $LAYERPACK_API_KEY, which keeps the key out of the process list].")
+@click.option("--api-key", envvar=API_KEY_ENV, default=None, help="Require 'Authorization: Bearer KEY' [default: $LAYERPACK_API_KEY, which keeps the key out of the process list].")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
 @click.option("--model-name", default=None, help="Model id clients send [default: the pack's folder name or repo id].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")

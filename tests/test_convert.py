@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_checkpoint, run_cli
+from conftest import make_checkpoint, run_cli, run_cli_killed
 from layerpack.convert import ConvertOptions, convert
 from layerpack.families import FAMILIES, architecture_spec
 from layerpack.verify import verify_pack
@@ -130,7 +130,7 @@ def test_resume_after_kill_minus_9(tiny_ckpts, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = ["convert", ckpt, None, "--quant", "nf4", "--outliers", "0.01", "--quiet"]
     run_cli(*[a if a else ref for a in args], check=True)
-    killed = run_cli(*[a if a else out for a in args], env={"LAYERPACK_FAULT_KILL_AFTER_UNITS": "4"})
+    killed = run_cli_killed("units", 4, *[a if a else out for a in args])
     assert killed.returncode == -9
     assert not (out / "manifest.json").exists() and verify_pack(str(out), quiet=True) != []
     done_before = {n: os.stat(out / "layers" / n).st_mtime_ns for n in os.listdir(out / "layers")}
