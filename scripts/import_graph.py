@@ -175,16 +175,29 @@ def print_cycles(title: str, components: list[list[str]], edges: list[Edge]) -> 
                 print(f"    {e.source} -> {e.target}  (line {e.line}, {kind})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    parser.add_argument("--max-lines", type=int, default=400)
-    args = parser.parse_args(argv)
-    modules = discover(os.path.abspath(args.root))
-    if not modules:
-        print(f"error: no layerpack/ or runtime/layerpack_runtime/ under {args.root}", file=sys.stderr)
-        return 2
+@dataclass
+class Report:
+    modules: dict[str, str]                       # dotted name -> path
+    lines: dict[str, int]
+    edges: list[Edge]
+    private: list[tuple[str, int, str, str]]      # (module, line, target module, private name)
 
+    def cycles(self, lazy: bool) -> list[list[str]]:
+        """Module-level cycles (lazy=False), or the cycles that only function-level imports close."""
+        names = sorted(self.modules)
+        eager = strongly_connected(names, [e for e in self.edges if not e.lazy])
+        if not lazy:
+            return eager
+        return [c for c in strongly_connected(names, self.edges) if set(c) not in [set(e) for e in eager]]
+
+    def upward(self) -> list[tuple[str, str, int]]:
+        """Imports of the toolkit by the runtime (must be none)."""
+        return sorted({(e.source, e.target, e.line) for e in self.edges
+                       if e.source.split(".")[0] == LOWER and e.target.split(".")[0] == UPPER})
+
+
+def analyze(root: str) -> Report:
+    modules = discover(os.path.abspath(root))
     lines, edges, private = {}, [], []
     for name, path in modules.items():
         with open(path, encoding="utf-8") as f:
@@ -194,6 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         visitor.visit(ast.parse(text, filename=path))
         edges += visitor.edges
         private += [(name, *p) for p in visitor.private]
+    return Report(modules, lines, edges, private)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    parser.add_argument("--max-lines", type=int, default=400)
+    args = parser.parse_args(argv)
+    report = analyze(args.root)
+    if not report.modules:
+        print(f"error: no layerpack/ or runtime/layerpack_runtime/ under {args.root}", file=sys.stderr)
+        return 2
+    modules, lines, edges = report.modules, report.lines, report.edges
 
     print("== modules (lines) ==")
     for package, _ in PACKAGES:
@@ -202,28 +228,22 @@ def main(argv: list[str] | None = None) -> int:
         for n in members:
             print(f"    {lines[n]:5d}  {n}")
 
-    names = sorted(modules)
-    eager = [e for e in edges if not e.lazy]
-    eager_cycles = strongly_connected(names, eager)
-    all_cycles = strongly_connected(names, edges)
-    eager_sets = [set(c) for c in eager_cycles]
-    # Cycles that exist only because of function-level imports (a lazy import hides them from Python
-    # but not from the design).
-    lazy_cycles = [c for c in all_cycles if set(c) not in eager_sets]
-    print_cycles("import cycles, module-level imports only", eager_cycles, eager)
-    print_cycles("import cycles that need function-level imports (all imports counted)", lazy_cycles, edges)
+    # Cycles that exist only because of function-level imports: a lazy import hides them from
+    # Python but not from the design.
+    print_cycles("import cycles, module-level imports only", report.cycles(lazy=False), [e for e in edges if not e.lazy])
+    print_cycles("import cycles that need function-level imports (all imports counted)", report.cycles(lazy=True), edges)
 
+    names = sorted(modules)
     big = [n for n in names if lines[n] > args.max_lines]
     print(f"\n== modules over {args.max_lines} lines: {len(big)} ==")
     for n in sorted(big, key=lambda n: -lines[n]):
         print(f"    {lines[n]:5d}  {n}")
 
-    print(f"\n== cross-module use of private names: {len(private)} ==")
-    for source, line, target, attr in sorted(private):
+    print(f"\n== cross-module use of private names: {len(report.private)} ==")
+    for source, line, target, attr in sorted(report.private):
         print(f"    {source}:{line} uses {target}.{attr}")
 
-    upward = sorted({(e.source, e.target, e.line) for e in edges
-                     if e.source.split(".")[0] == LOWER and e.target.split(".")[0] == UPPER})
+    upward = report.upward()
     print(f"\n== runtime -> toolkit imports (must be none): {len(upward)} ==")
     for source, target, line in upward:
         print(f"    {source}:{line} -> {target}")
