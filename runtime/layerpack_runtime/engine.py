@@ -36,7 +36,7 @@ import torch
 from .cache import KVCache
 from .errors import LayerpackError
 from .generate import SamplingParams, left_pad
-from .request_sampling import Choice, RequestSampler, RequestSampling
+from .request_sampling import Choice, RequestSampler, RequestSampling, score_prompt
 from .slots import SlotKVCache
 from .tokenizer import TextStream
 
@@ -79,6 +79,7 @@ class Request:
     on_event: Callable[[Event], None] = lambda e: None
     sampling: RequestSampling | None = None
     # filled by the engine
+    prompt_entries: list | None = None  # sampling.prompt_logprobs: (token, logprob or None, top) per prompt token
     id: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -299,9 +300,25 @@ class Engine:
             self._admitting = out
         return out
 
+    def _score_prompt(self, r: Request) -> None:
+        """Echo + logprobs: every prompt token's logprob, before the batch's prefill allocates its
+        cache, in chunks of logits no larger than one of the prefill's hidden states (the plan holds it)."""
+        a = self.model.args
+        chunk = max(1, self.prefill_tokens * a.hidden_size // a.vocab_size)
+        r.prompt_entries = score_prompt(self.model, r.prompt, r.sampling.prompt_logprobs, chunk)
+
     @torch.inference_mode()
     def _prefill(self, reqs: list[Request]) -> None:
         m = self.model
+        for r in reqs:
+            if r.sampling is not None and r.sampling.prompt_logprobs is not None:
+                try:
+                    self._score_prompt(r)
+                except Exception as e:  # noqa: BLE001 - this request's own passes: it fails alone
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+        reqs = [r for r in reqs if r.finish_reason is None]
+        if not reqs:
+            return
         rows: dict[tuple[int, ...], int] = {}  # prompt -> its prefill row (equal prompts share one)
         for r in reqs:
             rows.setdefault(tuple(r.prompt), len(rows))
