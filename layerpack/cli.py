@@ -231,7 +231,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
-                           not no_expert_reads, expert_cache, threads, stats,
+                           not no_expert_reads, expert_cache, threads, weight_form, stats,
                            dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 chat=chat))
 
@@ -275,9 +275,9 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
 
 def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, page_cache, expert_reads,
-                expert_cache, threads, stats, gen):
+                expert_cache, threads, weight_form, stats, gen):
     """`run --stages`: S local stage processes (launch.launch_local); rank 0 prints the text."""
-    from layerpack_runtime.launch import GenerateJob, launch_local
+    from layerpack_runtime.launch import GenerateJob, declare_generation, launch_local
     from layerpack_runtime.stages import StageOptions
     from layerpack_runtime.threads import resolve_threads
 
@@ -288,10 +288,13 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
         stages = len(split.split(","))
     if threads is not None:
         threads = resolve_threads(threads, "--threads")
-    opts = StageOptions(pack, stages, split, max_memory, device, dtype, prefetch_depth=prefetch, page_cache=page_cache,
-                        expert_reads=expert_reads, expert_cache=expert_cache, threads=threads, micro_batches=micro_batches)
+    opts = StageOptions(pack=pack, stages=stages, split=split, max_memory=max_memory, device=device, dtype=dtype,
+                        prefetch_depth=prefetch, page_cache=page_cache, expert_reads=expert_reads, expert_cache=expert_cache,
+                        threads=threads, micro_batches=micro_batches, weight_form=weight_form)
+    chat = gen.pop("chat", False)
+    ids = declare_generation(opts, prompt, gen["max_new_tokens"], chat)  # every stage plans once, for this prompt
     try:
-        launch_local(opts, GenerateJob(prompt, gen, stats))
+        launch_local(opts, GenerateJob(ids, gen, stats))
     except KeyboardInterrupt:
         click.echo()
         _die("interrupted; every stage was stopped", code=130)

@@ -162,7 +162,7 @@ def test_chained_ranges_equal_the_whole_model(packs, family, stages, budgets):
 def test_pipeline_matches_single_process(packs, tmp_path, family, stages, budgets):
     pack = packs[family]
     ranges = stage_ranges(Pack(pack), stages)
-    opts = StageOptions(pack, stages, _split_spec(ranges), _ranges_budgets(pack, ranges) if budgets else None, dtype="fp32",
+    opts = StageOptions(pack=pack, stages=stages, split=_split_spec(ranges), max_memory=_ranges_budgets(pack, ranges) if budgets else None, dtype="fp32",
                         threads=1, connect_timeout_s=60, step_timeout_s=60)
     out = str(tmp_path / "result.json")
     launch_local(opts, ParityJob(pack, out, text=family == "mixtral"))
@@ -318,4 +318,4 @@ def test_stage_errors_name_the_stage_before_any_process_starts(packs, tmp_path):
         bad = tmp_path / "bad"
         shutil.copytree(packs["llama"], bad)
         os.remove(bad / Pack(packs["llama"]).manifest.layer("head").file)
-        launch_local(StageOptions(str(bad), 2, "0-0,1-2", threads=1), ParityJob(str(bad), str(tmp_path / "x.json")))
+        launch_local(StageOptions(pack=str(bad), stages=2, split="0-0,1-2", threads=1), ParityJob(str(bad), str(tmp_path / "x.json")))

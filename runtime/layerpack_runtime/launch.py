@@ -172,11 +172,13 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
     from torch.multiprocessing.spawn import ProcessException
 
     from .pack import Pack
-    from .stages import describe_range, parse_budgets, stage_ranges
+    from .stages import describe_range, plan_stages
 
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # its warnings are not our one line
-    pack = Pack(opts.pack, check_files=False)  # a bad pack or split: one error here, before any process starts
-    ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
+    # A bad pack, split or budget: one error here, before any process starts. The ranges are computed
+    # once, here, and travel to every stage in opts.ranges.
+    ranges = plan_stages(opts)
+    pack = Pack(opts.pack, check_files=False)
     names = [f"stage {k} ({describe_range(len(pack.manifest.layers) - 2, *r)})" for k, r in enumerate(ranges)]
     pack.close()
     opts.addr, opts.port = "127.0.0.1", free_port()
@@ -200,10 +202,30 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
         shutil.rmtree(error_dir, ignore_errors=True)
 
 
+def declare_generation(opts: StageOptions, prompt, max_new_tokens: int, chat: bool = False) -> list[int]:
+    """Tokenize `prompt` with the pack's tokenizer and declare the generation's workload in opts
+    (prompt + max_new_tokens), so that every stage plans once, for exactly that. Returns the ids."""
+    from .options import Workload
+    from .pack import Pack
+    from .text import encode_prompt
+    from .tokenizer import PackTokenizer
+
+    pack = Pack(opts.pack, check_files=False)
+    try:
+        ids = encode_prompt(lambda: PackTokenizer(pack.path, pack.manifest.architecture), prompt, chat)
+    finally:
+        pack.close()
+    if not ids:
+        raise LayerpackError("the prompt encodes to no tokens; give some text")
+    opts.workload = Workload.for_generation([len(ids)], max_new_tokens)
+    return ids
+
+
 @dataclass
 class GenerateJob:
-    """Rank 0's job for `layerpack run --stages`: generate from one prompt, streaming the text to stdout."""
-    prompt: str
+    """Rank 0's job for `layerpack run --stages`: generate from one prompt (text, or token ids from
+    declare_generation), streaming the text to stdout."""
+    prompt: object
     gen: dict = field(default_factory=dict)   # generate() keyword arguments
     stats: bool = False
 
@@ -251,14 +273,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stats", action="store_true")
     a = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", a.stages or 1))
-    opts = StageOptions(a.pack, a.stages or world, a.split, a.max_memory, a.device, a.dtype, threads=a.threads,
+    opts = StageOptions(pack=a.pack, stages=a.stages or world, split=a.split, max_memory=a.max_memory, device=a.device,
+                        dtype=a.dtype, threads=a.threads,
                         micro_batches=a.micro_batches)
     if a.connect_timeout:
         opts.connect_timeout_s = a.connect_timeout
     if a.step_timeout:
         opts.step_timeout_s = a.step_timeout
-    job = GenerateJob(a.prompt, dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                     top_p=a.top_p, seed=a.seed, chat=a.chat), a.stats)
+    ids = declare_generation(opts, a.prompt, a.max_new_tokens, a.chat)
+    job = GenerateJob(ids, dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p, seed=a.seed), a.stats)
     stage_entry(int(os.environ.get("RANK", 0)), opts, job, local=False)
 
 

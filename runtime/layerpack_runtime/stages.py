@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from .budget import parse_size
+from .budget import fmt_size, parse_size
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .format import UNIT_EMBED, UNIT_HEAD
 from .generate import GenerationStats, SamplingParams, left_pad, sample
+from .options import RunOptions, Workload
 from .pack import Pack
 from .text import TextGenerator
 from .threads import apply_threads, resolve_threads
@@ -108,6 +109,43 @@ def stage_ranges(pack: Pack, stages: int, split: str | None = None, budgets: lis
     return balanced_split(unit_bytes, stages, shares)
 
 
+def plan_stages(opts: "StageOptions", check_budgets: bool = True) -> list[tuple[int, int]]:
+    """Every stage's unit range, computed once (the launcher passes them on in opts.ranges), and -
+    with check_budgets - each stage's minimum memory for the declared workload checked before any
+    process starts: a budget below one of them is one error that lists them all, with the options
+    that run (the named minimums suffice: the same split is chosen again)."""
+    pack = Pack(opts.pack, check_files=False)
+    try:
+        budgets = parse_budgets(opts.max_memory, opts.stages)
+        ranges = stage_ranges(pack, opts.stages, opts.split, budgets)
+        num_layers = len(pack.manifest.layers) - 2
+    finally:
+        pack.close()
+    if check_budgets and any(b is not None for b in budgets):
+        minimums = []
+        for k, (first, last) in enumerate(ranges):
+            units = UnitRange(open_stage_pack(opts.pack, first, last, tokenizer=k == 0), opts.run_options(None, "cpu"),
+                              first=first, last=last, plan_only=True)
+            try:
+                minimums.append(units.minimum_memory())
+            finally:
+                units.close()
+                units.pack.close()
+        low = [k for k, (b, m) in enumerate(zip(budgets, minimums)) if b is not None and b < m]
+        if low:
+            split = ",".join(f"{max(0, a - 1)}-{min(num_layers, b) - 1}" for a, b in ranges)
+            each = "; ".join(f"stage {k} ({describe_range(num_layers, *ranges[k])}): {fmt_size(m, up=True)}"
+                             + (f" (given {fmt_size(budgets[k])})" if k in low else "") for k, m in enumerate(minimums))
+            raise LayerpackError(
+                f"--max-memory is below the minimum of stage{'s' if len(low) > 1 else ''} {', '.join(map(str, low))} "
+                f"for {opts.workload.describe()}; every stage's minimum: {each}. Runs with: "
+                # one size for all keeps this split (equal shares); unequal budgets would move it
+                + (f"--max-memory {fmt_size(max(minimums), up=True).replace(' ', '')}, or " if len(set(budgets)) == 1 else "")
+                + f"--split {split} --max-memory " + ",".join(fmt_size(m, up=True).replace(" ", "") for m in minimums))
+    opts.ranges = ranges
+    return ranges
+
+
 def parse_budgets(value, stages: int) -> list[int | None]:
     """--max-memory for stages: one size for every stage, or one per stage ('1GiB,2GiB,2GiB')."""
     if value is None or isinstance(value, (int, float)):
@@ -146,7 +184,7 @@ def open_stage_pack(path: str, first: int, last: int, tokenizer: bool) -> Pack:
 
 
 # -- the process group --------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class StageOptions:
     """What every stage process needs to know (picklable: the local launcher sends it to each)."""
     pack: str
@@ -155,7 +193,8 @@ class StageOptions:
     max_memory: object = None        # one size for all stages, or one per stage
     device: str = "cpu"
     dtype: str | None = None
-    context: int = 256
+    workload: Workload = field(default_factory=lambda: Workload(declared=False))  # what rank 0 will run (per stage: its blocks' share)
+    weight_form: str = "auto"
     prefetch_depth: int = 1
     page_cache: bool = True
     expert_reads: bool = True
@@ -167,6 +206,13 @@ class StageOptions:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     addr: str | None = None           # None: torchrun's environment (MASTER_ADDR, MASTER_PORT)
     port: int | None = None
+    ranges: list | None = None        # every stage's unit range, once computed (plan_stages); None: computed at join
+
+    def run_options(self, budget, device: str) -> RunOptions:
+        """One stage's RunOptions: its own budget and device, the shared rest."""
+        return RunOptions(device=device, dtype=self.dtype, max_memory=budget, prefetch_depth=self.prefetch_depth,
+                          page_cache=self.page_cache, expert_reads=self.expert_reads, expert_cache=self.expert_cache,
+                          threads=self.threads, weight_form=self.weight_form, workload=self.workload)
 
 
 def _stage_device(device: str, local_rank: int) -> str:
@@ -279,8 +325,7 @@ class Stage:
         first, last = ranges[rank]
         budgets = parse_budgets(opts.max_memory, world)
         pack = open_stage_pack(opts.pack, first, last, tokenizer=rank == 0)
-        self.units = UnitRange(pack, _stage_device(opts.device, local_rank), opts.dtype, budgets[rank], opts.context,
-                               opts.prefetch_depth, opts.page_cache, None, opts.expert_reads, opts.expert_cache, first, last)
+        self.units = UnitRange(pack, opts.run_options(budgets[rank], _stage_device(opts.device, local_rank)), first=first, last=last)
         self.name = f"stage {rank} ({self.units.describe_units()})"
         self.link = _Link(rank, world, self.units.device, backend)
         self.caches: dict[int, KVCache] = {}
@@ -536,9 +581,7 @@ def join(opts: StageOptions, rank: int | None = None, world: int | None = None, 
     # the stages on one machine share its cores (default: an equal share each)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     apply_threads(opts.threads if opts.threads or os.environ.get("LAYERPACK_THREADS") else max(1, resolve_threads() // per_machine))
-    pack = Pack(opts.pack, check_files=False)
-    ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
-    pack.close()
+    ranges = opts.ranges or plan_stages(opts, check_budgets=False)  # the local launcher computed them once
     if on_name is not None:
         on_name(0, f"stage {rank} ({describe_range(len(ranges) and ranges[-1][1] - 1, *ranges[rank])})")
     backend = init_group(opts, rank, world) if world > 1 else "gloo"
