@@ -105,7 +105,7 @@ def test_a_stage_opens_only_its_units_and_needs_only_their_files(packs, tmp_path
     assert not mid.has_embed and not mid.has_head and mid.first_block == 1
     last = UnitRange(Pack(gemma), first=4, last=5)
     assert last.units == ["block.003", "head", "embed"]  # a tied head is the embedding
-    assert last._runtime_bytes() < UnitRange(Pack(gemma), first=0, last=1)._runtime_bytes()  # no tokenizer
+    assert last.runtime_bytes() < UnitRange(Pack(gemma), first=0, last=1).runtime_bytes()  # no tokenizer
     # a folder holding only stage 1's files (e.g. `layerpack pull --layers 2-3,head`) is enough for stage 1
     part = tmp_path / "part"
     shutil.copytree(gemma, part)

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from . import models
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .generate import GenerationStats
@@ -116,6 +117,7 @@ def load_for_prompt(path: str | os.PathLike, prompt, options: RunOptions | None 
     apply_threads(opts.threads)
     pack = open_pack(path, verify=verify, revision=revision, token=token)
     try:
+        models.module_for(pack.manifest.architecture.get("family"))  # an unsupported family: said before anything else
         tokenizer: list[PackTokenizer] = []  # made only for a text prompt (token ids need none)
 
         def get_tokenizer() -> PackTokenizer:

@@ -3,9 +3,10 @@ template), the generation loop's tokens -> text (EOS, stop strings, streaming), 
 a batch.
 
 `TextGenerator` is mixed into anything that runs a whole pack - loader.LayeredModel in one
-process, stages.Pipeline across stage processes - and needs from it `pack`, `args`, `device`
-and `_token_loop(...)`: an iterator of the next token of every row (generate.generate_tokens
-over `forward`/`new_cache` by default).
+process, stages.Pipeline across stage processes. What it needs from them (the runner interface,
+shared with engine.Engine): `pack`, `args`, `device`, `new_cache(batch, max_len, step_tokens)`,
+`forward(ids, cache=, attention_mask=, last_only=)` returning float32 logits, and optionally
+`bytes_read` / `io_wait_s` for the statistics; the generation loop itself is generate.generate_tokens.
 """
 from __future__ import annotations
 

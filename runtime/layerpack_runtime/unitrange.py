@@ -180,11 +180,11 @@ class UnitRange:
         info = self._files[UNIT_EMBED].tensors.get("embed.weight")
         return info is not None and info.logical_dtype is None and len(info.shape) == 2
 
-    def _kv_bytes(self, tokens: int) -> int:
+    def kv_bytes(self, tokens: int) -> int:
         a = self.args
         return 2 * len(self.block_units) * a.num_kv_heads * a.head_dim * tokens * torch.empty(0, dtype=self.dtype).element_size()
 
-    def _activation_bytes(self, tokens: int, batch: int = 1) -> int:
+    def activation_bytes(self, tokens: int, batch: int = 1) -> int:
         """Peak working memory of one forward step over `tokens` positions in `batch` rows (the
         prefill), roughly: a few hidden-sized buffers and the MLP's intermediate ones per position,
         each row's attention scores, the last logits, and the largest weight dequantized on the fly
@@ -198,15 +198,20 @@ class UnitRange:
         experts = self.experts.working_bytes(t, self.args.top_k) if self.experts is not None else 0
         return work + experts + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
 
+    @property
+    def fixed_bytes(self) -> int:
+        """What the plan holds besides weights and stream buffers: KV cache, activations, runtime."""
+        return self.plan.kv_bytes + self.plan.activation_bytes + self.plan.runtime_bytes
+
     def workload_bytes(self, workload: Workload) -> tuple[int, int]:
         """(KV cache bytes, peak activation bytes) of a workload on this range: its cache, and the
         larger of its prefill step and its decode step (one position per row, attending over the
         whole context)."""
-        prefill = self._activation_bytes(workload.step_tokens, workload.step_batch)
-        decode = self._activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * workload.context * 4
-        return self._kv_bytes(workload.kv_tokens), max(prefill, decode)
+        prefill = self.activation_bytes(workload.step_tokens, workload.step_batch)
+        decode = self.activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * workload.context * 4
+        return self.kv_bytes(workload.kv_tokens), max(prefill, decode)
 
-    def _runtime_bytes(self) -> int:
+    def runtime_bytes(self) -> int:
         """Memory a run takes besides the model's data: the pack's tokenizer once loaded (by the
         range that starts with the embedding: the one that owns the text), and torch's first-use
         working memory (see TORCH_WORKING_BYTES)."""
@@ -239,7 +244,7 @@ class UnitRange:
         reserve = self.expert_cache if self.experts is not None else 0
         kv, act = self.workload_bytes(workload or self.workload)
         return minimum_budget([self._unit_cost(n) for n in self.units], kv, act, self.prefetch_depth, self._required(),
-                              reserve, self._runtime_bytes())
+                              reserve, self.runtime_bytes())
 
     def _apply_plan(self, workload: Workload, sizes: tuple[int, int] | None = None) -> None:
         """Plan for `workload` (cache, prefill and decode steps; `sizes`: its (KV, activation) bytes
@@ -248,7 +253,7 @@ class UnitRange:
         reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
         kv, act = sizes or self.workload_bytes(workload)
         new = plan(costs, self._priority(), self.max_memory, kv, act, self.prefetch_depth, self._required(), reserve,
-                   self.dequantize or self._scoring, self._runtime_bytes(), what=workload.describe())
+                   self.dequantize or self._scoring, self.runtime_bytes(), what=workload.describe())
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]
