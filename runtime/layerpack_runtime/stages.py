@@ -206,6 +206,7 @@ class StageOptions:
     addr: str | None = None           # None: torchrun's environment (MASTER_ADDR, MASTER_PORT)
     port: int | None = None
     ranges: list | None = None        # every stage's unit range, once computed (plan_stages); None: computed at join
+    on_start: object = None           # called with the rank in each local stage process first (tests inject faults with it)
 
     def run_options(self, budget, device: str) -> RunOptions:
         """One stage's RunOptions: its own budget and device, the shared rest."""
