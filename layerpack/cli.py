@@ -319,9 +319,11 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no access log.")
+@click.option("--allowed-hosts", multiple=True, metavar="NAME", help="Host header names served besides loopback names and the bound address (repeatable, or comma-separated; '*': any). Guards against DNS rebinding.")
+@click.option("--cors-origin", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*': any) call the server (repeatable). Other cross-origin requests get 403.")
 @_one_line_errors
 def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body, api_key, insecure, model_name, device, dtype,
-          prefetch, threads, revision, token, quiet):
+          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin):
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
@@ -329,8 +331,12 @@ def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body,
     check_bind(host, api_key, insecure)  # before loading anything
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
-    opts = ServeOptions(host, port, max_memory, max_batch, context, api_key, insecure, max_queue, max_body, model_name,
-                        device, dtype, threads, prefetch, revision, token, quiet)
+    def names(values):
+        return [n.strip() for v in values for n in v.split(",") if n.strip()]
+    opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
+                        insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
+                        dtype=dtype, threads=threads, prefetch=prefetch, revision=revision, token=token, quiet=quiet,
+                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin))
     run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
 
 
