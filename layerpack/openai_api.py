@@ -336,11 +336,6 @@ def parse_completion(body: Any, served_model: str, context: int) -> GenerationRe
     r.prompts = [x if isinstance(x, str) else list(x) for x in prompts]
     r.logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     r.echo = _bool(body, "echo")
-    if r.echo and r.logprobs is not None:
-        # OpenAI then also scores every prompt token: a full-vocabulary logits row per prompt position,
-        # memory the server's plan does not hold. Refused rather than answered without them.
-        raise ApiError(400, "'echo' together with 'logprobs' (prompt-token logprobs) is not supported; send them in "
-                            "separate requests (`layerpack eval` scores text)", param="echo")
     best_of = _int(body, "best_of", 1, MAX_N)
     if best_of not in (None, r.n):
         raise ApiError(400, "'best_of' other than n is not supported (it would rank candidates by logprob: ask for "

@@ -2,10 +2,12 @@
 
 The HTTP layer is starlette + uvicorn (the `serve` extra: pip install 'layerpack[serve]'); the
 batching is layerpack_runtime.engine, which runs in its own thread: every decode step is one pass
-over the (possibly streamed) weights for all clients at once. Requests are checked and shaped in
-openai_api.py. Safe by default: binds 127.0.0.1, another address needs an API key (or an explicit
---insecure), request bodies and the waiting queue are bounded, and the key is never printed or
-logged (the access log holds no headers).
+over the (possibly streamed) weights for all clients at once. Requests are checked in
+openai_api.py, run in serve_jobs.py (choices, tool calls, constrained decoding in structured.py)
+and shaped in openai_shapes.py. Safe by default: binds 127.0.0.1, another address needs an API key
+(or an explicit --insecure), request bodies and the waiting queue are bounded, the key is never
+printed or logged (the access log holds no headers), and serve_guard.py keeps web pages out (Host
+and Origin checks, CORS only for --cors-origin).
 """
 from __future__ import annotations
 

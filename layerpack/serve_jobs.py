@@ -51,6 +51,10 @@ class Job:
     def encode(self) -> None:
         """Prompts -> ids (a thread: templates and tokenizers take time)."""
         g, tok = self.g, self.tokenizer
+        if g.tools and "tools" not in (tok.chat_template or ""):
+            # the template would drop them without a word: the model would never learn of the tools
+            raise ApiError(400, "this model's chat template does not render tools, so it cannot be told about them",
+                           param="tools")
         try:
             if self.chat:
                 self.prompt_ids = [tok.encode_chat(g.messages, **({"tools": g.tools} if g.tools else {}))]
@@ -96,7 +100,7 @@ class Job:
                 c = ChoiceState(len(self.choices), p)
                 self.choices.append(c)
                 sampling = RequestSampling(g.presence_penalty, g.frequency_penalty, dict(g.logit_bias), g.logprobs,
-                                           self._constraint())
+                                           self._constraint(), prompt_logprobs=g.logprobs if g.echo else None)
                 seed = None if g.seed is None else g.seed + j  # choice j of a seeded request: seed + j
                 on_event = (lambda e, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, e)))
                 try:
@@ -186,8 +190,8 @@ class Job:
         out = []
         for c in self.choices:
             head = self._prompt_text(c.prompt) if self.g.echo else ""
-            out.append(shapes.completion_choice(c.index, head + "".join(c.parts), c.finish,
-                                                self._logprobs(c, c.entries, len(head))))
+            entries = (c.req.prompt_entries or []) + c.entries  # echo + logprobs: the prompt's tokens first
+            out.append(shapes.completion_choice(c.index, head + "".join(c.parts), c.finish, self._logprobs(c, entries)))
         return shapes.completion_response(self.rid, self.model_name, out, self.prompt_tokens, self.completion_tokens)
 
     async def stream(self):
@@ -215,14 +219,15 @@ class Job:
             for c in self.choices:
                 if chat:
                     yield data(shapes.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, index=c.index))
-                elif self.g.echo:
-                    head = self._prompt_text(c.prompt)
-                    offsets[c.index] = len(head)
-                    yield data(shapes.completion_chunk(rid, name, created, head, index=c.index))
+            echoed: set[int] = set()
             pending = len(self.choices)
             while pending:
                 i, e = await self.queue.get()
                 c = self.choices[i]
+                if self.g.echo and i not in echoed and e.finish_reason not in ("cancelled", "error"):
+                    echoed.add(i)  # the prompt (scored in the prefill) before the first new token
+                    c.entries = list(c.req.prompt_entries or [])
+                    yield chunk(c, self._prompt_text(c.prompt))
                 self._note(c, e)
                 if e.finish_reason in ("cancelled", "error"):
                     yield data(shapes_error(self._failed(c)))

@@ -1,13 +1,16 @@
 """Structured output for `layerpack serve` (response_format json_object / json_schema, tool_choice
 "required" or a named function): constrained decoding with llguidance.
 
-Why llguidance (measured 2026-12-04 with `pip download --no-deps`, all three install from PyPI on
-CPU): llguidance 1.9.1 is one 3 MB abi3 wheel with no Python dependencies, builds its token trie
-straight from the pack's tokenizer.json, takes JSON schemas and Lark grammars directly, and computes
-each step's mask lazily (no per-schema index build). xgrammar 0.2.9 needs transformers, triton and
-apache-tvm-ffi at install; outlines-core 0.2.14 is also dependency-free but compiles a regex
-index over the whole vocabulary for every schema before the first token (seconds for a 49k
-vocabulary). It is the optional `structured` extra; without it such requests get a clear 400.
+Why llguidance (2026-12-04, all three install from PyPI on CPU with `pip download --no-deps`):
+llguidance 1.9.1 is one 3 MB abi3 wheel with no Python dependencies, builds its token trie straight
+from the pack's tokenizer.json, takes JSON schemas and Lark grammars (forced tool calls) directly,
+and computes each step's mask lazily. xgrammar 0.2.9 requires transformers, triton and
+apache-tvm-ffi. outlines-core 0.2.14 is dependency-free too but compiles a regex index over the
+whole vocabulary per schema before the first token. Measured on SmolLM2's 49k vocabulary (2 cores,
+load 11): outlines-core index 0.03 s for a small enum/boolean schema but 18.8 s for json_object's
+{"type": "object"}; llguidance 1.4 s for the tokenizer once per server (0.4 s on a quiet machine),
+then <= 10 ms per request for matcher + first mask and ~11 us per later mask. It is the optional
+`structured` extra; without it such requests get a clear 400.
 
 A Grammar object is the runtime's request_sampling.Constraint: `allowed` is the mask of the next
 tokens (EOS only once the text is complete), `advance` feeds the chosen token to the matcher.

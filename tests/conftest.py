@@ -167,6 +167,13 @@ def run_cli(*args, check: bool = False, env=None, cwd=None) -> subprocess.Comple
     return proc
 
 
+def run_cli_killed(point: str, n: int, *args) -> subprocess.CompletedProcess:
+    """run_cli with the converter SIGKILLed after n units recorded (point "units") or n windows
+    quantized (point "windows"): tests/convert_with_faults.py passes the fault object in."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "convert_with_faults.py"), point, str(n), *map(str, args)],
+                          capture_output=True, text=True)
+
+
 def one_line_error(proc) -> str:
     """The single `error:` line a failed CLI command printed (exit 1, no traceback)."""
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)

@@ -201,6 +201,7 @@ def test_client_leaving_mid_stream_frees_its_slot(pack):
     ({"extra_body": {"top_k": -2}}, 400, "top_k"),
     ({"response_format": {"type": "yaml"}}, 400, "response_format"),
     ({"tool_choice": "auto"}, 400, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not render tools"),  # template without tools
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools[0]"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "fox " * 200}]}, 400, "context"),  # prompt longer than the context
@@ -296,7 +297,8 @@ def test_cli_serves_and_never_logs_the_key(pack, tmp_path):
     log = open(tmp_path / "log", "w+")
     env = {**os.environ, "LAYERPACK_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", "serve", pack, "--port", str(port), "--context", "64",
-                             "--max-batch", "2"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                             "--max-batch", "2", "--allowed-hosts", "llm.lan,other.lan", "--cors-origin", "http://app.example"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
         deadline = time.time() + 60
@@ -312,6 +314,16 @@ def test_cli_serves_and_never_logs_the_key(pack, tmp_path):
         assert out.usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+        # --allowed-hosts and --cors-origin reach the server
+        for host, origin, status in (("llm.lan", None, 200), ("other.lan:8000", "http://app.example", 200),
+                                     ("evil.example", None, 403), ("llm.lan", "http://evil.example", 403)):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Host": host, **({"Origin": origin} if origin else {})})
+            try:
+                with urllib.request.urlopen(req) as r:
+                    got, allow = r.status, r.headers.get("access-control-allow-origin")
+            except urllib.error.HTTPError as e:
+                got, allow = e.code, None
+            assert got == status and allow == (origin if status == 200 else None), (host, origin)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -82,6 +82,7 @@ EXTREMES = [
 def test_every_legal_extreme_is_served_and_the_server_keeps_serving(served, stream):
     model, srv = served
     c = srv.client()
+    failed0 = health(srv)["failed_requests"]
     for kw in EXTREMES:
         args = {"model": "tiny", "max_tokens": 4, **kw}
         if stream:
@@ -99,7 +100,7 @@ def test_every_legal_extreme_is_served_and_the_server_keeps_serving(served, stre
         if stream:
             assert sum(1 for ch in t if ch.choices and ch.choices[0].finish_reason) == kw.get("n", 1), kw
         h = health(srv)
-        assert h["status"] == "ok" and h["failed_requests"] == 0 and h["recovered_errors"] == 0, (kw, h)
+        assert h["status"] == "ok" and h["failed_requests"] == failed0 and h["recovered_errors"] == 0, (kw, h)
     # a tiny temperature is greedy
     tiny = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=1e-300)
     assert tiny.choices[0].message.content == greedy(model, "Hello fox", 12, chat=True)
@@ -137,7 +138,18 @@ def test_a_failing_request_fails_alone(served):
     assert bad.finish_reason == "error" and "broken constraint" in events["bad"][-1].error
     assert "".join(ev.text for ev in events["good"]) == want and good.finish_reason in ("stop", "length")
     assert e.stats.failed >= 1 and health(srv)["status"] == "ok"
-    e.stats.failed = 0  # the robustness test checks this count
+
+
+def test_structured_output_without_llguidance_is_a_400(served, monkeypatch):
+    import layerpack.structured as structured
+
+    def missing():
+        raise structured.StructuredUnavailable("structured output needs llguidance: pip install 'layerpack[structured]'")
+
+    monkeypatch.setattr(structured, "_llguidance", missing)
+    with pytest.raises(openai.BadRequestError, match="llguidance"):
+        served[1].client().chat.completions.create(model="tiny", messages=MSG, max_tokens=4,
+                                                   response_format={"type": "json_object"})
 
 
 def test_a_failing_forward_pass_is_logged_and_recovered(pack, caplog):
@@ -147,7 +159,7 @@ def test_a_failing_forward_pass_is_logged_and_recovered(pack, caplog):
 
     def flaky(*a, **k):
         calls.append(1)
-        if len(calls) == 2:  # the first decode step of the first request
+        if len(calls) in (2, 4):  # the first decode step of the first two requests
             raise OSError("disk went away")
         return real(*a, **k)
 
@@ -160,8 +172,11 @@ def test_a_failing_forward_pass_is_logged_and_recovered(pack, caplog):
                 c.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0)
         assert "disk went away" in err.value.body["message"]
         assert any("disk went away" in r.getMessage() and r.exc_info for r in caplog.records)
+        with pytest.raises(openai.APIError, match="disk went away"):  # a stream ends with the error event
+            for _ in c.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0, stream=True):
+                pass
         h = health(srv)
-        assert h["status"] == "ok" and h["recovered_errors"] == 1 and "disk went away" in h["last_error"]
+        assert h["status"] == "ok" and h["recovered_errors"] == 2 and "disk went away" in h["last_error"]
         r = c.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0)
         assert r.choices[0].text == greedy(model, "Hello world", 8, chat=False)
         assert engine.cache.active == 0
@@ -318,9 +333,75 @@ def test_echo_and_model_retrieve(served):
     s = "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="The quick", max_tokens=4,
                                                                    temperature=0, echo=True, stream=True) if ch.choices)
     assert s == r.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        c.completions.create(model="tiny", prompt="The quick", max_tokens=4, echo=True, logprobs=1)
+    # echo + logprobs: the prompt's tokens are scored too (the first has no context: null), from a
+    # full forward over prompt + completion
+    r = c.completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = model.encode_prompt("The quick")
+    gen = [int(t[0]) for t in generate_tokens(model, [ids], 4, SamplingParams(0.0))]
+    full = ids + gen
+    assert lp.tokens == [model.tokenizer.decode([t], skip_special_tokens=False) for t in full]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    logits = model.forward(torch.tensor([full]), cache=model.new_cache(1, len(full)), last_only=False)[0]
+    ref = torch.log_softmax(logits.float(), -1)
+    for k in range(1, len(full)):
+        assert lp.token_logprobs[k] == pytest.approx(float(ref[k - 1, full[k]]), abs=1e-4), k
+        assert len(lp.top_logprobs[k]) <= 2
+    streamed = []
+    for ch in c.completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0, echo=True, logprobs=2,
+                                   stream=True):
+        if ch.choices and ch.choices[0].logprobs:
+            streamed += ch.choices[0].logprobs.token_logprobs
+    assert streamed == lp.token_logprobs
     m = c.models.retrieve("tiny")
     assert m.id == "tiny" and m.object == "model"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("gpt-4")
+
+
+def test_prompt_scoring_in_chunks_equals_one_forward(pack):
+    """Echo + logprobs scores the prompt in chunks no larger than one prefill hidden state: with a
+    chunk of 2 positions, the logprobs equal one full forward's."""
+    model = load(pack, dtype="fp32")
+    engine = Engine(model, max_batch=1, context=CONTEXT)
+    a = model.args
+    engine.prefill_tokens = 2 * a.vocab_size // a.hidden_size  # -> chunks of 2 positions
+    ids = model.encode_prompt("The quick brown fox jumps")
+    r = engine.request(ids, 1, sampling=RequestSampling(prompt_logprobs=1))
+    engine._score_prompt(r)
+    logits = model.forward(torch.tensor([ids]), cache=model.new_cache(1, len(ids)), last_only=False)[0]
+    ref = torch.log_softmax(logits.float(), -1)
+    assert len(ids) > 4 and [t for t, _, _ in r.prompt_entries] == ids and r.prompt_entries[0][1] is None
+    for k in range(1, len(ids)):
+        assert r.prompt_entries[k][1] == pytest.approx(float(ref[k - 1, ids[k]]), abs=1e-4)
+        assert r.prompt_entries[k][2][0][0] == int(ref[k - 1].argmax())
+
+
+def test_fuzzed_bodies_never_get_500(served):
+    """Every parameter replaced by values of every JSON type (a fixed seed): each answer is 200 or a
+    4xx with OpenAI's error body, never a 500, and the server keeps serving."""
+    import random
+    _, srv = served
+    rnd = random.Random(22)
+    values = [None, True, False, 0, -1, 1, 2**64, -(2**63), 0.5, -0.0, 1e308, -1e-308, "", "x", "\U0001F600", "9" * 30,
+              [], [1], ["a"], [[1, 2]], [None], {}, {"a": 1}, {"type": "json_object"}, {"1": 1}, [{"role": "user"}]]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    comp = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    keys = sorted({"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+                   "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs",
+                   "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls", "echo", "best_of",
+                   "suffix", "messages", "prompt", "model"})
+    statuses = set()
+    for i in range(160):
+        base, path = (chat, "/v1/chat/completions") if i % 2 else (comp, "/v1/completions")
+        body = dict(base)
+        for k in rnd.sample(keys, rnd.choice([1, 1, 2, 3])):
+            body[k] = rnd.choice(values)
+        status, _, out = post(srv, path, json.dumps(body).encode())
+        statuses.add(status)
+        assert status in (200, 400, 404), (body, status, out[:300])
+        if status != 200:
+            assert set(json.loads(out)["error"]) == {"message", "type", "param", "code"}
+    assert {200, 400} <= statuses
+    h = health(srv)
+    assert h["status"] == "ok" and h["recovered_errors"] == 0

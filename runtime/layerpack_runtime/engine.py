@@ -17,8 +17,9 @@ own RequestSampler (request_sampling.py: penalties, logit_bias, constraints, log
 
 Faults stay local: an error while choosing one request's token fails that request only; an error in
 a forward pass fails the requests of that pass, and the supervisor in `_run` logs it, frees their
-slots and goes on serving (`errors` / `last_error` count and show them, /health reports them). The model is used only through `forward(ids, cache, attention_mask, last_only)`.
-Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
+slots and goes on serving (`errors` / `last_error` count and show them, /health reports them).
+
+The model is used only through `forward(ids, cache, attention_mask, last_only)`. Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
 through the callback (from the engine thread).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .cache import KVCache
 from .errors import LayerpackError
 from .generate import SamplingParams, left_pad
 from .options import Workload
-from .request_sampling import Choice, RequestSampler, RequestSampling
+from .request_sampling import Choice, RequestSampler, RequestSampling, score_prompt
 from .slots import SlotKVCache
 from .tokenizer import TextStream
 
@@ -80,6 +81,7 @@ class Request:
     on_event: Callable[[Event], None] = lambda e: None
     sampling: RequestSampling | None = None
     # filled by the engine
+    prompt_entries: list | None = None  # sampling.prompt_logprobs: (token, logprob or None, top) per prompt token
     id: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -307,9 +309,25 @@ class Engine:
             self._admitting = out
         return out
 
+    def _score_prompt(self, r: Request) -> None:
+        """Echo + logprobs: every prompt token's logprob, before the batch's prefill allocates its
+        cache, in chunks of logits no larger than one of the prefill's hidden states (the plan holds it)."""
+        a = self.model.args
+        chunk = max(1, self.prefill_tokens * a.hidden_size // a.vocab_size)
+        r.prompt_entries = score_prompt(self.model, r.prompt, r.sampling.prompt_logprobs, chunk)
+
     @torch.inference_mode()
     def _prefill(self, reqs: list[Request]) -> None:
         m = self.model
+        for r in reqs:
+            if r.sampling is not None and r.sampling.prompt_logprobs is not None:
+                try:
+                    self._score_prompt(r)
+                except Exception as e:  # noqa: BLE001 - this request's own passes: it fails alone
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+        reqs = [r for r in reqs if r.finish_reason is None]
+        if not reqs:
+            return
         rows: dict[tuple[int, ...], int] = {}  # prompt -> its prefill row (equal prompts share one)
         for r in reqs:
             rows.setdefault(tuple(r.prompt), len(rows))
@@ -324,8 +342,7 @@ class Engine:
             r._stream = TextStream(self.tokenizer, r.stop)
             generator = torch.Generator(device=m.device).manual_seed(int(r.seed)) if r.seed is not None else None
             r._sampler = RequestSampler(r.params, r.sampling, generator)
-            choice = self._sample(logits[b:b + 1], r)
-            if choice is None or self._emit(r, choice):
+            if self._advance(logits[b:b + 1], r):
                 continue
             n = len(r.prompt)
             slot = self.cache.add([(layer.k[b, :, L - n:], layer.v[b, :, L - n:]) for layer in cache.layers])
@@ -340,21 +357,21 @@ class Engine:
         self.stats.steps += 1
         done = []
         for slot, r in enumerate(self._active):
-            choice = self._sample(logits[slot:slot + 1], r)
-            if choice is None or self._emit(r, choice):
+            if self._advance(logits[slot:slot + 1], r):
                 done.append(slot)
         for slot in reversed(done):
             self._free(slot)
 
-    def _sample(self, logits: torch.Tensor, r: Request) -> Choice | None:
-        """r's next token; None when choosing it failed (r then ends with "error", alone)."""
+    def _advance(self, logits: torch.Tensor, r: Request) -> bool:
+        """Choose and report r's next token; True when r is finished. A failure here (its sampler,
+        constraint or text) ends r with "error", alone."""
         try:
-            return r._sampler.pick(logits)
+            return self._emit(r, r._sampler.pick(logits))
         except Exception as e:  # noqa: BLE001 - one request's failure must not end the others
             error = f"{type(e).__name__}: {e}"
-            log.warning("request %d failed while choosing its next token: %s", r.id, error)
+            log.warning("request %d failed while choosing or reporting its next token: %s", r.id, error)
             self._finish(r, "error", error=error)
-            return None
+            return True
 
     def _emit(self, r: Request, choice: Choice) -> bool:
         """Report the token chosen for request r; True when r is finished."""

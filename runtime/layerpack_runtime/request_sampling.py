@@ -48,6 +48,7 @@ class RequestSampling:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None       # None: none; k >= 0: the chosen token's and the k most likely
     constraint: Constraint | None = None
+    prompt_logprobs: int | None = None  # also score the prompt's tokens (completions' echo + logprobs)
 
     def check(self, vocab_size: int) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -59,8 +60,37 @@ class RequestSampling:
                 raise LayerpackError(f"logit_bias token {t} is outside the vocabulary (0..{vocab_size - 1})")
             if not -MAX_BIAS <= b <= MAX_BIAS:
                 raise LayerpackError(f"logit_bias values must be in [-{MAX_BIAS}, {MAX_BIAS}], not {b}")
-        if self.logprobs is not None and not 0 <= int(self.logprobs) <= MAX_LOGPROBS:
-            raise LayerpackError(f"logprobs must be in [0, {MAX_LOGPROBS}], not {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= int(v) <= MAX_LOGPROBS:
+                raise LayerpackError(f"{name} must be in [0, {MAX_LOGPROBS}], not {v}")
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple[int, float, list]]:
+    """logits [T, vocab] predicting `tokens` [T] -> (token, its logprob, the k most likely) each."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    tops = [[] for _ in tokens]
+    if k:
+        vals, ids = torch.topk(lp, min(int(k), lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return list(zip(tokens, chosen, tops))
+
+
+@torch.inference_mode()
+def score_prompt(model, ids: list[int], k: int, chunk: int) -> list[tuple[int, float | None, list]]:
+    """The logprob of every token of `ids` after the first (which has no context: None), and the k
+    most likely alternatives, from the model's own passes over `ids`, `chunk` positions at a time
+    (one KV cache of len(ids) tokens; logits of `chunk` positions at once)."""
+    from .cache import KVCache
+    a = model.args
+    cache = KVCache(a.num_layers, 1, a.num_kv_heads, len(ids), a.head_dim, model.dtype, model.device)
+    entries: list = [(ids[0], None, [])]
+    for s in range(0, len(ids) - 1, chunk):  # positions s..e-1 predict tokens s+1..e
+        e = min(len(ids) - 1, s + chunk)
+        logits = model.forward(torch.tensor([ids[s:e]], dtype=torch.long), cache=cache, last_only=False)[0]
+        entries += token_logprobs(logits, ids[s + 1:e + 1], k)
+    return entries
 
 
 class RequestSampler:
