@@ -266,6 +266,10 @@ class Pipeline(TextGenerator):
         """Stage 0's part of the runner interface (each stage checks its own when a cache is made)."""
         self.stage.units.reserve(workload)
 
+    def minimum_memory(self, workload=None) -> int:
+        """Stage 0's minimum (each stage's own was checked by the launcher: stage_plan.plan_stages)."""
+        return self.stage.units.minimum_memory(workload)
+
     def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None, keep: bool = False) -> PipelineCache:
         """Caches for `batch` rows of up to `max_len` tokens on every stage, split into micro-batches.
         The pipeline holds one such cache at a time: a new one frees the earlier ones on every stage
