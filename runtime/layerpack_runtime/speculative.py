@@ -151,6 +151,10 @@ def speculative_tokens(model, prompts: list[list[int]], max_new_tokens: int, par
         return
     budget = spec.budget
     L = len(prompt)
+    workload = getattr(model, "workload", None)
+    if workload is not None and workload.declared and getattr(model, "max_memory", None) is not None:
+        # a plan made once for a declared workload under a budget: trees only as large as it holds
+        budget = max(0, min(budget, workload.step_tokens - 1, workload.context - L - max_new_tokens - 1))
     proposer = _proposer(spec, params, generator)
     cache = model.new_cache(1, L + max_new_tokens + budget + 1, step_tokens=max(L, budget + 1))
     if not hasattr(cache, "add_tree"):  # a stages.Pipeline's cache spans processes
@@ -246,13 +250,25 @@ def os_has_tokenizer(model) -> bool:
     return os.path.isfile(os.path.join(model.pack.path, "tokenizer.json"))
 
 
+def tree_room(speculate: str | None, draft_tokens: int | None) -> int:
+    """Cache columns a speculative generation needs beyond prompt + new tokens (the tree's
+    tentative columns), for a workload declared at load."""
+    if speculate is None and draft_tokens is None:
+        method = "draft"
+    else:
+        method = speculate or "draft"
+    return (int(draft_tokens) if draft_tokens is not None else DEFAULT_DRAFT_TOKENS.get(method, 16)) + 1
+
+
 def open_draft(path, max_memory, device="cpu", dtype=None, threads=None, revision=None, token=None):
     """`run --draft`: load the draft pack resident and return it with what is left of `max_memory`
     for the target (the draft's weights, KV cache and activations are counted inside the budget;
-    torch's working memory once, by the target's plan)."""
+    torch's working memory once, by the target's plan). No path: (None, max_memory)."""
     from .budget import fmt_size, parse_size
     from .loader import load
 
+    if not path:
+        return None, max_memory
     draft = load(path, device=device, dtype=dtype, threads=threads, revision=revision, token=token)
     budget = parse_size(max_memory)
     if budget is None:
