@@ -45,7 +45,7 @@ def packs(tmp_path_factory):
 def _streaming_budget(model) -> int:
     """A max_memory that keeps embed + head resident and streams every block."""
     costs = {u: model._unit_cost(u) for u in model.units}
-    fixed = model._kv_bytes(model.context) + model._activation_bytes(model.step_tokens) + model._runtime_bytes()
+    fixed = model.fixed_bytes
     return fixed + costs["embed"].stored + costs["head"].stored + 2 * max(costs[u].streamed for u in model.block_units) + 16
 
 

@@ -253,11 +253,7 @@ def os_has_tokenizer(model) -> bool:
 def tree_room(speculate: str | None, draft_tokens: int | None) -> int:
     """Cache columns a speculative generation needs beyond prompt + new tokens (the tree's
     tentative columns), for a workload declared at load."""
-    if speculate is None and draft_tokens is None:
-        method = "draft"
-    else:
-        method = speculate or "draft"
-    return (int(draft_tokens) if draft_tokens is not None else DEFAULT_DRAFT_TOKENS.get(method, 16)) + 1
+    return (int(draft_tokens) if draft_tokens is not None else DEFAULT_DRAFT_TOKENS[speculate or "draft"]) + 1
 
 
 def open_draft(path, max_memory, device="cpu", dtype=None, threads=None, revision=None, token=None):
