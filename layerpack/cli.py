@@ -255,7 +255,8 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     t0 = time.perf_counter()
     draft_model, tree_room = None, 0
     if speculate or draft:  # a draft is resident, loaded first: the target gets what it leaves of --max-memory
-        from layerpack_runtime.speculative import open_draft, tree_room
+        from layerpack_runtime.draft_model import open_draft
+        from layerpack_runtime.speculative import tree_room
 
         draft_model, max_memory = open_draft(draft, max_memory, device=device, dtype=dtype, threads=threads, token=token)
         tree_room = tree_room(speculate, draft_tokens)  # the cache's tentative columns, planned with the context

@@ -203,15 +203,15 @@ def speculative_tokens(model, prompts: list[list[int]], max_new_tokens: int, par
 
 
 def speculation(target, speculate: str | None, draft, draft_tokens: int | None) -> Speculation | None:
-    """generate()'s keyword options -> a checked Speculation (None: plain decoding). draft: a pack
-    folder or Hub repo id (loaded resident, on the target's device) or a loaded model."""
+    """generate()'s keyword options -> a checked Speculation (None: plain decoding). draft: a loaded
+    model (draft_model.load_draft / open_draft)."""
     if speculate is None and draft is None:
         if draft_tokens is not None:
             raise LayerpackError("--draft-tokens needs --speculate lookup or --draft")
         return None
     if draft is not None and not hasattr(draft, "forward"):
-        draft = load_draft(draft, target)
-    elif draft is not None:
+        raise LayerpackError("draft= takes a loaded model: layerpack_runtime.draft_model.load_draft(path, target)")
+    if draft is not None:
         check_draft(target, draft)
     spec = Speculation(method=speculate or "draft", draft=draft, draft_tokens=draft_tokens)
     spec.check()
@@ -227,12 +227,10 @@ def check_draft(target, draft) -> None:
     for name in ("bos_token_id", "eos_token_ids", "pad_token_id"):
         if getattr(ta, name) != getattr(da, name):
             raise LayerpackError(f"the draft's {name} is {getattr(da, name)}, the target's {getattr(ta, name)}")
-    try:
-        tt, dt = target.tokenizer, draft.tokenizer
-    except LayerpackError:  # token-id prompts only: a pack without tokenizer.json
-        tt = dt = None
-        if any(os_has_tokenizer(m) for m in (target, draft)):
-            raise LayerpackError("one of the target and the draft has a tokenizer.json and the other not") from None
+    tt, dt = _tokenizer_or_none(target), _tokenizer_or_none(draft)
+    if (tt is None) != (dt is None):
+        raise LayerpackError(f"the {'target' if tt is not None else 'draft'} has a tokenizer.json and the "
+                             f"{'draft' if tt is not None else 'target'} has none")
     if tt is not None:
         tv, dv = tt.tok.get_vocab(with_added_tokens=True), dt.tok.get_vocab(with_added_tokens=True)
         if tv != dv:
@@ -244,46 +242,14 @@ def check_draft(target, draft) -> None:
                                  f"the target's {tt.special_tokens} (eos {tt.eos_ids}, bos {tt.bos_id})")
 
 
-def os_has_tokenizer(model) -> bool:
-    import os
-
-    return os.path.isfile(os.path.join(model.pack.path, "tokenizer.json"))
+def _tokenizer_or_none(model):
+    try:
+        return model.tokenizer
+    except LayerpackError:  # a pack without tokenizer.json (token-id prompts only)
+        return None
 
 
 def tree_room(speculate: str | None, draft_tokens: int | None) -> int:
     """Cache columns a speculative generation needs beyond prompt + new tokens (the tree's
     tentative columns), for a workload declared at load."""
     return (int(draft_tokens) if draft_tokens is not None else DEFAULT_DRAFT_TOKENS[speculate or "draft"]) + 1
-
-
-def open_draft(path, max_memory, device="cpu", dtype=None, threads=None, revision=None, token=None):
-    """`run --draft`: load the draft pack resident and return it with what is left of `max_memory`
-    for the target (the draft's weights, KV cache and activations are counted inside the budget;
-    torch's working memory once, by the target's plan). No path: (None, max_memory)."""
-    from .budget import fmt_size, parse_size
-    from .loader import load
-
-    if not path:
-        return None, max_memory
-    draft = load(path, device=device, dtype=dtype, threads=threads, revision=revision, token=token)
-    budget = parse_size(max_memory)
-    if budget is None:
-        return draft, None
-    own = draft.plan.total - draft.plan.runtime_bytes
-    if own >= budget:
-        draft.close()
-        raise LayerpackError(f"the draft takes {fmt_size(own)}, all of --max-memory {fmt_size(budget)}; give more memory or a smaller draft")
-    return draft, budget - own
-
-
-def load_draft(path, target, device=None, dtype=None, **kwargs):
-    """Load a draft pack resident (on the target's device) and check it against the target."""
-    from .loader import load
-
-    draft = load(path, device=device or target.device, dtype=dtype, **kwargs)
-    try:
-        check_draft(target, draft)
-    except BaseException:
-        draft.close()
-        raise
-    return draft
