@@ -228,7 +228,7 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--micro-batches", type=click.IntRange(1), default=None, help="With --stages: micro-batches a batch is split into [default: min(batch, stages)].")
 @click.option("--speculate", type=click.Choice(["lookup"]), default=None, help="Speculative decoding with candidates from prompt lookup (n-gram matches in the prompt and text so far): several tokens per pass, same output.")
 @click.option("--draft", default=None, metavar="PACK_OR_REPO", help="Speculative decoding with a small resident draft pack sharing the tokenizer (counted inside --max-memory).")
-@click.option("--draft-tokens", type=click.IntRange(0, 1024), default=None, metavar="N", help="Candidate tokens (tree nodes) verified per pass [default: 16 with --draft, 10 with lookup].")
+@click.option("--draft-tokens", type=click.IntRange(0, 1024), default=None, metavar="N", help="Candidate tokens (tree nodes) verified per pass [default: 8 with --draft, 10 with lookup].")
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
         no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches,

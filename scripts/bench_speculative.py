@@ -71,6 +71,16 @@ def one_run(model, prompt: str, tokens: int, temperature: float, seed: int, **sp
     return row
 
 
+def agreement(plain: list[dict], spec: list[dict]) -> str:
+    """Greedy plain vs speculative ids: 'identical', or where each pair first differs (bf16 compute:
+    a pass over N positions rounds differently from a 1-position pass, so near-ties can flip)."""
+    if all(x["ids"] == y["ids"] for x, y in zip(plain, spec)):
+        return "identical"
+    firsts = [next((i for i, (a, b) in enumerate(zip(x["ids"], y["ids"])) if a != b), min(len(x["ids"]), len(y["ids"])))
+              for x, y in zip(plain, spec)]
+    return "same tokens up to token " + "/".join(str(f) for f in firsts) + " (bf16 rounding), then different"
+
+
 def summed(rows: list[dict]) -> dict:
     keys = ("tokens", "decode_s", "total_s", "bytes", "passes", "accepted", "draft_s")
     return {"prompts": len(rows), **{k: sum(r[k] for r in rows) for k in keys}}
@@ -98,7 +108,7 @@ def pass_cost(model, positions: list[int], repeats: int) -> dict[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--draft-tokens", type=int, default=16)
+    ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--lookup-tokens", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--open-prompts", type=int, default=len(OPEN_PROMPTS), help="how many of the open prompts to run")
@@ -126,12 +136,12 @@ def main() -> None:
         plain = [one_run(target, p, a.tokens, temp, seed=i) for i, p in enumerate(OPEN_PROMPTS)]
         spec = [one_run(target, p, a.tokens, temp, seed=i, draft=draft, draft_tokens=a.draft_tokens) for i, p in enumerate(OPEN_PROMPTS)]
         if temp == 0:
-            identical["draft"] = all(x["ids"] == y["ids"] for x, y in zip(plain, spec))
+            identical["draft"] = agreement(plain, spec)
         rows.append((f"draft, T={temp}", summed(plain), summed(spec)))
     grounded = [PASSAGE + "\n\n" + q for q in GROUNDED]
     plain = [one_run(target, p, a.tokens, 0.0, seed=0) for p in grounded]
     spec = [one_run(target, p, a.tokens, 0.0, seed=0, speculate="lookup", draft_tokens=a.lookup_tokens) for p in grounded]
-    identical["lookup"] = all(x["ids"] == y["ids"] for x, y in zip(plain, spec))
+    identical["lookup"] = agreement(plain, spec)
     rows.append(("lookup, T=0 (grounded)", summed(plain), summed(spec)))
     costs = pass_cost(target, [1, 16, 64], repeats=3)
     load_end = os.getloadavg()
@@ -164,8 +174,8 @@ def render(a, rows, costs, identical, lines, budget, draft_own, grounded_len, lo
         out.append(f"| {name} | {tps_p:.2f} | {tps_s:.2f} | {tps_s / tps_p:.2f}x | {(s['tokens'] - s['prompts']) / max(1, s['passes']):.2f} | "
                    f"{s['accepted'] / max(1, s['passes']):.2f} | {s['draft_s']:.2f} | "
                    f"{p['bytes'] / p['tokens'] / 2**20:.1f} / {s['bytes'] / s['tokens'] / 2**20:.1f} |")
-    out += ["", f"Greedy output identical to plain: draft {'yes' if identical['draft'] else 'NO'}, "
-                f"lookup {'yes' if identical['lookup'] else 'NO'}. tok/s counts all tokens over the whole generation "
+    out += ["", f"Greedy output vs plain: draft {identical['draft']}; lookup {identical['lookup']} (the exactness tests "
+                "run fp32 compute, where it is identical). tok/s counts all tokens over the whole generation "
                 "(prefill included); tokens per target pass = generated tokens after the first / target passes.", "",
             "Streamed pass cost (chain of n positions after 16 cached tokens, median of 3): "
             + ", ".join(f"{n} positions {t:.3f} s ({t / costs[1]:.2f}x)" for n, t in costs.items())]

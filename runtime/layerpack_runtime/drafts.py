@@ -29,6 +29,10 @@ LOOKUP_NGRAMS = (3, 2, 1)   # suffix lengths tried, longest first
 LOOKUP_MATCHES = 4          # earlier occurrences merged into the trie (most recent first)
 CHILDREN_PER_NODE = 8       # most children a draft node gets (the budget caps the total)
 SAMPLED_FIRST_CHILD = 0.8   # sampling: shape weight of a node's first child; rank r gets 0.8 * 0.2^r
+# Draft forwards per proposal after the root's (so the tree is at most DRAFT_STEPS + 1 deep): a
+# same-size draft (the NF4 pack of the target) costs as much compute per forward as the target, so
+# on a CPU more steps cost more than the extra accepted tokens save (bench_speculative.py).
+DRAFT_STEPS = 4
 
 
 @dataclass
@@ -141,8 +145,9 @@ class DraftProposer:
                 tokens.append(t), parents.append(node), scores.append(base + lw)
 
         expand(-1, root_logits, 0.0)
-        processed = 0
-        while processed < 2 * self.budget:
+        processed = steps = 0
+        while processed < 2 * self.budget and steps < DRAFT_STEPS:
+            steps += 1
             order = sorted(range(len(tokens)), key=lambda n: (-scores[n], n))  # ancestors rank before descendants
             top = order[:budget]
             cutoff = scores[top[-1]] if len(top) == budget else -math.inf
