@@ -58,7 +58,7 @@ def _existing_or_repo(pack: str) -> bool:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="layerpack")
+@click.version_option(package_name="layerpack-llm")
 def main():
     """Run and share LLMs larger than memory, layer by layer."""
 

@@ -1,6 +1,6 @@
 """`layerpack serve`: an OpenAI-compatible HTTP server over the runtime's continuous-batching engine.
 
-The HTTP layer is starlette + uvicorn (the `serve` extra: pip install 'layerpack[serve]'); the
+The HTTP layer is starlette + uvicorn (the `serve` extra: pip install 'layerpack-llm[serve]'); the
 batching is layerpack_runtime.engine, which runs in its own thread: every decode step is one pass
 over the (possibly streamed) weights for all clients at once. Requests are checked and shaped in
 openai_api.py. Safe by default: binds 127.0.0.1, another address needs an API key (or an explicit
@@ -72,7 +72,7 @@ def _need_starlette():
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise LayerpackError("layerpack serve needs the serve extra: pip install 'layerpack[serve]'") from None
+        raise LayerpackError("layerpack serve needs the serve extra: pip install 'layerpack-llm[serve]'") from None
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY_BYTES):

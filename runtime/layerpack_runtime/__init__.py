@@ -1,4 +1,4 @@
-"""layerpack-runtime: read and run layerpacks, one layer at a time.
+"""layerpack_runtime (distribution layerpack-llm-runtime): read and run layerpacks, one layer at a time.
 
 Imports nothing beyond torch (and zstandard / tokenizers lazily, when a pack needs them)."""
 from .errors import FormatError, LayerpackError, VersionError

@@ -9,7 +9,7 @@ time); each downloaded file is checked against the manifest's size and sha256 be
 it, a bad one is deleted and named. Files already in the cache are checked by size (their sha256 was
 checked when they arrived; `verify=True` re-hashes them).
 
-Needs huggingface_hub (the `layerpack-runtime[hub]` extra); nothing else in the runtime imports it.
+Needs huggingface_hub (the `layerpack-llm-runtime[hub]` extra); nothing else in the runtime imports it.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def _hf():
     try:
         import huggingface_hub
     except ImportError:
-        raise LayerpackError("running a pack from the Hub needs huggingface_hub: pip install 'layerpack-runtime[hub]'") from None
+        raise LayerpackError("running a pack from the Hub needs huggingface_hub: pip install 'layerpack-llm-runtime[hub]' (from a clone: pip install './runtime[hub]')") from None
     return huggingface_hub
 
 
