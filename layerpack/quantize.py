@@ -26,11 +26,9 @@ from layerpack_runtime.format import (
 )
 from layerpack_runtime.manifest import TensorEntry
 
-# Outlier selection rules (which k entries of a weight are kept exactly; see select_outliers_by):
-OUTLIER_MAGNITUDE = "magnitude"    # the k largest |w| of the tensor
-OUTLIER_ROW = "row"                # an equal share per output row: rows' largest |w| first, then their second, ...
-OUTLIER_BLOCK_GAIN = "block-gain"  # greedy on the estimated error saved: shrinking a block's absmax
-OUTLIER_RULES = (OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_BLOCK_GAIN)
+# Outlier selection rules (which k entries of a weight are kept exactly; see select_outliers_by),
+# defined in the torch-free choices.py (the CLI's --outlier-rule choices).
+from .choices import OUTLIER_BLOCK_GAIN, OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_RULES  # noqa: E402, F401
 BLOCK_GAIN_DEPTH = 4               # candidates per quantization block under block-gain (more if k needs them)
 
 CHUNK_ELEMS = 1 << 21   # per chunk (a multiple of every block size we allow up to 2^21): ~8 MB fp32
