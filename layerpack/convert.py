@@ -495,7 +495,7 @@ def _calibration_stats(job: _Job, partial: _Partial, quiet: bool) -> dict:
     fingerprint = partial.fingerprint() or ""
     stats = calibrate.load(path, fingerprint)
     if stats is None:
-        with progress_bar(len(job.units), "calibrate", quiet) as bar:
+        with progress_bar(len(job.units), "calibrate", quiet, unit="unit") as bar:
             stats = calibrate.collect(job.arch, job.units, lambda u: {c: _read_whole(job.index, u, c) for c in u.tensors},
                                       job.calibration_ids, job.arch["tie_word_embeddings"], lambda u: bar.update(1))
         calibrate.save(path, stats, fingerprint)
