@@ -361,8 +361,9 @@ def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body,
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
-    from .serve import ServeOptions, check_bind, serve as run_serve
+    from .serve import ServeOptions, check_bind, check_port, serve as run_serve
     check_bind(host, api_key, insecure)  # before loading anything
+    check_port(host, port)
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
     opts = ServeOptions(host, port, max_memory, max_batch, context, api_key, insecure, max_queue, max_body, model_name,

@@ -67,6 +67,19 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
                              f"(or LAYERPACK_API_KEY), or --insecure to serve without one")
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads when host:port cannot be listened on (another server has it)."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds (TIME_WAIT is free)
+            sock.bind((host, port))
+    except OSError as e:
+        raise LayerpackError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server using it? "
+                             f"pick another --port)") from None
+
+
 def _need_starlette():
     try:
         import starlette  # noqa: F401

@@ -75,3 +75,19 @@ def test_the_wrapper_sees_torch_when_a_command_imports_it(tmp_path):
     pack.mkdir()
     rc, out, err, heavy = _run("run", pack, "hello", "--max-new-tokens", "1")
     assert rc == 1 and "torch" in heavy, (rc, err, heavy)
+
+
+def test_serve_on_a_busy_port_fails_before_loading_the_model(tmp_path):
+    """The port is checked before the model loads: with a folder that is no pack, the error is still the port."""
+    import socket
+
+    not_a_pack = tmp_path / "not-a-pack"
+    not_a_pack.mkdir()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "layerpack.cli", "serve", str(not_a_pack), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use"), r.stderr
