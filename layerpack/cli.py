@@ -311,6 +311,9 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
             click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
                        f"of {fmt_size(model.experts.capacity)}", err=True)
+        from layerpack_runtime.threads import describe_threads
+
+        click.echo(f"threads: {describe_threads(model.threads)}", err=True)
 
 
 def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, page_cache, expert_reads,
