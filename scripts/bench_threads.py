@@ -59,6 +59,7 @@ def load_aware_threads() -> int:
 def decode_tps(pack: str, threads, env: dict, tokens: int) -> float:
     if threads == LOAD_AWARE:
         threads = load_aware_threads()
+        print(f"... load-aware count: {threads}", file=sys.stderr)
     e = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
     e.update(env, OMP_NUM_THREADS=str(threads), LAYERPACK_THREADS=str(threads))
     r = subprocess.run([sys.executable, "-m", "layerpack.cli", "run", pack, "What is the capital of France?", "--chat",
