@@ -13,8 +13,10 @@ import click
 # answer before torch is imported; each command imports what it runs.
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_CHOICES, SCHEMES
+from layerpack_runtime.options import WEIGHT_FORMS, RunOptions
 
 from .choices import DEFAULT_CALIBRATION_TOKENS, OUTLIER_ROW, OUTLIER_RULES
+from .environment import API_KEY as API_KEY_ENV, debug
 
 
 def _one_line_errors(fn):
@@ -32,7 +34,7 @@ def _one_line_errors(fn):
         except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:  # a bug: still one line (LAYERPACK_DEBUG=1 shows the traceback)
-            if os.environ.get("LAYERPACK_DEBUG"):
+            if debug():
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
             _die(f"internal error ({type(e).__name__}: {first[:300]}); please report it (LAYERPACK_DEBUG=1 shows the traceback)")
@@ -134,9 +136,12 @@ def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block
     """Convert a Hugging Face checkpoint (folder or Hub repo id) SRC into a layerpack at OUT."""
     from .convert import ConvertOptions, convert as run_convert
 
-    m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle,
-                                             overwrite, quiet, evaluate or eval_text is not None, eval_text, outlier_rule,
-                                             head_outliers, calibrate, calibration_text, calibration_tokens, calibrate_methods))
+    m = run_convert(src, out, ConvertOptions(
+        quant=quant, dtype=dtype, outliers=outliers, block_size=block_size, compress=compress, zstd_level=zstd_level,
+        revision=revision, allow_pickle=allow_pickle, overwrite=overwrite, quiet=quiet,
+        evaluate=evaluate or eval_text is not None, eval_text=eval_text, outlier_rule=outlier_rule, head_outliers=head_outliers,
+        calibrate=calibrate, calibration_text=calibration_text, calibration_tokens=calibration_tokens,
+        calibrate_methods=calibrate_methods))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
         if m.quality:
@@ -258,7 +263,8 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--expert-cache", default=None, metavar="SIZE", help="MoE packs: share of --max-memory reserved for the LRU cache of streamed experts [default: what the plan leaves].")
 @click.option("--no-expert-reads", is_flag=True, help="MoE packs: stream whole layer files instead of only the selected experts (the dense-read baseline).")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores]. On a machine busy with other work, 1 can be much faster.")
-@click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads and the memory plan to stderr.")
+@click.option("--weight-form", type=click.Choice(WEIGHT_FORMS), default="auto", show_default=True, help="Quantized units kept resident in their stored form (computed from the codes) or dequantized; auto: stored wherever a native kernel computes from the codes (a rule, never a timing: same bits under any load).")
+@click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads, the weight form and the memory plan to stderr.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @click.option("--stages", type=click.IntRange(1), default=None, help="Split the model into S pipeline stages, one process each (torch.distributed, gloo on CPU), each holding only its own layers; --max-memory then applies per stage (one size, or one per stage: 1GiB,2GiB).")
@@ -266,18 +272,18 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--micro-batches", type=click.IntRange(1), default=None, help="With --stages: micro-batches a batch is split into [default: min(batch, stages)].")
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, stats, revision, token, stages, split, micro_batches):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
 
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
-                           not no_expert_reads, expert_cache, threads, stats,
+                           not no_expert_reads, expert_cache, threads, weight_form, stats,
                            dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 chat=chat))
 
-    from layerpack_runtime import load
+    from layerpack_runtime.loader import load_for_prompt
     from layerpack_runtime.manifest import Manifest
     from layerpack_runtime.threads import resolve_threads
 
@@ -287,14 +293,16 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     t0 = time.perf_counter()
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
     total = None if _existing_or_repo(pack) else Manifest.load(pack).totals.get("layer_bytes")
+    opts = RunOptions(device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, page_cache=not no_page_cache,
+                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form)
     with progress_bar(total, "load", quiet=total is None) as bar:
-        model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
-                     page_cache=not no_page_cache, progress=bar.update, expert_reads=not no_expert_reads,
-                     expert_cache=expert_cache, revision=revision, token=token, threads=threads)
+        # The prompt is tokenized first: the plan is made once, for exactly this prompt + --max-new-tokens.
+        model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens, chat=chat, verify=verify,
+                                     revision=revision, token=token, progress=bar.update)
     load_s = time.perf_counter() - t0
     model.unit_times.enabled = stats
-    pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, chat=chat, stream=True)
+    pieces = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stream=True)
     try:
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -304,7 +312,8 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     click.echo()
     if stats:
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
-        click.echo(f"memory plan: {model.plan.describe()}", err=True)
+        click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
+        click.echo(f"weight form: {model.weight_form}", err=True)
         click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
@@ -317,9 +326,9 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
 
 def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, page_cache, expert_reads,
-                expert_cache, threads, stats, gen):
+                expert_cache, threads, weight_form, stats, gen):
     """`run --stages`: S local stage processes (launch.launch_local); rank 0 prints the text."""
-    from layerpack_runtime.launch import GenerateJob, launch_local
+    from layerpack_runtime.launch import GenerateJob, declare_generation, launch_local
     from layerpack_runtime.stages import StageOptions
     from layerpack_runtime.threads import resolve_threads
 
@@ -330,10 +339,13 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
         stages = len(split.split(","))
     if threads is not None:
         threads = resolve_threads(threads, "--threads")
-    opts = StageOptions(pack, stages, split, max_memory, device, dtype, prefetch_depth=prefetch, page_cache=page_cache,
-                        expert_reads=expert_reads, expert_cache=expert_cache, threads=threads, micro_batches=micro_batches)
+    opts = StageOptions(pack=pack, stages=stages, split=split, max_memory=max_memory, device=device, dtype=dtype,
+                        prefetch_depth=prefetch, page_cache=page_cache, expert_reads=expert_reads, expert_cache=expert_cache,
+                        threads=threads, micro_batches=micro_batches, weight_form=weight_form)
+    chat = gen.pop("chat", False)
+    ids = declare_generation(opts, prompt, gen["max_new_tokens"], chat)  # every stage plans once, for this prompt
     try:
-        launch_local(opts, GenerateJob(prompt, gen, stats))
+        launch_local(opts, GenerateJob(ids, gen, stats))
     except KeyboardInterrupt:
         click.echo()
         _die("interrupted; every stage was stopped", code=130)
@@ -348,7 +360,7 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--context", type=click.IntRange(2, 1 << 20), default=2048, show_default=True, help="Most tokens of one request (prompt + completion).")
 @click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=64, show_default=True, help="Requests waiting for a slot; beyond it the server answers 503.")
 @click.option("--max-body", type=click.IntRange(1, 1 << 30), default=1 << 20, show_default=True, metavar="BYTES", help="Largest request body (413 beyond).")
-@click.option("--api-key", envvar="LAYERPACK_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' [default: $LAYERPACK_API_KEY, which keeps the key out of the process list].")
+@click.option("--api-key", envvar=API_KEY_ENV, default=None, help="Require 'Authorization: Bearer KEY' [default: $LAYERPACK_API_KEY, which keeps the key out of the process list].")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
 @click.option("--model-name", default=None, help="Model id clients send [default: the pack's folder name or repo id].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
@@ -358,9 +370,11 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no access log.")
+@click.option("--allowed-hosts", multiple=True, metavar="NAME", help="Host header names served besides loopback names and the bound address (repeatable, or comma-separated; '*': any). Guards against DNS rebinding.")
+@click.option("--cors-origin", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*': any) call the server (repeatable). Other cross-origin requests get 403.")
 @_one_line_errors
 def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body, api_key, insecure, model_name, device, dtype,
-          prefetch, threads, revision, token, quiet):
+          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin):
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
@@ -369,8 +383,12 @@ def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body,
     check_port(host, port)
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
-    opts = ServeOptions(host, port, max_memory, max_batch, context, api_key, insecure, max_queue, max_body, model_name,
-                        device, dtype, threads, prefetch, revision, token, quiet)
+    def names(values):
+        return [n.strip() for v in values for n in v.split(",") if n.strip()]
+    opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
+                        insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
+                        dtype=dtype, threads=threads, prefetch=prefetch, revision=revision, token=token, quiet=quiet,
+                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin))
     run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
 
 

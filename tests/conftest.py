@@ -167,14 +167,11 @@ def run_cli(*args, check: bool = False, env=None, cwd=None) -> subprocess.Comple
     return proc
 
 
-@pytest.fixture(autouse=True)
-def _fixed_weight_forms(monkeypatch):
-    """The planner measures, once per process, whether dequantized weights beat computing from the
-    codes (qweight.dequantized_form_faster); on a busy machine the answer can differ from one
-    process to the next. Tests that compare two runs bit for bit need both in the same form, so
-    in-process tests keep quantized units in stored form (the answer on CI machines with the
-    native kernels); the planner's choice itself is tested through plan(dequantize_faster=...)."""
-    monkeypatch.setattr("layerpack_runtime.unitrange.dequantized_form_faster", lambda *a, **k: False)
+def run_cli_killed(point: str, n: int, *args) -> subprocess.CompletedProcess:
+    """run_cli with the converter SIGKILLed after n units recorded (point "units") or n windows
+    quantized (point "windows"): tests/convert_with_faults.py passes the fault object in."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "convert_with_faults.py"), point, str(n), *map(str, args)],
+                          capture_output=True, text=True)
 
 
 def one_line_error(proc) -> str:

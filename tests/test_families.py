@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import decode_diffs, make_checkpoint, rel_diff, run_cli
-from layerpack.convert import ConvertOptions, _plan, convert
+from layerpack.conversion.job import plan_job
+from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import LayerpackError, Pack, load
 
 REL_TOL = 1e-4
@@ -56,7 +57,7 @@ def hf_with_pack_weights(ckpt: str, pack: str, **kw):
     state = ref.state_dict()
     p = Pack(pack)
     written = set()
-    for u in _plan(ckpt, ConvertOptions(quiet=True)).units:
+    for u in plan_job(ckpt, ConvertOptions(quiet=True)).units:
         weights = p.layer_weights(u.name, torch.float32)
         for canonical, hf in u.tensors.items():
             target = state[hf]
@@ -76,7 +77,7 @@ def small_budget(pack: str) -> int:
     m = load(pack)
     costs = {u: m._unit_cost(u) for u in m.units}
     blocks = [costs[u] for u in m.block_units]
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
+    fixed = m.fixed_bytes
     embed = 0 if m._embed_rows_from_file() else costs["embed"].stored
     return fixed + embed + costs["head"].stored + 2 * max(b.streamed for b in blocks) + 16
 

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from .budget import parse_size
+from .budget import fmt_size, parse_size
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .format import UNIT_EMBED, UNIT_HEAD
-from .generate import GenerationStats, SamplingParams, left_pad, sample
+from .generate import GenerationStats
+from .options import RunOptions, Workload
 from .pack import Pack
 from .text import TextGenerator
 from .threads import apply_threads, resolve_threads
@@ -108,6 +108,43 @@ def stage_ranges(pack: Pack, stages: int, split: str | None = None, budgets: lis
     return balanced_split(unit_bytes, stages, shares)
 
 
+def plan_stages(opts: "StageOptions", check_budgets: bool = True) -> list[tuple[int, int]]:
+    """Every stage's unit range, computed once (the launcher passes them on in opts.ranges), and -
+    with check_budgets - each stage's minimum memory for the declared workload checked before any
+    process starts: a budget below one of them is one error that lists them all, with the options
+    that run (the named minimums suffice: the same split is chosen again)."""
+    pack = Pack(opts.pack, check_files=False)
+    try:
+        budgets = parse_budgets(opts.max_memory, opts.stages)
+        ranges = stage_ranges(pack, opts.stages, opts.split, budgets)
+        num_layers = len(pack.manifest.layers) - 2
+    finally:
+        pack.close()
+    if check_budgets and any(b is not None for b in budgets):
+        minimums = []
+        for k, (first, last) in enumerate(ranges):
+            units = UnitRange(open_stage_pack(opts.pack, first, last, tokenizer=k == 0), opts.run_options(None, "cpu"),
+                              first=first, last=last, plan_only=True)
+            try:
+                minimums.append(units.minimum_memory())
+            finally:
+                units.close()
+                units.pack.close()
+        low = [k for k, (b, m) in enumerate(zip(budgets, minimums)) if b is not None and b < m]
+        if low:
+            split = ",".join(f"{max(0, a - 1)}-{min(num_layers, b) - 1}" for a, b in ranges)
+            each = "; ".join(f"stage {k} ({describe_range(num_layers, *ranges[k])}): {fmt_size(m, up=True)}"
+                             + (f" (given {fmt_size(budgets[k])})" if k in low else "") for k, m in enumerate(minimums))
+            raise LayerpackError(
+                f"--max-memory is below the minimum of stage{'s' if len(low) > 1 else ''} {', '.join(map(str, low))} "
+                f"for {opts.workload.describe()}; every stage's minimum: {each}. Runs with: "
+                # one size for all keeps this split (equal shares); unequal budgets would move it
+                + (f"--max-memory {fmt_size(max(minimums), up=True).replace(' ', '')}, or " if len(set(budgets)) == 1 else "")
+                + f"--split {split} --max-memory " + ",".join(fmt_size(m, up=True).replace(" ", "") for m in minimums))
+    opts.ranges = ranges
+    return ranges
+
+
 def parse_budgets(value, stages: int) -> list[int | None]:
     """--max-memory for stages: one size for every stage, or one per stage ('1GiB,2GiB,2GiB')."""
     if value is None or isinstance(value, (int, float)):
@@ -146,7 +183,7 @@ def open_stage_pack(path: str, first: int, last: int, tokenizer: bool) -> Pack:
 
 
 # -- the process group --------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class StageOptions:
     """What every stage process needs to know (picklable: the local launcher sends it to each)."""
     pack: str
@@ -155,7 +192,8 @@ class StageOptions:
     max_memory: object = None        # one size for all stages, or one per stage
     device: str = "cpu"
     dtype: str | None = None
-    context: int = 256
+    workload: Workload = field(default_factory=lambda: Workload(declared=False))  # what rank 0 will run (per stage: its blocks' share)
+    weight_form: str = "auto"
     prefetch_depth: int = 1
     page_cache: bool = True
     expert_reads: bool = True
@@ -167,6 +205,14 @@ class StageOptions:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     addr: str | None = None           # None: torchrun's environment (MASTER_ADDR, MASTER_PORT)
     port: int | None = None
+    ranges: list | None = None        # every stage's unit range, once computed (plan_stages); None: computed at join
+    on_start: object = None           # called with the rank in each local stage process first (tests inject faults with it)
+
+    def run_options(self, budget, device: str) -> RunOptions:
+        """One stage's RunOptions: its own budget and device, the shared rest."""
+        return RunOptions(device=device, dtype=self.dtype, max_memory=budget, prefetch_depth=self.prefetch_depth,
+                          page_cache=self.page_cache, expert_reads=self.expert_reads, expert_cache=self.expert_cache,
+                          threads=self.threads, weight_form=self.weight_form, workload=self.workload)
 
 
 def _stage_device(device: str, local_rank: int) -> str:
@@ -279,8 +325,7 @@ class Stage:
         first, last = ranges[rank]
         budgets = parse_budgets(opts.max_memory, world)
         pack = open_stage_pack(opts.pack, first, last, tokenizer=rank == 0)
-        self.units = UnitRange(pack, _stage_device(opts.device, local_rank), opts.dtype, budgets[rank], opts.context,
-                               opts.prefetch_depth, opts.page_cache, None, opts.expert_reads, opts.expert_cache, first, last)
+        self.units = UnitRange(pack, opts.run_options(budgets[rank], _stage_device(opts.device, local_rank)), first=first, last=last)
         self.name = f"stage {rank} ({self.units.describe_units()})"
         self.link = _Link(rank, world, self.units.device, backend)
         self.caches: dict[int, KVCache] = {}
@@ -353,16 +398,20 @@ class Stage:
 
 
 class PipelineCache:
-    """Rank 0's handle of one micro-batch's caches (its own blocks here, the others' on their stages)."""
+    """Rank 0's handle of one cache across the stages: the batch's rows in micro-batches, each with
+    its own KV caches on every stage (parts: (rows, micro-batch id, stage 0's local cache))."""
 
-    def __init__(self, mb: int, local: KVCache):
-        self.mb, self.local = mb, local
-        self.batch, self.max_len = local.batch, local.max_len
+    def __init__(self, parts: list[tuple[slice, int, KVCache]]):
+        self.parts = parts
+        self.batch = parts[-1][0].stop
+        self.max_len = parts[0][2].max_len
 
 
 class Pipeline(TextGenerator):
-    """Rank 0 of a pipeline: the whole pack's forward and text generation across the stages
-    (same API as LayeredModel: forward, logits, new_cache, generate, generate_ids)."""
+    """Rank 0 of a pipeline: the whole pack's forward and text generation across the stages (the
+    same runner interface as LayeredModel: new_cache, forward, logits, reserve, bytes_read /
+    io_wait_s; generation is TextGenerator's, over forward - no loop of its own). A forward sends
+    every micro-batch before waiting for the first one's logits, so the stages work at once."""
 
     def __init__(self, stage: Stage, opts: StageOptions):
         self.stage, self.opts = stage, opts
@@ -376,31 +425,63 @@ class Pipeline(TextGenerator):
     def __repr__(self) -> str:
         return f"Pipeline({os.path.basename(self.pack.path)!r}, {self.world} stages; {self.stage.name}: {self.stage.units.plan.describe()})"
 
-    def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None) -> PipelineCache:
-        mb = self._next_mb
-        self._next_mb += 1
+    @property
+    def plan(self):
+        return self.stage.units.plan
+
+    @property
+    def bytes_read(self) -> int:
+        return self.stage.units.bytes_read
+
+    @property
+    def io_wait_s(self) -> float:
+        return self.stage.units.io_wait_s
+
+    def reserve(self, workload) -> None:
+        """Stage 0's part of the runner interface (each stage checks its own when a cache is made)."""
+        self.stage.units.reserve(workload)
+
+    def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None, keep: bool = False) -> PipelineCache:
+        """Caches for `batch` rows of up to `max_len` tokens on every stage, split into micro-batches.
+        The pipeline holds one such cache at a time: a new one frees the earlier ones on every stage
+        (keep=True: not, for forward()'s own short-lived cache)."""
+        if not keep:
+            self.drop_caches()
         step_tokens = batch * max_len if step_tokens is None else step_tokens
-        self.stage.caches[mb] = self.stage.units.new_cache(batch, max_len, step_tokens)
-        if self.world > 1:
-            self.stage.link.send_header(1, OP_CACHE, mb, batch, 0, 0, max_len, step_tokens)
-        return PipelineCache(mb, self.stage.caches[mb])
+        parts = []
+        for rows in self.micro_batches(batch):
+            n = rows.stop - rows.start
+            mb, self._next_mb = self._next_mb, self._next_mb + 1
+            steps = max(1, -(-step_tokens * n // batch))  # this micro-batch's share of the prefill positions
+            self.stage.caches[mb] = self.stage.units.new_cache(n, max_len, steps)
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_CACHE, mb, n, 0, 0, max_len, steps)
+            parts.append((rows, mb, self.stage.caches[mb]))
+        return PipelineCache(parts)
 
-    def drop_caches(self) -> None:
-        self.stage.caches.clear()
-        self._next_mb = 0
-        if self.world > 1:
-            self.stage.link.send_header(1, OP_DROP)
+    def drop_caches(self, cache: PipelineCache | None = None) -> None:
+        """Free `cache`'s micro-batches (default: every cache) on every stage."""
+        if cache is None:
+            self.stage.caches.clear()
+            self._next_mb = 0
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_DROP)
+            return
+        for _, mb, _ in cache.parts:
+            self.stage.caches.pop(mb, None)
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_DROP, mb, 0, 0, 0, 1)
 
-    def send_forward(self, ids: torch.Tensor, cache: PipelineCache, mask: torch.Tensor | None, last_only: bool):
-        """Run stage 0 on ids [B, T] and pass the hidden states on (returns at once); with one
-        stage, returns the logits."""
-        out = self.stage.forward(ids, cache.mb, mask, last_only)
+    def send_forward(self, ids: torch.Tensor, mb: int, mask: torch.Tensor | None, last_only: bool):
+        """Run stage 0 on ids [B, T] of micro-batch `mb` and pass the hidden states on (returns at
+        once); with one stage, returns the logits."""
+        out = self.stage.forward(ids, mb, mask, last_only)
         if self.world == 1:
             return out
         B, T = ids.shape
         flags = (FLAG_LAST_ONLY if last_only else 0) | (FLAG_MASK if mask is not None else 0)
         link = self.stage.link
-        link.send_header(1, OP_FORWARD, cache.mb, B, T, flags)
+        link.send_header(1, OP_FORWARD, mb, B, T, flags)
         if mask is not None:
             link.send(mask.long(), 1)
         link.send_hidden(out, 1)
@@ -417,14 +498,14 @@ class Pipeline(TextGenerator):
         B, T = ids.shape
         own_cache = cache is None
         if own_cache:
-            cache = self.new_cache(B, T)
+            cache = self.new_cache(B, T, keep=True)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
-        out = self.send_forward(ids, cache, mask, last_only)
-        logits = out.float() if out is not None else self.recv_logits(B, 1 if last_only else T)
+        sent = [(rows, self.send_forward(ids[rows], mb, None if mask is None else mask[rows], last_only))
+                for rows, mb, _ in cache.parts]
+        logits = torch.cat([out.float() if out is not None else self.recv_logits(rows.stop - rows.start, 1 if last_only else T)
+                            for rows, out in sent])
         if own_cache:  # a whole sequence: its caches are not needed any more, on any stage
-            self.stage.caches.pop(cache.mb, None)
-            if self.world > 1:
-                self.stage.link.send_header(1, OP_DROP, cache.mb, 0, 0, 0, 1)
+            self.drop_caches(cache)
         return logits
 
     def logits(self, input_ids) -> torch.Tensor:
@@ -439,50 +520,6 @@ class Pipeline(TextGenerator):
             out.append(slice(start, start + n))
             start += n
         return out
-
-    def _token_loop(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, pad_id: int,
-                    generator: torch.Generator | None, stats: GenerationStats) -> Iterator[torch.Tensor]:
-        """generate.generate_tokens across the stages, the batch in micro-batches: every step sends
-        all of them before waiting for the first one's logits, so the stages work at once."""
-        import time
-
-        params.check()
-        ids, mask = left_pad(prompts, pad_id)
-        ids = ids.to(self.device)
-        mask = mask.to(self.device) if mask is not None else None
-        stats.batch, stats.prompt_tokens, stats.steps = len(prompts), sum(map(len, prompts)), 0
-        stats.prefill_s = stats.decode_s = 0.0
-        stats.threads = torch.get_num_threads()
-        if max_new_tokens <= 0:
-            return
-        self.drop_caches()
-        parts = self.micro_batches(ids.shape[0])
-        L = ids.shape[1]
-        caches = [self.new_cache(p.stop - p.start, L + max_new_tokens, step_tokens=(p.stop - p.start) * L) for p in parts]
-        read0, wait0 = self.stage.units.bytes_read, self.stage.units.io_wait_s
-
-        def step(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-            local = [self.send_forward(x[p], c, None if m is None else m[p], True) for p, c in zip(parts, caches)]
-            logits = [out if out is not None else self.recv_logits(p.stop - p.start, 1) for p, out in zip(parts, local)]
-            return torch.cat(logits)[:, -1].float()
-
-        try:
-            t0 = time.perf_counter()
-            tok = sample(step(ids, mask), params, generator)
-            out = tok.cpu()
-            stats.prefill_s, stats.steps = time.perf_counter() - t0, 1
-            stats.bytes_read, stats.io_wait_s = self.stage.units.bytes_read - read0, self.stage.units.io_wait_s - wait0
-            yield out
-            for _ in range(max_new_tokens - 1):
-                t0 = time.perf_counter()
-                tok = sample(step(tok[:, None], None), params, generator)
-                out = tok.cpu()
-                stats.decode_s += time.perf_counter() - t0
-                stats.steps += 1
-                stats.bytes_read, stats.io_wait_s = self.stage.units.bytes_read - read0, self.stage.units.io_wait_s - wait0
-                yield out
-        finally:
-            self.stage.link.flush()
 
     def stage_stats(self, reset: bool = False) -> list[dict[str, float]]:
         """Every stage's compute time (busy_s, since the last reset), peak RSS and planned bytes."""
@@ -536,9 +573,7 @@ def join(opts: StageOptions, rank: int | None = None, world: int | None = None, 
     # the stages on one machine share its cores (default: an equal share each)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     apply_threads(opts.threads if opts.threads or os.environ.get("LAYERPACK_THREADS") else max(1, resolve_threads() // per_machine))
-    pack = Pack(opts.pack, check_files=False)
-    ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
-    pack.close()
+    ranges = opts.ranges or plan_stages(opts, check_budgets=False)  # the local launcher computed them once
     if on_name is not None:
         on_name(0, f"stage {rank} ({describe_range(len(ranges) and ranges[-1][1] - 1, *ranges[rank])})")
     backend = init_group(opts, rank, world) if world > 1 else "gloo"
