@@ -29,15 +29,11 @@ import torch
 
 from .errors import FormatError
 from .fileio import read_exact
-from .format import EXPERT_LINEARS, ROUTER_WEIGHT, ST_DTYPES, expert_of, expert_weight
+from .format import EXPERT_LINEARS, EXPERTS_KEY, ROUTER_WEIGHT, ST_DTYPES, expert_of, expert_weight  # noqa: F401 (EXPERTS_KEY: re-exported)
 from .qweight import compute_form
-from .safetensors_io import SafetensorsFile, _zstd_decompress, itemsize
+from .safetensors_io import SafetensorsFile, zstd_decompress, itemsize
 from .validate import check_payload
 
-# Key of a block's weights dict under which the model code finds its expert provider (a callable
-# taking expert indices and returning {j: {"gate"|"up"|"down": weight}}). Absent: the experts are
-# in the dict itself under their canonical names (resident units, whole-file streaming).
-EXPERTS_KEY = "moe.experts"
 READ_THREADS = 2
 # Experts of one step that are read but not (or no longer) in the cache are held only while in
 # flight or in use: at most this many at once, whatever the number of experts a step selects (a
@@ -270,7 +266,7 @@ class ExpertStore:
         for info in lay.tensors[j]:
             raw = buf[info.start - start: info.end - start]
             if info.logical_dtype is not None:
-                data = _zstd_decompress(lay.file.path, info, bytearray(raw.numpy().tobytes()))
+                data = zstd_decompress(lay.file.path, info, bytearray(raw.numpy().tobytes()))
                 stored[info.name] = torch.frombuffer(data, dtype=ST_DTYPES[info.out_dtype]).reshape(info.out_shape)
             else:  # aligned: the writer orders an expert's tensors by element size, from the range start
                 stored[info.name] = raw.view(ST_DTYPES[info.dtype]).reshape(info.shape)

@@ -145,6 +145,10 @@ OUTLIER_IDX_I64_FROM = 1 << 31
 # byte range, after the block's dense tensors, so the runtime reads one expert with one pread.
 EXPERT_PREFIX = "moe.experts."
 ROUTER_WEIGHT = "moe.router.weight"
+# Key of a block's weights dict under which the model code finds its expert provider (a callable
+# taking expert indices and returning {j: {"gate"|"up"|"down": weight}}). Absent: the experts are
+# in the dict itself under their canonical names (resident units, whole-file streaming).
+EXPERTS_KEY = "moe.experts"
 EXPERT_LINEARS = ("gate", "up", "down")
 
 

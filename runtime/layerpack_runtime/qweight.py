@@ -234,7 +234,7 @@ class QuantWeight:
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for plain tensors; anything else computes itself: a QuantWeight, or the converter's
-    calibration recorder (layerpack/calibrate.py), which sees the input of every linear."""
+    calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input of every linear."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     return weight.linear(x, bias)
