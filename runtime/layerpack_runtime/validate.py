@@ -151,7 +151,7 @@ def check_manifest(d: Any) -> None:
     major = parse_version(d.get("format_version"))[0]
     if major > FORMAT_MAJOR:
         raise VersionError(f"pack format version {d['format_version']} is newer than this reader supports "
-                           f"({FORMAT_VERSION}); upgrade layerpack / layerpack-runtime")
+                           f"({FORMAT_VERSION}); upgrade layerpack-llm / layerpack-llm-runtime")
     if major < 1:
         raise VersionError(f"pack format version {d['format_version']} predates format 1 and is not supported")
     for key, typ in (("source", dict), ("architecture", dict), ("quantization", dict), ("layers", list), ("files", list),
