@@ -17,6 +17,7 @@ from layerpack_runtime.options import WEIGHT_FORMS, RunOptions
 
 from .choices import DEFAULT_CALIBRATION_TOKENS, OUTLIER_ROW, OUTLIER_RULES
 from .environment import API_KEY as API_KEY_ENV, debug
+from .speculate_cli import speculation_options, speculation_run
 
 
 def _one_line_errors(fn):
@@ -270,19 +271,15 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--stages", type=click.IntRange(1), default=None, help="Split the model into S pipeline stages, one process each (torch.distributed, gloo on CPU), each holding only its own layers; --max-memory then applies per stage (one size, or one per stage: 1GiB,2GiB).")
 @click.option("--split", default=None, metavar="SPEC", help="Blocks of each stage, e.g. 0-9,10-21,22-31 [default: balanced by bytes and budgets].")
 @click.option("--micro-batches", type=click.IntRange(1), default=None, help="With --stages: micro-batches a batch is split into [default: min(batch, stages)].")
-@click.option("--speculate", type=click.Choice(["lookup"]), default=None, help="Speculative decoding with candidates from prompt lookup (n-gram matches in the prompt and text so far): several tokens per pass, same output.")
-@click.option("--draft", default=None, metavar="PACK_OR_REPO", help="Speculative decoding with a small resident draft pack sharing the tokenizer (counted inside --max-memory).")
-@click.option("--draft-tokens", type=click.IntRange(0, 1024), default=None, metavar="N", help="Candidate tokens (tree nodes) verified per pass [default: 8 with --draft, 10 with lookup].")
+@speculation_options
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches,
-        speculate, draft, draft_tokens):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches, **spec):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
 
-    if (stages or split) and (speculate or draft):
-        raise LayerpackError("--speculate is not supported with --stages yet")
+    speculation, max_memory, tree_room = speculation_run(spec, stages or split, max_memory, device, dtype, threads, token)
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
                            not no_expert_reads, expert_cache, threads, weight_form, stats,
@@ -297,13 +294,6 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
     threads = resolve_threads(threads, "--threads")  # a bad --threads / $LAYERPACK_THREADS: one error line before any work
     t0 = time.perf_counter()
-    draft_model, tree_room = None, 0
-    if speculate or draft:  # a draft is resident, loaded first: the target gets what it leaves of --max-memory
-        from layerpack_runtime.draft_model import open_draft
-        from layerpack_runtime.speculative import tree_room
-
-        draft_model, max_memory = open_draft(draft, max_memory, device=device, dtype=dtype, threads=threads, token=token)
-        tree_room = tree_room(speculate, draft_tokens)  # the cache's tentative columns, planned with the context
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
     total = None if _existing_or_repo(pack) else Manifest.load(pack).totals.get("layer_bytes")
     opts = RunOptions(device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, page_cache=not no_page_cache,
@@ -315,8 +305,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     load_s = time.perf_counter() - t0
     model.unit_times.enabled = stats
     pieces = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stream=True, speculate=speculate, draft=draft_model,
-                            draft_tokens=draft_tokens)
+                            top_p=top_p, seed=seed, stream=True, **speculation.generate)
     try:
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -329,10 +318,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
         click.echo(f"weight form: {model.weight_form}", err=True)
         click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
-        if speculate or draft:
-            click.echo(model.last_speculation.summary(), err=True)
-        if draft_model is not None:
-            click.echo(f"draft memory plan: {draft_model.plan.describe()}", err=True)
+        speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
 
