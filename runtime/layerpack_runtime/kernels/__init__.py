@@ -100,6 +100,7 @@ def _load(path: str) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.lp_read_xor.argtypes, lib.lp_read_xor.restype = [_P, _I64, _I32], ctypes.c_uint64
     return lib
 
 
@@ -171,3 +172,17 @@ def dequantize(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, n: i
     fn = lib.lp_nf4_dequant if scheme == "nf4" else lib.lp_int8_dequant
     fn(_ptr(codes), _ptr(absmax), n, block, _ptr(out), int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+def read_bandwidth(lib, nbytes: int = 512 << 20, threads: int = 1, repeats: int = 5) -> float:
+    """STREAM-like read bandwidth in bytes/s: the best of `repeats` passes of `threads` threads over
+    a buffer of `nbytes` (far larger than the caches; filled first, so its pages are real memory)."""
+    import time
+
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        lib.lp_read_xor(_ptr(buf), buf.numel() * 8, threads)
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 8 / best

@@ -510,6 +510,53 @@ void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_
     }
 }
 
+/* ---- read bandwidth (STREAM-like, read only): the machine's limit the GEMVs are measured against.
+   XOR of every 64-byte line of a buffer far larger than the caches, 4 independent accumulators per
+   thread, each thread a contiguous share (as the GEMVs split rows). Returns the XOR so the reads
+   cannot be optimized away. */
+uint64_t lp_read_xor(const void *buf, int64_t nbytes, int nthreads) {
+    const int64_t lines = nbytes / 64;
+    uint64_t total = 0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) reduction(^ : total)
+    {
+        int t = 0, T = 1;
+        THREAD_IDS(t, T);
+        int64_t l0 = lines * t / T, l1 = lines * (t + 1) / T, l = l0;
+        const uint8_t *p = (const uint8_t *)buf;
+#if defined(__AVX512F__)
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        for (; l + 4 <= l1; l += 4) {
+            a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + l * 64)));
+            a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + l * 64 + 64)));
+            a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + l * 64 + 128)));
+            a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + l * 64 + 192)));
+        }
+        uint64_t lanes[8];
+        _mm512_storeu_si512((void *)lanes, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+        for (int i = 0; i < 8; i++) total ^= lanes[i];
+#elif defined(__AVX2__)
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (; l + 2 <= l1; l += 2) {
+            a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + l * 64)));
+            a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(p + l * 64 + 32)));
+            a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(p + l * 64 + 64)));
+            a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(p + l * 64 + 96)));
+        }
+        uint64_t lanes[4];
+        _mm256_storeu_si256((__m256i *)lanes, _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3)));
+        for (int i = 0; i < 4; i++) total ^= lanes[i];
+#endif
+        for (; l < l1; l++)
+            for (int i = 0; i < 8; i++) {
+                uint64_t v;
+                memcpy(&v, p + l * 64 + i * 8, 8);
+                total ^= v;
+            }
+    }
+    return total;
+}
+
 /* ---- dequantization of n elements (any n; block even for NF4) into float32 or bfloat16 ---- */
 
 static void store(float *out32, uint16_t *out16, int64_t i, float v) {
