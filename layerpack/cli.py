@@ -12,8 +12,9 @@ import click
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
 
-from .calibrate import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
-from .quantize import OUTLIER_ROW, OUTLIER_RULES
+from .environment import API_KEY as API_KEY_ENV, debug
+from .quantizer.activation_stats import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
+from .quantizer import OUTLIER_ROW, OUTLIER_RULES
 
 
 def _one_line_errors(fn):
@@ -31,7 +32,7 @@ def _one_line_errors(fn):
         except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:  # a bug: still one line (LAYERPACK_DEBUG=1 shows the traceback)
-            if os.environ.get("LAYERPACK_DEBUG"):
+            if debug():
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
             _die(f"internal error ({type(e).__name__}: {first[:300]}); please report it (LAYERPACK_DEBUG=1 shows the traceback)")
@@ -90,9 +91,12 @@ def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block
     """Convert a Hugging Face checkpoint (folder or Hub repo id) SRC into a layerpack at OUT."""
     from .convert import ConvertOptions, convert as run_convert
 
-    m = run_convert(src, out, ConvertOptions(quant, dtype, outliers, block_size, compress, zstd_level, revision, allow_pickle,
-                                             overwrite, quiet, evaluate or eval_text is not None, eval_text, outlier_rule,
-                                             head_outliers, calibrate, calibration_text, calibration_tokens, calibrate_methods))
+    m = run_convert(src, out, ConvertOptions(
+        quant=quant, dtype=dtype, outliers=outliers, block_size=block_size, compress=compress, zstd_level=zstd_level,
+        revision=revision, allow_pickle=allow_pickle, overwrite=overwrite, quiet=quiet,
+        evaluate=evaluate or eval_text is not None, eval_text=eval_text, outlier_rule=outlier_rule, head_outliers=head_outliers,
+        calibrate=calibrate, calibration_text=calibration_text, calibration_tokens=calibration_tokens,
+        calibrate_methods=calibrate_methods))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
         if m.quality:
@@ -301,7 +305,7 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--context", type=click.IntRange(2, 1 << 20), default=2048, show_default=True, help="Most tokens of one request (prompt + completion).")
 @click.option("--max-queue", type=click.IntRange(0, 1 << 16), default=64, show_default=True, help="Requests waiting for a slot; beyond it the server answers 503.")
 @click.option("--max-body", type=click.IntRange(1, 1 << 30), default=1 << 20, show_default=True, metavar="BYTES", help="Largest request body (413 beyond).")
-@click.option("--api-key", envvar="LAYERPACK_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' [default: $LAYERPACK_API_KEY, which keeps the key out of the process list].")
+@click.option("--api-key", envvar=API_KEY_ENV, default=None, help="Require 'Authorization: Bearer KEY' [default: $LAYERPACK_API_KEY, which keeps the key out of the process list].")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
 @click.option("--model-name", default=None, help="Model id clients send [default: the pack's folder name or repo id].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
@@ -311,9 +315,11 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no access log.")
+@click.option("--allowed-hosts", multiple=True, metavar="NAME", help="Host header names served besides loopback names and the bound address (repeatable, or comma-separated; '*': any). Guards against DNS rebinding.")
+@click.option("--cors-origin", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*': any) call the server (repeatable). Other cross-origin requests get 403.")
 @_one_line_errors
 def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body, api_key, insecure, model_name, device, dtype,
-          prefetch, threads, revision, token, quiet):
+          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin):
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
@@ -321,8 +327,12 @@ def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body,
     check_bind(host, api_key, insecure)  # before loading anything
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
-    opts = ServeOptions(host, port, max_memory, max_batch, context, api_key, insecure, max_queue, max_body, model_name,
-                        device, dtype, threads, prefetch, revision, token, quiet)
+    def names(values):
+        return [n.strip() for v in values for n in v.split(",") if n.strip()]
+    opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
+                        insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
+                        dtype=dtype, threads=threads, prefetch=prefetch, revision=revision, token=token, quiet=quiet,
+                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin))
     run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
 
 

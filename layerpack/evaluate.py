@@ -55,11 +55,12 @@ def reference_model(path: str | None, **load_kw):
         return
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise LayerpackError(f"--reference {path}: neither a pack (manifest.json) nor a Hugging Face checkpoint folder (config.json)")
-    from .convert import ConvertOptions, convert
+    from .conversion.build import build_pack
+    from .conversion.options import ConvertOptions
 
     tmp = tempfile.mkdtemp(prefix="layerpack-reference-")
     try:
-        convert(path, os.path.join(tmp, "pack"), ConvertOptions(quant=SCHEME_NONE, quiet=True))
+        build_pack(path, os.path.join(tmp, "pack"), ConvertOptions(quant=SCHEME_NONE, quiet=True))
         yield load(os.path.join(tmp, "pack"), **load_kw)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,6 +94,31 @@ def evaluate_pack(pack: str, text_file: str | None = None, max_tokens: int | Non
     model = load(pack, **load_kw)
     with reference_model(reference, **load_kw) as ref:
         return evaluate_model(model, text, max_tokens, ref, window, stride, quiet), text_id
+
+
+def pack_quality(pack_dir: str, manifest: Manifest, source_root: str, source_dtype: str | None, scratch_dir: str, *,
+                 text: tuple[str, str], quiet: bool = False) -> dict:
+    """convert --eval: the manifest's `quality` for the pack just converted into `pack_dir` (run from
+    the in-memory `manifest`, before manifest.json exists): perplexity on `text` ((text, id), see
+    read_text) and, unless the pack holds the source's own values, KL and top-1 agreement against
+    the source checkpoint converted unquantized in its own dtype (source_dtype; None: the pack's)
+    into `scratch_dir`."""
+    from layerpack_runtime.loader import LayeredModel
+    from layerpack_runtime.pack import Pack
+
+    from .conversion.build import build_pack
+    from .conversion.options import ConvertOptions
+
+    q = manifest.quantization
+    same_as_source = q.scheme == SCHEME_NONE and q.dtype == source_dtype
+    model = LayeredModel(Pack(pack_dir, manifest=manifest), dtype=DEFAULT_EVAL_DTYPE)
+    ref, desc = None, None
+    if not same_as_source:
+        ref_dtype = source_dtype or q.dtype
+        build_pack(source_root, scratch_dir, ConvertOptions(quant=SCHEME_NONE, dtype=ref_dtype, overwrite=True, quiet=True))
+        ref, desc = load(scratch_dir, dtype=DEFAULT_EVAL_DTYPE), f"source checkpoint, unquantized ({ref_dtype})"
+    result = evaluate_model(model, text[0], reference=ref, quiet=quiet)
+    return quality_record(manifest, result, text[1], DEFAULT_EVAL_DTYPE, desc)
 
 
 def quality_record(manifest: Manifest, result: EvalResult, text_id: str, dtype: str, reference: str | None) -> dict:

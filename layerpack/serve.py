@@ -2,10 +2,12 @@
 
 The HTTP layer is starlette + uvicorn (the `serve` extra: pip install 'layerpack[serve]'); the
 batching is layerpack_runtime.engine, which runs in its own thread: every decode step is one pass
-over the (possibly streamed) weights for all clients at once. Requests are checked and shaped in
-openai_api.py. Safe by default: binds 127.0.0.1, another address needs an API key (or an explicit
---insecure), request bodies and the waiting queue are bounded, and the key is never printed or
-logged (the access log holds no headers).
+over the (possibly streamed) weights for all clients at once. Requests are checked in
+openai_api.py, run in serve_jobs.py (choices, tool calls, constrained decoding in structured.py)
+and shaped in openai_shapes.py. Safe by default: binds 127.0.0.1, another address needs an API key
+(or an explicit --insecure), request bodies and the waiting queue are bounded, the key is never
+printed or logged (the access log holds no headers), and serve_guard.py keeps web pages out (Host
+and Origin checks, CORS only for --cors-origin).
 """
 from __future__ import annotations
 
@@ -13,21 +15,21 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from layerpack_runtime.engine import DEFAULT_MAX_QUEUE, Engine, Event, QueueFull
+from layerpack_runtime.engine import DEFAULT_MAX_QUEUE, Engine
 from layerpack_runtime.errors import LayerpackError
-from layerpack_runtime.generate import SamplingParams
 
 from . import openai_api as api
+from . import openai_shapes as shapes
 from .openai_api import ApiError
 
 MAX_BODY_BYTES = 1 << 20          # a request body larger than this gets 413
-DISCONNECT_POLL_S = 0.5           # a non-streaming request checks this often whether its client left
 
 
 @dataclass
@@ -49,6 +51,8 @@ class ServeOptions:
     revision: str | None = None
     token: str | None = None
     quiet: bool = False
+    allowed_hosts: list[str] | None = None   # Host names served beyond loopback and the bound address ('*': any)
+    cors_origins: list[str] | None = None    # origins whose web pages may call the server ('*': any)
 
 
 def is_loopback(host: str) -> bool:
@@ -75,23 +79,54 @@ def _need_starlette():
         raise LayerpackError("layerpack serve needs the serve extra: pip install 'layerpack[serve]'") from None
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY_BYTES):
-    """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models, /health. The engine is
-    started and closed with the app's lifespan."""
+def _check_unicode(body) -> None:
+    """JSON may carry a lone surrogate ("\\ud800"), which is no text: refuse it here, before a
+    tokenizer or a response encoder meets it."""
+    stack = [body]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid text") from None
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+               host: str = "127.0.0.1", allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None):
+    """The ASGI app: /v1/chat/completions, /v1/completions, /v1/models[/{id}], /health, behind the
+    browser guard (serve_guard.py: Host and Origin checks, opt-in CORS). The engine is started and
+    closed with the app's lifespan."""
     _need_starlette()
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    from .serve_guard import BrowserGuard, allowed_hosts as hosts_for
+    from .serve_jobs import Job
+
     created = int(time.time())
     key = api_key.encode() if api_key else None
-    tokenizer = engine.tokenizer
+    grammars = None
+
+    def grammar_factory():
+        nonlocal grammars
+        if grammars is None:
+            from .structured import GrammarFactory
+            grammars = GrammarFactory(os.path.join(engine.model.pack.path, "tokenizer.json"),
+                                      engine.model.args.vocab_size, sorted(engine.eos))
+        return grammars
 
     class EventStream(StreamingResponse):
-        """Server-sent events; the generator is closed (and its request cancelled) whatever way the
+        """Server-sent events; the generator is closed (and its requests cancelled) whatever way the
         client leaves."""
         async def __call__(self, scope, receive, send):
             try:
@@ -115,114 +150,41 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if length is not None and (not length.isdigit() or int(length) > max_body):
             raise ApiError(413, f"the request body exceeds {max_body} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise ApiError(413, f"the request body exceeds {max_body} bytes")
-            chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise ApiError(413, f"the request body exceeds {max_body} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client gave up mid-upload: nobody to answer, nothing to log
+            raise ApiError(400, "the client disconnected during the upload") from None
+        try:
+            body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError):
             raise ApiError(400, "the request body is not valid JSON") from None
+        _check_unicode(body)
+        return body
 
-    def encode(g: api.GenerationRequest) -> list[int]:
-        if g.messages is not None:
-            return tokenizer.encode_chat(g.messages)
-        if isinstance(g.prompt, str):
-            return tokenizer.encode(g.prompt)
-        return list(g.prompt)
-
-    async def start(request: Request, chat: bool):
-        """Parse, encode and submit: (request, generation request, prompt ids, event queue)."""
+    async def complete(request: Request, chat: bool):
         check_key(request)
         body = await read_json(request)
         parse = api.parse_chat if chat else api.parse_completion
         g = parse(body, model_name, engine.context)
-        try:
-            ids = await run_in_threadpool(encode, g)
-        except LayerpackError as e:
-            raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
-        room = engine.context - len(ids)
-        if room < 1:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {engine.context} tokens "
-                           f"(prompt + completion)", param="messages" if chat else "prompt", code="context_length_exceeded")
-        max_tokens = g.max_tokens if g.max_tokens is not None else room
-        if max_tokens > room:
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
-                           f"context of {engine.context} tokens", param="max_tokens", code="context_length_exceeded")
-        if engine.error:
-            raise ApiError(503, f"the server cannot generate: {engine.error}", "server_error")
+        job = Job(engine, model_name, g, chat, grammar_factory)
+        await run_in_threadpool(job.encode)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        try:
-            req = engine.submit(ids, max_tokens, SamplingParams(g.temperature, 0, g.top_p), g.stop, g.seed,
-                                on_event=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
-        except QueueFull as e:
-            raise ApiError(503, str(e), "server_error", code="server_busy") from None
-        except LayerpackError as e:
-            raise ApiError(400, str(e)) from None
-        return req, g, ids, queue
-
-    async def complete(request: Request, chat: bool):
-        req, g, ids, queue = await start(request, chat)
-        rid = api.new_id("chatcmpl" if chat else "cmpl")
+        reqs = await run_in_threadpool(job.requests, loop)  # builds grammars (llguidance) off the event loop
+        job.submit(reqs)
         if g.stream:
-            return EventStream(sse(req, g, ids, queue, rid, chat), media_type="text/event-stream",
+            return EventStream(job.stream(), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        parts = []
-        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
-            while True:
-                try:
-                    e = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    e = None
-                if e is not None:
-                    parts.append(e.text)
-                    if e.finish_reason:
-                        break
-                if time.monotonic() >= next_check:  # events may arrive every few ms: check by the clock
-                    next_check = time.monotonic() + DISCONNECT_POLL_S
-                    if await request.is_disconnected():
-                        req.cancel()
-                        return JSONResponse(api.error_body("client disconnected"), status_code=499)
+            out = await job.collect(request.is_disconnected)
         finally:
-            if req.finish_reason is None:
-                req.cancel()
-        if req.finish_reason not in ("stop", "length"):
-            raise ApiError(500, f"generation failed: {engine.error or req.finish_reason}", "server_error")
-        text = "".join(parts)
-        shape = api.chat_response if chat else api.completion_response
-        return JSONResponse(shape(rid, model_name, text, req.finish_reason, len(ids), req.completion_tokens))
-
-    async def sse(req, g, ids, queue, rid, chat: bool):
-        def data(obj) -> str:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-        created = int(time.time())
-        try:
-            if chat:
-                yield data(api.chat_chunk(rid, model_name, created, {"role": "assistant", "content": ""}))
-            while True:
-                e = await queue.get()
-                if e.finish_reason in ("cancelled", "error"):
-                    yield data(api.error_body(f"generation failed: {engine.error or e.finish_reason}", "server_error"))
-                    return
-                if e.text:
-                    yield data(api.chat_chunk(rid, model_name, created, {"content": e.text}) if chat
-                               else api.completion_chunk(rid, model_name, created, e.text))
-                if e.finish_reason:
-                    yield data(api.chat_chunk(rid, model_name, created, {}, e.finish_reason) if chat
-                               else api.completion_chunk(rid, model_name, created, "", e.finish_reason))
-                    break
-            if g.include_usage:
-                use = api.usage(len(ids), req.completion_tokens)
-                yield data(api.chat_chunk(rid, model_name, created, {}, use=use) if chat
-                           else api.completion_chunk(rid, model_name, created, "", use=use))
-            yield "data: [DONE]\n\n"
-        finally:
-            if req.finish_reason is None:
-                req.cancel()  # the client left: free the slot at the next step
+            job.cancel()
+        if out is None:
+            return JSONResponse(api.error_body("client disconnected"), status_code=499)
+        return JSONResponse(out)
 
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
@@ -232,12 +194,24 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     async def models(request: Request):
         check_key(request)
-        return JSONResponse(api.models_list(model_name, created))
+        return JSONResponse(shapes.models_list(model_name, created, engine.context))
+
+    async def model(request: Request):
+        check_key(request)
+        wanted = request.path_params["model_id"]
+        if wanted != model_name:
+            raise ApiError(404, f"The model '{wanted[:200]}' does not exist; this server serves '{model_name}'",
+                           "not_found_error", param="model", code="model_not_found")
+        return JSONResponse(shapes.model_card(model_name, created, engine.context))
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok" if engine.error is None else "error", "active": engine.active,
-                             "waiting": engine.waiting, "max_batch": engine.max_batch, "context": engine.context,
-                             "steps": engine.stats.steps, "prefills": engine.stats.prefills, "tokens": engine.stats.tokens})
+        alive = engine.alive and engine.error is None
+        return JSONResponse({"status": "ok" if alive else "error", "error": engine.error,
+                             "recovered_errors": engine.stats.errors, "failed_requests": engine.stats.failed,
+                             "last_error": engine.last_error, "active": engine.active, "waiting": engine.waiting,
+                             "max_batch": engine.max_batch, "context": engine.context, "steps": engine.stats.steps,
+                             "prefills": engine.stats.prefills, "tokens": engine.stats.tokens},
+                            status_code=200 if alive else 503)
 
     async def api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -261,9 +235,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", model, methods=["GET"]),
               Route("/health", health, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error})
+    return BrowserGuard(app, hosts_for(host, allowed_hosts), cors_origins)
 
 
 def model_id(pack: str) -> str:
@@ -302,12 +278,15 @@ def serve(pack: str, opts: ServeOptions, announce=print, sock: socket.socket | N
         raise LayerpackError(f"--max-body must be 1 byte .. 1 GiB, not {opts.max_body}")
     engine = load_engine(pack, opts)
     name = opts.model_name or model_id(pack)
-    app = create_app(engine, name, opts.api_key, opts.max_body)
+    app = create_app(engine, name, opts.api_key, opts.max_body, host=opts.host, allowed_hosts=opts.allowed_hosts,
+                     cors_origins=opts.cors_origins)
     if sock is None:
         try:
             sock = socket.create_server((opts.host, opts.port), family=socket.AF_INET6 if ":" in opts.host else socket.AF_INET)
         except OSError as e:
             raise LayerpackError(f"cannot listen on {opts.host}:{opts.port}: {e.strerror or e}") from None
+    # The engine's supervisor logs failures it recovers from (with their traceback) here.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
     host, port = sock.getsockname()[:2]
     announce(f"serving {name!r} at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "
              f"(max batch {engine.max_batch}, context {engine.context}, queue {engine.max_queue}; "

@@ -239,9 +239,9 @@ class TensorIndex:
         return raw.view(dtype).reshape(shape)
 
     def reader(self, name, rows: tuple[int, int] | None = None):
-        """A TensorSource (streamquant) reading the tensor - or rows [a, b) of its first dimension -
+        """A TensorSource (quantizer/windows.py) reading the tensor - or rows [a, b) of its first dimension -
         straight from its file in pieces, never whole: how the converter takes a 4 GB tensor."""
-        from .streamquant import InMemory
+        from .quantizer.windows import InMemory
 
         rel, h = self._where[base_name(name)]
         if isinstance(h, torch.Tensor):  # pickle, mmap'ed: pages come in as the pieces are read

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import machine, record  # noqa: E402
 from bench_quality import MODELS, CachedModel, fetch_src, pack_row  # noqa: E402
 
-from layerpack.calibrate import DEFAULT_TOKENS  # noqa: E402
+from layerpack.quantizer.activation_stats import DEFAULT_TOKENS  # noqa: E402
 from layerpack_runtime import load  # noqa: E402
 from layerpack_runtime.evaluate import DEFAULT_WINDOW, default_text  # noqa: E402
 

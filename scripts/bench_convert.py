@@ -348,7 +348,7 @@ def main() -> None:
     # What every conversion pays before reading a byte: interpreter start + imports (RSS and seconds).
     wait_quiet(a.quiet_wait)
     cold = not a.warm and drop_caches()
-    base = measure([sys.executable, "-c", "import layerpack.cli, layerpack.convert, layerpack.quantize"])
+    base = measure([sys.executable, "-c", "import layerpack.cli, layerpack.convert, layerpack.quantizer"])
 
     rows = {}
     for label in labels:

@@ -75,7 +75,7 @@ def embedding_unquantized(on: bool):
     if not on:
         yield
         return
-    import layerpack.convert as conv
+    import layerpack.conversion.job as conv  # where the converter looks scheme_for up (tensor_plan)
 
     orig = conv.scheme_for
     conv.scheme_for = lambda canonical, quant, tied: SCHEME_NONE if canonical == "embed.weight" else orig(canonical, quant, tied)

@@ -4,7 +4,7 @@ measured on the real SmolLM2-135M-Instruct checkpoint (scripts/fetch_models.py).
 
     python scripts/bench_quant_error.py [--src CHECKPOINT] [--record]
 
-Part 1 calls layerpack.quantize.quantize_tensor on every weight the converter quantizes (the same
+Part 1 calls layerpack.quantizer.quantize_tensor on every weight the converter quantizes (the same
 call convert() makes, without writing files) for each scheme x outlier fraction, and re-measures
 every error independently through the runtime's dequantize_weight. Part 2 converts the model with
 and without --compress zstd (packs under /tmp, deleted afterwards). --record writes the tables into
@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import machine, record  # noqa: E402  (shared bench helpers)
-from layerpack.convert import ConvertOptions, _load_json, convert, plan_units, scheme_for
+from layerpack.conversion.unit_plan import plan_units, scheme_for
+from layerpack.convert import ConvertOptions, convert
 from layerpack.families import architecture_spec, family_of
-from layerpack.quantize import quantize_tensor
-from layerpack.source import TensorIndex, resolve
+from layerpack.quantizer import quantize_tensor
+from layerpack.source import TensorIndex, read_json_object, resolve
 from layerpack_runtime.format import (DEFAULT_BLOCK_SIZE, META_ZSTD, SCHEME_NONE, ST_DTYPES, SUFFIX_ABSMAX,
                                       SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL)
 from layerpack_runtime.quant import dequantize_weight
@@ -54,7 +55,7 @@ def kind_of(canonical: str) -> str:
 def quantized_weights(src: str):
     """(unit, canonical, tensor) for every weight convert() quantizes, read exactly as it reads them."""
     source = resolve(src, quiet=True)
-    config = _load_json(os.path.join(source.root, "config.json"))
+    config = read_json_object(os.path.join(source.root, "config.json"))
     arch = architecture_spec(config)
     index = TensorIndex(source)
     for u in plan_units(family_of(config), arch, index.names()):

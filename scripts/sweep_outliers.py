@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Which outlier entries are worth their 48 bits? Compares the selection rules of
-layerpack.quantize (OUTLIER_RULES) on SmolLM2-135M-Instruct by what matters - perplexity, KL and
+layerpack.quantizer (OUTLIER_RULES) on SmolLM2-135M-Instruct by what matters - perplexity, KL and
 top-1 agreement against the bf16 source - and by the mean weight error, at several fractions.
 
     python scripts/sweep_outliers.py [--src CHECKPOINT] [--max-tokens 1024] [--schemes nf4,int8] [--record]
@@ -25,7 +25,7 @@ from bench_quality import DTYPE, CachedModel, fetch_src, pack_row  # noqa: E402
 from benchlib import machine, record  # noqa: E402
 
 from layerpack.convert import ConvertOptions, convert  # noqa: E402
-from layerpack.quantize import OUTLIER_RULES  # noqa: E402
+from layerpack.quantizer import OUTLIER_RULES  # noqa: E402
 from layerpack_runtime import load  # noqa: E402
 from layerpack_runtime.evaluate import DEFAULT_STRIDE, DEFAULT_WINDOW, default_text  # noqa: E402
 

@@ -167,6 +167,13 @@ def run_cli(*args, check: bool = False, env=None, cwd=None) -> subprocess.Comple
     return proc
 
 
+def run_cli_killed(point: str, n: int, *args) -> subprocess.CompletedProcess:
+    """run_cli with the converter SIGKILLed after n units recorded (point "units") or n windows
+    quantized (point "windows"): tests/convert_with_faults.py passes the fault object in."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "convert_with_faults.py"), point, str(n), *map(str, args)],
+                          capture_output=True, text=True)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_weight_forms(monkeypatch):
     """The planner measures, once per process, whether dequantized weights beat computing from the

@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from conftest import make_checkpoint, one_line_error, run_cli, write_tiny_tokenizer
-from layerpack import calibrate
-from layerpack.calibrated import Calibrated, choose_scales, feature_columns, parse_methods, select
+from conftest import make_checkpoint, one_line_error, run_cli, run_cli_killed, write_tiny_tokenizer
+from layerpack.quantizer import activation_stats as calibrate
+from layerpack.quantizer.activation_aware import Calibrated, choose_scales, feature_columns, parse_methods, select
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import NF4_CODE, SCHEME_INT8, SCHEME_NF4
@@ -50,9 +50,9 @@ def test_statistics_match_transformers_linears(ckpt):
     import transformers
 
     src, text_file = ckpt
-    from layerpack.convert import _plan, _read_whole as _read
+    from layerpack.conversion.job import plan_job, read_whole as _read
 
-    job = _plan(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=text_file, calibration_tokens=700, quiet=True))
+    job = plan_job(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=text_file, calibration_tokens=700, quiet=True))
     ids = job.calibration_ids
     assert ids.numel() == 700  # two sequences: 512 + 188
     stats = calibrate.collect(job.arch, job.units, lambda u: {c: _read(job.index, u, c) for c in u.tensors}, ids, True)
@@ -87,7 +87,7 @@ def test_statistics_match_transformers_linears(ckpt):
 def test_scale_search_never_worse_than_absmax(scheme):
     """(c): per block, the weighted error with the chosen scale is at most the absmax scale's, and
     lower overall on heavy-tailed weights with uneven column importance."""
-    from layerpack.calibrated import _reconstruct
+    from layerpack.quantizer.activation_aware import code_values
 
     g = torch.Generator().manual_seed(0)
     block = 64
@@ -99,7 +99,7 @@ def test_scale_search_never_worse_than_absmax(scheme):
     w = imp.view(blocks.shape)
 
     def err(s):
-        return (w * (blocks - _reconstruct(blocks, s, scheme) * s.view(-1, 1)).square()).sum(1)
+        return (w * (blocks - code_values(blocks, s, scheme) * s.view(-1, 1)).square()).sum(1)
 
     e0, e1 = err(absmax), err(scales)
     assert bool((e1 <= e0).all())
@@ -180,7 +180,7 @@ def test_calibrated_conversion_is_deterministic_and_resumes_after_kill(ckpt, tmp
     for out in (a, b):
         assert run_cli(*[x if x else out for x in args]).returncode == 0
     assert _files(a) == _files(b)
-    killed = run_cli(*[x if x else c for x in args], env={"LAYERPACK_FAULT_KILL_AFTER_UNITS": "2"})
+    killed = run_cli_killed("units", 2, *[x if x else c for x in args])
     assert killed.returncode == -9
     assert os.path.isfile(os.path.join(c, ".layerpack-partial", calibrate.STATS_FILE))  # saved before the first unit
     assert not os.path.exists(os.path.join(c, "manifest.json"))
@@ -207,9 +207,9 @@ def test_resume_recomputes_damaged_statistics(ckpt, tmp_path):
 
 
 def _collect_args(src, text_file):
-    from layerpack.convert import _plan, _read_whole as _read
+    from layerpack.conversion.job import plan_job, read_whole as _read
 
-    job = _plan(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=text_file, calibration_tokens=600, quiet=True))
+    job = plan_job(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=text_file, calibration_tokens=600, quiet=True))
     return job.arch, job.units, (lambda u: {c: _read(job.index, u, c) for c in u.tensors}), job.calibration_ids, True
 
 
@@ -330,12 +330,12 @@ def test_calibrate_other_families(family, tmp_path):
     src = make_checkpoint(tmp_path / "src", family)
     write_tiny_tokenizer(src)
     (tmp_path / "t.txt").write_text(TEXT)
-    from layerpack.convert import _plan, _read_whole as _read
+    from layerpack.conversion.job import plan_job, read_whole as _read
 
-    job = _plan(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=str(tmp_path / "t.txt"), calibration_tokens=600, quiet=True))
+    job = plan_job(src, ConvertOptions(quant="nf4", calibrate=True, calibration_text=str(tmp_path / "t.txt"), calibration_tokens=600, quiet=True))
     stats = calibrate.collect(job.arch, job.units, lambda u: {c: _read(job.index, u, c) for c in u.tensors}, job.calibration_ids,
                               job.arch["tie_word_embeddings"])
-    from layerpack.convert import scheme_for
+    from layerpack.conversion.unit_plan import scheme_for
 
     want = {calibrate.key(u.name, c) for u in job.units for c in u.tensors
             if scheme_for(c, "nf4", job.arch["tie_word_embeddings"]) != "none"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_checkpoint, run_cli
+from conftest import make_checkpoint, run_cli, run_cli_killed
 from layerpack.convert import ConvertOptions, convert
 from layerpack.families import FAMILIES, architecture_spec
 from layerpack.verify import verify_pack
@@ -130,7 +130,7 @@ def test_resume_after_kill_minus_9(tiny_ckpts, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = ["convert", ckpt, None, "--quant", "nf4", "--outliers", "0.01", "--quiet"]
     run_cli(*[a if a else ref for a in args], check=True)
-    killed = run_cli(*[a if a else out for a in args], env={"LAYERPACK_FAULT_KILL_AFTER_UNITS": "4"})
+    killed = run_cli_killed("units", 4, *[a if a else out for a in args])
     assert killed.returncode == -9
     assert not (out / "manifest.json").exists() and verify_pack(str(out), quiet=True) != []
     done_before = {n: os.stat(out / "layers" / n).st_mtime_ns for n in os.listdir(out / "layers")}
@@ -186,3 +186,42 @@ def test_architecture_spec_llama3_rope_and_transformers4_spelling():
     assert spec["rope"] == {"type": "llama3", "theta": 500000.0, "scaling": {
         "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
     assert spec["head_dim"] == 128 and spec["num_kv_heads"] == 8 and spec["eos_token_ids"] == [128001, 128008, 128009]
+
+
+def test_fault_object_interrupts_and_the_rerun_resumes(tiny_ckpts, tmp_path):
+    """The converter's interruption points (layerpack/conversion/faults.py), injected in-process: a
+    fault raised once 2 units are recorded leaves a resumable folder; the re-run keeps those units
+    and ends with the bytes of an uninterrupted conversion."""
+    from layerpack.conversion.faults import ConvertFaults
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterTwoUnits(ConvertFaults):
+        def __init__(self):
+            self.windows, self.units = 0, []
+
+        def window_done(self):
+            self.windows += 1
+
+        def unit_recorded(self, units_done):
+            self.units.append(units_done)
+            if units_done >= 2:
+                raise Stop
+
+    opts = ConvertOptions(quant="int8", outliers=0.01, quiet=True)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    convert(tiny_ckpts["llama"], str(ref), opts)
+    faults = StopAfterTwoUnits()
+    with pytest.raises(Stop):
+        convert(tiny_ckpts["llama"], str(out), opts, faults=faults)
+    assert faults.units == [1, 2] and faults.windows >= 2  # one window per tensor of the two units at least
+    assert not (out / "manifest.json").exists()
+    assert sorted(os.listdir(out / "layers")) == ["block.000.safetensors", "embed.safetensors"]
+    done_before = {n: os.stat(out / "layers" / n).st_mtime_ns for n in os.listdir(out / "layers")}
+    convert(tiny_ckpts["llama"], str(out), opts)
+    assert all(os.stat(out / "layers" / n).st_mtime_ns == t for n, t in done_before.items())
+    files = sorted(os.path.relpath(os.path.join(r, f), ref) for r, _, fs in os.walk(ref) for f in fs)
+    assert sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs) == files
+    _, mismatch, errors = filecmp.cmpfiles(ref, out, files, shallow=False)
+    assert not mismatch and not errors

@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 
-from layerpack import quantize as Q
-from layerpack import streamquant as SQ
-from layerpack.quantize import OUTLIER_RULES, quantize_tensor, select_outliers_by
+from layerpack.quantizer import InMemory, OUTLIER_RULES, quantize_tensor, select_outliers_by, select_outliers_stream
+from layerpack.quantizer import parallel, windows
 from layerpack.source import FileTensor
 from layerpack.writer import UnitWriter, encode_tensors, write_safetensors
 from layerpack_runtime.errors import LayerpackError
@@ -21,8 +20,8 @@ from layerpack_runtime.safetensors_io import SafetensorsFile
 @pytest.fixture
 def small_windows(monkeypatch):
     """Windows of 4096 elements (chunks of 1024): a 64x200 tensor spans 4 windows."""
-    monkeypatch.setattr(Q, "CHUNK_ELEMS", 1024)
-    monkeypatch.setattr(SQ, "WINDOW_ELEMS", 4096)
+    monkeypatch.setattr(parallel, "CHUNK_ELEMS", 1024)
+    monkeypatch.setattr(windows, "WINDOW_ELEMS", 4096)
 
 
 def _weights(shape, dtype=torch.float32, seed=0):
@@ -38,7 +37,7 @@ def test_streamed_selection_equals_whole(small_windows, rule, dtype):
     w = _weights((64, 200), dtype, seed=1)
     for k in (1, 37, 640, 3000):
         whole = select_outliers_by(rule, w, k, 64)
-        streamed = SQ.select_outliers_stream(rule, SQ.InMemory(w), k, 64)
+        streamed = select_outliers_stream(rule, InMemory(w), k, 64)
         assert streamed.numel() == k
         assert torch.equal(whole, streamed), (rule, k)
 
@@ -47,9 +46,9 @@ def test_streamed_selection_equals_whole(small_windows, rule, dtype):
 def test_streamed_quantization_equals_whole(monkeypatch, scheme, block, fraction):
     """Same codes, scales, outliers; the same error figure (the same chunk sums, in order)."""
     w = _weights((64, 203), torch.bfloat16, seed=2)  # 12992 elements: not a multiple of the block (a tail block)
-    monkeypatch.setattr(Q, "CHUNK_ELEMS", 1024)
+    monkeypatch.setattr(parallel, "CHUNK_ELEMS", 1024)
     whole, e_whole = quantize_tensor("w", w, scheme, torch.bfloat16, block, fraction, "row")
-    monkeypatch.setattr(SQ, "WINDOW_ELEMS", 2048)
+    monkeypatch.setattr(windows, "WINDOW_ELEMS", 2048)
     parts, e_parts = quantize_tensor("w", w, scheme, torch.bfloat16, block, fraction, "row")
     assert whole.keys() == parts.keys()
     for name in whole:
@@ -150,14 +149,14 @@ def test_convert_with_small_windows_gives_the_same_layer_files(tmp_path, tiny_ck
     convert(tiny_ckpts["llama"], str(tmp_path / "whole"), ConvertOptions(**opts))
     mp = pytest.MonkeyPatch()
     try:
-        mp.setattr(SQ, "WINDOW_ELEMS", 8192)
-        mp.setattr(Q, "CHUNK_ELEMS", 8192)
+        mp.setattr(windows, "WINDOW_ELEMS", 8192)
+        mp.setattr(parallel, "CHUNK_ELEMS", 8192)
         convert(tiny_ckpts["llama"], str(tmp_path / "windows"), ConvertOptions(**opts))
     finally:
         mp.undo()
     whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
-    windows = json.loads((tmp_path / "windows" / "manifest.json").read_text())
-    assert [f["sha256"] for f in whole["files"]] == [f["sha256"] for f in windows["files"]]
+    windowed = json.loads((tmp_path / "windows" / "manifest.json").read_text())
+    assert [f["sha256"] for f in whole["files"]] == [f["sha256"] for f in windowed["files"]]
 
 
 def test_kill_minus_9_inside_a_streamed_unit_resumes_to_the_same_bytes(tmp_path):
@@ -165,7 +164,7 @@ def test_kill_minus_9_inside_a_streamed_unit_resumes_to_the_same_bytes(tmp_path)
     SIGKILLed after the head's first window, i.e. in the middle of a unit being streamed."""
     import filecmp
 
-    from tests.conftest import make_checkpoint, run_cli
+    from tests.conftest import make_checkpoint, run_cli, run_cli_killed
 
     ckpt = make_checkpoint(tmp_path / "ck", "llama", vocab_size=8200, hidden_size=4096, intermediate_size=64,
                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=8, shard_size="200MB")
@@ -173,7 +172,7 @@ def test_kill_minus_9_inside_a_streamed_unit_resumes_to_the_same_bytes(tmp_path)
     args = ["convert", ckpt, None, "--quant", "nf4", "--outliers", "0.001", "--quiet"]
     run_cli(*[a if a else ref for a in args], check=True)
     # windows: embed 2, block.000's 9 tensors 1 each, then the head's first window
-    killed = run_cli(*[a if a else out for a in args], env={"LAYERPACK_FAULT_KILL_AFTER_WINDOWS": "12"})
+    killed = run_cli_killed("windows", 12, *[a if a else out for a in args])
     assert killed.returncode == -9
     layers = sorted(os.listdir(out / "layers"))
     assert layers[:2] == ["block.000.safetensors", "embed.safetensors"] and layers[2].startswith("head.safetensors.tmp-"), layers

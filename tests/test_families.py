@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import decode_diffs, make_checkpoint, rel_diff, run_cli
-from layerpack.convert import ConvertOptions, _plan, convert
+from layerpack.conversion.job import plan_job
+from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import LayerpackError, Pack, load
 
 REL_TOL = 1e-4
@@ -56,7 +57,7 @@ def hf_with_pack_weights(ckpt: str, pack: str, **kw):
     state = ref.state_dict()
     p = Pack(pack)
     written = set()
-    for u in _plan(ckpt, ConvertOptions(quiet=True)).units:
+    for u in plan_job(ckpt, ConvertOptions(quiet=True)).units:
         weights = p.layer_weights(u.name, torch.float32)
         for canonical, hf in u.tensors.items():
             target = state[hf]

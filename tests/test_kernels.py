@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerpack.quantize import quantize_tensor
+from layerpack.quantizer import quantize_tensor
 from layerpack_runtime import kernels, qweight
 from layerpack_runtime.qweight import QuantWeight
 from layerpack_runtime.quant import dequantize_weight

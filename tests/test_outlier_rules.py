@@ -1,4 +1,4 @@
-"""Outlier selection rules (layerpack.quantize.OUTLIER_RULES): each picks exactly k distinct entries,
+"""Outlier selection rules (layerpack.quantizer.OUTLIER_RULES): each picks exactly k distinct entries,
 deterministically, by its own criterion; the rest of the weight stays NF4 bit-exact with
 bitsandbytes (quantized with the outliers zeroed); and each reduces the error."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from layerpack.convert import ConvertOptions, convert
-from layerpack.quantize import (BLOCK_GAIN_DEPTH, OUTLIER_BLOCK_GAIN, OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_RULES,
-                                quantize_tensor, select_outliers_by)
+from layerpack.quantizer import (BLOCK_GAIN_DEPTH, OUTLIER_BLOCK_GAIN, OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_RULES,
+                                 quantize_tensor, select_outliers_by)
 from layerpack.schema import schema_errors
 from layerpack_runtime import LayerpackError, Pack
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from layerpack.quantize import _NF4, quantize_tensor, select_outliers
+from layerpack.quantizer import quantize_tensor, select_outliers
+from layerpack.quantizer.nf4 import NF4_ENCODER
 from layerpack_runtime.format import NF4_CODE
 from layerpack_runtime.quant import dequantize_int8, dequantize_nf4, dequantize_weight
 
@@ -51,10 +52,10 @@ def test_nf4_other_block_sizes_equal_bitsandbytes(block):
 
 def test_nf4_lookup_is_exact_at_decision_boundaries():
     """The table search must agree with a binary search at the boundaries and their float neighbours."""
-    b = torch.from_numpy(_NF4.bounds)
+    b = torch.from_numpy(NF4_ENCODER.bounds)
     up, down = torch.nextafter(b, torch.tensor(2.0)), torch.nextafter(b, torch.tensor(-2.0))
     x = torch.cat([b, up, down, torch.tensor([-1.0, 1.0, 0.0, -0.0]), torch.rand(200_000) * 2 - 1])
-    assert np.array_equal(_NF4.codes(x.numpy()), torch.bucketize(x, b).numpy())
+    assert np.array_equal(NF4_ENCODER.codes(x.numpy()), torch.bucketize(x, b).numpy())
 
 
 def test_nf4_all_zero_block_and_constant_block():

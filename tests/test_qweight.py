@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerpack.quantize import quantize_tensor
+from layerpack.quantizer import quantize_tensor
 from layerpack_runtime import qweight
 from layerpack_runtime.manifest import TensorEntry
 from layerpack_runtime.qweight import QuantWeight

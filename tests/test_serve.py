@@ -43,14 +43,16 @@ def pack(tmp_path_factory):
 class Server:
     """The app on a free 127.0.0.1 port, served by uvicorn in a thread."""
 
-    def __init__(self, engine: Engine, name: str, api_key: str | None = None, max_body: int = 1 << 20):
+    def __init__(self, engine: Engine, name: str, api_key: str | None = None, max_body: int = 1 << 20,
+                 lifespan: str = "auto", **app_options):
         import uvicorn
 
         self.engine = engine
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        app = create_app(engine, name, api_key, max_body)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        app = create_app(engine, name, api_key, max_body, **app_options)
+        # lifespan "off": a second server over an engine another one started and will close
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -164,7 +166,7 @@ def test_client_leaving_mid_stream_frees_its_slot(pack):
         body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "temperature": 0}).encode()
         port = int(srv.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as raw:
-            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             while srv.engine.active == 0:
                 time.sleep(0.005)
@@ -183,7 +185,23 @@ def test_client_leaving_mid_stream_frees_its_slot(pack):
     ({"top_p": 0}, 400, "top_p"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": CONTEXT}, 400, "context"),
-    ({"n": 2}, 400, "'n'"),
+    ({"n": 0}, 400, "'n'"),
+    ({"n": 40}, 400, "choices"),  # more than the 3 slots + 8 waiting
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"messages": [{"role": "function", "content": "hi", "name": "f"}]}, 400, "role"),
+    ({"extra_body": {"repetition_penalty": 1.2}}, 400, "Unrecognized request argument"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, 400, "Unrecognized request argument"),
+    ({"presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"logit_bias": {"100000": 1}}, 400, "vocabulary"),
+    ({"top_logprobs": 3}, 400, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"extra_body": {"top_k": -2}}, 400, "top_k"),
+    ({"response_format": {"type": "yaml"}}, 400, "response_format"),
+    ({"tool_choice": "auto"}, 400, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools[0]"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "fox " * 200}]}, 400, "context"),  # prompt longer than the context
     ({"messages": [{"role": "user", "content": "x" * 5000}]}, 413, "exceeds 4096 bytes"),
@@ -224,17 +242,26 @@ def test_raw_http_errors(served):
 
 
 def test_full_queue_answers_503(pack):
+    """The only slot is held by construction: the busy request's first event blocks the engine
+    thread (inside its prefill, where the request counts as admitted) until the test releases it,
+    so it cannot finish before the second request arrives (it once did: EOS or 60 fast tokens)."""
     model = load(pack)
     srv = Server(Engine(model, max_batch=1, context=CONTEXT, max_queue=0), "tiny")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(e):
+        holding.set()
+        release.wait(60)
+
     try:
-        busy = srv.engine.submit([3, 4, 5], CONTEXT - 4)  # holds the only slot
-        while srv.engine.active == 0:
-            time.sleep(0.005)
+        busy = srv.engine.submit([3, 4, 5], CONTEXT - 4, on_event=hold)
+        assert holding.wait(60)
         with pytest.raises(openai.APIStatusError) as e:
             srv.client().completions.create(model="tiny", prompt="Hello", max_tokens=4)
         assert e.value.status_code == 503 and "busy" in e.value.body["message"]
         busy.cancel()
     finally:
+        release.set()
         srv.close()
 
 
@@ -269,7 +296,8 @@ def test_cli_serves_and_never_logs_the_key(pack, tmp_path):
     log = open(tmp_path / "log", "w+")
     env = {**os.environ, "LAYERPACK_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", "serve", pack, "--port", str(port), "--context", "64",
-                             "--max-batch", "2"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                             "--max-batch", "2", "--allowed-hosts", "llm.lan,other.lan", "--cors-origin", "http://app.example"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
         deadline = time.time() + 60
@@ -285,6 +313,16 @@ def test_cli_serves_and_never_logs_the_key(pack, tmp_path):
         assert out.usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+        # --allowed-hosts and --cors-origin reach the server
+        for host, origin, status in (("llm.lan", None, 200), ("other.lan:8000", "http://app.example", 200),
+                                     ("evil.example", None, 403), ("llm.lan", "http://evil.example", 403)):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Host": host, **({"Origin": origin} if origin else {})})
+            try:
+                with urllib.request.urlopen(req) as r:
+                    got, allow = r.status, r.headers.get("access-control-allow-origin")
+            except urllib.error.HTTPError as e:
+                got, allow = e.code, None
+            assert got == status and allow == (origin if status == 200 else None), (host, origin)
     finally:
         proc.terminate()
         proc.wait(30)

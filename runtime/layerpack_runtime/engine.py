@@ -11,13 +11,20 @@ share that pass. The engine runs one loop (in its own thread): at each iteration
    each row with its own parameters and generator, and reports the new text to each request.
 
 A request ends at EOS, at a stop string, after max_tokens, or when cancelled, and leaves its slot
-to the next one. The model is used only through `forward(ids, cache, attention_mask, last_only)`.
+to the next one. Requests with the same prompt admitted together (`n` > 1, or clients sending the
+same text) share one prefill row, then decode as separate rows. Each row chooses its tokens with its
+own RequestSampler (request_sampling.py: penalties, logit_bias, constraints, logprobs).
+
+Faults stay local: an error while choosing one request's token fails that request only; an error in
+a forward pass fails the requests of that pass, and the supervisor in `_run` logs it, frees their
+slots and goes on serving (`errors` / `last_error` count and show them, /health reports them). The model is used only through `forward(ids, cache, attention_mask, last_only)`.
 Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
 through the callback (from the engine thread).
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -28,7 +35,8 @@ import torch
 
 from .cache import KVCache
 from .errors import LayerpackError
-from .generate import SamplingParams, left_pad, sample
+from .generate import SamplingParams, left_pad
+from .request_sampling import Choice, RequestSampler, RequestSampling, score_prompt
 from .slots import SlotKVCache
 from .tokenizer import TextStream
 
@@ -44,6 +52,8 @@ DEFAULT_MAX_QUEUE = 64
 # clients shares one prefill (one pass over the weights) instead of one each.
 ADMIT_WAIT_S = 0.01
 
+log = logging.getLogger("layerpack.engine")
+
 
 class QueueFull(LayerpackError):
     """The engine's waiting queue is full (an HTTP server answers 503)."""
@@ -55,6 +65,8 @@ class Event:
     token: int | None = None            # the token just generated (None for the closing event of a cancel)
     finish_reason: str | None = None    # "stop" (EOS / stop string), "length", "cancelled", "error"
     error: str | None = None
+    logprob: float | None = None        # of `token`, when the request asked for logprobs
+    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely alternatives to `token`
 
 
 @dataclass
@@ -65,7 +77,9 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     on_event: Callable[[Event], None] = lambda e: None
+    sampling: RequestSampling | None = None
     # filled by the engine
+    prompt_entries: list | None = None  # sampling.prompt_logprobs: (token, logprob or None, top) per prompt token
     id: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -73,7 +87,7 @@ class Request:
     submitted: float = 0.0
     first_token_s: float | None = None  # time to first token, from submit
     _stream: TextStream | None = None
-    _generator: torch.Generator | None = None
+    _sampler: RequestSampler | None = None
     _last: int = 0
 
     def cancel(self) -> None:
@@ -88,6 +102,8 @@ class EngineStats:
     tokens: int = 0           # tokens generated over all requests
     max_active: int = 0       # most slots in use at once
     cancelled: int = 0        # requests that ended by cancel (a client that left)
+    failed: int = 0           # requests that ended by an error (theirs, or their forward pass's)
+    errors: int = 0           # forward passes that failed (the supervisor recovered from each)
 
 
 class Engine:
@@ -125,7 +141,9 @@ class Engine:
         self._ids = itertools.count(1)
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.error: str | None = None  # set if the loop died (a bug or a failing disk); requests then fail
+        self._admitting: list[Request] = []  # taken from the queue, not yet in a slot (counts as busy)
+        self.error: str | None = None  # set if the loop itself died; requests then fail
+        self.last_error: str | None = None  # the last failure the supervisor recovered from
 
     def _plan_memory(self) -> None:
         m = self.model
@@ -137,10 +155,34 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, stop=None,
-               seed: int | None = None, on_event: Callable[[Event], None] | None = None) -> Request:
+               seed: int | None = None, on_event: Callable[[Event], None] | None = None,
+               sampling: RequestSampling | None = None) -> Request:
         """Queue a request; raises LayerpackError for a bad one and QueueFull when the queue is full."""
+        return self.submit_all([self.request(prompt, max_tokens, params, stop, seed, on_event, sampling)])[0]
+
+    def submit_all(self, reqs: list[Request]) -> list[Request]:
+        """Queue requests together (all or none: QueueFull when they do not all fit); those with the
+        same prompt share one prefill row when admitted together (`n` > 1, prompt lists)."""
+        if self.error or not self.alive:
+            raise LayerpackError(f"the engine stopped: {self.error or 'its thread is not running'}")
+        with self._lock:
+            room = self.max_queue + max(0, self.max_batch - len(self._active) - len(self._admitting))
+            if len(self._waiting) + len(reqs) > room:
+                raise QueueFull(f"the server is busy ({len(self._waiting)} requests waiting); retry later")
+            for r in reqs:
+                r.id, r.submitted = next(self._ids), time.perf_counter()
+                self._waiting.append(r)
+            self._lock.notify()
+        return reqs
+
+    def request(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, stop=None,
+                seed: int | None = None, on_event: Callable[[Event], None] | None = None,
+                sampling: RequestSampling | None = None) -> Request:
+        """A checked Request for submit_all (raises LayerpackError for a bad one)."""
         params = params or SamplingParams()
         params.check()
+        if sampling is not None:
+            sampling.check(self.model.args.vocab_size)
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise LayerpackError("the prompt encodes to no tokens")
@@ -152,17 +194,8 @@ class Engine:
         if len(prompt) + int(max_tokens) > self.context:
             raise LayerpackError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                  f"context of {self.context} tokens")
-        if self.error:
-            raise LayerpackError(f"the engine stopped: {self.error}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        req = Request(prompt, int(max_tokens), params, stops, seed, on_event or (lambda e: None))
-        req.id, req.submitted = next(self._ids), time.perf_counter()
-        with self._lock:
-            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._active)):
-                raise QueueFull(f"the server is busy ({len(self._waiting)} requests waiting); retry later")
-            self._waiting.append(req)
-            self._lock.notify()
-        return req
+        return Request(prompt, int(max_tokens), params, stops, seed, on_event or (lambda e: None), sampling)
 
     @property
     def waiting(self) -> int:
@@ -172,10 +205,18 @@ class Engine:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def alive(self) -> bool:
+        """False once a started loop has ended (closed, or died: see `error`)."""
+        return self._thread is None or self._thread.is_alive() or not self._started
+
+    _started = False
+
     # -- the loop --------------------------------------------------------------------------------
     def start(self) -> "Engine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="layerpack-engine", daemon=True)
+            self._started = True
             self._thread.start()
         return self
 
@@ -188,6 +229,8 @@ class Engine:
             self._thread = None
 
     def _run(self) -> None:
+        """The loop, and its supervisor: a failing step fails the requests it held, is logged with
+        its traceback, and the loop goes on with the next requests."""
         try:
             while True:
                 with self._lock:
@@ -199,9 +242,13 @@ class Engine:
                     deadline = time.monotonic() + ADMIT_WAIT_S
                     while idle and not self._stop and len(self._waiting) < self.max_batch and time.monotonic() < deadline:
                         self._lock.wait(max(0.0, deadline - time.monotonic()))
-                self.step()
-        except Exception as e:  # noqa: BLE001 - every waiting client must hear about it
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving the rest
+                    self._recover(e)
+        except BaseException as e:  # the supervisor itself failed: every waiting client must hear about it
             self.error = f"{type(e).__name__}: {e}"
+            log.critical("the engine loop stopped: %s", self.error, exc_info=True)
         finally:
             with self._lock:
                 pending = list(self._active) + list(self._waiting)
@@ -209,6 +256,18 @@ class Engine:
             for r in pending:
                 if r.finish_reason is None:
                     self._finish(r, "error" if self.error else "cancelled", error=self.error)
+
+    def _recover(self, e: Exception) -> None:
+        self.stats.errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        log.error("a generation step failed; its %d request(s) fail, the engine goes on: %s",
+                  len(self._active) + len(self._admitting), self.last_error, exc_info=True)
+        for r in self._active + self._admitting:
+            self._finish(r, "error", error=self.last_error)
+        self._active.clear()
+        with self._lock:
+            self._admitting.clear()
+        self.cache.clear()
 
     def step(self) -> None:
         """One iteration: drop cancelled requests, admit waiting ones (one prefill), one decode step."""
@@ -219,6 +278,8 @@ class Engine:
         admitted = self._take_waiting()
         if admitted:
             self._prefill(admitted)
+            with self._lock:
+                self._admitting = []
         if self._active:
             self._decode()
 
@@ -236,23 +297,44 @@ class Engine:
                     break  # the rest waits for the next prefill
                 out.append(self._waiting.popleft())
                 longest = longest2
+            self._admitting = out
         return out
+
+    def _score_prompt(self, r: Request) -> None:
+        """Echo + logprobs: every prompt token's logprob, before the batch's prefill allocates its
+        cache, in chunks of logits no larger than one of the prefill's hidden states (the plan holds it)."""
+        a = self.model.args
+        chunk = max(1, self.prefill_tokens * a.hidden_size // a.vocab_size)
+        r.prompt_entries = score_prompt(self.model, r.prompt, r.sampling.prompt_logprobs, chunk)
 
     @torch.inference_mode()
     def _prefill(self, reqs: list[Request]) -> None:
         m = self.model
-        ids, mask = left_pad([r.prompt for r in reqs], self.pad_id)
+        for r in reqs:
+            if r.sampling is not None and r.sampling.prompt_logprobs is not None:
+                try:
+                    self._score_prompt(r)
+                except Exception as e:  # noqa: BLE001 - this request's own passes: it fails alone
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+        reqs = [r for r in reqs if r.finish_reason is None]
+        if not reqs:
+            return
+        rows: dict[tuple[int, ...], int] = {}  # prompt -> its prefill row (equal prompts share one)
+        for r in reqs:
+            rows.setdefault(tuple(r.prompt), len(rows))
+        ids, mask = left_pad([list(p) for p in rows], self.pad_id)
         a = m.args
-        cache = KVCache(a.num_layers, len(reqs), a.num_kv_heads, ids.shape[1], a.head_dim, m.dtype, m.device)
+        cache = KVCache(a.num_layers, len(rows), a.num_kv_heads, ids.shape[1], a.head_dim, m.dtype, m.device)
         logits = m.forward(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
         self.stats.prefills += 1
         L = ids.shape[1]
-        for b, r in enumerate(reqs):
+        for r in reqs:
+            b = rows[tuple(r.prompt)]
             r._stream = TextStream(self.tokenizer, r.stop)
-            if r.seed is not None:
-                r._generator = torch.Generator(device=m.device).manual_seed(int(r.seed))
-            tok = self._sample(logits[b:b + 1], r)
-            if self._emit(r, tok):
+            generator = torch.Generator(device=m.device).manual_seed(int(r.seed)) if r.seed is not None else None
+            r._sampler = RequestSampler(r.params, r.sampling, generator)
+            choice = self._sample(logits[b:b + 1], r)
+            if choice is None or self._emit(r, choice):
                 continue
             n = len(r.prompt)
             slot = self.cache.add([(layer.k[b, :, L - n:], layer.v[b, :, L - n:]) for layer in cache.layers])
@@ -267,44 +349,56 @@ class Engine:
         self.stats.steps += 1
         done = []
         for slot, r in enumerate(self._active):
-            if self._emit(r, self._sample(logits[slot:slot + 1], r)):
+            choice = self._sample(logits[slot:slot + 1], r)
+            if choice is None or self._emit(r, choice):
                 done.append(slot)
         for slot in reversed(done):
             self._free(slot)
 
-    def _sample(self, logits: torch.Tensor, r: Request) -> int:
-        return int(sample(logits, r.params, r._generator)[0])
+    def _sample(self, logits: torch.Tensor, r: Request) -> Choice | None:
+        """r's next token; None when choosing it failed (r then ends with "error", alone)."""
+        try:
+            return r._sampler.pick(logits)
+        except Exception as e:  # noqa: BLE001 - one request's failure must not end the others
+            error = f"{type(e).__name__}: {e}"
+            log.warning("request %d failed while choosing its next token: %s", r.id, error)
+            self._finish(r, "error", error=error)
+            return None
 
-    def _emit(self, r: Request, tok: int) -> bool:
-        """Report token `tok` of request r; True when r is finished."""
+    def _emit(self, r: Request, choice: Choice) -> bool:
+        """Report the token chosen for request r; True when r is finished."""
+        tok = choice.token
         if r.first_token_s is None:
             r.first_token_s = time.perf_counter() - r.submitted
         self.stats.tokens += 1
         r._last = tok
+        lp = dict(logprob=choice.logprob, top=choice.top)
         if tok in self.eos:
             r.completion_tokens += 1
-            self._finish(r, "stop", r._stream.finish(), tok)
+            self._finish(r, "stop", r._stream.finish(), tok, **lp)
             return True
         r.completion_tokens += 1
         piece = r._stream.push(tok)
         if r._stream.stopped:
-            self._finish(r, "stop", piece, tok)
+            self._finish(r, "stop", piece, tok, **lp)
             return True
         if r.completion_tokens >= r.max_tokens:
-            self._finish(r, "length", piece + r._stream.finish(), tok)
+            self._finish(r, "length", piece + r._stream.finish(), tok, **lp)
             return True
         if r.cancelled:
-            self._finish(r, "cancelled", piece, tok)
+            self._finish(r, "cancelled", piece, tok, **lp)
             return True
-        self._call(r, Event(piece, tok))
+        self._call(r, Event(piece, tok, **lp))
         return False
 
-    def _finish(self, r: Request, reason: str, text: str = "", tok: int | None = None, error: str | None = None) -> None:
+    def _finish(self, r: Request, reason: str, text: str = "", tok: int | None = None, error: str | None = None,
+                logprob: float | None = None, top: list | None = None) -> None:
         if r.finish_reason is not None:
             return
         r.finish_reason = reason
         self.stats.cancelled += reason == "cancelled"
-        self._call(r, Event(text, tok, reason, error))
+        self.stats.failed += reason == "error"
+        self._call(r, Event(text, tok, reason, error, logprob, top or []))
 
     @staticmethod
     def _call(r: Request, e: Event) -> None:
@@ -326,13 +420,17 @@ class Engine:
         done = threading.Event()
         parts: list[str] = []
 
+        errors: list[str] = []
+
         def on_event(e: Event) -> None:
             parts.append(e.text)
+            if e.error:
+                errors.append(e.error)
             if e.finish_reason:
                 done.set()
 
         r = self.submit(prompt, max_tokens, params, stop, seed, on_event)
         done.wait()
         if r.finish_reason == "error":
-            raise LayerpackError(f"generation failed: {self.error}")
+            raise LayerpackError(f"generation failed: {errors[0] if errors else self.error}")
         return "".join(parts), r

@@ -14,10 +14,14 @@ import torch
 
 from .errors import LayerpackError
 
+# A temperature below this samples greedily (as vLLM's _SAMPLING_EPS): dividing float32 logits by a
+# tiny temperature overflows to inf (1e-300 is 0 in float32), and the softmax then gives NaN.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.0   # 0: greedy (argmax)
+    temperature: float = 0.0   # 0 (or below GREEDY_BELOW): greedy (argmax)
     top_k: int = 0             # 0: off
     top_p: float = 1.0         # 1: off
 
@@ -32,7 +36,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, vocab] (float32) -> next token ids [B]."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
@@ -43,6 +47,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p (the first one always stays).
         drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        drop[..., 0] = False  # a top_p below float32's range (1e-300 is 0) keeps the first token too
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

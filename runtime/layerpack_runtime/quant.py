@@ -1,7 +1,7 @@
 """Dequantization of pack weights (pure torch; the math the format defines).
 
 Block-wise schemes work on the flattened (row-major) weight split into blocks of `block_size`
-elements; the last block may be shorter. The converter's quantizer (layerpack.quantize) is the
+elements; the last block may be shorter. The converter's quantizer (layerpack.quantizer) is the
 inverse of exactly these functions, and reports its error through them.
 """
 from __future__ import annotations

@@ -88,6 +88,12 @@ class SlotKVCache:
             self.end = 0
         return moved
 
+    def clear(self) -> None:
+        """Free every slot (after a failed step: what its rows hold is no longer known)."""
+        self.lengths = [0] * self.slots
+        self.active = 0
+        self.end = 0
+
     def realign(self, new_end: int) -> None:
         """Move every active slot's columns so that the timeline ends at `new_end` (>= the longest
         sequence, <= max_len). One row at a time: the temporary copy stays small."""

@@ -122,8 +122,9 @@ class PackTokenizer:
         import jinja2
 
         try:
-            return self._compiled.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **kwargs})
+            # tools / documents: the template's own rendering of them (kwargs: tools=[...] from a server)
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **{"tools": None, "documents": None, **self.special_tokens, **kwargs})
         except jinja2.TemplateError as e:
             raise LayerpackError(f"chat template failed: {e}") from None
 

@@ -1,5 +1,5 @@
 """Quantization guided by activation statistics (convert --calibrate; the statistics come from
-calibrate.py): which entries the outlier table keeps, and which scale each block stores.
+activation_stats.py): which entries the outlier table keeps, and which scale each block stores.
 
 The error that matters for a linear y = W x is not ||W - Q(W)||^2 but E||(W - Q(W)) x||^2, which
 (columns taken as uncorrelated, the imatrix / AWQ approximation) is sum_ij (W_ij - Q_ij)^2 E[x_j^2]:
@@ -29,7 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import INT8_QMAX, SCHEME_NF4
+
+from .nf4 import NF4_ENCODER, NF4_VALUES
+from .ranking import row_candidates, row_share, take_ranked
 
 METHODS = ("weighted", "features", "scales")   # (a), (b), (c): the names --calibrate-methods takes
 FEATURE_THRESHOLD = 6.0      # LLM.int8()'s outlier-feature magnitude
@@ -41,7 +45,7 @@ IMPORTANCE_FLOOR = 0.01      # of the mean E[x^2]: columns the text never excite
 
 @dataclass
 class Calibrated:
-    """What quantize_tensor needs from calibration for one weight [rows, cols] (flattened row-major):
+    """What the quantizer needs from calibration for one weight [rows, cols] (flattened row-major):
     its input columns' statistics and which of the three uses are on."""
     sq_mean: torch.Tensor        # float32 [cols]: E[x_j^2]
     abs_max: torch.Tensor        # float32 [cols]: max |x_j|
@@ -100,29 +104,23 @@ def select(w: torch.Tensor, k: int, cal: Calibrated, fallback) -> torch.Tensor:
 
 
 def _select_row_scores(score: torch.Tensor, k: int) -> torch.Tensor:
-    """quantize._select_row on scores (>= 0; taken entries -1) instead of |w|: every row's best
-    entry first (best of those first), then every row's second, ... (deterministic ties)."""
-    from .quantize import _take_ranked
-
+    """The row rule (outliers.OUTLIER_ROW) on scores (>= 0; taken entries -1) instead of |w|:
+    every row's best entry first (best of those first), then every row's second, ..."""
     rows, cols = score.shape
-    r = min(cols, -(-k // rows))
-    val, col = torch.topk(score, r, dim=1, sorted=True)
-    rank = torch.arange(r).expand_as(val)
-    idx = (torch.arange(rows)[:, None] * cols + col).reshape(-1)
-    ok = val.reshape(-1) >= 0
-    return _take_ranked(-rank.reshape(-1).float()[ok], val.reshape(-1)[ok], idx[ok], k)
+    primary, val, idx = row_candidates(score, row_share(k, rows, cols))
+    ok = val >= 0
+    return take_ranked(primary[ok], val[ok], idx[ok], k)
 
 
 # -- (c) scale search ---------------------------------------------------------------------------
 
-def _reconstruct(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
-    """x [blocks, b] fp32, scale [blocks]: what the pack reconstructs with that scale (the same
-    encoding as quantize._quantize_chunk: x * (1/scale) clamped, nearest code)."""
+def code_values(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """x [blocks, b] fp32, scale [blocks]: the code values (in [-1, 1]) the pack stores for x with
+    that scale - the same encoding as blocks.quantize_chunk (x * (1/scale) clamped, nearest code);
+    times the scale, what the runtime reconstructs."""
     scaled = (x * (1.0 / scale.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-    if scheme == SCHEME_NF4:
-        from .quantize import _NF4, _NF4_CODE_NP  # the converter's exact encoder (table lookup)
-
-        c = torch.from_numpy(np.take(_NF4_CODE_NP, _NF4.codes(scaled.reshape(-1).numpy()))).view(scaled.shape)
+    if scheme == SCHEME_NF4:  # the converter's exact encoder (table lookup)
+        c = torch.from_numpy(np.take(NF4_VALUES, NF4_ENCODER.codes(scaled.reshape(-1).numpy()))).view(scaled.shape)
     else:
         c = torch.round(scaled * INT8_QMAX) / INT8_QMAX
     return c
@@ -135,14 +133,14 @@ def choose_scales(x: torch.Tensor, absmax: torch.Tensor, imp: torch.Tensor, sche
     blocks = x.view(-1, block_size) if x.numel() % block_size == 0 else x.view(1, -1)
     wts = imp.view(blocks.shape)
     best = absmax.clone()
-    c = _reconstruct(blocks, best, scheme)
+    c = code_values(blocks, best, scheme)
     best_err = (wts * (blocks - c * best.view(-1, 1)).square()).sum(1)
     for _ in range(SCALE_ITERS):
         num = (wts * blocks * c).sum(1)
         den = (wts * c * c).sum(1)
         cand = torch.where(den > 0, num / den.clamp(min=1e-38), best)
         cand = torch.where(cand > 0, cand, best)
-        c_new = _reconstruct(blocks, cand, scheme)
+        c_new = code_values(blocks, cand, scheme)
         err = (wts * (blocks - c_new * cand.view(-1, 1)).square()).sum(1)
         better = err < best_err
         best = torch.where(better, cand, best)
@@ -154,8 +152,6 @@ def choose_scales(x: torch.Tensor, absmax: torch.Tensor, imp: torch.Tensor, sche
 
 def parse_methods(spec: str | None) -> tuple[str, ...]:
     """'weighted,features,scales' (any subset, any order) -> the canonical tuple."""
-    from layerpack_runtime.errors import LayerpackError
-
     if spec is None:
         return METHODS
     names = [m.strip() for m in spec.split(",") if m.strip()]

@@ -9,8 +9,8 @@ weight.linear(x, bias) for anything that is not a plain tensor, so the recorder 
 input x, adds x^2 and |x| per input column to its statistics, and multiplies as F.linear would.
 
 What comes out, per weight (key(unit, canonical); a tied embedding's for its use as the head):
-E[x_j^2] and max |x_j| over the calibration tokens (ColumnStats). quantize_tensor uses them through
-calibrated.Calibrated (activation-weighted outliers, outlier feature columns, scale search).
+E[x_j^2] and max |x_j| over the calibration tokens (ColumnStats). The quantizer uses them through
+activation_aware.Calibrated (activation-weighted outliers, outlier feature columns, scale search).
 
 Determinism: the same source, text, token count, torch build and thread count give the same
 statistics bit for bit (fixed sequence order, float64 accumulation in a fixed order). GEMM results
@@ -38,7 +38,7 @@ DEFAULT_TOKENS = 2048            # calibration tokens (measured in BENCHMARKS.md
 MAX_TOKENS = 1 << 20             # a bound on the carried hidden state (tokens x hidden floats)
 SEQ_LEN = 512                    # tokens per calibration sequence (the eval window)
 STATS_FILE = "calibration.safetensors"
-_TEXT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.txt")
+_TEXT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration.txt")  # layerpack/
 _SQ, _MAX = ".sq_mean", ".abs_max"
 
 
@@ -208,7 +208,7 @@ def _is_linear(name: str, t: torch.Tensor) -> bool:
 # -- persistence (resume) --------------------------------------------------------------------
 
 def save(path: str, stats: dict[str, ColumnStats], fingerprint: str) -> None:
-    from .writer import write_safetensors
+    from ..writer import write_safetensors
 
     tensors = {}
     for k, s in stats.items():
