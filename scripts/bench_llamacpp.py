@@ -210,7 +210,7 @@ def render(a, rows, loads, info) -> str:
             f"{', '.join(f'{r:.2f}' for r in per_round)} (median {statistics.median(per_round):.2f}) | "
             f"{lc[0]['bytes_per_token'] / 1e6:.1f} / {lp[0]['bytes_per_token'] / 1e6:.1f} | {gb(lc):.1f} / {gb(lp):.1f} | "
             f"{med(lc, 'prefill_s'):.3f} / {med(lp, 'prefill_s'):.3f} | {med(lc, 'process_s'):.1f} / {med(lp, 'process_s'):.1f} |")
-    deq = {q: rows[(q, "layerpack")][0]["dequantized"] for q, _, _ in PAIRS}
+    deq = {q: rows[(q, "layerpack")][0]["dequantized"] for q, _, _ in PAIRS if q != "none"}
     lines += ["", f"Load average (1 min) at the start of each round: {', '.join(f'{x:.2f}' for x in loads)}. "
                   f"Units the planner dequantized (0 = every quantized unit ran from its codes): "
                   f"{', '.join(f'{q} {n}' for q, n in deq.items())}."]
