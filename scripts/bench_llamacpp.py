@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import machine, record  # noqa: E402
 
-MARK_START, MARK_END = "<!-- bench_llamacpp:start -->", "<!-- bench_llamacpp:end -->"
+# one recorded table per model and thread count: bench_llamacpp_<model folder>_t<threads>
+MARKS = "<!-- bench_llamacpp_{}_t{}:start -->", "<!-- bench_llamacpp_{}_t{}:end -->"
 LLAMACPP_VERSION = "0.3.36"
 CACHE = Path(os.environ.get("LAYERPACK_CACHE") or Path.home() / ".cache" / "layerpack") / "llamacpp"
 BENCH_VENV = ROOT / ".bench-venv"
@@ -182,7 +183,7 @@ def spawn(side: str, cfg: dict) -> dict:
 def render(a, rows, loads, info) -> str:
     gb = lambda r: statistics.median(x["decode_tps"] for x in r) * r[0]["bytes_per_token"] / 1e9  # noqa: E731
     lines = [
-        f"## layerpack vs llama.cpp, decode on the CPU ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        f"### {Path(a.model).name}, {a.threads} thread{'s' if a.threads > 1 else ''} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"- Machine: {machine()}; **shared with other agents' work during the run** (load averages below: "
         f"{min(loads):.1f}-{max(loads):.1f} over the rounds, on 2 cores), so absolute figures are low and noisy; the ratios "
@@ -263,7 +264,7 @@ def main() -> None:
     report = render(a, rows, loads, info)
     print(report)
     if a.record:
-        record(report, MARK_START, MARK_END)
+        record(report, *(m.format(model.name, a.threads) for m in MARKS))
 
 
 if __name__ == "__main__":
