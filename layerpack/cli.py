@@ -11,6 +11,7 @@ import click
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
+from layerpack_runtime.options import WEIGHT_FORMS, RunOptions
 
 from .environment import API_KEY as API_KEY_ENV, debug
 from .quantizer.activation_stats import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
@@ -218,7 +219,8 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--expert-cache", default=None, metavar="SIZE", help="MoE packs: share of --max-memory reserved for the LRU cache of streamed experts [default: what the plan leaves].")
 @click.option("--no-expert-reads", is_flag=True, help="MoE packs: stream whole layer files instead of only the selected experts (the dense-read baseline).")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores]. On a machine busy with other work, 1 can be much faster.")
-@click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads and the memory plan to stderr.")
+@click.option("--weight-form", type=click.Choice(WEIGHT_FORMS), default="auto", show_default=True, help="Quantized units kept resident in their stored form (computed from the codes) or dequantized; auto: stored wherever a native kernel computes from the codes (a rule, never a timing: same bits under any load).")
+@click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads, the weight form and the memory plan to stderr.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @click.option("--stages", type=click.IntRange(1), default=None, help="Split the model into S pipeline stages, one process each (torch.distributed, gloo on CPU), each holding only its own layers; --max-memory then applies per stage (one size, or one per stage: 1GiB,2GiB).")
@@ -226,18 +228,18 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--micro-batches", type=click.IntRange(1), default=None, help="With --stages: micro-batches a batch is split into [default: min(batch, stages)].")
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, stats, revision, token, stages, split, micro_batches):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
 
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
-                           not no_expert_reads, expert_cache, threads, stats,
+                           not no_expert_reads, expert_cache, threads, weight_form, stats,
                            dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 chat=chat))
 
-    from layerpack_runtime import load
+    from layerpack_runtime.loader import load_for_prompt
     from layerpack_runtime.manifest import Manifest
     from layerpack_runtime.threads import resolve_threads
 
@@ -247,14 +249,16 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     t0 = time.perf_counter()
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
     total = None if _existing_or_repo(pack) else Manifest.load(pack).totals.get("layer_bytes")
+    opts = RunOptions(device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, page_cache=not no_page_cache,
+                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form)
     with progress_bar(total, "load", quiet=total is None) as bar:
-        model = load(pack, device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, verify=verify,
-                     page_cache=not no_page_cache, progress=bar.update, expert_reads=not no_expert_reads,
-                     expert_cache=expert_cache, revision=revision, token=token, threads=threads)
+        # The prompt is tokenized first: the plan is made once, for exactly this prompt + --max-new-tokens.
+        model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens, chat=chat, verify=verify,
+                                     revision=revision, token=token, progress=bar.update)
     load_s = time.perf_counter() - t0
     model.unit_times.enabled = stats
-    pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, chat=chat, stream=True)
+    pieces = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stream=True)
     try:
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -264,7 +268,8 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     click.echo()
     if stats:
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
-        click.echo(f"memory plan: {model.plan.describe()}", err=True)
+        click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
+        click.echo(f"weight form: {model.weight_form}", err=True)
         click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
@@ -274,9 +279,9 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
 
 
 def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, page_cache, expert_reads,
-                expert_cache, threads, stats, gen):
+                expert_cache, threads, weight_form, stats, gen):
     """`run --stages`: S local stage processes (launch.launch_local); rank 0 prints the text."""
-    from layerpack_runtime.launch import GenerateJob, launch_local
+    from layerpack_runtime.launch import GenerateJob, declare_generation, launch_local
     from layerpack_runtime.stages import StageOptions
     from layerpack_runtime.threads import resolve_threads
 
@@ -287,10 +292,13 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
         stages = len(split.split(","))
     if threads is not None:
         threads = resolve_threads(threads, "--threads")
-    opts = StageOptions(pack, stages, split, max_memory, device, dtype, prefetch_depth=prefetch, page_cache=page_cache,
-                        expert_reads=expert_reads, expert_cache=expert_cache, threads=threads, micro_batches=micro_batches)
+    opts = StageOptions(pack=pack, stages=stages, split=split, max_memory=max_memory, device=device, dtype=dtype,
+                        prefetch_depth=prefetch, page_cache=page_cache, expert_reads=expert_reads, expert_cache=expert_cache,
+                        threads=threads, micro_batches=micro_batches, weight_form=weight_form)
+    chat = gen.pop("chat", False)
+    ids = declare_generation(opts, prompt, gen["max_new_tokens"], chat)  # every stage plans once, for this prompt
     try:
-        launch_local(opts, GenerateJob(prompt, gen, stats))
+        launch_local(opts, GenerateJob(ids, gen, stats))
     except KeyboardInterrupt:
         click.echo()
         _die("interrupted; every stage was stopped", code=130)

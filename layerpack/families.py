@@ -17,6 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from layerpack_runtime import models
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import EXPERT_PREFIX
 
@@ -327,23 +328,64 @@ def _rope_fields(raw: dict, file: str, where: str) -> dict:
     return {k: v for k, v in raw.items() if v is not None}
 
 
+# Rope types a config may name -> scaling fields each needs (what HF's rope code reads without a
+# default). The runtime runs default, linear and llama3 (models/llama.ROPE_TYPES); the others convert
+# (the pack records them for a later runtime) and are refused at load, in one line.
+ROPE_REQUIRED = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+_ROPE_LISTS = ("short_factor", "long_factor")   # per-frequency factors: lists of positive numbers
+_ROPE_INTS = ("original_max_position_embeddings",)
+
+
+def _check_rope_scaling(kind: str, scaling: dict, file: str, where: str) -> None:
+    """A known rope type with every field it needs, each of the right type and range."""
+    if kind not in ROPE_REQUIRED:
+        raise LayerpackError(f"{file}: {where} names rope type {kind[:40]!r}, which is unknown (known: {', '.join(ROPE_REQUIRED)})")
+    for key in ROPE_REQUIRED[kind]:
+        if key not in scaling:
+            raise LayerpackError(f"{file}: {where} of rope type {kind!r} lacks its required field {key!r}")
+    for key, v in scaling.items():
+        if key in _ROPE_LISTS:
+            if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v):
+                raise LayerpackError(f"{file}: field '{where}.{key}' must be a non-empty list of positive numbers, not {json.dumps(v)[:60]}")
+        elif key in _ROPE_INTS:
+            ConfigFields({f"{where}.{key}": v}, file).int(f"{where}.{key}", hi=1 << 40)
+        elif key.endswith("factor") or key in ("beta_fast", "beta_slow"):
+            ConfigFields({f"{where}.{key}": v}, file).float(f"{where}.{key}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        # the runtime divides by their difference
+        raise LayerpackError(f"{file}: {where}.high_freq_factor ({scaling['high_freq_factor']}) must exceed "
+                             f"low_freq_factor ({scaling['low_freq_factor']})")
+
+
 def _rope(config: dict, file: str = "config.json") -> dict:
     """Normalise HF's two spellings (transformers<5: rope_theta + rope_scaling; >=5: rope_parameters)."""
     c = ConfigFields(config, file)
     params = _rope_fields(c.dict("rope_parameters"), file, "rope_parameters")
     scaling = _rope_fields(c.dict("rope_scaling"), file, "rope_scaling")
+    top_theta = c.float("rope_theta", 10000.0)  # checked even when rope_parameters has the one used
     theta = params.pop("rope_theta", None)
     theta = ConfigFields({"rope_parameters.rope_theta": theta}, file).float("rope_parameters.rope_theta", None) \
-        if theta is not None else c.float("rope_theta", 10000.0)
+        if theta is not None else top_theta
     merged = {**scaling, **params}
+    where = "rope_parameters" if params else "rope_scaling"
     kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
     if not isinstance(kind, str):
-        raise LayerpackError(f"{file}: field rope_scaling.rope_type must be a string, not {json.dumps(kind)[:60]}")
+        raise LayerpackError(f"{file}: field {where}.rope_type must be a string, not {json.dumps(kind)[:60]}")
     kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's old name (transformers renames it too)
+    _check_rope_scaling(kind, merged, file, where)
     prf = merged.pop("partial_rotary_factor", None)
     prf = ConfigFields({"partial_rotary_factor": prf}, file).float("partial_rotary_factor", None) if prf is not None \
         else c.float("partial_rotary_factor", None)
+    if prf is not None and prf > 1:
+        raise LayerpackError(f"{file}: field 'partial_rotary_factor' must be in (0, 1], not {prf}")
     rope = {"type": kind, "theta": float(theta)}
     if kind != "default":
         rope["scaling"] = {k: merged[k] for k in sorted(merged)}
@@ -392,6 +434,9 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
     if fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not c.bool("use_sliding_window", False):
         sliding = None  # qwen2/3 configs carry a window they do not use unless use_sliding_window is set
     layer_types = c.str_list("layer_types", layers)
+    if layer_types is not None and not set(layer_types) <= {"full_attention", "sliding_attention"}:
+        raise LayerpackError(f"config.json: field 'layer_types' must name full_attention or sliding_attention for each block, "
+                             f"not {sorted(set(layer_types) - {'full_attention', 'sliding_attention'})[0][:40]!r}")
     if layer_types is None and fam.name == "gemma3" and sliding:
         # Older configs give a period: every `sliding_window_pattern`-th block is global (transformers' rule).
         period = c.int("sliding_window_pattern", None) or c.int("_sliding_window_pattern", 6)
@@ -404,11 +449,22 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
     # both files are checked; generation_config.json's value wins where it has the key
     special = {k: (lambda from_config: g.ids(k) if k in g.d else from_config)(c.ids(k))
                for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    vocab = c.int("vocab_size")
+    for k, ids in special.items():
+        if any(t >= vocab for t in ids):  # an id the embedding has no row for
+            file = "generation_config.json" if k in g.d else "config.json"
+            raise LayerpackError(f"{file}: field {k!r} holds token id {max(ids)}, outside the vocabulary of {vocab} (vocab_size)")
+    activation_key = "hidden_activation" if c.str("hidden_activation") else "hidden_act"
+    activation = c.str(activation_key, "silu")
+    runs = models.module_for(fam.name).ModelArgs.activations
+    if activation not in runs:  # refused here, not when the pack is run
+        raise LayerpackError(f"config.json: field {activation_key!r} is {activation[:40]!r}; the {fam.name} family runs "
+                             f"{', '.join(runs)}")
     spec = {
         "family": fam.name,
         "hf_architecture": archs[0],
         "model_type": c.str("model_type"),
-        "vocab_size": c.int("vocab_size"),
+        "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": c.int("intermediate_size"),
         "num_layers": layers,
@@ -419,7 +475,7 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "norm": {"type": "rms", "eps": c.float("rms_norm_eps", 1e-6)},
         "rope": _rope(config) if fam.name != "gemma3" else None,  # gemma3: set below
         # gemma: hidden_activation
-        "activation": c.str("hidden_activation") or c.str("hidden_act", "silu"),
+        "activation": activation,
         "tie_word_embeddings": c.bool("tie_word_embeddings", fam.name == "gemma3"),
         # qwen2_moe spells it qkv_bias (q/k/v only, like qwen2)
         "attention_bias": c.bool("attention_bias", c.bool("qkv_bias", fam.name == "qwen2")),

@@ -251,6 +251,7 @@ def model_id(pack: str) -> str:
 def load_engine(pack: str, opts: ServeOptions) -> Engine:
     """Load PACK (a progress bar counts resident units unless quiet) and plan its engine's memory."""
     from layerpack_runtime import load
+    from layerpack_runtime.engine import engine_workload
     from layerpack_runtime.manifest import Manifest
     from layerpack_runtime.remote import is_repo_id
 
@@ -258,9 +259,11 @@ def load_engine(pack: str, opts: ServeOptions) -> Engine:
 
     total = None if is_repo_id(pack) else Manifest.load(pack).totals.get("layer_bytes")
     with progress_bar(total, "load", quiet=opts.quiet or total is None) as bar:
-        model = load(pack, device=opts.device, dtype=opts.dtype, max_memory=opts.max_memory, context=opts.context,
-                     prefetch_depth=opts.prefetch, progress=bar.update, revision=opts.revision, token=opts.token,
-                     threads=opts.threads)
+        # The engine's whole workload (slots, prefill cache, steps) is declared here, so the plan is
+        # made once and the minimum a too-small --max-memory names is enough to serve.
+        model = load(pack, device=opts.device, dtype=opts.dtype, max_memory=opts.max_memory, prefetch_depth=opts.prefetch,
+                     workload=engine_workload(max_batch=opts.max_batch, context=opts.context), progress=bar.update,
+                     revision=opts.revision, token=opts.token, threads=opts.threads)
     try:
         return Engine(model, max_batch=opts.max_batch, context=opts.context, max_queue=opts.max_queue)
     except BaseException:

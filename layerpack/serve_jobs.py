@@ -51,6 +51,10 @@ class Job:
     def encode(self) -> None:
         """Prompts -> ids (a thread: templates and tokenizers take time)."""
         g, tok = self.g, self.tokenizer
+        if g.tools and "tools" not in (tok.chat_template or ""):
+            # the template would drop them without a word: the model would never learn of the tools
+            raise ApiError(400, "this model's chat template does not render tools, so it cannot be told about them",
+                           param="tools")
         try:
             if self.chat:
                 self.prompt_ids = [tok.encode_chat(g.messages, **({"tools": g.tools} if g.tools else {}))]

@@ -97,7 +97,7 @@ def child(a) -> None:
         steps=s.steps, prefill_s=s.prefill_s, decode_s=s.decode_s, threads=s.threads,
         rows=model.unit_times.rows, placement=model.placement(), plan=model.plan.describe(),
         costs={n: model._unit_cost(n).__dict__ for n in ("embed", "block.000", "head")},
-        kv_per_token=model._kv_bytes(1), activation=model._activation_bytes(1), runtime=model._runtime_bytes(),
+        kv_per_token=model.kv_bytes(1), activation=model.activation_bytes(1), runtime=model.runtime_bytes(),
         minimum=model.minimum_memory(), peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     print(json.dumps(out))

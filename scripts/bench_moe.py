@@ -145,7 +145,7 @@ def minimum(pack: str, expert_reads: bool) -> int:
     from layerpack_runtime import load
 
     m = load(pack, expert_reads=expert_reads)
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens)
+    fixed = m.plan.kv_bytes + m.plan.activation_bytes
     return fixed + 2 * max(m._unit_cost(u).streamed for u in m.units)
 
 

@@ -85,8 +85,8 @@ def extra_for_batch(pack: str, prompt_ids: list[int], tokens: int, batch: int) -
 
     m = load(pack)
     L = len(prompt_ids)
-    one = m._kv_bytes(L + tokens) + m._activation_bytes(L, 1)
-    many = m._kv_bytes(batch * (L + tokens)) + m._activation_bytes(batch * L, batch)
+    one = m.kv_bytes(L + tokens) + m.activation_bytes(L, 1)
+    many = m.kv_bytes(batch * (L + tokens)) + m.activation_bytes(batch * L, batch)
     return many - one
 
 
@@ -158,7 +158,7 @@ def main() -> None:
 
     # --max-memory also covers the runtime's own memory (tokenizer, torch's working memory): the
     # weights' share is the fraction of the pack, as before that term existed
-    budget = int(a.budget_fraction * pack_bytes) + load(pack)._runtime_bytes()
+    budget = int(a.budget_fraction * pack_bytes) + load(pack).runtime_bytes()
 
     from transformers import AutoTokenizer  # the toolkit venv has it; only for the prompt ids
 

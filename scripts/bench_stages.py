@@ -63,7 +63,7 @@ def run_config(pack: str, stages: int, batch: int, tokens: int, threads: int, bu
     arch = Manifest.load(pack).architecture
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        opts = StageOptions(pack, stages, max_memory=budget, threads=threads)
+        opts = StageOptions(pack=pack, stages=stages, max_memory=budget, threads=threads)
         launch_local(opts, BenchJob(out, batch, tokens, arch["hidden_size"] * 2))
         with open(out) as f:
             return json.load(f)

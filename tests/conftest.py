@@ -174,16 +174,6 @@ def run_cli_killed(point: str, n: int, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-@pytest.fixture(autouse=True)
-def _fixed_weight_forms(monkeypatch):
-    """The planner measures, once per process, whether dequantized weights beat computing from the
-    codes (qweight.dequantized_form_faster); on a busy machine the answer can differ from one
-    process to the next. Tests that compare two runs bit for bit need both in the same form, so
-    in-process tests keep quantized units in stored form (the answer on CI machines with the
-    native kernels); the planner's choice itself is tested through plan(dequantize_faster=...)."""
-    monkeypatch.setattr("layerpack_runtime.unitrange.dequantized_form_faster", lambda *a, **k: False)
-
-
 def one_line_error(proc) -> str:
     """The single `error:` line a failed CLI command printed (exit 1, no traceback)."""
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)

@@ -198,6 +198,7 @@ class HubServer:
         self._stalls: dict[str, tuple[int, threading.Event, threading.Event]] = {}  # sha256 -> (bytes, stalled, release)
         self._holds: dict[str, threading.Event] = {}  # sha256 -> served once set
         self._echo: set[str] = set()             # repo ids whose every request is answered by echo_headers' 400
+        self._failing: dict[str, int] = {}       # repo id -> HTTP status answered to its every request (fail_with)
         self.on_upload = None                    # callable(sha256) -> bool, before an LFS upload is stored (False: refuse it)
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
@@ -243,6 +244,11 @@ class HubServer:
         misbehaving endpoint or proxy. The request log still never stores the token."""
         with self._lock:
             self._echo.add(repo_id)
+
+    def fail_with(self, repo_id: str, status: int = 500) -> None:
+        """Fault injection: every request for `repo_id` is answered `status` (a Hub that is down)."""
+        with self._lock:
+            self._failing[repo_id] = status
 
     def release_all(self) -> None:
         with self._lock:
@@ -616,7 +622,10 @@ class _Handler(BaseHTTPRequestHandler):
         """The repo, or None after answering an error (unknown, or private without the right token)."""
         repo_id = f"{unquote(m['ns'])}/{unquote(m['name'])}"
         with self.hub._lock:
-            echo = repo_id in self.hub._echo
+            echo, failing = repo_id in self.hub._echo, self.hub._failing.get(repo_id)
+        if failing:
+            self._error(failing, None, "Internal Error - We're working hard to fix this as soon as possible!")
+            return None
         if echo:
             received = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
             self._error(400, None, f"Bad request. Headers received: {received}")

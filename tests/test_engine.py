@@ -154,7 +154,7 @@ def test_bad_requests_and_a_full_queue_are_refused(packs):
 def test_memory_plan_reserves_slots_and_a_prefill(packs):
     model = load(packs["llama"])
     engine = Engine(model, max_batch=4, context=100)
-    need = model._kv_bytes(4 * engine.max_len + engine.prefill_tokens)
+    need = model.kv_bytes(4 * engine.max_len + engine.prefill_tokens)
     assert engine.max_len >= 100 and engine.prefill_tokens >= 100 and model.plan.kv_bytes == need
     assert sum(k.numel() * k.element_size() * 2 for k in engine.cache.k) <= need
     small = load(packs["llama"], max_memory="60MB")  # fits the model, not 64 x 4096 tokens of KV (~120 MB)

@@ -191,7 +191,7 @@ def test_eval_under_a_memory_budget_streams_and_agrees(packs):
     """--max-memory as in `run`: blocks stream from disk, the figures do not change."""
     m = load(packs["nf4"], dtype="fp32", context=32)
     costs = {u: m._unit_cost(u) for u in m.units}
-    budget = (m._kv_bytes(32) + m._activation_bytes(32) + m._runtime_bytes() + costs["embed"].stored + costs["head"].stored
+    budget = (m.kv_bytes(32) + m.activation_bytes(32) + m.runtime_bytes() + costs["embed"].stored + costs["head"].stored
               + 2 * max(costs[b].streamed for b in m.block_units) + 16)
     streamed, _ = evaluate_pack(packs["nf4"], packs["text"], reference=packs["none"], window=32, stride=16, max_memory=budget, quiet=True)
     resident, _ = evaluate_pack(packs["nf4"], packs["text"], reference=packs["none"], window=32, stride=16, quiet=True)

@@ -77,7 +77,7 @@ def small_budget(pack: str) -> int:
     m = load(pack)
     costs = {u: m._unit_cost(u) for u in m.units}
     blocks = [costs[u] for u in m.block_units]
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
+    fixed = m.fixed_bytes
     embed = 0 if m._embed_rows_from_file() else costs["embed"].stored
     return fixed + embed + costs["head"].stored + 2 * max(b.streamed for b in blocks) + 16
 

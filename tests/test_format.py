@@ -163,7 +163,7 @@ def test_runtime_in_a_fresh_venv_without_toolkit_dependencies(tiny_ckpts, tmp_pa
 
     m = load(tmp_path / "pack")  # a budget that holds embed + head and streams the blocks
     costs = {u: m._unit_cost(u) for u in m.units}
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
+    fixed = m.fixed_bytes
     budget = fixed + costs["embed"].stored + costs["head"].stored + 2 * max(costs[b].streamed for b in m.block_units) + 16
     r = subprocess.run([py, "-c", script, str(tmp_path / "pack"), str(budget)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

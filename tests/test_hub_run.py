@@ -29,7 +29,6 @@ import torch
 import layerpack_runtime.remote as remote
 import layerpack_runtime.loader as loader
 from layerpack_runtime import load
-loader.dequantized_form_faster = lambda *a, **k: False  # stored forms, as the in-process reference (conftest)
 if len(sys.argv) > 3:
     remote.DOWNLOAD_WORKERS = int(sys.argv[3])
 model = load(sys.argv[1], dtype="fp32", max_memory=sys.argv[2] if sys.argv[2] != "-" else None)

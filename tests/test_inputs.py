@@ -68,6 +68,56 @@ def test_bad_config_field_is_named(ck, tmp_path, field, value, needle):
     assert "Traceback" not in line
 
 
+_THETA = {"rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"rope_theta": "10000"}, "'rope_theta' must be a positive number"),  # checked even beside rope_parameters
+    ({"rope_parameters": {**_THETA, "rope_type": "default", "partial_rotary_factor": 2.0}}, "'partial_rotary_factor' must be in (0, 1]"),
+    ({"rope_parameters": {**_THETA, "rope_type": "linear"}}, "rope type 'linear' lacks its required field 'factor'"),
+    ({"rope_parameters": {**_THETA, "rope_type": "linear", "factor": "2"}}, "'rope_parameters.factor' must be a positive number"),
+    ({"rope_parameters": {**_THETA, "rope_type": "linear", "factor": -2.0}}, "'rope_parameters.factor' must be a positive number"),
+    ({"rope_parameters": {**_THETA, "rope_type": "llama3", "factor": 8.0}}, "rope type 'llama3' lacks its required field 'low_freq_factor'"),
+    ({"rope_parameters": {**_THETA, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64}}, "high_freq_factor (4.0) must exceed low_freq_factor (4.0)"),
+    ({"rope_parameters": {**_THETA, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 6.5}}, "original_max_position_embeddings' must be an integer"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "yarn"}}, "rope_scaling of rope type 'yarn' lacks its required field 'factor'"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": "x"}},
+     "'rope_scaling.long_factor' must be a non-empty list of positive numbers"),
+    ({"rope_parameters": {**_THETA, "rope_type": "spiral"}}, "rope type 'spiral', which is unknown"),
+    ({"hidden_act": "gelu_pytorch_tanh"}, "'hidden_act' is 'gelu_pytorch_tanh'; the llama family runs silu, swish"),
+    ({"hidden_act": "not-an-activation"}, "'hidden_act' is 'not-an-activation'"),
+    ({"hidden_act": 3}, "'hidden_act' must be a string"),
+    ({"eos_token_id": [2, 384]}, "'eos_token_id' holds token id 384, outside the vocabulary of 384"),
+    ({"bos_token_id": 1000}, "'bos_token_id' holds token id 1000"),
+    ({"pad_token_id": 384}, "'pad_token_id' holds token id 384"),
+    ({"sliding_window": 8, "layer_types": ["full_attention", "chunked_attention"]}, "'layer_types' must name full_attention or sliding_attention"),
+    ({"max_position_embeddings": "4096"}, "'max_position_embeddings' must be an integer"),
+])
+def test_config_fields_the_runtime_uses_are_checked_at_convert(ck, edit, needle):
+    """Issue 19: each of these converted silently (a pack that runs wrong, or fails only when run).
+    In process (architecture_spec is what convert reads config.json with); the CLI test below shows
+    such an error is one `error:` line."""
+    from layerpack.families import architecture_spec
+    from layerpack_runtime.errors import LayerpackError
+
+    with pytest.raises(LayerpackError) as e:
+        architecture_spec({**_config(ck), **edit})
+    assert str(e.value).startswith("config.json: ") and needle in str(e.value), str(e.value)
+
+
+def test_unknown_activation_fails_at_convert_in_one_line(ck, tmp_path):
+    src = _copy_with(ck, tmp_path / "src", "config.json", json.dumps({**_config(ck), "hidden_act": "gelu_new"}).encode())
+    _one_line_error(run_cli("convert", src, tmp_path / "out"), "config.json", "'hidden_act' is 'gelu_new'")
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_generation_config_token_ids_are_checked_against_the_vocabulary(ck, tmp_path):
+    src = _copy_with(ck, tmp_path / "src", "generation_config.json", json.dumps({"eos_token_id": [2, 50000]}).encode())
+    _one_line_error(run_cli("convert", src, tmp_path / "out"), "generation_config.json", "'eos_token_id' holds token id 50000")
+
+
 def test_string_false_is_not_taken_for_tied(ck, tmp_path):
     """`tie_word_embeddings: "false"` used to convert as tied and drop lm_head: now an error, and
     the real boolean keeps the head."""

@@ -261,22 +261,22 @@ def test_405b_planner_and_kv(packs_405b, scheme, monkeypatch):
     monkeypatch.setattr(loader.LayeredModel, "_load_resident", lambda self, name, deq: loads.append(name))
     m = loader.LayeredModel(Pack(path), max_memory="64GB", context=256)
     # KV cache: 2 (k, v) x 126 layers x 8 KV heads x 128 x 2 bytes (bf16) = 516,096 bytes per token
-    assert m._kv_bytes(1) == 2 * 126 * 8 * 128 * 2 == 516_096
-    assert m._kv_bytes(131072) == 516_096 * 131072 > 1 << 32  # the full 128K context: 67.6 GB
+    assert m.kv_bytes(1) == 2 * 126 * 8 * 128 * 2 == 516_096
+    assert m.kv_bytes(131072) == 516_096 * 131072 > 1 << 32  # the full 128K context: 67.6 GB
     cache = KVCache(L, 1, KV, 256, HD, torch.bfloat16)
-    assert sum(t.k.numel() * 2 + t.v.numel() * 2 for t in cache.layers) == m._kv_bytes(256)
+    assert sum(t.k.numel() * 2 + t.v.numel() * 2 for t in cache.layers) == m.kv_bytes(256)
     del cache
     # activations of a 256-token prefill: hidden/MLP buffers, scores, logits, one dequantized chunk
     t = 256
     act = t * (8 * H + 3 * I) * 4 + HEADS * t * t * 4 + V * 4 * 2 + (((1 << 21) * (4 + 2)) if scheme != "none" else 0)
-    assert m._activation_bytes(256) == act
+    assert m.activation_bytes(256) == act
     block = written["block.000"]["size"] - written["block.000"]["data_start"]
     head = written["head"]["size"] - written["head"]["data_start"]
     cost = {u: m._unit_cost(u) for u in m.units}
     assert cost["block.000"].stored == cost["block.000"].streamed == block
     assert cost["block.000"].dequantized == (sum(LINEARS.values()) + 2 * H) * 2
     assert cost["embed"].streamed == 0  # untied, unquantized: rows come from the file (FileRows)
-    fixed = m._kv_bytes(256) + act + m._runtime_bytes()
+    fixed = m.kv_bytes(256) + act + m.runtime_bytes()
     assert m.minimum_memory() == fixed + 2 * max(block, head)
     # the plan at 64 GB: head first, then blocks in order, in the stored form; everything counted
     p = m.plan

@@ -63,7 +63,7 @@ def _stream_budget(path: str, keep_ends: bool = True, **kw) -> int:
     resident (keep_ends) or streams them too (the planner's minimum)."""
     m = load(path, **kw)
     costs = {u: m._unit_cost(u) for u in m.units}
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
+    fixed = m.fixed_bytes
     ends = costs["embed"].stored + costs["head"].stored if keep_ends else 0
     return fixed + ends + 2 * max(c.streamed for c in costs.values()) + 16
 

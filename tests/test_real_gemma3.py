@@ -76,7 +76,7 @@ def test_fp32_logits_match_transformers_resident_and_streamed(gemma3_270m, pack,
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(gemma3_270m, dtype=torch.float32).eval()
     model = load(pack, dtype="fp32")
-    streamed = load(pack, dtype="fp32", max_memory=int(0.5 * model.plan.weights_bytes) + 200_000_000 + model._runtime_bytes())
+    streamed = load(pack, dtype="fp32", max_memory=int(0.5 * model.plan.weights_bytes) + 200_000_000 + model.runtime_bytes())
     assert set(streamed.plan.streamed) & set(streamed.block_units), streamed.plan.describe()
     ids = hf_tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -201,6 +201,7 @@ def test_client_leaving_mid_stream_frees_its_slot(pack):
     ({"extra_body": {"top_k": -2}}, 400, "top_k"),
     ({"response_format": {"type": "yaml"}}, 400, "response_format"),
     ({"tool_choice": "auto"}, 400, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not render tools"),  # template without tools
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools[0]"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "fox " * 200}]}, 400, "context"),  # prompt longer than the context

@@ -182,3 +182,29 @@ def test_host_and_origin_checks_and_opt_in_cors(served):
         assert raw(srv2, "/v1/models", {"Origin": "http://other.example"})[0] == 403
     finally:
         srv2.close()
+
+
+@pytest.mark.slow
+def test_smollm2_json_schema(smollm2, tmp_path):
+    """The real model and its 49k byte-level BPE vocabulary: a json_schema answer, streamed and not,
+    is JSON that matches the schema and ends by the model's own EOS."""
+    pack = str(tmp_path / "smol")
+    convert(smollm2, pack, ConvertOptions(quant="nf4", quiet=True))
+    srv = Server(Engine(load(pack), max_batch=2, context=256), "smol")
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20},
+                                               "country": {"enum": ["France", "Italy", "Spain"]}},
+              "required": ["capital", "country"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    msg = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    try:
+        c = srv.client()
+        r = c.chat.completions.create(model="smol", messages=msg, max_tokens=60, temperature=0, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop"
+        answer = json.loads(r.choices[0].message.content)
+        jsonschema.validate(answer, schema)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="smol", messages=msg, max_tokens=60, temperature=0, response_format=fmt, stream=True) if ch.choices)
+        assert streamed == r.choices[0].message.content
+        print(f"\nSmolLM2 json_schema answer: {streamed}")
+    finally:
+        srv.close()

@@ -105,7 +105,7 @@ def test_a_stage_opens_only_its_units_and_needs_only_their_files(packs, tmp_path
     assert not mid.has_embed and not mid.has_head and mid.first_block == 1
     last = UnitRange(Pack(gemma), first=4, last=5)
     assert last.units == ["block.003", "head", "embed"]  # a tied head is the embedding
-    assert last._runtime_bytes() < UnitRange(Pack(gemma), first=0, last=1)._runtime_bytes()  # no tokenizer
+    assert last.runtime_bytes() < UnitRange(Pack(gemma), first=0, last=1).runtime_bytes()  # no tokenizer
     # a folder holding only stage 1's files (e.g. `layerpack pull --layers 2-3,head`) is enough for stage 1
     part = tmp_path / "part"
     shutil.copytree(gemma, part)
@@ -162,7 +162,7 @@ def test_chained_ranges_equal_the_whole_model(packs, family, stages, budgets):
 def test_pipeline_matches_single_process(packs, tmp_path, family, stages, budgets):
     pack = packs[family]
     ranges = stage_ranges(Pack(pack), stages)
-    opts = StageOptions(pack, stages, _split_spec(ranges), _ranges_budgets(pack, ranges) if budgets else None, dtype="fp32",
+    opts = StageOptions(pack=pack, stages=stages, split=_split_spec(ranges), max_memory=_ranges_budgets(pack, ranges) if budgets else None, dtype="fp32",
                         threads=1, connect_timeout_s=60, step_timeout_s=60)
     out = str(tmp_path / "result.json")
     launch_local(opts, ParityJob(pack, out, text=family == "mixtral"))
@@ -220,13 +220,15 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _run_watched(args, env=None, interrupt: bool = False):
+def _run_watched(args, env=None, interrupt: bool = False, fault: str | None = None):
     """Run the CLI, recording its child processes (the stages) as they appear; optionally send
-    Ctrl-C (SIGINT to the process group, as a terminal does) once stdout shows some text.
+    Ctrl-C (SIGINT to the process group, as a terminal does) once stdout shows some text. fault: a
+    stage fault to inject (tests/stage_faults.py: RANK:exit, RANK:kill:N).
     Returns (proc, stdout, stderr, seconds, children seen)."""
     # Unbuffered: rank 0's text must reach the pipe as it is generated (a block-buffered pipe holds
     # 8 KB, which a slow machine may not fill before the deadline, so Ctrl-C would never be sent).
-    proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", *map(str, args)], stdout=subprocess.PIPE,
+    cli = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage_faults.py"), fault] if fault else ["-m", "layerpack.cli"]
+    proc = subprocess.Popen([sys.executable, *cli, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                             start_new_session=True, preexec_fn=_default_sigint)
     t0, seen, out = time.monotonic(), set(), []
@@ -272,7 +274,7 @@ def test_a_stage_that_cannot_open_its_layers(packs, tmp_path):
 def test_a_stage_that_dies_mid_run_stops_all(packs, stages, rank, units):
     proc, out, err, took, children = _run_watched(
         ["run", packs["llama"], "Hello world", "--stages", stages, "--threads", 1, "--max-new-tokens", 50],
-        env={"LAYERPACK_FAULT_STAGE": f"{rank}:kill:3"})
+        fault=f"{rank}:kill:3")
     line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     assert line == f"error: stage {rank} ({units}): the process died (signal SIGKILL)", line
     assert len(children) >= stages
@@ -281,7 +283,7 @@ def test_a_stage_that_dies_mid_run_stops_all(packs, stages, rank, units):
 
 def test_a_stage_that_never_starts(packs):
     proc, out, err, took, children = _run_watched(["run", packs["llama"], "Hello", "--stages", 3, "--threads", 1],
-                                                  env={"LAYERPACK_FAULT_STAGE": "2:exit"})
+                                                  fault="2:exit")
     line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     assert line == "error: stage 2 (block.002..head): the process died (exit code 3)", line
     _no_orphans(children)
@@ -318,4 +320,4 @@ def test_stage_errors_name_the_stage_before_any_process_starts(packs, tmp_path):
         bad = tmp_path / "bad"
         shutil.copytree(packs["llama"], bad)
         os.remove(bad / Pack(packs["llama"]).manifest.layer("head").file)
-        launch_local(StageOptions(str(bad), 2, "0-0,1-2", threads=1), ParityJob(str(bad), str(tmp_path / "x.json")))
+        launch_local(StageOptions(pack=str(bad), stages=2, split="0-0,1-2", threads=1), ParityJob(str(bad), str(tmp_path / "x.json")))

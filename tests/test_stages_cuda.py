@@ -23,7 +23,7 @@ def test_cuda_stages_match_single_process(packs, tmp_path, backend):  # noqa: F8
         pytest.skip("NCCL stages need two GPUs (one per stage process); this machine has one")
     pack = packs["gemma3"]
     out = str(tmp_path / "r.json")
-    opts = StageOptions(pack, 2, dtype="fp32", device="cuda", backend=backend, threads=1, connect_timeout_s=120, step_timeout_s=120)
+    opts = StageOptions(pack=pack, stages=2, dtype="fp32", device="cuda", backend=backend, threads=1, connect_timeout_s=120, step_timeout_s=120)
     launch_local(opts, ParityJob(pack, out, text=True, device="cuda:0"))
     with open(out) as f:
         res = json.load(f)

@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
+from layerpack_runtime.options import Workload
 from layerpack_runtime import LayerpackError, load
 from layerpack_runtime.budget import UnitCost, parse_size, plan
 
@@ -29,7 +30,7 @@ def _budget(path, resident_blocks: int) -> int:
     m = load(path)
     costs = {u: m._unit_cost(u) for u in m.units}
     blocks = [costs[u] for u in m.block_units]
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
+    fixed = m.fixed_bytes
     everything = fixed + sum(c.stored for c in costs.values())
     wanted = (fixed + costs["embed"].stored + costs["head"].stored + 2 * max(b.streamed for b in blocks)
               + sum(b.stored for b in blocks[:resident_blocks]) + 16)
@@ -86,7 +87,7 @@ def test_untied_embedding_rows_come_from_the_file(tmp_path):
     resident = load(tmp_path / "p")
     m = load(tmp_path / "p")
     costs = {u: m._unit_cost(u) for u in m.units}
-    fixed = m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes()
+    fixed = m.fixed_bytes
     budget = fixed + 2 * max(c.streamed for u, c in costs.items() if u != "embed") + 16  # the minimum: the 1 MiB head x 2
     model = load(tmp_path / "p", max_memory=budget)
     order = model.streamer.order if model.streamer else []
@@ -107,19 +108,24 @@ def test_budget_below_minimum_states_the_minimum(packs):
     assert r.returncode == 1 and r.stderr.startswith("error: max_memory") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_longer_generation_replans_with_fewer_resident_units(packs):
+def test_longer_generation_replans_only_an_undeclared_workload(packs):
+    """Beyond its workload, a model loaded with an undeclared one (the Python API default) replans with
+    fewer resident units; one whose workload was declared (context=8) refuses, naming what it needs."""
     m = load(packs["fp32"], context=8)
     costs = [m._unit_cost(u) for u in m.units]
     stored_all, block = sum(c.stored for c in costs), costs[1]
-    big = m._kv_bytes(200 + 40) + m._activation_bytes(200) + m._runtime_bytes()  # the generation below: 200-token prompt, 40 new tokens
-    budget = max(m._kv_bytes(8) + m._activation_bytes(8) + m._runtime_bytes() + stored_all + 1000,  # everything fits for 8 tokens...
+    big = sum(m.workload_bytes(Workload.for_generation([200], 40))) + m.runtime_bytes()  # the generation below
+    budget = max(m.fixed_bytes + stored_all + 1000,  # everything fits for 8 tokens...
                  big + costs[0].stored + costs[-1].stored + 2 * block.streamed + block.stored)  # ...and a bit for 240
     assert budget < big + stored_all
-    model = load(packs["fp32"], max_memory=budget, context=8)
+    model = load(packs["fp32"], max_memory=budget, workload=Workload(context=8, declared=False))
     assert not model.plan.streamed
     before = len(model.plan.resident)
     model.generate_ids(list(range(3, 203)), max_new_tokens=40)  # needs far more KV + activations than planned
     assert len(model.plan.resident) < before and model.plan.total <= budget
+    declared = load(packs["fp32"], max_memory=budget, context=8)
+    with pytest.raises(LayerpackError, match="beyond the workload declared at load"):
+        declared.generate_ids(list(range(3, 203)), max_new_tokens=40)
 
 
 def test_planner_order_and_forms():

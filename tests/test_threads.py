@@ -132,7 +132,7 @@ def test_resident_blocks_are_fused_and_match_streamed_unfused_ones(pack):
     assert llama.QKV not in fp32.weights_for("block.000")  # float32 stays unfused
     m = load(pack)
     costs = {u: m._unit_cost(u) for u in m.units}
-    budget = (m._kv_bytes(m.context) + m._activation_bytes(m.step_tokens) + m._runtime_bytes() + costs["embed"].stored
+    budget = (m.fixed_bytes + costs["embed"].stored
               + costs["head"].stored + 2 * max(costs[u].streamed for u in m.block_units) + 16)
     streamed = load(pack, max_memory=budget)
     assert set(streamed.plan.streamed) & set(streamed.block_units)

@@ -28,7 +28,8 @@ def packs(tiny_ckpts, tmp_path_factory):
     from layerpack.convert import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("hostile")
-    for name, opts in {"nf4": dict(quant="nf4", outliers=0.02), "int8z": dict(quant="int8", outliers=0.02, compress="zstd")}.items():
+    for name, opts in {"nf4": dict(quant="nf4", outliers=0.02), "int8z": dict(quant="int8", outliers=0.02, compress="zstd"),
+                       "int8": dict(quant="int8", outliers=0.02)}.items():
         convert(tiny_ckpts["llama"], str(root / name), ConvertOptions(quiet=True, **opts))
     return root
 
@@ -90,6 +91,10 @@ def _one_error_line(r, *needles):
     (lambda m: m["architecture"]["rope"].pop("theta"), ["architecture.rope.theta"]),
     (lambda m: m["architecture"].pop("sliding_window"), ["architecture.sliding_window", "missing"]),
     (lambda m: m["architecture"].update(pad_token_id=10**6), ["architecture.pad_token_id"]),
+    # token ids the embedding has no row for (vocab 384): the ids the tokenizer or generation would use
+    (lambda m: m["architecture"].update(pad_token_id=384), ["architecture.pad_token_id", "384"]),
+    (lambda m: m["architecture"].update(bos_token_id=384), ["architecture.bos_token_id", "384"]),
+    (lambda m: m["architecture"].update(eos_token_ids=[2, 384]), ["architecture.eos_token_ids[1]", "384"]),
     (lambda m: m["files"].extend({"path": f"x/{i}", "size": 1, "sha256": "0" * 64} for i in range(200_000)), ["files", "at most"]),
 ])
 def test_malformed_manifest_fields_are_refused_by_name(pack, edit, needles):
@@ -256,6 +261,41 @@ def test_payload_attacks_are_refused_and_verify_reports_them(pack, name, fn, nee
 def test_cli_verify_reports_a_payload_attack_by_default(pack):
     _retype(pack, BLOCK, "mlp.up.weight.absmax", _poison("x", 0, float("nan"))[1])
     _one_error_line(run_cli("verify", pack, "--quiet"), BLOCK, "absmax")
+
+
+# -- every value, as verify hashes it (value_scan) -------------------------------------------------------
+
+def _set(i, value):
+    def fn(t):
+        t = t.clone()
+        t.view(-1)[i] = value
+        return t
+    return fn
+
+
+@pytest.mark.parametrize("pack,name,fn,needle", [
+    ("nf4", "attn_norm.weight", _set(5, float("nan")), "attn_norm.weight holds a NaN or infinite value"),
+    ("nf4", "mlp_norm.weight", _set(-1, float("-inf")), "mlp_norm.weight holds a NaN or infinite value"),
+    ("int8", "attn.o.weight.q", _set(777, -128), "attn.o.weight.q holds the code -128"),
+    ("int8", "attn.k.weight.q", _set(0, -128), "attn.k.weight.q holds the code -128"),
+    ("int8z", "attn_norm.weight", _set(0, float("inf")), "attn_norm.weight holds a NaN or infinite value"),
+    ("int8z", "mlp.down.weight.q", _set(-1, -128), "mlp.down.weight.q holds the code -128"),
+    ("int8z", "mlp.up.weight.q", _set(3, -128), "mlp.up.weight.q holds the code -128"),  # codes read as a payload table too
+], indirect=["pack"])
+@pytest.mark.parametrize("chunk", [8 * 1024 * 1024, 7])  # 7: tensors and elements split across the hasher's chunks
+def test_verify_checks_every_value(pack, name, fn, needle, chunk, monkeypatch):
+    """NaN/inf in an unquantized tensor, or an int8 code of -128 (the scheme writes [-127, 127]), are
+    found by verify in the same read that hashes the file (a resealed pack: the sha256 matches)."""
+    monkeypatch.setattr("layerpack_runtime.pack.HASH_CHUNK", chunk)
+    assert verify_pack(str(pack), quiet=True) == []  # the untouched pack passes, whatever the chunking
+    _retype(pack, BLOCK, name, fn)
+    problems = verify_pack(str(pack), quiet=True)
+    assert len(problems) == 1 and BLOCK in problems[0] and needle in problems[0], problems
+
+
+def test_cli_verify_reports_a_nan_norm(pack):
+    _retype(pack, "layers/head.safetensors", "norm.weight", _set(1, float("nan")))
+    _one_error_line(run_cli("verify", pack, "--quiet"), "head.safetensors", "norm.weight holds a NaN")
 
 
 # -- zstd ---------------------------------------------------------------------------------------------

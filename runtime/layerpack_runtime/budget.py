@@ -10,6 +10,7 @@ also the head), head, then blocks from the first - because every block costs the
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -37,10 +38,14 @@ def parse_size(value) -> int | None:
     return n
 
 
-def fmt_size(n: float) -> str:
+def fmt_size(n: float, up: bool = False) -> str:
+    """Bytes for people (1 decimal in KiB..TiB). up=True rounds up instead of to nearest: a minimum
+    named this way, given back as a budget, is never a hair below the real one."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else round(n)} B"
+            return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
 
@@ -97,14 +102,14 @@ def minimum_budget(units: list[UnitCost], kv_bytes: int, activation_bytes: int, 
 
 def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_bytes: int, activation_bytes: int,
          prefetch_depth: int = 1, required: tuple[str, ...] = (), reserved: int = 0, dequantize_faster: bool = True,
-         runtime: int = 0) -> Plan:
+         runtime: int = 0, what: str = "") -> Plan:
     """Resident set and forms under `budget` (None: everything resident, in the faster form). `required`
     units must be resident (e.g. a tied embedding, which is also the head). `reserved` bytes of the
     budget are kept free for the caller (the MoE expert cache); `runtime` bytes are what the run
-    needs besides the model (Plan.runtime_bytes). `dequantize_faster`: whether, on this machine, a
-    dequantized weight computes faster than its stored form (measured by the caller,
-    qweight.dequantized_form_faster): if not, leftover memory is not spent on dequantized copies,
-    which would make a larger budget slower than a smaller one."""
+    needs besides the model (Plan.runtime_bytes). `dequantize_faster`: whether a dequantized weight
+    is the form to spend leftover memory on (a rule of the scheme, device and kernels:
+    qweight.choose_form); if not, it is not spent on dequantized copies, which would make a larger
+    budget slower than a smaller one. `what`: the workload, named in the error for too small a budget."""
     by_name = {u.name: u for u in units}
     if budget is None:
         size = lambda u: u.dequantized if dequantize_faster else u.stored  # noqa: E731
@@ -114,7 +119,8 @@ def plan(units: list[UnitCost], priority: list[str], budget: int | None, kv_byte
     minimum = minimum_budget(units, kv_bytes, activation_bytes, prefetch_depth, required, reserved, runtime)
     if budget < minimum:
         raise LayerpackError(
-            f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum)} "
+            f"max_memory {fmt_size(budget)} is below this pack's minimum of {fmt_size(minimum, up=True)}"
+            + (f" for {what}" if what else "") + " "
             f"({prefetch_depth + 1} stream buffers of the largest layer + KV cache {fmt_size(kv_bytes)} + activations {fmt_size(activation_bytes)}"
             + (f" + expert cache {fmt_size(reserved)}" if reserved else "")
             + (f" + runtime (tokenizer, torch) {fmt_size(runtime)}" if runtime else "")

@@ -17,8 +17,9 @@ own RequestSampler (request_sampling.py: penalties, logit_bias, constraints, log
 
 Faults stay local: an error while choosing one request's token fails that request only; an error in
 a forward pass fails the requests of that pass, and the supervisor in `_run` logs it, frees their
-slots and goes on serving (`errors` / `last_error` count and show them, /health reports them). The model is used only through `forward(ids, cache, attention_mask, last_only)`.
-Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
+slots and goes on serving (`errors` / `last_error` count and show them, /health reports them).
+
+The model is used only through `forward(ids, cache, attention_mask, last_only)`. Usable without any web layer: `Engine(model).submit(...)` returns a handle, and events arrive
 through the callback (from the engine thread).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from .cache import KVCache
 from .errors import LayerpackError
 from .generate import SamplingParams, left_pad
+from .options import Workload
 from .request_sampling import Choice, RequestSampler, RequestSampling, score_prompt
 from .slots import SlotKVCache
 from .tokenizer import TextStream
@@ -106,6 +108,18 @@ class EngineStats:
     errors: int = 0           # forward passes that failed (the supervisor recovered from each)
 
 
+def engine_workload(*, max_batch: int = 8, context: int = 2048, prefill_tokens: int | None = None,
+                    slack: int | None = None) -> Workload:
+    """What an Engine asks of its model, to declare at load (serve.py): `max_batch` slots of
+    `context` tokens plus slack columns each, beside one prefill's cache of up to `prefill_tokens`
+    positions (admitted prompts, padded; default: the larger of context and MIN_PREFILL_TOKENS), run as
+    one row-batch of 1 (the prefill), and decode steps of one position per slot."""
+    max_batch, context = int(max_batch), int(context)
+    prefill = max(int(prefill_tokens or MIN_PREFILL_TOKENS), context)
+    max_len = context + (max(1, context // SLACK_FRACTION) if slack is None else int(slack))
+    return Workload(context=max_len, batch=max_batch, prefill_tokens=prefill, prefill_batch=1, extra_kv_tokens=prefill)
+
+
 class Engine:
     """Continuous-batching generation over a LayeredModel (see the module docstring).
 
@@ -126,14 +140,17 @@ class Engine:
             raise LayerpackError(f"max_queue must be >= 0, not {max_queue}")
         self.model = model
         self.max_batch, self.context, self.max_queue = int(max_batch), int(context), int(max_queue)
-        self.prefill_tokens = max(int(prefill_tokens or MIN_PREFILL_TOKENS), self.context)
-        self.max_len = self.context + (max(1, self.context // SLACK_FRACTION) if slack is None else int(slack))
-        self._plan_memory()
+        self.workload = engine_workload(max_batch=self.max_batch, context=self.context, prefill_tokens=prefill_tokens, slack=slack)
+        self.prefill_tokens = self.workload.prefill_tokens
+        self.max_len = self.workload.context
+        # The model's plan holds this workload: declared when it was loaded (serve.py loads with
+        # engine_workload), so nothing is replanned here; an undeclared model (Python API) plans now.
+        model.reserve(self.workload)
         a = model.args
         self.cache = SlotKVCache(a.num_layers, self.max_batch, a.num_kv_heads, self.max_len, a.head_dim, model.dtype, model.device)
         self.tokenizer = model.tokenizer
         self.eos = set(model.eos_ids)
-        self.pad_id = model._pad_id()
+        self.pad_id = model.pad_id()
         self.stats = EngineStats()
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []  # index = slot
@@ -144,14 +161,6 @@ class Engine:
         self._admitting: list[Request] = []  # taken from the queue, not yet in a slot (counts as busy)
         self.error: str | None = None  # set if the loop itself died; requests then fail
         self.last_error: str | None = None  # the last failure the supervisor recovered from
-
-    def _plan_memory(self) -> None:
-        m = self.model
-        kv_tokens = self.max_batch * self.max_len + self.prefill_tokens  # slots + one prefill's cache
-        prefill = m._activation_bytes(self.prefill_tokens, 1)
-        decode = m._activation_bytes(self.max_batch, self.max_batch) + m.args.num_heads * self.max_batch * self.max_len * 4
-        step, batch = (self.prefill_tokens, 1) if prefill >= decode else (self.max_batch, self.max_batch)
-        m.ensure_context(kv_tokens, step, batch)
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, stop=None,
@@ -333,8 +342,7 @@ class Engine:
             r._stream = TextStream(self.tokenizer, r.stop)
             generator = torch.Generator(device=m.device).manual_seed(int(r.seed)) if r.seed is not None else None
             r._sampler = RequestSampler(r.params, r.sampling, generator)
-            choice = self._sample(logits[b:b + 1], r)
-            if choice is None or self._emit(r, choice):
+            if self._advance(logits[b:b + 1], r):
                 continue
             n = len(r.prompt)
             slot = self.cache.add([(layer.k[b, :, L - n:], layer.v[b, :, L - n:]) for layer in cache.layers])
@@ -349,21 +357,21 @@ class Engine:
         self.stats.steps += 1
         done = []
         for slot, r in enumerate(self._active):
-            choice = self._sample(logits[slot:slot + 1], r)
-            if choice is None or self._emit(r, choice):
+            if self._advance(logits[slot:slot + 1], r):
                 done.append(slot)
         for slot in reversed(done):
             self._free(slot)
 
-    def _sample(self, logits: torch.Tensor, r: Request) -> Choice | None:
-        """r's next token; None when choosing it failed (r then ends with "error", alone)."""
+    def _advance(self, logits: torch.Tensor, r: Request) -> bool:
+        """Choose and report r's next token; True when r is finished. A failure here (its sampler,
+        constraint or text) ends r with "error", alone."""
         try:
-            return r._sampler.pick(logits)
+            return self._emit(r, r._sampler.pick(logits))
         except Exception as e:  # noqa: BLE001 - one request's failure must not end the others
             error = f"{type(e).__name__}: {e}"
-            log.warning("request %d failed while choosing its next token: %s", r.id, error)
+            log.warning("request %d failed while choosing or reporting its next token: %s", r.id, error)
             self._finish(r, "error", error=error)
-            return None
+            return True
 
     def _emit(self, r: Request, choice: Choice) -> bool:
         """Report the token chosen for request r; True when r is finished."""

@@ -31,7 +31,7 @@ from .errors import FormatError
 from .fileio import read_exact
 from .format import EXPERT_LINEARS, ROUTER_WEIGHT, ST_DTYPES, expert_of, expert_weight
 from .qweight import compute_form
-from .safetensors_io import SafetensorsFile, _zstd_decompress, itemsize
+from .safetensors_io import SafetensorsFile, zstd_decompress, itemsize
 from .validate import check_payload
 
 # Key of a block's weights dict under which the model code finds its expert provider (a callable
@@ -270,7 +270,7 @@ class ExpertStore:
         for info in lay.tensors[j]:
             raw = buf[info.start - start: info.end - start]
             if info.logical_dtype is not None:
-                data = _zstd_decompress(lay.file.path, info, bytearray(raw.numpy().tobytes()))
+                data = zstd_decompress(lay.file.path, info, bytearray(raw.numpy().tobytes()))
                 stored[info.name] = torch.frombuffer(data, dtype=ST_DTYPES[info.out_dtype]).reshape(info.out_shape)
             else:  # aligned: the writer orders an expert's tensors by element size, from the range start
                 stored[info.name] = raw.view(ST_DTYPES[info.dtype]).reshape(info.shape)

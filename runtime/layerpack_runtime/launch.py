@@ -26,7 +26,6 @@ from .errors import LayerpackError
 from .stages import StageOptions, join
 
 STOP_GRACE_S = 5.0
-FAULT_ENV = "LAYERPACK_FAULT_STAGE"
 # torch's C++ warnings (c10d's socket timeouts, ...) would print lines of their own next to our one
 # `error:` line: stage processes start with only errors shown.
 CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"  # after a failure or Ctrl-C: SIGTERM, then SIGKILL after this long
@@ -63,7 +62,8 @@ def stage_entry(rank: int, opts: StageOptions, job, error_dir: str | None = None
     if local:  # Ctrl-C reaches every process of the terminal's group: the launcher stops them all
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _die_with_parent()
-    _install_fault(os.environ.get(FAULT_ENV, ""), rank)
+    if opts.on_start is not None:  # e.g. a test's fault injection (tests/stage_faults.py), run in this process
+        opts.on_start(rank)
     name = [f"stage {rank}"]
     try:
         pipe = join(opts, rank, opts.stages if local else None, on_name=name.__setitem__)
@@ -95,30 +95,6 @@ def _die_with_parent() -> None:
             os._exit(1)
     except (OSError, AttributeError):
         pass
-
-
-def _install_fault(spec: str, rank: int) -> None:
-    """Crash-test hook (tests/test_stages.py), like the converter's LAYERPACK_FAULT_KILL_AFTER_UNITS:
-    LAYERPACK_FAULT_STAGE=RANK:exit makes stage RANK exit at start-up, RANK:kill:N SIGKILLs it
-    at its (N+1)-th forward - a stage that dies, deterministically."""
-    parts = spec.split(":")
-    if len(parts) < 2 or not parts[0].isdigit() or int(parts[0]) != rank:
-        return
-    if parts[1] == "exit":
-        os._exit(3)
-    if parts[1] == "kill":
-        from . import stages
-
-        left = [int(parts[2]) if len(parts) > 2 else 0]
-        forward = stages.Stage.forward
-
-        def dying_forward(self, *a, **k):
-            left[0] -= 1
-            if left[0] < 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return forward(self, *a, **k)
-
-        stages.Stage.forward = dying_forward
 
 
 def free_port() -> int:
@@ -172,18 +148,31 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
     from torch.multiprocessing.spawn import ProcessException
 
     from .pack import Pack
-    from .stages import describe_range, parse_budgets, stage_ranges
+    from .stages import describe_range, plan_stages
 
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # its warnings are not our one line
-    pack = Pack(opts.pack, check_files=False)  # a bad pack or split: one error here, before any process starts
-    ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
+    # A bad pack, split or budget: one error here, before any process starts. The ranges are computed
+    # once, here, and travel to every stage in opts.ranges.
+    ranges = plan_stages(opts)
+    pack = Pack(opts.pack, check_files=False)
     names = [f"stage {k} ({describe_range(len(pack.manifest.layers) - 2, *r)})" for k, r in enumerate(ranges)]
     pack.close()
     opts.addr, opts.port = "127.0.0.1", free_port()
-    os.environ.setdefault(CPP_LOG_ENV, "ERROR")  # inherited by the stage processes
     error_dir = tempfile.mkdtemp(prefix="layerpack-stages-")
-    ctx = mp.start_processes(stage_entry, args=(opts, job, error_dir, True), nprocs=opts.stages, join=False,
-                             start_method=start_method)
+    # The stage processes inherit the environment at start: torch's C++ warnings off there, without
+    # changing the caller's environment or logging for longer than the start itself.
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    saved_env, saved_level = os.environ.get(CPP_LOG_ENV), spawn_log.level
+    os.environ.setdefault(CPP_LOG_ENV, "ERROR")
+    spawn_log.setLevel(logging.ERROR)  # its warnings are not our one line
+    try:
+        ctx = mp.start_processes(stage_entry, args=(opts, job, error_dir, True), nprocs=opts.stages, join=False,
+                                 start_method=start_method)
+    except BaseException:
+        spawn_log.setLevel(saved_level)
+        raise
+    finally:
+        if saved_env is None:
+            os.environ.pop(CPP_LOG_ENV, None)
     try:
         while True:
             try:
@@ -198,12 +187,33 @@ def launch_local(opts: StageOptions, job, start_method: str = "spawn") -> None:
     finally:
         _stop(ctx.processes)
         shutil.rmtree(error_dir, ignore_errors=True)
+        spawn_log.setLevel(saved_level)
+
+
+def declare_generation(opts: StageOptions, prompt, max_new_tokens: int, chat: bool = False) -> list[int]:
+    """Tokenize `prompt` with the pack's tokenizer and declare the generation's workload in opts
+    (prompt + max_new_tokens), so that every stage plans once, for exactly that. Returns the ids."""
+    from .options import Workload
+    from .pack import Pack
+    from .text import encode_prompt
+    from .tokenizer import PackTokenizer
+
+    pack = Pack(opts.pack, check_files=False)
+    try:
+        ids = encode_prompt(lambda: PackTokenizer(pack.path, pack.manifest.architecture), prompt, chat)
+    finally:
+        pack.close()
+    if not ids:
+        raise LayerpackError("the prompt encodes to no tokens; give some text")
+    opts.workload = Workload.for_generation([len(ids)], max_new_tokens)
+    return ids
 
 
 @dataclass
 class GenerateJob:
-    """Rank 0's job for `layerpack run --stages`: generate from one prompt, streaming the text to stdout."""
-    prompt: str
+    """Rank 0's job for `layerpack run --stages`: generate from one prompt (text, or token ids from
+    declare_generation), streaming the text to stdout."""
+    prompt: object
     gen: dict = field(default_factory=dict)   # generate() keyword arguments
     stats: bool = False
 
@@ -251,14 +261,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stats", action="store_true")
     a = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", a.stages or 1))
-    opts = StageOptions(a.pack, a.stages or world, a.split, a.max_memory, a.device, a.dtype, threads=a.threads,
+    opts = StageOptions(pack=a.pack, stages=a.stages or world, split=a.split, max_memory=a.max_memory, device=a.device,
+                        dtype=a.dtype, threads=a.threads,
                         micro_batches=a.micro_batches)
     if a.connect_timeout:
         opts.connect_timeout_s = a.connect_timeout
     if a.step_timeout:
         opts.step_timeout_s = a.step_timeout
-    job = GenerateJob(a.prompt, dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                     top_p=a.top_p, seed=a.seed, chat=a.chat), a.stats)
+    ids = declare_generation(opts, a.prompt, a.max_new_tokens, a.chat)
+    job = GenerateJob(ids, dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p, seed=a.seed), a.stats)
     stage_entry(int(os.environ.get("RANK", 0)), opts, job, local=False)
 
 

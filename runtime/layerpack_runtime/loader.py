@@ -12,11 +12,14 @@ import os
 
 import torch
 
+from . import models
 from .cache import KVCache
-from .errors import FormatError
+from .errors import FormatError, LayerpackError
 from .generate import GenerationStats
+from .options import RunOptions, Workload, run_options
 from .pack import Pack
-from .text import Prompt, TextGenerator  # noqa: F401 - Prompt: part of this module's API
+from .text import Prompt, TextGenerator, encode_prompt  # noqa: F401 - Prompt: part of this module's API
+from .tokenizer import PackTokenizer
 from .threads import apply_threads
 from .unitrange import DTYPE_ALIASES, TOKENIZER_BYTES_PER_FILE_BYTE, TORCH_WORKING_BYTES, UnitRange  # noqa: F401 - re-exported
 
@@ -24,13 +27,11 @@ from .unitrange import DTYPE_ALIASES, TOKENIZER_BYTES_PER_FILE_BYTE, TORCH_WORKI
 class LayeredModel(TextGenerator, UnitRange):
     """A pack, ready to run: every unit (see UnitRange for how weights are obtained) and text."""
 
-    def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True,
-                 progress=None, expert_reads: bool = True, expert_cache=None, threads: int | None = None):
-        self.threads = apply_threads(threads)  # torch's CPU threads (threads.py: explicit > $LAYERPACK_THREADS > physical cores)
+    def __init__(self, pack: Pack, options: RunOptions | None = None, *, progress=None, **fields):
+        opts = run_options(options, **fields)
+        self.threads = apply_threads(opts.threads)  # torch's CPU threads (threads.py: explicit > $LAYERPACK_THREADS > physical cores)
         self.last_stats = GenerationStats()
-        UnitRange.__init__(self, pack, device, dtype, max_memory, context, prefetch_depth, page_cache, progress,
-                           expert_reads, expert_cache)
+        UnitRange.__init__(self, pack, opts, progress=progress)
 
     def __repr__(self) -> str:
         a = self.args
@@ -60,48 +61,77 @@ class LayeredModel(TextGenerator, UnitRange):
         return self.forward(input_ids)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         max_memory=None, context: int = 256, prefetch_depth: int = 1, verify: bool = False,
-         page_cache: bool = True, progress=None, expert_reads: bool = True, expert_cache=None,
-         revision: str | None = None, token=None, threads: int | None = None) -> LayeredModel:
-    """Open the pack at `path` and prepare it to run on `device` in `dtype` (default: the pack's dtype).
-
-    path: a pack folder, or a Hub repo id "owner/name" (needs huggingface_hub): the manifest and
+def open_pack(path: str | os.PathLike, verify: bool = False, revision: str | None = None, token=None) -> Pack:
+    """A pack folder, or a Hub repo id "owner/name" (needs huggingface_hub: the manifest and
     tokenizer are fetched, then the layer files download in execution order while the model runs,
-    into the HF cache (remote.py). revision / token: for a repo id (token default: HF_TOKEN or the
-    saved login).
-    max_memory: budget for the model's data ("2GiB", "110MB", bytes; None: hold everything). Units
-    that do not fit stream from disk every step, prefetched `prefetch_depth` units ahead.
-    context: KV cache slots (batch x tokens) planned for at load; a generation that needs more replans
-    (keeping fewer units resident), or fails with the budget it would need.
-    verify: check every file's sha256 first (sizes and headers are always checked; a remote pack
-    always hashes the files it downloads, and with verify also those it finds in the cache).
-    page_cache: False drops streamed units from the OS page cache after each read (for streams
-    larger than RAM: they would evict everything else, and could not stay cached anyway).
-    progress: called with a byte count as each resident unit is loaded (e.g. a tqdm's update).
-    expert_reads (MoE packs): streamed blocks read only the experts their tokens select (False:
-    stream whole layer files, the dense-read baseline). expert_cache: bytes of the budget reserved
-    for the LRU cache of streamed experts (default 0; the cache also gets what the plan leaves).
-    threads: torch's CPU threads for this process (default: $LAYERPACK_THREADS, else the physical
-    cores this process may use; threads.py). On a machine busy with other work, 1 can be much faster."""
+    into the HF cache; remote.py). verify: check every file's sha256 first (sizes and headers are
+    always checked; a remote pack always hashes the files it downloads, and with verify also those
+    it finds in the cache). revision / token: for a repo id (token default: HF_TOKEN or the saved login)."""
     from .remote import is_repo_id, no_such_pack, open_remote
 
-    apply_threads(threads)  # a bad value fails before any file is opened
-
     if is_repo_id(path):
-        pack: Pack = open_remote(os.fspath(path), revision=revision, token=token, verify=verify)
-    elif not os.path.exists(path):
+        return open_remote(os.fspath(path), revision=revision, token=token, verify=verify)
+    if not os.path.exists(path):
         raise no_such_pack(path)
-    else:
-        pack = Pack(path)
-        if verify:
-            problems = pack.verify()
-            if problems:
-                raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    pack = Pack(path)
+    if verify:
+        problems = pack.verify()
+        if problems:
+            pack.close()
+            raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return pack
+
+
+def load(path: str | os.PathLike, options: RunOptions | None = None, *, verify: bool = False, revision: str | None = None,
+         token=None, progress=None, context: int | None = None, **fields) -> LayeredModel:
+    """Open the pack at `path` (a folder or a Hub repo id; see open_pack) and prepare it to run.
+
+    options: a RunOptions, and/or its fields by keyword: device, dtype (default: the pack's),
+    max_memory ("2GiB", "110MB", bytes; None: hold everything - units that do not fit stream from
+    disk every step, prefetched `prefetch_depth` units ahead), page_cache (False drops streamed units
+    from the OS page cache after each read: for streams larger than RAM), expert_reads /
+    expert_cache (MoE packs), threads (torch's CPU threads; default $LAYERPACK_THREADS, else the
+    physical cores), weight_form (auto | stored | dequantized: qweight.choose_form), workload.
+    workload / context: what the run will ask (options.Workload); the memory plan is made once, for
+    it. `context=N` declares Workload(context=N). Without either, the plan starts for 256 tokens and
+    a call that needs more replans (keeping fewer units resident) - a convenience for the Python
+    API; the CLI and the server always declare theirs.
+    progress: called with a byte count as each resident unit is loaded (e.g. a tqdm's update)."""
+    opts = run_options(options, context=context, **fields)
+    apply_threads(opts.threads)  # a bad value fails before any file is opened
+    pack = open_pack(path, verify=verify, revision=revision, token=token)
     try:
-        return LayeredModel(pack, device=device, dtype=dtype, max_memory=max_memory, context=context,
-                            prefetch_depth=prefetch_depth, page_cache=page_cache, progress=progress,
-                            expert_reads=expert_reads, expert_cache=expert_cache, threads=threads)
+        return LayeredModel(pack, opts, progress=progress)
+    except BaseException:
+        pack.close()
+        raise
+
+
+def load_for_prompt(path: str | os.PathLike, prompt, options: RunOptions | None = None, *, max_new_tokens: int = 256,
+                    chat: bool = False, verify: bool = False, revision: str | None = None, token=None,
+                    progress=None, **fields) -> tuple[LayeredModel, list[int]]:
+    """load() for one known prompt: it is tokenized first (with the pack's tokenizer), so that the
+    workload - the prompt plus max_new_tokens - is declared and the plan made once, exactly for it
+    (what `layerpack run` does). Returns the model and the prompt's token ids."""
+    opts = run_options(options, **fields)
+    apply_threads(opts.threads)
+    pack = open_pack(path, verify=verify, revision=revision, token=token)
+    try:
+        models.module_for(pack.manifest.architecture.get("family"))  # an unsupported family: said before anything else
+        tokenizer: list[PackTokenizer] = []  # made only for a text prompt (token ids need none)
+
+        def get_tokenizer() -> PackTokenizer:
+            tokenizer.append(PackTokenizer(pack.path, pack.manifest.architecture))
+            return tokenizer[0]
+
+        ids = encode_prompt(get_tokenizer, prompt, chat)
+        if not ids:
+            raise LayerpackError("the prompt encodes to no tokens; give some text")
+        workload = Workload.for_generation([len(ids)], max_new_tokens)
+        model = LayeredModel(pack, opts.with_(workload=workload), progress=progress)
+        if tokenizer:
+            model._tokenizer = tokenizer[0]
+        return model, ids
     except BaseException:
         pack.close()
         raise

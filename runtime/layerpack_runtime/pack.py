@@ -13,17 +13,24 @@ from .manifest import LayerEntry, Manifest
 from .quant import dequantize_weight
 from .safetensors_io import SafetensorsFile
 from .validate import check_layer_file, check_payload, pack_roots, payload_tables, resolve_in_pack
+from .value_scan import ValueScan, check_values, value_checks
 
 HASH_CHUNK = 8 * 1024 * 1024
 
 
-def sha256_file(path: str, progress: Callable[[int], None] | None = None) -> str:
+def sha256_file(path: str, progress: Callable[[int], None] | None = None,
+                inspect: Callable[[int, memoryview], None] | None = None) -> str:
+    """The file's sha256; `inspect(offset, chunk)` sees every chunk hashed (verify's value checks)."""
     h = hashlib.sha256()
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
+    offset = 0
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])  # hashlib releases the GIL on large buffers: hashing threads overlap
+            if inspect:
+                inspect(offset, view[:n])
+            offset += n
             if progress:
                 progress(n)
     return h.hexdigest()
@@ -79,7 +86,8 @@ class Pack:
     def verify(self, progress: Callable[[int], None] | None = None, payloads: bool = True) -> list[str]:
         """Every problem found (empty list = pack is intact): presence, sizes, sha256, that the
         runtime can run the architecture, headers, and (payloads=True) the payload checks of
-        every quantized tensor's tables (validate.check_payload; the codes are not re-read)."""
+        every quantized tensor's tables (validate.check_payload) and of every value
+        (value_scan: no NaN/inf in unquantized tensors, no int8 code -128)."""
         from . import models
 
         problems = self.check_presence()
@@ -91,22 +99,28 @@ class Pack:
                 family.check_unit(args, layer.kind, {t.name for t in layer.tensors})
         except LayerpackError as e:
             problems.append(f"manifest.json: {e}")
+        # One read of each file: hashed, and (payloads=True) every value checked on the way (value_scan).
+        layer_of = {layer.file: layer for layer in self.manifest.layers}
         for f in self.manifest.files:
             if f.path in bad:
                 continue
-            digest = sha256_file(os.path.join(self.path, f.path), progress)
+            layer, st, header_problem, scan = layer_of.get(f.path), None, None, None
+            if layer is not None:
+                try:
+                    st = self.layer_file(layer)
+                    scan = ValueScan(layer, st) if payloads else None
+                except FormatError as e:
+                    header_problem = str(e)
+            digest = sha256_file(os.path.join(self.path, f.path), progress, scan.feed if scan else None)
             if digest != f.sha256:
                 problems.append(f"{f.path}: sha256 mismatch (file is corrupt or was modified)")
-                bad.add(f.path)
-        for layer in self.manifest.layers:
-            if layer.file in bad:
-                continue
-            try:
-                st = self.layer_file(layer)
-                if payloads:
+            elif header_problem or (scan and scan.problem):
+                problems.append(header_problem or scan.problem)
+            elif st is not None and payloads:
+                try:
                     self._check_payloads(layer, st)
-            except FormatError as e:
-                problems.append(str(e))
+                except FormatError as e:
+                    problems.append(str(e))
         return problems
 
     def _check_payloads(self, layer: LayerEntry, st: SafetensorsFile) -> None:
@@ -115,9 +129,12 @@ class Pack:
         without holding more than one tensor)."""
         tables = payload_tables(layer)
         if self.manifest.quantization.compression != "none":
+            checks = value_checks(layer)
             for name in st.tensors:
-                if name not in tables:
-                    st.read([name])
+                if name not in tables or name in checks:
+                    t = st.read([name])[name]
+                    if name in checks:
+                        check_values(layer.file, name, checks[name], t)
         check_payload(layer.tensors, st.read(tables), layer.file)
 
     # -- reading -------------------------------------------------------------------------

@@ -14,7 +14,6 @@ How a QuantWeight computes, fastest first:
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -302,7 +301,8 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     """F.linear for plain tensors (one bfloat16 row: the native GEMV, which reads the weight at
     memory speed where torch's reads it at a third of that; with a bias F.linear adds it before
     rounding, so biased layers keep F.linear); anything else computes itself: a QuantWeight, or the
-    converter's calibration recorder (layerpack/calibrate.py), which sees the input of every linear."""
+    converter's calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input
+    of every linear."""
     if isinstance(weight, torch.Tensor):
         if bias is None and _dense_gemv_ok(x, weight):
             lib = kernels.native()
@@ -333,35 +333,25 @@ def compute_form(layer, stored: dict[str, torch.Tensor], dtype: torch.dtype, deq
     return out
 
 
-_FORM_SPEED: dict[tuple, bool] = {}
-PROBE_SHAPE = (1024, 2048)  # large enough to time, small enough to cost a few ms
-PROBE_REPEATS = 7
+def choose_form(scheme: str, device: torch.device, weight_form: str = "auto") -> tuple[bool, str]:
+    """Whether resident quantized units are kept dequantized (True) or in their stored form, and why.
 
-
-def dequantized_form_faster(scheme: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a dequantized weight computes a decode step (one activation row) faster than its
-    stored form here, measured once per process: the planner spends memory on dequantized copies
-    only when they pay. Interleaved repeats, best of each, so a busy machine biases neither side."""
-    key = (scheme, dtype, device.type)
+    A rule, never a measurement: the same pack, options, device and installed kernels give the same
+    plan - and so the same bits - however busy the machine is (a timing probe used to decide this,
+    and flipped under load). `auto`: the stored form wherever a native kernel multiplies from the
+    codes (CPU with the compiled kernels, NF4 on CUDA with bitsandbytes): it moves 4 or 8 bits per
+    weight, so a larger budget is never spent on a copy that decodes slower; elsewhere (no compiler,
+    int8 on CUDA, other devices) the pure-torch path from the codes is several times slower than a
+    dequantized weight, so memory left over goes to dequantized copies. Scoring (eval: long
+    prefills) asks for dequantized forms itself (UnitRange.prefer_dequantized)."""
     if scheme not in _CODE_DTYPES:
-        return True
-    if key not in _FORM_SPEED:
-        from .quant import quantize_blocks_for_probe
-
-        rows, cols = PROBE_SHAPE
-        codes, absmax = quantize_blocks_for_probe(scheme, rows * cols)
-        q = QuantWeight(scheme, PROBE_SHAPE, 64, codes.to(device), absmax.to(device), None, None, dtype)
-        w = q.dequantize()
-        x = torch.randn(1, cols, dtype=dtype, device=device)
-        best = {"stored": float("inf"), "dequantized": float("inf")}
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        for i in range(PROBE_REPEATS):
-            for form, fn in (("stored", lambda: q.linear(x)), ("dequantized", lambda: F.linear(x, w))):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                if i:  # the first round warms up
-                    best[form] = min(best[form], time.perf_counter() - t0)
-        _FORM_SPEED[key] = best["dequantized"] < 0.9 * best["stored"]
-    return _FORM_SPEED[key]
+        return True, "unquantized"
+    if weight_form != "auto":
+        return weight_form == "dequantized", f"{weight_form} (asked for)"
+    if device.type == "cpu":
+        if kernels.native() is not None:
+            return False, f"stored (native {scheme} kernel, {kernels.isa()})"
+        return True, "dequantized where memory allows (no native kernel: the pure-torch path from the codes is slower)"
+    if device.type == "cuda" and scheme == SCHEME_NF4 and _bnb_matmul() is not None:
+        return False, "stored (bitsandbytes 4-bit GEMV)"
+    return True, f"dequantized where memory allows (no {device.type} kernel for {scheme} codes)"

@@ -36,6 +36,10 @@ HEADER_PROBE = 64 * 1024      # first ranged read per layer file; a longer heade
 
 
 PROBE_TIMEOUT_S = 4.0         # an unreachable Hub is reported after this, not after huggingface_hub's retries
+# Retries of a Hub request that failed with a retryable answer (HTTP 408/429/5xx) or a network error:
+# huggingface_hub makes 5, waiting 1+2+4+8+8 s; we stop after 2 (1+2 s), with one error line.
+HUB_RETRIES = 2
+_HF_HTTP_LOGGER = "huggingface_hub.utils._http"   # where huggingface_hub logs each retry
 
 
 def looks_local(path: str | os.PathLike) -> bool:
@@ -113,12 +117,48 @@ class ScrubFilter(logging.Filter):
         return True
 
 
+class HubUnavailable(LayerpackError):
+    """The Hub kept failing a request (HTTP 5xx, 429, 408, or a network error) through HUB_RETRIES retries."""
+
+
+class RetryBound(logging.Filter):
+    """On huggingface_hub's HTTP logger, which logs every failed try ("HTTP Error 500 thrown while
+    requesting HEAD <url>", or "'<error>' thrown while ...") and then "Retrying in 2s [Retry 2/5]"
+    before each wait. Those lines are not printed (the outcome is one error line), and once a request
+    has failed 1 + HUB_RETRIES times, HubUnavailable is raised from the log call itself, inside
+    huggingface_hub's retry loop, instead of waiting out its remaining retries. The library's own
+    public hook (a logging filter) is the only one that sees the retries; if a huggingface_hub
+    version logs them differently, its retries simply run their course."""
+
+    _last = threading.local()  # per thread: the failure of the request being retried
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001
+            return True
+        if " thrown while requesting " in msg:
+            self._last.reason = scrub(msg.split(" thrown while requesting ")[0].strip("'"))[:200]
+            return False
+        m = re.search(r"\[Retry (\d+)/\d+\]", msg)
+        if m is None:
+            return True
+        if int(m.group(1)) > HUB_RETRIES:
+            reason = getattr(self._last, "reason", "no answer")
+            raise HubUnavailable(f"the Hub keeps failing ({reason}, still after {HUB_RETRIES} retries); it may be down "
+                                 "or overloaded, try again later")
+        return False
+
+
 def _install_log_scrubber() -> None:
     log = logging.getLogger("huggingface_hub")
     if not any(isinstance(f, ScrubFilter) for f in log.filters):
         log.addFilter(ScrubFilter())
         for h in log.handlers:
             h.addFilter(ScrubFilter())
+    http_log = logging.getLogger(_HF_HTTP_LOGGER)
+    if not any(isinstance(f, RetryBound) for f in http_log.filters):
+        http_log.addFilter(RetryBound())
 
 
 def check_reachable(repo_id: str) -> None:
@@ -161,6 +201,8 @@ def _hf():
 
 def hub_error(e: BaseException, repo_id: str, revision: str | None) -> LayerpackError:
     """One line for a failed Hub request (the token never appears in it). LayerpackErrors pass through."""
+    if isinstance(e, HubUnavailable):
+        return LayerpackError(f"{repo_id}: {e}")
     if isinstance(e, LayerpackError):
         return type(e)(scrub(e)) if scrub(e) != str(e) else e
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,

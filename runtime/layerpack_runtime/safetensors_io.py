@@ -181,14 +181,14 @@ class SafetensorsFile:
         if dtype is None:
             raise _fail(self.path, f"tensor {info.name!r} has dtype {info.out_dtype} that this torch cannot represent")
         if info.logical_dtype is not None:
-            buf = _zstd_decompress(self.path, info, bytearray(raw.numpy().tobytes()))
+            buf = zstd_decompress(self.path, info, bytearray(raw.numpy().tobytes()))
             return torch.frombuffer(buf, dtype=dtype).reshape(info.out_shape) if buf else torch.empty(info.out_shape, dtype=dtype)
         if raw.numel() == 0:
             return torch.empty(info.out_shape, dtype=dtype)
         return raw.view(dtype).reshape(info.out_shape)
 
 
-def _zstd_decompress(path: str, info: TensorInfo, buf: bytearray) -> bytearray:
+def zstd_decompress(path: str, info: TensorInfo, buf: bytearray) -> bytearray:
     """Decompress one tensor's frame into exactly the bytes its logical dtype/shape need. The frame's
     declared content size is checked first: zstandard allocates what a frame declares (ignoring
     max_output_size), so a frame declaring gigabytes must be refused before it is decompressed; a

@@ -22,151 +22,22 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
-from .budget import parse_size
 from .cache import KVCache
-from .errors import FormatError, LayerpackError
-from .format import UNIT_EMBED, UNIT_HEAD
-from .generate import GenerationStats, SamplingParams, left_pad, sample
-from .pack import Pack
+from .errors import LayerpackError
+from .generate import GenerationStats
+from .stage_plan import (DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, StageOptions, balanced_split,  # noqa: F401 - re-exported
+                         describe_range, open_stage_pack, parse_budgets, parse_split, plan_stages, stage_ranges)
 from .text import TextGenerator
 from .threads import apply_threads, resolve_threads
-from .unitrange import UnitRange, pack_units
+from .unitrange import UnitRange
 
 HEADER_LEN = 8
 OP_CACHE, OP_FORWARD, OP_DROP, OP_STOP, OP_STATS, OP_PING = 1, 2, 3, 4, 5, 6
 STATS_FIELDS = ("busy_s", "peak_rss", "plan_bytes")  # per stage, collected by Pipeline.stage_stats()
 FLAG_LAST_ONLY, FLAG_MASK = 1, 2
-DEFAULT_CONNECT_TIMEOUT_S = 120.0   # every stage must join within this (a missing peer is an error, not a hang)
-DEFAULT_STEP_TIMEOUT_S = 600.0      # the longest a stage waits for its neighbour's next message
-
-
-# -- the split ----------------------------------------------------------------------------------
-def parse_split(spec: str, num_layers: int) -> list[tuple[int, int]]:
-    """'0-9,10-21,22-31' (block ranges, one per stage, contiguous, covering every block) ->
-    unit index ranges [(first, last)]: stage 0 also holds the embedding, the last stage the head."""
-    ranges = []
-    for part in spec.split(","):
-        a, _, b = part.strip().partition("-")
-        try:
-            lo, hi = int(a), int(b or a)
-        except ValueError:
-            raise LayerpackError(f"cannot read --split {spec!r}: use block ranges per stage, e.g. 0-9,10-21,22-31") from None
-        ranges.append((lo, hi))
-    expect = 0
-    for lo, hi in ranges:
-        if lo != expect or hi < lo:
-            raise LayerpackError(f"--split {spec!r}: stages must hold contiguous, non-empty block ranges starting at 0 "
-                                 f"(expected a range starting at block {expect})")
-        expect = hi + 1
-    if expect != num_layers:
-        raise LayerpackError(f"--split {spec!r} covers blocks 0-{expect - 1}, but the pack has blocks 0-{num_layers - 1}")
-    n_units = num_layers + 2
-    return [(0 if k == 0 else lo + 1, n_units - 1 if k == len(ranges) - 1 else hi + 1) for k, (lo, hi) in enumerate(ranges)]
-
-
-def balanced_split(unit_bytes: list[int], stages: int, shares: list[float] | None = None) -> list[tuple[int, int]]:
-    """Contiguous unit ranges [(first, last)] for `stages` stages with bytes in proportion to
-    `shares` (e.g. each stage's memory budget; default equal). Units: embed, blocks.., head;
-    every stage gets at least one block."""
-    n = len(unit_bytes)
-    blocks = n - 2
-    if not 1 <= stages <= blocks:
-        raise LayerpackError(f"--stages {stages}: the pack has {blocks} blocks; use 1 to {blocks} stages")
-    shares = shares or [1.0] * stages
-    total, cum = float(sum(unit_bytes)), [0]
-    for b in unit_bytes:
-        cum.append(cum[-1] + b)
-    bounds, acc = [0], 0.0
-    for k in range(1, stages):
-        acc += shares[k - 1] / sum(shares)
-        lo = bounds[-1] + (2 if k == 1 else 1)       # stage k-1 gets >= 1 block (stage 0: embed + a block)
-        hi = n - 1 - (stages - k)                     # leave a block for every later stage (the last: + head)
-        bounds.append(min(range(lo, hi + 1), key=lambda i: abs(cum[i] - acc * total)))
-    bounds.append(n)
-    return [(bounds[k], bounds[k + 1] - 1) for k in range(stages)]
-
-
-def stage_ranges(pack: Pack, stages: int, split: str | None = None, budgets: list[int | None] | None = None) -> list[tuple[int, int]]:
-    """The unit ranges of `stages` stages: given (`split`) or balanced by file bytes and budgets."""
-    m = pack.manifest
-    num_layers = len(m.layers) - 2
-    if split:
-        ranges = parse_split(split, num_layers)
-        if stages and len(ranges) != stages:
-            raise LayerpackError(f"--split names {len(ranges)} stages but --stages is {stages}")
-        return ranges
-    sizes = {f.path: f.size for f in m.files}
-    unit_bytes = [sizes.get(l.file, 0) for l in m.layers]
-    if m.architecture.get("tie_word_embeddings"):
-        unit_bytes[-1] += unit_bytes[0]  # the last stage also holds the tied embedding (its head)
-    shares = [float(b) for b in budgets] if budgets and all(b for b in budgets) else None
-    return balanced_split(unit_bytes, stages, shares)
-
-
-def parse_budgets(value, stages: int) -> list[int | None]:
-    """--max-memory for stages: one size for every stage, or one per stage ('1GiB,2GiB,2GiB')."""
-    if value is None or isinstance(value, (int, float)):
-        return [parse_size(value)] * stages
-    if isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = [p.strip() for p in str(value).split(",")]
-    if len(parts) == 1:
-        parts = parts * stages
-    if len(parts) != stages:
-        raise LayerpackError(f"--max-memory gives {len(parts)} budgets for {stages} stages (give one, or one per stage)")
-    return [parse_size(p) for p in parts]
-
-
-def describe_range(num_layers: int, first: int, last: int) -> str:
-    units = pack_units(num_layers)
-    return units[first] if first == last else f"{units[first]}..{units[last]}"
-
-
-def open_stage_pack(path: str, first: int, last: int, tokenizer: bool) -> Pack:
-    """The pack folder as one stage sees it: only its own layer files (with a tied embedding, the
-    stage holding the head also needs the embedding's file) and, for rank 0, the tokenizer need
-    be there - e.g. `layerpack pull --layers` of just those units."""
-    pack = Pack(path, check_files=False)
-    units = [l.name for l in pack.manifest.layers][first:last + 1]
-    if units[-1] == UNIT_HEAD and pack.manifest.architecture.get("tie_word_embeddings"):
-        units.append(UNIT_EMBED)
-    own = {l.file for l in pack.manifest.layers if l.name in units}
-    layer_files = {l.file for l in pack.manifest.layers}
-    problems = pack.check_presence(only={f.path for f in pack.manifest.files
-                                         if f.path in own or (tokenizer and f.path not in layer_files)})
-    if problems:
-        raise FormatError(f"{pack.path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
-    return pack
-
-
-# -- the process group --------------------------------------------------------------------------
-@dataclass
-class StageOptions:
-    """What every stage process needs to know (picklable: the local launcher sends it to each)."""
-    pack: str
-    stages: int
-    split: str | None = None
-    max_memory: object = None        # one size for all stages, or one per stage
-    device: str = "cpu"
-    dtype: str | None = None
-    context: int = 256
-    prefetch_depth: int = 1
-    page_cache: bool = True
-    expert_reads: bool = True
-    expert_cache: object = None
-    threads: int | None = None       # default: $LAYERPACK_THREADS, else this machine's cores / its stages
-    micro_batches: int | None = None  # default: min(batch, stages)
-    backend: str | None = None        # default: nccl when every stage is on CUDA, else gloo
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
-    addr: str | None = None           # None: torchrun's environment (MASTER_ADDR, MASTER_PORT)
-    port: int | None = None
 
 
 def _stage_device(device: str, local_rank: int) -> str:
@@ -279,8 +150,7 @@ class Stage:
         first, last = ranges[rank]
         budgets = parse_budgets(opts.max_memory, world)
         pack = open_stage_pack(opts.pack, first, last, tokenizer=rank == 0)
-        self.units = UnitRange(pack, _stage_device(opts.device, local_rank), opts.dtype, budgets[rank], opts.context,
-                               opts.prefetch_depth, opts.page_cache, None, opts.expert_reads, opts.expert_cache, first, last)
+        self.units = UnitRange(pack, opts.run_options(budgets[rank], _stage_device(opts.device, local_rank)), first=first, last=last)
         self.name = f"stage {rank} ({self.units.describe_units()})"
         self.link = _Link(rank, world, self.units.device, backend)
         self.caches: dict[int, KVCache] = {}
@@ -353,16 +223,20 @@ class Stage:
 
 
 class PipelineCache:
-    """Rank 0's handle of one micro-batch's caches (its own blocks here, the others' on their stages)."""
+    """Rank 0's handle of one cache across the stages: the batch's rows in micro-batches, each with
+    its own KV caches on every stage (parts: (rows, micro-batch id, stage 0's local cache))."""
 
-    def __init__(self, mb: int, local: KVCache):
-        self.mb, self.local = mb, local
-        self.batch, self.max_len = local.batch, local.max_len
+    def __init__(self, parts: list[tuple[slice, int, KVCache]]):
+        self.parts = parts
+        self.batch = parts[-1][0].stop
+        self.max_len = parts[0][2].max_len
 
 
 class Pipeline(TextGenerator):
-    """Rank 0 of a pipeline: the whole pack's forward and text generation across the stages
-    (same API as LayeredModel: forward, logits, new_cache, generate, generate_ids)."""
+    """Rank 0 of a pipeline: the whole pack's forward and text generation across the stages (the
+    same runner interface as LayeredModel: new_cache, forward, logits, reserve, bytes_read /
+    io_wait_s; generation is TextGenerator's, over forward - no loop of its own). A forward sends
+    every micro-batch before waiting for the first one's logits, so the stages work at once."""
 
     def __init__(self, stage: Stage, opts: StageOptions):
         self.stage, self.opts = stage, opts
@@ -376,31 +250,67 @@ class Pipeline(TextGenerator):
     def __repr__(self) -> str:
         return f"Pipeline({os.path.basename(self.pack.path)!r}, {self.world} stages; {self.stage.name}: {self.stage.units.plan.describe()})"
 
-    def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None) -> PipelineCache:
-        mb = self._next_mb
-        self._next_mb += 1
+    @property
+    def plan(self):
+        return self.stage.units.plan
+
+    @property
+    def bytes_read(self) -> int:
+        return self.stage.units.bytes_read
+
+    @property
+    def io_wait_s(self) -> float:
+        return self.stage.units.io_wait_s
+
+    def reserve(self, workload) -> None:
+        """Stage 0's part of the runner interface (each stage checks its own when a cache is made)."""
+        self.stage.units.reserve(workload)
+
+    def minimum_memory(self, workload=None) -> int:
+        """Stage 0's minimum (each stage's own was checked by the launcher: stage_plan.plan_stages)."""
+        return self.stage.units.minimum_memory(workload)
+
+    def new_cache(self, batch: int = 1, max_len: int = 256, step_tokens: int | None = None, keep: bool = False) -> PipelineCache:
+        """Caches for `batch` rows of up to `max_len` tokens on every stage, split into micro-batches.
+        The pipeline holds one such cache at a time: a new one frees the earlier ones on every stage
+        (keep=True: not, for forward()'s own short-lived cache)."""
+        if not keep:
+            self.drop_caches()
         step_tokens = batch * max_len if step_tokens is None else step_tokens
-        self.stage.caches[mb] = self.stage.units.new_cache(batch, max_len, step_tokens)
-        if self.world > 1:
-            self.stage.link.send_header(1, OP_CACHE, mb, batch, 0, 0, max_len, step_tokens)
-        return PipelineCache(mb, self.stage.caches[mb])
+        parts = []
+        for rows in self.micro_batches(batch):
+            n = rows.stop - rows.start
+            mb, self._next_mb = self._next_mb, self._next_mb + 1
+            steps = max(1, -(-step_tokens * n // batch))  # this micro-batch's share of the prefill positions
+            self.stage.caches[mb] = self.stage.units.new_cache(n, max_len, steps)
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_CACHE, mb, n, 0, 0, max_len, steps)
+            parts.append((rows, mb, self.stage.caches[mb]))
+        return PipelineCache(parts)
 
-    def drop_caches(self) -> None:
-        self.stage.caches.clear()
-        self._next_mb = 0
-        if self.world > 1:
-            self.stage.link.send_header(1, OP_DROP)
+    def drop_caches(self, cache: PipelineCache | None = None) -> None:
+        """Free `cache`'s micro-batches (default: every cache) on every stage."""
+        if cache is None:
+            self.stage.caches.clear()
+            self._next_mb = 0
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_DROP)
+            return
+        for _, mb, _ in cache.parts:
+            self.stage.caches.pop(mb, None)
+            if self.world > 1:
+                self.stage.link.send_header(1, OP_DROP, mb, 0, 0, 0, 1)
 
-    def send_forward(self, ids: torch.Tensor, cache: PipelineCache, mask: torch.Tensor | None, last_only: bool):
-        """Run stage 0 on ids [B, T] and pass the hidden states on (returns at once); with one
-        stage, returns the logits."""
-        out = self.stage.forward(ids, cache.mb, mask, last_only)
+    def send_forward(self, ids: torch.Tensor, mb: int, mask: torch.Tensor | None, last_only: bool):
+        """Run stage 0 on ids [B, T] of micro-batch `mb` and pass the hidden states on (returns at
+        once); with one stage, returns the logits."""
+        out = self.stage.forward(ids, mb, mask, last_only)
         if self.world == 1:
             return out
         B, T = ids.shape
         flags = (FLAG_LAST_ONLY if last_only else 0) | (FLAG_MASK if mask is not None else 0)
         link = self.stage.link
-        link.send_header(1, OP_FORWARD, cache.mb, B, T, flags)
+        link.send_header(1, OP_FORWARD, mb, B, T, flags)
         if mask is not None:
             link.send(mask.long(), 1)
         link.send_hidden(out, 1)
@@ -417,14 +327,14 @@ class Pipeline(TextGenerator):
         B, T = ids.shape
         own_cache = cache is None
         if own_cache:
-            cache = self.new_cache(B, T)
+            cache = self.new_cache(B, T, keep=True)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
-        out = self.send_forward(ids, cache, mask, last_only)
-        logits = out.float() if out is not None else self.recv_logits(B, 1 if last_only else T)
+        sent = [(rows, self.send_forward(ids[rows], mb, None if mask is None else mask[rows], last_only))
+                for rows, mb, _ in cache.parts]
+        logits = torch.cat([out.float() if out is not None else self.recv_logits(rows.stop - rows.start, 1 if last_only else T)
+                            for rows, out in sent])
         if own_cache:  # a whole sequence: its caches are not needed any more, on any stage
-            self.stage.caches.pop(cache.mb, None)
-            if self.world > 1:
-                self.stage.link.send_header(1, OP_DROP, cache.mb, 0, 0, 0, 1)
+            self.drop_caches(cache)
         return logits
 
     def logits(self, input_ids) -> torch.Tensor:
@@ -439,50 +349,6 @@ class Pipeline(TextGenerator):
             out.append(slice(start, start + n))
             start += n
         return out
-
-    def _token_loop(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, pad_id: int,
-                    generator: torch.Generator | None, stats: GenerationStats) -> Iterator[torch.Tensor]:
-        """generate.generate_tokens across the stages, the batch in micro-batches: every step sends
-        all of them before waiting for the first one's logits, so the stages work at once."""
-        import time
-
-        params.check()
-        ids, mask = left_pad(prompts, pad_id)
-        ids = ids.to(self.device)
-        mask = mask.to(self.device) if mask is not None else None
-        stats.batch, stats.prompt_tokens, stats.steps = len(prompts), sum(map(len, prompts)), 0
-        stats.prefill_s = stats.decode_s = 0.0
-        stats.threads = torch.get_num_threads()
-        if max_new_tokens <= 0:
-            return
-        self.drop_caches()
-        parts = self.micro_batches(ids.shape[0])
-        L = ids.shape[1]
-        caches = [self.new_cache(p.stop - p.start, L + max_new_tokens, step_tokens=(p.stop - p.start) * L) for p in parts]
-        read0, wait0 = self.stage.units.bytes_read, self.stage.units.io_wait_s
-
-        def step(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-            local = [self.send_forward(x[p], c, None if m is None else m[p], True) for p, c in zip(parts, caches)]
-            logits = [out if out is not None else self.recv_logits(p.stop - p.start, 1) for p, out in zip(parts, local)]
-            return torch.cat(logits)[:, -1].float()
-
-        try:
-            t0 = time.perf_counter()
-            tok = sample(step(ids, mask), params, generator)
-            out = tok.cpu()
-            stats.prefill_s, stats.steps = time.perf_counter() - t0, 1
-            stats.bytes_read, stats.io_wait_s = self.stage.units.bytes_read - read0, self.stage.units.io_wait_s - wait0
-            yield out
-            for _ in range(max_new_tokens - 1):
-                t0 = time.perf_counter()
-                tok = sample(step(tok[:, None], None), params, generator)
-                out = tok.cpu()
-                stats.decode_s += time.perf_counter() - t0
-                stats.steps += 1
-                stats.bytes_read, stats.io_wait_s = self.stage.units.bytes_read - read0, self.stage.units.io_wait_s - wait0
-                yield out
-        finally:
-            self.stage.link.flush()
 
     def stage_stats(self, reset: bool = False) -> list[dict[str, float]]:
         """Every stage's compute time (busy_s, since the last reset), peak RSS and planned bytes."""
@@ -536,9 +402,7 @@ def join(opts: StageOptions, rank: int | None = None, world: int | None = None, 
     # the stages on one machine share its cores (default: an equal share each)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     apply_threads(opts.threads if opts.threads or os.environ.get("LAYERPACK_THREADS") else max(1, resolve_threads() // per_machine))
-    pack = Pack(opts.pack, check_files=False)
-    ranges = stage_ranges(pack, opts.stages, opts.split, parse_budgets(opts.max_memory, opts.stages))
-    pack.close()
+    ranges = opts.ranges or plan_stages(opts, check_budgets=False)  # the local launcher computed them once
     if on_name is not None:
         on_name(0, f"stage {rank} ({describe_range(len(ranges) and ranges[-1][1] - 1, *ranges[rank])})")
     backend = init_group(opts, rank, world) if world > 1 else "gloo"

@@ -25,7 +25,7 @@ import torch
 from .errors import FormatError
 from .format import ST_DTYPES
 from .fileio import read_exact, read_fully
-from .safetensors_io import SafetensorsFile, _zstd_decompress
+from .safetensors_io import SafetensorsFile, zstd_decompress
 
 
 @dataclass
@@ -94,7 +94,7 @@ class UnitStreamer:
         for info in st.tensors.values():
             raw = slot.host[info.start - st.data_start: info.end - st.data_start]
             if info.logical_dtype is not None:  # zstd: decompress into its own memory, here, off the compute thread
-                buf = _zstd_decompress(st.path, info, bytearray(raw.numpy().tobytes()))
+                buf = zstd_decompress(st.path, info, bytearray(raw.numpy().tobytes()))
                 out[info.name] = torch.frombuffer(buf, dtype=ST_DTYPES[info.out_dtype]).reshape(info.out_shape)
             else:
                 if (info.start - st.data_start) % raw.new_empty(0, dtype=ST_DTYPES[info.dtype]).element_size():

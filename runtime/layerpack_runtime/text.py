@@ -3,9 +3,10 @@ template), the generation loop's tokens -> text (EOS, stop strings, streaming), 
 a batch.
 
 `TextGenerator` is mixed into anything that runs a whole pack - loader.LayeredModel in one
-process, stages.Pipeline across stage processes - and needs from it `pack`, `args`, `device`
-and `_token_loop(...)`: an iterator of the next token of every row (generate.generate_tokens
-over `forward`/`new_cache` by default).
+process, stages.Pipeline across stage processes. What it needs from them (the runner interface,
+shared with engine.Engine): `pack`, `args`, `device`, `new_cache(batch, max_len, step_tokens)`,
+`forward(ids, cache=, attention_mask=, last_only=)` returning float32 logits, and optionally
+`bytes_read` / `io_wait_s` for the statistics; the generation loop itself is generate.generate_tokens.
 """
 from __future__ import annotations
 
@@ -42,19 +43,8 @@ class TextGenerator:
         return self.tokenizer.eos_ids
 
     def encode_prompt(self, prompt: Prompt, chat: bool = False) -> list[int]:
-        """One prompt -> token ids: a string (chat=True wraps it as a user message), a chat
-        conversation (list of {"role", "content"} dicts), or token ids (used as they are)."""
-        if isinstance(prompt, str):
-            if chat:
-                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.encode_chat(list(prompt))
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.reshape(-1).tolist()
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
-        raise LayerpackError(f"a prompt is a string, a list of token ids or a chat (list of message dicts), not {type(prompt).__name__}")
+        """One prompt -> token ids (see the module function encode_prompt)."""
+        return encode_prompt(lambda: self.tokenizer, prompt, chat)
 
     def _prompts(self, prompt_or_prompts, chat: bool) -> tuple[list[list[int]], bool]:
         p = prompt_or_prompts
@@ -66,7 +56,8 @@ class TextGenerator:
             p = list(p)
         return [self.encode_prompt(x, chat) for x in p], False
 
-    def _pad_id(self) -> int:
+    def pad_id(self) -> int:
+        """The id that pads batched prompts: the pack's pad token, else its first EOS, else 0."""
         if self.args.pad_token_id is not None:
             return int(self.args.pad_token_id)
         eos = self.eos_ids
@@ -85,7 +76,7 @@ class TextGenerator:
         done = [False] * len(prompts)
         self.last_stats = GenerationStats()
         for tok in self._token_loop(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p),
-                                    self._pad_id(), self._generator(seed), self.last_stats):
+                                    self.pad_id(), self._generator(seed), self.last_stats):
             for b, t in enumerate(tok.tolist()):
                 if not done[b]:
                     if t in eos:
@@ -126,7 +117,7 @@ class TextGenerator:
         tokenizer = self.tokenizer
         streams = [TextStream(tokenizer, stops) for _ in prompts]
         eos = set(tokenizer.eos_ids)
-        pad = self._pad_id()
+        pad = self.pad_id()
         generator = self._generator(seed)
 
         def run():
@@ -150,3 +141,21 @@ class TextGenerator:
                     yield b, piece
 
         return run()
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool = False) -> list[int]:
+    """One prompt -> token ids: a string (chat=True wraps it as a user message), a chat
+    conversation (list of {"role", "content"} dicts), or token ids (used as they are; no tokenizer
+    needed). tokenizer: a PackTokenizer, or a function returning one (called only for text)."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.reshape(-1).tolist()
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    tok = tokenizer() if callable(tokenizer) else tokenizer
+    if isinstance(prompt, str):
+        if chat:
+            return tok.encode_chat([{"role": "user", "content": prompt}])
+        return tok.encode(prompt)
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        return tok.encode_chat(list(prompt))
+    raise LayerpackError(f"a prompt is a string, a list of token ids or a chat (list of message dicts), not {type(prompt).__name__}")

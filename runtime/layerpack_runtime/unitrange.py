@@ -21,13 +21,14 @@ import os
 import torch
 
 from . import models
-from .budget import UnitCost, minimum_budget, parse_size, plan
+from .budget import Plan, UnitCost, fmt_size, minimum_budget, parse_size, plan
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .experts import EXPERTS_KEY, ExpertStore
 from .format import ST_DTYPES, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
 from .pack import Pack, stored_names
-from .qweight import CHUNK_ELEMS, compute_form, dequantized_form_faster
+from .options import RunOptions, Workload, run_options
+from .qweight import CHUNK_ELEMS, choose_form, compute_form
 from .safetensors_io import itemsize
 from .unitstats import UnitTimes
 from .streaming import FileRows, StreamStats, UnitStreamer
@@ -82,9 +83,12 @@ def pack_units(num_layers: int) -> list[str]:
 class UnitRange:
     """Units [first, last] (indices into embed, block.000 .., head) of a pack, ready to run."""
 
-    def __init__(self, pack: Pack, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 max_memory=None, context: int = 256, prefetch_depth: int = 1, page_cache: bool = True,
-                 progress=None, expert_reads: bool = True, expert_cache=None, first: int = 0, last: int | None = None):
+    def __init__(self, pack: Pack, options: RunOptions | None = None, *, first: int = 0, last: int | None = None,
+                 progress=None, plan_only: bool = False, **fields):
+        """options (or RunOptions fields by keyword): how to run; the plan is made here, once, for
+        options.workload. plan_only: compute costs and the minimum without loading any weights."""
+        opts = self.options = run_options(options, **fields)
+        device, dtype, max_memory = opts.device, opts.dtype, opts.max_memory
         self.pack = pack
         self.manifest = pack.manifest
         arch = self.manifest.architecture
@@ -118,11 +122,14 @@ class UnitRange:
         # MoE packs: streamed blocks read only their selected experts (experts.py), cached within
         # `expert_cache` bytes reserved from the budget plus whatever the plan leaves unused.
         num_experts = getattr(self.args, "num_experts", 0)
-        self.experts = ExpertStore(self._layers, self._files, num_experts, self.dtype, self.device, expert_reads, page_cache) \
-            if num_experts else None
-        self.expert_cache = parse_size(expert_cache) or 0
-        self.prefetch_depth = prefetch_depth
-        self.page_cache = page_cache
+        self.experts = ExpertStore(self._layers, self._files, num_experts, self.dtype, self.device, opts.expert_reads,
+                                   opts.page_cache) if num_experts else None
+        self.expert_cache = parse_size(opts.expert_cache) or 0
+        self.prefetch_depth = opts.prefetch_depth
+        self.page_cache = opts.page_cache
+        # Stored or dequantized resident forms: a rule of the scheme, device and installed kernels
+        # (qweight.choose_form), so the same inputs give the same plan and bits under any load.
+        self.dequantize, self.weight_form = choose_form(self.manifest.quantization.scheme, self.device, opts.weight_form)
         self.progress = progress  # called with the bytes of each resident unit loaded (a progress bar's update)
         self._resident: dict[str, dict[str, object]] = {}
         self._deferred: dict[str, bool] = {}  # planned resident, file not here yet (remote pack) -> dequantize?
@@ -132,10 +139,11 @@ class UnitRange:
         self.unit_times.device = self.device
         self._forms: dict[str, bool] = {}
         self.streamer: UnitStreamer | None = None
-        self.context = self.step_tokens = 0
-        self.step_batch = 1
+        self.workload = opts.workload
         self._scoring = False  # prefer_dequantized()
-        self._apply_plan(max(1, int(context)), max(1, int(context)), 1)
+        self.plan: Plan | None = None
+        if not plan_only:
+            self._apply_plan(self.workload)
         self.progress = None  # only the first load reports
 
     def describe_units(self) -> str:
@@ -172,11 +180,11 @@ class UnitRange:
         info = self._files[UNIT_EMBED].tensors.get("embed.weight")
         return info is not None and info.logical_dtype is None and len(info.shape) == 2
 
-    def _kv_bytes(self, tokens: int) -> int:
+    def kv_bytes(self, tokens: int) -> int:
         a = self.args
         return 2 * len(self.block_units) * a.num_kv_heads * a.head_dim * tokens * torch.empty(0, dtype=self.dtype).element_size()
 
-    def _activation_bytes(self, tokens: int, batch: int = 1) -> int:
+    def activation_bytes(self, tokens: int, batch: int = 1) -> int:
         """Peak working memory of one forward step over `tokens` positions in `batch` rows (the
         prefill), roughly: a few hidden-sized buffers and the MLP's intermediate ones per position,
         each row's attention scores, the last logits, and the largest weight dequantized on the fly
@@ -190,7 +198,20 @@ class UnitRange:
         experts = self.experts.working_bytes(t, self.args.top_k) if self.experts is not None else 0
         return work + experts + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
 
-    def _runtime_bytes(self) -> int:
+    @property
+    def fixed_bytes(self) -> int:
+        """What the plan holds besides weights and stream buffers: KV cache, activations, runtime."""
+        return self.plan.kv_bytes + self.plan.activation_bytes + self.plan.runtime_bytes
+
+    def workload_bytes(self, workload: Workload) -> tuple[int, int]:
+        """(KV cache bytes, peak activation bytes) of a workload on this range: its cache, and the
+        larger of its prefill step and its decode step (one position per row, attending over the
+        whole context)."""
+        prefill = self.activation_bytes(workload.step_tokens, workload.step_batch)
+        decode = self.activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * workload.context * 4
+        return self.kv_bytes(workload.kv_tokens), max(prefill, decode)
+
+    def runtime_bytes(self) -> int:
         """Memory a run takes besides the model's data: the pack's tokenizer once loaded (by the
         range that starts with the embedding: the one that owns the text), and torch's first-use
         working memory (see TORCH_WORKING_BYTES)."""
@@ -215,25 +236,24 @@ class UnitRange:
         whatever the decode-speed measurement said."""
         if not self._scoring:
             self._scoring = True
-            self._apply_plan(self.context, self.step_tokens, self.step_batch)
+            self._apply_plan(self.workload, (self.plan.kv_bytes, self.plan.activation_bytes))
 
-    def minimum_memory(self) -> int:
-        """The smallest `max_memory` this range runs with at the current context (what the error for
-        too small a budget states)."""
+    def minimum_memory(self, workload: Workload | None = None) -> int:
+        """The smallest `max_memory` this range runs its workload with (default: the declared one;
+        what the error for too small a budget states)."""
         reserve = self.expert_cache if self.experts is not None else 0
-        return minimum_budget([self._unit_cost(n) for n in self.units], self._kv_bytes(self.context),
-                              self._activation_bytes(self.step_tokens, self.step_batch), self.prefetch_depth, self._required(),
-                              reserve, self._runtime_bytes())
+        kv, act = self.workload_bytes(workload or self.workload)
+        return minimum_budget([self._unit_cost(n) for n in self.units], kv, act, self.prefetch_depth, self._required(),
+                              reserve, self.runtime_bytes())
 
-    def _apply_plan(self, context: int, step_tokens: int, batch: int) -> None:
-        """(Re)plan for a KV cache of `context` token slots and forward steps of up to `step_tokens`
-        positions (the prefill), and load/drop resident units to match."""
+    def _apply_plan(self, workload: Workload, sizes: tuple[int, int] | None = None) -> None:
+        """Plan for `workload` (cache, prefill and decode steps; `sizes`: its (KV, activation) bytes
+        when given) and load/drop resident units to match."""
         costs = [self._unit_cost(n) for n in self.units]
         reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
-        scheme = self.manifest.quantization.scheme
-        deq_faster = scheme == "none" or self._scoring or dequantized_form_faster(scheme, self.dtype, self.device)
-        new = plan(costs, self._priority(), self.max_memory, self._kv_bytes(context), self._activation_bytes(step_tokens, batch),
-                   self.prefetch_depth, self._required(), reserve, deq_faster, self._runtime_bytes())
+        kv, act = sizes or self.workload_bytes(workload)
+        new = plan(costs, self._priority(), self.max_memory, kv, act, self.prefetch_depth, self._required(), reserve,
+                   self.dequantize or self._scoring, self.runtime_bytes(), what=workload.describe())
         for name in list(self._resident):
             if new.resident.get(name) != self._forms.get(name):
                 del self._resident[name]
@@ -266,7 +286,7 @@ class UnitRange:
             # the reserved share plus what the plan left unused, but never more than the streamed experts
             spare = self.max_memory - new.total + new.reserved_bytes
             self.experts.set_capacity(min(spare, self.experts.total_expert_bytes(streamed)))
-        self.plan, self.context, self.step_tokens, self.step_batch = new, context, step_tokens, batch
+        self.plan, self.workload = new, workload
 
     def _load_resident(self, name: str, deq: bool) -> None:
         stored = self.pack.read_layer(name)
@@ -277,13 +297,21 @@ class UnitRange:
         if self.progress:
             self.progress(self._files[name].file_size)
 
-    def ensure_context(self, tokens: int, step_tokens: int | None = None, batch: int = 1) -> None:
-        """Make room for a KV cache of `tokens` slots (batch x length) and forward steps of
-        `step_tokens` positions over `batch` rows, replanning (fewer resident units) if needed."""
-        step_tokens = tokens if step_tokens is None else step_tokens
-        if (tokens > self.context or self._activation_bytes(step_tokens, batch)
-                > self._activation_bytes(self.step_tokens, self.step_batch)):
-            self._apply_plan(max(tokens, self.context), step_tokens, batch)
+    def reserve(self, workload: Workload) -> None:
+        """Make sure the plan holds `workload` (a cache and the steps a call is about to run). Within
+        the planned bytes: nothing to do - the plan was made once, at load. Beyond them: an
+        undeclared workload (Python API default) or an unlimited budget replans; a declared one
+        under a budget is refused with what it would need, rather than dropping units just read."""
+        kv, act = self.workload_bytes(workload)
+        if kv <= self.plan.kv_bytes and act <= self.plan.activation_bytes:
+            return
+        bigger = self.workload.union(workload)
+        if self.workload.declared and self.max_memory is not None:
+            raise LayerpackError(
+                f"this call needs {workload.describe()}, beyond the workload declared at load ({self.workload.describe()}); "
+                f"declare it when loading (e.g. load(..., context={bigger.context}) or a Workload); "
+                f"its minimum is {fmt_size(self.minimum_memory(bigger), up=True)}")
+        self._apply_plan(bigger, (max(kv, self.plan.kv_bytes), max(act, self.plan.activation_bytes)))
 
     # -- weights ---------------------------------------------------------------------------------
     def weights_for(self, unit: str) -> dict[str, object]:
@@ -336,7 +364,9 @@ class UnitRange:
         """A KV cache of this range's blocks for `batch` rows of up to `max_len` tokens; `step_tokens`:
         the most positions one forward will process (the prefill: batch x prompt length), for the plan."""
         a = self.args
-        self.ensure_context(batch * max_len, step_tokens, batch)
+        self.reserve(Workload(context=max(1, int(max_len)), batch=max(1, int(batch)),
+                              prefill_tokens=max(1, int(step_tokens if step_tokens is not None else batch * max_len)),
+                              prefill_batch=max(1, int(batch))))
         return KVCache(len(self.block_units), batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
     def check_ids(self, input_ids) -> torch.Tensor:

@@ -276,7 +276,7 @@ def _check_architecture(a: dict, n_layers: int) -> None:
         if a.get(key) is not None:
             _int(a[key], f"architecture.{key}", hi=vocab - 1)  # a pad id is embedded: it must be a row
     for i, t in enumerate(_typed(a.get("eos_token_ids") or [], list, "architecture.eos_token_ids")):
-        _int(t, f"architecture.eos_token_ids[{i}]")
+        _int(t, f"architecture.eos_token_ids[{i}]", hi=vocab - 1)  # generation compares sampled ids with it
     if a.get("moe") is not None:
         _check_moe(_typed(a["moe"], dict, "architecture.moe"), a["num_layers"])
 
