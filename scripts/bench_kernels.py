@@ -11,8 +11,8 @@ weights once) and 128 rows (prefill: dequantize once, then one GEMM). Reported: 
 bytes per second (codes + absmax + outlier tables), and time per parameter against bf16 F.linear
 of the same shape and rows in the same run (>1: the quantized form is faster). Forms are timed
 interleaved, so a busy machine slows them alike. Random data; the kernels' speed does not
-depend on the values. At 1 row the dense bf16 weight is also timed through the runtime's own
-GEMV (qweight.linear: the native bf16 kernel).
+depend on the values. At 1 row the dense bf16 weight is also timed through the runtime's native
+bf16 GEMV (kernels.bf16_matvec; used by the runtime with LAYERPACK_BF16_GEMV=1).
 
 The machine's limit: a STREAM-like read bandwidth (kernels.read_bandwidth: XOR of every line of a
 512 MiB buffer, best of 5) at 1 and 2 threads, measured before and after the kernels (the best of
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import machine, record  # noqa: E402
 
-from layerpack_runtime import kernels, qweight  # noqa: E402
+from layerpack_runtime import kernels  # noqa: E402
 from layerpack_runtime.qweight import QuantWeight  # noqa: E402
 from layerpack_runtime.quant import quantize_blocks_for_probe  # noqa: E402
 
@@ -93,7 +93,7 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         fns = {name: (lambda q=q: q.linear(x)) for name, q in forms.items()}
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
         if rows == 1 and DEVICE.type == "cpu" and kernels.native() is not None:
-            fns["dense bf16, native GEMV"] = lambda: qweight.linear(x, dense)
+            fns["dense bf16, native GEMV"] = lambda: kernels.bf16_matvec(kernels.native(), dense, x)  # LAYERPACK_BF16_GEMV=1
         if old_path:
             from layerpack_runtime.quant import dequantize_nf4
 

@@ -144,8 +144,11 @@ def worker_layerpack(cfg: dict) -> dict:
         for _ in range(cfg["tokens"] - 1):
             tok = model.forward(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         decode = time.perf_counter() - t0
+    from layerpack_runtime import kernels
+
     return {"decode_tps": (cfg["tokens"] - 1) / decode, "prefill_s": prefill, "bytes_per_token": per_token,
-            "threads": torch.get_num_threads(), "dequantized": sum(model.plan.resident.values())}
+            "threads": torch.get_num_threads(), "dequantized": sum(model.plan.resident.values()),
+            "bf16_gemv": kernels.dense_gemv()}
 
 
 def worker_llamacpp(cfg: dict) -> dict:
@@ -214,7 +217,8 @@ def render(a, rows, loads, info) -> str:
     deq = {q: rows[(q, "layerpack")][0]["dequantized"] for q, _, _ in PAIRS if q != "none"}
     lines += ["", f"Load average (1 min) at the start of each round: {', '.join(f'{x:.2f}' for x in loads)}. "
                   f"Units the planner dequantized (0 = every quantized unit ran from its codes): "
-                  f"{', '.join(f'{q} {n}' for q, n in deq.items())}."]
+                  f"{', '.join(f'{q} {n}' for q, n in deq.items())}. Native bf16 GEMV (LAYERPACK_BF16_GEMV=1): "
+                  f"{'on' if any(r[0].get('bf16_gemv') for r in rows.values()) else 'off (torch F.linear for bf16)'}."]
     return "\n".join(lines)
 
 

@@ -124,7 +124,8 @@ def test_large_batch_uses_gemm_and_row_chunks(native_calls, monkeypatch):
 
 
 _VARIANT = r"""
-import sys, torch, torch.nn.functional as F
+import os, sys, torch, torch.nn.functional as F
+os.environ["LAYERPACK_BF16_GEMV"] = "1"
 sys.path.insert(0, {tests!r})
 from test_kernels import _qw, _ref_weight, _rel
 from layerpack_runtime import kernels
@@ -230,6 +231,7 @@ def test_weight_over_2_31_elements(scheme):
 
 @pytest.fixture
 def dense_calls(monkeypatch):
+    monkeypatch.setitem(kernels._state, "bf16_gemv", True)  # as LAYERPACK_BF16_GEMV=1
     calls = []
     real = kernels.bf16_matvec
 
@@ -326,3 +328,11 @@ def test_fused_block_equals_unfused_block():
             pos = torch.arange(T)[None] + (5 if T == 1 else 0)
             step = llama.prepare_steps(args, inv, pos, int(pos[0, 0]), None, None, torch.bfloat16)[0]
             assert torch.equal(llama.block_forward(args, fused, h, step), llama.block_forward(args, w, h, step))
+
+
+def test_bf16_gemv_is_opt_in(monkeypatch):
+    # off by default: bf16 logits stay bit-identical to transformers' F.linear (tests/test_moe.py)
+    monkeypatch.delenv("LAYERPACK_BF16_GEMV", raising=False)
+    monkeypatch.delitem(kernels._state, "bf16_gemv", raising=False)
+    w, x = torch.randn(576, 576).to(torch.bfloat16), torch.randn(1, 576).to(torch.bfloat16)
+    assert not kernels.dense_gemv() and torch.equal(qweight.linear(x, w), F.linear(x, w))

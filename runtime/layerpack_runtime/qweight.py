@@ -298,13 +298,14 @@ def _dense_gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for plain tensors (one bfloat16 row: the native GEMV, which reads the weight at
-    memory speed where torch's reads it at a third of that; with a bias F.linear adds it before
-    rounding, so biased layers keep F.linear); anything else computes itself: a QuantWeight, or the
+    """F.linear for plain tensors (one bfloat16 row with LAYERPACK_BF16_GEMV=1: the native GEMV,
+    which reads the weight about twice as fast as torch's batch-1 F.linear but sums in another
+    order, so it is opt-in: bf16 parity with transformers is bit for bit by default; with a bias
+    F.linear adds it before rounding, so biased layers keep F.linear); anything else computes itself: a QuantWeight, or the
     converter's calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input
     of every linear."""
     if isinstance(weight, torch.Tensor):
-        if bias is None and _dense_gemv_ok(x, weight):
+        if bias is None and kernels.dense_gemv() and _dense_gemv_ok(x, weight):
             lib = kernels.native()
             if lib is not None:
                 return kernels.bf16_matvec(lib, weight, x.contiguous()).view(*x.shape[:-1], weight.shape[0])

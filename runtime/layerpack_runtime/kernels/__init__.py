@@ -11,6 +11,11 @@ flags and the machine. No compiler, a failed build or LAYERPACK_KERNELS=torch ->
 
 Environment:
   LAYERPACK_KERNELS=torch   never build or use the native kernels
+  LAYERPACK_BF16_GEMV=1     one bfloat16 activation row against a plain bfloat16 weight uses the
+                            native bf16 GEMV (about 2x torch's batch-1 F.linear) instead of
+                            F.linear. Off by default: it sums in another order than torch, so
+                            bf16 logits are no longer bit-identical to transformers' (the MoE
+                            bf16 parity test asserts that; SmolLM2's greedy tokens still match)
   LAYERPACK_KERNEL_FLAGS    compiler flags instead of the default "-O3 -march=native" (the tests
                             build an AVX2-only and a portable variant with it)
   CC                        the C compiler (default: cc)
@@ -117,6 +122,13 @@ def native() -> ctypes.CDLL | None:
             lib = None
     _state["lib"] = lib
     return lib
+
+
+def dense_gemv() -> bool:
+    """Whether plain bfloat16 weights use the native GEMV at one row (LAYERPACK_BF16_GEMV=1)."""
+    if "bf16_gemv" not in _state:
+        _state["bf16_gemv"] = os.environ.get("LAYERPACK_BF16_GEMV", "") == "1"
+    return bool(_state["bf16_gemv"])
 
 
 def isa() -> str:
