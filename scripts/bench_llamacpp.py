@@ -188,7 +188,7 @@ def render(a, rows, loads, info) -> str:
     lines = [
         f"### {Path(a.model).name}, {a.threads} thread{'s' if a.threads > 1 else ''} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
-        f"- Machine: {machine()}; **shared with other agents' work during the run** (load averages below: "
+        f"- Machine: {machine()} (this script's own process; the workers use --threads); **shared with other agents' work during the run** (load averages below: "
         f"{min(loads):.1f}-{max(loads):.1f} over the rounds, on 2 cores), so absolute figures are low and noisy; the ratios "
         "compare runs made seconds apart.",
         f"- Command: `.venv/bin/python scripts/bench_llamacpp.py --model {a.model} --threads {a.threads} --rounds {a.rounds} "
@@ -216,8 +216,9 @@ def render(a, rows, loads, info) -> str:
             f"{med(lc, 'prefill_s'):.3f} / {med(lp, 'prefill_s'):.3f} | {med(lc, 'process_s'):.1f} / {med(lp, 'process_s'):.1f} |")
     deq = {q: rows[(q, "layerpack")][0]["dequantized"] for q, _, _ in PAIRS if q != "none"}
     lines += ["", f"Load average (1 min) at the start of each round: {', '.join(f'{x:.2f}' for x in loads)}. "
-                  f"Units the planner dequantized (0 = every quantized unit ran from its codes): "
-                  f"{', '.join(f'{q} {n}' for q, n in deq.items())}. Native bf16 GEMV (LAYERPACK_BF16_GEMV=1): "
+                  + (f"Units the planner dequantized (0 = every quantized unit ran from its codes): "
+                     f"{', '.join(f'{q} {n}' for q, n in deq.items())}. " if deq else "")
+                  + "Native bf16 GEMV (LAYERPACK_BF16_GEMV=1): "
                   f"{'on' if any(r[0].get('bf16_gemv') for r in rows.values()) else 'off (torch F.linear for bf16)'}."]
     return "\n".join(lines)
 
