@@ -35,7 +35,7 @@ from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import META_UNIT, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD
 from layerpack.textfile import read_text_file
 
-DEFAULT_TOKENS = 2048            # calibration tokens (measured in BENCHMARKS.md: calibration section)
+from ..choices import DEFAULT_CALIBRATION_TOKENS as DEFAULT_TOKENS  # noqa: E402 (torch-free: the CLI's default)
 MAX_TOKENS = 1 << 20             # a bound on the carried hidden state (tokens x hidden floats)
 SEQ_LEN = 512                    # tokens per calibration sequence (the eval window)
 STATS_FILE = "calibration.safetensors"

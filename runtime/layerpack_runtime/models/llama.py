@@ -30,20 +30,13 @@ import torch.nn.functional as F
 
 from ..qweight import QuantWeight, concat_rows, embedding, linear, split_rows
 from ..errors import FormatError, LayerpackError
+from . import contract
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# The llama family's pack contract (the tables are shared with mistral, qwen2, qwen3, phi3, which this module also runs).
+FAMILY = contract.Family("llama", runs="llama", hf_architectures=("LlamaForCausalLM",),
+                         tensors={**contract.EMBED, **contract.ATTN, **contract.MLP, **contract.BIASES, **contract.HEAD})
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "swish")
-
-# Canonical tensors every block unit must have (biases are optional, per architecture flags).
-BLOCK_TENSORS = (
-    "attn_norm.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
-    "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight",
-)
-# Per-head RMS norms of queries and keys, applied before rotary (Qwen3, Gemma 3): present when `qk_norm`.
-QK_NORM_TENSORS = ("attn.q_norm.weight", "attn.k_norm.weight")
-EMBED_TENSORS = ("embed.weight",)
-HEAD_TENSORS = ("norm.weight", "head.weight")  # head.weight is the embedding when tied
 
 
 @dataclass
@@ -72,9 +65,9 @@ class ModelArgs:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
-    # What this module runs; a family module that reuses these args (gemma3) overrides them.
+    # What this module runs (the families whose contract names it: models.runs()); a module that
+    # reuses these args (gemma3, mixtral) overrides them.
     module: ClassVar[str] = "llama"
-    families: ClassVar[tuple[str, ...]] = FAMILIES
     activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
 
     @classmethod
@@ -85,9 +78,11 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
         """From a manifest's `architecture` object; anything this module cannot run is a LayerpackError."""
+        from . import family_of_pack, runs
+
         family = arch.get("family")
-        if family not in cls.families:
-            raise LayerpackError(f"model family {family!r} is not supported by the {cls.module} runtime module (supports {', '.join(cls.families)})")
+        if family not in runs(cls.module):
+            raise LayerpackError(f"model family {family!r} is not supported by the {cls.module} runtime module (supports {', '.join(runs(cls.module))})")
         try:
             norm = arch.get("norm") or {"type": "rms", "eps": 1e-6}
             rope = arch.get("rope") or {"type": "default", "theta": 10000.0}
@@ -130,7 +125,7 @@ class ModelArgs:
         if args.layer_types is not None:
             if len(args.layer_types) != args.num_layers or set(args.layer_types) - {"full_attention", "sliding_attention"}:
                 raise FormatError(f"manifest layer_types must name full_attention or sliding_attention for each of the {args.num_layers} blocks")
-        elif args.family in ("qwen2", "qwen3") and args.sliding_window:
+        elif family_of_pack(args.family).config.window_layers == "max_window_layers" and args.sliding_window:
             # HF Qwen2/3 window only blocks >= max_window_layers, which the architecture spec does not record.
             raise LayerpackError(f"{args.family} packs with a sliding window are not supported yet (the manifest does not say which blocks use it)")
         if args.num_heads % args.num_kv_heads:
@@ -401,9 +396,17 @@ def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -
 
 
 def check_unit(args: ModelArgs, kind: str, names) -> None:
-    """The canonical tensors a unit must provide to this module (a clear error beats a KeyError mid-run)."""
-    required = {"embed": EMBED_TENSORS, "block": BLOCK_TENSORS + (QK_NORM_TENSORS if args.qk_norm else ()),
-                "head": ("norm.weight",) if args.tie_word_embeddings else HEAD_TENSORS}.get(kind, ())
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise FormatError(f"{kind} unit lacks tensor(s) {', '.join(missing)} that the {args.family} family needs")
+    """The canonical tensors a unit must provide to this module (from the family's contract)."""
+    from . import family_of_pack
+
+    contract.check_unit(family_of_pack(args.family), {"qk_norm": args.qk_norm, "tie_word_embeddings": args.tie_word_embeddings,
+                                                      **_dims(args)}, kind, names)
+
+
+def _dims(args: ModelArgs) -> dict:
+    """The architecture fields contract.dims reads, from the args (experts: see mixtral.ModelArgs)."""
+    d = {"hidden_size": args.hidden_size, "num_heads": args.num_heads, "head_dim": args.head_dim, "num_kv_heads": args.num_kv_heads,
+         "intermediate_size": args.intermediate_size, "vocab_size": args.vocab_size}
+    if getattr(args, "num_experts", 0):
+        d["moe"] = {"num_experts": args.num_experts, "intermediate_size": args.moe_intermediate_size}
+    return d
