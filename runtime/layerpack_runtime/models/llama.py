@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..qweight import embedding, linear
+from ..qweight import QuantWeight, concat_rows, embedding, linear, split_rows
 from ..errors import FormatError, LayerpackError
 from . import contract
 
@@ -286,7 +286,10 @@ def embed_forward(args: ModelArgs, w: dict[str, torch.Tensor], input_ids: torch.
 # operator dispatches and thread fork/joins. Only where it is bit-for-bit the same as the separate
 # matmuls (each output row is the same dot product): 16-bit plain tensors on the CPU (oneDNN),
 # tested for many shapes, batch sizes and thread counts; MKL's float32 GEMM picks kernels by the
-# output width, so float32 stays unfused, as do quantized (QuantWeight) and streamed units.
+# output width, so float32 stays unfused, as do streamed units. Quantized weights (QuantWeight) of a
+# 16-bit compute dtype fuse the same way where every part ends on a block boundary (qweight.concat_rows):
+# at decode the native GEMV computes each row alone (same bits), at prefill they dequantize into the
+# same 16-bit rows as the separate weights, multiplied by the same GEMM as the plain tensors above.
 QKV = "attn.qkv.weight"
 GATE_UP = "mlp.gate_up.weight"
 FUSE_DTYPES = (torch.bfloat16, torch.float16)
@@ -301,10 +304,19 @@ def _fusable(w: dict[str, object], names: tuple[str, ...]) -> bool:
 
 def _fuse(w: dict[str, object], names: tuple[str, ...], fused_name: str) -> None:
     biases = [w.get(n.replace(".weight", ".bias")) for n in names]
-    if not _fusable(w, names) or (any(b is not None for b in biases) and not all(isinstance(b, torch.Tensor) for b in biases)):
+    if any(b is not None for b in biases) and not all(isinstance(b, torch.Tensor) for b in biases):
         return
-    fused = torch.cat([w[n] for n in names])
-    parts = fused.split([w[n].shape[0] for n in names])
+    ws = [w.get(n) for n in names]
+    if _fusable(w, names):
+        fused = torch.cat(ws)
+        parts = fused.split([t.shape[0] for t in ws])
+    elif all(isinstance(t, QuantWeight) and t.dtype in FUSE_DTYPES and t.codes.device.type == "cpu" for t in ws):
+        fused = concat_rows(ws)
+        if fused is None:
+            return
+        parts = split_rows(fused, ws)
+    else:
+        return
     for n, part in zip(names, parts):
         w[n] = part
     w[fused_name] = fused
@@ -330,7 +342,7 @@ def qkv_proj(args: ModelArgs, w: dict[str, object], x: torch.Tensor):
     H, KV, D = args.num_heads, args.num_kv_heads, args.head_dim
     fused = w.get(QKV)
     if fused is not None:
-        y = F.linear(x, fused, w.get("attn.qkv.bias")).view(B, T, H + 2 * KV, D).transpose(1, 2)
+        y = linear(x, fused, w.get("attn.qkv.bias")).view(B, T, H + 2 * KV, D).transpose(1, 2)
         q, k, v = y.split((H, KV, KV), dim=1)
         return q, k, v, y.narrow(1, 0, H + KV)
     q = linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
@@ -343,7 +355,7 @@ def gate_up_proj(w: dict[str, object], x: torch.Tensor) -> tuple[torch.Tensor, t
     """x [B, T, hidden] -> gate, up [B, T, intermediate] (one matmul when fused)."""
     fused = w.get(GATE_UP)
     if fused is not None:
-        return F.linear(x, fused, w.get("mlp.gate_up.bias")).chunk(2, dim=-1)
+        return linear(x, fused, w.get("mlp.gate_up.bias")).chunk(2, dim=-1)
     return linear(x, w["mlp.gate.weight"], w.get("mlp.gate.bias")), linear(x, w["mlp.up.weight"], w.get("mlp.up.bias"))
 
 
