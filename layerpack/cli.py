@@ -17,6 +17,7 @@ from layerpack_runtime.options import WEIGHT_FORMS, RunOptions
 
 from .choices import DEFAULT_CALIBRATION_TOKENS, OUTLIER_ROW, OUTLIER_RULES
 from .environment import API_KEY as API_KEY_ENV, debug
+from .speculate_cli import speculation_options, speculation_run
 
 
 def _one_line_errors(fn):
@@ -270,13 +271,15 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--stages", type=click.IntRange(1), default=None, help="Split the model into S pipeline stages, one process each (torch.distributed, gloo on CPU), each holding only its own layers; --max-memory then applies per stage (one size, or one per stage: 1GiB,2GiB).")
 @click.option("--split", default=None, metavar="SPEC", help="Blocks of each stage, e.g. 0-9,10-21,22-31 [default: balanced by bytes and budgets].")
 @click.option("--micro-batches", type=click.IntRange(1), default=None, help="With --stages: micro-batches a batch is split into [default: min(batch, stages)].")
+@speculation_options
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches, **spec):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
 
+    speculation, max_memory, tree_room = speculation_run(spec, stages or split, max_memory, device, dtype, threads, token)
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
                            not no_expert_reads, expert_cache, threads, weight_form, stats,
@@ -297,12 +300,12 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
                       expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form)
     with progress_bar(total, "load", quiet=total is None) as bar:
         # The prompt is tokenized first: the plan is made once, for exactly this prompt + --max-new-tokens.
-        model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens, chat=chat, verify=verify,
+        model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens + tree_room, chat=chat, verify=verify,
                                      revision=revision, token=token, progress=bar.update)
     load_s = time.perf_counter() - t0
     model.unit_times.enabled = stats
     pieces = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stream=True)
+                            top_p=top_p, seed=seed, stream=True, **speculation.generate)
     try:
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -315,6 +318,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
         click.echo(f"weight form: {model.weight_form}", err=True)
         click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
+        speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
 

@@ -231,7 +231,9 @@ def prepare_steps(args: ModelArgs, inv_freq: torch.Tensor, positions: torch.Tens
 def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | None, kv_positions: torch.Tensor | None,
                  window: int | None, cos: torch.Tensor, sin: torch.Tensor) -> Step:
     """positions [B, T]: rotary positions of the new tokens. start: their first cache column.
-    kv_valid [B, end] (None = every column holds a real token): False marks left padding.
+    kv_valid [B, end] (None = every column holds a real token): False marks left padding; or
+    [B, T, end]: the columns each query may see (tree attention for speculative decoding; the tree's
+    nodes come in topological order, so the causal mask below never hides an ancestor).
     kv_positions [B, end]: positions of the cached columns (needed only with a sliding window).
     window: attend only to keys less than `window` positions back (None: no limit)."""
     B, T = positions.shape
@@ -249,8 +251,8 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
     if window is not None and window_bites:
         assert kv_positions is not None
         allowed = allowed & ((positions[:, :, None] - kv_positions[:, None, :end]) < window)
-    if kv_valid is not None:
-        allowed = allowed & kv_valid[:, None, :end]
+    if kv_valid is not None:  # [B, end] (left padding), or [B, T, end]: per query (a token tree, cache.add_tree)
+        allowed = allowed & (kv_valid[:, :, :end] if kv_valid.dim() == 3 else kv_valid[:, None, :end])
     # A padding query would otherwise see no key at all (NaN rows): let every query see itself.
     allowed = allowed | (kv_cols[None, :] == q_cols[:, None])[None]
     return Step(cos, sin, start, end, mask=allowed[:, None])
