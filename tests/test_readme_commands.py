@@ -1,7 +1,7 @@
 """Every command README.md prints for the default pack runs as printed (issue 23: a newcomer never guesses).
 
 The commands are read from README.md itself: each line of an indented code block that starts with
-`layerpack ` and names the quickstart's pack (`out/smollm2-nf4`) or its local-Hub copy
+`layerpack ` and whose first argument is the quickstart's pack (`out/smollm2-nf4`) or its local-Hub copy
 (`me/smollm2-nf4`), in README order, plus the Python example that loads `out/smollm2-nf4`. They run
 in a temporary folder whose `out/smollm2-nf4` is the quickstart's conversion of SmolLM2, with the
 `layerpack` of this checkout first on PATH. Deviations from the printed text, all documented here:
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -57,8 +56,11 @@ def readme_commands() -> list[list[str]]:
     cmds = []
     for block in _code_blocks(README.read_text()):
         for line in block:
-            if line.startswith("layerpack ") and re.search(rf"(^|\s)({re.escape(PACK)}|{re.escape(HUB_PACK)})(\s|$)", line):
-                cmds.append(shlex.split(line, comments=True))
+            # the commands whose pack (the first argument) is the default one; others (e.g. a bf16
+            # target with the default pack as its --draft) need packs this test does not make
+            words = shlex.split(line, comments=True) if line.startswith("layerpack ") else []
+            if len(words) > 2 and words[2] in (PACK, HUB_PACK):
+                cmds.append(words)
     return cmds
 
 
