@@ -43,6 +43,7 @@ import struct
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -167,9 +168,9 @@ def hf_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def write_checkpoint(out: str, cfg: dict, *, tokenizer: str, seed: int = 0, marker_extra: dict | None = None,
-                     quiet: bool = False) -> None:
+                     workers: int = 1, quiet: bool = False) -> None:
     """The checkpoint of config `cfg` in folder `out` (nothing to do when a complete one of the same
-    layers, seed and size is there)."""
+    layers, seed and size is there), `workers` shards at once (the same bytes whatever the number)."""
     plan = shard_plan(cfg)
     total = sum(2 * math.prod(s) for _, g in plan for _, s in g)
     marker = os.path.join(out, ".complete")
@@ -193,11 +194,13 @@ def write_checkpoint(out: str, cfg: dict, *, tokenizer: str, seed: int = 0, mark
             print(f"\r  {done[0] / 1e9:6.1f} / {total / 1e9:.1f} GB  {rate / 1e6:5.0f} MB/s", end="", file=sys.stderr)
 
     weight_map = {}
-    for fname, tensors in plan:
-        write_shard(os.path.join(out, fname), tensors, seed, progress)
-        weight_map.update({n: fname for n, _ in tensors})
-        if not quiet:
-            print(f"\n  wrote {fname} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # shards at once: torch's generators release the GIL
+        futures = [pool.submit(write_shard, os.path.join(out, fname), tensors, seed, progress) for fname, tensors in plan]
+        for (fname, tensors), fut in zip(plan, futures):
+            fut.result()
+            weight_map.update({n: fname for n, _ in tensors})
+            if not quiet:
+                print(f"\n  wrote {fname} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -229,7 +232,7 @@ def main() -> None:
     ap.add_argument("--quant", choices=("nf4", "int8", "none"), help="--pack: the pack's scheme (none: bf16)")
     ap.add_argument("--outliers", type=float, default=0.0,
                     help="--pack: fraction of each quantized weight's entries stored exactly (default 0)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="--pack: layer files written at once")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="files (shards, layer files) written at once")
     ap.add_argument("--overwrite", action="store_true", help="--pack: replace what OUT holds")
     a = ap.parse_args()
     if (a.out is None) == (a.pack is None):
@@ -247,7 +250,7 @@ def main() -> None:
         sys.exit(f"error: {a.tokenizer} has no tokenizer.json (run scripts/fetch_models.py smollm2, or pass --tokenizer)")
     cfg = model_config(a.shape, a.layers, a.tokenizer)
     if a.pack is None:  # the 405B marker keeps its old fields: checkpoints made before --shape stay complete
-        write_checkpoint(a.out, cfg, tokenizer=a.tokenizer, seed=a.seed, quiet=a.quiet,
+        write_checkpoint(a.out, cfg, tokenizer=a.tokenizer, seed=a.seed, workers=a.workers, quiet=a.quiet,
                          marker_extra=None if a.shape == "llama3-405b" else {"shape": a.shape})
         return
     from synthetic_pack import PackSpec, write_pack

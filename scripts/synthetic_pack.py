@@ -23,8 +23,10 @@ codes are the zero code (as the converter leaves them) and whose values are 10-4
 
 Speed and memory: each layer file is written piece by piece (PIECE_BYTES at a time) in file order,
 so UnitWriter hashes every piece as it is written and never reads the file back; `workers` layer
-files are written at once (numpy's generators, sha256 and pwrite release the GIL). Memory: about
-workers x 4 x PIECE_BYTES.
+files are written at once, and each file's next LOOKAHEAD pieces are computed on a second pool of
+`workers` threads meanwhile (numpy's generators, sha256 and pwrite release the GIL), so one large
+file (a 405B embedding: 4.2 GB) does not wait on one thread. Memory: about
+workers x (LOOKAHEAD + 2) x PIECE_BYTES.
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ import shutil
 import sys
 import time
 import zlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -55,6 +59,7 @@ from layerpack_runtime.format import (DEFAULT_BLOCK_SIZE, DTYPE_NAMES, INT8_QMAX
 from layerpack_runtime.manifest import FileEntry, LayerEntry, Manifest, Quantization, TensorEntry
 
 PIECE_BYTES = 64 << 20
+LOOKAHEAD = 2  # pieces being computed per layer file while one is hashed and written
 PACK_DTYPE = "bf16"
 # rms of a dequantized code over uniform codes, in units of the block's absmax
 NF4_CODE_RMS = float(np.sqrt(np.mean(np.square(np.asarray(NF4_CODE, dtype=np.float64)))))
@@ -90,7 +95,7 @@ def write_pack(out: str, spec: PackSpec, *, sidecars=None, workers: int = 1, ove
                          outlier_fraction=spec.outliers,
                          quantized_embedding=arch["tie_word_embeddings"] and spec.quant != SCHEME_NONE,
                          outlier_rule=OUTLIER_ROW if spec.outliers else None)  # the converter's default rule
-    if _same_pack(out, spec.name, quant):
+    if not overwrite and _same_pack(out, spec.name, quant):
         print(f"{out}: already a complete pack of {spec.name} ({spec.quant}); nothing to do", file=sys.stderr)
         return Manifest.load(out)
     _prepare(out, overwrite)
@@ -106,8 +111,9 @@ def write_pack(out: str, spec: PackSpec, *, sidecars=None, workers: int = 1, ove
     if total > free:
         raise LayerpackError(f"{out}: the pack needs {total / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = [pool.submit(write_unit, out, u, shapes, quant, arch, spec.seed, spec.outliers) for u in units]
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="unit") as pool, \
+            ThreadPoolExecutor(max(1, workers), thread_name_prefix="piece") as compute:
+        futures = [pool.submit(write_unit, out, u, shapes, quant, arch, spec.seed, spec.outliers, compute) for u in units]
         done = []
         for u, fut in zip(units, futures):
             done.append(fut.result())
@@ -176,23 +182,31 @@ def _unit_bytes(u: UnitPlan, shapes: dict, quant: Quantization, arch: dict) -> i
     return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for dt, shape in specs.values())
 
 
-def write_unit(out: str, u: UnitPlan, shapes: dict, quant: Quantization, arch: dict, seed: int,
-               outliers: float) -> tuple[LayerEntry, FileEntry]:
-    """One layer file of random contents, written in file order (hashed as written)."""
+def write_unit(out: str, u: UnitPlan, shapes: dict, quant: Quantization, arch: dict, seed: int, outliers: float,
+               compute: ThreadPoolExecutor) -> tuple[LayerEntry, FileEntry]:
+    """One layer file of random contents, written in file order (hashed as written); its pieces
+    are computed LOOKAHEAD ahead on `compute` while this thread hashes and writes."""
     plans = _tensor_plans(u, shapes, quant, arch, outliers)
     rel = unit_file(u.name)
     entries = [TensorEntry(c, shape, scheme, quant.block_size if scheme != SCHEME_NONE else None, k, 0.0)
                for c, shape, scheme, k in plans]
-    logical = {}  # stored name -> (canonical, suffix, shape, scheme, k)
+    parts = {}  # stored name -> (the logical tensor's contents, which part of it)
     for c, shape, scheme, k in plans:
+        contents = _Contents(seed, u.name, c, shape, scheme, quant.block_size, k)
         for stored in stored_specs(c, shape, scheme, DTYPE_NAMES[quant.dtype], quant.block_size, k):
-            logical[stored] = (c, stored[len(c):], shape, scheme, k)
+            parts[stored] = (contents, stored[len(c):])
     with UnitWriter(os.path.join(out, rel), u.name, _specs(plans, quant), None) as writer:
+        pending: deque = deque()
         for stored in writer.file_order():
-            c, suffix, shape, scheme, k = logical[stored]
-            gen = _Contents(seed, u.name, c, shape, scheme, quant.block_size, k)
-            for start, piece in gen.pieces(suffix):
-                writer.write(stored, start, piece)
+            contents, suffix = parts[stored]
+            for start, make in contents.pieces(suffix):
+                pending.append((stored, start, compute.submit(make)))
+                if len(pending) > LOOKAHEAD:
+                    name, at, piece = pending.popleft()
+                    writer.write(name, at, piece.result())
+        while pending:
+            name, at, piece = pending.popleft()
+            writer.write(name, at, piece.result())
         size, sha = writer.finish()
     params = sum(math.prod(shape) for _, shape, _, _ in plans)
     return LayerEntry(u.name, u.kind, rel, params, entries, u.index), FileEntry(rel, size, sha)
@@ -214,21 +228,25 @@ class _Contents:
         return words.view(np.uint8)[:nbytes]
 
     def pieces(self, suffix: str):
-        """(start element, tensor) pieces of stored part `suffix` ('' for an unquantized tensor)."""
+        """(start element, a function computing the piece) of stored part `suffix` ('' for an
+        unquantized tensor): the caller runs the functions ahead, on other threads."""
         if suffix == "":
             yield from self._plain()
         elif suffix == SUFFIX_ABSMAX:
             yield from self._absmax()
         elif suffix == SUFFIX_OUTLIER_IDX:
-            yield 0, torch.from_numpy(self.outlier_positions())
+            yield 0, lambda: torch.from_numpy(self.outlier_positions())
         elif suffix == SUFFIX_OUTLIER_VAL:
-            r = self.rng(3, 0)
-            mag = self.sigma * (10 + 30 * r.random(self.k, dtype=np.float32))
-            yield 0, torch.from_numpy(np.where(r.random(self.k) < 0.5, -mag, mag).astype(np.float32)).to(torch.bfloat16)
+            yield 0, self._outlier_values
         elif suffix == SUFFIX_CODES:
             yield from self._codes()
         else:
             raise AssertionError(suffix)
+
+    def _outlier_values(self) -> torch.Tensor:
+        r = self.rng(3, 0)
+        mag = self.sigma * (10 + 30 * r.random(self.k, dtype=np.float32))
+        return torch.from_numpy(np.where(r.random(self.k) < 0.5, -mag, mag).astype(np.float32)).to(torch.bfloat16)
 
     def outlier_positions(self) -> np.ndarray:
         """k strictly increasing positions in [0, n): one per stride of n // k, at a random place in it."""
@@ -238,15 +256,20 @@ class _Contents:
 
     def _plain(self):
         if len(self.shape) == 1:  # norm gains around 1, like trained RMSNorm
-            gains = 1.0 + 0.05 * self.rng(0, 0).standard_normal(self.n, dtype=np.float32)
-            yield 0, torch.from_numpy(gains).to(torch.bfloat16)
+            yield 0, lambda: torch.from_numpy(1.0 + 0.05 * self.rng(0, 0).standard_normal(self.n, dtype=np.float32)).to(torch.bfloat16)
             return
         k0 = math.floor(math.log2(self.sigma / BF16_RMS_PER_2K0) + 0.5) + 127  # biased exponent of the lowest binade
         step = PIECE_BYTES // 2
         for p, s in enumerate(range(0, self.n, step)):
-            r = self.random_bytes(0, p, 2 * min(step, self.n - s)).view(np.uint16)
-            bits = (r & np.uint16(0x807F)) | ((((r >> np.uint16(7)) & np.uint16(3)) + np.uint16(k0)) << np.uint16(7))
-            yield s, torch.from_numpy(bits).view(torch.bfloat16)
+            yield s, partial(self._bf16_piece, p, min(step, self.n - s), k0)
+
+    def _bf16_piece(self, p: int, m: int, k0: int) -> torch.Tensor:
+        # keep the sign, the mantissa and two exponent bits (0..3); adding k0 << 7 makes the exponent
+        # k0 + those bits (no carry reaches the sign: k0 + 3 < 255)
+        bits = self.random_bytes(0, p, 2 * m).view(np.uint16)
+        np.bitwise_and(bits, np.uint16(0x81FF), out=bits)
+        bits += np.uint16(k0 << 7)
+        return torch.from_numpy(bits).view(torch.bfloat16)
 
     def _absmax(self):
         blocks = -(-self.n // self.block_size)
@@ -254,28 +277,31 @@ class _Contents:
         mean = np.float32(self.sigma / code_rms)
         step = PIECE_BYTES // 4
         for p, s in enumerate(range(0, blocks, step)):
-            u = self.rng(1, p).random(min(step, blocks - s), dtype=np.float32)
-            yield s, torch.from_numpy(mean * (np.float32(0.75) + np.float32(0.5) * u))
+            yield s, partial(self._absmax_piece, p, min(step, blocks - s), mean)
+
+    def _absmax_piece(self, p: int, m: int, mean: np.float32) -> torch.Tensor:
+        u = self.rng(1, p).random(m, dtype=np.float32)
+        return torch.from_numpy(mean * (np.float32(0.75) + np.float32(0.5) * u))
 
     def _codes(self):
-        nf4 = self.scheme == SCHEME_NF4
-        nbytes = (self.n + 1) // 2 if nf4 else self.n
+        nbytes = (self.n + 1) // 2 if self.scheme == SCHEME_NF4 else self.n
         idx = self.outlier_positions() if self.k else None
         for p, s in enumerate(range(0, nbytes, PIECE_BYTES)):
-            m = min(PIECE_BYTES, nbytes - s)
-            b = self.random_bytes(4, p, m)
-            if nf4:
-                if self.n % 2 and s + m == nbytes:  # odd count: the pad nibble is the zero code, as bitsandbytes pads
-                    b[-1] = (b[-1] & 0xF0) | NF4_ZERO_CODE
-                if idx is not None:
-                    local = idx[(idx >= 2 * s) & (idx < 2 * (s + m))] - 2 * s
-                    hi = local[local % 2 == 0] // 2
-                    lo = local[local % 2 == 1] // 2
-                    b[hi] = (b[hi] & 0x0F) | (NF4_ZERO_CODE << 4)
-                    b[lo] = (b[lo] & 0xF0) | NF4_ZERO_CODE
-                yield s, torch.from_numpy(b)
-            else:
-                codes = np.maximum(b.view(np.int8), np.int8(-INT8_QMAX))
-                if idx is not None:
-                    codes[idx[(idx >= s) & (idx < s + m)] - s] = 0
-                yield s, torch.from_numpy(codes)
+            yield s, partial(self._codes_piece, p, s, min(PIECE_BYTES, nbytes - s), nbytes, idx)
+
+    def _codes_piece(self, p: int, s: int, m: int, nbytes: int, idx: np.ndarray | None) -> torch.Tensor:
+        b = self.random_bytes(4, p, m)
+        if self.scheme == SCHEME_NF4:
+            if self.n % 2 and s + m == nbytes:  # odd count: the pad nibble is the zero code, as bitsandbytes pads
+                b[-1] = (b[-1] & 0xF0) | NF4_ZERO_CODE
+            if idx is not None:
+                local = idx[(idx >= 2 * s) & (idx < 2 * (s + m))] - 2 * s
+                hi = local[local % 2 == 0] // 2
+                lo = local[local % 2 == 1] // 2
+                b[hi] = (b[hi] & 0x0F) | (NF4_ZERO_CODE << 4)
+                b[lo] = (b[lo] & 0xF0) | NF4_ZERO_CODE
+            return torch.from_numpy(b)
+        codes = np.maximum(b.view(np.int8), np.int8(-INT8_QMAX))
+        if idx is not None:
+            codes[idx[(idx >= s) & (idx < s + m)] - s] = 0
+        return torch.from_numpy(codes)

@@ -130,3 +130,21 @@ def test_make_synthetic_error_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'p'}: exists and is not empty; choose a new folder or pass --overwrite"]
+
+
+def test_checkpoint_shapes_and_same_bytes_whatever_the_workers(tmp_path):
+    cfg = make_synthetic.model_config("llama3-8b", 8, "")
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["head_dim"], cfg["vocab_size"], cfg["num_hidden_layers"]) == (4096, 14336, 32, 8, 128, 128256, 8)
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_theta"] == 500000.0
+    shapes = dict(make_synthetic.hf_tensors(cfg))
+    assert shapes["model.layers.7.self_attn.k_proj.weight"] == (1024, 4096)
+    assert shapes["model.layers.7.mlp.down_proj.weight"] == (4096, 14336)
+    assert "model.layers.8.mlp.down_proj.weight" not in shapes and shapes["lm_head.weight"] == (128256, 4096)
+    one, three = tmp_path / "w1", tmp_path / "w3"
+    make_synthetic.write_checkpoint(str(one), TINY, tokenizer="", workers=1, quiet=True)
+    make_synthetic.write_checkpoint(str(three), TINY, tokenizer="", workers=3, quiet=True)
+    names = sorted(n for n in os.listdir(one) if n.endswith(".safetensors"))
+    assert len(names) == 2 + 2 * TINY["num_hidden_layers"]
+    for n in names + ["model.safetensors.index.json", "config.json"]:
+        assert (one / n).read_bytes() == (three / n).read_bytes(), n
