@@ -148,3 +148,31 @@ def test_checkpoint_shapes_and_same_bytes_whatever_the_workers(tmp_path):
     assert len(names) == 2 + 2 * TINY["num_hidden_layers"]
     for n in names + ["model.safetensors.index.json", "config.json"]:
         assert (one / n).read_bytes() == (three / n).read_bytes(), n
+
+
+def test_unit_writer_hash_as_written_equals_hash_read_back(tmp_path):
+    """UnitWriter hashes pieces that arrive in file order as they come and reads nothing back; any
+    other order is hashed back from the file: the same sha256 either way, and the file's own."""
+    import hashlib
+
+    from layerpack.writer import UnitWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.absmax": torch.rand(40, generator=g), "a.q": torch.randint(0, 255, (1000,), generator=g, dtype=torch.uint8),
+               "norm.weight": torch.randn(64, generator=g).to(torch.bfloat16)}
+    specs = {n: (t.dtype, list(t.shape)) for n, t in tensors.items()}
+    results = []
+    for order in ("file", "reversed", "pieces out of order"):
+        path = tmp_path / f"{order}.safetensors"
+        with UnitWriter(str(path), "block.000", specs, None) as w:
+            names = w.file_order() if order != "reversed" else w.file_order()[::-1]
+            for n in names:
+                flat = tensors[n].reshape(-1)
+                halves = [(0, flat[:10]), (10, flat[10:])]
+                for start, piece in (halves if order != "pieces out of order" else halves[::-1]):
+                    w.write(n, start, piece)
+            running = w._running is not None
+            results.append(w.finish())
+        assert running == (order == "file")
+        assert results[-1] == (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert results[0] == results[1] == results[2]
