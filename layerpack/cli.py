@@ -275,8 +275,7 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @speculation_options
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, decode, stats, revision, token, stages, split,
-        micro_batches, **spec):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, decode, stats, revision, token, stages, split, micro_batches, **spec):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
@@ -299,8 +298,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
     total = None if _existing_or_repo(pack) else Manifest.load(pack).totals.get("layer_bytes")
     opts = RunOptions(device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, page_cache=not no_page_cache,
-                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form,
-                      decode=decode)
+                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form, decode=decode)
     with progress_bar(total, "load", quiet=total is None) as bar:
         # The prompt is tokenized first: the plan is made once, for exactly this prompt + --max-new-tokens.
         model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens + tree_room, chat=chat, verify=verify,
@@ -319,13 +317,11 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     if stats:
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
-        click.echo(f"weight form: {model.weight_form}", err=True)
-        click.echo(f"decode steps: {model.decode_description()}", err=True)
+        click.echo(f"weight form: {model.weight_form}; decode steps: {model.decode_description()}", err=True)
         click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
         speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
-
             click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
                        f"of {fmt_size(model.experts.capacity)}", err=True)
         from layerpack_runtime.threads import describe_threads
