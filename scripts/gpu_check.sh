@@ -43,9 +43,9 @@ status=0
 E2E=/tmp/lp-e2e
 # The 8B-shaped checkpoint and its packs are made by bench_gpu.py itself (converts run beside the transformers rows).
 tests="tests/test_cuda.py tests/test_kernels.py tests/test_decode_step.py tests/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation"
-for extra in tests/test_triton_gemv.py tests/test_streaming.py; do [ -f "$extra" ] && tests="$tests $extra"; done
+for extra in tests/test_triton_gemv.py tests/test_triton_dense.py tests/test_streaming.py; do [ -f "$extra" ] && tests="$tests $extra"; done
 # after the tests' regrouping into folders: run every test file that mentions cuda
-tests="$tests $(grep -rlis --include='test_*.py' 'cuda' tests/*/ 2>/dev/null | tr '\n' ' ')"
+tests="$tests $(grep -rls --include='test_*.py' 'cuda.is_available' tests/*/ 2>/dev/null | tr '\n' ' ')"
 timeout 300 "$PY" -m pytest -q -rs $tests -p no:cacheprovider --timeout 120 >"$LOG/tests.txt" 2>&1 || status=1
 tests_line=$(tail -1 "$LOG/tests.txt")
 stages_line="skipped (GPU_QUICK)"
