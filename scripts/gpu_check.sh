@@ -72,7 +72,7 @@ l405="skipped"
 free_gb=$(df -BG --output=avail /tmp | tail -1 | tr -dc 0-9)
 if [ "$QUICK" != 1 ] && [ "${GPU_405B:-1}" = 1 ] && [ "$free_gb" -ge 24 ] && [ $SECONDS -lt 400 ]; then
   pack=/tmp/l405-nf4; rm -rf "$E2E/src"
-  if timeout 120 "$PY" scripts/make_synthetic.py --pack "$pack" --quant nf4 --shape llama3-405b --layers 4 --quiet >"$LOG/l405.txt" 2>&1 \
+  if timeout 120 "$PY" scripts/make_synthetic.py --pack "$pack" --quant nf4 --shape llama3-405b --layers 4 --tokenizer "" --quiet --overwrite >"$LOG/l405.txt" 2>&1 \
      && timeout 100 "$PY" scripts/bench_405b.py --child --pack "$pack" --budget 8GB --tokens 3 --device cuda >"$LOG/l405.json" 2>>"$LOG/l405.txt"; then
     l405=$("$PY" - "$LOG/l405.json" <<'PYEOF'
 import json, sys
