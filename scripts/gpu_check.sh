@@ -33,10 +33,10 @@ except Exception as e:
     print(f"bitsandbytes not importable ({type(e).__name__}): NF4 on CUDA dequantizes with pure torch")
 EOF
 status=0
-timeout 240 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_kernels.py tests/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation -p no:cacheprovider >"$LOG/tests.txt" 2>&1 || status=1
+timeout 240 "$PY" -m pytest -q -rs tests/kernels/test_cuda.py tests/kernels/test_kernels.py tests/runtime/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation -p no:cacheprovider >"$LOG/tests.txt" 2>&1 || status=1
 tests_line=$(tail -1 "$LOG/tests.txt")
 # pipeline stages on CUDA: 2 processes on one GPU over gloo; NCCL with two GPUs or more (issue 14)
-timeout 180 "$PY" -m pytest -q -rs tests/test_stages_cuda.py -p no:cacheprovider >"$LOG/stages.txt" 2>&1 || status=1
+timeout 180 "$PY" -m pytest -q -rs tests/stages/test_stages_cuda.py -p no:cacheprovider >"$LOG/stages.txt" 2>&1 || status=1
 stages_line=$(tail -1 "$LOG/stages.txt")
 timeout 240 "$PY" scripts/bench_kernels.py --device cuda --shapes smollm2,llama3-8b,llama3-405b --rows 1,16,128 --repeats 5 --no-old-path \
   >"$LOG/bench_kernels.md" 2>"$LOG/bench_kernels.err" || status=1

@@ -8,7 +8,7 @@ initialisation (conftest.make_checkpoint, seed 0) and saved by its save_pretrain
 torch 2.13.0 (pinned by scripts/setup.sh) and transformers 5.25.0 only. The source checkpoint's files
 are therefore pinned too (they are recorded in each manifest), so that a changed environment fails as
 "the inputs changed" rather than as a converter bug. To re-pin after a deliberate format change, run
-`python tests/test_pinned_hashes.py` (prints the table) and say why in the commit message.
+`python tests/format/test_pinned_hashes.py` (prints the table) and say why in the commit message.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import make_checkpoint  # noqa: E402
 from layerpack.convert import ConvertOptions, convert  # noqa: E402
 
@@ -110,7 +110,7 @@ def test_pack_bits_unchanged(hashes, case):
     assert not changed, f"{case}: files differ from the pack pinned at {PINNED_AT}: {changed}"
 
 
-# Computed at c4530c8 with `python tests/test_pinned_hashes.py` (torch 2.13.0+cpu, transformers 5.25.0).
+# Computed at c4530c8 with `python tests/format/test_pinned_hashes.py` (torch 2.13.0+cpu, transformers 5.25.0).
 PINNED: dict[str, dict[str, str]] = {
     "llama-none": {
         "config.json": "30a588c19e0937b10ec34308b683bc571071e8b807688cb41e309a02a81e6dab",

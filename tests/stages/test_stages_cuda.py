@@ -11,7 +11,7 @@ import torch
 
 from layerpack_runtime.launch import launch_local
 from layerpack_runtime.stages import StageOptions
-from stagejobs import ParityJob
+from support.stagejobs import ParityJob
 from test_stages import REL_TOL, packs  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (scripts/gpu_check.sh runs these on a GPU)")

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import make_checkpoint, one_line_error as _one_line_error, run_cli, write_tiny_tokenizer
-from hub_server import HubServer
+from support.hub_server import HubServer
 
 TOKEN = "hf_secretEchoedTokenAbcdefghijklmnop42"
 

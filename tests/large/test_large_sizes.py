@@ -2,7 +2,7 @@
 above 4 GiB, tensors of 2^31 elements or more with int64 outlier indices, headers of large layers,
 and the planner's and the KV cache's arithmetic at Llama 3.1 405B's dimensions.
 
-How without the big files: sparse files (tests/sparse_pack.py: a valid header, then a hole; real
+How without the big files: sparse files (tests/support/sparse_pack.py: a valid header, then a hole; real
 bytes only where a test reads them, e.g. past 2^32), a per-call cap on os.preadv (so the read loop
 runs many times on small files, as it does once past 0x7ffff000 bytes), a threshold lowered by
 monkeypatch (int64 indices on a small tensor), and a few real large objects where they are cheap:
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint, write_tiny_tokenizer
-from sparse_pack import LLAMA_405B, sparse_pack, write_sparse_safetensors
+from support.sparse_pack import LLAMA_405B, sparse_pack, write_sparse_safetensors
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import fileio, loader
 from layerpack_runtime.budget import fmt_size
@@ -499,7 +499,7 @@ for mode, repo, arg, layers in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def hub(tiny):
-    from hub_server import HubServer
+    from support.hub_server import HubServer
 
     with HubServer(write_token=HUB_TOKEN) as server:
         server.add_repo("tiny/nf4", tiny["nf4"])
@@ -530,7 +530,7 @@ def test_hub_hashes_while_the_bytes_stream(hub, tiny, tmp_path):
             ("push", "tiny/pushed", tiny["nf4"], None)]
     env = {**os.environ, **hub.client_env(tmp_path / "home", HUB_TOKEN)}
     proc = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, json.dumps(jobs)], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh, again, part, lazy, pushed = (json.loads(l) for l in proc.stdout.strip().splitlines()[-5:])
     assert fresh["second"] == [] and fresh["bytes"] == sum(sizes.values())

@@ -18,7 +18,7 @@ from layerpack_runtime import kernels, qweight
 from layerpack_runtime.qweight import QuantWeight
 from layerpack_runtime.quant import dequantize_weight
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -143,7 +143,7 @@ print("worst", worst)
 
 def _run_variant(tmp_path, **env):
     e = {**os.environ, "LAYERPACK_CACHE": str(tmp_path), **env}
-    res = subprocess.run([sys.executable, "-c", _VARIANT.format(tests=os.path.join(REPO, "tests"))],
+    res = subprocess.run([sys.executable, "-c", _VARIANT.format(tests=os.path.join(REPO, "tests", "kernels"))],
                          capture_output=True, text=True, env=e, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = dict(l.split(" ", 1) for l in res.stdout.splitlines())

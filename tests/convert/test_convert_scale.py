@@ -164,7 +164,7 @@ def test_kill_minus_9_inside_a_streamed_unit_resumes_to_the_same_bytes(tmp_path)
     SIGKILLed after the head's first window, i.e. in the middle of a unit being streamed."""
     import filecmp
 
-    from tests.conftest import make_checkpoint, run_cli, run_cli_killed
+    from conftest import make_checkpoint, run_cli, run_cli_killed
 
     ckpt = make_checkpoint(tmp_path / "ck", "llama", vocab_size=8200, hidden_size=4096, intermediate_size=64,
                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=8, shard_size="200MB")

@@ -1,6 +1,6 @@
 """Memory budget honesty (issue 11): with --max-memory M, the process's peak RSS above its own import
 baseline stays within 1.1 x M, for `run`, `eval` and the Python API, on SmolLM2 (bf16, int8, NF4 with
-its tied head and head outliers) and on a MoE pack. Each case is a subprocess (tests/memprobe.py):
+its tied head and head outliers) and on a MoE pack. Each case is a subprocess (tests/support/memprobe.py):
 imports first, then the baseline (VmRSS), then the high-water mark is reset (/proc/self/clear_refs)
 and the call runs; VmHWM is read at the end. Small token counts keep it quick."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ MB = 1000 ** 2
 
 
 def _probe(mode: str, pack: str, budget: str, tokens: int = 4) -> dict:
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "memprobe.py"), mode, pack, budget, "--tokens", str(tokens)],
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "support", "memprobe.py"), mode, pack, budget, "--tokens", str(tokens)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

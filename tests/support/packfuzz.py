@@ -1,6 +1,6 @@
-"""Structure-aware fuzzing of packs (used by tests/test_fuzz_packs.py; runnable alone to reproduce).
+"""Structure-aware fuzzing of packs (used by tests/fuzz/test_fuzz_packs.py; runnable alone to reproduce).
 
-    python tests/packfuzz.py --seed S --cases N [--only I] PACK_DIR...
+    python tests/support/packfuzz.py --seed S --cases N [--only I] PACK_DIR...
 
 A worker process: it opens each unmutated pack once for its reference logits, then for each case
 derives an rng from (seed, case), copies one pack, applies one mutation to its manifest, a layer

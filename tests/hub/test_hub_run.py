@@ -1,5 +1,5 @@
 """Running a pack straight from a Hub repo id (runtime/layerpack_runtime/remote.py): the real
-huggingface_hub client, in subprocesses, against the local Hub look-alike (tests/hub_server.py)."""
+huggingface_hub client, in subprocesses, against the local Hub look-alike (tests/support/hub_server.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO as SRC
 from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
-from hub_server import HubServer, assert_no_token
+from support.hub_server import HubServer, assert_no_token
 from layerpack_runtime.loader import TORCH_WORKING_BYTES
 
 TOKEN = "hf_secretLayerpackRunToken0123456789"

@@ -1,5 +1,5 @@
 """Fault injection for the pipeline-stage tests, from the test side (no hook in the library reads
-the environment): `python tests/stage_faults.py RANK:exit|RANK:kill:N layerpack-args...` runs the
+the environment): `python tests/support/stage_faults.py RANK:exit|RANK:kill:N layerpack-args...` runs the
 real `layerpack` CLI with a StageFault passed to every stage process through StageOptions.on_start.
 
 RANK:exit   stage RANK exits (code 3) at start-up, before joining;
@@ -57,7 +57,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # spawned stages unpickle StageFault from here
-    from stage_faults import main as _main  # the importable module, not __main__: its classes pickle by name
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # spawned stages unpickle StageFault from here
+    from support.stage_faults import main as _main  # the importable module, not __main__: its classes pickle by name
 
     _main()

@@ -1,5 +1,5 @@
 """`layerpack pull` and `layerpack inspect <repo id>`: the real huggingface_hub client, in `layerpack`
-subprocesses, against the local Hub look-alike (tests/hub_server.py) serving a converted pack."""
+subprocesses, against the local Hub look-alike (tests/support/hub_server.py) serving a converted pack."""
 from __future__ import annotations
 
 import filecmp
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import make_checkpoint, run_cli, write_tiny_tokenizer
-from hub_server import HubServer, assert_no_token, pack_files
+from support.hub_server import HubServer, assert_no_token, pack_files
 
 TOKEN = "hf_secretLayerpackPullToken0123456789"
 REPO = "tiny/pack"

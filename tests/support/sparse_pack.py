@@ -1,4 +1,4 @@
-"""Packs of any declared size as sparse files, for the large-size tests (tests/test_large_sizes.py).
+"""Packs of any declared size as sparse files, for the large-size tests (tests/large/test_large_sizes.py).
 
 A layer file is a valid safetensors header followed by a hole of the payload's size (os.truncate:
 no disk blocks, reads return zeros), with real bytes placed only where a test asks (e.g. past

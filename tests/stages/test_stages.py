@@ -28,7 +28,7 @@ from layerpack_runtime.launch import StageError, free_port, launch_local
 from layerpack_runtime.stages import (StageOptions, balanced_split, open_stage_pack, parse_budgets, parse_split,
                                       stage_ranges)
 from layerpack_runtime.unitrange import UnitRange
-from stagejobs import ParityJob
+from support.stagejobs import ParityJob
 
 REL_TOL = 1e-5
 FAMILIES = {
@@ -223,11 +223,11 @@ def _default_sigint() -> None:
 def _run_watched(args, env=None, interrupt: bool = False, fault: str | None = None):
     """Run the CLI, recording its child processes (the stages) as they appear; optionally send
     Ctrl-C (SIGINT to the process group, as a terminal does) once stdout shows some text. fault: a
-    stage fault to inject (tests/stage_faults.py: RANK:exit, RANK:kill:N).
+    stage fault to inject (tests/support/stage_faults.py: RANK:exit, RANK:kill:N).
     Returns (proc, stdout, stderr, seconds, children seen)."""
     # Unbuffered: rank 0's text must reach the pipe as it is generated (a block-buffered pipe holds
     # 8 KB, which a slow machine may not fill before the deadline, so Ctrl-C would never be sent).
-    cli = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage_faults.py"), fault] if fault else ["-m", "layerpack.cli"]
+    cli = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "stage_faults.py"), fault] if fault else ["-m", "layerpack.cli"]
     proc = subprocess.Popen([sys.executable, *cli, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                             start_new_session=True, preexec_fn=_default_sigint)

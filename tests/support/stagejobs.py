@@ -1,4 +1,4 @@
-"""Rank 0's jobs for the pipeline tests (tests/test_stages.py), in their own small module: the stage
+"""Rank 0's jobs for the pipeline tests (tests/stages/test_stages.py), in their own small module: the stage
 processes are spawned and import this by name. Each job compares the pipeline with the
 single-process model (loaded in rank 0's process) and writes what it measured to a JSON file."""
 from __future__ import annotations

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from conftest import make_checkpoint, one_line_error, run_cli, write_tiny_tokenizer
-from hub_server import HubServer
+from support.hub_server import HubServer
 from layerpack_runtime.remote import HUB_RETRIES
 
 

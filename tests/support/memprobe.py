@@ -1,12 +1,12 @@
 """Peak memory of one `run` / `eval` / Python-API call, above the process's own import baseline.
 
-    python tests/memprobe.py api|run|eval|engine PACK BUDGET [--tokens N]
+    python tests/support/memprobe.py api|run|eval|engine PACK BUDGET [--tokens N]
 
 Imports everything the call will import (torch, tokenizers, the runtime, the CLI), measures the
 resident set (VmRSS) as the baseline, resets the high-water mark (/proc/self/clear_refs "5"), runs
 the call in this same process, then reads VmHWM. Prints one JSON line:
 {"baseline": bytes, "peak": bytes, "budget": bytes, "delta": peak - baseline}.
-Used by tests/test_memory_budget.py (a subprocess per case, so cases do not share allocator state).
+Used by tests/runtime/test_memory_budget.py (a subprocess per case, so cases do not share allocator state).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`layerpack convert <repo id>`: the real huggingface_hub client, in a `layerpack` subprocess, against
-a local Hub look-alike (tests/hub_server.py) through HF_ENDPOINT - no internet needed.
+a local Hub look-alike (tests/support/hub_server.py) through HF_ENDPOINT - no internet needed.
 
 One conversion from the Hub (module fixture) is checked for: a pack that verifies, hub provenance at
 the served commit, source sha256s equal to the served bytes, layer files byte-identical to converting
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_checkpoint, one_line_error as _one_line_error, run_cli
-from hub_server import HubServer
+from support.hub_server import HubServer
 
 TOKEN = "hf_secretLayerpackTestToken0123456789"   # in the environment of every hub conversion below
 WANTED = {"config.json", "generation_config.json", "model.safetensors.index.json"}  # + the 8 shards

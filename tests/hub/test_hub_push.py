@@ -1,6 +1,6 @@
 """`layerpack push`: the real huggingface_hub client (create_repo, create_branch, create_commit with LFS
 uploads, HF_HUB_DISABLE_XET=1), in `layerpack` subprocesses, against the local Hub look-alike
-(tests/hub_server.py), then `layerpack pull` of what was pushed."""
+(tests/support/hub_server.py), then `layerpack pull` of what was pushed."""
 from __future__ import annotations
 
 import filecmp
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import REPO, make_checkpoint, run_cli, write_tiny_tokenizer
-from hub_server import HubServer, assert_no_token, pack_files
+from support.hub_server import HubServer, assert_no_token, pack_files
 
 TOKEN = "hf_secretLayerpackPushToken0123456789"
 

@@ -1,6 +1,6 @@
 """Convert's inputs (issue 11): bad config.json / shard index / safetensors headers end in one
 `error:` line naming the file and field, never a traceback; a seeded structure-aware fuzz run
-(tests/fuzz_convert.py) on every CI run; a source without a tokenizer warns."""
+(tests/support/fuzz_convert.py) on every CI run; a source without a tokenizer warns."""
 from __future__ import annotations
 
 import json
@@ -165,14 +165,14 @@ def test_bad_shard_index(ck, tmp_path, weight_map, needle):
 def test_convert_input_fuzz(ck, tmp_path):
     """A seeded, structure-aware fuzz run over config.json, the shard index and the shard headers:
     every case ends in a pack or a one-line LayerpackError; no other exception, hang or blow-up."""
-    cmd = [sys.executable, os.path.join(REPO, "tests", "fuzz_convert.py"), ck, str(tmp_path),
+    cmd = [sys.executable, os.path.join(REPO, "tests", "support", "fuzz_convert.py"), ck, str(tmp_path),
            "--seed", str(FUZZ_SEED), "--cases", str(FUZZ_CASES)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["cases"] == FUZZ_CASES
     assert report["ok"] > 0 and report["errors"] > 0, report  # the generator reaches both outcomes
-    detail = "\n".join(f"case {f['case']} (seed {f['seed']}; rerun: tests/fuzz_convert.py CKPT DIR --seed {f['seed']} "
+    detail = "\n".join(f"case {f['case']} (seed {f['seed']}; rerun: tests/support/fuzz_convert.py CKPT DIR --seed {f['seed']} "
                        f"--only {f['case']}): {f['error']}\n    mutations: {f['mutation']}" for f in report["failures"])
     assert not report["failures"], detail
 

@@ -1,6 +1,6 @@
 """Test-only: the `layerpack` CLI with a conversion fault installed, for the resume tests' real kill -9.
 
-    python tests/convert_with_faults.py units|windows N convert SRC OUT [options]
+    python tests/support/convert_with_faults.py units|windows N convert SRC OUT [options]
 
 SIGKILLs this process once N units are recorded (`units`) or N windows of source values are
 quantized (`windows`, i.e. in the middle of a unit), deterministically. The fault is an object

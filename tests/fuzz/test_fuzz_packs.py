@@ -1,6 +1,6 @@
 """Structure-aware fuzzing of real (tiny) packs: every mutated pack either runs with output identical
 to the unmutated one (a harmless mutation) or fails with a LayerpackError; never another exception,
-a hang or a memory blow-up (the generator, oracle and guards are in tests/packfuzz.py)."""
+a hang or a memory blow-up (the generator, oracle and guards are in tests/support/packfuzz.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_checkpoint
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = int(os.environ.get("LAYERPACK_FUZZ_SEED", "11"))
 CASES = int(os.environ.get("LAYERPACK_FUZZ_CASES", "500"))
 
@@ -36,7 +36,7 @@ def fuzz_packs(tiny_ckpts, tmp_path_factory):
 
 def test_fuzzed_packs_fail_cleanly_or_run_identically(fuzz_packs):
     t0 = time.perf_counter()
-    cmd = [sys.executable, os.path.join(HERE, "packfuzz.py"), "--seed", str(SEED), "--cases", str(CASES), *fuzz_packs]
+    cmd = [sys.executable, os.path.join(HERE, "support", "packfuzz.py"), "--seed", str(SEED), "--cases", str(CASES), *fuzz_packs]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         out, timed_out = proc.stdout, False
@@ -45,7 +45,7 @@ def test_fuzzed_packs_fail_cleanly_or_run_identically(fuzz_packs):
     lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     results = [r for r in lines if "ok" in r]
     started = [r["start"] for r in lines if "start" in r]
-    repro = f"python tests/packfuzz.py --seed {SEED} --only CASE PACKS (packs: {' '.join(fuzz_packs)})"
+    repro = f"python tests/support/packfuzz.py --seed {SEED} --only CASE PACKS (packs: {' '.join(fuzz_packs)})"
     if timed_out or len(results) < CASES:
         last = started[-1] if started else None
         pytest.fail(f"the fuzz worker {'timed out' if timed_out else 'died'} in case {last} "

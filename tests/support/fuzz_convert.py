@@ -1,6 +1,6 @@
 """Structure-aware fuzzing of `convert`'s inputs: config.json, the shard index, source safetensors headers.
 
-    python tests/fuzz_convert.py CHECKPOINT WORKDIR --seed S --cases N [--only I]
+    python tests/support/fuzz_convert.py CHECKPOINT WORKDIR --seed S --cases N [--only I]
 
 Case i uses random.Random(S + i): it picks a target file and one to three mutations - a value of the
 wrong type, an out-of-range number, a deleted key, a duplicated key or element, deep nesting (up to

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from packfuzz import _read_st, _relayout, _write_st, reseal, streaming_budget
+from support.packfuzz import _read_st, _relayout, _write_st, reseal, streaming_budget
 from layerpack.verify import verify_pack
 from layerpack_runtime import load
 from layerpack_runtime.errors import FormatError
