@@ -172,6 +172,7 @@ def test_calibrated_pack_provenance_and_codes(ckpt, tmp_path):
     assert not torch.equal(t["mlp.down.weight.outlier_idx"], plain["mlp.down.weight.outlier_idx"])
 
 
+@pytest.mark.slow
 def test_calibrated_conversion_is_deterministic_and_resumes_after_kill(ckpt, tmp_path):
     src, text_file = ckpt
     args = ["convert", src, None, "--quant", "nf4", "--outliers", "0.01", "--calibrate", "--calibration-text", text_file,
@@ -311,6 +312,7 @@ def _pinned_checkpoint(path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_cli_errors(ckpt, tmp_path):
     src, _ = ckpt
     r = run_cli("convert", src, str(tmp_path / "x"), "--calibrate")

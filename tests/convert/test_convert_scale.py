@@ -159,6 +159,7 @@ def test_convert_with_small_windows_gives_the_same_layer_files(tmp_path, tiny_ck
     assert [f["sha256"] for f in whole["files"]] == [f["sha256"] for f in windowed["files"]]
 
 
+@pytest.mark.slow
 def test_kill_minus_9_inside_a_streamed_unit_resumes_to_the_same_bytes(tmp_path):
     """An untied 8200 x 4096 embedding and head (33.6M elements each: two windows): the process is
     SIGKILLed after the head's first window, i.e. in the middle of a unit being streamed."""

@@ -34,6 +34,7 @@ def fuzz_packs(tiny_ckpts, tmp_path_factory):
     return packs
 
 
+@pytest.mark.slow
 def test_fuzzed_packs_fail_cleanly_or_run_identically(fuzz_packs):
     t0 = time.perf_counter()
     cmd = [sys.executable, os.path.join(HERE, "support", "packfuzz.py"), "--seed", str(SEED), "--cases", str(CASES), *fuzz_packs]

@@ -162,6 +162,7 @@ def test_bad_shard_index(ck, tmp_path, weight_map, needle):
     _one_line_error(run_cli("convert", src, tmp_path / "out"), "model.safetensors.index.json", needle)
 
 
+@pytest.mark.slow
 def test_convert_input_fuzz(ck, tmp_path):
     """A seeded, structure-aware fuzz run over config.json, the shard index and the shard headers:
     every case ends in a pack or a one-line LayerpackError; no other exception, hang or blow-up."""
@@ -177,6 +178,7 @@ def test_convert_input_fuzz(ck, tmp_path):
     assert not report["failures"], detail
 
 
+@pytest.mark.slow
 def test_source_without_tokenizer_warns_once(ck, tmp_path):
     assert not os.path.exists(os.path.join(ck, "tokenizer.json"))
     r = run_cli("convert", ck, tmp_path / "out")

@@ -109,7 +109,7 @@ def test_bad_layer_spec_one_line(hub, tmp_path, spec):
     assert _requested_layers(hub.log()) == set()
 
 
-@pytest.mark.parametrize("into_cache", [False, True])
+@pytest.mark.parametrize("into_cache", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_tampered_layer_fails_and_leaves_nothing_trusted(hub, tmp_path, into_cache):
     size = next(f["size"] for f in hub.manifest["files"] if f["path"] == TAMPERED)
     original = (hub.pack / TAMPERED).read_bytes()

@@ -96,6 +96,7 @@ def _assert_same_logits(a, b):
     assert torch.equal(ma.forward([[42]], ca), mb.forward([[42]], cb))
 
 
+@pytest.mark.slow
 def test_interrupted_push_resumes_without_resending(hub, tmp_path):
     """The push is SIGKILLed as its first layer upload arrives; the re-run sends only what is missing."""
     pack = tmp_path / "pack"   # a pack of its own: none of its blobs is on the server yet

@@ -153,6 +153,7 @@ def test_strict_execution_order_and_cache_reuse(hub, tmp_path):
     assert torch.equal(torch.tensor(json.loads(again.stdout.splitlines()[-1])["values"]), _local_logits(hub.pack))
 
 
+@pytest.mark.slow
 def test_layerpack_run_repo_id_and_private_token(hub, tmp_path):
     local = run_cli("run", hub.pack, "Hello", "--max-new-tokens", "8", check=True)
     remote = run_cli("run", "tiny/private", "Hello", "--max-new-tokens", "8", env=_env(hub, tmp_path / "home"))

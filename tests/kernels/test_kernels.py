@@ -159,6 +159,7 @@ def test_instruction_set_variants(tmp_path, flags, isa):
     assert got == isa
 
 
+@pytest.mark.slow
 def test_no_compiler_falls_back_with_one_warning(tmp_path):
     got, err = _run_variant(tmp_path, CC=str(tmp_path / "no-such-cc"))
     assert got == "torch"
@@ -187,6 +188,7 @@ def test_row_chunks_with_blocks_straddling_rows(monkeypatch, scheme, shape, bloc
     assert _rel(q.linear(x), F.linear(x, _ref_weight(stored, entry, torch.float32))) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_weight_over_2_31_elements(scheme):
     # 405B's embedding and MLP matrices pass 2^31 elements: flat indices, code offsets and outlier

@@ -105,6 +105,7 @@ def test_converter_reads_loop(tiny, tmp_path, monkeypatch):
             assert a.read() == b.read(), rel
 
 
+@pytest.mark.slow
 def test_one_read_above_2gib(tmp_path):
     """A real streamed unit of 2.2 GB (sparse: zeros, with marks across the file's 2 GiB boundary, across
     the end of what one call returns, and at the end): the streamer's read gets all of it, while one
@@ -150,6 +151,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 def test_file_above_4gib(tiny, tmp_path):
     """Header offsets past 2^32, manifest sizes past 2^32 (reader and JSON schema), embedding rows read
     past 2^32, and verify's hashing of the 4.3 GB file in bounded memory (a sparse file hashes zeros)."""
@@ -514,6 +516,7 @@ def _pack_paths(root) -> set[str]:
             if ".cache" not in os.path.relpath(d, root) for n in ns}
 
 
+@pytest.mark.slow
 def test_hub_hashes_while_the_bytes_stream(hub, tiny, tmp_path):
     """pull (whole, then --layers) and a lazy `run owner/name` check every file's sha256 without reading
     it again; a pull into a folder that already holds the files hashes those (nothing downloaded);

@@ -133,6 +133,7 @@ def test_convert_eval_writes_valid_quality(packs, tmp_path):
     assert "## Quality" in card and f"{q['perplexity']:.3f}" in card and "nf4 + outliers 0.01" in card
 
 
+@pytest.mark.slow
 def test_convert_eval_unquantized_has_no_reference(packs, tmp_path):
     r = run_cli("convert", packs["ckpt"], tmp_path / "p", "--eval", "--eval-text", packs["text"], "-q")
     assert r.returncode == 0, r.stderr
@@ -167,6 +168,7 @@ def test_format_1_0_pack_without_quality_still_loads(packs, tmp_path):
     assert "quality" not in m.manifest.to_dict()
 
 
+@pytest.mark.slow
 def test_eval_cli_output_and_one_line_errors(packs, tmp_path):
     r = run_cli("eval", packs["nf4"], "--text", packs["text"], "--reference", packs["none"], "--window", "32", "--stride", "16")
     assert r.returncode == 0, r.stderr

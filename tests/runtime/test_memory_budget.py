@@ -14,6 +14,8 @@ import pytest
 
 from conftest import REPO, make_checkpoint, run_cli, write_tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # the real SmolLM2, and > 20 s per case on 2 cores
+
 SLACK = 1.1
 MB = 1000 ** 2
 

@@ -277,6 +277,7 @@ def test_budget_reserves_the_expert_cache(moe):
         load(path, max_memory=base, expert_cache=base // 2)  # the reserve comes out of the budget
 
 
+@pytest.mark.slow
 def test_run_stats_report_experts(moe):
     budget = _stream_budget(moe["nf4"])
     r = run_cli("run", moe["nf4"], "Hello world", "--max-new-tokens", "4", "--max-memory", budget, "--stats", check=True)

@@ -140,6 +140,7 @@ def test_serve_named_minimum_suffices(packs):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_stages_named_minimums_suffice(packs):
     args = ("run", packs["int8"], "Hello there", "--max-new-tokens", "8", "--stages", "2", "--threads", "1")
     err = one_line_error(run_cli(*args, "--max-memory", "1MB"))

@@ -157,8 +157,8 @@ def test_chained_ranges_equal_the_whole_model(packs, family, stages, budgets):
 
 # -- the multi-process pipeline ----------------------------------------------------------------
 @pytest.mark.parametrize("family,stages,budgets", [
-    ("llama", 2, False), ("llama", 3, True), ("gemma3", 2, True), ("gemma3", 3, False), ("mixtral", 2, False),
-    ("mixtral", 3, True)])
+    ("llama", 2, False), ("llama", 3, True), ("gemma3", 2, True), pytest.param("gemma3", 3, False, marks=pytest.mark.slow),
+    pytest.param("mixtral", 2, False, marks=pytest.mark.slow), pytest.param("mixtral", 3, True, marks=pytest.mark.slow)])
 def test_pipeline_matches_single_process(packs, tmp_path, family, stages, budgets):
     pack = packs[family]
     ranges = stage_ranges(Pack(pack), stages)
@@ -181,6 +181,7 @@ def test_pipeline_matches_single_process(packs, tmp_path, family, stages, budget
         assert res["streamed"] == 0 and res["budget"] is None
 
 
+@pytest.mark.slow
 def test_run_stages_cli_prints_the_same_text(packs):
     pack = packs["mixtral"]
     one = run_cli("run", pack, "The quick brown fox", "--max-new-tokens", 10, check=True)
@@ -270,7 +271,7 @@ def test_a_stage_that_cannot_open_its_layers(packs, tmp_path):
     _no_orphans(children)
 
 
-@pytest.mark.parametrize("stages,rank,units", [(2, 1, "block.002..head"), (3, 1, "block.001")])
+@pytest.mark.parametrize("stages,rank,units", [(2, 1, "block.002..head"), pytest.param(3, 1, "block.001", marks=pytest.mark.slow)])
 def test_a_stage_that_dies_mid_run_stops_all(packs, stages, rank, units):
     proc, out, err, took, children = _run_watched(
         ["run", packs["llama"], "Hello world", "--stages", stages, "--threads", 1, "--max-new-tokens", 50],
