@@ -9,13 +9,15 @@ import sys
 
 import click
 
+# Only torch-free modules at the top (tests/cli/test_cli_fast.py): --help, --version and argument errors
+# answer before torch is imported; each command imports what it runs.
 from layerpack_runtime.errors import LayerpackError
-from layerpack_runtime.format import COMPRESSIONS, DTYPE_NAMES, SCHEMES
+from layerpack_runtime.format import COMPRESSIONS, DTYPE_CHOICES, SCHEMES
 from layerpack_runtime.options import WEIGHT_FORMS, RunOptions
 
+from .choices import DEFAULT_CALIBRATION_TOKENS, OUTLIER_ROW, OUTLIER_RULES
 from .environment import API_KEY as API_KEY_ENV, debug
-from .quantizer.activation_stats import DEFAULT_TOKENS as DEFAULT_CALIBRATION_TOKENS
-from .quantizer import OUTLIER_ROW, OUTLIER_RULES
+from .speculate_cli import speculation_options, speculation_run
 
 
 def _one_line_errors(fn):
@@ -42,7 +44,7 @@ def _one_line_errors(fn):
 
 def _die(msg: str, code: int = 1):
     """The one way an error reaches the terminal: one line, through the token scrubber."""
-    from layerpack_runtime.remote import scrub
+    from layerpack_runtime.hubnames import scrub
 
     click.echo(f"error: {scrub(msg)}", err=True)
     sys.exit(code)
@@ -50,7 +52,7 @@ def _die(msg: str, code: int = 1):
 
 def _existing_or_repo(pack: str) -> bool:
     """True for a Hub repo id; a local path that does not exist is "no such pack folder" (never sent to the Hub)."""
-    from layerpack_runtime.remote import is_repo_id, no_such_pack
+    from layerpack_runtime.hubnames import is_repo_id, no_such_pack
 
     if is_repo_id(pack):
         return True
@@ -59,17 +61,60 @@ def _existing_or_repo(pack: str) -> bool:
     return False
 
 
+def _checkpoint_not_pack(path: str) -> LayerpackError | None:
+    """A Hugging Face checkpoint folder (config.json + weights, no manifest) given where a pack is expected."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "manifest.json")):
+        return None
+    names = os.listdir(path)
+    if "config.json" in names and any(n.endswith((".safetensors", ".safetensors.index.json", ".bin")) for n in names):
+        return LayerpackError(f"{path}: a Hugging Face checkpoint, not a layerpack; convert it first: "
+                              f"layerpack convert {path} OUT --quant nf4, then use OUT")
+    return None
+
+
+def _check_pack_arg(ctx, param, value, local_only: bool = False):
+    """Argument callback for PACK: a missing folder, or a checkpoint folder, is one error line while the
+    arguments are parsed, before a command imports torch (seconds)."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    try:
+        if local_only and not os.path.exists(value):
+            from layerpack_runtime.hubnames import no_such_pack
+
+            raise no_such_pack(value)
+        if not local_only:
+            _existing_or_repo(value)
+        err = _checkpoint_not_pack(value)
+        if err is not None:
+            raise err
+    except LayerpackError as e:
+        _die(str(e))
+    return value
+
+
+_check_local_pack_arg = functools.partial(_check_pack_arg, local_only=True)
+
+
+def _check_source_arg(ctx, param, value):
+    """Argument callback for convert's SRC: an existing folder or a Hub repo id, checked before torch loads."""
+    from layerpack_runtime.hubnames import is_repo_id
+
+    if value is not None and not ctx.resilient_parsing and not os.path.exists(value) and not is_repo_id(value):
+        _die(f"{value}: no such folder, and not a Hub repo id (owner/name)")
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="layerpack")
+@click.version_option(package_name="layerpack-llm")
 def main():
     """Run and share LLMs larger than memory, layer by layer."""
 
 
 @main.command()
-@click.argument("src")
+@click.argument("src", callback=_check_source_arg)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--quant", type=click.Choice(SCHEMES), default="none", show_default=True, help="Weight quantization scheme.")
-@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Dtype of unquantized tensors and compute [default: the source's].")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Dtype of unquantized tensors and compute [default: the source's].")
 @click.option("--outliers", type=float, default=0.0, show_default=True, metavar="FRACTION", help="Fraction of each quantized weight kept exactly (e.g. 0.001-0.01).")
 @click.option("--head-outliers", type=float, default=None, metavar="FRACTION", help="The output head's own fraction (a tied embedding is the head): the most sensitive weight, and a small share of a large model [default: --outliers].")
 @click.option("--outlier-rule", type=click.Choice(OUTLIER_RULES), default=OUTLIER_ROW, show_default=True, help="Which entries --outliers keeps: equal shares per output row, the largest |w| of the tensor, or greedy on the error saved per block (BENCHMARKS.md).")
@@ -107,14 +152,14 @@ def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block
 
 
 @main.command("eval")
-@click.argument("pack", type=click.Path())
+@click.argument("pack", type=click.Path(), callback=_check_pack_arg)
 @click.option("--text", "text_file", default=None, metavar="FILE", help="UTF-8 text to evaluate on [default: pydoc_data.topics, sorted keys, first 20000 characters].")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Evaluate at most the first N tokens of the text.")
 @click.option("--reference", default=None, metavar="PACK_OR_HF_DIR", help="Also report KL divergence and top-1 agreement against this pack, or this HF checkpoint folder converted unquantized.")
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per forward (sliding window).")
 @click.option("--stride", type=int, default=256, show_default=True, help="Tokens between window starts; each token is scored once, with >= window - stride tokens of context.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
-@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="fp32", show_default=True, help="Compute dtype (fp32 measures the weights alone).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True, help="Compute dtype (fp32 measures the weights alone).")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget per model, e.g. 110MB, 2GiB; units beyond it stream from disk.")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores]. On a machine busy with other work, 1 can be much faster.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -130,7 +175,7 @@ def eval_(pack, text_file, max_tokens, reference, window, stride, device, dtype,
 
 
 @main.command()
-@click.argument("pack", type=click.Path())
+@click.argument("pack", type=click.Path(), callback=_check_local_pack_arg)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def verify(pack, quiet):
@@ -147,7 +192,7 @@ def verify(pack, quiet):
 
 
 @main.command()
-@click.argument("pack", type=click.Path())
+@click.argument("pack", type=click.Path(), callback=_check_pack_arg)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @_one_line_errors
@@ -184,7 +229,7 @@ def pull(repo_id, out, revision, layers, no_tokenizer, token, quiet):
 
 
 @main.command()
-@click.argument("pack", type=click.Path())
+@click.argument("pack", type=click.Path(), callback=_check_local_pack_arg)
 @click.argument("repo_id")
 @click.option("--revision", default=None, metavar="BRANCH", help="Branch to push to (created if missing) [default: main].")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
@@ -202,7 +247,7 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 
 
 @main.command()
-@click.argument("pack", type=click.Path())
+@click.argument("pack", type=click.Path(), callback=_check_pack_arg)
 @click.argument("prompt")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the pack's chat template (needs jinja2).")
 @click.option("--max-new-tokens", type=click.IntRange(0), default=256, show_default=True)
@@ -211,7 +256,7 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass (1 = off).")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
-@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Compute dtype [default: the pack's].")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Compute dtype [default: the pack's].")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget for the model, e.g. 110MB, 2GiB; units beyond it stream from disk [default: all resident].")
 @click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before running (sizes and headers are always checked).")
@@ -226,13 +271,15 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--stages", type=click.IntRange(1), default=None, help="Split the model into S pipeline stages, one process each (torch.distributed, gloo on CPU), each holding only its own layers; --max-memory then applies per stage (one size, or one per stage: 1GiB,2GiB).")
 @click.option("--split", default=None, metavar="SPEC", help="Blocks of each stage, e.g. 0-9,10-21,22-31 [default: balanced by bytes and budgets].")
 @click.option("--micro-batches", type=click.IntRange(1), default=None, help="With --stages: micro-batches a batch is split into [default: min(batch, stages)].")
+@speculation_options
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches, **spec):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
 
+    speculation, max_memory, tree_room = speculation_run(spec, stages or split, max_memory, device, dtype, threads, token)
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
                            not no_expert_reads, expert_cache, threads, weight_form, stats,
@@ -253,12 +300,12 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
                       expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form)
     with progress_bar(total, "load", quiet=total is None) as bar:
         # The prompt is tokenized first: the plan is made once, for exactly this prompt + --max-new-tokens.
-        model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens, chat=chat, verify=verify,
+        model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens + tree_room, chat=chat, verify=verify,
                                      revision=revision, token=token, progress=bar.update)
     load_s = time.perf_counter() - t0
     model.unit_times.enabled = stats
     pieces = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stream=True)
+                            top_p=top_p, seed=seed, stream=True, **speculation.generate)
     try:
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -271,11 +318,15 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
         click.echo(f"weight form: {model.weight_form}", err=True)
         click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
+        speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
 
             click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
                        f"of {fmt_size(model.experts.capacity)}", err=True)
+        from layerpack_runtime.threads import describe_threads
+
+        click.echo(f"threads: {describe_threads(model.threads)}", err=True)
 
 
 def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, page_cache, expert_reads,
@@ -305,7 +356,7 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 
 
 @main.command()
-@click.argument("pack", type=click.Path())
+@click.argument("pack", type=click.Path(), callback=_check_pack_arg)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; any other than loopback needs --api-key (or --insecure).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget for the model, its KV slots and activations, e.g. 2GiB; units beyond it stream from disk.")
@@ -317,7 +368,7 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
 @click.option("--model-name", default=None, help="Model id clients send [default: the pack's folder name or repo id].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
-@click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default=None, help="Compute dtype [default: the pack's].")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Compute dtype [default: the pack's].")
 @click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
@@ -331,8 +382,9 @@ def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body,
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
-    from .serve import ServeOptions, check_bind, serve as run_serve
+    from .serve import ServeOptions, check_bind, check_port, serve as run_serve
     check_bind(host, api_key, insecure)  # before loading anything
+    check_port(host, port)
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
     def names(values):

@@ -23,6 +23,7 @@ from layerpack_runtime.manifest import Manifest
 from layerpack_runtime.threads import resolve_threads
 
 from .progress import progress_bar
+from .textfile import read_text_file
 
 DEFAULT_EVAL_DTYPE = "fp32"  # measures the weights, not the compute dtype (and is ~9x faster than bf16 on CPUs)
 
@@ -31,16 +32,7 @@ def read_text(path: str | None) -> tuple[str, str]:
     """(text, id): the default text, or the UTF-8 file at `path` (its id is the file name)."""
     if path is None:
         return default_text()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise LayerpackError(f"--text {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise LayerpackError(f"--text {path}: {e.strerror or e}") from None
-    if not text.strip():
-        raise LayerpackError(f"--text {path}: the file is empty")
-    return text, f"file {os.path.basename(path)}"
+    return read_text_file(path, "--text")
 
 
 @contextlib.contextmanager

@@ -1,34 +1,23 @@
-"""Supported Hugging Face families: the HF-name -> canonical-name tables (data, not code) and the
-translation of a HF config.json into the manifest's architecture spec.
+"""Reading a Hugging Face config.json into the manifest's architecture spec, for the families the
+runtime declares (layerpack_runtime/models/<family>.py: each family's pack contract, as data).
 
-Canonical names are architecture-neutral so one runtime module per family reads them:
-  embed unit:  embed.weight
-  block unit:  attn_norm.weight, attn.{q,k,v,o}.weight (+ .bias), attn.{q,k}_norm.weight (qwen3, gemma3),
-               attn_post_norm.weight (gemma3), mlp_norm.weight, mlp.{gate,up,down}.weight,
-               mlp_post_norm.weight (gemma3)
-  head unit:   norm.weight, head.weight (absent when the embedding is tied)
-  MoE blocks:  the attention tensors, moe.router.weight, moe.experts.{j}.{gate,up,down}.weight per expert j
-Weights keep Hugging Face's layout (rotary q/k rows in HF's rotate-half order; [out, in] linears).
+From those declarations this module also gives the converter its per-family tables (`FAMILIES`:
+canonical name -> HF name pattern per unit, as convert.plan_units reads them), the expected shape of
+each tensor and which tensors are quantizable: nothing about a family's tensors is written here.
+What is here: every config.json field the runtime uses, read with its type and range checked
+(ConfigFields), and the config conventions that the declarations name (contract.ConfigRules).
 """
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 
 from layerpack_runtime import models
 from layerpack_runtime.errors import LayerpackError
-from layerpack_runtime.format import EXPERT_PREFIX
-
-
-@dataclass(frozen=True)
-class Rows:
-    """A canonical tensor that is a row range of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj).
-    The converter splits fused projections so that every family shares one runtime code path and
-    quantization blocks never straddle two projections (docs/FORMAT.md)."""
-    pattern: str   # HF name pattern of the fused tensor
-    part: str      # q | k | v (of q,k,v stacked by rows) or gate | up (of gate,up stacked by rows)
+from layerpack_runtime.format import UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD
+from layerpack_runtime.models import contract
+from layerpack_runtime.models.contract import DENSE_MLP, EVERY, EXPERTS, Rows  # noqa: F401 (Rows: convert's)
 
 
 def split_rows(part: str, arch: dict) -> tuple[int, int, int]:
@@ -38,164 +27,59 @@ def split_rows(part: str, arch: dict) -> tuple[int, int, int]:
              "gate": (0, i, 2 * i), "up": (i, 2 * i, 2 * i)}
     return table[part]
 
-# One table per family: canonical name -> HF name pattern ({i} = block index), and whether it must exist.
-_LLAMA_BLOCK = {
-    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "attn.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "attn.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "attn.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-# The attention half of a block (every family has it; MoE blocks replace the MLP half).
-_ATTN_BLOCK = {k: v for k, v in _LLAMA_BLOCK.items() if not k.startswith("mlp.")}
-_DENSE_MLP = {k: v for k, v in _LLAMA_BLOCK.items() if k.startswith("mlp.")}
-# Present only when the config enables them (llama attention_bias / mlp_bias; always for qwen2 q/k/v).
-_OPTIONAL_BIASES = {
-    "attn.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
-    "attn.k.bias": "model.layers.{i}.self_attn.k_proj.bias",
-    "attn.v.bias": "model.layers.{i}.self_attn.v_proj.bias",
-    "attn.o.bias": "model.layers.{i}.self_attn.o_proj.bias",
-    "mlp.gate.bias": "model.layers.{i}.mlp.gate_proj.bias",
-    "mlp.up.bias": "model.layers.{i}.mlp.up_proj.bias",
-    "mlp.down.bias": "model.layers.{i}.mlp.down_proj.bias",
-}
-# Qwen2 always has q/k/v biases (and no o bias).
-_QWEN2_BLOCK = {**_LLAMA_BLOCK, **{k: v for k, v in _OPTIONAL_BIASES.items() if k in ("attn.q.bias", "attn.k.bias", "attn.v.bias")}}
-# Qwen3: llama's block, no biases by default (attention_bias adds all four), plus per-head q/k norms.
-_QK_NORMS = {
-    "attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
-    "attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
-}
-_QWEN3_BLOCK = {**_LLAMA_BLOCK, **_QK_NORMS}
-# Phi-3: fused projections, split at conversion into llama's canonical tensors (HF's
-# Phi3Attention slices qkv rows as q | k | v; Phi3MLP chunks gate_up rows as gate | up).
-_PHI3_BLOCK = {
-    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "attn.q.weight": Rows("model.layers.{i}.self_attn.qkv_proj.weight", "q"),
-    "attn.k.weight": Rows("model.layers.{i}.self_attn.qkv_proj.weight", "k"),
-    "attn.v.weight": Rows("model.layers.{i}.self_attn.qkv_proj.weight", "v"),
-    "attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "mlp.gate.weight": Rows("model.layers.{i}.mlp.gate_up_proj.weight", "gate"),
-    "mlp.up.weight": Rows("model.layers.{i}.mlp.gate_up_proj.weight", "up"),
-    "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-# Gemma 3 text: norms before and after attention and the MLP, q/k norms. HF's
-# post_attention_layernorm follows attention here (in llama it precedes the MLP).
-_GEMMA3_BLOCK = {
-    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "attn.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "attn.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "attn.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    **_QK_NORMS,
-    "attn_post_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "mlp_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
-    "mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "mlp_post_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
-}
-_EMBED = {"embed.weight": "model.embed_tokens.weight"}
-_HEAD = {"norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+
 # Tensors some checkpoints carry that are derived buffers, not weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-# Mixture-of-experts weights, per naming scheme a checkpoint may use ({j} = expert index). Checkpoints on
-# the Hub (and transformers 5's save_pretrained, which converts back) store one tensor per expert;
-# transformers 5's in-memory state dict fuses them per block: experts.gate_up_proj [E, 2I, H] (gate rows
-# first, then up) and experts.down_proj [E, H, I]. A fused source is (tensor pattern, part): part
-# "gate" / "up" = expert j's first / second half of gate_up_proj rows, "expert" = expert j's slice.
-# Every such part is a contiguous byte range of the source tensor, so it is read without the rest.
-_MIXTRAL_MOE = {
-    "per_expert": {
-        "moe.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
-        "moe.experts.{j}.gate.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
-        "moe.experts.{j}.up.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
-        "moe.experts.{j}.down.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",
-    },
-    "fused": {
-        "moe.router.weight": "model.layers.{i}.mlp.gate.weight",
-        "moe.experts.{j}.gate.weight": ("model.layers.{i}.mlp.experts.gate_up_proj", "gate"),
-        "moe.experts.{j}.up.weight": ("model.layers.{i}.mlp.experts.gate_up_proj", "up"),
-        "moe.experts.{j}.down.weight": ("model.layers.{i}.mlp.experts.down_proj", "expert"),
-    },
-}
-_QWEN_MOE = {
-    "per_expert": {
-        "moe.router.weight": "model.layers.{i}.mlp.gate.weight",
-        "moe.experts.{j}.gate.weight": "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
-        "moe.experts.{j}.up.weight": "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
-        "moe.experts.{j}.down.weight": "model.layers.{i}.mlp.experts.{j}.down_proj.weight",
-    },
-    "fused": _MIXTRAL_MOE["fused"],
-}
-# Qwen2-MoE adds a shared expert that every token uses (a dense SwiGLU MLP, scaled by a sigmoid gate):
-# part of the block's dense tensors (read with attention and router), never selected.
-_SHARED_EXPERT = {
-    "moe.shared.gate.weight": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-    "moe.shared.up.weight": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
-    "moe.shared.down.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
-    "moe.shared_gate.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
-}
-_QWEN2_MOE = {scheme: {**table, **_SHARED_EXPERT} for scheme, table in _QWEN_MOE.items()}
-
-
 @dataclass(frozen=True)
 class Family:
+    """The converter's view of a declared family: canonical name -> HF name pattern ({i}: block),
+    per unit; a Rows entry is a row range of a fused HF tensor."""
     name: str
     embed: dict[str, str]
     block: dict[str, str | Rows]
     head: dict[str, str]
-    optional: dict[str, str]
-    # MoE families: naming scheme -> expert table (see _MIXTRAL_MOE); `block` is then the attention half
-    # and `dense_mlp` the MLP of blocks that have no experts (Qwen3-MoE's mlp_only_layers).
+    optional: dict[str, str]   # block tensors taken when the source has them
+    # MoE families: naming scheme -> expert table ({j}: expert; a (pattern, part) tuple is expert j's
+    # part of a per-block fused tensor); `block` is then the attention half and `dense_mlp` the MLP of
+    # blocks that have no experts (Qwen3-MoE's mlp_only_layers).
     moe: dict[str, dict] = field(default_factory=dict)
     dense_mlp: dict[str, str] = field(default_factory=dict)
+    contract: contract.Family | None = None
 
 
-FAMILIES = {
-    "llama": Family("llama", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
-    "mistral": Family("mistral", _EMBED, _LLAMA_BLOCK, _HEAD, _OPTIONAL_BIASES),
-    "qwen2": Family("qwen2", _EMBED, _QWEN2_BLOCK, _HEAD, _OPTIONAL_BIASES),
-    "qwen3": Family("qwen3", _EMBED, _QWEN3_BLOCK, _HEAD, _OPTIONAL_BIASES),
-    "phi3": Family("phi3", _EMBED, _PHI3_BLOCK, _HEAD, {}),
-    "gemma3": Family("gemma3", _EMBED, _GEMMA3_BLOCK, _HEAD, _OPTIONAL_BIASES),
-    "mixtral": Family("mixtral", _EMBED, _ATTN_BLOCK, _HEAD, {}, moe=_MIXTRAL_MOE, dense_mlp=_DENSE_MLP),
-    "qwen3_moe": Family("qwen3_moe", _EMBED, {**_ATTN_BLOCK, **_QK_NORMS}, _HEAD, {}, moe=_QWEN_MOE, dense_mlp=_DENSE_MLP),
-    "qwen2_moe": Family("qwen2_moe", _EMBED, _ATTN_BLOCK, _HEAD, _OPTIONAL_BIASES, moe=_QWEN2_MOE, dense_mlp=_DENSE_MLP),
-}
+def _hf(t: contract.Tensor, scheme: str | None = None):
+    h = t.hf[scheme] if isinstance(t.hf, dict) else t.hf
+    return (h.pattern, h.part) if isinstance(h, contract.Fused) else h
+
+
+def _converter_view(fam: contract.Family) -> Family:
+    """The tables convert.plan_units reads, in the declaration's order (the order tensors are written)."""
+    block = fam.unit_tensors(UNIT_BLOCK)
+    moe = fam.has_experts
+    return Family(
+        fam.name,
+        embed={n: _hf(t) for n, t in fam.unit_tensors(UNIT_EMBED).items()},
+        block={n: _hf(t) for n, t in block.items() if not t.optional and (t.blocks == EVERY or not moe)},
+        head={n: _hf(t) for n, t in fam.unit_tensors(UNIT_HEAD).items()},
+        optional={n: _hf(t) for n, t in block.items() if t.optional},
+        moe={s: {n: _hf(t, s) for n, t in block.items() if t.blocks == EXPERTS} for s in fam.moe_schemes} if moe else {},
+        dense_mlp={n: _hf(t) for n, t in block.items() if t.blocks == DENSE_MLP and not t.optional} if moe else {},
+        contract=fam,
+    )
+
+
+FAMILIES = {name: _converter_view(fam) for name, fam in models.FAMILIES.items()}
 # HF `architectures[0]` -> family
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Phi3ForCausalLM": "phi3",
-    "Gemma3ForCausalLM": "gemma3",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-}
-# Linear weights that block quantization applies to. Norms and biases always stay in the pack
-# dtype; the embedding is quantized only when tied (then it is also the head; see docs/FORMAT.md).
-QUANTIZABLE = {
-    "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
-    "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight", "head.weight",
-}
-# Expert linears (and the shared expert's) are quantized like the dense MLP's; the router (a tiny
-# [experts, hidden] matrix whose argmax decides which experts run) and the shared expert's [1, hidden]
-# gate always stay in the pack dtype.
-_EXPERT_LINEAR = re.compile(r"moe\.(experts\.\d+|shared)\.(gate|up|down)\.weight")
+ARCHITECTURES = {arch: name for name, fam in models.FAMILIES.items() for arch in fam.hf_architectures}
 
 
 def is_quantizable(canonical: str) -> bool:
-    return canonical in QUANTIZABLE or _EXPERT_LINEAR.fullmatch(canonical) is not None
+    """Whether block quantization applies to this canonical tensor in every pack (linear weights;
+    norms, biases and routers never; the embedding only when tied: convert.scheme_for)."""
+    found = models.family_of_pack(None).tensor(canonical)
+    return found is not None and found[1].quantizable is True
 
 
 def supported() -> str:
@@ -431,17 +315,18 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
     if heads % kv_heads:
         raise LayerpackError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     sliding = c.int("sliding_window", None, lo=0) or None  # 0: no window (Qwen2-MoE writes 0)
-    if fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not c.bool("use_sliding_window", False):
+    rules = fam.contract.config
+    if rules.window_flag and not c.bool(rules.window_flag, False):
         sliding = None  # qwen2/3 configs carry a window they do not use unless use_sliding_window is set
     layer_types = c.str_list("layer_types", layers)
     if layer_types is not None and not set(layer_types) <= {"full_attention", "sliding_attention"}:
         raise LayerpackError(f"config.json: field 'layer_types' must name full_attention or sliding_attention for each block, "
                              f"not {sorted(set(layer_types) - {'full_attention', 'sliding_attention'})[0][:40]!r}")
-    if layer_types is None and fam.name == "gemma3" and sliding:
+    if layer_types is None and rules.window_layers == "period" and sliding:
         # Older configs give a period: every `sliding_window_pattern`-th block is global (transformers' rule).
         period = c.int("sliding_window_pattern", None) or c.int("_sliding_window_pattern", 6)
         layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
-    if layer_types is None and fam.name in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and sliding:
+    if layer_types is None and rules.window_layers == "max_window_layers" and sliding:
         # Qwen2/3 window only blocks >= max_window_layers (transformers' rule when the config predates layer_types).
         first = c.int("max_window_layers", layers, lo=0)
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -473,22 +358,22 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "head_dim": head_dim,
         "max_position_embeddings": c.int("max_position_embeddings", 0, lo=0),
         "norm": {"type": "rms", "eps": c.float("rms_norm_eps", 1e-6)},
-        "rope": _rope(config) if fam.name != "gemma3" else None,  # gemma3: set below
+        "rope": _rope(config) if rules.reader != "gemma3" else None,  # gemma3: set below
         # gemma: hidden_activation
         "activation": activation,
-        "tie_word_embeddings": c.bool("tie_word_embeddings", fam.name == "gemma3"),
+        "tie_word_embeddings": c.bool("tie_word_embeddings", rules.tie_word_embeddings),
         # qwen2_moe spells it qkv_bias (q/k/v only, like qwen2)
-        "attention_bias": c.bool("attention_bias", c.bool("qkv_bias", fam.name == "qwen2")),
+        "attention_bias": c.bool("attention_bias", c.bool("qkv_bias", rules.attention_bias)),
         "mlp_bias": c.bool("mlp_bias", False),
         "sliding_window": sliding if sliding else None,
         # per block "full_attention" | "sliding_attention" when blocks differ; None: all blocks alike
         "layer_types": list(layer_types) if layer_types and sliding else None,
-        "qk_norm": "attn.q_norm.weight" in fam.block,
+        "qk_norm": "attn.q_norm.weight" in fam.contract.tensors,
         "bos_token_id": (special["bos_token_id"] or [None])[0],
         "eos_token_ids": special["eos_token_id"],
         "pad_token_id": (special["pad_token_id"] or [None])[0],
     }
-    if fam.name == "gemma3":
+    if rules.reader == "gemma3":
         spec["rope"], spec["rope_local"] = _gemma3(config)
         spec["query_pre_attn_scalar"] = c.float("query_pre_attn_scalar", None) or float(spec["head_dim"])
         spec["attn_logit_softcapping"] = c.float("attn_logit_softcapping", None)
@@ -512,38 +397,18 @@ def _moe_spec(fam: Family, config: dict, layers: int) -> dict:
         "top_k": top_k,
         "intermediate_size": c.int("moe_intermediate_size", None) or c.int("intermediate_size"),
         # Mixtral always renormalises the top-k probabilities; Qwen MoE only with norm_topk_prob.
-        "norm_topk_prob": c.bool("norm_topk_prob", fam.name == "mixtral"),
+        "norm_topk_prob": c.bool("norm_topk_prob", fam.contract.config.moe_norm_topk_prob),
         # Mixtral weights the expert outputs with float32 routing weights; Qwen MoE casts them to
         # the hidden states' dtype first (a visible difference in bf16).
-        "weights_dtype": "float32" if fam.name == "mixtral" else "compute",
+        "weights_dtype": fam.contract.config.moe_weights_dtype,
         "layers": [i for i in range(layers) if i not in dense_only and (i + 1) % step == 0],
         # Qwen2-MoE's shared expert (null: none)
-        "shared_intermediate_size": c.int("shared_expert_intermediate_size") if "moe.shared.gate.weight" in fam.moe["fused"] else None,
+        "shared_intermediate_size": c.int("shared_expert_intermediate_size") if "moe.shared.gate.weight" in fam.contract.tensors else None,
     }
 
 
 def expected_shape(canonical: str, arch: dict) -> list[int] | None:
     """Shape each canonical tensor must have under the architecture spec (catches configs that do
-    not match their weights before anything is written)."""
-    h, i, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
-    moe = arch.get("moe")
-    if moe and canonical.startswith("moe.shared"):
-        s_i = moe["shared_intermediate_size"]
-        return {"moe.shared.gate.weight": [s_i, h], "moe.shared.up.weight": [s_i, h], "moe.shared.down.weight": [h, s_i],
-                "moe.shared_gate.weight": [1, h]}.get(canonical)
-    if moe and canonical.startswith(EXPERT_PREFIX):
-        e_i = moe["intermediate_size"]
-        return {"gate": [e_i, h], "up": [e_i, h], "down": [h, e_i]}.get(canonical.split(".")[-2])
-    if moe and canonical == "moe.router.weight":
-        return [moe["num_experts"], h]
-    q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
-    table = {
-        "embed.weight": [v, h], "head.weight": [v, h], "norm.weight": [h],
-        "attn_norm.weight": [h], "mlp_norm.weight": [h], "attn_post_norm.weight": [h], "mlp_post_norm.weight": [h],
-        "attn.q.weight": [q, h], "attn.k.weight": [kv, h], "attn.v.weight": [kv, h], "attn.o.weight": [h, q],
-        "attn.q_norm.weight": [arch["head_dim"]], "attn.k_norm.weight": [arch["head_dim"]],
-        "attn.q.bias": [q], "attn.k.bias": [kv], "attn.v.bias": [kv], "attn.o.bias": [h],
-        "mlp.gate.weight": [i, h], "mlp.up.weight": [i, h], "mlp.down.weight": [h, i],
-        "mlp.gate.bias": [i], "mlp.up.bias": [i], "mlp.down.bias": [h],
-    }
-    return table.get(canonical)
+    not match their weights before anything is written); None: not a tensor of the family."""
+    shape = contract.shape_of(models.family_of_pack(arch["family"]), canonical, arch)
+    return list(shape) if shape is not None else None

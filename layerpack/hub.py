@@ -229,7 +229,8 @@ def model_card(manifest: Manifest, repo_id: str, totals: dict | None = None) -> 
         lines.append(f"- converted from: {src['id']}" + (f" at {src['revision']}" if src.get("revision") else ""))
     lines += ["", *quality_card_lines(manifest)]   # the measured quality, when convert --eval stored it
     lines += [
-        "## Usage", "", "```sh", "pip install layerpack",
+        "## Usage", "", "```sh",
+        "pip install layerpack-llm   # before its first release, from a clone of layerpack: pip install ./runtime -e .",
         f"layerpack pull {repo_id} ./{repo_id.split('/')[-1]}",
         f"layerpack run ./{repo_id.split('/')[-1]} \"Hello\"", "```", "",
     ]

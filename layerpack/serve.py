@@ -1,6 +1,6 @@
 """`layerpack serve`: an OpenAI-compatible HTTP server over the runtime's continuous-batching engine.
 
-The HTTP layer is starlette + uvicorn (the `serve` extra: pip install 'layerpack[serve]'); the
+The HTTP layer is starlette + uvicorn (the `serve` extra: pip install 'layerpack-llm[serve]'); the
 batching is layerpack_runtime.engine, which runs in its own thread: every decode step is one pass
 over the (possibly streamed) weights for all clients at once. Requests are checked in
 openai_api.py, run in serve_jobs.py (choices, tool calls, constrained decoding in structured.py)
@@ -71,12 +71,25 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
                              f"(or LAYERPACK_API_KEY), or --insecure to serve without one")
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads when host:port cannot be listened on (another server has it)."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds (TIME_WAIT is free)
+            sock.bind((host, port))
+    except OSError as e:
+        raise LayerpackError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server using it? "
+                             f"pick another --port)") from None
+
+
 def _need_starlette():
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise LayerpackError("layerpack serve needs the serve extra: pip install 'layerpack[serve]'") from None
+        raise LayerpackError("layerpack serve needs the serve extra: pip install 'layerpack-llm[serve]'") from None
 
 
 def _check_unicode(body) -> None:

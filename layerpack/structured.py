@@ -39,7 +39,7 @@ def _llguidance():
         import llguidance  # (not llguidance.torch: its torch.compile decorator costs seconds at import)
     except ImportError:
         raise StructuredUnavailable("structured output (response_format json_object / json_schema, tool_choice "
-                                    "'required' or a named function) needs llguidance: pip install 'layerpack[structured]'") from None
+                                    "'required' or a named function) needs llguidance: pip install 'layerpack-llm[structured]'") from None
     return llguidance
 
 

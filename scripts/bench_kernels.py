@@ -11,7 +11,12 @@ weights once) and 128 rows (prefill: dequantize once, then one GEMM). Reported: 
 bytes per second (codes + absmax + outlier tables), and time per parameter against bf16 F.linear
 of the same shape and rows in the same run (>1: the quantized form is faster). Forms are timed
 interleaved, so a busy machine slows them alike. Random data; the kernels' speed does not
-depend on the values.
+depend on the values. At 1 row the dense bf16 weight is also timed through the runtime's native
+bf16 GEMV (kernels.bf16_matvec; used by the runtime with LAYERPACK_BF16_GEMV=1).
+
+The machine's limit: a STREAM-like read bandwidth (kernels.read_bandwidth: XOR of every line of a
+512 MiB buffer, best of 5) at 1 and 2 threads, measured before and after the kernels (the best of
+the two counts); every row's GB/s is also given as a fraction of it at the thread count in use.
 """
 from __future__ import annotations
 
@@ -87,6 +92,8 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=DEVICE)
         fns = {name: (lambda q=q: q.linear(x)) for name, q in forms.items()}
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
+        if rows == 1 and DEVICE.type == "cpu" and kernels.native() is not None:
+            fns["dense bf16, native GEMV"] = lambda: kernels.bf16_matvec(kernels.native(), dense, x)  # LAYERPACK_BF16_GEMV=1
         if old_path:
             from layerpack_runtime.quant import dequantize_nf4
 
@@ -96,13 +103,25 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         times = best_of(fns, reps)
         for name, t in times.items():
             nbytes = forms[name].nbytes if name in forms else (forms["nf4"].nbytes if "old path" in name else n * 2)
+
             results.append({"shape": shape, "rows": rows, "form": name, "s": t, "gbps": nbytes / t / 1e9,
                             "vs_dense": times["dense bf16 F.linear"] / t})
     del forms, dense
     return results
 
 
-def render(args, results, load_avg) -> str:
+def stream_bandwidth() -> dict[int, float]:
+    """bytes/s read at 1 and 2 threads (empty without the native library)."""
+    lib = kernels.native()
+    if lib is None or DEVICE.type != "cpu":
+        return {}
+    return {t: kernels.read_bandwidth(lib, threads=t) for t in (1, 2)}
+
+
+def render(args, results, load_avg, stream=None) -> str:
+    stream = stream or {}
+    threads = torch.get_num_threads()
+    ref = stream.get(threads) or (max(stream.values()) if stream else None)
     lines = [
         f"## Quantized linear kernels vs dense bf16 ({time.strftime('%Y-%m-%d')})",
         "",
@@ -114,11 +133,17 @@ def render(args, results, load_avg) -> str:
         "- Rows 1 = decode; 4 and 16 = small batches (native kernel, weights decoded once per tile of up to 8 rows); 128 = prefill "
         "(dequantize in row chunks of 2M weights into one reused buffer, then GEMM per chunk: memory stays bounded).",
         "",
-        "| weight (out x in) | rows | form | time ms | GB/s stored | per-param speed vs dense |",
-        "|---|--:|---|--:|--:|--:|",
+        (f"- STREAM-like read bandwidth (`kernels.read_bandwidth`, 512 MiB, best of 5, before and after): "
+         + ", ".join(f"{t} thread{'s' if t > 1 else ''} {b / 1e9:.1f} GB/s" for t, b in sorted(stream.items()))
+         + f"; \"of STREAM\" = a row's GB/s / the figure at {threads} thread{'s' if threads > 1 else ''}. Weights that fit "
+         "the 32 MiB L3 can read faster than memory (> 100%).") if stream else "- STREAM-like bandwidth: not measured (no native library).",
+        "",
+        "| weight (out x in) | rows | form | time ms | GB/s stored | of STREAM | per-param speed vs dense |",
+        "|---|--:|---|--:|--:|--:|--:|",
     ]
     for r in results:
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | {r['form']} | {r['s'] * 1e3:.3f} | {r['gbps']:.2f} | {r['vs_dense']:.2f}x |")
+        frac = f"{r['gbps'] * 1e9 / ref:.0%}" if ref else "-"
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | {r['form']} | {r['s'] * 1e3:.3f} | {r['gbps']:.2f} | {frac} | {r['vs_dense']:.2f}x |")
     dec = [r for r in results if r["rows"] == 1 and r["form"] in ("nf4", "nf4 + 1% outliers", "int8")]
     if dec:
         worst_gbps = min(dec, key=lambda r: r["gbps"])
@@ -146,13 +171,16 @@ def main() -> None:
     if kernels.native() is None:
         print("note: native kernels unavailable: the quantized rows measure the pure-torch fallback", file=sys.stderr)
     load_avg = os.getloadavg()
+    stream = stream_bandwidth()
     rows_list = [int(r) for r in a.rows.split(",")]
     results = []
     for group in a.shapes.split(","):
         for shape in SHAPES[group]:
             print(f"... {shape[0]}x{shape[1]}", file=sys.stderr, flush=True)
             results += bench_shape(shape, rows_list, a.repeats, not a.no_old_path and group != "llama3-405b" and DEVICE.type == "cpu")
-    report = render(a, results, load_avg)
+    after = stream_bandwidth()
+    stream = {t: max(b, after.get(t, 0.0)) for t, b in stream.items()}
+    report = render(a, results, load_avg, stream)
     print(report)
     if a.record:
         if DEVICE.type == "cuda":

@@ -19,7 +19,7 @@ def calibration_stats(job: Job, partial: Partial, quiet: bool) -> dict:
     fingerprint = partial.fingerprint() or ""
     stats = activation_stats.load(path, fingerprint)
     if stats is None:
-        with progress_bar(len(job.units), "calibrate", quiet) as bar:
+        with progress_bar(len(job.units), "calibrate", quiet, unit="unit") as bar:
             stats = activation_stats.collect(job.arch, job.units, lambda u: {c: read_whole(job.index, u, c) for c in u.tensors},
                                              job.calibration_ids, job.arch["tie_word_embeddings"], lambda u: bar.update(1))
         activation_stats.save(path, stats, fingerprint)

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import META_UNIT, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD
+from layerpack.textfile import read_text_file
 
-DEFAULT_TOKENS = 2048            # calibration tokens (measured in BENCHMARKS.md: calibration section)
+from ..choices import DEFAULT_CALIBRATION_TOKENS as DEFAULT_TOKENS  # noqa: E402 (torch-free: the CLI's default)
 MAX_TOKENS = 1 << 20             # a bound on the carried hidden state (tokens x hidden floats)
 SEQ_LEN = 512                    # tokens per calibration sequence (the eval window)
 STATS_FILE = "calibration.safetensors"
@@ -99,18 +100,10 @@ def default_text() -> tuple[str, str]:
 
 
 def read_text(path: str | None) -> tuple[str, str]:
+    """(text, id): the default text, or the UTF-8 file at `path` (its id is the file name)."""
     if path is None:
         return default_text()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise LayerpackError(f"--calibration-text {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise LayerpackError(f"--calibration-text {path}: {e.strerror or e}") from None
-    if not text.strip():
-        raise LayerpackError(f"--calibration-text {path}: the file is empty")
-    return text, f"file {os.path.basename(path)}"
+    return read_text_file(path, "--calibration-text")
 
 
 def text_sha256(text: str) -> str:

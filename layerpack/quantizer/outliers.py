@@ -14,10 +14,8 @@ from .ranking import (BLOCK_GAIN_DEPTH, block_gain_candidates, block_gain_depth,
                       take_ranked)
 from .windows import TensorSource
 
-OUTLIER_MAGNITUDE = "magnitude"    # the k largest |w| of the tensor
-OUTLIER_ROW = "row"                # an equal share per output row: rows' largest |w| first, then their second, ...
-OUTLIER_BLOCK_GAIN = "block-gain"  # greedy on the estimated error saved: shrinking a block's absmax
-OUTLIER_RULES = (OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_BLOCK_GAIN)
+# The rules' names live in the torch-free layerpack/choices.py (the CLI's --outlier-rule choices).
+from ..choices import OUTLIER_BLOCK_GAIN, OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIER_RULES  # noqa: E402, F401
 SAMPLE_ELEMS = 1 << 20  # sample size for the outlier threshold estimate
 
 __all__ = ["BLOCK_GAIN_DEPTH", "OUTLIER_BLOCK_GAIN", "OUTLIER_MAGNITUDE", "OUTLIER_ROW", "OUTLIER_RULES",

@@ -1,11 +1,31 @@
-"""layerpack-runtime: read and run layerpacks, one layer at a time.
+"""layerpack_runtime (distribution layerpack-llm-runtime): read and run layerpacks, one layer at a time.
 
-Imports nothing beyond torch (and zstandard / tokenizers lazily, when a pack needs them)."""
+Imports nothing beyond torch (and zstandard / tokenizers lazily, when a pack needs them). The names
+below are loaded on first use, so that `import layerpack_runtime.errors` (and the `layerpack`
+command's --help, --version and argument errors) does not pay for importing torch (~1-4 s)."""
+from __future__ import annotations
+
+import importlib
+
 from .errors import FormatError, LayerpackError, VersionError
-from .format import FORMAT_VERSION
-from .loader import LayeredModel, load
-from .manifest import Manifest
-from .pack import Pack
+from .threads import configure_openmp
+
+configure_openmp()  # OMP_WAIT_POLICY=PASSIVE unless set: must run before torch loads OpenMP (threads.py)
 
 __version__ = "0.1.0"
 __all__ = ["FORMAT_VERSION", "FormatError", "LayeredModel", "LayerpackError", "Manifest", "Pack", "VersionError", "__version__", "load"]
+
+# name -> submodule that defines it (imported on first access: PEP 562)
+_LAZY = {"FORMAT_VERSION": "format", "LayeredModel": "loader", "load": "loader", "Manifest": "manifest", "Pack": "pack"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -22,7 +22,8 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 
 def parse_size(value) -> int | None:
     """'110MB', '2GiB', '1.5 GB', 123456 -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB).
-    None / 'auto' -> None (no limit)."""
+    None / 'auto' -> None (no limit). A string without a unit is bytes, which scripts pass; below 1 MiB
+    it is refused as a forgotten unit (`--max-memory 150` meant 150MB: no model runs in 150 bytes)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "none")):
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -35,6 +36,9 @@ def parse_size(value) -> int | None:
     n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
         raise LayerpackError(f"memory size must be positive, not {value!r}")
+    if not m.group(2) and n < 2**20:
+        raise LayerpackError(f"memory size {str(value).strip()!r} has no unit, so it reads as {n} bytes: "
+                             f"give a unit, e.g. {m.group(1)}MB or {m.group(1)}MiB (or {m.group(1)}B for bytes)")
     return n
 
 

@@ -4,6 +4,12 @@ Columns are shared by the whole batch: prompts of different lengths are left-pad
 `valid` marks which columns of which row hold a real token (padding never takes part in
 attention); `positions` holds each column's rotary position. Each layer's tensors are separate
 allocations, so a later memory planner can place them per layer (or offload them) freely.
+
+Speculative decoding (speculative.py) appends *tentative* columns: `add_tree(parents)` makes the
+next forward's tokens nodes of a token tree (each attends to the committed columns and to its
+tree ancestors only; its rotary position is the committed length plus its depth), and
+`keep(path)` then keeps one root-first path of tentative columns - moved left to follow the
+committed ones - and drops the rest (rollback is keep([])).
 """
 from __future__ import annotations
 
@@ -36,6 +42,68 @@ class KVCache:
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # next rotary position per row
         self.padded = False                               # some row has a padding column
+        # Tentative (tree) columns [base, length): ancestor-or-self matrix and depth of each.
+        self.base: int | None = None                      # None: no tentative columns
+        self.tree_ancestors = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        self.tree_depth = torch.zeros(0, dtype=torch.long, device=device)
+        self._pending: list[int] | None = None            # parents of the next forward's tree nodes
+
+    def add_tree(self, parents) -> None:
+        """The next forward's T tokens are tree nodes: parents[i] is the tentative column index
+        (0 = the first tentative column, counted over every add_tree since the last keep) of token
+        i's parent, or -1 for a child of the committed sequence. Parents precede their children."""
+        n = 0 if self.base is None else self.length - self.base
+        for i, p in enumerate(parents):
+            if not -1 <= int(p) < n + i:
+                raise LayerpackError(f"tree node {i} names parent {p}, which is not an earlier node")
+        self._pending = [int(p) for p in parents]
+
+    def _reserve_tree(self, T: int) -> tuple[int, torch.Tensor]:
+        parents = self._pending
+        if parents is None or len(parents) != T:
+            raise LayerpackError(f"add_tree gave {0 if parents is None else len(parents)} nodes for a forward of {T} tokens")
+        if self.base is None:
+            self.base = self.length
+        n, dev = self.length - self.base, self.tree_ancestors.device
+        anc = torch.zeros(n + T, n + T, dtype=torch.bool, device=dev)
+        anc[:n, :n] = self.tree_ancestors
+        depth = torch.cat([self.tree_depth, torch.zeros(T, dtype=torch.long, device=dev)])
+        for i, p in enumerate(parents):
+            if p >= 0:
+                anc[n + i] = anc[p]
+                depth[n + i] = depth[p] + 1
+            anc[n + i, n + i] = True
+        self.tree_ancestors, self.tree_depth = anc, depth
+        positions = self.next_pos[:, None] + depth[None, n:].to(self.next_pos.device)
+        self.positions[:, self.length:self.length + T] = positions
+        self.valid[:, self.length:self.length + T] = True
+        return self.length, positions
+
+    def keep(self, path) -> None:
+        """Keep the tentative columns `path` (root-first: each the parent of the next) as committed
+        tokens, moved to follow the committed columns; drop every other tentative column."""
+        if self.base is None:
+            if len(path):
+                raise LayerpackError("keep: there are no tentative (tree) columns")
+            return
+        base, m = self.base, len(path)
+        if m:
+            idx = torch.as_tensor(list(path), dtype=torch.long, device=self.tree_ancestors.device)
+            # depths 0, 1, 2.. and each node an ancestor of the next: each is the next one's parent
+            chain = bool(self.tree_ancestors[idx[1:], idx[:-1]].all())
+            if not chain or not bool((self.tree_depth[idx] == torch.arange(m, device=idx.device)).all()):
+                raise LayerpackError("keep: the columns given are not a root-first path of the token tree")
+            if not bool((idx == torch.arange(m, device=idx.device)).all()):  # already in place: nothing to move
+                for layer in self.layers:
+                    cols = idx.to(layer.k.device) + base
+                    layer.k[:, :, base:base + m] = layer.k.index_select(2, cols)
+                    layer.v[:, :, base:base + m] = layer.v.index_select(2, cols)
+            self.positions[:, base:base + m] = self.next_pos[:, None] + torch.arange(m, device=self.next_pos.device)
+            self.next_pos += m
+        self.length = base + m
+        self.base, self._pending = None, None
+        self.tree_ancestors = self.tree_ancestors[:0, :0]
+        self.tree_depth = self.tree_depth[:0]
 
     def reserve(self, new_tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[int, torch.Tensor]:
         """Claim columns for new tokens [B, T] (attention_mask [B, T], 0 = padding). Returns the
@@ -46,6 +114,10 @@ class KVCache:
         start = self.length
         if start + T > self.max_len:
             raise LayerpackError(f"sequence of {start + T} tokens exceeds the KV cache's {self.max_len} positions")
+        if self._pending is not None:
+            return self._reserve_tree(T)
+        if self.base is not None:
+            raise LayerpackError("the KV cache holds tentative (tree) columns: keep() a path before a plain forward")
         if attention_mask is None:
             positions = self.next_pos[:, None] + torch.arange(T, device=self.next_pos.device)[None]
         else:
@@ -59,7 +131,17 @@ class KVCache:
 
     def commit(self, T: int, attention_mask: torch.Tensor | None) -> None:
         self.length += T
+        if self._pending is not None:  # tree nodes stay tentative until keep()
+            self._pending = None
+            return
         self.next_pos += T if attention_mask is None else attention_mask.to(self.next_pos.device).long().sum(1)
 
     def kv_valid(self, end: int) -> torch.Tensor | None:
-        return self.valid[:, :end] if self.padded else None
+        """Which columns [0, end) the new tokens may see: [B, end] (None: all), or with tree nodes
+        pending, [B, T, end]: the committed columns and each node's tree ancestors (and itself)."""
+        if self._pending is None:
+            return self.valid[:, :end] if self.padded else None
+        T, base = len(self._pending), self.base
+        committed = self.valid[:, None, :base].expand(self.batch, T, base)
+        tree = self.tree_ancestors[-T:, :end - base].to(self.valid.device)[None].expand(self.batch, T, end - base)
+        return torch.cat([committed, tree], dim=2)

@@ -1,6 +1,6 @@
 """Quality of a pack: perplexity on a text, and agreement with a reference model (mean KL divergence
 of the next-token distributions, top-1 agreement). Pure torch over LayeredModel.forward, so
-`layerpack-runtime` users get it without the toolkit.
+`layerpack-llm-runtime` users get it without the toolkit.
 
 Sliding window, fixed stride (the Hugging Face "perplexity of fixed-length models" recipe): the
 token ids are cut into windows of `window` tokens starting every `stride` tokens; each window is

@@ -29,15 +29,11 @@ import torch
 
 from .errors import FormatError
 from .fileio import read_exact
-from .format import EXPERT_LINEARS, ROUTER_WEIGHT, ST_DTYPES, expert_of, expert_weight
+from .format import EXPERT_LINEARS, EXPERTS_KEY, ROUTER_WEIGHT, ST_DTYPES, expert_of, expert_weight  # noqa: F401 (EXPERTS_KEY: re-exported)
 from .qweight import compute_form
 from .safetensors_io import SafetensorsFile, zstd_decompress, itemsize
 from .validate import check_payload
 
-# Key of a block's weights dict under which the model code finds its expert provider (a callable
-# taking expert indices and returning {j: {"gate"|"up"|"down": weight}}). Absent: the experts are
-# in the dict itself under their canonical names (resident units, whole-file streaming).
-EXPERTS_KEY = "moe.experts"
 READ_THREADS = 2
 # Experts of one step that are read but not (or no longer) in the cache are held only while in
 # flight or in use: at most this many at once, whatever the number of experts a step selects (a

@@ -1,11 +1,11 @@
 """Every constant of the layerpack format, shared by the writer (toolkit) and the reader (runtime).
 
 Nothing here imports anything heavier than torch, so the runtime stays light and the
-toolkit never re-declares a format detail of its own.
+toolkit never re-declares a format detail of its own. torch itself is imported only when one of
+the dtype tables (ST_DTYPES, TORCH_TO_ST, DTYPE_NAMES, DTYPE_TO_NAME) is first used: the CLI reads
+the other constants for its option choices before any command runs, and `--help` must stay fast.
 """
 from __future__ import annotations
-
-import torch
 
 FORMAT_NAME = "layerpack"
 # Semantic version of the on-disk format. A reader refuses packs of a newer *major* version;
@@ -84,24 +84,29 @@ COMPRESS_NONE = "none"
 COMPRESS_ZSTD = "zstd"
 COMPRESSIONS = (COMPRESS_NONE, COMPRESS_ZSTD)
 
-# safetensors dtype strings <-> torch dtypes (the subset a pack may contain).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+# safetensors dtype strings <-> torch dtypes (the subset a pack may contain): ST_DTYPES, TORCH_TO_ST.
+_ST_DTYPE_ATTRS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                   "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
-# Names used in the manifest for the pack dtype.
-DTYPE_NAMES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+# Names used in the manifest for the pack dtype (DTYPE_NAMES: name -> torch dtype, DTYPE_TO_NAME).
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+_DTYPE_ATTRS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _dtype_tables() -> dict:
+    import torch
+
+    st = {k: getattr(torch, v) for k, v in _ST_DTYPE_ATTRS.items()}
+    names = {k: getattr(torch, _DTYPE_ATTRS[k]) for k in DTYPE_CHOICES}
+    return {"ST_DTYPES": st, "TORCH_TO_ST": {v: k for k, v in st.items()},
+            "DTYPE_NAMES": names, "DTYPE_TO_NAME": {v: k for k, v in names.items()}}
+
+
+def __getattr__(name: str):  # PEP 562: the torch dtype tables, built on first use
+    if name in ("ST_DTYPES", "TORCH_TO_ST", "DTYPE_NAMES", "DTYPE_TO_NAME"):
+        globals().update(_dtype_tables())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Keys of the safetensors `__metadata__` block of every layer file.
 META_FORMAT = "layerpack.format"      # "layerpack/<version>"
@@ -140,6 +145,10 @@ OUTLIER_IDX_I64_FROM = 1 << 31
 # byte range, after the block's dense tensors, so the runtime reads one expert with one pread.
 EXPERT_PREFIX = "moe.experts."
 ROUTER_WEIGHT = "moe.router.weight"
+# Key of a block's weights dict under which the model code finds its expert provider (a callable
+# taking expert indices and returning {j: {"gate"|"up"|"down": weight}}). Absent: the experts are
+# in the dict itself under their canonical names (resident units, whole-file streaming).
+EXPERTS_KEY = "moe.experts"
 EXPERT_LINEARS = ("gate", "up", "down")
 
 

@@ -38,6 +38,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [B, vocab] (float32) -> next token ids [B]."""
     if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [B, vocab] (float32) -> the distribution `sample` draws from (temperature > 0), [B, vocab]."""
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, int(params.top_k), dim=-1).values[..., -1:]
@@ -50,8 +55,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop[..., 0] = False  # a top_p below float32's range (1e-300 is 0) keeps the first token too
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 @dataclass

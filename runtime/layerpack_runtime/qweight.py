@@ -54,11 +54,12 @@ def _bnb():
 class QuantWeight:
     """One quantized weight: codes + absmax (+ outliers), dequantized on use to `dtype`."""
 
-    __slots__ = ("scheme", "shape", "block_size", "codes", "absmax", "outlier_idx", "outlier_val", "dtype")
+    __slots__ = ("scheme", "shape", "block_size", "codes", "absmax", "outlier_idx", "outlier_val", "dtype", "_gemv")
 
     def __init__(self, scheme, shape, block_size, codes, absmax, outlier_idx, outlier_val, dtype):
         self.scheme, self.shape, self.block_size = scheme, tuple(shape), int(block_size)
         self.codes, self.absmax, self.outlier_idx, self.outlier_val, self.dtype = codes, absmax, outlier_idx, outlier_val, dtype
+        self._gemv = None  # (codes, absmax) the native GEMV was last found to take (see _linear_native)
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], name: str, entry, dtype: torch.dtype) -> "QuantWeight":
@@ -165,10 +166,16 @@ class QuantWeight:
         return out
 
     def _linear_native(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x @ W.T straight from the codes (CPU, few rows), or None when the kernel cannot take it."""
+        """x @ W.T straight from the codes (CPU, few rows), or None when the kernel cannot take it.
+        A decode step calls this ~200 times, so the layout check is remembered for the tensors it
+        was made on (a weight whose tensors are replaced is checked again), and bfloat16
+        activations go to the kernel as they are (it widens them and rounds its results back
+        exactly as .to() would: no conversions or their allocations here)."""
         rows, cols = self.shape
-        if (self.scheme == SCHEME_NF4 and (cols % 2 or self.block_size % 2)) or not self._native_layout():
-            return None
+        if self._gemv is None or self._gemv[0] is not self.codes or self._gemv[1] is not self.absmax:
+            if (self.scheme == SCHEME_NF4 and (cols % 2 or self.block_size % 2)) or not self._native_layout():
+                return None
+            self._gemv = (self.codes, self.absmax)
         idx, val = self.outlier_idx, self.outlier_val
         if idx is not None and idx.numel() and not (idx.dtype in (torch.int32, torch.int64) and idx.is_contiguous()
                                                     and val.dtype in _VAL_DTYPES and val.is_contiguous() and val.numel() == idx.numel()):
@@ -176,6 +183,10 @@ class QuantWeight:
         lib = kernels.native()
         if lib is None:
             return None
+        if x.dtype == torch.bfloat16:
+            y = kernels.matvec(lib, self.scheme, self.codes, self.absmax, rows, cols, self.block_size,
+                               x.reshape(-1, cols).contiguous(), idx, val)
+            return y.view(*x.shape[:-1], rows)
         x2 = x.reshape(-1, cols).to(torch.float32).contiguous()
         y = kernels.matvec(lib, self.scheme, self.codes, self.absmax, rows, cols, self.block_size, x2, idx, val)
         return y.to(x.dtype).view(*x.shape[:-1], rows)
@@ -232,10 +243,72 @@ class QuantWeight:
         return F.embedding(ids, self.dequantize())
 
 
+def concat_rows(parts: list) -> "QuantWeight | None":
+    """The QuantWeights `parts` stacked by rows as one weight (a fused q/k/v or gate/up), or None
+    where that is not the same weights: every part must end on a block boundary (and a byte, for
+    NF4), so the fused matrix has exactly the parts' blocks, codes and scales in order. The native
+    GEMV computes each output row alone from its own codes, so every row keeps its bits."""
+    if not parts or not all(isinstance(p, QuantWeight) and len(p.shape) == 2 for p in parts):
+        return None
+    first = parts[0]
+    if any((p.scheme, p.block_size, p.dtype, p.shape[1], p.codes.device, p.codes.dtype, p.absmax.dtype)
+           != (first.scheme, first.block_size, first.dtype, first.shape[1], first.codes.device, first.codes.dtype, first.absmax.dtype)
+           or p.numel % p.block_size or (p.scheme == SCHEME_NF4 and p.numel % 2) for p in parts):
+        return None
+    tables = [p.outlier_idx is not None and p.outlier_idx.numel() > 0 for p in parts]
+    idx = val = None
+    if any(tables):
+        vals = [p.outlier_val for p, t in zip(parts, tables) if t]
+        if len({v.dtype for v in vals}) != 1:
+            return None
+        offsets, idxs, total = 0, [], sum(p.numel for p in parts)
+        wide = torch.int64 if total >= 2**31 or any(p.outlier_idx.dtype == torch.int64 for p, t in zip(parts, tables) if t) else torch.int32
+        for p, t in zip(parts, tables):
+            if t:
+                idxs.append(p.outlier_idx.to(torch.int64) + offsets)
+            offsets += p.numel
+        idx, val = torch.cat(idxs).to(wide), torch.cat(vals)
+    codes = torch.cat([p.codes.reshape(-1) for p in parts])
+    if first.scheme == SCHEME_INT8:
+        codes = codes.view(-1, first.shape[1])
+    return QuantWeight(first.scheme, (sum(p.shape[0] for p in parts), first.shape[1]), first.block_size, codes,
+                       torch.cat([p.absmax.reshape(-1) for p in parts]), idx, val, first.dtype)
+
+
+def split_rows(fused: "QuantWeight", parts: list) -> list:
+    """The parts again, their codes and scales now views of `fused` (no second copy); outlier
+    tables stay the parts' own."""
+    out, f0 = [], 0
+    flat_codes, absmax = fused.codes.reshape(-1), fused.absmax
+    for p in parts:
+        n = p.numel
+        c0, c1 = (f0 // 2, (f0 + n) // 2) if p.scheme == SCHEME_NF4 else (f0, f0 + n)
+        codes = flat_codes[c0:c1].view(p.codes.shape)
+        out.append(QuantWeight(p.scheme, p.shape, p.block_size, codes, absmax[f0 // p.block_size:(f0 + n) // p.block_size].view(p.absmax.shape),
+                               p.outlier_idx, p.outlier_val, p.dtype))
+        f0 += n
+    return out
+
+
+def _dense_gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One activation row against a plain 2-D bfloat16 CPU weight: the native bf16 GEMV takes it."""
+    return (weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and weight.dim() == 2 and x.numel() == weight.shape[1]
+            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+            and not (x.requires_grad or weight.requires_grad))
+
+
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for plain tensors; anything else computes itself: a QuantWeight, or the converter's
-    calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input of every linear."""
+    """F.linear for plain tensors (one bfloat16 row with LAYERPACK_BF16_GEMV=1: the native GEMV,
+    which reads the weight about twice as fast as torch's batch-1 F.linear but sums in another
+    order, so it is opt-in: bf16 parity with transformers is bit for bit by default; with a bias
+    F.linear adds it before rounding, so biased layers keep F.linear); anything else computes itself: a QuantWeight, or the
+    converter's calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input
+    of every linear."""
     if isinstance(weight, torch.Tensor):
+        if bias is None and kernels.dense_gemv() and _dense_gemv_ok(x, weight):
+            lib = kernels.native()
+            if lib is not None:
+                return kernels.bf16_matvec(lib, weight, x.contiguous()).view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
     return weight.linear(x, bias)
 

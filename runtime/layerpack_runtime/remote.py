@@ -9,101 +9,34 @@ time); each downloaded file is checked against the manifest's size and sha256 be
 it, a bad one is deleted and named. Files already in the cache are checked by size (their sha256 was
 checked when they arrived; `verify=True` re-hashes them).
 
-Needs huggingface_hub (the `layerpack-runtime[hub]` extra); nothing else in the runtime imports it.
+Needs huggingface_hub (the `layerpack-llm-runtime[hub]` extra); nothing else in the runtime imports it.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
-import re
 import struct
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import FormatError, LayerpackError
+from .hub_retries import HUB_RETRIES, HubUnavailable, install_retry_bound  # noqa: F401 (HUB_RETRIES: re-exported)
 from .format import MANIFEST_FILE, MAX_HEADER_BYTES
+# Re-exported: repo ids vs local paths and the token scrubber live in a torch-free module (the CLI
+# checks arguments and prints errors with them before importing torch).
+from .hubnames import HUB_REPO_ID, is_repo_id, looks_local, no_such_pack, remember_token, scrub  # noqa: F401
 from .manifest import FileEntry, LayerEntry
 from .pack import Pack, sha256_file
 from .safetensors_io import SafetensorsFile
 from .stream_hash import hashing_downloads, streamed_sha256
 
-HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DOWNLOAD_WORKERS = 4          # layer files downloading at once (in execution order)
 HEADER_WORKERS = 8            # ranged header reads at once (one small request each, at load)
 HEADER_PROBE = 64 * 1024      # first ranged read per layer file; a longer header takes a second one
 
 
 PROBE_TIMEOUT_S = 4.0         # an unreachable Hub is reported after this, not after huggingface_hub's retries
-# Retries of a Hub request that failed with a retryable answer (HTTP 408/429/5xx) or a network error:
-# huggingface_hub makes 5, waiting 1+2+4+8+8 s; we stop after 2 (1+2 s), with one error line.
-HUB_RETRIES = 2
-_HF_HTTP_LOGGER = "huggingface_hub.utils._http"   # where huggingface_hub logs each retry
-
-
-def looks_local(path: str | os.PathLike) -> bool:
-    """A path the user meant as a local folder: it exists, starts with . / ~, or its first component
-    is an existing folder (`out/smollm2-nf44`, a typo under out/). Never sent to the Hub."""
-    s = os.fspath(path)
-    return (os.path.exists(s) or s.startswith((".", "/", "~", "\\")) or os.sep in s and os.path.isdir(s.split(os.sep, 1)[0])
-            or "/" in s and os.path.isdir(s.split("/", 1)[0]))
-
-
-def is_repo_id(path: str | os.PathLike) -> bool:
-    """`owner/name` that does not look like a local path (looks_local)."""
-    s = os.fspath(path)
-    return bool(HUB_REPO_ID.match(s)) and not looks_local(s)
-
-
-def no_such_pack(path: str | os.PathLike) -> LayerpackError:
-    return LayerpackError(f"{os.fspath(path)}: no such pack folder")
-
-
-# -- tokens ------------------------------------------------------------------------------------------
-# The one scrubber: every message that comes from the Hub or from an exception goes through scrub()
-# before it is printed, logged or stored. It removes the tokens in use (remember_token, HF_TOKEN,
-# the saved login) and anything token-shaped.
-_TOKENS: set[str] = set()
-_TOKEN_SHAPES = [
-    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9_\-.~+/=]{8,}"), r"\1\2<redacted>"),
-    (re.compile(r"(?i)\b(authorization|x-api-key|cookie|x-token|token|access_token|api_key|password)([\"']?\s*[:=]\s*[\"']?)"
-                r"(?!<redacted>)[^\s\"',;}&]+(?:[ \t]+(?!<redacted>)[^\s\"',;}&]+)?"), r"\1\2<redacted>"),
-    (re.compile(r"\b(hf|api_org|api)_[A-Za-z0-9]{8,}"), "<redacted>"),
-]
-
-
-def remember_token(token) -> None:
-    """Register a token in use (an explicit --token / token=) so scrub() removes it everywhere."""
-    if isinstance(token, str) and len(token) >= 4:
-        _TOKENS.add(token)
-
-
-def _tokens_in_use() -> set[str]:
-    found = set(_TOKENS)
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if len(os.environ.get(var) or "") >= 4:
-            found.add(os.environ[var])
-    hf = sys.modules.get("huggingface_hub")  # the saved login, only where huggingface_hub is in use anyway
-    if hf is not None:
-        try:
-            t = hf.get_token()
-        except Exception:  # noqa: BLE001 - an unreadable token file is no reason to fail an error message
-            t = None
-        if isinstance(t, str) and len(t) >= 4:
-            found.add(t)
-    return found
-
-
-def scrub(text) -> str:
-    """`text` without the tokens in use and without anything token-shaped (hf_..., Bearer ...,
-    Authorization: ...)."""
-    out = str(text)
-    for t in sorted(_tokens_in_use(), key=len, reverse=True):
-        out = out.replace(t, "<redacted>")
-    for rx, repl in _TOKEN_SHAPES:
-        out = rx.sub(repl, out)
-    return out
 
 
 class ScrubFilter(logging.Filter):
@@ -117,48 +50,13 @@ class ScrubFilter(logging.Filter):
         return True
 
 
-class HubUnavailable(LayerpackError):
-    """The Hub kept failing a request (HTTP 5xx, 429, 408, or a network error) through HUB_RETRIES retries."""
-
-
-class RetryBound(logging.Filter):
-    """On huggingface_hub's HTTP logger, which logs every failed try ("HTTP Error 500 thrown while
-    requesting HEAD <url>", or "'<error>' thrown while ...") and then "Retrying in 2s [Retry 2/5]"
-    before each wait. Those lines are not printed (the outcome is one error line), and once a request
-    has failed 1 + HUB_RETRIES times, HubUnavailable is raised from the log call itself, inside
-    huggingface_hub's retry loop, instead of waiting out its remaining retries. The library's own
-    public hook (a logging filter) is the only one that sees the retries; if a huggingface_hub
-    version logs them differently, its retries simply run their course."""
-
-    _last = threading.local()  # per thread: the failure of the request being retried
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # noqa: BLE001
-            return True
-        if " thrown while requesting " in msg:
-            self._last.reason = scrub(msg.split(" thrown while requesting ")[0].strip("'"))[:200]
-            return False
-        m = re.search(r"\[Retry (\d+)/\d+\]", msg)
-        if m is None:
-            return True
-        if int(m.group(1)) > HUB_RETRIES:
-            reason = getattr(self._last, "reason", "no answer")
-            raise HubUnavailable(f"the Hub keeps failing ({reason}, still after {HUB_RETRIES} retries); it may be down "
-                                 "or overloaded, try again later")
-        return False
-
-
 def _install_log_scrubber() -> None:
     log = logging.getLogger("huggingface_hub")
     if not any(isinstance(f, ScrubFilter) for f in log.filters):
         log.addFilter(ScrubFilter())
         for h in log.handlers:
             h.addFilter(ScrubFilter())
-    http_log = logging.getLogger(_HF_HTTP_LOGGER)
-    if not any(isinstance(f, RetryBound) for f in http_log.filters):
-        http_log.addFilter(RetryBound())
+    install_retry_bound()
 
 
 def check_reachable(repo_id: str) -> None:
@@ -195,14 +93,14 @@ def _hf():
     try:
         import huggingface_hub
     except ImportError:
-        raise LayerpackError("running a pack from the Hub needs huggingface_hub: pip install 'layerpack-runtime[hub]'") from None
+        raise LayerpackError("running a pack from the Hub needs huggingface_hub: pip install 'layerpack-llm-runtime[hub]' (from a clone: pip install './runtime[hub]')") from None
     return huggingface_hub
 
 
 def hub_error(e: BaseException, repo_id: str, revision: str | None) -> LayerpackError:
     """One line for a failed Hub request (the token never appears in it). LayerpackErrors pass through."""
     if isinstance(e, HubUnavailable):
-        return LayerpackError(f"{repo_id}: {e}")
+        return LayerpackError(scrub(f"{repo_id}: {e}"))
     if isinstance(e, LayerpackError):
         return type(e)(scrub(e)) if scrub(e) != str(e) else e
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,

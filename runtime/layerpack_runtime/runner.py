@@ -6,7 +6,8 @@ which attributes those modules use).
 
     prefill / decode step   forward(ids [B, T], cache=, attention_mask=, last_only=) -> float32 logits
     cache ops               new_cache(batch, max_len, step_tokens) -> a cache that forward() extends
-    memory figures          reserve(workload): the plan holds it (or it is refused); plan;
+    memory figures          reserve(workload): the plan holds it (or it is refused); plan; workload (the
+                            declared one); max_memory (the budget, None: unlimited);
                             minimum_memory(workload); bytes_read / io_wait_s (streamed so far)
     description             args (ModelArgs), device, dtype, tokenizer, eos_ids, pad_id()
 """
@@ -19,7 +20,7 @@ import torch
 from .options import Workload
 
 # Every name of the interface: the modules that drive a model use only these (tests/project/test_structure.py).
-RUNNER_NAMES = frozenset({"forward", "new_cache", "reserve", "plan", "minimum_memory", "bytes_read", "io_wait_s",
+RUNNER_NAMES = frozenset({"forward", "new_cache", "reserve", "plan", "workload", "max_memory", "minimum_memory", "bytes_read", "io_wait_s",
                           "args", "device", "dtype", "tokenizer", "eos_ids", "pad_id"})
 
 

@@ -255,6 +255,14 @@ class Pipeline(TextGenerator):
         return self.stage.units.plan
 
     @property
+    def workload(self):
+        return self.stage.units.workload
+
+    @property
+    def max_memory(self):
+        return self.stage.units.max_memory
+
+    @property
     def bytes_read(self) -> int:
         return self.stage.units.bytes_read
 

@@ -30,6 +30,15 @@ class TextGenerator:
                     generator: torch.Generator | None, stats: GenerationStats) -> Iterator[torch.Tensor]:
         return generate_tokens(self, prompts, max_new_tokens, params, pad_id, generator, stats)
 
+    def _tokens(self, prompts, max_new_tokens, params, pad_id, generator, stats, spec) -> Iterator[torch.Tensor]:
+        """_token_loop, or with `spec` (speculative.Speculation) the speculative loop."""
+        if spec is None:
+            return self._token_loop(prompts, max_new_tokens, params, pad_id, generator, stats)
+        from .speculative import SpeculationStats, speculative_tokens
+
+        self.last_speculation = SpeculationStats()
+        return speculative_tokens(self, prompts, max_new_tokens, params, generator, stats, spec, self.last_speculation)
+
     @property
     def tokenizer(self) -> PackTokenizer:
         if self._tokenizer is None:
@@ -67,16 +76,20 @@ class TextGenerator:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
 
     def generate_ids(self, prompt_or_prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, seed: int | None = None, chat: bool = False) -> list[int] | list[list[int]]:
+                     top_p: float = 1.0, seed: int | None = None, chat: bool = False, speculate: str | None = None,
+                     draft=None, draft_tokens: int | None = None) -> list[int] | list[list[int]]:
         """Like generate, but returns the new token ids (generation ends at an EOS token, which is
         not included)."""
+        from .speculative import speculation
+
+        spec = speculation(self, speculate, draft, draft_tokens)
         prompts, single = self._prompts(prompt_or_prompts, chat)
         eos = set(self.eos_ids)
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         self.last_stats = GenerationStats()
-        for tok in self._token_loop(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p),
-                                    self.pad_id(), self._generator(seed), self.last_stats):
+        for tok in self._tokens(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p),
+                                self.pad_id(), self._generator(seed), self.last_stats, spec):
             for b, t in enumerate(tok.tolist()):
                 if not done[b]:
                     if t in eos:
@@ -89,7 +102,7 @@ class TextGenerator:
 
     def generate(self, prompt_or_prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, stop: str | Sequence[str] | None = None, stream: bool = False, chat: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, speculate: str | None = None, draft=None, draft_tokens: int | None = None):
         """Generate a continuation of a prompt (or of each prompt of a list, batched).
 
         prompt: a string, token ids, or a chat conversation (list of {"role", "content"} dicts);
@@ -98,10 +111,16 @@ class TextGenerator:
         sampling reproducible. Generation ends at an EOS token, at a `stop` string (not included
         in the text), or after max_new_tokens. Returns the new text (a list for a list of
         prompts); with stream=True (one prompt only), an iterator of text pieces as they become
-        final. Timings of the last call: `last_stats`."""
+        final. Timings of the last call: `last_stats`.
+        speculate="lookup" (prompt lookup) or draft=PACK_OR_MODEL (a small pack sharing the
+        tokenizer): speculative decoding, several tokens per pass of this model, same output
+        distribution (speculative.py); draft_tokens: candidates per pass; `last_speculation`."""
+        from .speculative import speculation
+
+        spec = speculation(self, speculate, draft, draft_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         prompts, single = self._prompts(prompt_or_prompts, chat)
-        events = self._text_events(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p), stops, seed)
+        events = self._text_events(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p), stops, seed, spec)
         if stream:
             if not single:
                 raise LayerpackError("stream=True takes a single prompt")
@@ -112,7 +131,7 @@ class TextGenerator:
         return texts[0] if single else texts
 
     def _text_events(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                     stops: list[str], seed: int | None) -> Iterator[tuple[int, str]]:
+                     stops: list[str], seed: int | None, spec=None) -> Iterator[tuple[int, str]]:
         params.check()  # before any work, also for lazily consumed streams
         tokenizer = self.tokenizer
         streams = [TextStream(tokenizer, stops) for _ in prompts]
@@ -123,7 +142,7 @@ class TextGenerator:
         def run():
             done = [False] * len(prompts)
             self.last_stats = stats = GenerationStats()
-            for tok in self._token_loop(prompts, max_new_tokens, params, pad, generator, stats):
+            for tok in self._tokens(prompts, max_new_tokens, params, pad, generator, stats, spec):
                 for b, t in enumerate(tok.tolist()):
                     if done[b]:
                         continue

@@ -1,24 +1,58 @@
-"""How many CPU threads torch computes with: the one place the runtime sets it.
+"""How many CPU threads torch computes with, and how idle OpenMP threads wait: the one place the
+runtime sets either.
 
-Order of precedence: an explicit `threads` (`load(threads=N)`, `--threads N`), then the
-LAYERPACK_THREADS environment variable, then the number of physical cores this process may run on
-(hyper-threads share a core's vector units and cache, and only slow a memory-bound decode down).
+Thread count, in order of precedence: an explicit `threads` (`load(threads=N)`, `--threads N`), then
+the LAYERPACK_THREADS environment variable, then the number of physical cores this process may run
+on (hyper-threads share a core's vector units and cache, and only slow a memory-bound decode down).
+The count never follows the machine's load: outputs are not bit-identical across thread counts in
+every dtype (scripts/bench_threads.py --bits: fp32 decode logits differ at 1 vs 2 threads), and the
+runtime promises the same bits for the same input whatever else runs.
 
-On a machine shared with other work, fewer threads can be much faster: every parallel operation
-ends at a barrier that waits for its slowest thread, and a thread the OS has descheduled for
-another process's time slice stalls the whole step (measured: 2 threads 10x slower than 1 for
-decode on 2 busy cores). `--threads 1` (or LAYERPACK_THREADS=1) avoids that, and so does a short
-OpenMP spin: GOMP_SPINCOUNT=1000 or OMP_WAIT_POLICY=PASSIVE in the environment before torch loads
-(scripts/bench_threads.py: on a busy machine 2x faster than the default spin; on a quiet one
-10-30% slower, which is why the runtime does not set it for you).
+Wait policy: every parallel operation ends at a barrier that waits for its slowest thread. OpenMP's
+default keeps finished threads spinning (GOMP_SPINCOUNT=300000), which is fastest on an idle
+machine but collapses when other processes want the cores: a spinning thread burns the time slice
+the descheduled one needs (measured: 2 threads 3-10x slower than 1 for decode on 2 busy cores). The
+runtime therefore sets OMP_WAIT_POLICY=PASSIVE (idle threads sleep at once) when layerpack_runtime
+is imported - before torch loads OpenMP, which reads it once - unless the environment already sets
+OMP_WAIT_POLICY or GOMP_SPINCOUNT. BENCHMARKS.md ("Threads and OpenMP spinning") has the numbers:
+on a quiet machine PASSIVE gives up part of the second thread's gain; under load it does not
+collapse. `OMP_WAIT_POLICY=ACTIVE` restores OpenMP's spinning for a dedicated machine. The wait
+policy changes how idle threads wait, not how work is split, so it changes speed only.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 from .errors import LayerpackError
 
 ENV = "LAYERPACK_THREADS"
+WAIT_POLICY = "PASSIVE"        # the runtime's default OMP_WAIT_POLICY (see the module's docstring)
+_wait_policy_note = "not configured"   # what configure_openmp found/did, for describe_threads()
+_warned_counts: set[int] = set()       # --threads values already warned about (one line per process)
+
+
+def configure_openmp() -> None:
+    """Set OMP_WAIT_POLICY=PASSIVE for this process and its children unless the environment chose a
+    policy or spin count, and only while torch (and so OpenMP) is not loaded yet. Called when
+    layerpack_runtime is imported."""
+    global _wait_policy_note
+    chosen = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(k)}
+    if chosen:
+        _wait_policy_note = " ".join(f"{k}={v}" for k, v in chosen.items()) + " (from the environment)"
+    elif "torch" in sys.modules:
+        _wait_policy_note = "OpenMP's default spin (torch was imported before layerpack_runtime)"
+    else:
+        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+        _wait_policy_note = f"OMP_WAIT_POLICY={WAIT_POLICY} (layerpack's default; OMP_WAIT_POLICY=ACTIVE to spin)"
+
+
+def describe_threads(n: int | None = None) -> str:
+    """For --stats: the thread count, where it came from, and the OpenMP wait policy."""
+    import torch
+
+    n = torch.get_num_threads() if n is None else n
+    return f"{n} ({physical_cores()} physical cores); wait policy: {_wait_policy_note}"
 
 
 def physical_cores() -> int:
@@ -60,11 +94,21 @@ def resolve_threads(threads=None, what: str = "threads") -> int:
     """The thread count to use: `threads` if given, else $LAYERPACK_THREADS if set, else
     physical_cores(). `what` names `threads` in the error for a bad value (e.g. "--threads")."""
     if threads is not None:
-        return _parse(threads, what)
-    env = os.environ.get(ENV)
-    if env is not None and env.strip():
-        return _parse(env, ENV)
-    return physical_cores()
+        n, source = _parse(threads, what), what
+    elif (os.environ.get(ENV) or "").strip():
+        n, source = _parse(os.environ[ENV], ENV), f"${ENV}"
+    else:
+        return physical_cores()
+    _warn_oversubscribed(n, source)
+    return n
+
+
+def _warn_oversubscribed(n: int, what: str) -> None:
+    cores = physical_cores()
+    if n > cores and n not in _warned_counts:
+        _warned_counts.add(n)
+        print(f"warning: {what} {n} is more than the {cores} physical cores this process may use: threads will wait "
+              f"for each other at every operation", file=sys.stderr)
 
 
 def apply_threads(threads=None) -> int:

@@ -52,17 +52,14 @@ class UnitTimes:
 
     def table(self, steps: int, placement: dict[str, str], max_rows: int = 12) -> str:
         """Per unit and per step (forward pass): MiB read, read / wait / compute ms. With more than
-        max_rows units, the blocks are summed by placement (resident / streamed) with their mean."""
+        max_rows units, the blocks are summed by placement (resident / streamed) with their mean.
+        The label and placement columns are as wide as their longest entry (the numbers line up)."""
         steps = max(1, steps)
         units = list(placement)
         rows = {u: self.rows.get(u, [0, 0.0, 0.0, 0.0]) for u in units}
-        lines = [f"{'unit':<14} {'placement':<22} {'MiB read':>9} {'read ms':>9} {'wait ms':>9} {'compute ms':>11}   (per step, {steps} steps)"]
-
-        def line(label: str, where: str, r: list[float], n: int = 1) -> str:
-            return (f"{label:<14} {where:<22} {r[0] / 2**20 / steps / n:>9.1f} {1e3 * r[1] / steps / n:>9.1f} "
-                    f"{1e3 * r[2] / steps / n:>9.1f} {1e3 * r[3] / steps / n:>11.1f}")
+        body: list[tuple[str, str, list[float], int]] = []   # (label, placement, sums, units summed)
         if len(units) <= max_rows:
-            lines += [line(u, placement[u], rows[u]) for u in units]
+            body = [(u, placement[u], rows[u], 1) for u in units]
         else:
             groups: dict[str, list[str]] = {}
             for u in units:
@@ -70,8 +67,14 @@ class UnitTimes:
                 groups.setdefault(key, []).append(u)
             for key, members in groups.items():
                 total = [sum(rows[u][i] for u in members) for i in range(4)]
-                label = key if len(members) == 1 else f"{len(members)} blocks"
-                lines.append(line(label + (" (mean)" if len(members) > 1 else ""), placement[members[0]], total, len(members)))
-        total = [sum(r[i] for r in rows.values()) for i in range(4)]
-        lines.append(line("total", "", total))
-        return "\n".join(lines)
+                label = key if len(members) == 1 else f"{len(members)} blocks (mean)"
+                body.append((label, placement[members[0]], total, len(members)))
+        body.append(("total", "", [sum(r[i] for r in rows.values()) for i in range(4)], 1))
+        lw = max(len("unit"), *(len(b[0]) for b in body))
+        pw = max(len("placement"), *(len(b[1]) for b in body))
+
+        def line(label: str, where: str, r: list[float], n: int) -> str:
+            return (f"{label:<{lw}} {where:<{pw}} {r[0] / 2**20 / steps / n:>9.1f} {1e3 * r[1] / steps / n:>9.1f} "
+                    f"{1e3 * r[2] / steps / n:>9.1f} {1e3 * r[3] / steps / n:>11.1f}")
+        head = f"{'unit':<{lw}} {'placement':<{pw}} {'MiB read':>9} {'read ms':>9} {'wait ms':>9} {'compute ms':>11}   (per step, {steps} steps)"
+        return "\n".join([head, *(line(*b) for b in body)])

@@ -27,8 +27,9 @@ from typing import Any, Iterable
 import torch
 
 from .errors import FormatError, VersionError
+from .models import contract, family_of_pack
 from .format import (
-    ARCH_REQUIRED, BLOCK_SIZE_MULTIPLE, COMPRESS_ZSTD, COMPRESSIONS, DTYPE_NAMES, EXPERT_PREFIX, FORMAT_MAJOR, FORMAT_NAME,
+    ARCH_REQUIRED, BLOCK_SIZE_MULTIPLE, COMPRESS_ZSTD, COMPRESSIONS, DTYPE_NAMES, FORMAT_MAJOR, FORMAT_NAME,
     FORMAT_VERSION, MANIFEST_FILE, MAX_EXTRA_FILES, MAX_JSON_DEPTH, MAX_TENSOR_RANK, MAX_ZSTD_RATIO, META_UNIT,
     META_ZSTD, NF4_ZERO_CODE, OUTLIER_IDX_I64_FROM, SCHEME_INT8, SCHEME_NF4, SCHEME_NONE, SCHEMES, ST_DTYPES, SUFFIX_ABSMAX,
     SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL, TORCH_TO_ST, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD,
@@ -150,7 +151,7 @@ def check_manifest(d: Any) -> None:
     major = parse_version(d.get("format_version"))[0]
     if major > FORMAT_MAJOR:
         raise VersionError(f"pack format version {d['format_version']} is newer than this reader supports "
-                           f"({FORMAT_VERSION}); upgrade layerpack / layerpack-runtime")
+                           f"({FORMAT_VERSION}); upgrade layerpack-llm / layerpack-llm-runtime")
     if major < 1:
         raise VersionError(f"pack format version {d['format_version']} predates format 1 and is not supported")
     for key, typ in (("source", dict), ("architecture", dict), ("quantization", dict), ("layers", list), ("files", list),
@@ -308,40 +309,6 @@ def _check_moe(m: dict, n_blocks: int) -> None:
         raise _fail("architecture.moe.layers", "lists a block twice")
 
 
-def _expected_shapes(a: dict) -> dict[str, tuple[int, ...]]:
-    """Shape of every canonical tensor, from the architecture (FORMAT.md's tables)."""
-    h, v, inter = a["hidden_size"], a["vocab_size"], a["intermediate_size"]
-    hd = a.get("head_dim") or h // a["num_heads"]
-    q, kv = a["num_heads"] * hd, (a.get("num_kv_heads") or a["num_heads"]) * hd
-    s = {"embed.weight": (v, h), "head.weight": (v, h), "norm.weight": (h,),
-         "attn_norm.weight": (h,), "mlp_norm.weight": (h,), "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,),
-         "attn.q.weight": (q, h), "attn.k.weight": (kv, h), "attn.v.weight": (kv, h), "attn.o.weight": (h, q),
-         "attn.q.bias": (q,), "attn.k.bias": (kv,), "attn.v.bias": (kv,), "attn.o.bias": (h,),
-         "attn.q_norm.weight": (hd,), "attn.k_norm.weight": (hd,),
-         "mlp.gate.weight": (inter, h), "mlp.up.weight": (inter, h), "mlp.down.weight": (h, inter),
-         "mlp.gate.bias": (inter,), "mlp.up.bias": (inter,), "mlp.down.bias": (h,)}
-    m = a.get("moe")
-    if m:
-        mi, si = m["intermediate_size"], m.get("shared_intermediate_size")
-        s.update({"moe.router.weight": (m["num_experts"], h), "expert.gate": (mi, h), "expert.up": (mi, h), "expert.down": (h, mi)})
-        if si:
-            s.update({"moe.shared.gate.weight": (si, h), "moe.shared.up.weight": (si, h), "moe.shared.down.weight": (h, si),
-                      "moe.shared_gate.weight": (1, h)})
-    return s
-
-
-_EXPERT = re.compile(re.escape(EXPERT_PREFIX) + r"(0|[1-9]\d{0,8})\.(gate|up|down)\.weight")
-_UNIT_OF = {"embed.weight": UNIT_EMBED, "norm.weight": UNIT_HEAD, "head.weight": UNIT_HEAD}
-_QUANTIZABLE = re.compile(r"(attn\.[qkvo]|mlp\.(gate|up|down)|moe\.shared\.(gate|up|down))\.weight|head\.weight|embed\.weight")
-
-
-def _shape_key(name: str, a: dict) -> str | None:
-    m = _EXPERT.fullmatch(name)
-    if m:
-        return f"expert.{m.group(2)}" if a.get("moe") and int(m.group(1)) < a["moe"]["num_experts"] else None
-    return name
-
-
 def numel(shape: Iterable[int]) -> int:
     return math.prod(shape)
 
@@ -352,7 +319,7 @@ def _stored_min_bytes(t: dict, dtype_bytes: int) -> int:
 
 
 def _check_layers(layers: list, a: dict, q: dict, sizes: dict[str, int]) -> None:
-    shapes = _expected_shapes(a)
+    fam = family_of_pack(a.get("family"))  # the family's declared contract (models/<family>.py)
     dtype_bytes = torch.empty(0, dtype=DTYPE_NAMES[q["dtype"]]).element_size()
     used: dict[str, str] = {}
     moe_blocks = set(a["moe"]["layers"]) if a.get("moe") else set()
@@ -375,7 +342,7 @@ def _check_layers(layers: list, a: dict, q: dict, sizes: dict[str, int]) -> None
         names, implied, params = set(), 0, 0
         for j, t in enumerate(tensors):
             tp = f"{p}.tensors[{j}]"
-            _check_tensor(t, tp, q, a, shapes, kind, index in moe_blocks if index is not None else False)
+            _check_tensor(t, tp, q, a, fam, kind, index in moe_blocks if index is not None else False)
             if t["name"] in names:
                 raise _fail(f"{tp}.name", f"{t['name']!r} appears twice in layer {want!r}")
             names.add(t["name"])
@@ -393,7 +360,7 @@ def _check_layers(layers: list, a: dict, q: dict, sizes: dict[str, int]) -> None
             raise _fail(p, f"its tensors need at least {implied} bytes, more than {f} ({sizes[f]} bytes) can hold")
 
 
-def _check_tensor(t: Any, p: str, q: dict, a: dict, shapes: dict, kind: str, moe_block: bool) -> None:
+def _check_tensor(t: Any, p: str, q: dict, a: dict, fam, kind: str, moe_block: bool) -> None:
     _typed(t, dict, p)
     name = _typed(t.get("name"), str, f"{p}.name")
     shape = _typed(t.get("shape"), list, f"{p}.shape")
@@ -401,20 +368,19 @@ def _check_tensor(t: Any, p: str, q: dict, a: dict, shapes: dict, kind: str, moe
         raise _fail(f"{p}.shape", f"rank {len(shape)} is not in 1..{MAX_TENSOR_RANK}")
     for k, dim in enumerate(shape):
         _int(dim, f"{p}.shape[{k}]", lo=1)
-    key = _shape_key(name, a)
-    if key not in shapes or _UNIT_OF.get(name, UNIT_BLOCK) != kind:
-        raise _fail(f"{p}.name", f"{name!r} is not a tensor of a {kind} unit of this architecture")
-    if kind == UNIT_BLOCK and name.startswith(("moe.", "mlp.")) and name.startswith("moe.") != moe_block:
-        raise _fail(f"{p}.name", f"{name!r} does not match architecture.moe.layers (which blocks have experts)")
-    if name in ("attn.q_norm.weight", "attn.k_norm.weight") and not a.get("qk_norm"):
-        raise _fail(f"{p}.name", f"{name!r} present but architecture.qk_norm is false")
-    if tuple(shape) != shapes[key]:
-        raise _fail(f"{p}.shape", f"{name} has shape {shape}, the architecture implies {list(shapes[key])}")
+    why = contract.check_tensor_name(fam, name, kind, a, moe_block)
+    if why:
+        raise _fail(f"{p}.name", why)
+    want = contract.shape_of(fam, name, a)
+    if tuple(shape) != want:
+        raise _fail(f"{p}.shape", f"{name} has shape {shape}, the architecture implies {list(want)}")
     scheme = t.get("scheme")
-    if scheme not in (SCHEME_NONE, q["scheme"]) or (scheme != SCHEME_NONE and not _QUANTIZABLE.fullmatch(name) and not _EXPERT.fullmatch(name)):
+    declared = fam.tensor(name)[1].quantizable
+    if scheme not in (SCHEME_NONE, q["scheme"]) or (scheme != SCHEME_NONE and declared is False):
         raise _fail(f"{p}.scheme", f"{_show(scheme)} for {name} in a {q['scheme']} pack")
-    if name == "embed.weight" and scheme != SCHEME_NONE and not a.get("tie_word_embeddings"):
-        raise _fail(f"{p}.scheme", "an untied embedding is never quantized (FORMAT.md: the embedding rule)")
+    if scheme != SCHEME_NONE and not contract.is_quantizable(fam, name, a):
+        raise _fail(f"{p}.scheme", "an untied embedding is never quantized (FORMAT.md: the embedding rule)" if name == "embed.weight"
+                    else f"{name} is quantized only when architecture.{declared} is true")
     n = numel(shape)
     if scheme == SCHEME_NONE:
         if t.get("block_size") is not None or t.get("outliers", 0) != 0:

@@ -17,14 +17,26 @@ from .errors import FormatError
 from .format import INT8_QMAX, SCHEME_INT8, SCHEME_NONE, ST_DTYPES, SUFFIX_CODES
 
 
+# A float is NaN or infinite exactly when its exponent bits are all ones: tested on the integers of
+# the same width with numpy (~100x faster than torch.isfinite on bf16 with one thread; the hash then
+# dominates). Dtype -> (integer view, exponent mask).
+_EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+             torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
 def check_values(path: str, name: str, kind: str, t: torch.Tensor) -> None:
-    """kind "finite": no NaN/inf in t; kind "int8": no code below -INT8_QMAX."""
+    """kind "finite": no NaN/inf in t (a float tensor); kind "int8": no code below -INT8_QMAX."""
     if not t.numel():
         return
-    if kind == "finite" and not bool(torch.isfinite(t).all()):
-        raise FormatError(f"{path}: {name} holds a NaN or infinite value")
-    if kind == "int8" and int(t.min()) < -INT8_QMAX:
-        raise FormatError(f"{path}: {name} holds the code {int(t.min())}, outside the int8 scheme's [-{INT8_QMAX}, {INT8_QMAX}]")
+    flat = t.reshape(-1)
+    if kind == "finite":
+        view, mask = _EXPONENT[flat.dtype]
+        if int((flat.view(view).numpy() & mask).max()) == mask:
+            raise FormatError(f"{path}: {name} holds a NaN or infinite value")
+    elif kind == "int8":
+        low = int(flat.view(torch.int8).numpy().min())
+        if low < -INT8_QMAX:
+            raise FormatError(f"{path}: {name} holds the code {low}, outside the int8 scheme's [-{INT8_QMAX}, {INT8_QMAX}]")
 
 
 def value_checks(layer) -> dict[str, str]:

@@ -124,7 +124,8 @@ def test_large_batch_uses_gemm_and_row_chunks(native_calls, monkeypatch):
 
 
 _VARIANT = r"""
-import sys, torch, torch.nn.functional as F
+import os, sys, torch, torch.nn.functional as F
+os.environ["LAYERPACK_BF16_GEMV"] = "1"
 sys.path.insert(0, {tests!r})
 from test_kernels import _qw, _ref_weight, _rel
 from layerpack_runtime import kernels
@@ -138,6 +139,13 @@ for scheme in ("nf4", "int8"):
             worst = max(worst, _rel(q.linear(x), F.linear(x, _ref_weight(stored, entry, torch.float32))))
             assert torch.equal(q.dequantize(), _ref_weight(stored, entry, torch.float32))
 print("worst", worst)
+from layerpack_runtime import qweight
+worst = 0.0
+for shape in ((576, 1536), (37, 70)):  # dense bf16 GEMV: whole vectors and a tail
+    w = torch.randn(shape).to(torch.bfloat16)
+    x = torch.randn(1, shape[1]).to(torch.bfloat16)
+    worst = max(worst, _rel(qweight.linear(x, w), F.linear(x.float(), w.float())))
+print("bf16", worst)
 """
 
 
@@ -148,6 +156,7 @@ def _run_variant(tmp_path, **env):
     assert res.returncode == 0, res.stderr[-2000:]
     lines = dict(l.split(" ", 1) for l in res.stdout.splitlines())
     assert float(lines["worst"]) < 1e-5
+    assert float(lines["bf16"]) < 1e-2  # one bf16 rounding of the result
     return lines["isa"], res.stderr
 
 
@@ -218,3 +227,114 @@ def test_weight_over_2_31_elements(scheme):
     assert _rel(y[:, -3:], ref) < 1e-5
     assert q.rows(torch.tensor([rows - 1])).flatten()[-1] == 0.25
     del codes, q
+
+
+# -- dense bf16 GEMV, and fused (row-concatenated) quantized weights ------------------------------
+
+@pytest.fixture
+def dense_calls(monkeypatch):
+    monkeypatch.setitem(kernels._state, "bf16_gemv", True)  # as LAYERPACK_BF16_GEMV=1
+    calls = []
+    real = kernels.bf16_matvec
+
+    def counting(*a, **k):
+        calls.append(tuple(a[1].shape))
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "bf16_matvec", counting)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (49, 1536), (7, 33), (3, 100)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_gemv_equals_linear_and_rows_keep_their_bits(dense_calls, shape, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(shape, generator=g).to(torch.bfloat16)
+        x = torch.randn(1, 1, shape[1], generator=g).to(torch.bfloat16)
+        y = qweight.linear(x, w)
+        assert dense_calls == [shape] and y.dtype == torch.bfloat16 and y.shape == (1, 1, shape[0])
+        assert _rel(y, F.linear(x.float(), w.float())) < 1e-2  # exact products, float32 sums, one rounding
+        assert _rel(y, F.linear(x, w)) < 1e-2
+        # any block of rows (a fused q/k/v's parts, another thread's share) gives each row the same bits
+        for r0, r1 in ((0, 1), (1, min(6, shape[0])), (shape[0] // 2, shape[0])):
+            assert torch.equal(qweight.linear(x, w[r0:r1].contiguous()), y[..., r0:r1])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_bf16_gemv_only_where_it_is_the_same_operation(dense_calls):
+    w = torch.randn(64, 32).to(torch.bfloat16)
+    b = torch.randn(64).to(torch.bfloat16)
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    assert torch.equal(qweight.linear(x, w, b), F.linear(x, w, b))           # a bias: F.linear rounds once
+    assert torch.equal(qweight.linear(x.repeat(3, 1), w), F.linear(x.repeat(3, 1), w))  # several rows: GEMM
+    assert torch.equal(qweight.linear(x.float(), w.float()), F.linear(x.float(), w.float()))
+    assert torch.equal(qweight.linear(x, w.t().contiguous().t()), F.linear(x, w))     # not contiguous
+    assert dense_calls == []
+
+
+def _parts(scheme, outliers, shapes=((576, 576), (192, 576), (192, 576))):
+    return [_qw(s, scheme, outliers=outliers, dtype=torch.bfloat16, seed=i)[2] for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("outliers", [0.0, 0.01])
+def test_fused_quantized_rows_keep_their_bits(native_calls, scheme, outliers):
+    parts = _parts(scheme, outliers)
+    fused = qweight.concat_rows(parts)
+    assert fused is not None and fused.shape == (960, 576)
+    views = qweight.split_rows(fused, parts)
+    for p, v in zip(parts, views):
+        assert torch.equal(v.dequantize(), p.dequantize())
+        assert v.codes.data_ptr() >= fused.codes.data_ptr()  # a view of the fused codes, no second copy
+    for batch in (1, 3, qweight.GEMV_MAX_ROWS + 4):  # native GEMV (1 and a tile) and dequantize + GEMM
+        native_calls.clear()
+        x = torch.randn(batch, 576).to(torch.bfloat16)
+        y = fused.linear(x)
+        assert torch.equal(y, torch.cat([p.linear(x) for p in parts], dim=-1))
+        assert torch.equal(y, torch.cat([v.linear(x) for v in views], dim=-1))
+        assert native_calls == ([scheme] * 7 if batch <= qweight.GEMV_MAX_ROWS else [])
+
+
+def test_rows_that_split_a_block_are_not_fused():
+    assert qweight.concat_rows(_parts("int8", 0.0, ((3, 576), (2, 576)))) is None    # 1728 = 13.5 blocks of 128
+    assert qweight.concat_rows(_parts("nf4", 0.0, ((2, 96), (4, 96)))) is not None   # 192 = 3 blocks of 64
+    assert qweight.concat_rows(_parts("nf4", 0.0, ((3, 96), (2, 96)))) is None       # 288 = 4.5 blocks
+
+
+def test_fused_block_equals_unfused_block():
+    """A decode step and a prefill through one resident block, fused (llama.fuse_unit) and not:
+    the same bits, plain bf16 and quantized."""
+    from layerpack_runtime.models import llama
+
+    args = llama.ModelArgs(family="llama", vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=1,
+                           num_heads=4, num_kv_heads=2, head_dim=32)
+    g = torch.Generator().manual_seed(5)
+    shapes = {"attn.q.weight": (128, 128), "attn.k.weight": (64, 128), "attn.v.weight": (64, 128), "attn.o.weight": (128, 128),
+              "mlp.gate.weight": (256, 128), "mlp.up.weight": (256, 128), "mlp.down.weight": (128, 256)}
+    dense = {n: (torch.randn(s, generator=g) * 0.05).to(torch.bfloat16) for n, s in shapes.items()}
+    dense["attn_norm.weight"] = dense["mlp_norm.weight"] = torch.ones(128, dtype=torch.bfloat16)
+    quant = dict(dense)
+    for n in shapes:
+        stored, entry = quantize_tensor("w", dense[n].float(), "nf4", torch.bfloat16, 64, 0.01)
+        quant[n] = QuantWeight.from_stored(stored, "w", entry, torch.bfloat16)
+    inv = llama.rope_inv_freq(args)
+    for w in (dense, quant):
+        fused = llama.fuse_unit(args, w)
+        assert llama.QKV in fused and llama.GATE_UP in fused
+        for T in (5, 1):
+            h = torch.randn(1, T, 128, generator=g).to(torch.bfloat16)
+            pos = torch.arange(T)[None] + (5 if T == 1 else 0)
+            step = llama.prepare_steps(args, inv, pos, int(pos[0, 0]), None, None, torch.bfloat16)[0]
+            assert torch.equal(llama.block_forward(args, fused, h, step), llama.block_forward(args, w, h, step))
+
+
+def test_bf16_gemv_is_opt_in(monkeypatch):
+    # off by default: bf16 logits stay bit-identical to transformers' F.linear (tests/runtime/test_moe.py)
+    monkeypatch.delenv("LAYERPACK_BF16_GEMV", raising=False)
+    monkeypatch.delitem(kernels._state, "bf16_gemv", raising=False)
+    w, x = torch.randn(576, 576).to(torch.bfloat16), torch.randn(1, 576).to(torch.bfloat16)
+    assert not kernels.dense_gemv() and torch.equal(qweight.linear(x, w), F.linear(x, w))

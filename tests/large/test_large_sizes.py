@@ -292,7 +292,7 @@ def test_405b_planner_and_kv(packs_405b, scheme, monkeypatch):
           f"at 64 GB {n_res} of 126 blocks resident")
     # 8 GB (the seeds' budget): fits NF4 and int8 (two 1.8 / 3.3 GB stream buffers), not bf16 (6.4 GB each)
     if scheme == "none":
-        need = re.escape(fmt_size(fixed + 2 * block))  # 12.3 GiB: two 6.4 GB stream buffers + KV + activations
+        need = re.escape(fmt_size(fixed + 2 * block, up=True))  # 12.4 GiB (named rounded up): two 6.4 GB stream buffers + KV + activations
         with pytest.raises(LayerpackError, match=rf"max_memory 7\.5 GiB is below this pack's minimum of {need} "):
             loader.LayeredModel(Pack(path), max_memory="8GB", context=256)
     else:

@@ -454,11 +454,11 @@ def test_qwen2_moe_logits_match_transformers(qwen2, kind, mode):
 def test_run_expert_cache_option(moe):
     budget = _stream_budget(moe["nf4"])
     one = load(moe["nf4"]).experts.expert_bytes()
-    r = run_cli("run", moe["nf4"], "Hello world", "--max-new-tokens", "3", "--max-memory", budget + 4 * one,
-                "--expert-cache", 4 * one, "--stats", check=True)
+    r = run_cli("run", moe["nf4"], "Hello world", "--max-new-tokens", "3", "--max-memory", f"{budget + 4 * one}B",
+                "--expert-cache", f"{4 * one}B", "--stats", check=True)
     from layerpack_runtime.budget import fmt_size
 
     assert f"+ expert cache {fmt_size(4 * one)} =" in r.stderr  # the memory plan line shows the reserve
     assert "expert cache holds" in next(l for l in r.stderr.splitlines() if l.startswith("experts:"))
-    bad = run_cli("run", moe["nf4"], "Hello", "--max-memory", budget, "--expert-cache", budget)
+    bad = run_cli("run", moe["nf4"], "Hello", "--max-memory", f"{budget}B", "--expert-cache", f"{budget}B")
     assert bad.returncode != 0 and "minimum" in bad.stderr and "expert cache" in bad.stderr and "Traceback" not in bad.stderr

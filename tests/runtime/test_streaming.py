@@ -158,6 +158,16 @@ def test_parse_size_rejects(bad):
         parse_size(bad)
 
 
+def test_parse_size_refuses_a_forgotten_unit():
+    """`--max-memory 150` meant 150 MB: a bare number is bytes (scripts pass byte counts), but below 1 MiB
+    the error says how it was read and what to write; with B it is the byte count asked for."""
+    with pytest.raises(LayerpackError, match=r"'150' has no unit, so it reads as 150 bytes: give a unit, e.g. 150MB or 150MiB"):
+        parse_size("150")
+    with pytest.raises(LayerpackError, match="reads as 1 bytes"):
+        parse_size("1.5")
+    assert parse_size("150B") == 150 and parse_size("1048576") == 2**20 and parse_size(150) == 150
+
+
 def test_verify_names_the_corrupt_file(packs, tmp_path):
     import shutil
 

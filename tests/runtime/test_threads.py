@@ -69,6 +69,26 @@ def test_run_threads_flag_and_env_reach_torch_and_stats(pack):
         assert r.returncode == 0, r.stderr
         # GenerationStats.threads is torch.get_num_threads() during the generation
         assert f"threads: {want}" in r.stderr, r.stderr
+        assert f"threads: {want} ({physical_cores()} physical cores); wait policy: " in r.stderr, r.stderr
+        oversubscribed = f"warning: {args[0] if args else '$' + ENV} {want} is more than the {physical_cores()} physical cores"
+        assert (oversubscribed in r.stderr) == (want > physical_cores()), r.stderr
+
+
+def _wait_policy_in_child(env: dict, first: str = "") -> str:
+    code = f"{first}import os, layerpack_runtime; print(os.environ.get('OMP_WAIT_POLICY'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_passive_wait_policy_is_the_default_unless_the_environment_chose():
+    """OMP_WAIT_POLICY=PASSIVE (threads.py: no collapse when other work shares the cores) is set when
+    layerpack_runtime is imported, before torch, unless the user set a policy or spin count."""
+    assert _wait_policy_in_child({}) == "PASSIVE"
+    assert _wait_policy_in_child({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert _wait_policy_in_child({"GOMP_SPINCOUNT": "1000"}) == "None"
+    assert _wait_policy_in_child({}, first="import torch; ") == "None"  # too late to matter: left alone, and --stats says so
 
 
 @pytest.mark.parametrize("cmd", ["run", "eval"])

@@ -144,7 +144,7 @@ def test_structured_output_without_llguidance_is_a_400(served, monkeypatch):
     import layerpack.structured as structured
 
     def missing():
-        raise structured.StructuredUnavailable("structured output needs llguidance: pip install 'layerpack[structured]'")
+        raise structured.StructuredUnavailable("structured output needs llguidance: pip install 'layerpack-llm[structured]'")
 
     monkeypatch.setattr(structured, "_llguidance", missing)
     with pytest.raises(openai.BadRequestError, match="llguidance"):

@@ -267,11 +267,12 @@ class HubServer:
         with self._lock:
             self._tampered.pop(self.repos[repo_id].files[path].sha256, None)
 
-    def start(self) -> "HubServer":
+    def start(self, port: int = 0) -> "HubServer":
+        """Serve on 127.0.0.1: the Hub on `port` (0: any free port), the "CDN" on a free port."""
         self.storage = tempfile.mkdtemp(prefix="hub-test-storage-")
         for kind, routes in (("hub", _HUB_ROUTES), ("cdn", _CDN_ROUTES)):
             handler = type(f"{kind.title()}Handler", (_Handler,), {"hub": self, "kind": kind, "routes": routes})
-            srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            srv = ThreadingHTTPServer(("127.0.0.1", port if kind == "hub" else 0), handler)
             srv.daemon_threads = True
             t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
             t.start()
@@ -1002,3 +1003,46 @@ def assert_no_token(proc, token: str) -> None:
     """Neither the token nor anything token-shaped appears in a subprocess's output."""
     for text in (proc.stdout, proc.stderr):
         assert token not in text and "hf_secret" not in text
+
+
+# -- a local Hub to try push / pull / run owner/name by hand (README: "Trying the Hub without an account")
+
+def main(argv=None) -> None:
+    """`python tests/support/hub_server.py [--port 8765] [--token T] [--repo owner/name=PACK_FOLDER ...]`: serve until
+    Ctrl-C and print the environment that points huggingface_hub (and so layerpack) at this server.
+    Pushed repos live in memory and a temporary folder: they are gone when the server stops."""
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(prog="python tests/support/hub_server.py", description=main.__doc__)
+    ap.add_argument("--port", type=int, default=8765, help="port of the Hub endpoint (0: any free port) [%(default)s]")
+    ap.add_argument("--token", default="local-write-token", help="token a push must send [%(default)s]")
+    ap.add_argument("--repo", action="append", default=[], metavar="OWNER/NAME=FOLDER",
+                    help="serve a local folder (a pack) as a repo from the start; repeatable")
+    args = ap.parse_args(argv)
+    hub = HubServer(write_token=args.token)
+    for spec in args.repo:
+        repo_id, _, folder = spec.partition("=")
+        if not folder or not os.path.isdir(folder):
+            ap.error(f"--repo {spec}: give OWNER/NAME=FOLDER with an existing folder")
+        hub.add_repo(repo_id, folder)
+    try:
+        hub.start(args.port)
+    except OSError as e:
+        ap.error(f"port {args.port}: {e.strerror or e} (try --port 0)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored there)
+        signal.signal(sig, lambda *_: stop.set())
+    home = tempfile.mkdtemp(prefix="hub-local-home-")
+    print(f"local Hub on {hub.url} (repos: {', '.join(hub.repos) or 'none yet'}); in another shell:", flush=True)
+    print(f"export HF_ENDPOINT={hub.url} HF_TOKEN={args.token} HF_HUB_DISABLE_XET=1 HF_HOME={home}", flush=True)
+    print("Ctrl-C stops it (and forgets every pushed repo).", flush=True)
+    try:
+        stop.wait()
+    finally:
+        hub.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,8 @@ from layerpack_runtime.format import (DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, 
                                       UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_file, unit_name)
 from layerpack_runtime.manifest import TensorEntry
 from layerpack_runtime.safetensors_io import itemsize
-from layerpack_runtime.validate import _expected_shapes, stored_spec
+from layerpack_runtime.models import contract, family_of_pack
+from layerpack_runtime.validate import stored_spec
 
 FAKE_SHA = "0" * 64  # files whose hash a test never checks (hashing 230 GB of holes is not the point)
 HASH_UP_TO = 64 << 20  # smaller layer files get their real sha256
@@ -87,7 +88,7 @@ def sparse_pack(out: str, template: str, arch: dict, scheme: str = "nf4", block_
     with open(os.path.join(template, "manifest.json")) as f:
         m = json.load(f)
     a = {**m["architecture"], **arch, "family": "llama", "layer_types": None}
-    shapes = _expected_shapes(a)
+    fam = family_of_pack("llama")
     block_size = None if scheme == SCHEME_NONE else block_size
     pack_dtype = TORCH_TO_ST[DTYPE_NAMES[dtype]]
     os.makedirs(os.path.join(out, "layers"), exist_ok=True)
@@ -100,7 +101,7 @@ def sparse_pack(out: str, template: str, arch: dict, scheme: str = "nf4", block_
         name = unit_name(kind, index)
         entries, spec = [], {}
         for t in _unit_tensors(kind, a):
-            shape = list(shapes[t])
+            shape = list(contract.shape_of(fam, t, a))
             n = math.prod(shape)
             q = scheme != SCHEME_NONE and t in QUANTIZABLE
             e = TensorEntry(t, shape, scheme if q else SCHEME_NONE, block_size if q else None,

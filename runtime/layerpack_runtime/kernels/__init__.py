@@ -11,6 +11,11 @@ flags and the machine. No compiler, a failed build or LAYERPACK_KERNELS=torch ->
 
 Environment:
   LAYERPACK_KERNELS=torch   never build or use the native kernels
+  LAYERPACK_BF16_GEMV=1     one bfloat16 activation row against a plain bfloat16 weight uses the
+                            native bf16 GEMV (about 2x torch's batch-1 F.linear) instead of
+                            F.linear. Off by default: it sums in another order than torch, so
+                            bf16 logits are no longer bit-identical to transformers' (the MoE
+                            bf16 parity test asserts that; SmolLM2's greedy tokens still match)
   LAYERPACK_KERNEL_FLAGS    compiler flags instead of the default "-O3 -march=native" (the tests
                             build an AVX2-only and a portable variant with it)
   CC                        the C compiler (default: cc)
@@ -30,13 +35,14 @@ import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qmatvec.c")
 DEFAULT_FLAGS = "-O3 -march=native"
-ABI_VERSION = 2
+ABI_VERSION = 3
 BUILD_TIMEOUT_S = 120
 
 _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "lp_nf4_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I32, _P, _I32, _I64, _I32],
-    "lp_int8_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I32, _P, _I32, _I64, _I32],
+    "lp_nf4_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I32, _P, _I32, _I64, _I32, _I32],
+    "lp_int8_matvec": [_P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I32, _P, _I32, _I64, _I32, _I32],
+    "lp_bf16_matvec": [_P, _I64, _I64, _P, _P, _I32, _I32],
     "lp_nf4_dequant": [_P, _P, _I64, _I64, _P, _I32, _I32],
     "lp_int8_dequant": [_P, _P, _I64, _I64, _P, _I32, _I32],
 }
@@ -99,6 +105,7 @@ def _load(path: str) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.lp_read_xor.argtypes, lib.lp_read_xor.restype = [_P, _I64, _I32], ctypes.c_uint64
     return lib
 
 
@@ -115,6 +122,13 @@ def native() -> ctypes.CDLL | None:
             lib = None
     _state["lib"] = lib
     return lib
+
+
+def dense_gemv() -> bool:
+    """Whether plain bfloat16 weights use the native GEMV at one row (LAYERPACK_BF16_GEMV=1)."""
+    if "bf16_gemv" not in _state:
+        _state["bf16_gemv"] = os.environ.get("LAYERPACK_BF16_GEMV", "") == "1"
+    return bool(_state["bf16_gemv"])
 
 
 def isa() -> str:
@@ -137,16 +151,27 @@ _VAL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def matvec(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, block: int,
            x: torch.Tensor, outlier_idx: torch.Tensor | None, outlier_val: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W.T for a few rows of x ([batch, cols] float32 contiguous) -> [batch, rows] float32.
+    """y = x @ W.T for a few rows of x ([batch, cols] float32 or bfloat16, contiguous) -> [batch, rows]
+    in x's dtype (bfloat16: computed in float32 and rounded once, as .to(bfloat16) rounds).
     The caller guarantees the layout (contiguous CPU tensors of the exact sizes, float32 absmax,
     for NF4 even cols and block, outlier_idx int32/int64 and outlier_val float32/bf16/fp16)."""
     batch = x.shape[0]
-    y = torch.empty(batch, rows, dtype=torch.float32)
+    y = torch.empty(batch, rows, dtype=x.dtype)
     fn = lib.lp_nf4_matvec if scheme == "nf4" else lib.lp_int8_matvec
     k = 0 if outlier_idx is None else outlier_idx.numel()
     fn(_ptr(codes), _ptr(absmax), rows, cols, block, _ptr(x), batch, _ptr(y),
        _ptr(outlier_idx) if k else None, int(k and outlier_idx.dtype == torch.int64),
-       _ptr(outlier_val) if k else None, _VAL_DTYPES[outlier_val.dtype] if k else 0, k, torch.get_num_threads())
+       _ptr(outlier_val) if k else None, _VAL_DTYPES[outlier_val.dtype] if k else 0, k, torch.get_num_threads(),
+       int(x.dtype == torch.bfloat16))
+    return y
+
+
+def bf16_matvec(lib, w: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """y = W @ x for a dense bfloat16 weight [rows, cols] and one bfloat16 row x [cols] (both
+    contiguous CPU tensors; the caller checks) -> [rows] in bfloat16 or float32."""
+    rows, cols = w.shape
+    y = torch.empty(rows, dtype=out_dtype)
+    lib.lp_bf16_matvec(_ptr(w), rows, cols, _ptr(x), _ptr(y), int(out_dtype == torch.bfloat16), torch.get_num_threads())
     return y
 
 
@@ -159,3 +184,17 @@ def dequantize(lib, scheme: str, codes: torch.Tensor, absmax: torch.Tensor, n: i
     fn = lib.lp_nf4_dequant if scheme == "nf4" else lib.lp_int8_dequant
     fn(_ptr(codes), _ptr(absmax), n, block, _ptr(out), int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+def read_bandwidth(lib, nbytes: int = 512 << 20, threads: int = 1, repeats: int = 5) -> float:
+    """STREAM-like read bandwidth in bytes/s: the best of `repeats` passes of `threads` threads over
+    a buffer of `nbytes` (far larger than the caches; filled first, so its pages are real memory)."""
+    import time
+
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        lib.lp_read_xor(_ptr(buf), buf.numel() * 8, threads)
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 8 / best

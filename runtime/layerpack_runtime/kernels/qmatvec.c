@@ -62,7 +62,7 @@ const char *lp_isa(void) {
 #endif
 }
 
-int lp_abi_version(void) { return 2; }
+int lp_abi_version(void) { return 3; }
 
 static int threads_for(int64_t work, int nthreads) {
     /* A parallel region costs a few microseconds; below ~256K weights one thread is faster. */
@@ -75,10 +75,12 @@ static int threads_for(int64_t work, int nthreads) {
 /* A weight row is a run of segments, one per block it overlaps: a block straddles two rows when
    cols is not a multiple of the block size (SmolLM2's 576 columns with int8's block of 128).
    SEGMENTS runs BODY once per segment with: j..end (the segment's columns), flat (its first flat
-   index) and s (its block's absmax). */
+   index) and s (its block's absmax). Consecutive segments are consecutive blocks, so the block
+   index is counted, not divided out per segment (a 64-bit division per 64 weights cost ~1/3 of
+   the NF4 decode time). */
 #define SEGMENTS(...)                                                    \
-    for (int64_t j = 0; j < cols;) {                                     \
-        int64_t flat = flat0 + j, k = flat / block;                      \
+    for (int64_t j = 0, k = flat0 / block; j < cols; k++) {              \
+        int64_t flat = flat0 + j;                                        \
         int64_t end = (k + 1) * block - flat0;                           \
         if (end > cols) end = cols;                                      \
         float s = absmax[k];                                             \
@@ -114,6 +116,27 @@ ALWAYS_INLINE void nf4_row(const uint8_t *codes, const float *absmax, int64_t bl
     if (nb == 1) { /* decode: four independent accumulators keep the FMA pipes busy */
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         const float *e = xe[0], *o = xo[0];
+        if (block % 64 == 0 && cols % block == 0) {
+            /* rows of whole blocks of whole 32-byte steps (NF4's default block of 64 on every model
+               width): the same operations in the same order as the general loop below, without its
+               per-segment bookkeeping, which cost as much as the arithmetic at 64 weights a block */
+            const uint8_t *c = codes + (flat0 >> 1);
+            const float *sc = absmax + flat0 / block;
+            const int64_t steps = block / 64, nblk = cols / block;
+            for (int64_t kb = 0, h = 0; kb < nblk; kb++) {
+                __m512 t = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb]));
+                for (int64_t q = 0; q < steps; q++, h += 32) {
+                    __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + h)));
+                    __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + h + 16)));
+                    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t), _mm512_loadu_ps(e + h), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, t), _mm512_loadu_ps(o + h), a1);
+                    a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), t), _mm512_loadu_ps(e + h + 16), a2);
+                    a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, t), _mm512_loadu_ps(o + h + 16), a3);
+                }
+            }
+            out[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) + tail[0];
+            return;
+        }
         SEGMENTS({
             __m512 t = _mm512_mul_ps(tab, _mm512_set1_ps(s));
             const uint8_t *c = codes + (flat >> 1);
@@ -259,6 +282,21 @@ ALWAYS_INLINE void int8_row(const int8_t *codes, const float *absmax, int64_t bl
 #endif
 }
 
+static inline uint16_t to_bf16(float f) {
+    /* round to nearest even, as torch converts (values here are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* ---- outlier values: float32 (vdt 0), bfloat16 (1) or float16 (2) ---- */
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, f;
@@ -334,7 +372,10 @@ static int64_t first_outlier_from(const outliers_t *o, int64_t flat) {
                     float v = value_at(o.val, o.vdt, oj);                                          \
                     for (int b = 0; b < nb; b++) out[b] += v * x[(b0 + b) * cols + c];             \
                 }                                                                                  \
-                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = out[b];                      \
+                for (int b = 0; b < nb; b++) {                                                     \
+                    if (y16) y16[(b0 + b) * rows + r] = to_bf16(out[b]);                           \
+                    else y[(b0 + b) * rows + r] = out[b];                                          \
+                }                                                                                  \
             }                                                                                      \
             oi = oj;                                                                               \
         }                                                                                          \
@@ -347,14 +388,32 @@ static int64_t first_outlier_from(const outliers_t *o, int64_t flat) {
 #define THREAD_IDS(t, T) ((void)0)
 #endif
 
-/* y[b, r] = sum_c W[r, c] x[b, c] (+ outliers); x: [batch, cols] float32 contiguous; y: [batch, rows]. */
+/* Activations and results in float32 (bf16 == 0) or bfloat16 (bf16 == 1): a bfloat16 x is
+   widened once (exact), and a bfloat16 y rounded to nearest even, as torch's .to(bfloat16) does,
+   so the caller's two conversions and their allocations are saved with the same bits.
+   Returns an fp32 copy of x (or x itself), NULL when out of memory. */
+static const float *x_as_float(const void *x_in, int64_t n, int bf16, float **owned) {
+    *owned = NULL;
+    if (!bf16) return (const float *)x_in;
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (!xf) return NULL;
+    const uint16_t *xh = (const uint16_t *)x_in;
+    for (int64_t i = 0; i < n; i++) xf[i] = from_bf16(xh[i]);
+    *owned = xf;
+    return xf;
+}
+
+/* y[b, r] = sum_c W[r, c] x[b, c] (+ outliers); x: [batch, cols] contiguous; y: [batch, rows]. */
 void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
-                   const float *x, int64_t batch, float *y, const void *oidx, int idx64, const void *oval, int vdt,
-                   int64_t k, int nthreads) {
+                   const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
+                   int64_t k, int nthreads, int bf16) {
     outliers_t o = {oidx, idx64, oval, vdt, k};
     int64_t half = cols / 2;
+    float *y = bf16 ? NULL : (float *)y_out, *xown;
+    uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
+    const float *x = x_as_float(x_in, batch * cols, bf16, &xown);
     float *xs = (float *)malloc(sizeof(float) * (size_t)(batch * cols));
-    if (!xs) return;
+    if (!xs || !x) { free(xs); free(xown); return; }
     for (int64_t b = 0; b < batch; b++)
         for (int64_t i = 0; i < half; i++) {
             xs[b * cols + i] = x[b * cols + 2 * i];
@@ -369,27 +428,157 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
         WITH_CONST_NB(nf4_row, nb, codes, absmax, block, row0, cols, xe, xo)
     })
     free(xs);
+    free(xown);
 }
 
 void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
-                    const float *x, int64_t batch, float *y, const void *oidx, int idx64, const void *oval, int vdt,
-                    int64_t k, int nthreads) {
+                    const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
+                    int64_t k, int nthreads, int bf16) {
     outliers_t o = {oidx, idx64, oval, vdt, k};
+    float *y = bf16 ? NULL : (float *)y_out, *xown;
+    uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
+    const float *x = x_as_float(x_in, batch * cols, bf16, &xown);
+    if (!x) return;
     MATVEC_DRIVER({
         const float *xr[MAX_TILE];
         for (int b = 0; b < nb; b++) xr[b] = x + (b0 + b) * cols;
         WITH_CONST_NB(int8_row, nb, codes, absmax, block, row0, cols, xr)
     })
+    free(xown);
+}
+
+/* ---- dense bfloat16 weights, one activation row ----
+   torch's batch-1 bf16 F.linear on the CPU reads its weight at about a third of the memory speed
+   (BENCHMARKS.md); this reads it at the memory speed. Each product of two bfloat16 values is exact
+   in float32, so the result differs from F.linear only in summation order. R weight rows are taken
+   at a time so each load of x serves R rows; every row runs the same operations in the same order
+   whatever R, the thread split or the neighbouring rows (a fused q/k/v matrix gives each row the
+   bits the separate matrices give it). With AVX512_BF16 one instruction multiplies and adds 32
+   pairs (vdpbf16ps: products exact, float32 sums, denormals flushed). */
+#define BF16_MAX_R 4
+ALWAYS_INLINE void bf16_rows(const uint16_t *w, int64_t cols, const uint16_t *x, int R, float *out) {
+    float tail[BF16_MAX_R] = {0};
+    int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    __m512 a0[BF16_MAX_R], a1[BF16_MAX_R];
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (; i + 64 <= cols; i += 64) {
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(x + i)), x1 = (__m512bh)_mm512_loadu_si512((const void *)(x + i + 32));
+        for (int r = 0; r < R; r++) {
+            a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512((const void *)(w + r * cols + i)), x0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)_mm512_loadu_si512((const void *)(w + r * cols + i + 32)), x1);
+        }
+    }
+    for (; i + 32 <= cols; i += 32) {
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(x + i));
+        for (int r = 0; r < R; r++) a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512((const void *)(w + r * cols + i)), x0);
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+#elif defined(__AVX512F__)
+    /* even elements: the low half of each 32-bit lane shifted up; odd: the high half masked */
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 ae[BF16_MAX_R], ao[BF16_MAX_R];
+    for (int r = 0; r < R; r++) ae[r] = ao[r] = _mm512_setzero_ps();
+    for (; i + 32 <= cols; i += 32) {
+        __m512i xv = _mm512_loadu_si512((const void *)(x + i));
+        __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)), xo = _mm512_castsi512_ps(_mm512_and_si512(xv, hi));
+        for (int r = 0; r < R; r++) {
+            __m512i wv = _mm512_loadu_si512((const void *)(w + r * cols + i));
+            ae[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), xe, ae[r]);
+            ao[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, hi)), xo, ao[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(ae[r], ao[r]));
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 ae[BF16_MAX_R], ao[BF16_MAX_R];
+    for (int r = 0; r < R; r++) ae[r] = ao[r] = _mm256_setzero_ps();
+    for (; i + 16 <= cols; i += 16) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i));
+        __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(xv, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(xv, hi));
+        for (int r = 0; r < R; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * cols + i));
+            ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), xe, ae[r]);
+            ao[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wv, hi)), xo, ao[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum256(_mm256_add_ps(ae[r], ao[r]));
+#else
+    for (int r = 0; r < R; r++) out[r] = 0.0f;
+#endif
+    for (int r = 0; r < R; r++) {
+        for (int64_t c = i; c < cols; c++) tail[r] += from_bf16(w[r * cols + c]) * from_bf16(x[c]);
+        out[r] += tail[r];
+    }
+}
+
+/* y[r] = sum_c W[r, c] x[c]: W [rows, cols] bfloat16, x [cols] bfloat16, y [rows] bfloat16
+   (bf16 == 1, rounded to nearest even) or float32. */
+void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, void *y_out, int bf16, int nthreads) {
+    int nt = threads_for(rows * cols / 2, nthreads); /* half the work per byte of the quantized kernels */
+    int64_t groups = (rows + BF16_MAX_R - 1) / BF16_MAX_R;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t r0 = g * BF16_MAX_R;
+        float out[BF16_MAX_R];
+        int R = rows - r0 < BF16_MAX_R ? (int)(rows - r0) : BF16_MAX_R;
+        if (R == BF16_MAX_R) bf16_rows(w + r0 * cols, cols, x, BF16_MAX_R, out);
+        else for (int r = 0; r < R; r++) bf16_rows(w + (r0 + r) * cols, cols, x, 1, out + r);
+        for (int r = 0; r < R; r++) {
+            if (bf16) ((uint16_t *)y_out)[r0 + r] = to_bf16(out[r]);
+            else ((float *)y_out)[r0 + r] = out[r];
+        }
+    }
+}
+
+/* ---- read bandwidth (STREAM-like, read only): the machine's limit the GEMVs are measured against.
+   XOR of every 64-byte line of a buffer far larger than the caches, 4 independent accumulators per
+   thread, each thread a contiguous share (as the GEMVs split rows). Returns the XOR so the reads
+   cannot be optimized away. */
+uint64_t lp_read_xor(const void *buf, int64_t nbytes, int nthreads) {
+    const int64_t lines = nbytes / 64;
+    uint64_t total = 0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) reduction(^ : total)
+    {
+        int t = 0, T = 1;
+        THREAD_IDS(t, T);
+        int64_t l0 = lines * t / T, l1 = lines * (t + 1) / T, l = l0;
+        const uint8_t *p = (const uint8_t *)buf;
+#if defined(__AVX512F__)
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        for (; l + 4 <= l1; l += 4) {
+            a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + l * 64)));
+            a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + l * 64 + 64)));
+            a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + l * 64 + 128)));
+            a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + l * 64 + 192)));
+        }
+        uint64_t lanes[8];
+        _mm512_storeu_si512((void *)lanes, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+        for (int i = 0; i < 8; i++) total ^= lanes[i];
+#elif defined(__AVX2__)
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (; l + 2 <= l1; l += 2) {
+            a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + l * 64)));
+            a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(p + l * 64 + 32)));
+            a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(p + l * 64 + 64)));
+            a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(p + l * 64 + 96)));
+        }
+        uint64_t lanes[4];
+        _mm256_storeu_si256((__m256i *)lanes, _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3)));
+        for (int i = 0; i < 4; i++) total ^= lanes[i];
+#endif
+        for (; l < l1; l++)
+            for (int i = 0; i < 8; i++) {
+                uint64_t v;
+                memcpy(&v, p + l * 64 + i * 8, 8);
+                total ^= v;
+            }
+    }
+    return total;
 }
 
 /* ---- dequantization of n elements (any n; block even for NF4) into float32 or bfloat16 ---- */
-static inline uint16_t to_bf16(float f) {
-    /* round to nearest even, as torch converts (values here are finite) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 static void store(float *out32, uint16_t *out16, int64_t i, float v) {
     if (out16) out16[i] = to_bf16(v);

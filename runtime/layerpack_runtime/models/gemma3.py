@@ -25,20 +25,26 @@ import torch.nn.functional as F
 
 from ..errors import FormatError, LayerpackError
 from ..qweight import embedding, linear
-from . import llama
-from .llama import ROPE_TYPES, Step, apply_qk_norm, fuse_unit, prepare_step, rope, rope_cos_sin  # noqa: F401 (fuse_unit: the loader's)
+from . import contract, llama
+from .llama import ROPE_TYPES, check_unit, Step, apply_qk_norm, fuse_unit, prepare_step, rope, rope_cos_sin  # noqa: F401 (check_unit, fuse_unit: the loader's)
 
-FAMILIES = ("gemma3",)
 ACTIVATIONS = ("gelu_pytorch_tanh",)
 FULL, SLIDING = "full_attention", "sliding_attention"
 
-BLOCK_TENSORS = (
-    "attn_norm.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
-    "attn.q_norm.weight", "attn.k_norm.weight", "attn_post_norm.weight",
-    "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight", "mlp_post_norm.weight",
-)
-EMBED_TENSORS = llama.EMBED_TENSORS
-HEAD_TENSORS = llama.HEAD_TENSORS
+# Gemma 3 text: norms before and after attention and the MLP, q/k norms. HF's post_attention_layernorm
+# follows attention here (in llama it precedes the MLP).
+_L = "model.layers.{i}."
+_ATTN = {n: t for n, t in contract.ATTN.items() if n != "mlp_norm.weight"}
+FAMILY = contract.Family(
+    "gemma3", runs="gemma3", hf_architectures=("Gemma3ForCausalLM",),
+    tensors={**contract.EMBED, **_ATTN, **contract.QK_NORMS,
+             "attn_post_norm.weight": contract.Tensor("block", ("h",), _L + "post_attention_layernorm.weight"),
+             "mlp_norm.weight": contract.Tensor("block", ("h",), _L + "pre_feedforward_layernorm.weight"),
+             **contract.MLP,
+             "mlp_post_norm.weight": contract.Tensor("block", ("h",), _L + "post_feedforward_layernorm.weight"),
+             **contract.BIASES, **contract.HEAD},
+    # tied by default; sliding blocks from a period in older configs; rope_local and the scalars: families.py's gemma3 reader
+    config=contract.ConfigRules(tie_word_embeddings=True, window_layers="period", reader="gemma3"))
 
 
 @dataclass
@@ -51,7 +57,6 @@ class ModelArgs(llama.ModelArgs):
     final_logit_softcapping: float | None = None
 
     module: ClassVar[str] = "gemma3"
-    families: ClassVar[tuple[str, ...]] = FAMILIES
     activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
 
     @classmethod
@@ -157,10 +162,3 @@ def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -
     return logits
 
 
-def check_unit(args: ModelArgs, kind: str, names) -> None:
-    """The canonical tensors a unit must provide to this module."""
-    required = {"embed": EMBED_TENSORS, "block": BLOCK_TENSORS,
-                "head": ("norm.weight",) if args.tie_word_embeddings else HEAD_TENSORS}.get(kind, ())
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise FormatError(f"{kind} unit lacks tensor(s) {', '.join(missing)} that the {args.family} family needs")

@@ -28,22 +28,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..qweight import embedding, linear
+from ..qweight import QuantWeight, concat_rows, embedding, linear, split_rows
 from ..errors import FormatError, LayerpackError
+from . import contract
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# The llama family's pack contract (the tables are shared with mistral, qwen2, qwen3, phi3, which this module also runs).
+FAMILY = contract.Family("llama", runs="llama", hf_architectures=("LlamaForCausalLM",),
+                         tensors={**contract.EMBED, **contract.ATTN, **contract.MLP, **contract.BIASES, **contract.HEAD})
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "swish")
-
-# Canonical tensors every block unit must have (biases are optional, per architecture flags).
-BLOCK_TENSORS = (
-    "attn_norm.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
-    "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight",
-)
-# Per-head RMS norms of queries and keys, applied before rotary (Qwen3, Gemma 3): present when `qk_norm`.
-QK_NORM_TENSORS = ("attn.q_norm.weight", "attn.k_norm.weight")
-EMBED_TENSORS = ("embed.weight",)
-HEAD_TENSORS = ("norm.weight", "head.weight")  # head.weight is the embedding when tied
 
 
 @dataclass
@@ -72,9 +65,9 @@ class ModelArgs:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
-    # What this module runs; a family module that reuses these args (gemma3) overrides them.
+    # What this module runs (the families whose contract names it: models.runs()); a module that
+    # reuses these args (gemma3, mixtral) overrides them.
     module: ClassVar[str] = "llama"
-    families: ClassVar[tuple[str, ...]] = FAMILIES
     activations: ClassVar[tuple[str, ...]] = ACTIVATIONS
 
     @classmethod
@@ -85,9 +78,11 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, arch: dict[str, Any]) -> "ModelArgs":
         """From a manifest's `architecture` object; anything this module cannot run is a LayerpackError."""
+        from . import family_of_pack, runs
+
         family = arch.get("family")
-        if family not in cls.families:
-            raise LayerpackError(f"model family {family!r} is not supported by the {cls.module} runtime module (supports {', '.join(cls.families)})")
+        if family not in runs(cls.module):
+            raise LayerpackError(f"model family {family!r} is not supported by the {cls.module} runtime module (supports {', '.join(runs(cls.module))})")
         try:
             norm = arch.get("norm") or {"type": "rms", "eps": 1e-6}
             rope = arch.get("rope") or {"type": "default", "theta": 10000.0}
@@ -130,7 +125,7 @@ class ModelArgs:
         if args.layer_types is not None:
             if len(args.layer_types) != args.num_layers or set(args.layer_types) - {"full_attention", "sliding_attention"}:
                 raise FormatError(f"manifest layer_types must name full_attention or sliding_attention for each of the {args.num_layers} blocks")
-        elif args.family in ("qwen2", "qwen3") and args.sliding_window:
+        elif family_of_pack(args.family).config.window_layers == "max_window_layers" and args.sliding_window:
             # HF Qwen2/3 window only blocks >= max_window_layers, which the architecture spec does not record.
             raise LayerpackError(f"{args.family} packs with a sliding window are not supported yet (the manifest does not say which blocks use it)")
         if args.num_heads % args.num_kv_heads:
@@ -236,7 +231,9 @@ def prepare_steps(args: ModelArgs, inv_freq: torch.Tensor, positions: torch.Tens
 def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | None, kv_positions: torch.Tensor | None,
                  window: int | None, cos: torch.Tensor, sin: torch.Tensor) -> Step:
     """positions [B, T]: rotary positions of the new tokens. start: their first cache column.
-    kv_valid [B, end] (None = every column holds a real token): False marks left padding.
+    kv_valid [B, end] (None = every column holds a real token): False marks left padding; or
+    [B, T, end]: the columns each query may see (tree attention for speculative decoding; the tree's
+    nodes come in topological order, so the causal mask below never hides an ancestor).
     kv_positions [B, end]: positions of the cached columns (needed only with a sliding window).
     window: attend only to keys less than `window` positions back (None: no limit)."""
     B, T = positions.shape
@@ -254,8 +251,8 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
     if window is not None and window_bites:
         assert kv_positions is not None
         allowed = allowed & ((positions[:, :, None] - kv_positions[:, None, :end]) < window)
-    if kv_valid is not None:
-        allowed = allowed & kv_valid[:, None, :end]
+    if kv_valid is not None:  # [B, end] (left padding), or [B, T, end]: per query (a token tree, cache.add_tree)
+        allowed = allowed & (kv_valid[:, :, :end] if kv_valid.dim() == 3 else kv_valid[:, None, :end])
     # A padding query would otherwise see no key at all (NaN rows): let every query see itself.
     allowed = allowed | (kv_cols[None, :] == q_cols[:, None])[None]
     return Step(cos, sin, start, end, mask=allowed[:, None])
@@ -289,7 +286,10 @@ def embed_forward(args: ModelArgs, w: dict[str, torch.Tensor], input_ids: torch.
 # operator dispatches and thread fork/joins. Only where it is bit-for-bit the same as the separate
 # matmuls (each output row is the same dot product): 16-bit plain tensors on the CPU (oneDNN),
 # tested for many shapes, batch sizes and thread counts; MKL's float32 GEMM picks kernels by the
-# output width, so float32 stays unfused, as do quantized (QuantWeight) and streamed units.
+# output width, so float32 stays unfused, as do streamed units. Quantized weights (QuantWeight) of a
+# 16-bit compute dtype fuse the same way where every part ends on a block boundary (qweight.concat_rows):
+# at decode the native GEMV computes each row alone (same bits), at prefill they dequantize into the
+# same 16-bit rows as the separate weights, multiplied by the same GEMM as the plain tensors above.
 QKV = "attn.qkv.weight"
 GATE_UP = "mlp.gate_up.weight"
 FUSE_DTYPES = (torch.bfloat16, torch.float16)
@@ -304,10 +304,19 @@ def _fusable(w: dict[str, object], names: tuple[str, ...]) -> bool:
 
 def _fuse(w: dict[str, object], names: tuple[str, ...], fused_name: str) -> None:
     biases = [w.get(n.replace(".weight", ".bias")) for n in names]
-    if not _fusable(w, names) or (any(b is not None for b in biases) and not all(isinstance(b, torch.Tensor) for b in biases)):
+    if any(b is not None for b in biases) and not all(isinstance(b, torch.Tensor) for b in biases):
         return
-    fused = torch.cat([w[n] for n in names])
-    parts = fused.split([w[n].shape[0] for n in names])
+    ws = [w.get(n) for n in names]
+    if _fusable(w, names):
+        fused = torch.cat(ws)
+        parts = fused.split([t.shape[0] for t in ws])
+    elif all(isinstance(t, QuantWeight) and t.dtype in FUSE_DTYPES and t.codes.device.type == "cpu" for t in ws):
+        fused = concat_rows(ws)
+        if fused is None:
+            return
+        parts = split_rows(fused, ws)
+    else:
+        return
     for n, part in zip(names, parts):
         w[n] = part
     w[fused_name] = fused
@@ -333,7 +342,7 @@ def qkv_proj(args: ModelArgs, w: dict[str, object], x: torch.Tensor):
     H, KV, D = args.num_heads, args.num_kv_heads, args.head_dim
     fused = w.get(QKV)
     if fused is not None:
-        y = F.linear(x, fused, w.get("attn.qkv.bias")).view(B, T, H + 2 * KV, D).transpose(1, 2)
+        y = linear(x, fused, w.get("attn.qkv.bias")).view(B, T, H + 2 * KV, D).transpose(1, 2)
         q, k, v = y.split((H, KV, KV), dim=1)
         return q, k, v, y.narrow(1, 0, H + KV)
     q = linear(x, w["attn.q.weight"], w.get("attn.q.bias")).view(B, T, H, D).transpose(1, 2)
@@ -346,7 +355,7 @@ def gate_up_proj(w: dict[str, object], x: torch.Tensor) -> tuple[torch.Tensor, t
     """x [B, T, hidden] -> gate, up [B, T, intermediate] (one matmul when fused)."""
     fused = w.get(GATE_UP)
     if fused is not None:
-        return F.linear(x, fused, w.get("mlp.gate_up.bias")).chunk(2, dim=-1)
+        return linear(x, fused, w.get("mlp.gate_up.bias")).chunk(2, dim=-1)
     return linear(x, w["mlp.gate.weight"], w.get("mlp.gate.bias")), linear(x, w["mlp.up.weight"], w.get("mlp.up.bias"))
 
 
@@ -389,9 +398,17 @@ def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -
 
 
 def check_unit(args: ModelArgs, kind: str, names) -> None:
-    """The canonical tensors a unit must provide to this module (a clear error beats a KeyError mid-run)."""
-    required = {"embed": EMBED_TENSORS, "block": BLOCK_TENSORS + (QK_NORM_TENSORS if args.qk_norm else ()),
-                "head": ("norm.weight",) if args.tie_word_embeddings else HEAD_TENSORS}.get(kind, ())
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise FormatError(f"{kind} unit lacks tensor(s) {', '.join(missing)} that the {args.family} family needs")
+    """The canonical tensors a unit must provide to this module (from the family's contract)."""
+    from . import family_of_pack
+
+    contract.check_unit(family_of_pack(args.family), {"qk_norm": args.qk_norm, "tie_word_embeddings": args.tie_word_embeddings,
+                                                      **_dims(args)}, kind, names)
+
+
+def _dims(args: ModelArgs) -> dict:
+    """The architecture fields contract.dims reads, from the args (experts: see mixtral.ModelArgs)."""
+    d = {"hidden_size": args.hidden_size, "num_heads": args.num_heads, "head_dim": args.head_dim, "num_kv_heads": args.num_kv_heads,
+         "intermediate_size": args.intermediate_size, "vocab_size": args.vocab_size}
+    if getattr(args, "num_experts", 0):
+        d["moe"] = {"num_experts": args.num_experts, "intermediate_size": args.moe_intermediate_size}
+    return d

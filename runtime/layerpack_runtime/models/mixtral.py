@@ -21,20 +21,24 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FormatError, LayerpackError
-from ..experts import EXPERTS_KEY
-from ..format import EXPERT_LINEARS, ROUTER_WEIGHT, expert_weight
+from ..format import EXPERT_LINEARS, EXPERTS_KEY, ROUTER_WEIGHT, expert_weight
 from ..qweight import linear
-from . import llama
-from .llama import Step, embed_forward, fuse_unit, head_forward, prepare_steps, rms_norm, rope_inv_freq
+from . import contract, llama
+from .llama import Step, check_unit, embed_forward, fuse_unit, head_forward, prepare_steps, rms_norm, rope_inv_freq
 
 # The unit API the loader calls (embedding, head, rope, step preparation and projection fusion are llama's).
 __all__ = ["ModelArgs", "block_forward", "check_unit", "embed_forward", "fuse_unit", "head_forward", "prepare_steps", "rope_inv_freq"]
 
-FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
-SHARED_TENSORS = ("moe.shared.gate.weight", "moe.shared.up.weight", "moe.shared.down.weight", "moe.shared_gate.weight")
-ATTN_TENSORS = tuple(n for n in llama.BLOCK_TENSORS if not n.startswith("mlp."))
-DENSE_MLP_TENSORS = tuple(n for n in llama.BLOCK_TENSORS if n.startswith("mlp."))
-EMBED_TENSORS, HEAD_TENSORS = llama.EMBED_TENSORS, llama.HEAD_TENSORS
+# The mixtral family's pack contract (this module also runs qwen3_moe and qwen2_moe).
+FAMILY = contract.Family(
+    "mixtral", runs="mixtral", hf_architectures=("MixtralForCausalLM",),
+    tensors={**contract.EMBED, **contract.ATTN, **contract.MLP,
+             **contract.experts("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{j}.w1.weight",
+                                "block_sparse_moe.experts.{j}.w3.weight", "block_sparse_moe.experts.{j}.w2.weight"),
+             **contract.HEAD},
+    # Mixtral always renormalises the top-k probabilities and weights expert outputs in float32
+    config=contract.ConfigRules(moe_norm_topk_prob=True, moe_weights_dtype="float32"),
+    moe_schemes=contract.MOE_SCHEMES)
 
 
 @dataclass
@@ -48,7 +52,6 @@ class ModelArgs(llama.ModelArgs):
     shared_expert: bool = False        # Qwen2-MoE: a gated dense expert every token uses
 
     module: ClassVar[str] = "mixtral"
-    families: ClassVar[tuple[str, ...]] = FAMILIES
 
     @classmethod
     def extra_fields(cls, arch: dict[str, Any]) -> dict[str, Any]:
@@ -115,16 +118,3 @@ def block_forward(args: ModelArgs, w: dict[str, Any], h: torch.Tensor, step: Ste
     return h + (moe(args, w, x) if ROUTER_WEIGHT in w else llama.mlp(args, w, x))
 
 
-def check_unit(args: ModelArgs, kind: str, names) -> None:
-    names = set(names)
-    if kind != "block":
-        return llama.check_unit(args, kind, names)
-    attn = list(ATTN_TENSORS) + (list(llama.QK_NORM_TENSORS) if args.qk_norm else [])
-    if ROUTER_WEIGHT in names:
-        required = attn + [ROUTER_WEIGHT] + [expert_weight(j, l) for j in range(args.num_experts) for l in EXPERT_LINEARS]
-        required += list(SHARED_TENSORS) if args.shared_expert else []
-    else:
-        required = attn + list(DENSE_MLP_TENSORS)
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise FormatError(f"block unit lacks tensor(s) {', '.join(missing[:4])} that the {args.family} family needs")
