@@ -76,8 +76,8 @@ def _read_pool():
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
-            workers = max(1, min(READ_THREADS, os.cpu_count() or 1))
-            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="layerpack-read"))
+            # not capped at the core count: a thread waiting on the disk uses no CPU, and keeps a request queued
+            _pool = (os.getpid(), ThreadPoolExecutor(max(1, READ_THREADS), thread_name_prefix="layerpack-read"))
         return _pool[1]
 
 
