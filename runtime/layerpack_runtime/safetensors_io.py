@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .errors import FormatError
-from .fileio import read_fully
+from .fileio import read_parallel
 from .format import MAX_HEADER_BYTES, MAX_TENSOR_RANK, META_ZSTD, ST_DTYPES
 from .validate import check_zstd_table, load_json
 
@@ -166,7 +166,7 @@ class SafetensorsFile:
             for info in infos:
                 # torch.empty: no zero-fill (a bytearray would touch every page twice)
                 raw = torch.empty(info.nbytes, dtype=torch.uint8)
-                if info.nbytes and read_fully(fd, raw.numpy(), info.start) != info.nbytes:
+                if info.nbytes and read_parallel(fd, raw.numpy(), info.start) != info.nbytes:  # large ones: chunks in parallel
                     raise _fail(self.path, f"short read of tensor {info.name!r}; file changed or truncated")
                 out[info.name] = self._to_tensor(info, raw)
         finally:
