@@ -178,7 +178,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if a.record:
-        record(f"## Streaming: page-cache reads{' and host->device copies' if cuda else ''} (scripts/bench_stream.py, "
+        record(f"### Streaming: page-cache reads{' and host->device copies' if cuda else ''} (scripts/bench_stream.py, "
                f"{time.strftime('%Y-%m-%d')})\n\n{report}", MARK_START, MARK_END)
 
 
