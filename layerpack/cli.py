@@ -318,9 +318,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
         click.echo(f"weight form: {model.weight_form}; decode steps: {model.decode_description()}", err=True)
-        click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
-        if model.streamer is not None:  # read GB/s; on CUDA also host->device GB/s and copy/compute overlap
-            click.echo(model.streamer.summary(), err=True)
+        click.echo(model.unit_times.table(model.last_stats.steps, model.placement()) + (f"\n{model.streamer.summary()}" if model.streamer else ""), err=True)
         speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
