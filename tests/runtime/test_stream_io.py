@@ -21,7 +21,7 @@ from layerpack_runtime.safetensors_io import SafetensorsFile
 from layerpack_runtime.streaming import SLOT_ALIGN, UnitStreamer, slot_bytes, slot_layout
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (device twins, "
-                          "copy-stream events and copy timing need one: run tests/test_stream_io.py on a GPU)")
+                          "copy-stream events and copy timing need one: run tests/runtime/test_stream_io.py on a GPU)")
 
 
 def _read(path, n, offset, parallel: bool, chunk: int = fileio.READ_CHUNK) -> tuple[int, bytes]:
