@@ -93,6 +93,7 @@ def child(a) -> None:
     model.unit_times.enabled = True
     model.generate_ids([1], max_new_tokens=a.tokens)
     s = model.last_stats
+    model.unit_times.settle()  # CUDA: compute times are events until read
     out.update(
         steps=s.steps, prefill_s=s.prefill_s, decode_s=s.decode_s, threads=s.threads,
         rows=model.unit_times.rows, placement=model.placement(), plan=model.plan.describe(),
