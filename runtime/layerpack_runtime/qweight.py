@@ -201,8 +201,10 @@ class QuantWeight:
         is installed, else bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight.
         Which one is a rule of the installed packages and the weight's layout, never a timing."""
         y = self._linear_triton(x)
-        if y is not None:
-            return y
+        return y if y is not None else self._linear_bnb(x)
+
+    def _linear_bnb(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight on CUDA, or None."""
         if self.scheme != SCHEME_NF4 or x.numel() != x.shape[-1] or self.shape[1] % self.block_size:
             return None
         bnb = _bnb_matmul()
