@@ -195,13 +195,14 @@ def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
         x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=DEVICE)
         gemv = rows <= GEMV_MAX_ROWS and triton_ok
         label = "Triton GEMV" if gemv else "dequantize + GEMM"
-        fns, nbytes, graphed = {}, {}, set()
+        fns, nbytes, graphed, triton_rows = {}, {}, set(), {}
         for name, qs in forms.items():
             key = f"{name} ({label})"
             fns[key] = [lambda q=q: q.linear(x) for q in qs]
             nbytes[key] = qs[0].nbytes
             if gemv:
                 graphed.add(key)
+                triton_rows[key] = name
         if rows == 1:
             qs = forms["nf4"]
             fns["nf4 (bitsandbytes GEMV)"] = [lambda q=q: q._linear_bnb(x) for q in qs]
@@ -218,9 +219,8 @@ def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
         times = time_cuda(fns, repeats, graphed)
         t_dense = times["dense bf16 F.linear"]
         for key, t in times.items():
-            base = key.split(" (")[0]
             results.append({"shape": shape, "rows": rows, "form": key if key in graphed else f"{key} [eager]",
-                            "base": base if (base in specs and gemv) else key,  # the decode summary: Triton rows by base name
+                            "base": triton_rows.get(key, key),  # the decode summary finds the Triton rows by their form
                             "s": t, "gbps": nbytes[key] / t / 1e9, "vs_dense": t_dense / t})
     del forms, dense
     torch.cuda.empty_cache()
