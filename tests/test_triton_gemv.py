@@ -72,6 +72,7 @@ def _weight(shape, scheme, outliers, block_size, seed=0):
 
 
 def _check(q, ref, x, y):
+    assert y is not None, "the kernel did not run (its first launch failed: see the warning above)"
     expect = F.linear(x.float(), ref)
     bound = U_OUT[x.dtype] * expect.abs() + 2 * (ref.shape[1] + 2) * 2.0**-24 * F.linear(x.float().abs(), ref.abs())
     err = (y.float().cpu() - expect).abs()
@@ -79,9 +80,11 @@ def _check(q, ref, x, y):
     assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3g} (err {err.max().item():.3g})"
 
 
-# (rows N, cols K): K not a multiple of the block (blocks straddle rows), odd K for int8, N not a
-# multiple of any tile, a K shorter than one block, a K spanning several K tiles (> 512 bytes).
-SHAPES = {"nf4": [(37, 130), (5, 50), (19, 1090)], "int8": [(37, 131), (5, 50), (11, 576)]}
+# (rows N, cols K): K not a multiple of the block (blocks straddle rows: the gather-per-weight
+# path), odd K for int8, N not a multiple of any tile, a K shorter than one block, a K spanning
+# several K tiles (> 512 bytes); the last: K a multiple of the block (the aligned path, one scale per
+# row per K tile), as on real models.
+SHAPES = {"nf4": [(37, 130), (5, 50), (19, 1090), (13, 384)], "int8": [(37, 131), (5, 50), (11, 576), (13, 384)]}
 
 
 @needs_triton
@@ -103,13 +106,15 @@ def test_gemv_matches_dequantized_linear(device, scheme, outliers, dtype):
 @needs_triton
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_gemv_every_decode_row_count(device, scheme):
-    """M = 1..GEMV_MAX_ROWS (BLOCK_M 1, 2, 4, 8 with masked rows), with outliers."""
+    """M = 1..GEMV_MAX_ROWS (BLOCK_M 1, 2, 4, 8 with masked rows), with outliers, K a multiple of
+    the block (the aligned path)."""
     from layerpack_runtime.qweight import GEMV_MAX_ROWS
 
-    q, ref = _weight((7, 258), scheme, 0.03, BLOCK[scheme])
+    q, ref = _weight((7, 256), scheme, 0.03, BLOCK[scheme])
+    assert triton_gemv.aligned(scheme, 256, q.block_size)
     q = q.to(device)
     for m in range(1, GEMV_MAX_ROWS + 1):
-        x = torch.randn(m, 258, dtype=torch.bfloat16)
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
         _check(q, ref, x, triton_gemv.gemv(scheme, q.codes, q.absmax, q.shape, q.block_size, x.to(device),
                                            q.outlier_idx, q.outlier_val))
 
@@ -126,7 +131,7 @@ def test_gemv_tile_shapes_and_odd_blocks(device, monkeypatch, scheme):
     q = q.to(device)
     for m in (1, 5):
         x = torch.randn(m, 130, dtype=torch.bfloat16)
-        assert triton_gemv.tile_shape(scheme, m, 9, 130, 64)[1] < triton_gemv.tile_shape(scheme, m, 9, 130, 1)[1]
+        assert triton_gemv.tile_shape(scheme, m, 9, 130, 64, 48)[1] < triton_gemv.tile_shape(scheme, m, 9, 130, 1, 48)[1]
         y = triton_gemv.gemv(scheme, q.codes, q.absmax, q.shape, 48, x.to(device), q.outlier_idx, q.outlier_val)
         _check(q, ref, x, y)
         again = triton_gemv.gemv(scheme, q.codes, q.absmax, q.shape, 48, x.to(device), q.outlier_idx, q.outlier_val)
@@ -148,6 +153,33 @@ def test_supported_rejects_layouts_it_cannot_read():
     assert triton_gemv.supported("int8", (8, 64), 64, qi.codes, qi.absmax, qi.outlier_idx, qi.outlier_val)
     assert not triton_gemv.supported("int8", (8, 64), 64, qi.codes, qi.absmax, qi.outlier_idx.float(), qi.outlier_val)
     assert not triton_gemv.supported("int8", (8, 64), 64, qi.codes, qi.absmax, qi.outlier_idx, qi.outlier_val[:-1])
+
+
+def test_a_kernel_that_does_not_build_falls_back_once(monkeypatch, capsys):
+    """A variant whose first launch (triton's build) fails makes gemv() return None - the caller's
+    other paths take over - with one warning, and is not tried again; no triton needed."""
+    import types
+
+    tries = []
+
+    def launch(*args, **kwargs):
+        tries.append(1)
+        raise RuntimeError("PassManager::run failed\nmore detail")
+
+    class Kernel:  # kernel[grid](...) launches
+        def __getitem__(self, grid):
+            return launch
+
+    fake = types.SimpleNamespace(nf4_gemv_kernel=Kernel(), int8_gemv_kernel=Kernel())
+    monkeypatch.setattr(triton_gemv, "_kernels", lambda: fake)
+    monkeypatch.setattr(triton_gemv, "_FAILED", {})
+    q, _ = _weight((8, 64), "nf4", 0.0, 64)
+    x = torch.randn(1, 64)
+    for _ in range(3):
+        assert triton_gemv.gemv("nf4", q.codes, q.absmax, q.shape, 64, x) is None
+    assert len(tries) == 1
+    err = capsys.readouterr().err
+    assert err.count("warning: the Triton nf4 GEMV could not be built here (RuntimeError: PassManager::run failed)") == 1
 
 
 def test_runtime_imports_and_runs_without_triton(tmp_path):

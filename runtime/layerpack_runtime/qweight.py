@@ -233,7 +233,7 @@ class QuantWeight:
         rows, cols = self.shape
         y = triton_gemv.gemv(self.scheme, self.codes, self.absmax, self.shape, self.block_size, x.reshape(-1, cols),
                              self.outlier_idx, self.outlier_val)
-        return y.view(*x.shape[:-1], rows)
+        return None if y is None else y.view(*x.shape[:-1], rows)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed when

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -60,6 +61,11 @@ def _kernels():
 
 
 _PAIRS: dict[torch.device, torch.Tensor] = {}
+# Kernel variants (scheme, tile, flags, dtype, device) launched once already, and those whose first
+# launch (when triton compiles them) failed: a variant that cannot be built on this GPU, triton and
+# CUDA falls back to the other paths (always the same way: a build failure is no accident), said once.
+_LAUNCHED: set = set()
+_FAILED: dict = {}
 
 
 def nf4_pairs(device: torch.device) -> torch.Tensor:
@@ -84,21 +90,28 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def aligned(scheme: str, k: int, block_size: int) -> bool:
+    """Whether the kernel's K tile is one absmax block (one scale per row per tile, no gather per
+    weight): K a multiple of a power-of-two block of 32..512 weights (the converter's 64 and 128
+    on real models' widths)."""
+    return k % block_size == 0 and 32 <= block_size <= 512 and block_size & (block_size - 1) == 0
+
+
 @functools.lru_cache(maxsize=None)
-def tile_shape(scheme: str, m: int, n: int, k: int, sms: int) -> tuple[int, int, int]:
+def tile_shape(scheme: str, m: int, n: int, k: int, sms: int, block_size: int = 0) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) - BLOCK_K counted in stored bytes for NF4 (two weights each).
 
     A rule, not a measurement: the accumulator tile (BLOCK_M x BLOCK_N x BLOCK_K float32, twice
-    for NF4's two nibbles) fills ACC_ELEMS; a K tile of up to 512 bytes per row keeps the code
-    loads wide (16-byte vectors); BLOCK_N shrinks while there are fewer than 4 programs per SM, so
-    a short matrix (k/v projections) still occupies the whole GPU."""
+    for NF4's two nibbles) fills ACC_ELEMS; the K tile is one absmax block where aligned(), else
+    up to 512 bytes per row (wide code loads); BLOCK_N shrinks while there are fewer than 4
+    programs per SM, so a short matrix (k/v projections) still occupies the whole GPU."""
     block_m = _pow2_at_least(m)
     budget = ACC_ELEMS // block_m
     if scheme == "nf4":
-        block_k = min(256, _pow2_at_least(max(1, k // 2)))
+        block_k = block_size // 2 if aligned(scheme, k, block_size) else min(256, _pow2_at_least(max(1, k // 2)))
         block_n = max(1, budget // 2 // block_k)
     else:
-        block_k = min(512, _pow2_at_least(k))
+        block_k = block_size if aligned(scheme, k, block_size) else min(512, _pow2_at_least(k))
         block_n = max(1, budget // block_k)
     block_n = min(block_n, _pow2_at_least(n))
     while block_n > 1 and -(-n // block_n) < 4 * sms:
@@ -135,9 +148,10 @@ def supported(scheme: str, shape, block_size: int, codes: torch.Tensor, absmax: 
 
 
 def gemv(scheme: str, codes: torch.Tensor, absmax: torch.Tensor, shape, block_size: int, x: torch.Tensor,
-         outlier_idx: torch.Tensor | None = None, outlier_val: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 8; float32/bfloat16/float16; last dim contiguous) @ W.T -> [M, N] in x's dtype.
-    The caller checks supported(); outlier_idx must be sorted (the format stores it so)."""
+         outlier_idx: torch.Tensor | None = None, outlier_val: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [M, K] (M <= 8; float32/bfloat16/float16) @ W.T -> [M, N] in x's dtype, or None where this
+    kernel variant failed to build here (the caller falls back). The caller checks supported();
+    outlier_idx must be sorted (the format stores it so)."""
     rows, cols = shape
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != cols or x.dtype not in _X_DTYPES or m < 1:
@@ -148,17 +162,30 @@ def gemv(scheme: str, codes: torch.Tensor, absmax: torch.Tensor, shape, block_si
     device_index = x.device.index if x.device.type == "cuda" else None
     if x.device.type == "cuda" and device_index is None:
         device_index = torch.cuda.current_device()
-    block_m, block_n, block_k = tile_shape(scheme, m, rows, cols, _sm_count(device_index))
+    block_m, block_n, block_k = tile_shape(scheme, m, rows, cols, _sm_count(device_index), block_size)
     y = torch.empty(m, rows, dtype=x.dtype, device=x.device)
     nnz = 0 if outlier_idx is None else outlier_idx.numel()
     idx, val = (outlier_idx, outlier_val) if nnz else (absmax, absmax)  # never read without outliers
     grid = (-(-rows // block_n),)
     common = dict(BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, OUT_BLOCK=OUT_BLOCK,
-                  HAS_OUTLIERS=bool(nnz), num_warps=NUM_WARPS)
-    if scheme == "nf4":
-        lib.nf4_gemv_kernel[grid](x, codes, absmax, nf4_pairs(x.device), y, idx, val, m, rows, cols,
-                                  x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), BLOCK_KB=block_k, **common)
-    else:
-        lib.int8_gemv_kernel[grid](x, codes, absmax, y, idx, val, m, rows, cols,
-                                   x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), BLOCK_K=block_k, **common)
+                  HAS_OUTLIERS=bool(nnz), ALIGNED=aligned(scheme, cols, block_size), num_warps=NUM_WARPS)
+    variant = (scheme, block_k, x.dtype, idx.dtype if nnz else None, val.dtype if nnz else None, x.device,
+               tuple(sorted(common.items())))
+    if variant in _FAILED:
+        return None
+    try:
+        if scheme == "nf4":
+            lib.nf4_gemv_kernel[grid](x, codes, absmax, nf4_pairs(x.device), y, idx, val, m, rows, cols,
+                                      x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), BLOCK_KB=block_k, **common)
+        else:
+            lib.int8_gemv_kernel[grid](x, codes, absmax, y, idx, val, m, rows, cols,
+                                       x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), BLOCK_K=block_k, **common)
+    except Exception as e:  # noqa: BLE001 - only a first launch (the build) is forgiven
+        if variant in _LAUNCHED:
+            raise
+        _FAILED[variant] = e
+        print(f"warning: the Triton {scheme} GEMV could not be built here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "using the slower paths for it", file=sys.stderr)
+        return None
+    _LAUNCHED.add(variant)
     return y

@@ -72,7 +72,10 @@ def _store(y_ptr, out, offs_m, offs_n, stride_ym, mask):
 def int8_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, y_ptr, idx_ptr, val_ptr,
                      M, N, K, stride_xm, stride_ym, nnz, steps,
                      BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, OUT_BLOCK: tl.constexpr, HAS_OUTLIERS: tl.constexpr):
+                     BLOCK_K: tl.constexpr, OUT_BLOCK: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    """ALIGNED: K is a multiple of BLOCK_SIZE and BLOCK_K == BLOCK_SIZE, so each row of a K tile is
+    one absmax block: one scale per row per tile instead of a gather per weight."""
     n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -88,11 +91,14 @@ def int8_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, y_ptr, idx_ptr, val_ptr,
         mask_k = k < K
         wmask = mask_n[:, None] & mask_k[None, :]
         codes = tl.load(codes_ptr + row_flat[:, None] + k[None, :], mask=wmask, other=0).to(tl.float32)
-        blk = row_block[:, None] + (row_phase[:, None] + k[None, :]) // BLOCK_SIZE
-        scale = tl.load(absmax_ptr + blk, mask=wmask, other=0.0)
+        if ALIGNED:
+            w = codes * tl.load(absmax_ptr + row_block + k0 // BLOCK_SIZE, mask=mask_n, other=0.0)[:, None]
+        else:
+            blk = row_block[:, None] + (row_phase[:, None] + k[None, :]) // BLOCK_SIZE
+            w = codes * tl.load(absmax_ptr + blk, mask=wmask, other=0.0)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :],
                      other=0.0).to(tl.float32)
-        acc += (codes * scale)[None, :, :] * xv[:, None, :]
+        acc += w[None, :, :] * xv[:, None, :]
     out = tl.sum(acc, axis=2) / 127.0                  # the format's INT8_QMAX, once per output
     if HAS_OUTLIERS:
         out = _add_outliers(out, n0, N, K, x_ptr, stride_xm, M, idx_ptr, val_ptr, nnz, steps,
@@ -104,15 +110,19 @@ def int8_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, y_ptr, idx_ptr, val_ptr,
 def nf4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, pairs_ptr, y_ptr, idx_ptr, val_ptr,
                     M, N, K, stride_xm, stride_ym, nnz, steps,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KB: tl.constexpr, OUT_BLOCK: tl.constexpr, HAS_OUTLIERS: tl.constexpr):
+                    BLOCK_KB: tl.constexpr, OUT_BLOCK: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                    ALIGNED: tl.constexpr):
     """K and BLOCK_SIZE even (the caller checks): every row starts on a byte, and the two codes of a
     byte (element 2j in the high nibble, 2j+1 in the low one, as bitsandbytes packs) share a block.
     pairs_ptr: 256 int64 entries, each the two float32 NF4 values of one byte value (high nibble's
-    in the low 32 bits), so one gather decodes two weights."""
+    in the low 32 bits), so one gather decodes two weights. ALIGNED: K is a multiple of BLOCK_SIZE
+    and 2 * BLOCK_KB == BLOCK_SIZE (one scale per row per tile). x is loaded as contiguous pairs
+    and split into its even and odd columns (wide loads, not two strided ones)."""
     n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_KB)
+    offs_c = tl.arange(0, 2 * BLOCK_KB)
     mask_m = offs_m < M
     mask_n = offs_n < N
     KB = K // 2
@@ -130,11 +140,15 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, pairs_ptr, y_ptr, idx_ptr, val
         pair = tl.load(pairs_ptr + byte.to(tl.int32))
         v_hi = pair.to(tl.int32).to(tl.float32, bitcast=True)
         v_lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        blk = row_block[:, None] + (row_phase[:, None] + 2 * j[None, :]) // BLOCK_SIZE
-        scale = tl.load(absmax_ptr + blk, mask=wmask, other=0.0)
-        xmask = mask_m[:, None] & mask_j[None, :]
-        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * j[None, :], mask=xmask, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * j[None, :] + 1, mask=xmask, other=0.0).to(tl.float32)
+        if ALIGNED:
+            scale = tl.load(absmax_ptr + row_block + (2 * j0) // BLOCK_SIZE, mask=mask_n, other=0.0)[:, None]
+        else:
+            blk = row_block[:, None] + (row_phase[:, None] + 2 * j[None, :]) // BLOCK_SIZE
+            scale = tl.load(absmax_ptr + blk, mask=wmask, other=0.0)
+        cols = 2 * j0 + offs_c
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None] & (cols < K)[None, :],
+                     other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(xv, (BLOCK_M, BLOCK_KB, 2)))
         acc_hi += (v_hi * scale)[None, :, :] * x_even[:, None, :]
         acc_lo += (v_lo * scale)[None, :, :] * x_odd[:, None, :]
     out = tl.sum(acc_hi + acc_lo, axis=2)
