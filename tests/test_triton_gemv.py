@@ -121,6 +121,22 @@ def test_gemv_every_decode_row_count(device, scheme):
 
 @needs_triton
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_gemv_row_has_the_same_bits_alone_and_in_a_batch(device, scheme):
+    """A decode row's output does not depend on the other rows of the step (a served batch gives
+    each prompt what it gets alone): the order of every sum is set by BLOCK_N and BLOCK_K, which do
+    not change with M, and the final reduction is an explicit tree, not the layout's."""
+    for shape in ((40, 256), (9, 130)):
+        q, _ = _weight(shape, scheme, 0.0, BLOCK[scheme])
+        q = q.to(device)
+        x = torch.randn(8, shape[1], dtype=torch.bfloat16).to(device)
+        batch = triton_gemv.gemv(scheme, q.codes, q.absmax, shape, q.block_size, x)
+        for m in (0, 3, 7):
+            alone = triton_gemv.gemv(scheme, q.codes, q.absmax, shape, q.block_size, x[m:m + 1])
+            assert torch.equal(alone[0], batch[m]), (shape, m)
+
+
+@needs_triton
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_gemv_tile_shapes_and_odd_blocks(device, monkeypatch, scheme):
     """Other tile shapes (the rule shrinks BLOCK_N on a GPU with many SMs: forced here by claiming
     64 SMs), a block size that divides neither K nor the row count (48), int64 outlier indices,

@@ -26,9 +26,8 @@ import torch
 
 from ..format import NF4_CODE
 
-OUT_BLOCK = 32          # outliers handled per step of a program
-ACC_ELEMS = 4096        # float32 accumulator elements per program (32 registers a thread at 4 warps)
-NUM_WARPS = 4
+LOG2_OUT = 5            # 32 outliers handled per step of a program
+ACC_PER_ROW = 2048      # float32 accumulator elements per program and activation row
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -98,25 +97,26 @@ def aligned(scheme: str, k: int, block_size: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def tile_shape(scheme: str, m: int, n: int, k: int, sms: int, block_size: int = 0) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) - BLOCK_K counted in stored bytes for NF4 (two weights each).
+def tile_shape(scheme: str, m: int, n: int, k: int, sms: int, block_size: int = 0) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) - BLOCK_K counted in stored bytes for NF4 (two weights each).
 
-    A rule, not a measurement: the accumulator tile (BLOCK_M x BLOCK_N x BLOCK_K float32, twice
-    for NF4's two nibbles) fills ACC_ELEMS; the K tile is one absmax block where aligned(), else
-    up to 512 bytes per row (wide code loads); BLOCK_N shrinks while there are fewer than 4
-    programs per SM, so a short matrix (k/v projections) still occupies the whole GPU."""
+    A rule, not a measurement. BLOCK_N and BLOCK_K - which set the order of every output's sum -
+    do not depend on M, so a row gets the same bits alone and in a batch: the K tile is one absmax
+    block where aligned(), else up to 512 bytes per row (wide code loads); BLOCK_N x BLOCK_K float32
+    accumulators per activation row (twice for NF4's two nibbles) fill ACC_PER_ROW, and BLOCK_N
+    shrinks while there are fewer than 4 programs per SM, so a short matrix (k/v projections) still
+    occupies the whole GPU. More rows get more warps (the same registers a thread)."""
     block_m = _pow2_at_least(m)
-    budget = ACC_ELEMS // block_m
     if scheme == "nf4":
         block_k = block_size // 2 if aligned(scheme, k, block_size) else min(256, _pow2_at_least(max(1, k // 2)))
-        block_n = max(1, budget // 2 // block_k)
+        block_n = max(1, ACC_PER_ROW // 2 // block_k)
     else:
         block_k = block_size if aligned(scheme, k, block_size) else min(512, _pow2_at_least(k))
-        block_n = max(1, budget // block_k)
+        block_n = max(1, ACC_PER_ROW // block_k)
     block_n = min(block_n, _pow2_at_least(n))
     while block_n > 1 and -(-n // block_n) < 4 * sms:
         block_n //= 2
-    return block_m, block_n, block_k
+    return block_m, block_n, block_k, 4 if block_m <= 2 else 8
 
 
 def supported(scheme: str, shape, block_size: int, codes: torch.Tensor, absmax: torch.Tensor,
@@ -162,13 +162,14 @@ def gemv(scheme: str, codes: torch.Tensor, absmax: torch.Tensor, shape, block_si
     device_index = x.device.index if x.device.type == "cuda" else None
     if x.device.type == "cuda" and device_index is None:
         device_index = torch.cuda.current_device()
-    block_m, block_n, block_k = tile_shape(scheme, m, rows, cols, _sm_count(device_index), block_size)
+    block_m, block_n, block_k, num_warps = tile_shape(scheme, m, rows, cols, _sm_count(device_index), block_size)
     y = torch.empty(m, rows, dtype=x.dtype, device=x.device)
     nnz = 0 if outlier_idx is None else outlier_idx.numel()
     idx, val = (outlier_idx, outlier_val) if nnz else (absmax, absmax)  # never read without outliers
     grid = (-(-rows // block_n),)
-    common = dict(BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, OUT_BLOCK=OUT_BLOCK,
-                  HAS_OUTLIERS=bool(nnz), ALIGNED=aligned(scheme, cols, block_size), num_warps=NUM_WARPS)
+    common = dict(BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, LOG2_OUT=LOG2_OUT,
+                  HAS_OUTLIERS=bool(nnz), ALIGNED=aligned(scheme, cols, block_size), num_warps=num_warps)
+    log2_k = block_k.bit_length() - 1
     variant = (scheme, block_k, x.dtype, idx.dtype if nnz else None, val.dtype if nnz else None, x.device,
                tuple(sorted(common.items())))
     if variant in _FAILED:
@@ -176,10 +177,10 @@ def gemv(scheme: str, codes: torch.Tensor, absmax: torch.Tensor, shape, block_si
     try:
         if scheme == "nf4":
             lib.nf4_gemv_kernel[grid](x, codes, absmax, nf4_pairs(x.device), y, idx, val, m, rows, cols,
-                                      x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), BLOCK_KB=block_k, **common)
+                                      x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), LOG2_KB=log2_k, **common)
         else:
             lib.int8_gemv_kernel[grid](x, codes, absmax, y, idx, val, m, rows, cols,
-                                       x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), BLOCK_K=block_k, **common)
+                                       x.stride(0), y.stride(0), nnz, max(1, nnz.bit_length()), LOG2_K=log2_k, **common)
     except Exception as e:  # noqa: BLE001 - only a first launch (the build) is forgiven
         if variant in _LAUNCHED:
             raise

@@ -3,9 +3,11 @@ and only when a GEMV runs, so the runtime imports and runs without triton).
 
 y[M, N] = x[M, K] @ W[N, K]^T for a few activation rows (M <= 8), W in the pack's stored form. Each
 program owns BLOCK_N output rows and walks K in tiles; products are accumulated elementwise in a
-[BLOCK_M, BLOCK_N, BLOCK_K] float32 tile and reduced once at the end (no reduction per tile, no
-split-K, no atomics): every output row is summed by one program in one fixed order, so the same
-inputs and block shapes give the same bits, run after run.
+[BLOCK_M, BLOCK_N, BLOCK_K] float32 tile and reduced once at the end by a fixed tree of adjacent
+pairs (_pairwise_sum: not tl.sum, whose order follows how triton spreads the tile over threads,
+which changes with BLOCK_M and num_warps). No split-K, no atomics: every output is summed by one
+program in an order set by BLOCK_N and BLOCK_K alone, which the caller keeps independent of M, so
+a row's result has the same bits at batch 1 and batch 8, run after run.
 
 Weight values are those of the float32 dequantization (quant.py): NF4 `table[code] * absmax`,
 int8 `code * absmax`, the sum divided by 127 once per output instead of every weight (the format's
@@ -35,14 +37,25 @@ def _lower_bound(idx_ptr, nnz, target, steps):
 
 
 @triton.jit
+def _pairwise_sum(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_L: tl.constexpr):
+    """t [BLOCK_M, BLOCK_N, 2**LOG2_L] summed over its last axis as a fixed tree: (0+1), (2+3), ...,
+    then the same on the halves; elementwise adds, so the bits do not depend on the layout."""
+    for i in tl.static_range(LOG2_L):
+        a, b = tl.split(tl.reshape(t, (BLOCK_M, BLOCK_N, 1 << (LOG2_L - i - 1), 2)))
+        t = a + b
+    return tl.reshape(t, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
 def _add_outliers(acc, n0, N, K, x_ptr, stride_xm, M, idx_ptr, val_ptr, nnz, steps,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OUT_BLOCK: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_OUT: tl.constexpr):
     """acc[m, r] += val * x[m, col] for the outliers of rows n0..n0+BLOCK_N (flat index row * K + col)."""
     offs_m = tl.arange(0, BLOCK_M)
     first = n0.to(tl.int64) * K
     last = tl.minimum(n0 + BLOCK_N, N).to(tl.int64) * K
     lo = _lower_bound(idx_ptr, nnz, first, steps)
     hi = _lower_bound(idx_ptr, nnz, last, steps)
+    OUT_BLOCK: tl.constexpr = 1 << LOG2_OUT
     n_chunks = (hi - lo + OUT_BLOCK - 1) // OUT_BLOCK
     for c in range(n_chunks):
         j = lo + c * OUT_BLOCK + tl.arange(0, OUT_BLOCK)
@@ -55,7 +68,7 @@ def _add_outliers(acc, n0, N, K, x_ptr, stride_xm, M, idx_ptr, val_ptr, nnz, ste
                      mask=(offs_m[:, None] < M) & inside[None, :], other=0).to(tl.float32)
         contrib = xv * val[None, :]                                         # [BLOCK_M, OUT_BLOCK]
         hit = row[None, :] == tl.arange(0, BLOCK_N)[:, None]                # [BLOCK_N, OUT_BLOCK]
-        acc += tl.sum(tl.where(hit[None, :, :], contrib[:, None, :], 0.0), axis=2)
+        acc += _pairwise_sum(tl.where(hit[None, :, :], contrib[:, None, :], 0.0), BLOCK_M, BLOCK_N, LOG2_OUT)
     return acc
 
 
@@ -72,10 +85,11 @@ def _store(y_ptr, out, offs_m, offs_n, stride_ym, mask):
 def int8_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, y_ptr, idx_ptr, val_ptr,
                      M, N, K, stride_xm, stride_ym, nnz, steps,
                      BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, OUT_BLOCK: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                     LOG2_K: tl.constexpr, LOG2_OUT: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                      ALIGNED: tl.constexpr):
     """ALIGNED: K is a multiple of BLOCK_SIZE and BLOCK_K == BLOCK_SIZE, so each row of a K tile is
     one absmax block: one scale per row per tile instead of a gather per weight."""
+    BLOCK_K: tl.constexpr = 1 << LOG2_K
     n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -99,10 +113,10 @@ def int8_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, y_ptr, idx_ptr, val_ptr,
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :],
                      other=0.0).to(tl.float32)
         acc += w[None, :, :] * xv[:, None, :]
-    out = tl.sum(acc, axis=2) / 127.0                  # the format's INT8_QMAX, once per output
+    out = _pairwise_sum(acc, BLOCK_M, BLOCK_N, LOG2_K) / 127.0   # the format's INT8_QMAX, once per output
     if HAS_OUTLIERS:
         out = _add_outliers(out, n0, N, K, x_ptr, stride_xm, M, idx_ptr, val_ptr, nnz, steps,
-                            BLOCK_M, BLOCK_N, OUT_BLOCK)
+                            BLOCK_M, BLOCK_N, LOG2_OUT)
     _store(y_ptr, out, offs_m, offs_n, stride_ym, mask_m[:, None] & mask_n[None, :])
 
 
@@ -110,7 +124,7 @@ def int8_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, y_ptr, idx_ptr, val_ptr,
 def nf4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, pairs_ptr, y_ptr, idx_ptr, val_ptr,
                     M, N, K, stride_xm, stride_ym, nnz, steps,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KB: tl.constexpr, OUT_BLOCK: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                    LOG2_KB: tl.constexpr, LOG2_OUT: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                     ALIGNED: tl.constexpr):
     """K and BLOCK_SIZE even (the caller checks): every row starts on a byte, and the two codes of a
     byte (element 2j in the high nibble, 2j+1 in the low one, as bitsandbytes packs) share a block.
@@ -118,6 +132,7 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, pairs_ptr, y_ptr, idx_ptr, val
     in the low 32 bits), so one gather decodes two weights. ALIGNED: K is a multiple of BLOCK_SIZE
     and 2 * BLOCK_KB == BLOCK_SIZE (one scale per row per tile). x is loaded as contiguous pairs
     and split into its even and odd columns (wide loads, not two strided ones)."""
+    BLOCK_KB: tl.constexpr = 1 << LOG2_KB
     n0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -151,8 +166,8 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, pairs_ptr, y_ptr, idx_ptr, val
         x_even, x_odd = tl.split(tl.reshape(xv, (BLOCK_M, BLOCK_KB, 2)))
         acc_hi += (v_hi * scale)[None, :, :] * x_even[:, None, :]
         acc_lo += (v_lo * scale)[None, :, :] * x_odd[:, None, :]
-    out = tl.sum(acc_hi + acc_lo, axis=2)
+    out = _pairwise_sum(acc_hi + acc_lo, BLOCK_M, BLOCK_N, LOG2_KB)
     if HAS_OUTLIERS:
         out = _add_outliers(out, n0, N, K, x_ptr, stride_xm, M, idx_ptr, val_ptr, nnz, steps,
-                            BLOCK_M, BLOCK_N, OUT_BLOCK)
+                            BLOCK_M, BLOCK_N, LOG2_OUT)
     _store(y_ptr, out, offs_m, offs_n, stride_ym, mask_m[:, None] & mask_n[None, :])
