@@ -55,6 +55,18 @@ def _bnb():
         return None
 
 
+_NF4_CODES: dict = {}
+
+
+def _nf4_code(bnbf, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' NF4 code book on `device`, made once: get_4bit_type copies a Python list to the
+    device on every call, a host-to-device copy that a CUDA graph capture refuses (decode_step.py)."""
+    key = str(device)
+    if key not in _NF4_CODES:
+        _NF4_CODES[key] = bnbf.get_4bit_type("nf4", device=device)
+    return _NF4_CODES[key]
+
+
 class QuantWeight:
     """One quantized weight: codes + absmax (+ outliers), dequantized on use to `dtype`."""
 
@@ -130,7 +142,7 @@ class QuantWeight:
         bnbf = _bnb()
         if bnbf is None:
             return None
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=bnbf.get_4bit_type("nf4", device=self.codes.device),
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=_nf4_code(bnbf, self.codes.device),
                                 blocksize=self.block_size, quant_type="nf4", dtype=self.dtype)
         return bnbf.dequantize_4bit(self.codes.view(-1, 1), state)
 
@@ -211,7 +223,7 @@ class QuantWeight:
         bnbf = _bnb()
         if bnb is None or bnbf is None:
             return None
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=bnbf.get_4bit_type("nf4", device=x.device),
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=_nf4_code(bnbf, x.device),
                                 blocksize=self.block_size, quant_type="nf4", dtype=x.dtype)
         y = bnb(x, self.codes.view(-1, 1).t(), quant_state=state)
         if self.outlier_idx is not None and self.outlier_idx.numel():
