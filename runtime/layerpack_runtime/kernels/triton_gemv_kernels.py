@@ -56,7 +56,7 @@ def _add_outliers(acc, n0, N, K, x_ptr, stride_xm, M, idx_ptr, val_ptr, nnz, ste
     lo = _lower_bound(idx_ptr, nnz, first, steps)
     hi = _lower_bound(idx_ptr, nnz, last, steps)
     OUT_BLOCK: tl.constexpr = 1 << LOG2_OUT
-    n_chunks = (hi - lo + OUT_BLOCK - 1) // OUT_BLOCK
+    n_chunks = ((hi - lo + OUT_BLOCK - 1) // OUT_BLOCK).to(tl.int32)  # a 32-bit loop bound, like the others
     for c in range(n_chunks):
         j = lo + c * OUT_BLOCK + tl.arange(0, OUT_BLOCK)
         inside = j < hi
