@@ -214,7 +214,7 @@ def main() -> None:
             same = sum(x == y for x, y in zip(results[(q, fast)], hf_toks))
             notes.append(f"bf16 greedy tokens equal to transformers': {same}/{a.new} (random weights: near-ties differ)")
     # streamed: budgets that hold a fraction of the blocks (GPU memory budget)
-    for q, label, budget in (("none", "bf16", "40MB" if a.smoke else "3GB"), ("nf4", "NF4", "36MB" if a.smoke else "1GB")):
+    for q, label, budget in (("none", "bf16", "40MB" if a.smoke else "4.5GB"), ("nf4", "NF4", "36MB" if a.smoke else "1GB")):
         pack = os.path.join(a.work, f"pack-{q}")
         if not os.path.exists(os.path.join(pack, "manifest.json")):
             continue

@@ -54,7 +54,7 @@ class LayeredModel(TextGenerator, UnitRange):
         if cache is None:
             cache = self.new_cache(B, T)
         with attention_backends(self.device):
-            if T == 1 and attention_mask is None and self.static_decode and cache.plain():
+            if T == 1 and attention_mask is None and self.static_decode and type(cache) is KVCache and cache.plain():
                 return self._static_decoder(cache).step(ids).float()
             mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
             steps = self.begin_step(cache, (B, T), mask)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .kernels import triton_gemv
+from .kernels import triton_dense, triton_gemv
 from .format import SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 
@@ -344,6 +344,9 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     converter's calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input
     of every linear."""
     if isinstance(weight, torch.Tensor):
+        if weight.device.type == "cuda" and triton_dense.usable(x, weight):  # a decode step's rows on the GPU
+            y = triton_dense.gemv(x, weight)
+            return y if bias is None else y.add_(bias)
         if bias is None and kernels.dense_gemv() and _dense_gemv_ok(x, weight):
             lib = kernels.native()
             if lib is not None:
