@@ -9,7 +9,7 @@ import sys
 
 import click
 
-# Only torch-free modules at the top (tests/test_cli_fast.py): --help, --version and argument errors
+# Only torch-free modules at the top (tests/cli/test_cli_fast.py): --help, --version and argument errors
 # answer before torch is imported; each command imports what it runs.
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_CHOICES, SCHEMES

@@ -42,8 +42,8 @@ EOF
 status=0
 E2E=/tmp/lp-e2e
 # The 8B-shaped checkpoint and its packs are made by bench_gpu.py itself (converts run beside the transformers rows).
-tests="tests/test_cuda.py tests/test_kernels.py tests/test_decode_step.py tests/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation"
-for extra in tests/test_triton_gemv.py tests/test_triton_dense.py tests/test_streaming.py; do [ -f "$extra" ] && tests="$tests $extra"; done
+tests="tests/kernels/test_cuda.py tests/kernels/test_kernels.py tests/runtime/test_decode_step.py tests/runtime/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation"
+for extra in tests/kernels/test_triton_gemv.py tests/kernels/test_triton_dense.py tests/runtime/test_streaming.py; do [ -f "$extra" ] && tests="$tests $extra"; done
 # after the tests' regrouping into folders: run every test file that mentions cuda
 tests="$tests $(grep -rls --include='test_*.py' 'cuda.is_available' tests/*/ 2>/dev/null | tr '\n' ' ')"
 timeout 300 "$PY" -m pytest -q -rs $tests -p no:cacheprovider --timeout 120 >"$LOG/tests.txt" 2>&1 || status=1
@@ -51,7 +51,7 @@ tests_line=$(tail -1 "$LOG/tests.txt")
 stages_line="skipped (GPU_STAGES=1 runs them; unchanged since they passed on an H200, issue 24)"
 if [ "${GPU_STAGES:-0}" = 1 ]; then
   # pipeline stages on CUDA: 2 processes on one GPU over gloo; NCCL with two GPUs or more (issue 14)
-  timeout 150 "$PY" -m pytest -q -rs $(ls tests/test_stages_cuda.py tests/*/test_stages_cuda.py 2>/dev/null) -p no:cacheprovider >>"$LOG/tests.txt" 2>&1 || status=1
+  timeout 150 "$PY" -m pytest -q -rs tests/stages/test_stages_cuda.py -p no:cacheprovider >>"$LOG/tests.txt" 2>&1 || status=1
   stages_line=$(tail -1 "$LOG/tests.txt")
 fi
 shapes=$([ "$QUICK" = 1 ] && echo llama3-8b || echo llama3-8b,llama3-405b)

@@ -42,7 +42,7 @@ DTYPE_ALIASES = {
 }
 
 # What a run holds besides the model's data, counted by the plan (Plan.runtime_bytes) so that the
-# process's peak RSS above its import baseline stays within max_memory (tests/test_memory_budget.py):
+# process's peak RSS above its import baseline stays within max_memory (tests/runtime/test_memory_budget.py):
 # - `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
 #   loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB);
 # - torch's first-use allocations on CPU (intra-op thread pool, kernel workspaces, allocator arenas
