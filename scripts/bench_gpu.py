@@ -253,7 +253,8 @@ def main() -> None:
                 checks.append((f"{label} resident faster than bf16 ({r[2]:.0f} vs {lp_bf16:.0f} tok/s)", r[2] > lp_bf16))
     from layerpack_runtime.kernels import triton_dense
 
-    notes.append("Triton dense GEMV: " + ("in use at decode" if not triton_dense._FAILED else f"fell back to F.linear ({triton_dense._FAILED})"))
+    if dev == "cuda":
+        notes.append("Triton dense GEMV: " + ("in use at decode" if not triton_dense._FAILED else f"fell back to F.linear ({triton_dense._FAILED})"))
     print()
     for n in notes:
         print(f"- {n}")

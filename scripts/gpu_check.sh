@@ -63,7 +63,7 @@ timeout 330 "$PY" scripts/bench_gpu.py --work "$E2E" --layers 8 --new "$new" --s
   >"$LOG/e2e.md" 2>&1 || status=1
 stream_line="skipped"
 if [ -f scripts/bench_stream.py ] && [ -d "$E2E/pack-none" ]; then
-  timeout 90 "$PY" scripts/bench_stream.py --device cuda --pack "$E2E/pack-none" >"$LOG/stream.md" 2>&1 || status=1
+  timeout 90 "$PY" scripts/bench_stream.py --device cuda --pack "$E2E/pack-none" --max-memory 4.5GB --tokens 8 --repeats 3 >"$LOG/stream.md" 2>&1 || status=1
   stream_line="see stream.md"
 fi
 # A Llama-3.1-405B-shaped NF4 pack (4 decoder layers + the real 128256 x 16384 embedding and head), written
