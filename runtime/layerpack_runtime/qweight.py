@@ -345,8 +345,9 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     of every linear."""
     if isinstance(weight, torch.Tensor):
         if weight.device.type == "cuda" and triton_dense.usable(x, weight):  # a decode step's rows on the GPU
-            y = triton_dense.gemv(x, weight)
-            return y if bias is None else y.add_(bias)
+            y = triton_dense.gemv_or_none(x, weight)
+            if y is not None:
+                return y if bias is None else y.add_(bias)
         if bias is None and kernels.dense_gemv() and _dense_gemv_ok(x, weight):
             lib = kernels.native()
             if lib is not None:
