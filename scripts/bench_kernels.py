@@ -188,7 +188,7 @@ def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
     """The CUDA table's rows for one shape: the stored forms through QuantWeight.linear (the Triton
     GEMV at <= GEMV_MAX_ROWS rows when triton is installed, else dequantize + GEMM; bitsandbytes at
     1 row of NF4 without triton), bitsandbytes' GEMV and int8's old dequantize + F.linear beside
-    them, and dense bf16 F.linear."""
+    them, and dense bf16 through F.linear and the dense Triton GEMV (kernels/triton_dense.py)."""
     from layerpack_runtime.kernels import triton_gemv
     from layerpack_runtime.qweight import GEMV_MAX_ROWS
 
@@ -229,6 +229,10 @@ def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
         fns["dense bf16 F.linear"] = [lambda w=w: F.linear(x, w) for w in dense]
         nbytes["dense bf16 F.linear"] = n * 2
         graphed.add("dense bf16 F.linear")
+        if triton_dense.usable(x, dense[0]):  # what qweight.linear uses for plain weights at decode
+            fns["dense bf16 (Triton GEMV)"] = [lambda w=w: triton_dense.gemv(x, w) for w in dense]
+            nbytes["dense bf16 (Triton GEMV)"] = n * 2
+            graphed.add("dense bf16 (Triton GEMV)")
         times = time_cuda(fns, repeats, graphed)
         t_dense = times["dense bf16 F.linear"]
         for key, t in times.items():
