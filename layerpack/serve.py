@@ -226,7 +226,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                              "recovered_errors": engine.stats.errors, "failed_requests": engine.stats.failed,
                              "last_error": engine.last_error, "active": engine.active, "waiting": engine.waiting,
                              "max_batch": engine.max_batch, "context": engine.context, "steps": engine.stats.steps,
-                             "prefills": engine.stats.prefills, "tokens": engine.stats.tokens},
+                             "prefills": engine.stats.prefills, "tokens": engine.stats.tokens,
+                             "speculative_steps": engine.stats.speculative_steps, "accepted": engine.stats.accepted},
                             status_code=200 if alive else 503)
 
     async def api_error(request, exc: ApiError):

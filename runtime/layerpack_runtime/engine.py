@@ -388,10 +388,7 @@ class Engine:
 
     def _speculate(self) -> None:
         from .engine_speculation import speculative_step
-        done = speculative_step(self, self._active[0])
-        self.stats.speculative_steps += 1
-        self.stats.accepted += self.speculation.stats.accepted[-1]
-        if done:
+        if speculative_step(self, self._active[0]):
             self._free(0)
 
     def _advance(self, logits: torch.Tensor, r: Request) -> bool:

@@ -95,7 +95,10 @@ def speculative_step(engine, r) -> bool:
     t0 = time.perf_counter()
     cache.add_tree([-1] + [p + 1 for p in tree.parents])  # node 0: the root (the last token)
     logits = engine.model.forward(torch.tensor([[r._last] + tree.tokens], dtype=torch.long), cache=cache.view())[0]
+    # the engine's counters move before the request's last event is sent (a client that reads them
+    # after its answer sees this step counted)
     engine.stats.steps += 1
+    engine.stats.speculative_steps += 1
     node, accepted, emitted, done = -1, [], 0, False
     while True:
         done = engine._advance(logits[node + 1:node + 2], r)
@@ -106,6 +109,7 @@ def speculative_step(engine, r) -> bool:
         if node is None:
             break
         accepted.append(node)
+        engine.stats.accepted += 1
     cache.keep([0] + [n + 1 for n in accepted])
     spec.record(tree, len(accepted), emitted, time.perf_counter() - t0)
     if not done:
