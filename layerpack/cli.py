@@ -9,11 +9,11 @@ import sys
 
 import click
 
-# Only torch-free modules at the top (tests/test_cli_fast.py): --help, --version and argument errors
+# Only torch-free modules at the top (tests/cli/test_cli_fast.py): --help, --version and argument errors
 # answer before torch is imported; each command imports what it runs.
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_CHOICES, SCHEMES
-from layerpack_runtime.options import WEIGHT_FORMS, RunOptions
+from layerpack_runtime.options import DECODE_STEPS, WEIGHT_FORMS, RunOptions
 
 from .choices import DEFAULT_CALIBRATION_TOKENS, OUTLIER_ROW, OUTLIER_RULES
 from .environment import API_KEY as API_KEY_ENV, debug
@@ -265,6 +265,7 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--no-expert-reads", is_flag=True, help="MoE packs: stream whole layer files instead of only the selected experts (the dense-read baseline).")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores]. On a machine busy with other work, 1 can be much faster.")
 @click.option("--weight-form", type=click.Choice(WEIGHT_FORMS), default="auto", show_default=True, help="Quantized units kept resident in their stored form (computed from the codes) or dequantized; auto: stored wherever a native kernel computes from the codes (a rule, never a timing: same bits under any load).")
+@click.option("--decode", type=click.Choice(DECODE_STEPS), default="auto", show_default=True, help="Decode steps: dynamic (shapes grow per token), static (fixed shapes over the whole cache) or graph (static, captured once as a CUDA graph and replayed); auto: graph on CUDA where the model allows it, dynamic on CPU.")
 @click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads, the weight form and the memory plan to stderr.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
@@ -274,7 +275,7 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @speculation_options
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches, **spec):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, decode, stats, revision, token, stages, split, micro_batches, **spec):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
@@ -298,7 +299,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
     total = None if _existing_or_repo(pack) else Manifest.load(pack).totals.get("layer_bytes")
     opts = RunOptions(device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, page_cache=not no_page_cache,
-                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form)
+                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form, decode=decode)
     with progress_bar(total, "load", quiet=total is None) as bar:
         # The prompt is tokenized first: the plan is made once, for exactly this prompt + --max-new-tokens.
         model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens + tree_room, chat=chat, verify=verify,
@@ -317,12 +318,11 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     if stats:
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
-        click.echo(f"weight form: {model.weight_form}", err=True)
+        click.echo(f"weight form: {model.weight_form}; decode steps: {model.decode_description()}", err=True)
         click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
         speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
-
             click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
                        f"of {fmt_size(model.experts.capacity)}", err=True)
         from layerpack_runtime.threads import describe_threads

@@ -283,12 +283,12 @@ def _timed(cmd: list[str], env: dict) -> dict:
 
 
 def ship(pack: str, work: str) -> list[str]:
-    """push, pull --layers and a lazy run of `pack` through the local Hub look-alike (tests/hub_server.py)."""
+    """push, pull --layers and a lazy run of `pack` through the local Hub look-alike (tests/support/hub_server.py)."""
     import shutil
     import tempfile
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from hub_server import HubServer
+    from support.hub_server import HubServer
 
     token = "hf_bench405bwritetoken"
     size = sum(os.path.getsize(os.path.join(pack, "layers", f)) for f in os.listdir(os.path.join(pack, "layers")))

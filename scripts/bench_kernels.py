@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import machine, record  # noqa: E402
 
 from layerpack_runtime import kernels  # noqa: E402
+from layerpack_runtime.kernels import triton_dense  # noqa: E402
 from layerpack_runtime.qweight import QuantWeight  # noqa: E402
 from layerpack_runtime.quant import quantize_blocks_for_probe  # noqa: E402
 
@@ -92,6 +93,8 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=DEVICE)
         fns = {name: (lambda q=q: q.linear(x)) for name, q in forms.items()}
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
+        if DEVICE.type == "cuda" and triton_dense.usable(x, dense):
+            fns["dense bf16, triton GEMV"] = lambda: triton_dense.gemv(x, dense)  # what qweight.linear uses at decode
         if rows == 1 and DEVICE.type == "cpu" and kernels.native() is not None:
             fns["dense bf16, native GEMV"] = lambda: kernels.bf16_matvec(kernels.native(), dense, x)  # LAYERPACK_BF16_GEMV=1
         if old_path:

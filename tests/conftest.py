@@ -124,7 +124,7 @@ def gemma3_270m():
 
 @pytest.fixture(autouse=True)
 def _no_unexpected_hub_requests(request):
-    """Every test that uses a local Hub server (a `hub` fixture, tests/hub_server.py) ends with the
+    """Every test that uses a local Hub server (a `hub` fixture, tests/support/hub_server.py) ends with the
     server having answered only requests it implements: the client spoke the protocol we model."""
     yield
     if "hub" in request.fixturenames:
@@ -169,8 +169,8 @@ def run_cli(*args, check: bool = False, env=None, cwd=None) -> subprocess.Comple
 
 def run_cli_killed(point: str, n: int, *args) -> subprocess.CompletedProcess:
     """run_cli with the converter SIGKILLed after n units recorded (point "units") or n windows
-    quantized (point "windows"): tests/convert_with_faults.py passes the fault object in."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "convert_with_faults.py"), point, str(n), *map(str, args)],
+    quantized (point "windows"): tests/support/convert_with_faults.py passes the fault object in."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "support", "convert_with_faults.py"), point, str(n), *map(str, args)],
                           capture_output=True, text=True)
 
 

@@ -75,7 +75,7 @@ class Plan:
     # Memory the run needs besides the model's data (the tokenizer, held by `tokenizers` in native
     # memory, and torch's first-use working memory; loader.TORCH_WORKING_BYTES): it counts against the
     # budget like the rest, so that the process's peak above its import baseline stays within
-    # max_memory (tests/test_memory_budget.py).
+    # max_memory (tests/runtime/test_memory_budget.py).
     runtime_bytes: int = 0
 
     @property

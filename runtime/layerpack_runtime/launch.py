@@ -62,7 +62,7 @@ def stage_entry(rank: int, opts: StageOptions, job, error_dir: str | None = None
     if local:  # Ctrl-C reaches every process of the terminal's group: the launcher stops them all
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _die_with_parent()
-    if opts.on_start is not None:  # e.g. a test's fault injection (tests/stage_faults.py), run in this process
+    if opts.on_start is not None:  # e.g. a test's fault injection (tests/support/stage_faults.py), run in this process
         opts.on_start(rank)
     name = [f"stage {rank}"]
     try:

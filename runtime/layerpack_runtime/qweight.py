@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import triton_dense
 from .format import SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 
@@ -49,6 +50,18 @@ def _bnb():
         return bnbf
     except Exception:  # noqa: BLE001 - any import problem means "not available"
         return None
+
+
+_NF4_CODES: dict = {}
+
+
+def _nf4_code(bnbf, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' NF4 code book on `device`, made once: get_4bit_type copies a Python list to the
+    device on every call, a host-to-device copy that a CUDA graph capture refuses (decode_step.py)."""
+    key = str(device)
+    if key not in _NF4_CODES:
+        _NF4_CODES[key] = bnbf.get_4bit_type("nf4", device=device)
+    return _NF4_CODES[key]
 
 
 class QuantWeight:
@@ -125,7 +138,7 @@ class QuantWeight:
         bnbf = _bnb()
         if bnbf is None:
             return None
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=bnbf.get_4bit_type("nf4", device=self.codes.device),
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=_nf4_code(bnbf, self.codes.device),
                                 blocksize=self.block_size, quant_type="nf4", dtype=self.dtype)
         return bnbf.dequantize_4bit(self.codes.view(-1, 1), state)
 
@@ -199,7 +212,7 @@ class QuantWeight:
         bnbf = _bnb()
         if bnb is None or bnbf is None:
             return None
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=bnbf.get_4bit_type("nf4", device=x.device),
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=_nf4_code(bnbf, x.device),
                                 blocksize=self.block_size, quant_type="nf4", dtype=x.dtype)
         y = bnb(x, self.codes.view(-1, 1).t(), quant_state=state)
         if self.outlier_idx is not None and self.outlier_idx.numel():
@@ -305,6 +318,9 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     converter's calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input
     of every linear."""
     if isinstance(weight, torch.Tensor):
+        if weight.device.type == "cuda" and triton_dense.usable(x, weight):  # a decode step's rows on the GPU
+            y = triton_dense.gemv(x, weight)
+            return y if bias is None else y.add_(bias)
         if bias is None and kernels.dense_gemv() and _dense_gemv_ok(x, weight):
             lib = kernels.native()
             if lib is not None:

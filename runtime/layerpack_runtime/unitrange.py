@@ -33,6 +33,7 @@ from .safetensors_io import itemsize
 from .unitstats import UnitTimes
 from .streaming import FileRows, StreamStats, UnitStreamer
 from .validate import check_payload
+from .decode_step import static_length, wants_static
 
 DTYPE_ALIASES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -41,7 +42,7 @@ DTYPE_ALIASES = {
 }
 
 # What a run holds besides the model's data, counted by the plan (Plan.runtime_bytes) so that the
-# process's peak RSS above its import baseline stays within max_memory (tests/test_memory_budget.py):
+# process's peak RSS above its import baseline stays within max_memory (tests/runtime/test_memory_budget.py):
 # - `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
 #   loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB);
 # - torch's first-use allocations on CPU (intra-op thread pool, kernel workspaces, allocator arenas
@@ -142,6 +143,9 @@ class UnitRange:
         self.workload = opts.workload
         self._scoring = False  # prefer_dequantized()
         self.plan: Plan | None = None
+        # Decode steps of fixed shape (and CUDA graphs of them): a rule of the options, device and
+        # family (decode_step.py), decided before the plan, which counts the static cache's columns.
+        self.static_decode = wants_static(self, opts.decode)
         if not plan_only:
             self._apply_plan(self.workload)
         self.progress = None  # only the first load reports
@@ -208,8 +212,9 @@ class UnitRange:
         larger of its prefill step and its decode step (one position per row, attending over the
         whole context)."""
         prefill = self.activation_bytes(workload.step_tokens, workload.step_batch)
-        decode = self.activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * workload.context * 4
-        return self.kv_bytes(workload.kv_tokens), max(prefill, decode)
+        context = static_length(workload.context) if self.static_decode else workload.context  # the static cache's columns
+        decode = self.activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * context * 4
+        return self.kv_bytes(workload.kv_tokens + workload.batch * (context - workload.context)), max(prefill, decode)
 
     def runtime_bytes(self) -> int:
         """Memory a run takes besides the model's data: the pack's tokenizer once loaded (by the
@@ -367,6 +372,8 @@ class UnitRange:
         self.reserve(Workload(context=max(1, int(max_len)), batch=max(1, int(batch)),
                               prefill_tokens=max(1, int(step_tokens if step_tokens is not None else batch * max_len)),
                               prefill_batch=max(1, int(batch))))
+        if self.static_decode:  # fixed-shape steps attend over an aligned number of columns (decode_step.py)
+            max_len = static_length(max(1, int(max_len)))
         return KVCache(len(self.block_units), batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
     def check_ids(self, input_ids) -> torch.Tensor:
@@ -393,13 +400,18 @@ class UnitRange:
         """This range's units over x: token ids [B, T] if it starts with the embedding, else hidden
         states [B, T, hidden]. Returns logits [B, T or 1, vocab] (compute dtype) if it ends with the
         head, else hidden states [B, T, hidden]."""
+        return self.run_hidden(self.embed(x) if self.has_embed else x, cache, steps, last_only)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding unit: token ids [B, T] -> hidden states [B, T, hidden]."""
+        t0 = self.unit_times.start()
+        h = self.family.embed_forward(self.args, self.weights_for(UNIT_EMBED), ids)
+        self.unit_times.stop(UNIT_EMBED, t0)
+        return h
+
+    def run_hidden(self, h: torch.Tensor, cache, steps: list, last_only: bool = False) -> torch.Tensor:
+        """This range's blocks (and head) over hidden states h [B, T, hidden]: run() after the embedding."""
         fam, args, times = self.family, self.args, self.unit_times
-        h = x
-        if self.has_embed:
-            w = self.weights_for(UNIT_EMBED)
-            t0 = times.start()
-            h = fam.embed_forward(args, w, x)
-            times.stop(UNIT_EMBED, t0)
         for j, unit in enumerate(self.block_units):
             w = self.weights_for(unit)
             t0 = times.start()
