@@ -258,7 +258,7 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Compute dtype [default: the pack's].")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget for the model, e.g. 110MB, 2GiB; units beyond it stream from disk [default: all resident].")
-@click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
+@click.option("--prefetch", type=click.IntRange(1, 8), default=None, help="Units read ahead while one computes [default: 2 on CUDA when the budget allows, else 1].")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before running (sizes and headers are always checked).")
 @click.option("--no-page-cache", is_flag=True, help="Drop streamed layers from the OS page cache after reading (for models larger than RAM).")
 @click.option("--expert-cache", default=None, metavar="SIZE", help="MoE packs: share of --max-memory reserved for the LRU cache of streamed experts [default: what the plan leaves].")
@@ -318,7 +318,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
         click.echo(f"weight form: {model.weight_form}; decode steps: {model.decode_description()}", err=True)
-        click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
+        click.echo(model.unit_times.table(model.last_stats.steps, model.placement()) + (f"\n{model.streamer.summary()}" if model.streamer else ""), err=True)
         speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
@@ -369,7 +369,7 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--model-name", default=None, help="Model id clients send [default: the pack's folder name or repo id].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Compute dtype [default: the pack's].")
-@click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
+@click.option("--prefetch", type=click.IntRange(1, 8), default=None, help="Units read ahead while one computes [default: 2 on CUDA when the budget allows, else 1].")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")

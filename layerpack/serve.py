@@ -47,7 +47,7 @@ class ServeOptions:
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
-    prefetch: int = 1
+    prefetch: int | None = None  # None: 2 on CUDA when the budget allows, else 1
     revision: str | None = None
     token: str | None = None
     quiet: bool = False

@@ -13,7 +13,7 @@ pass verifying 16 and 64 positions vs 1.
 --pass-pack PACK measures instead the pass cost on a Llama-3.1-405B-shaped pack at its minimum
 budget (1, 16, 64 positions) and projects the 126-layer model with speculation (spec_pass405.py):
 
-    python scripts/bench_speculative.py --pass-pack /data/l405-nf4x4 [--page-cache] [--repeats 3] [--record]
+    python scripts/bench_speculative.py --pass-pack /data/l405-nf4x4 [--page-cache] [--repeats 3] [--device cuda] [--record]
 """
 from __future__ import annotations
 
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--positions", default="1,16,64", help="--pass-pack: tree sizes to time")
     ap.add_argument("--repeats", type=int, default=3, help="--pass-pack: rounds (medians)")
     ap.add_argument("--page-cache", action="store_true", help="--pass-pack: keep streamed reads in the page cache")
+    ap.add_argument("--device", default="cpu", help="--pass-pack: cpu or cuda")
     a = ap.parse_args()
     if a.pass_pack:
         return pass_pack_mode(a)
@@ -176,16 +177,17 @@ def pass_pack_mode(a) -> None:
     load0 = os.getloadavg()
     disk = disk_bandwidth(os.path.join(layers_dir, "block.000.safetensors"))
     print(f"disk: {disk:.2f} GB/s; pack {pack_bytes / 1e9:.1f} GB, MemAvailable {mem_available / 1e9:.1f} GB", file=sys.stderr)
-    m = spec_pass405.measure(a.pass_pack, positions, a.repeats, a.page_cache, a.threads)
+    m = spec_pass405.measure(a.pass_pack, positions, a.repeats, a.page_cache, a.threads, a.device)
     import torch  # noqa: F401  (machine() reports its version)
 
     cmd = (f"python scripts/bench_speculative.py --pass-pack {a.pass_pack} --positions {a.positions} --repeats {a.repeats}"
-           f"{' --page-cache' if a.page_cache else ''}{f' --threads {a.threads}' if a.threads else ''}{' --record' if a.record else ''}")
+           f"{' --page-cache' if a.page_cache else ''}{f' --threads {a.threads}' if a.threads else ''}"
+           f"{f' --device {a.device}' if a.device != 'cpu' else ''}{' --record' if a.record else ''}")
     text = spec_pass405.report(a.pass_pack, m, disk, pack_bytes, mem_available, a.page_cache, cmd, machine(a.threads), load0,
                                os.getloadavg())
     print(text)
     if a.record:
-        key = "bench_speculative_405b" + ("_cached" if a.page_cache else "")
+        key = "bench_speculative_405b" + ("_cached" if a.page_cache else "") + ("" if a.device == "cpu" else "_" + a.device)
         record(text, f"<!-- {key}:start -->", f"<!-- {key}:end -->")
 
 

@@ -45,17 +45,17 @@ E2E=/tmp/lp-e2e
 tests="tests/kernels/test_cuda.py tests/kernels/test_kernels.py tests/runtime/test_decode_step.py tests/runtime/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation"
 for extra in tests/kernels/test_triton_gemv.py tests/kernels/test_triton_dense.py tests/runtime/test_streaming.py; do [ -f "$extra" ] && tests="$tests $extra"; done
 # after the tests' regrouping into folders: run every test file that mentions cuda
-tests="$tests $(grep -rls --include='test_*.py' 'cuda.is_available' tests/*/ 2>/dev/null | tr '\n' ' ')"
+tests="$tests $(grep -rls --include='test_*.py' 'cuda.is_available' tests/*/ 2>/dev/null | grep -v test_stages_cuda | tr '\n' ' ')"
 timeout 300 "$PY" -m pytest -q -rs $tests -p no:cacheprovider --timeout 120 >"$LOG/tests.txt" 2>&1 || status=1
 tests_line=$(tail -1 "$LOG/tests.txt")
-stages_line="skipped (GPU_QUICK)"
-if [ "$QUICK" != 1 ]; then
+stages_line="skipped (GPU_STAGES=1 runs them; unchanged since they passed on an H200, issue 24)"
+if [ "${GPU_STAGES:-0}" = 1 ]; then
   # pipeline stages on CUDA: 2 processes on one GPU over gloo; NCCL with two GPUs or more (issue 14)
   timeout 150 "$PY" -m pytest -q -rs tests/stages/test_stages_cuda.py -p no:cacheprovider >>"$LOG/tests.txt" 2>&1 || status=1
   stages_line=$(tail -1 "$LOG/tests.txt")
 fi
-shapes=$([ "$QUICK" = 1 ] && echo llama3-8b || echo smollm2,llama3-8b,llama3-405b)
-rows=$([ "$QUICK" = 1 ] && echo 1 || echo 1,16)
+shapes=$([ "$QUICK" = 1 ] && echo llama3-8b || echo llama3-8b,llama3-405b)
+rows=1
 timeout 150 "$PY" scripts/bench_kernels.py --device cuda --shapes "$shapes" --rows "$rows" --repeats 5 --no-old-path \
   >"$LOG/kernels.md" 2>&1 || status=1
 new=$([ "$QUICK" = 1 ] && echo 32 || echo 64)

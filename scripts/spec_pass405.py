@@ -17,8 +17,9 @@ with block and head compute, read efficiency (streamed read rate / measured disk
 (measured pass / max(measured io, measured compute), at least 1) from the runs above; seconds per
 token = pass(T) / tokens per pass. Tokens per pass is NOT measured here (random weights accept
 nothing): it is an assumption taken from published results for a small draft of a large target,
-named in the report. A second line per T assumes compute hidden behind the reads (a GPU, or a
-CPU fast enough): pass = streamed / disk.
+named in the report. A second column per T assumes compute hidden behind the reads (a GPU, or a
+CPU fast enough): pass = streamed / disk. --device cuda measures the pass on a GPU (streamed units
+move host -> GPU; the budget is then the GPU's), where that assumption can be checked.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def tree_parents(n: int) -> list[int]:
     return [-1] + [(i - 1) // 2 for i in range(1, n)]
 
 
-def minimum_budget(pack: str, workload) -> int:
+def minimum_budget(pack: str, workload, device: str) -> int:
     """The smallest --max-memory the planner accepts for `workload` (read from its refusal, which
     comes before any weight is loaded)."""
     from layerpack_runtime import load
@@ -57,7 +58,7 @@ def minimum_budget(pack: str, workload) -> int:
     from layerpack_runtime.errors import LayerpackError
 
     try:
-        load(pack, max_memory=1, workload=workload)
+        load(pack, max_memory=1, workload=workload, device=device)
     except LayerpackError as e:
         m = re.search(r"minimum of ([0-9.]+ ?[KMGT]?i?B)", str(e))
         if m:
@@ -66,7 +67,8 @@ def minimum_budget(pack: str, workload) -> int:
     raise RuntimeError("a 1-byte budget was accepted")
 
 
-def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, threads: int | None) -> dict:
+def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, threads: int | None,
+            device: str = "cpu") -> dict:
     import torch
 
     from layerpack_runtime import load
@@ -74,8 +76,9 @@ def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, thr
 
     top = max(positions)
     workload = Workload(context=CONTEXT + top, prefill_tokens=top)
-    budget = minimum_budget(pack, workload)
-    model = load(pack, max_memory=budget, workload=workload, page_cache=page_cache, threads=threads)
+    budget = minimum_budget(pack, workload, device)
+    model = load(pack, max_memory=budget, workload=workload, page_cache=page_cache, threads=threads, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     model.unit_times.enabled = True
     cache = model.new_cache(1, CONTEXT + top, step_tokens=top)
     model.forward(torch.arange(1, CONTEXT + 1)[None], cache=cache, last_only=True)
@@ -84,15 +87,17 @@ def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, thr
         for n in positions:
             cache.add_tree(tree_parents(n))
             model.unit_times.reset()
+            sync()
             t0 = time.perf_counter()
             logits = model.forward(torch.arange(100, 100 + n)[None], cache=cache)
+            sync()
             dt = time.perf_counter() - t0
             assert logits.shape[1] == n and bool(torch.isfinite(logits).all())
             cache.keep([])
             runs[n].append({"s": dt, "units": {u: list(v) for u, v in model.unit_times.rows.items()}})
             print(f"  round {r + 1}: {n} positions {dt:.2f} s", flush=True)
     costs = {u: model._unit_cost(u).__dict__ for u in ("embed", "block.000", "head")}
-    out = dict(budget=budget, plan=model.plan.describe(), placement=model.placement(), runs=runs, costs=costs,
+    out = dict(device=device, budget=budget, plan=model.plan.describe(), placement=model.placement(), runs=runs, costs=costs,
                kv_per_token=model.kv_bytes(1), activation=model.activation_bytes(top), runtime=model.runtime_bytes(),
                layers=sum(1 for u in model.placement() if u.startswith("block.")))
     model.close()
@@ -147,7 +152,7 @@ def report(pack: str, m: dict, disk: float, pack_bytes: int, mem_available: int,
              f"- Command: `{cmd}`",
              f"- Pack: `{os.path.basename(os.path.normpath(pack))}`, {m['layers']} decoder layers of Llama-3.1-405B's shapes, NF4, "
              f"{pack_bytes / GB:.1f} GB (random codes: scripts/make_synthetic.py --pack); budget {fmt_size(m['budget'])} "
-             f"(the minimum for a {CONTEXT}+{max(sums)}-token workload); plan: {m['plan']}.",
+             f"(the minimum for a {CONTEXT}+{max(sums)}-token workload) on {m.get('device', 'cpu')}; plan: {m['plan']}.",
              f"- Reads: {served}. Disk: {disk:.2f} GB/s sequential (measured first, file evicted).",
              f"- Pass: a binary tree of n positions after a {CONTEXT}-token context, logits at every position, then "
              "the tree's columns dropped; sizes interleaved round by round, medians of "
@@ -160,7 +165,7 @@ def report(pack: str, m: dict, disk: float, pack_bytes: int, mem_available: int,
                      + ", ".join(f"{r['s']:.1f}" for r in m["runs"][n]) + " |")
     lines += ["", f"Projection for the full model ({FULL_LAYERS} layers, {PROJ_BUDGET_GB} GB budget, KV for {PROJ_CONTEXT} "
               f"tokens, a {PROJ_DISK} GB/s disk), seconds per generated token = pass(T) / tokens per pass:", "",
-              "| positions T | GB streamed per pass | pass(T), this CPU's compute | s/token at " +
+              "| positions T | GB streamed per pass | pass(T), measured compute | s/token at " +
               " | s/token at ".join(f"{k:g}" for _, k, _ in PUBLISHED) + " tokens/pass | pass(T), compute hidden | s/token at " +
               " | s/token at ".join(f"{k:g}" for _, k, _ in PUBLISHED) + " tokens/pass |",
               "|--:|--:|--:|" + "--:|" * len(PUBLISHED) + "--:|" + "--:|" * len(PUBLISHED)]
