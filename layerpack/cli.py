@@ -383,13 +383,11 @@ def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body,
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
-    from .serve import ServeOptions, check_bind, check_port, serve as run_serve
+    from .serve import ServeOptions, check_bind, check_port, names, serve as run_serve
     check_bind(host, api_key, insecure)  # before loading anything
     check_port(host, port)
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
-    def names(values):
-        return [n.strip() for v in values for n in v.split(",") if n.strip()]
     opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
                         insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
                         dtype=dtype, threads=threads, prefetch=prefetch, revision=revision, token=token, quiet=quiet,

@@ -58,6 +58,11 @@ class ServeOptions:
     draft_tokens: int | None = None          # candidates per verification pass (default: speculative.DEFAULT_DRAFT_TOKENS)
 
 
+def names(values) -> list[str]:
+    """Repeatable options that also take comma-separated lists (--allowed-hosts, --cors-origin)."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
