@@ -280,7 +280,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     layers download in execution order while it runs), streaming it to stdout."""
     import time
 
-    speculation, max_memory, tree_room = speculation_run(spec, stages or split, max_memory, device, dtype, threads, token)
+    speculation, max_memory, tree_room = speculation_run(spec, stages or split, max_memory, device, dtype, threads, token, prompt, chat, max_new_tokens)
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
                            not no_expert_reads, expert_cache, threads, weight_form, stats,
@@ -376,23 +376,22 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no access log.")
 @click.option("--allowed-hosts", multiple=True, metavar="NAME", help="Host header names served besides loopback names and the bound address (repeatable, or comma-separated; '*': any). Guards against DNS rebinding.")
 @click.option("--cors-origin", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*': any) call the server (repeatable). Other cross-origin requests get 403.")
+@speculation_options
 @_one_line_errors
 def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body, api_key, insecure, model_name, device, dtype,
-          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin):
+          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin, **spec):
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
-    from .serve import ServeOptions, check_bind, check_port, serve as run_serve
+    from .serve import ServeOptions, check_bind, check_port, names, serve as run_serve
     check_bind(host, api_key, insecure)  # before loading anything
     check_port(host, port)
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
-    def names(values):
-        return [n.strip() for v in values for n in v.split(",") if n.strip()]
     opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
                         insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
                         dtype=dtype, threads=threads, prefetch=prefetch, revision=revision, token=token, quiet=quiet,
-                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin))
+                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin), **spec)
     run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
 
 
