@@ -224,7 +224,8 @@ class _Contents:
         return np.random.Generator(np.random.SFC64(np.random.SeedSequence([self.seed, self.key, part, piece])))
 
     def random_bytes(self, part: int, piece: int, nbytes: int) -> np.ndarray:
-        words = self.rng(part, piece).integers(0, 1 << 63, size=-(-nbytes // 8), dtype=np.uint64)
+        # the generator's raw 64-bit outputs: every bit uniform, ~3x faster than integers()
+        words = self.rng(part, piece).bit_generator.random_raw(-(-nbytes // 8))
         return words.view(np.uint8)[:nbytes]
 
     def pieces(self, suffix: str):

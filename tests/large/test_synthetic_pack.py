@@ -176,3 +176,21 @@ def test_unit_writer_hash_as_written_equals_hash_read_back(tmp_path):
         assert running == (order == "file")
         assert results[-1] == (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
     assert results[0] == results[1] == results[2]
+
+
+def test_synthetic_codes_are_uniform():
+    """Every NF4 code and both int8 signs equally likely (an earlier draft drew 63-bit words, which
+    left every 8th byte's top bit 0)."""
+    import numpy as np
+
+    from synthetic_pack import _Contents
+
+    nf4 = _Contents(0, "block.000", "mlp.up.weight", [512, 512], "nf4", 64, 0)
+    codes = torch.cat([t() for _, t in nf4.pieces(".q")]).numpy()
+    counts = np.bincount(np.concatenate([codes >> 4, codes & 15]), minlength=16)
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
+    per_lane = [(codes[k::8] >> 7).mean() for k in range(8)]  # each byte position of a 64-bit word
+    assert min(per_lane) > 0.45 and max(per_lane) < 0.55
+    int8 = _Contents(0, "block.000", "mlp.up.weight", [512, 512], "int8", 128, 0)
+    q = torch.cat([t() for _, t in int8.pieces(".q")]).numpy()
+    assert q.min() == -127 and q.max() == 127 and 0.45 < (q < 0).mean() < 0.55
