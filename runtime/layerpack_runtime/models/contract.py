@@ -9,7 +9,7 @@ derived from these declarations, by the reader and by the converter alike:
 - the tensors a unit must hold (check_unit, called by the loader and `verify`),
 - the converter's unit plan (HF name -> unit and canonical name) and expected source shapes, and its
   scheme choice (quantizable tensors take the pack's scheme, the rest stay in the pack dtype).
-The stored layout of a tensor follows from its scheme alone (validate.stored_spec, docs/FORMAT.md).
+The stored layout of a tensor follows from its scheme alone (validate.stored_layout, docs/FORMAT.md).
 
 Canonical names (architecture-neutral, so one runtime module serves several families):
   embed unit:  embed.weight

@@ -13,7 +13,7 @@ per step; callers import the names below from this package):
 3. Pack files (`resolve_in_pack`), pack_paths.py: every file must resolve inside the pack (no symlink
    escapes).
 4. Each layer file's header against the manifest (`check_layer_file`), layer_headers.py: stored names,
-   dtypes, shapes and byte counts per scheme (`stored_spec`), zstd sizes; before any payload byte is read.
+   dtypes, shapes and byte counts per scheme (`stored_layout`), zstd sizes; before any payload byte is read.
 5. Payloads as they are read (`check_payload`), payloads.py: absmax finite and >= 0, outlier tables in
    range, strictly increasing, values finite. Cheap vectorised reductions over the small tensors only.
 Every failure is a FormatError naming the file and field. No jsonschema here: the runtime stays light
@@ -22,11 +22,12 @@ Every failure is a FormatError naming the file and field. No jsonschema here: th
 from __future__ import annotations
 
 from .fields import numel
-from .layer_headers import check_layer_file, check_zstd_table, stored_spec
+from .layer_headers import check_layer_file, check_zstd_table, stored_layout, stored_spec
 from .manifest_fields import check_manifest, parse_version, safe_relpath
 from .pack_paths import is_inside, pack_roots, resolve_in_pack
 from .payloads import check_payload, payload_tables
 from .untrusted_json import load_json
 
 __all__ = ["check_layer_file", "check_manifest", "check_payload", "check_zstd_table", "is_inside", "load_json", "numel",
-           "pack_roots", "parse_version", "payload_tables", "resolve_in_pack", "safe_relpath", "stored_spec"]
+           "pack_roots", "parse_version", "payload_tables", "resolve_in_pack", "safe_relpath", "stored_layout",
+           "stored_spec"]

@@ -1,5 +1,6 @@
 """A layer file's header against its manifest entry, before any payload byte is read: stored names,
-dtypes, shapes and byte counts per scheme (`stored_spec`, the format's stored layout), zstd sizes."""
+dtypes, shapes and byte counts per scheme (`stored_layout`: the format's stored layout, which the
+converter writes by), zstd sizes."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -14,19 +15,27 @@ from ..format import (
 from .fields import numel, one_of, shown
 
 
-def stored_spec(t, pack_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{stored name: (safetensors dtype, shape)} that the format prescribes for one tensor entry."""
-    n = numel(t.shape)
-    if t.scheme == SCHEME_NONE:
-        return {t.name: (pack_dtype, tuple(t.shape))}
-    blocks = -(-n // t.block_size)
+def stored_layout(name: str, shape, scheme: str, block_size: int | None, outliers: int,
+                  pack_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{stored name: (safetensors dtype, shape)} that the format prescribes for one logical tensor:
+    the one statement of the stored layout (docs/FORMAT.md), used by this check and by the
+    converter, which declares a layer file's header from it before any value is read."""
+    n = numel(shape)
+    if scheme == SCHEME_NONE:
+        return {name: (pack_dtype, tuple(shape))}
+    blocks = -(-n // block_size)
     # int8 codes: the converter writes them flat [n]; FORMAT.md first said "same shape as W": both hold n bytes
-    spec = {t.name + SUFFIX_CODES: ("I8", (n,)) if t.scheme == SCHEME_INT8 else ("U8", ((n + 1) // 2,)),
-            t.name + SUFFIX_ABSMAX: ("F32", (blocks,))}
-    if t.outliers:
-        spec[t.name + SUFFIX_OUTLIER_IDX] = ("I32" if n < OUTLIER_IDX_I64_FROM else "I64", (t.outliers,))
-        spec[t.name + SUFFIX_OUTLIER_VAL] = (pack_dtype, (t.outliers,))
+    spec = {name + SUFFIX_CODES: ("I8", (n,)) if scheme == SCHEME_INT8 else ("U8", ((n + 1) // 2,)),
+            name + SUFFIX_ABSMAX: ("F32", (blocks,))}
+    if outliers:
+        spec[name + SUFFIX_OUTLIER_IDX] = ("I32" if n < OUTLIER_IDX_I64_FROM else "I64", (outliers,))
+        spec[name + SUFFIX_OUTLIER_VAL] = (pack_dtype, (outliers,))
     return spec
+
+
+def stored_spec(t, pack_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The stored layout (stored_layout) of one manifest tensor entry."""
+    return stored_layout(t.name, t.shape, t.scheme, t.block_size, t.outliers, pack_dtype)
 
 
 def check_layer_file(layer, st, quant) -> None:
