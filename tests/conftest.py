@@ -12,6 +12,16 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Triton kernels (runtime/layerpack_runtime/kernels/triton_*.py) run on CPU tensors only in triton's
+# interpreter, and triton takes it up only if TRITON_INTERPRET=1 is set before triton is first
+# imported (bitsandbytes imports it, so any test module could): set here, before collection, on
+# machines without a GPU, where no triton kernel could run compiled anyway.
+if not torch.cuda.is_available():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _tiny_config(family: str, **over):
     import transformers

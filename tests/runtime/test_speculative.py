@@ -80,6 +80,56 @@ def test_tree_pass_gives_each_paths_logits_and_keep_continues_it(packs, family):
         cache.keep([1])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slot_tree_pass_gives_each_paths_logits_and_keep_continues_it(packs, family):
+    """The same over the serving engine's slot cache (one active slot, after a compaction moved it)."""
+    from layerpack_runtime.slots import SlotKVCache
+    model = load(packs[family], dtype="float32")
+    a = model.args
+    prompt = torch.tensor([PROMPT])
+    parents, tokens = [-1, 0, 0, 1, 1, 3], [5, 17, 23, 99, 42, 7]
+    pre = model.new_cache(1, len(PROMPT))
+    model.forward(prompt, cache=pre)
+    longer = model.new_cache(1, len(PROMPT) + 4)
+    model.forward(torch.tensor([PROMPT + [40, 41, 42, 43]]), cache=longer)
+    slots = SlotKVCache(a.num_layers, 2, a.num_kv_heads, len(PROMPT) + 14, a.head_dim, model.dtype)
+    slots.add([(layer.k[0], layer.v[0]) for layer in longer.layers])  # a longer one, then it ends
+    slots.add([(layer.k[0], layer.v[0]) for layer in pre.layers])
+    slots.remove(0)  # the prompt's slot moves to row 0; its columns start at 4
+    assert slots.active == 1 and slots.lengths[0] == len(PROMPT) and slots.end == len(PROMPT) + 4
+    realigns = slots.realigns  # the long prompt's add shifted the timeline right
+    slots.add_tree(parents)
+    tree_logits = model.forward(torch.tensor([tokens]), cache=slots.view())[0]
+    assert slots.realigns == realigns and slots.end == len(PROMPT) + 4  # the tree's columns are tentative
+    for node in range(len(tokens)):
+        path, n = [], node
+        while n >= 0:
+            path.insert(0, n)
+            n = parents[n]
+        alone = model.forward(torch.cat([prompt, torch.tensor([[tokens[i] for i in path]])], 1))[0, -1]
+        torch.testing.assert_close(tree_logits[node], alone, rtol=1e-4, atol=1e-4)
+    slots.keep([0, 1, 3, 5])
+    assert slots.lengths[0] == len(PROMPT) + 4 and slots.end == len(PROMPT) + 8
+    nxt = model.forward(torch.tensor([[11]]), cache=slots.view())[0, -1]
+    alone = model.forward(torch.cat([prompt, torch.tensor([[5, 17, 99, 7, 11]])], 1))[0, -1]
+    torch.testing.assert_close(nxt, alone, rtol=1e-4, atol=1e-4)
+    # a tree that does not fit after the sequence: the slot compacts left first; the root alone is kept
+    slots.add_tree([-1, 0, 1, 2, 3, 4])
+    model.forward(torch.tensor([[3, 4, 6, 8, 10, 12]]), cache=slots.view())
+    assert slots.realigns == realigns + 1
+    slots.keep([0])
+    nxt = model.forward(torch.tensor([[12]]), cache=slots.view())[0, -1]
+    alone = model.forward(torch.cat([prompt, torch.tensor([[5, 17, 99, 7, 11, 3, 12]])], 1))[0, -1]
+    torch.testing.assert_close(nxt, alone, rtol=1e-4, atol=1e-4)
+    with pytest.raises(LayerpackError, match="not a root-first path"):
+        slots.add_tree([-1, 0])
+        model.forward(torch.tensor([[3, 4]]), cache=slots.view())
+        slots.keep([1])
+    slots.add([(layer.k[0, :, :2], layer.v[0, :, :2]) for layer in pre.layers])
+    with pytest.raises(LayerpackError, match="exactly one active slot"):
+        slots.add_tree([-1])
+
+
 def test_cache_refuses_a_plain_forward_over_tentative_columns():
     cache = KVCache(0, 1, 1, 16, 4, torch.float32)
     cache.add_tree([-1, 0, 0])
@@ -282,3 +332,56 @@ def test_speculation_is_one_prompt_at_a_time(packs):
         model.generate_ids([[1, 2, 3], [4, 5]], max_new_tokens=4, speculate="lookup")
     with pytest.raises(LayerpackError, match="--speculate must be one of"):
         model.generate_ids([1, 2, 3], max_new_tokens=4, speculate="medusa")
+
+
+# -- the serving engine (engine_speculation.py): a lone greedy request verifies trees ------------------
+
+def _engine_run(engine, reqs: list[dict]) -> list[list[int]]:
+    """Submit requests together and step the engine by hand until all finish; their tokens."""
+    from layerpack_runtime.engine import Request  # noqa: F401 - the type submit_all takes
+    out = [[] for _ in reqs]
+    made = [engine.request(**kw, on_event=lambda e, i=i: out[i].append(e.token) if e.token is not None else None)
+            for i, kw in enumerate(reqs)]
+    engine.submit_all(made)
+    while any(r.finish_reason is None for r in made):
+        engine.step()
+    assert all(r.finish_reason == "length" for r in made), [r.finish_reason for r in made]
+    return out
+
+
+def test_engine_speculation_is_the_plain_output_token_for_token(packs):
+    from layerpack_runtime.engine import Engine
+    from layerpack_runtime.request_sampling import RequestSampling
+
+    model = load(packs["llama"], dtype="float32")
+    other = [3, 8, 8, 21, 5, 9, 13, 7, 2]
+    want = model.generate_ids(PROMPT, max_new_tokens=40)
+    want_other = model.generate_ids(other, max_new_tokens=12)
+    plain = Engine(model, max_batch=2, context=96)
+    penalised = dict(prompt=PROMPT, max_tokens=30, sampling=RequestSampling(frequency_penalty=0.7, logit_bias={5: 3.0, 9: -2.0}))
+    sampled = dict(prompt=PROMPT, max_tokens=20, params=SamplingParams(temperature=0.8), seed=5)
+    want_penalised, want_sampled = _engine_run(plain, [penalised])[0], _engine_run(plain, [sampled])[0]
+    assert want_penalised != want[:30]  # the processors change the output, so the comparison below means something
+    drafts_ = {"lookup": None, "draft (another seed)": load(packs["llama_draft"], dtype="float32"),
+               "draft (the target's own weights)": load(packs["llama"], dtype="float32")}
+    for name, draft in drafts_.items():
+        spec = Speculation(method="lookup" if draft is None else "draft", draft=draft)
+        engine = Engine(model, max_batch=2, context=96, speculation=spec)
+        assert _engine_run(engine, [dict(prompt=PROMPT, max_tokens=40)]) == [want], name
+        alone = engine.stats.speculative_steps
+        assert alone == engine.stats.steps and alone + engine.stats.accepted == 39, name
+        if name != "draft (another seed)":
+            assert engine.stats.accepted >= 3, name  # several tokens per pass, not just one
+        # two requests batch (plain steps); when the short one ends the other speculates alone
+        steps0 = engine.stats.speculative_steps
+        assert _engine_run(engine, [dict(prompt=PROMPT, max_tokens=40), dict(prompt=other, max_tokens=12)]) == [want, want_other], name
+        assert engine.stats.speculative_steps > steps0
+        # penalties and logit_bias: the request's own sampler picks along the tree
+        assert _engine_run(engine, [penalised]) == [want_penalised], name
+        # opted out, or sampled: plain steps only (same tokens as the plain engine, same seed)
+        steps0 = engine.stats.speculative_steps
+        assert _engine_run(engine, [dict(prompt=PROMPT, max_tokens=40, speculate=False)]) == [want], name
+        assert _engine_run(engine, [sampled]) == [want_sampled], name
+        assert engine.stats.speculative_steps == steps0, name
+    # the slot holds the tree's tentative columns: declared in the engine's workload
+    assert engine.max_len == plain.max_len + spec.budget

@@ -141,6 +141,55 @@ def test_concurrent_clients_are_batched_and_equal_run(served):
     assert srv.engine.stats.steps - steps0 < 16 * len(prompts)
 
 
+def test_speculation_serves_the_plain_greedy_text(pack):
+    """serve --speculate lookup / --draft: a lone greedy request verifies token trees, and its text
+    is the plain greedy text (fp32), streamed or not, chat or not; `"speculate": false` opts out;
+    concurrent requests decode plainly and equal run too."""
+    from layerpack.serve import ServeOptions, describe_speculation, load_engine
+    from layerpack_runtime.budget import parse_size
+
+    model = load(pack, dtype="fp32")
+    prompts = ["The quick brown", "Hello fox Hello fox Hello"]
+    want = [greedy(model, p, 24, chat=False) for p in prompts]
+    for opts in (dict(speculate="lookup"), dict(draft=pack, draft_tokens=6, max_memory="200MB")):
+        engine = load_engine(pack, ServeOptions(dtype="fp32", max_batch=2, context=CONTEXT, quiet=True, **opts))
+        srv = Server(engine, "tiny")
+        try:
+            c = srv.client()
+            for p, w in zip(prompts, want):
+                assert c.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0).choices[0].text == w
+                assert "".join(ch.choices[0].text for ch in c.completions.create(
+                    model="tiny", prompt=p, max_tokens=24, temperature=0, stream=True) if ch.choices) == w
+            r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello fox"}], max_tokens=16, temperature=0)
+            assert r.choices[0].message.content == greedy(model, "Hello fox", 16, chat=True)
+            s = engine.stats
+            assert s.speculative_steps > 0 and s.speculative_steps + s.accepted == s.tokens - s.prefills, s
+            if "draft" in opts:  # the draft has the target's weights: it proposes what the target picks
+                assert s.accepted >= 10, s
+            # two prompts in one request: admitted together, they decode as a batch of 2 (plain steps)
+            steps = s.speculative_steps
+            both = c.completions.create(model="tiny", prompt=prompts, max_tokens=24, temperature=0)
+            assert [ch.text for ch in sorted(both.choices, key=lambda ch: ch.index)] == want
+            assert s.max_active == 2 and s.speculative_steps == steps
+            off = c.completions.create(model="tiny", prompt=prompts[1], max_tokens=24, temperature=0, extra_body={"speculate": False})
+            assert off.choices[0].text == want[1] and s.speculative_steps == steps
+            health = json.load(urllib.request.urlopen(srv.url + "/health"))
+            assert health["speculative_steps"] == s.speculative_steps > 0 and health["accepted"] == s.accepted
+            with pytest.raises(openai.BadRequestError, match="speculate"):
+                c.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"speculate": "yes"})
+        finally:
+            srv.close()
+        if "draft" in opts:  # the draft's memory, planned for a slot's length, comes out of --max-memory
+            draft = engine.speculation.spec.draft
+            assert draft.workload.context >= engine.max_len and draft.workload.declared
+            assert engine.model.max_memory == parse_size("200MB") - (draft.plan.total - draft.plan.runtime_bytes)
+            assert "resident inside --max-memory" in describe_speculation(engine)
+    for args, words in ((["--draft-tokens", "4"], "--draft-tokens needs --speculate lookup or --draft"),
+                        (["--speculate", "lookup", "--draft", pack], "alternatives")):
+        r = run_cli("serve", pack, "--port", "0", *args)
+        assert r.returncode != 0 and words in one_line_error(r)
+
+
 def test_client_leaving_mid_stream_frees_its_slot(pack):
     model = load(pack, dtype="fp32")
     want = greedy(model, "Hello world", 20, chat=False)

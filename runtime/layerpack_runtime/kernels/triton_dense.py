@@ -17,6 +17,7 @@ same kernel on CPU tensors (the CPU tests).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -86,6 +87,24 @@ def _kernel():
         tl.store(out_ptr + pid_s * stride_os + m * stride_om + rows, total, mask=row_ok)
 
     return gemv
+
+
+# (dtype, device) whose kernel failed to build or launch: it falls back to F.linear from then on,
+# always the same way (a build failure is no accident), with one warning.
+_FAILED: dict = {}
+
+
+def gemv_or_none(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """gemv(), or None where this kernel cannot run here (the caller uses F.linear)."""
+    key = (w.dtype, str(w.device))
+    if key in _FAILED:
+        return None
+    try:
+        return gemv(x, w)
+    except Exception as e:  # noqa: BLE001 - e.g. a triton/CUDA combination that cannot compile it
+        _FAILED[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        warnings.warn(f"layerpack: the Triton dense GEMV failed on {key[1]} ({_FAILED[key]}); using F.linear", stacklevel=2)
+        return None
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -5,11 +5,11 @@ shape from the architecture, quantizable or not, which blocks have it, the Huggi
 converted from), the runtime module whose code runs it, the HF architectures it converts from, and
 the few config.json conventions that differ between families (ConfigRules). Everything else is
 derived from these declarations, by the reader and by the converter alike:
-- validation of a manifest's tensors (validate.py: names, units, shapes, schemes),
+- validation of a manifest's tensors (validate/layer_entries.py: names, units, shapes, schemes),
 - the tensors a unit must hold (check_unit, called by the loader and `verify`),
 - the converter's unit plan (HF name -> unit and canonical name) and expected source shapes, and its
   scheme choice (quantizable tensors take the pack's scheme, the rest stay in the pack dtype).
-The stored layout of a tensor follows from its scheme alone (validate.stored_spec, docs/FORMAT.md).
+The stored layout of a tensor follows from its scheme alone (validate.stored_layout, docs/FORMAT.md).
 
 Canonical names (architecture-neutral, so one runtime module serves several families):
   embed unit:  embed.weight
