@@ -75,13 +75,6 @@ FAMILIES = {name: _converter_view(fam) for name, fam in models.FAMILIES.items()}
 ARCHITECTURES = {arch: name for name, fam in models.FAMILIES.items() for arch in fam.hf_architectures}
 
 
-def is_quantizable(canonical: str) -> bool:
-    """Whether block quantization applies to this canonical tensor in every pack (linear weights;
-    norms, biases and routers never; the embedding only when tied: convert.scheme_for)."""
-    found = models.family_of_pack(None).tensor(canonical)
-    return found is not None and found[1].quantizable is True
-
-
 def supported() -> str:
     return ", ".join(f"{a} ({f})" for a, f in ARCHITECTURES.items())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from layerpack import families
+from layerpack.conversion.unit_plan import scheme_for
 from layerpack_runtime import models
 from layerpack_runtime.models import contract
 
@@ -30,10 +31,17 @@ def test_shapes_and_quantizable_set_come_from_the_declaration():
     assert contract.shape_of(fam, "attn.k.weight", ARCH) == (32, 64)
     assert families.expected_shape("mlp.down.weight", ARCH) == [64, 160]
     assert contract.shape_of(fam, "attn_post_norm.weight", ARCH) is None  # a gemma3 tensor, not llama's
-    assert families.is_quantizable("attn.q.weight") and families.is_quantizable("moe.experts.7.down.weight")
-    assert not families.is_quantizable("attn.q.bias") and not families.is_quantizable("moe.router.weight")
-    assert not families.is_quantizable("embed.weight")  # only when tied (convert.scheme_for)
-    assert contract.is_quantizable(fam, "embed.weight", {**ARCH, "tie_word_embeddings": True})
+    moe = models.FAMILIES["mixtral"]
+    assert contract.is_quantizable(fam, "attn.q.weight", ARCH) and contract.is_quantizable(moe, "moe.experts.7.down.weight", ARCH)
+    assert not contract.is_quantizable(fam, "attn.q.bias", ARCH) and not contract.is_quantizable(moe, "moe.router.weight", ARCH)
+    tied = {**ARCH, "tie_word_embeddings": True}
+    assert not contract.is_quantizable(fam, "embed.weight", ARCH) and contract.is_quantizable(fam, "embed.weight", tied)
+    # the converter's scheme choice is that declaration, nothing of its own (unit_plan.scheme_for)
+    for name in ("attn.q.weight", "attn.q.bias", "attn_norm.weight", "embed.weight", "head.weight"):
+        for arch in (ARCH, tied):
+            want = "nf4" if contract.is_quantizable(fam, name, arch) else "none"
+            assert scheme_for(name, "nf4", arch) == want and scheme_for(name, "none", arch) == "none"
+    assert scheme_for("embed.weight", "nf4", tied) == "nf4" and scheme_for("embed.weight", "nf4", ARCH) == "none"
 
 
 @pytest.mark.parametrize("family,name,kind,needle", [
