@@ -127,7 +127,7 @@ class StaticDecoder:
 
     def __init__(self, model, cache: KVCache, graph: bool):
         B, L, dev = cache.batch, cache.max_len, model.device
-        self.model, self.cache = model, cache
+        self.model = model  # not the cache: it holds this decoder (a cycle would keep a generation's GPU memory until gc)
         self.hidden = torch.zeros(B, 1, model.args.hidden_size, dtype=model.dtype, device=dev)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.column = torch.zeros(1, dtype=torch.long, device=dev)
@@ -164,10 +164,11 @@ class StaticDecoder:
             self.logits = self._body()
         self.graph = graph
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """One new token per row (ids [B, 1]); returns logits [B, 1, vocab] in the compute dtype
-        (the graph's buffer: read it before the next step)."""
-        cache, m = self.cache, self.model
+    def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row (ids [B, 1]) of `cache`'s generation (the one this decoder was made
+        for); returns logits [B, 1, vocab] in the compute dtype (the graph's buffer: read it before
+        the next step)."""
+        m = self.model
         start, positions = cache.reserve(torch.empty(ids.shape, device="meta"), None)
         self.hidden.copy_(m.embed(ids))
         self.positions.copy_(positions)
