@@ -102,6 +102,19 @@ def static_length(max_len: int) -> int:
     return -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
 
 
+_WARMUP_STREAMS: dict[str, "torch.cuda.Stream"] = {}
+
+
+def _warmup_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per device for the eager runs before a capture: cuBLAS keeps a workspace
+    (32 MiB on an H200) for every stream it has run on, so a new stream per generation would leave
+    one more workspace allocated each time (the CUDA streaming test caught the first one)."""
+    key = str(device)
+    if key not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[key] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[key]
+
+
 class StaticLayerKV:
     """One block's cache for static steps: the new keys/values go to the column held in a device
     buffer, and attention sees every column (the mask says which hold tokens)."""
@@ -153,7 +166,7 @@ class StaticDecoder:
             times.enabled = timing
 
     def _capture_untimed(self, dev: torch.device) -> None:
-        side = torch.cuda.Stream(dev)
+        side = _warmup_stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):  # writes this step's keys/values at its column: the same each time
