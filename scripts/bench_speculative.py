@@ -9,6 +9,11 @@ plain vs draft greedy and at temperature 0.7, plain vs prompt lookup on input-gr
 pass verifying 16 and 64 positions vs 1.
 
     python scripts/bench_speculative.py [--tokens 64] [--draft-tokens 16] [--record]
+
+--pass-pack PACK measures instead the pass cost on a Llama-3.1-405B-shaped pack at its minimum
+budget (1, 16, 64 positions) and projects the 126-layer model with speculation (spec_pass405.py):
+
+    python scripts/bench_speculative.py --pass-pack /data/l405-nf4x4 [--page-cache] [--repeats 3] [--device cuda] [--record]
 """
 from __future__ import annotations
 
@@ -115,7 +120,14 @@ def main() -> None:
     ap.add_argument("--grounded-prompts", type=int, default=len(GROUNDED), help="how many of the input-grounded prompts to run")
     ap.add_argument("--work", default="/tmp/layerpack-bench-spec")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--pass-pack", metavar="PACK", help="a 405B-shaped pack: measure verify-pass cost + projection only")
+    ap.add_argument("--positions", default="1,16,64", help="--pass-pack: tree sizes to time")
+    ap.add_argument("--repeats", type=int, default=3, help="--pass-pack: rounds (medians)")
+    ap.add_argument("--page-cache", action="store_true", help="--pass-pack: keep streamed reads in the page cache")
+    ap.add_argument("--device", default="cpu", help="--pass-pack: cpu or cuda")
     a = ap.parse_args()
+    if a.pass_pack:
+        return pass_pack_mode(a)
     del OPEN_PROMPTS[a.open_prompts:], GROUNDED[a.grounded_prompts:]
     target_path, draft_path = ensure_packs(a.work)
     import torch  # noqa: F401  (machine() reports its version)
@@ -150,6 +162,33 @@ def main() -> None:
     print(report)
     if a.record:
         record(report, "<!-- bench_speculative:start -->", "<!-- bench_speculative:end -->")
+
+
+def pass_pack_mode(a) -> None:
+    import spec_pass405
+    from bench_405b import disk_bandwidth
+
+    positions = sorted({int(x) for x in a.positions.split(",")})
+    if positions[0] != 1:
+        sys.exit("error: --positions must include 1 (the ratios are to a 1-position pass)")
+    layers_dir = os.path.join(a.pass_pack, "layers")
+    pack_bytes = sum(os.path.getsize(os.path.join(layers_dir, f)) for f in os.listdir(layers_dir))
+    mem_available = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable"))
+    load0 = os.getloadavg()
+    disk = disk_bandwidth(os.path.join(layers_dir, "block.000.safetensors"))
+    print(f"disk: {disk:.2f} GB/s; pack {pack_bytes / 1e9:.1f} GB, MemAvailable {mem_available / 1e9:.1f} GB", file=sys.stderr)
+    m = spec_pass405.measure(a.pass_pack, positions, a.repeats, a.page_cache, a.threads, a.device)
+    import torch  # noqa: F401  (machine() reports its version)
+
+    cmd = (f"python scripts/bench_speculative.py --pass-pack {a.pass_pack} --positions {a.positions} --repeats {a.repeats}"
+           f"{' --page-cache' if a.page_cache else ''}{f' --threads {a.threads}' if a.threads else ''}"
+           f"{f' --device {a.device}' if a.device != 'cpu' else ''}{' --record' if a.record else ''}")
+    text = spec_pass405.report(a.pass_pack, m, disk, pack_bytes, mem_available, a.page_cache, cmd, machine(a.threads), load0,
+                               os.getloadavg())
+    print(text)
+    if a.record:
+        key = "bench_speculative_405b" + ("_cached" if a.page_cache else "") + ("" if a.device == "cpu" else "_" + a.device)
+        record(text, f"<!-- {key}:start -->", f"<!-- {key}:end -->")
 
 
 def render(a, rows, costs, identical, lines, budget, draft_own, grounded_len, load_avg, load_end) -> str:

@@ -42,35 +42,35 @@ EOF
 status=0
 E2E=/tmp/lp-e2e
 # The 8B-shaped checkpoint and its packs are made by bench_gpu.py itself (converts run beside the transformers rows).
-tests="tests/test_cuda.py tests/test_kernels.py tests/test_decode_step.py tests/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation"
-for extra in tests/test_triton_gemv.py tests/test_triton_dense.py tests/test_streaming.py; do [ -f "$extra" ] && tests="$tests $extra"; done
+new=$([ "$QUICK" = 1 ] && echo 32 || echo 64)
+timeout 330 "$PY" scripts/bench_gpu.py --work "$E2E" --layers 8 --new "$new" --stream-new 8 \
+  >"$LOG/e2e.md" 2>&1 || status=1
+tests="tests/kernels/test_cuda.py tests/kernels/test_kernels.py tests/runtime/test_decode_step.py tests/runtime/test_engine.py::test_engine_on_cuda_equals_single_prompt_generation"
+for extra in tests/kernels/test_triton_gemv.py tests/runtime/test_streaming.py; do [ -f "$extra" ] && tests="$tests $extra"; done
 # after the tests' regrouping into folders: run every test file that mentions cuda
-tests="$tests $(grep -rls --include='test_*.py' 'cuda.is_available' tests/*/ 2>/dev/null | tr '\n' ' ')"
-timeout 300 "$PY" -m pytest -q -rs $tests -p no:cacheprovider --timeout 120 >"$LOG/tests.txt" 2>&1 || status=1
+tests="$tests $(grep -rls --include='test_*.py' 'cuda.is_available' tests/*/ 2>/dev/null | grep -v test_stages_cuda | tr '\n' ' ')"
+timeout 200 "$PY" -m pytest -q -rs $tests -p no:cacheprovider --timeout 100 >"$LOG/tests.txt" 2>&1 || status=1
 tests_line=$(tail -1 "$LOG/tests.txt")
-stages_line="skipped (GPU_QUICK)"
-if [ "$QUICK" != 1 ]; then
+stages_line="skipped (GPU_STAGES=1 runs them; unchanged since they passed on an H200, issue 24)"
+if [ "${GPU_STAGES:-0}" = 1 ]; then
   # pipeline stages on CUDA: 2 processes on one GPU over gloo; NCCL with two GPUs or more (issue 14)
-  timeout 150 "$PY" -m pytest -q -rs $(ls tests/test_stages_cuda.py tests/*/test_stages_cuda.py 2>/dev/null) -p no:cacheprovider >>"$LOG/tests.txt" 2>&1 || status=1
+  timeout 150 "$PY" -m pytest -q -rs tests/stages/test_stages_cuda.py -p no:cacheprovider >>"$LOG/tests.txt" 2>&1 || status=1
   stages_line=$(tail -1 "$LOG/tests.txt")
 fi
-shapes=$([ "$QUICK" = 1 ] && echo llama3-8b || echo smollm2,llama3-8b,llama3-405b)
-rows=$([ "$QUICK" = 1 ] && echo 1 || echo 1,16)
-timeout 150 "$PY" scripts/bench_kernels.py --device cuda --shapes "$shapes" --rows "$rows" --repeats 5 --no-old-path \
+shapes=llama3-8b  # 405B-shaped rows: scripts/bench_kernels.py --device cuda --shapes llama3-405b (longer)
+rows=1
+timeout 100 "$PY" scripts/bench_kernels.py --device cuda --shapes "$shapes" --rows "$rows" --repeats 5 --no-old-path \
   >"$LOG/kernels.md" 2>&1 || status=1
-new=$([ "$QUICK" = 1 ] && echo 32 || echo 64)
-timeout 330 "$PY" scripts/bench_gpu.py --work "$E2E" --layers 8 --new "$new" --stream-new 8 --json "$LOG/e2e.json" \
-  >"$LOG/e2e.md" 2>&1 || status=1
 stream_line="skipped"
 if [ -f scripts/bench_stream.py ] && [ -d "$E2E/pack-none" ]; then
-  timeout 90 "$PY" scripts/bench_stream.py --device cuda --pack "$E2E/pack-none" >"$LOG/stream.md" 2>&1 || status=1
+  timeout 90 "$PY" scripts/bench_stream.py --device cuda --pack "$E2E/pack-none" --max-memory 4.5GB --tokens 8 --repeats 3 >"$LOG/stream.md" 2>&1 || status=1
   stream_line="see stream.md"
 fi
 # A Llama-3.1-405B-shaped NF4 pack (4 decoder layers + the real 128256 x 16384 embedding and head), written
 # directly with random codes (scripts/make_synthetic.py --pack), run with an 8 GB GPU budget.
 l405="skipped"
 free_gb=$(df -BG --output=avail /tmp | tail -1 | tr -dc 0-9)
-if [ "$QUICK" != 1 ] && [ "${GPU_405B:-1}" = 1 ] && [ "$free_gb" -ge 24 ] && [ $SECONDS -lt 400 ]; then
+if [ "$QUICK" != 1 ] && [ "${GPU_405B:-1}" = 1 ] && [ "$free_gb" -ge 24 ] && [ $SECONDS -lt 360 ]; then
   pack=/tmp/l405-nf4; rm -rf "$E2E/src"
   if timeout 120 "$PY" scripts/make_synthetic.py --pack "$pack" --quant nf4 --shape llama3-405b --layers 4 --tokenizer "" --quiet --overwrite >"$LOG/l405.txt" 2>&1 \
      && timeout 100 "$PY" scripts/bench_405b.py --child --pack "$pack" --budget 8GB --tokens 3 --device cuda >"$LOG/l405.json" 2>>"$LOG/l405.txt"; then

@@ -250,6 +250,7 @@ def main() -> None:
         sys.exit(f"error: {a.tokenizer} has no tokenizer.json (run scripts/fetch_models.py smollm2, or pass --tokenizer)")
     cfg = model_config(a.shape, a.layers, a.tokenizer)
     if a.pack is None:  # the 405B marker keeps its old fields: checkpoints made before --shape stay complete
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.workers))  # shards run in parallel, not their ops
         write_checkpoint(a.out, cfg, tokenizer=a.tokenizer, seed=a.seed, workers=a.workers, quiet=a.quiet,
                          marker_extra=None if a.shape == "llama3-405b" else {"shape": a.shape})
         return

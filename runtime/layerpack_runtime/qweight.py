@@ -7,7 +7,10 @@ How a QuantWeight computes, fastest first:
   stored bytes. Outlier tables are added as a sparse correction. 2..8 rows (a serving engine's
   decode step) share each decode of the codes; with bfloat16 activations and AVX512-BF16 they
   multiply the weights rounded to bfloat16, as the dequantize + GEMM path does (qmatvec.c).
-* CUDA, one activation row, NF4: bitsandbytes' fused 4-bit GEMV (`matmul_4bit`) when installed.
+* CUDA, up to GEMV_MAX_ROWS activation rows, int8 and NF4: the Triton GEMV
+  (kernels/triton_gemv.py) when triton is installed: straight from the codes, outliers added by
+  the kernel, no host sync (CUDA-graph safe). Without triton, one row of NF4: bitsandbytes' fused
+  4-bit GEMV (`matmul_4bit`) when installed.
 * Otherwise (prefill, odd layouts, no compiler): dequantize once - by the native kernel when
   there is one, else pure torch (quant.py: a 256-entry table maps each packed byte to its two NF4
   values) or bitsandbytes on CUDA - in row chunks, then one GEMM. Outlier tables are written back
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .kernels import triton_dense
+from .kernels import triton_gemv
 from .format import SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 
@@ -69,12 +72,13 @@ def _nf4_code(bnbf, device: torch.device) -> torch.Tensor:
 class QuantWeight:
     """One quantized weight: codes + absmax (+ outliers), dequantized on use to `dtype`."""
 
-    __slots__ = ("scheme", "shape", "block_size", "codes", "absmax", "outlier_idx", "outlier_val", "dtype", "_gemv")
+    __slots__ = ("scheme", "shape", "block_size", "codes", "absmax", "outlier_idx", "outlier_val", "dtype", "_gemv", "_triton")
 
     def __init__(self, scheme, shape, block_size, codes, absmax, outlier_idx, outlier_val, dtype):
         self.scheme, self.shape, self.block_size = scheme, tuple(shape), int(block_size)
         self.codes, self.absmax, self.outlier_idx, self.outlier_val, self.dtype = codes, absmax, outlier_idx, outlier_val, dtype
         self._gemv = None  # (codes, absmax) the native GEMV was last found to take (see _linear_native)
+        self._triton = None  # (codes, absmax, outlier_idx, outlier_val) the Triton GEMV was last found to take
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], name: str, entry, dtype: torch.dtype) -> "QuantWeight":
@@ -207,7 +211,19 @@ class QuantWeight:
         return y.to(x.dtype).view(*x.shape[:-1], rows)
 
     def _linear_cuda(self, x: torch.Tensor) -> torch.Tensor | None:
-        """bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight, or None."""
+        """x @ W.T from the codes on CUDA (few rows), or None. NF4, one row: bitsandbytes' fused 4-bit
+        GEMV when installed (measured on an H200 inside a CUDA graph: 494-569 GB/s against our Triton
+        NF4 GEMV's 234-415, BENCHMARKS.md "GPU"); otherwise, and for int8 (1595 GB/s against the old
+        dequantize + F.linear's 115) and 2-8 rows, the Triton GEMV. A rule of the installed packages
+        and the weight's layout, never a timing."""
+        if self.scheme == SCHEME_NF4:  # one row: bitsandbytes' GEMV read NF4 1.2-2.4x faster than ours on an H200
+            y = self._linear_bnb(x)
+            if y is not None:
+                return y
+        return self._linear_triton(x)
+
+    def _linear_bnb(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight on CUDA, or None."""
         if self.scheme != SCHEME_NF4 or x.numel() != x.shape[-1] or self.shape[1] % self.block_size:
             return None
         bnb = _bnb_matmul()
@@ -222,6 +238,21 @@ class QuantWeight:
             contrib = x.reshape(-1)[idx % self.shape[1]] * self.outlier_val.to(x.dtype)
             y.view(-1).index_add_(0, idx // self.shape[1], contrib)
         return y
+
+    def _linear_triton(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Triton GEMV (kernels/triton_gemv.py), or None where it cannot take these tensors. The
+        layout check is remembered for the tensors it was made on, as in _linear_native."""
+        if x.dtype not in _VAL_DTYPES or x.numel() == 0 or not triton_gemv.usable_on(x.device):
+            return None
+        tensors = (self.codes, self.absmax, self.outlier_idx, self.outlier_val)
+        if self._triton is None or any(a is not b for a, b in zip(self._triton, tensors)):
+            if self.codes.device != x.device or not triton_gemv.supported(self.scheme, self.shape, self.block_size, *tensors):
+                return None
+            self._triton = tensors
+        rows, cols = self.shape
+        y = triton_gemv.gemv(self.scheme, self.codes, self.absmax, self.shape, self.block_size, x.reshape(-1, cols),
+                             self.outlier_idx, self.outlier_val)
+        return None if y is None else y.view(*x.shape[:-1], rows)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed when
@@ -320,9 +351,6 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     converter's calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input
     of every linear."""
     if isinstance(weight, torch.Tensor):
-        if weight.device.type == "cuda" and triton_dense.usable(x, weight):  # a decode step's rows on the GPU
-            y = triton_dense.gemv(x, weight)
-            return y if bias is None else y.add_(bias)
         if bias is None and kernels.dense_gemv() and _dense_gemv_ok(x, weight):
             lib = kernels.native()
             if lib is not None:
@@ -358,10 +386,11 @@ def choose_form(scheme: str, device: torch.device, weight_form: str = "auto") ->
     A rule, never a measurement: the same pack, options, device and installed kernels give the same
     plan - and so the same bits - however busy the machine is (a timing probe used to decide this,
     and flipped under load). `auto`: the stored form wherever a native kernel multiplies from the
-    codes (CPU with the compiled kernels, NF4 on CUDA with bitsandbytes): it moves 4 or 8 bits per
-    weight, so a larger budget is never spent on a copy that decodes slower; elsewhere (no compiler,
-    int8 on CUDA, other devices) the pure-torch path from the codes is several times slower than a
-    dequantized weight, so memory left over goes to dequantized copies. Scoring (eval: long
+    codes (CPU with the compiled kernels, int8 and NF4 on CUDA with triton, NF4 on CUDA with
+    bitsandbytes): it moves 4 or 8 bits per weight, so a larger budget is never spent on a copy that
+    decodes slower; elsewhere (no compiler, int8 on CUDA without triton, other devices) the
+    pure-torch path from the codes is several times slower than a dequantized weight, so memory
+    left over goes to dequantized copies. Scoring (eval: long
     prefills) asks for dequantized forms itself (UnitRange.prefer_dequantized)."""
     if scheme not in _CODE_DTYPES:
         return True, "unquantized"
@@ -372,5 +401,7 @@ def choose_form(scheme: str, device: torch.device, weight_form: str = "auto") ->
             return False, f"stored (native {scheme} kernel, {kernels.isa()})"
         return True, "dequantized where memory allows (no native kernel: the pure-torch path from the codes is slower)"
     if device.type == "cuda" and scheme == SCHEME_NF4 and _bnb_matmul() is not None:
-        return False, "stored (bitsandbytes 4-bit GEMV)"
+        return False, "stored (bitsandbytes 4-bit GEMV" + (", Triton for 2-8 rows)" if triton_gemv.triton_importable() else ")")
+    if device.type == "cuda" and triton_gemv.triton_importable():
+        return False, f"stored (Triton {scheme} GEMV)"
     return True, f"dequantized where memory allows (no {device.type} kernel for {scheme} codes)"

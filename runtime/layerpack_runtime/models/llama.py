@@ -293,7 +293,7 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalised in float32, cast, then scaled in the input dtype.
     torch.rms_norm is one kernel for x.float() * rsqrt(mean(x^2) + eps) cast back, with the same
-    bits (tests/test_runtime.py checks it against that form)."""
+    bits (tests/runtime/test_runtime.py checks it against that form)."""
     return weight * torch.rms_norm(x, (x.shape[-1],), eps=eps)  # 16-bit x: computed in float32, rounded once
 
 
