@@ -14,6 +14,7 @@ import click
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_CHOICES, SCHEMES
 from layerpack_runtime.options import DECODE_STEPS, WEIGHT_FORMS, RunOptions
+from layerpack_runtime.threads import configure_openmp
 
 from .choices import DEFAULT_CALIBRATION_TOKENS, OUTLIER_ROW, OUTLIER_RULES
 from .environment import API_KEY as API_KEY_ENV, debug
@@ -108,6 +109,7 @@ def _check_source_arg(ctx, param, value):
 @click.version_option(package_name="layerpack-llm")
 def main():
     """Run and share LLMs larger than memory, layer by layer."""
+    configure_openmp()  # idle OpenMP threads sleep (threads.py: spinning ones steal a busy 2-core machine); before torch loads
 
 
 @main.command()
@@ -145,8 +147,7 @@ def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block
         calibrate_methods=calibrate_methods))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
-        if m.quality:
-            q = m.quality
+        if q := m.quality:
             click.echo(f"quality: perplexity {q['perplexity']:.4f} on {q['tokens']} tokens"
                        + (f"; KL {q['kl']:.5f}, top-1 agreement {100 * q['top1_agreement']:.2f}% vs {q['reference']}" if q["kl"] is not None else ""))
 

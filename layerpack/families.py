@@ -75,13 +75,6 @@ FAMILIES = {name: _converter_view(fam) for name, fam in models.FAMILIES.items()}
 ARCHITECTURES = {arch: name for name, fam in models.FAMILIES.items() for arch in fam.hf_architectures}
 
 
-def is_quantizable(canonical: str) -> bool:
-    """Whether block quantization applies to this canonical tensor in every pack (linear weights;
-    norms, biases and routers never; the embedding only when tied: convert.scheme_for)."""
-    found = models.family_of_pack(None).tensor(canonical)
-    return found is not None and found[1].quantizable is True
-
-
 def supported() -> str:
     return ", ".join(f"{a} ({f})" for a, f in ARCHITECTURES.items())
 
@@ -278,21 +271,20 @@ def _rope(config: dict, file: str = "config.json") -> dict:
     return rope
 
 
-def _gemma3(config: dict) -> tuple[dict, dict]:
-    """Gemma 3's global rope (`rope`) and local rope (`rope_local`, sliding blocks), from either
-    spelling: rope_parameters per layer type (transformers>=5), or rope_theta + rope_scaling
-    (global) and rope_local_base_freq (local)."""
+def _layer_type_ropes(config: dict, r: contract.LayerTypeRopes) -> tuple[dict, dict]:
+    """The global rope (`rope`) and the local one (`rope_local`, sliding blocks) of a family that
+    declares a table per layer type (ConfigRules.layer_type_ropes), from either spelling:
+    rope_parameters per layer type (transformers>=5), or rope_theta + rope_scaling (global) and
+    r.local_theta_field (local)."""
     c = ConfigFields(config)
-    if c.bool("use_bidirectional_attention", False):
-        raise LayerpackError("Gemma 3 with bidirectional attention (an embedding model) is not supported")
     params = c.dict("rope_parameters")
     if "full_attention" in params or "sliding_attention" in params:
         per_type = ConfigFields(params, "config.json rope_parameters")
-        full = _rope({"rope_parameters": {"rope_theta": 1_000_000.0, **per_type.dict("full_attention")}})
-        local = _rope({"rope_parameters": {"rope_theta": 10_000.0, **per_type.dict("sliding_attention")}})
+        full = _rope({"rope_parameters": {"rope_theta": r.global_theta, **per_type.dict("full_attention")}})
+        local = _rope({"rope_parameters": {"rope_theta": r.local_theta, **per_type.dict("sliding_attention")}})
     else:
-        full = _rope({"rope_theta": 1_000_000.0, **{k: v for k, v in config.items() if v is not None}})  # Gemma 3's default global theta
-        local = {"type": "default", "theta": c.float("rope_local_base_freq", 10_000.0)}
+        full = _rope({"rope_theta": r.global_theta, **{k: v for k, v in config.items() if v is not None}})
+        local = {"type": "default", "theta": c.float(r.local_theta_field, r.local_theta)}
     return full, local
 
 
@@ -358,7 +350,7 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "head_dim": head_dim,
         "max_position_embeddings": c.int("max_position_embeddings", 0, lo=0),
         "norm": {"type": "rms", "eps": c.float("rms_norm_eps", 1e-6)},
-        "rope": _rope(config) if rules.reader != "gemma3" else None,  # gemma3: set below
+        "rope": _rope(config) if rules.layer_type_ropes is None else None,  # else set below
         # gemma: hidden_activation
         "activation": activation,
         "tie_word_embeddings": c.bool("tie_word_embeddings", rules.tie_word_embeddings),
@@ -373,9 +365,14 @@ def architecture_spec(config: dict, generation_config: dict | None = None) -> di
         "eos_token_ids": special["eos_token_id"],
         "pad_token_id": (special["pad_token_id"] or [None])[0],
     }
-    if rules.reader == "gemma3":
-        spec["rope"], spec["rope_local"] = _gemma3(config)
+    for flag, refusal in rules.refused:
+        if c.bool(flag, False):
+            raise LayerpackError(refusal)
+    if rules.layer_type_ropes is not None:
+        spec["rope"], spec["rope_local"] = _layer_type_ropes(config, rules.layer_type_ropes)
+    if rules.query_pre_attn_scalar:
         spec["query_pre_attn_scalar"] = c.float("query_pre_attn_scalar", None) or float(spec["head_dim"])
+    if rules.softcapping:
         spec["attn_logit_softcapping"] = c.float("attn_logit_softcapping", None)
         spec["final_logit_softcapping"] = c.float("final_logit_softcapping", None)
     if fam.moe:

@@ -251,10 +251,6 @@ def main() -> None:
             r = next((r for r in rows if r[0] == f"layerpack {label} pack, resident, decode {fast}"), None)
             if r:
                 checks.append((f"{label} resident faster than bf16 ({r[2]:.0f} vs {lp_bf16:.0f} tok/s)", r[2] > lp_bf16))
-    from layerpack_runtime.kernels import triton_dense
-
-    if dev == "cuda":
-        notes.append("Triton dense GEMV: " + ("in use at decode" if not triton_dense._FAILED else f"fell back to F.linear ({triton_dense._FAILED})"))
     print()
     for n in notes:
         print(f"- {n}")

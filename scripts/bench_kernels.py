@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import machine, record  # noqa: E402
 
 from layerpack_runtime import kernels  # noqa: E402
-from layerpack_runtime.kernels import triton_dense  # noqa: E402
 from layerpack_runtime.qweight import QuantWeight  # noqa: E402
 from layerpack_runtime.quant import quantize_blocks_for_probe  # noqa: E402
 
@@ -115,8 +114,6 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=DEVICE)
         fns = {name: (lambda q=q: q.linear(x)) for name, q in forms.items()}
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
-        if DEVICE.type == "cuda" and triton_dense.usable(x, dense):
-            fns["dense bf16, triton GEMV"] = lambda: triton_dense.gemv(x, dense)  # what qweight.linear uses at decode
         if rows == 1 and DEVICE.type == "cpu" and kernels.native() is not None:
             fns["dense bf16, native GEMV"] = lambda: kernels.bf16_matvec(kernels.native(), dense, x)  # LAYERPACK_BF16_GEMV=1
         if old_path:
@@ -188,7 +185,8 @@ def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
     """The CUDA table's rows for one shape: the stored forms through QuantWeight.linear (the Triton
     GEMV at <= GEMV_MAX_ROWS rows when triton is installed, else dequantize + GEMM; bitsandbytes at
     1 row of NF4 without triton), bitsandbytes' GEMV and int8's old dequantize + F.linear beside
-    them, and dense bf16 through F.linear and the dense Triton GEMV (kernels/triton_dense.py)."""
+    them, and dense bf16 through F.linear. (A dense Triton GEMV was measured here on an H200, 2026-12-04:
+    2852-3041 GB/s against F.linear's 3140-3391 inside a CUDA graph, so plain weights keep F.linear.)"""
     from layerpack_runtime.kernels import triton_gemv
     from layerpack_runtime.qweight import GEMV_MAX_ROWS
 
@@ -211,7 +209,8 @@ def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
         fns, nbytes, graphed, triton_rows = {}, {}, set(), {}
         for name, qs in forms.items():
             key = f"{name} ({label})"
-            fns[key] = [lambda q=q: q.linear(x) for q in qs]
+            # the Triton rows call it directly (QuantWeight.linear sends one NF4 row to bitsandbytes first)
+            fns[key] = [lambda q=q: q._linear_triton(x) for q in qs] if gemv else [lambda q=q: q.linear(x) for q in qs]
             nbytes[key] = qs[0].nbytes
             if gemv:
                 graphed.add(key)
@@ -229,10 +228,6 @@ def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
         fns["dense bf16 F.linear"] = [lambda w=w: F.linear(x, w) for w in dense]
         nbytes["dense bf16 F.linear"] = n * 2
         graphed.add("dense bf16 F.linear")
-        if triton_dense.usable(x, dense[0]):  # what qweight.linear uses for plain weights at decode
-            fns["dense bf16 (Triton GEMV)"] = [lambda w=w: triton_dense.gemv(x, w) for w in dense]
-            nbytes["dense bf16 (Triton GEMV)"] = n * 2
-            graphed.add("dense bf16 (Triton GEMV)")
         times = time_cuda(fns, repeats, graphed)
         t_dense = times["dense bf16 F.linear"]
         for key, t in times.items():

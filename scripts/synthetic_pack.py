@@ -93,7 +93,7 @@ def write_pack(out: str, spec: PackSpec, *, sidecars=None, workers: int = 1, ove
     units = plan_units(family_of(spec.config), arch, [n for n, _ in spec.tensors])
     quant = Quantization(scheme=spec.quant, dtype=PACK_DTYPE, block_size=DEFAULT_BLOCK_SIZE.get(spec.quant),
                          outlier_fraction=spec.outliers,
-                         quantized_embedding=arch["tie_word_embeddings"] and spec.quant != SCHEME_NONE,
+                         quantized_embedding=scheme_for("embed.weight", spec.quant, arch) != SCHEME_NONE,
                          outlier_rule=OUTLIER_ROW if spec.outliers else None)  # the converter's default rule
     if not overwrite and _same_pack(out, spec.name, quant):
         print(f"{out}: already a complete pack of {spec.name} ({spec.quant}); nothing to do", file=sys.stderr)
@@ -166,7 +166,7 @@ def _tensor_plans(u: UnitPlan, shapes: dict, quant: Quantization, arch: dict, ou
     plans = []
     for c in sorted(u.tensors):
         shape = list(shapes[u.tensors[c]])
-        scheme = scheme_for(c, quant.scheme, arch["tie_word_embeddings"])
+        scheme = scheme_for(c, quant.scheme, arch)
         k = outlier_count(outliers, math.prod(shape)) if scheme != SCHEME_NONE else 0
         plans.append((c, shape, scheme, k))
     return plans

@@ -8,7 +8,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from layerpack_runtime.threads import configure_openmp
+
+# The suite is an entry point like the `layerpack` command: idle OpenMP threads sleep (threads.py; a
+# spinning one steals a busy machine's cores). Set before torch loads OpenMP, which reads it once.
+configure_openmp()
+
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -102,6 +102,19 @@ def static_length(max_len: int) -> int:
     return -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
 
 
+_WARMUP_STREAMS: dict[str, "torch.cuda.Stream"] = {}
+
+
+def _warmup_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per device for the eager runs before a capture: cuBLAS keeps a workspace
+    (32 MiB on an H200) for every stream it has run on, so a new stream per generation would leave
+    one more workspace allocated each time (the CUDA streaming test caught the first one)."""
+    key = str(device)
+    if key not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[key] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[key]
+
+
 class StaticLayerKV:
     """One block's cache for static steps: the new keys/values go to the column held in a device
     buffer, and attention sees every column (the mask says which hold tokens)."""
@@ -127,7 +140,7 @@ class StaticDecoder:
 
     def __init__(self, model, cache: KVCache, graph: bool):
         B, L, dev = cache.batch, cache.max_len, model.device
-        self.model, self.cache = model, cache
+        self.model = model  # not the cache: it holds this decoder (a cycle would keep a generation's GPU memory until gc)
         self.hidden = torch.zeros(B, 1, model.args.hidden_size, dtype=model.dtype, device=dev)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.column = torch.zeros(1, dtype=torch.long, device=dev)
@@ -153,7 +166,7 @@ class StaticDecoder:
             times.enabled = timing
 
     def _capture_untimed(self, dev: torch.device) -> None:
-        side = torch.cuda.Stream(dev)
+        side = _warmup_stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):  # writes this step's keys/values at its column: the same each time
@@ -164,10 +177,11 @@ class StaticDecoder:
             self.logits = self._body()
         self.graph = graph
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """One new token per row (ids [B, 1]); returns logits [B, 1, vocab] in the compute dtype
-        (the graph's buffer: read it before the next step)."""
-        cache, m = self.cache, self.model
+    def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row (ids [B, 1]) of `cache`'s generation (the one this decoder was made
+        for); returns logits [B, 1, vocab] in the compute dtype (the graph's buffer: read it before
+        the next step)."""
+        m = self.model
         start, positions = cache.reserve(torch.empty(ids.shape, device="meta"), None)
         self.hidden.copy_(m.embed(ids))
         self.positions.copy_(positions)

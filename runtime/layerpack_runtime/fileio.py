@@ -63,10 +63,12 @@ def read_range(path: str, buf, offset: int, what: str) -> None:
 # READ_CHUNK: bytes per chunk. 8 MiB is ~1.5 ms of copying at one thread's speed, so a call's and a
 # future's overhead (~20 us) stays near 1%, and a 50 MB unit still splits into 6 chunks to share.
 READ_CHUNK = 8 << 20
-# READ_THREADS: chunks read at once. Page-cache copies stop scaling near 8 threads on server CPUs
-# (the memory, not the cores, becomes the limit), and NVMe disks reach their speed with a queue of
-# about that depth; more would only take CPU from compute on a CPU-only run.
-READ_THREADS = 8
+# READ_THREADS: chunks read at once - 8, or one per core up to 16. NVMe disks reach their speed with
+# a queue of about 8; page-cache copies kept scaling past 8 threads on a 16-core GPU host (H200
+# machine, bench_stream.py, 2026-12-04: 31 GB/s with 8 threads, 40 GB/s with 16 - the streamer fed
+# 25 GB/s to a 55 GB/s link with 8), and a machine with few cores gets 8 (threads waiting on copies
+# and disks use little CPU). A rule of the machine, never a timing: the bytes are the same anyway.
+READ_THREADS = max(8, min(16, os.cpu_count() or 1))
 
 _pool = None  # (pid, ThreadPoolExecutor): made at first use, remade in a forked child (its threads stay in the parent)
 _pool_lock = threading.Lock()

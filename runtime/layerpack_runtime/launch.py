@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .errors import LayerpackError
 from .stages import StageOptions, join
+from .threads import configure_openmp
 
 STOP_GRACE_S = 5.0
 # torch's C++ warnings (c10d's socket timeouts, ...) would print lines of their own next to our one
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if CPP_LOG_ENV not in os.environ:  # read once, when torch loads: start again with it set
         os.environ[CPP_LOG_ENV] = "ERROR"
+        configure_openmp(exec_follows=True)  # OMP_WAIT_POLICY too is read once, when torch loads OpenMP
         os.execv(sys.executable, [sys.executable, "-m", "layerpack_runtime.launch", *(sys.argv[1:] if argv is None else argv)])
     p = argparse.ArgumentParser(prog="python -m layerpack_runtime.launch", description="One pipeline stage (start with torchrun).")
     p.add_argument("pack")

@@ -55,7 +55,7 @@ class LayeredModel(TextGenerator, UnitRange):
             cache = self.new_cache(B, T)
         with attention_backends(self.device):
             if T == 1 and attention_mask is None and self.static_decode and type(cache) is KVCache and cache.plain():
-                return self._static_decoder(cache).step(ids).float()
+                return self._static_decoder(cache).step(ids, cache).float()
             mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
             steps = self.begin_step(cache, (B, T), mask)
             logits = self.run(ids, cache, steps, last_only)

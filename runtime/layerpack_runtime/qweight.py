@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .kernels import triton_dense, triton_gemv
+from .kernels import triton_gemv
 from .format import SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 
@@ -209,11 +209,16 @@ class QuantWeight:
         return y.to(x.dtype).view(*x.shape[:-1], rows)
 
     def _linear_cuda(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x @ W.T from the codes on CUDA (few rows), or None: the Triton GEMV (int8, NF4) when triton
-        is installed, else bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight.
-        Which one is a rule of the installed packages and the weight's layout, never a timing."""
-        y = self._linear_triton(x)
-        return y if y is not None else self._linear_bnb(x)
+        """x @ W.T from the codes on CUDA (few rows), or None. NF4, one row: bitsandbytes' fused 4-bit
+        GEMV when installed (measured on an H200 inside a CUDA graph: 494-569 GB/s against our Triton
+        NF4 GEMV's 234-415, BENCHMARKS.md "GPU"); otherwise, and for int8 (1595 GB/s against the old
+        dequantize + F.linear's 115) and 2-8 rows, the Triton GEMV. A rule of the installed packages
+        and the weight's layout, never a timing."""
+        if self.scheme == SCHEME_NF4:  # one row: bitsandbytes' GEMV read NF4 1.2-2.4x faster than ours on an H200
+            y = self._linear_bnb(x)
+            if y is not None:
+                return y
+        return self._linear_triton(x)
 
     def _linear_bnb(self, x: torch.Tensor) -> torch.Tensor | None:
         """bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight on CUDA, or None."""
@@ -344,10 +349,6 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     converter's calibration recorder (layerpack/quantizer/activation_stats.py), which sees the input
     of every linear."""
     if isinstance(weight, torch.Tensor):
-        if weight.device.type == "cuda" and triton_dense.usable(x, weight):  # a decode step's rows on the GPU
-            y = triton_dense.gemv_or_none(x, weight)
-            if y is not None:
-                return y if bias is None else y.add_(bias)
         if bias is None and kernels.dense_gemv() and _dense_gemv_ok(x, weight):
             lib = kernels.native()
             if lib is not None:
@@ -397,8 +398,8 @@ def choose_form(scheme: str, device: torch.device, weight_form: str = "auto") ->
         if kernels.native() is not None:
             return False, f"stored (native {scheme} kernel, {kernels.isa()})"
         return True, "dequantized where memory allows (no native kernel: the pure-torch path from the codes is slower)"
+    if device.type == "cuda" and scheme == SCHEME_NF4 and _bnb_matmul() is not None:
+        return False, "stored (bitsandbytes 4-bit GEMV" + (", Triton for 2-8 rows)" if triton_gemv.triton_importable() else ")")
     if device.type == "cuda" and triton_gemv.triton_importable():
         return False, f"stored (Triton {scheme} GEMV)"
-    if device.type == "cuda" and scheme == SCHEME_NF4 and _bnb_matmul() is not None:
-        return False, "stored (bitsandbytes 4-bit GEMV)"
     return True, f"dequantized where memory allows (no {device.type} kernel for {scheme} codes)"

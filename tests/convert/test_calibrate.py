@@ -340,7 +340,7 @@ def test_calibrate_other_families(family, tmp_path):
     from layerpack.conversion.unit_plan import scheme_for
 
     want = {calibrate.key(u.name, c) for u in job.units for c in u.tensors
-            if scheme_for(c, "nf4", job.arch["tie_word_embeddings"]) != "none"}
+            if scheme_for(c, "nf4", job.arch) != "none"}
     assert want <= set(stats)  # (and unquantized linears such as a router: recorded, unused)
     assert all(bool(torch.isfinite(s.sq_mean).all()) for s in stats.values())
     m = convert(src, str(tmp_path / "p"), ConvertOptions(quant="nf4", outliers=0.01, calibrate=True, calibration_text=str(tmp_path / "t.txt"),

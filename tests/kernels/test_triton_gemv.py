@@ -218,6 +218,10 @@ def test_choose_form_on_cuda_follows_installed_kernels(monkeypatch):
 
     monkeypatch.setattr(triton_gemv, "triton_importable", lambda: True)
     assert qweight.choose_form("int8", torch.device("cuda")) == (False, "stored (Triton int8 GEMV)")
+    bnb = qweight._bnb_matmul() is not None  # one NF4 row goes to bitsandbytes first where it is installed
+    assert qweight.choose_form("nf4", torch.device("cuda")) == \
+        (False, "stored (bitsandbytes 4-bit GEMV, Triton for 2-8 rows)" if bnb else "stored (Triton nf4 GEMV)")
+    monkeypatch.setattr(qweight, "_bnb_matmul", lambda: None)
     assert qweight.choose_form("nf4", torch.device("cuda")) == (False, "stored (Triton nf4 GEMV)")
     monkeypatch.setattr(triton_gemv, "triton_importable", lambda: False)
     assert qweight.choose_form("int8", torch.device("cuda"))[0] is True

@@ -344,7 +344,8 @@ def test_int64_outlier_indices_run_like_int32(tiny, tmp_path, monkeypatch):
     what the reader demands: the int32 pack is refused, and the int64 pack gives the int32 pack's
     logits bit for bit - resident and streamed, native kernels and the pure-torch path - and verifies.
     Without the patch the int64 pack is refused (the rule holds both ways)."""
-    from layerpack_runtime import kernels, validate
+    from layerpack_runtime import kernels
+    from layerpack_runtime.validate import layer_headers  # the stored layout (its int64 threshold)
 
     from layerpack.verify import verify_pack
 
@@ -354,7 +355,7 @@ def test_int64_outlier_indices_run_like_int32(tiny, tmp_path, monkeypatch):
     want = loader.load(tiny["nf4"]).logits(ids)
     with pytest.raises(FormatError, match=r"outlier_idx' is stored as I64\[\d+\], the manifest entry implies I32"):
         loader.load(big)
-    monkeypatch.setattr(validate, "OUTLIER_IDX_I64_FROM", 0)
+    monkeypatch.setattr(layer_headers, "OUTLIER_IDX_I64_FROM", 0)
     with pytest.raises(FormatError, match=r"outlier_idx' is stored as I32\[\d+\], the manifest entry implies I64"):
         loader.load(tiny["nf4"])
     resident = loader.load(big)
@@ -366,7 +367,7 @@ def test_int64_outlier_indices_run_like_int32(tiny, tmp_path, monkeypatch):
     assert verify_pack(big, quiet=True) == []
     monkeypatch.setattr(kernels, "native", lambda: None)  # the pure-torch fallback: int64 == int32 there too
     torch_path = loader.load(big).logits(ids)
-    monkeypatch.setattr(validate, "OUTLIER_IDX_I64_FROM", 1 << 31)
+    monkeypatch.setattr(layer_headers, "OUTLIER_IDX_I64_FROM", 1 << 31)
     assert torch.equal(torch_path, loader.load(tiny["nf4"]).logits(ids))
 
 

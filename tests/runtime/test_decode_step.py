@@ -98,3 +98,23 @@ def test_graph_equals_static_on_cuda(packs, name):
     t_g32, _ = greedy(g32, prompts, 16)
     assert [t.tolist() for t in t_g32] == [t.tolist() for t in t_d]
     assert graph.decode_description().startswith("CUDA graph")
+
+
+def test_a_generation_frees_its_cache_without_gc(packs):
+    """The cache holds its decoder and the decoder does not hold the cache: no reference cycle, so
+    a finished generation's cache (GPU memory, on CUDA) goes at once, not at the next gc."""
+    import gc
+    import weakref
+
+    m = load(packs["llama"], decode="static", context=32)
+    cache = m.new_cache(1, 32)
+    m.forward(torch.tensor([[3, 4, 5]]), cache=cache)
+    m.forward(torch.tensor([[6]]), cache=cache)
+    assert cache.decoder is not None
+    ref = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert ref() is None
+    finally:
+        gc.enable()

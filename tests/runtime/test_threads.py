@@ -74,21 +74,51 @@ def test_run_threads_flag_and_env_reach_torch_and_stats(pack):
         assert (oversubscribed in r.stderr) == (want > physical_cores()), r.stderr
 
 
-def _wait_policy_in_child(env: dict, first: str = "") -> str:
-    code = f"{first}import os, layerpack_runtime; print(os.environ.get('OMP_WAIT_POLICY'))"
+# The child prints OMP_WAIT_POLICY as it is when the process ends (atexit: after the CLI's sys.exit).
+_PRINT_AT_EXIT = "import atexit, os; atexit.register(lambda: print(os.environ.get('OMP_WAIT_POLICY'))); "
+# The `layerpack` command's entry point on a command that fails at once (no pack): one error line, exit 1.
+_CLI = "from layerpack.cli import main; main(['verify', 'no-such-pack-folder'])"
+
+
+def _wait_policy_in_child(env: dict, code: str, first: str = "") -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env})
-    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", _PRINT_AT_EXIT + first + code], capture_output=True, text=True,
+                       env={**clean, **env})
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
     return r.stdout.strip()
 
 
-def test_passive_wait_policy_is_the_default_unless_the_environment_chose():
-    """OMP_WAIT_POLICY=PASSIVE (threads.py: no collapse when other work shares the cores) is set when
-    layerpack_runtime is imported, before torch, unless the user set a policy or spin count."""
-    assert _wait_policy_in_child({}) == "PASSIVE"
-    assert _wait_policy_in_child({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
-    assert _wait_policy_in_child({"GOMP_SPINCOUNT": "1000"}) == "None"
-    assert _wait_policy_in_child({}, first="import torch; ") == "None"  # too late to matter: left alone, and --stats says so
+def test_passive_wait_policy_is_the_commands_default_unless_the_environment_chose():
+    """OMP_WAIT_POLICY=PASSIVE (threads.py: no collapse when other work shares the cores) is set by the
+    `layerpack` command before any command loads torch, unless the user set a policy or spin count;
+    importing the library (and loading a pack's modules) writes no environment variable."""
+    assert _wait_policy_in_child({}, _CLI) == "PASSIVE"
+    assert _wait_policy_in_child({"OMP_WAIT_POLICY": "ACTIVE"}, _CLI) == "ACTIVE"
+    assert _wait_policy_in_child({"GOMP_SPINCOUNT": "1000"}, _CLI) == "None"
+    assert _wait_policy_in_child({}, _CLI, first="import torch; ") == "None"  # too late to matter: left alone, and --stats says so
+    assert _wait_policy_in_child({}, "import layerpack_runtime, layerpack_runtime.loader, layerpack_runtime.stages") == "None"
+
+
+def test_stage_launcher_sets_the_wait_policy_for_the_process_it_becomes(monkeypatch):
+    """`python -m layerpack_runtime.launch` replaces itself (os.execv) with a fresh process that has
+    TORCH_CPP_LOG_LEVEL and, unless the environment chose, OMP_WAIT_POLICY=PASSIVE: both are read
+    once, when torch loads, and torch is already loaded where main() runs."""
+    from layerpack_runtime import launch, threads
+
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", launch.CPP_LOG_ENV):
+        monkeypatch.setenv(k, "")  # (recorded, so that what main() writes is undone after the test)
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(threads, "_wait_policy_note", None)
+    seen = {}
+
+    def execv(path, argv):  # stands in for the exec: records the environment the new process would get
+        seen.update(os.environ)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(launch.os, "execv", execv)
+    with pytest.raises(SystemExit):
+        launch.main(["pack", "prompt"])
+    assert seen.get("OMP_WAIT_POLICY") == "PASSIVE" and seen.get(launch.CPP_LOG_ENV) == "ERROR"
 
 
 @pytest.mark.parametrize("cmd", ["run", "eval"])
