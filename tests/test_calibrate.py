@@ -250,7 +250,7 @@ def test_uncalibrated_packs_unchanged(tmp_path):
 
 PINNED_OPTS = {
     "nf4_outliers": dict(quant="nf4", outliers=0.01),
-    "int8": dict(quant="int8"),
+    "int8": dict(quant="int8", block_size=128),  # int8's default block until issue 25 (now 32): the pinned bytes
     "nf4_head": dict(quant="nf4", head_outliers=0.02, outlier_rule="block-gain"),
 }
 PINNED: dict[str, dict[str, str]] = {
