@@ -52,16 +52,16 @@ CONFIGS = (
     ("nf4 cal (a+c) 0.5%", _cal("nf4", "weighted,scales")),
     ("nf4 cal (a+b+c) 0.5%", _cal("nf4", None)),
     # the statistics pass as it was before issue 25: a float32 forward (now bfloat16)
-    ("nf4 cal (a+b+c) 0.5% fp32 pass", dict(_cal("nf4", None), fp32_pass=True)),
-    ("nf4 cal (a+b+c) 0.5% 512 tokens", dict(_cal("nf4", None), calibration_tokens=512)),
+    ("nf4 cal (a+b+c) 0.5% 2048 tokens fp32 pass", dict(_cal("nf4", None), calibration_tokens=2048, fp32_pass=True)),
     ("nf4 cal (a+b+c) 0.5% 1024 tokens", dict(_cal("nf4", None), calibration_tokens=1024)),
+    ("nf4 cal (a+b+c) 0.5% 2048 tokens", dict(_cal("nf4", None), calibration_tokens=2048)),
     ("int8", dict(quant="int8")),
     ("int8 + outliers 0.5%", dict(quant="int8", outliers=OUT)),
     ("int8 cal (a) weighted outliers 0.5%", _cal("int8", "weighted")),
     ("int8 cal (b) feature columns 0.5%", _cal("int8", "features")),
     ("int8 cal (c) scales only (no outliers)", _cal("int8", "scales", 0.0)),
     ("int8 cal (a+b+c) 0.5%", _cal("int8", None)),
-    ("int8 cal (a+b+c) 0.5% 512 tokens", dict(_cal("int8", None), calibration_tokens=512)),
+    ("int8 cal (a+b+c) 0.5% 2048 tokens", dict(_cal("int8", None), calibration_tokens=2048)),
 )
 MARKERS = {m: (f"<!-- bench_calibration_{m}:start -->", f"<!-- bench_calibration_{m}:end -->") for m in MODELS}
 TIMING_MARKERS = ("<!-- bench_calibration_timing:start -->", "<!-- bench_calibration_timing:end -->")
@@ -196,7 +196,7 @@ def timing(args) -> None:
     src = args.src or fetch_src("smollm2")
     cfgs = [("nf4", [], None), (f"nf4 --calibrate (default, {DEFAULT_TOKENS} tokens)", ["--calibrate"], None)]
     cfgs += [(f"nf4 --calibrate --calibration-tokens {t}", ["--calibrate", "--calibration-tokens", str(t)], None)
-             for t in (512, 1024, 2048) if t != DEFAULT_TOKENS]
+             for t in (512, 2048) if t != DEFAULT_TOKENS]
     if args.before_tree:  # the same command on the code before issue 25 (float32 statistics pass, 2048 tokens)
         cfgs.append(("nf4 --calibrate --calibration-tokens 2048, code before issue 25 (fp32 pass)",
                      ["--calibrate", "--calibration-tokens", "2048"], args.before_tree))
@@ -250,7 +250,7 @@ def main():
     ap.add_argument("--timing", action="store_true", help="measure convert time instead of quality")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before-tree", default=None, metavar="DIR",
-                    help="--timing: also time a checkout of the code before issue 25 (e.g. `git archive e54b87f layerpack runtime | tar x -C DIR`)")
+                    help="--timing: also time a checkout of the code before issue 25 (e.g. `git archive e54b87f layerpack runtime schemas | tar x -C DIR`)")
     ap.add_argument("--render", action="store_true", help="no measuring: the section from the rows in --json")
     args = ap.parse_args()
     if args.render:
