@@ -9,11 +9,12 @@ import sys
 
 import click
 
-# Only torch-free modules at the top (tests/test_cli_fast.py): --help, --version and argument errors
+# Only torch-free modules at the top (tests/cli/test_cli_fast.py): --help, --version and argument errors
 # answer before torch is imported; each command imports what it runs.
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import COMPRESSIONS, DTYPE_CHOICES, SCHEMES
-from layerpack_runtime.options import WEIGHT_FORMS, RunOptions
+from layerpack_runtime.options import DECODE_STEPS, WEIGHT_FORMS, RunOptions
+from layerpack_runtime.threads import configure_openmp
 
 from .choices import DEFAULT_CALIBRATION_TOKENS, OUTLIER_ROW, OUTLIER_RULES
 from .environment import API_KEY as API_KEY_ENV, debug
@@ -108,6 +109,7 @@ def _check_source_arg(ctx, param, value):
 @click.version_option(package_name="layerpack-llm")
 def main():
     """Run and share LLMs larger than memory, layer by layer."""
+    configure_openmp()  # idle OpenMP threads sleep (threads.py: spinning ones steal a busy 2-core machine); before torch loads
 
 
 @main.command()
@@ -145,8 +147,7 @@ def convert(src, out, quant, dtype, outliers, head_outliers, outlier_rule, block
         calibrate_methods=calibrate_methods))
     if not quiet:
         click.echo(f"{out}: {len(m.layers)} layer units, {m.totals['layer_bytes'] / 2**20:.1f} MiB, {m.totals['bits_per_param']:.2f} bits/param")
-        if m.quality:
-            q = m.quality
+        if q := m.quality:
             click.echo(f"quality: perplexity {q['perplexity']:.4f} on {q['tokens']} tokens"
                        + (f"; KL {q['kl']:.5f}, top-1 agreement {100 * q['top1_agreement']:.2f}% vs {q['reference']}" if q["kl"] is not None else ""))
 
@@ -258,13 +259,14 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Compute dtype [default: the pack's].")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Memory budget for the model, e.g. 110MB, 2GiB; units beyond it stream from disk [default: all resident].")
-@click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
+@click.option("--prefetch", type=click.IntRange(1, 8), default=None, help="Units read ahead while one computes [default: 2 on CUDA when the budget allows, else 1].")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before running (sizes and headers are always checked).")
 @click.option("--no-page-cache", is_flag=True, help="Drop streamed layers from the OS page cache after reading (for models larger than RAM).")
 @click.option("--expert-cache", default=None, metavar="SIZE", help="MoE packs: share of --max-memory reserved for the LRU cache of streamed experts [default: what the plan leaves].")
 @click.option("--no-expert-reads", is_flag=True, help="MoE packs: stream whole layer files instead of only the selected experts (the dense-read baseline).")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores]. On a machine busy with other work, 1 can be much faster.")
 @click.option("--weight-form", type=click.Choice(WEIGHT_FORMS), default="auto", show_default=True, help="Quantized units kept resident in their stored form (computed from the codes) or dequantized; auto: stored wherever a native kernel computes from the codes (a rule, never a timing: same bits under any load).")
+@click.option("--decode", type=click.Choice(DECODE_STEPS), default="auto", show_default=True, help="Decode steps: dynamic (shapes grow per token), static (fixed shapes over the whole cache) or graph (static, captured once as a CUDA graph and replayed); auto: graph on CUDA where the model allows it, dynamic on CPU.")
 @click.option("--stats", is_flag=True, help="Print timings, tokens/s, disk bytes per token, threads, the weight form and the memory plan to stderr.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
@@ -274,12 +276,12 @@ def push(pack, repo_id, revision, private, commit_message, token, quiet):
 @speculation_options
 @_one_line_errors
 def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, max_memory, prefetch, verify,
-        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, stats, revision, token, stages, split, micro_batches, **spec):
+        no_page_cache, expert_cache, no_expert_reads, threads, weight_form, decode, stats, revision, token, stages, split, micro_batches, **spec):
     """Generate a continuation of PROMPT with the model in PACK (a folder, or a Hub repo id owner/name:
     layers download in execution order while it runs), streaming it to stdout."""
     import time
 
-    speculation, max_memory, tree_room = speculation_run(spec, stages or split, max_memory, device, dtype, threads, token)
+    speculation, max_memory, tree_room = speculation_run(spec, stages or split, max_memory, device, dtype, threads, token, prompt, chat, max_new_tokens)
     if stages or split:
         return _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, dtype, prefetch, not no_page_cache,
                            not no_expert_reads, expert_cache, threads, weight_form, stats,
@@ -297,7 +299,7 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     # The bar counts resident units' bytes as they load (a repo id: huggingface_hub shows its downloads).
     total = None if _existing_or_repo(pack) else Manifest.load(pack).totals.get("layer_bytes")
     opts = RunOptions(device=device, dtype=dtype, max_memory=max_memory, prefetch_depth=prefetch, page_cache=not no_page_cache,
-                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form)
+                      expert_reads=not no_expert_reads, expert_cache=expert_cache, threads=threads, weight_form=weight_form, decode=decode)
     with progress_bar(total, "load", quiet=total is None) as bar:
         # The prompt is tokenized first: the plan is made once, for exactly this prompt + --max-new-tokens.
         model, ids = load_for_prompt(pack, prompt, opts, max_new_tokens=max_new_tokens + tree_room, chat=chat, verify=verify,
@@ -316,12 +318,11 @@ def run(pack, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed, dev
     if stats:
         click.echo(f"load: {load_s:.2f} s; {model.last_stats.summary()}", err=True)
         click.echo(f"memory plan: {model.plan.describe()}; workload: {model.workload.describe()}", err=True)
-        click.echo(f"weight form: {model.weight_form}", err=True)
-        click.echo(model.unit_times.table(model.last_stats.steps, model.placement()), err=True)
+        click.echo(f"weight form: {model.weight_form}; decode steps: {model.decode_description()}", err=True)
+        click.echo(model.unit_times.table(model.last_stats.steps, model.placement()) + (f"\n{model.streamer.summary()}" if model.streamer else ""), err=True)
         speculation.echo_stats(model)
         if model.experts is not None:
             from layerpack_runtime.budget import fmt_size
-
             click.echo(f"{model.experts.stats.summary()}; expert cache holds {fmt_size(model.experts.cached_bytes)} "
                        f"of {fmt_size(model.experts.capacity)}", err=True)
         from layerpack_runtime.threads import describe_threads
@@ -369,30 +370,29 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--model-name", default=None, help="Model id clients send [default: the pack's folder name or repo id].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1, mps.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Compute dtype [default: the pack's].")
-@click.option("--prefetch", type=click.IntRange(1, 8), default=1, show_default=True, help="Units read ahead while one computes.")
+@click.option("--prefetch", type=click.IntRange(1, 8), default=None, help="Units read ahead while one computes [default: 2 on CUDA when the budget allows, else 1].")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no access log.")
 @click.option("--allowed-hosts", multiple=True, metavar="NAME", help="Host header names served besides loopback names and the bound address (repeatable, or comma-separated; '*': any). Guards against DNS rebinding.")
 @click.option("--cors-origin", multiple=True, metavar="ORIGIN", help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*': any) call the server (repeatable). Other cross-origin requests get 403.")
+@speculation_options
 @_one_line_errors
 def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body, api_key, insecure, model_name, device, dtype,
-          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin):
+          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin, **spec):
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
-    from .serve import ServeOptions, check_bind, check_port, serve as run_serve
+    from .serve import ServeOptions, check_bind, check_port, names, serve as run_serve
     check_bind(host, api_key, insecure)  # before loading anything
     check_port(host, port)
     threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
-    def names(values):
-        return [n.strip() for v in values for n in v.split(",") if n.strip()]
     opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
                         insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
                         dtype=dtype, threads=threads, prefetch=prefetch, revision=revision, token=token, quiet=quiet,
-                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin))
+                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin), **spec)
     run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
 
 

@@ -23,7 +23,7 @@ def _quality(q: dict) -> str:
 
 
 def summarize(m: Manifest, top_errors: int = 8) -> str:
-    # The manifest was validated (validate.py): fields are of their types; optional ones may be absent.
+    # The manifest was validated (layerpack_runtime.validate): fields are of their types; optional ones may be absent.
     a, q, t = m.architecture, m.quantization, m.totals
     rope = a.get("rope") or {}
     sizes = {f.path: f.size for f in m.files}

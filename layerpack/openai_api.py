@@ -30,7 +30,8 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 COMMON_KEYS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
                "stream", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
-               "user"}  # user: an end-user id for the provider's abuse monitoring; nothing to do locally
+               "user",  # user: an end-user id for the provider's abuse monitoring; nothing to do locally
+               "speculate"}  # layerpack's extension: false opts this request out of speculative decoding
 CHAT_KEYS = COMMON_KEYS | {"messages", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
                            "parallel_tool_calls"}
 COMPLETION_KEYS = COMMON_KEYS | {"prompt", "echo", "logprobs", "best_of", "suffix"}
@@ -73,6 +74,7 @@ class GenerationRequest:
     tools: list[dict] | None = None        # passed to the chat template (tool_choice "none": None)
     tool_choice: str | dict = "auto"       # "auto" | "required" | {"name": ...}
     parallel_tool_calls: bool = True
+    speculate: bool = True                 # false: this request never verifies token trees (serve --speculate/--draft)
 
 
 def _check_keys(body: dict, allowed: set[str], where: str) -> None:
@@ -167,6 +169,7 @@ def _common(body: Any, served_model: str, context: int, keys: set[str], where: s
     r.stop = _stop(body)
     r.seed = _int(body, "seed", -MAX_SEED, MAX_SEED)
     r.stream = _bool(body, "stream")
+    r.speculate = _bool(body, "speculate", True)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(400, "'user' must be a string", param="user")
     opts = body.get("stream_options")

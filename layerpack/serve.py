@@ -47,12 +47,20 @@ class ServeOptions:
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
-    prefetch: int = 1
+    prefetch: int | None = None  # None: 2 on CUDA when the budget allows, else 1
     revision: str | None = None
     token: str | None = None
     quiet: bool = False
     allowed_hosts: list[str] | None = None   # Host names served beyond loopback and the bound address ('*': any)
     cors_origins: list[str] | None = None    # origins whose web pages may call the server ('*': any)
+    speculate: str | None = None             # "lookup": a lone greedy request verifies prompt-lookup trees
+    draft: str | None = None                 # a draft pack (resident, inside max_memory) proposes the trees
+    draft_tokens: int | None = None          # candidates per verification pass (default: speculative.DEFAULT_DRAFT_TOKENS)
+
+
+def names(values) -> list[str]:
+    """Repeatable options that also take comma-separated lists (--allowed-hosts, --cors-origin)."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
 def is_loopback(host: str) -> bool:
@@ -223,7 +231,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                              "recovered_errors": engine.stats.errors, "failed_requests": engine.stats.failed,
                              "last_error": engine.last_error, "active": engine.active, "waiting": engine.waiting,
                              "max_batch": engine.max_batch, "context": engine.context, "steps": engine.stats.steps,
-                             "prefills": engine.stats.prefills, "tokens": engine.stats.tokens},
+                             "prefills": engine.stats.prefills, "tokens": engine.stats.tokens,
+                             "speculative_steps": engine.stats.speculative_steps, "accepted": engine.stats.accepted},
                             status_code=200 if alive else 503)
 
     async def api_error(request, exc: ApiError):
@@ -262,7 +271,9 @@ def model_id(pack: str) -> str:
 
 
 def load_engine(pack: str, opts: ServeOptions) -> Engine:
-    """Load PACK (a progress bar counts resident units unless quiet) and plan its engine's memory."""
+    """Load PACK (a progress bar counts resident units unless quiet) and plan its engine's memory;
+    with --draft, the draft first (resident, its workload a slot's length: planned once and counted
+    inside --max-memory, the target planning with the rest)."""
     from layerpack_runtime import load
     from layerpack_runtime.engine import engine_workload
     from layerpack_runtime.manifest import Manifest
@@ -270,18 +281,60 @@ def load_engine(pack: str, opts: ServeOptions) -> Engine:
 
     from .progress import progress_bar
 
+    spec = speculation_options(opts)
+    workload = engine_workload(max_batch=opts.max_batch, context=opts.context, tree_tokens=spec.budget if spec else 0)
+    draft, max_memory = None, opts.max_memory
+    if opts.draft:
+        from layerpack_runtime.draft_model import open_draft
+        from layerpack_runtime.drafts import draft_workload
+        # the draft catches up on a whole slot at most (a request it did not follow yet)
+        draft, max_memory = open_draft(opts.draft, max_memory, draft_workload(workload.context, workload.context, spec.budget),
+                                       device=opts.device, dtype=opts.dtype, threads=opts.threads, revision=opts.revision,
+                                       token=opts.token)
+        spec.draft = draft
     total = None if is_repo_id(pack) else Manifest.load(pack).totals.get("layer_bytes")
-    with progress_bar(total, "load", quiet=opts.quiet or total is None) as bar:
-        # The engine's whole workload (slots, prefill cache, steps) is declared here, so the plan is
-        # made once and the minimum a too-small --max-memory names is enough to serve.
-        model = load(pack, device=opts.device, dtype=opts.dtype, max_memory=opts.max_memory, prefetch_depth=opts.prefetch,
-                     workload=engine_workload(max_batch=opts.max_batch, context=opts.context), progress=bar.update,
-                     revision=opts.revision, token=opts.token, threads=opts.threads)
+    model = None
     try:
-        return Engine(model, max_batch=opts.max_batch, context=opts.context, max_queue=opts.max_queue)
+        with progress_bar(total, "load", quiet=opts.quiet or total is None) as bar:
+            # The engine's whole workload (slots, prefill cache, steps, speculation's tree columns) is
+            # declared here, so the plan is made once and the minimum a too-small --max-memory names
+            # is enough to serve.
+            model = load(pack, device=opts.device, dtype=opts.dtype, max_memory=max_memory, prefetch_depth=opts.prefetch,
+                         workload=workload, progress=bar.update, revision=opts.revision, token=opts.token, threads=opts.threads)
+        return Engine(model, max_batch=opts.max_batch, context=opts.context, max_queue=opts.max_queue, speculation=spec)
     except BaseException:
-        model.pack.close()
+        if model is not None:
+            model.pack.close()
+        if draft is not None:
+            draft.close()
         raise
+
+
+def speculation_options(opts: ServeOptions):
+    """--speculate / --draft / --draft-tokens -> a speculative.Speculation (its draft still to be
+    loaded) or None."""
+    from layerpack_runtime.speculative import Speculation
+
+    if not (opts.speculate or opts.draft):
+        if opts.draft_tokens is not None:
+            raise LayerpackError("--draft-tokens needs --speculate lookup or --draft")
+        return None
+    if opts.speculate and opts.draft:
+        raise LayerpackError("--speculate lookup and --draft are alternatives; give one")
+    if opts.speculate not in (None, "lookup"):
+        raise LayerpackError(f"--speculate takes lookup (or give --draft PACK), not {opts.speculate!r}")
+    if opts.draft_tokens is not None and not 0 <= int(opts.draft_tokens) <= 1024:
+        raise LayerpackError(f"--draft-tokens must be in 0..1024, not {opts.draft_tokens}")
+    return Speculation(method=opts.speculate or "draft", draft_tokens=opts.draft_tokens)
+
+
+def describe_speculation(engine: Engine) -> str:
+    s = engine.speculation
+    if s is None:
+        return ""
+    from layerpack_runtime.draft_model import describe_draft
+    what = "prompt lookup" if s.spec.method == "lookup" else f"a draft of {describe_draft(s.spec.draft)}"
+    return f"; speculation for a lone greedy request: {s.budget} candidates per pass from {what}"
 
 
 def serve(pack: str, opts: ServeOptions, announce=print, sock: socket.socket | None = None) -> None:
@@ -306,7 +359,8 @@ def serve(pack: str, opts: ServeOptions, announce=print, sock: socket.socket | N
     host, port = sock.getsockname()[:2]
     announce(f"serving {name!r} at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "
              f"(max batch {engine.max_batch}, context {engine.context}, queue {engine.max_queue}; "
-             f"{'API key required' if opts.api_key else 'no API key'}); memory plan: {engine.model.plan.describe()}")
+             f"{'API key required' if opts.api_key else 'no API key'}); memory plan: {engine.model.plan.describe()}"
+             f"{describe_speculation(engine)}")
     # Connections beyond the slots and the queue get 503 from uvicorn before any work.
     config = uvicorn.Config(app, log_level="warning" if opts.quiet else "info", access_log=not opts.quiet,
                             limit_concurrency=2 * (engine.max_batch + engine.max_queue) + 16,

@@ -105,7 +105,7 @@ class Job:
                 on_event = (lambda e, i=c.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, e)))
                 try:
                     out.append(engine.request(ids, max_tokens, SamplingParams(g.temperature, g.top_k, g.top_p), g.stop,
-                                              seed, on_event, sampling))
+                                              seed, on_event, sampling, speculate=g.speculate))
                 except LayerpackError as e:
                     raise ApiError(400, str(e)) from None
         return out

@@ -14,7 +14,7 @@ OPTIONS = (
     click.option("--draft", default=None, metavar="PACK_OR_REPO",
                  help="Speculative decoding with a small resident draft pack sharing the tokenizer (counted inside --max-memory)."),
     click.option("--draft-tokens", type=click.IntRange(0, 1024), default=None, metavar="N",
-                 help="Candidate tokens (tree nodes) verified per pass [default: 8 with --draft, 10 with lookup]."),
+                 help="Candidate tokens (tree nodes) verified per pass [default: 16 with --draft, 10 with lookup]."),
 )
 
 
@@ -33,12 +33,15 @@ class RunSpeculation:
         if self.generate:
             click.echo(model.last_speculation.summary(), err=True)
         if self.draft is not None:
-            click.echo(f"draft memory plan: {self.draft.plan.describe()}", err=True)
+            from layerpack_runtime.draft_model import describe_draft
+            click.echo(f"draft memory plan: {describe_draft(self.draft)}", err=True)
 
 
-def speculation_run(spec: dict, stages: bool, max_memory, device, dtype, threads, token):
+def speculation_run(spec: dict, stages: bool, max_memory, device, dtype, threads, token, prompt, chat: bool,
+                    max_new_tokens: int):
     """-> (RunSpeculation, what --max-memory leaves the target, cache columns to plan beyond the
-    prompt and new tokens). A draft is loaded first, resident: the target plans with the rest."""
+    prompt and new tokens). A draft is loaded first, resident, its workload declared from the
+    run's (prompt + max_new_tokens + the tree's columns): the target plans with the rest."""
     speculate, draft, draft_tokens = spec.get("speculate"), spec.get("draft"), spec.get("draft_tokens")
     if not (speculate or draft):
         if draft_tokens is not None:
@@ -47,10 +50,14 @@ def speculation_run(spec: dict, stages: bool, max_memory, device, dtype, threads
     if stages:
         raise LayerpackError("--speculate is not supported with --stages yet")
     from layerpack_runtime.draft_model import open_draft
-    from layerpack_runtime.speculative import tree_room
+    from layerpack_runtime.drafts import draft_workload
+    from layerpack_runtime.speculative import Speculation, tree_room
     from layerpack_runtime.threads import resolve_threads
 
-    draft_model, max_memory = open_draft(draft, max_memory, device=device, dtype=dtype,
+    budget = Speculation(method=speculate or "draft", draft_tokens=draft_tokens).budget
+    draft_model, max_memory = open_draft(draft, max_memory, lambda n: draft_workload(n + max_new_tokens, n, budget),
+                                         prompt=prompt, chat=chat, device=device, dtype=dtype,
                                          threads=resolve_threads(threads, "--threads"), token=token)
     kwargs = dict(speculate=speculate, draft=draft_model, draft_tokens=draft_tokens)
     return RunSpeculation(kwargs, draft_model), max_memory, tree_room(speculate, draft_tokens)
+

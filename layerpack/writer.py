@@ -161,12 +161,14 @@ class UnitWriter:
         self.tmp = tmp_name(path)
         self.f = open(self.tmp, "wb+")
         self._spool = None
+        self._running = None  # sha256 of the bytes [0, _hashed_to) while pieces come in file order
         if zstd_level is None:
             items = [(n, TORCH_TO_ST[dt], shape, nb, _elsize(dt)) for n, (dt, shape, nb) in self.specs.items()]
             self.head, offsets = _header(items, _meta(unit))
             self.f.write(self.head)
             self.f.flush()
             self.offsets = {n: len(self.head) + o for n, o in offsets.items()}
+            self._running, self._hashed_to = hashlib.sha256(self.head), len(self.head)
         else:
             self._cctx = _compressor(zstd_level)
             self._spool = open(self.tmp + ".spool", "wb+")
@@ -174,6 +176,10 @@ class UnitWriter:
             self._streams: dict[str, object] = {}
             self._spooled: dict[str, tuple[object, int, int]] = {}  # name -> (file, offset, length)
             self._extra: list = []  # one spool file per streamed (large) tensor
+
+    def file_order(self) -> list[str]:
+        """The tensor names in the order their bytes lie in the file (uncompressed files only)."""
+        return sorted(self.offsets, key=self.offsets.__getitem__)
 
     def __enter__(self) -> "UnitWriter":
         return self
@@ -192,7 +198,14 @@ class UnitWriter:
         if pos + len(data) > nbytes:
             raise ValueError(f"{name}: piece [{pos}, {pos + len(data)}) past its {nbytes} bytes")
         if self._spool is None:
-            _pwrite_all(self.f.fileno(), data, self.offsets[name] + pos)
+            at = self.offsets[name] + pos
+            _pwrite_all(self.f.fileno(), data, at)
+            if self._running is not None:
+                if at == self._hashed_to:
+                    self._running.update(data)
+                    self._hashed_to += len(data)
+                elif len(data):
+                    self._running = None  # out of order: hashed back in finish()
         else:
             self._compress_piece(name, pos, data, nbytes)
         self.written[name] += len(data)
@@ -230,7 +243,10 @@ class UnitWriter:
         missing = [n for n, (_, _, nb) in self.specs.items() if self.written[n] != nb]
         if missing:
             raise ValueError(f"{self.path}: tensors not completely written: {missing[:5]}")
-        if self._spool is None:
+        if self._spool is None and self._running is not None and self._hashed_to == len(self.head) + sum(
+                nb for _, _, nb in self.specs.values()):
+            size, sha = self._hashed_to, self._running.hexdigest()
+        elif self._spool is None:
             size, sha = self._hash_back()
         else:
             size, sha = self._assemble()

@@ -5,7 +5,7 @@ runs) against `layerpack pull` followed by a local `load`, over one simulated li
     .venv/bin/python scripts/bench_hub.py [--rate-mbs 50] [--quant nf4] [--record]
 
 The pack (SmolLM2-135M-Instruct from PyPI, converted) is served by the local Hub look-alike
-(tests/hub_server.py) with its file content paced to --rate-mbs MB/s over all connections together
+(tests/support/hub_server.py) with its file content paced to --rate-mbs MB/s over all connections together
 (a shared link). Each row runs in a fresh process with an empty HF cache (except "cached"), and
 times from the first Hub request to the first generated token and to the last of --tokens greedy
 tokens. Process start and imports are not counted (the same for every row).
@@ -23,7 +23,7 @@ import time
 from benchlib import ROOT, machine, record, smollm2_checkpoint
 
 sys.path.insert(0, str(ROOT / "tests"))
-from hub_server import HubServer  # noqa: E402
+from support.hub_server import HubServer  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_hub:start -->", "<!-- bench_hub:end -->"
 REPO = "bench/smollm2"

@@ -14,7 +14,18 @@ interleaved, so a busy machine slows them alike. Random data; the kernels' speed
 depend on the values. At 1 row the dense bf16 weight is also timed through the runtime's native
 bf16 GEMV (kernels.bf16_matvec; used by the runtime with LAYERPACK_BF16_GEMV=1).
 
-The machine's limit: a STREAM-like read bandwidth (kernels.read_bandwidth: XOR of every line of a
+On CUDA (--device cuda): 1..8 rows of int8 and NF4 run the Triton GEMV (kernels/triton_gemv.py)
+when triton is installed; beside them at 1 row bitsandbytes' fused 4-bit GEMV, and at <= 8 rows the
+path int8 took on CUDA before (dequantize, then F.linear). The device's limit: a device-to-device
+copy of 1 GiB (best of 10, CUDA events), counted as bytes read + written per second; every row's
+GB/s is also given as a fraction of it. GPU times are kernel times from CUDA events: the Triton
+GEMV and dense F.linear are captured in a CUDA graph (as a decode step is), so Python's launch
+cost is not counted; paths that cannot be captured (bitsandbytes builds its code table on every
+call; dequantize + GEMM slices outlier tables on the host) are timed eagerly, back to back, and
+marked [eager]. Each form cycles through enough copies of its weight to exceed 4x the L2 cache
+(at most 256), so small weights are read from device memory, not L2.
+
+The CPU's limit: a STREAM-like read bandwidth (kernels.read_bandwidth: XOR of every line of a
 512 MiB buffer, best of 5) at 1 and 2 threads, measured before and after the kernels (the best of
 the two counts); every row's GB/s is also given as a fraction of it at the thread count in use.
 """
@@ -68,6 +79,15 @@ def make(scheme: str, shape, outliers: float) -> QuantWeight:
     return QuantWeight(scheme, shape, BLOCK[scheme], codes, absmax, idx, val, torch.bfloat16).to(DEVICE)
 
 
+def make_outliers(q: QuantWeight, fraction: float) -> QuantWeight:
+    """q's codes and scales with an outlier table of `fraction` of its entries, spread evenly."""
+    n = q.numel
+    idx = torch.linspace(0, n - 1, int(n * fraction), dtype=torch.float64).long().unique()
+    idx = idx.to(torch.int32 if n < 2**31 else torch.int64)
+    val = torch.randn(idx.numel()).to(torch.bfloat16)
+    return QuantWeight(q.scheme, q.shape, q.block_size, q.codes, q.absmax, idx.to(DEVICE), val.to(DEVICE), q.dtype)
+
+
 def best_of(fns: dict, repeats: int) -> dict:
     """Interleaved timing: every round runs every function once; the best round of each counts."""
     best = {k: float("inf") for k in fns}
@@ -83,6 +103,8 @@ def best_of(fns: dict, repeats: int) -> dict:
 
 
 def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
+    if DEVICE.type == "cuda":
+        return bench_shape_cuda(shape, rows_list, repeats)
     out_f, in_f = shape
     n = out_f * in_f
     forms = {"nf4": make("nf4", shape, 0.0), "nf4 + 1% outliers": make("nf4", shape, 0.01), "int8": make("int8", shape, 0.0)}
@@ -110,6 +132,130 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
     return results
 
 
+def cuda_copies(nbytes: int) -> int:
+    """How many copies of a weight of nbytes a timed pass cycles through: 4x the L2 cache, 1..256."""
+    l2 = getattr(torch.cuda.get_device_properties(DEVICE), "L2_cache_size", 64 << 20) or (64 << 20)
+    return max(1, min(256, -(-4 * l2 // max(1, nbytes))))
+
+
+def time_cuda(fns: dict, repeats: int, graphed: set) -> dict:
+    """Seconds per call of each entry of fns (name -> list of zero-argument calls, one per weight
+    copy), from CUDA events; interleaved rounds, best round counts. Names in `graphed` are timed as
+    replays of a CUDA graph of all their calls (a name whose capture fails is dropped from `graphed`
+    and timed eagerly, back to back, like the others)."""
+    graphs = {}
+    side = torch.cuda.Stream()
+    for name, calls in fns.items():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for c in calls:
+                c()  # compile, build tables, warm the allocator: never inside a capture
+        torch.cuda.current_stream().wait_stream(side)
+        if name in graphed:
+            try:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for c in calls:
+                        c()
+                graphs[name] = g
+            except Exception as e:  # noqa: BLE001 - reported, then timed eagerly (marked [eager])
+                print(f"note: {name}: CUDA graph capture failed ({type(e).__name__}: {e}); timed eagerly", file=sys.stderr)
+                graphed.discard(name)
+                torch.cuda.synchronize()
+    best = {k: float("inf") for k in fns}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for r in range(repeats + 1):
+        for name, calls in fns.items():
+            torch.cuda.synchronize()
+            start.record()
+            if name in graphs:
+                graphs[name].replay()
+            else:
+                for c in calls:
+                    c()
+            end.record()
+            end.synchronize()
+            if r:  # round 0 warms up
+                best[name] = min(best[name], start.elapsed_time(end) / 1e3 / len(calls))
+    del graphs
+    return best
+
+
+def bench_shape_cuda(shape, rows_list, repeats: int) -> list[dict]:
+    """The CUDA table's rows for one shape: the stored forms through QuantWeight.linear (the Triton
+    GEMV at <= GEMV_MAX_ROWS rows when triton is installed, else dequantize + GEMM; bitsandbytes at
+    1 row of NF4 without triton), bitsandbytes' GEMV and int8's old dequantize + F.linear beside
+    them, and dense bf16 through F.linear. (A dense Triton GEMV was measured here on an H200, 2026-12-04:
+    2852-3041 GB/s against F.linear's 3140-3391 inside a CUDA graph, so plain weights keep F.linear.)"""
+    from layerpack_runtime.kernels import triton_gemv
+    from layerpack_runtime.qweight import GEMV_MAX_ROWS
+
+    out_f, in_f = shape
+    n = out_f * in_f
+    specs = {"nf4": ("nf4", 0.0), "nf4 + 1% outliers": ("nf4", 0.01), "int8": ("int8", 0.0), "int8 + 1% outliers": ("int8", 0.01)}
+    forms = {}
+    for name, (scheme, outliers) in specs.items():
+        # the outlier forms reuse the plain form's random codes (drawing 405B-sized ones takes seconds)
+        q = make(scheme, shape, 0.0) if not outliers else make_outliers(forms[scheme][0], outliers)
+        forms[name] = [q] + [QuantWeight(q.scheme, q.shape, q.block_size, q.codes.clone(), q.absmax.clone(),
+                                         q.outlier_idx, q.outlier_val, q.dtype) for _ in range(cuda_copies(q.nbytes) - 1)]
+    dense = [torch.randn(shape, dtype=torch.bfloat16, device=DEVICE) for _ in range(cuda_copies(n * 2))]
+    triton_ok = triton_gemv.usable_on(DEVICE)
+    results = []
+    for rows in rows_list:
+        x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=DEVICE)
+        gemv = rows <= GEMV_MAX_ROWS and triton_ok
+        label = "Triton GEMV" if gemv else "dequantize + GEMM"
+        fns, nbytes, graphed, triton_rows = {}, {}, set(), {}
+        for name, qs in forms.items():
+            key = f"{name} ({label})"
+            # the Triton rows call it directly (QuantWeight.linear sends one NF4 row to bitsandbytes first)
+            fns[key] = [lambda q=q: q._linear_triton(x) for q in qs] if gemv else [lambda q=q: q.linear(x) for q in qs]
+            nbytes[key] = qs[0].nbytes
+            if gemv:
+                graphed.add(key)
+                triton_rows[key] = name
+        if rows == 1:
+            qs = forms["nf4"]
+            fns["nf4 (bitsandbytes GEMV)"] = [lambda q=q: q._linear_bnb(x) for q in qs]
+            nbytes["nf4 (bitsandbytes GEMV)"] = qs[0].nbytes
+            if fns["nf4 (bitsandbytes GEMV)"][0]() is None:  # bitsandbytes is not installed
+                del fns["nf4 (bitsandbytes GEMV)"], nbytes["nf4 (bitsandbytes GEMV)"]
+        if rows <= GEMV_MAX_ROWS:
+            qs = forms["int8"]
+            fns["int8 (dequantize + F.linear: the old CUDA path)"] = [lambda q=q: F.linear(x, q.dequantize()) for q in qs]
+            nbytes["int8 (dequantize + F.linear: the old CUDA path)"] = qs[0].nbytes
+        fns["dense bf16 F.linear"] = [lambda w=w: F.linear(x, w) for w in dense]
+        nbytes["dense bf16 F.linear"] = n * 2
+        graphed.add("dense bf16 F.linear")
+        times = time_cuda(fns, repeats, graphed)
+        t_dense = times["dense bf16 F.linear"]
+        for key, t in times.items():
+            results.append({"shape": shape, "rows": rows, "form": key if key in graphed else f"{key} [eager]",
+                            "base": triton_rows.get(key, key),  # the decode summary finds the Triton rows by their form
+                            "s": t, "gbps": nbytes[key] / t / 1e9, "vs_dense": t_dense / t})
+    del forms, dense
+    torch.cuda.empty_cache()
+    return results
+
+
+def device_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes read + written per second by a device-to-device copy of nbytes (best of `repeats`)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=DEVICE)
+    dst = torch.empty_like(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / best
+
+
 def stream_bandwidth() -> dict[int, float]:
     """bytes/s read at 1 and 2 threads (empty without the native library)."""
     lib = kernels.native()
@@ -122,6 +268,8 @@ def render(args, results, load_avg, stream=None) -> str:
     stream = stream or {}
     threads = torch.get_num_threads()
     ref = stream.get(threads) or (max(stream.values()) if stream else None)
+    if DEVICE.type == "cuda":
+        return render_cuda(args, results, load_avg, stream.get("copy"))
     lines = [
         f"## Quantized linear kernels vs dense bf16 ({time.strftime('%Y-%m-%d')})",
         "",
@@ -154,6 +302,49 @@ def render(args, results, load_avg, stream=None) -> str:
     return "\n".join(lines)
 
 
+def render_cuda(args, results, load_avg, copy_bw) -> str:
+    from layerpack_runtime.kernels import triton_gemv
+
+    props = torch.cuda.get_device_properties(DEVICE)
+    lines = [
+        f"## Quantized linear kernels vs dense bf16 on CUDA ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"- Machine: {machine()}; GPU {props.name} ({props.multi_processor_count} SMs, L2 {getattr(props, 'L2_cache_size', 0) >> 20} MiB); "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}; triton {_version('triton')}, bitsandbytes {_version('bitsandbytes')}; "
+        f"Triton GEMV {'in use' if triton_gemv.usable_on(DEVICE) else 'unavailable'}; load average at start {load_avg[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
+        f"- Command: `.venv/bin/python scripts/bench_kernels.py --shapes {args.shapes} --device cuda --rows {args.rows} --repeats {args.repeats}"
+        f"{' --record' if args.record else ''}` (best of {args.repeats} interleaved rounds; random codes in the pack layouts).",
+        "- Kernel time from CUDA events; graph-captured unless marked [eager] (then Python's launch cost is in it); each form cycles "
+        "through copies of its weight worth >= 4x L2 (at most 256), so the bytes come from device memory.",
+        "- GB/s = stored bytes (codes + absmax + outlier tables; bf16 for dense) per second. \"of copy\" = that / the device-to-device "
+        "copy rate (bytes read + written per second"
+        + (f", 1 GiB, best of 10: {copy_bw / 1e9:.0f} GB/s)." if copy_bw else ": not measured)."),
+        "",
+        "| weight (out x in) | rows | form | time ms | GB/s stored | of copy | per-param speed vs dense |",
+        "|---|--:|---|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        frac = f"{r['gbps'] * 1e9 / copy_bw:.0%}" if copy_bw else "-"
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | {r['form']} | {r['s'] * 1e3:.4f} | {r['gbps']:.1f} | {frac} | {r['vs_dense']:.2f}x |")
+    dec = [r for r in results if r["rows"] == 1 and r["base"] in ("nf4", "int8")]
+    if dec and copy_bw:
+        worst = min(dec, key=lambda r: r["gbps"])
+        lines += ["", f"Decode (1 row, Triton GEMV): lowest stored-byte rate {worst['gbps']:.0f} GB/s = {worst['gbps'] * 1e9 / copy_bw:.0%} of the "
+                      f"copy rate ({worst['form']}, {worst['shape'][0]}x{worst['shape'][1]}; target >= 50%)."]
+    elif not dec:
+        lines += ["", "Decode: no Triton GEMV rows (triton is not installed): the stored forms ran dequantize + GEMM or bitsandbytes."]
+    return "\n".join(lines)
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # noqa: BLE001 - not installed
+        return "not installed"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2,llama3-8b,llama3-405b")
@@ -171,14 +362,14 @@ def main() -> None:
     if kernels.native() is None:
         print("note: native kernels unavailable: the quantized rows measure the pure-torch fallback", file=sys.stderr)
     load_avg = os.getloadavg()
-    stream = stream_bandwidth()
+    stream = stream_bandwidth() if DEVICE.type == "cpu" else {"copy": device_copy_bandwidth()}
     rows_list = [int(r) for r in a.rows.split(",")]
     results = []
     for group in a.shapes.split(","):
         for shape in SHAPES[group]:
             print(f"... {shape[0]}x{shape[1]}", file=sys.stderr, flush=True)
             results += bench_shape(shape, rows_list, a.repeats, not a.no_old_path and group != "llama3-405b" and DEVICE.type == "cpu")
-    after = stream_bandwidth()
+    after = stream_bandwidth() if DEVICE.type == "cpu" else {"copy": device_copy_bandwidth()}
     stream = {t: max(b, after.get(t, 0.0)) for t, b in stream.items()}
     report = render(a, results, load_avg, stream)
     print(report)

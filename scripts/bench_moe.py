@@ -270,7 +270,7 @@ def render(a, r, m) -> str:
     if sw["expert_hits"] * 20 < sw["expert_reads"] + sw["expert_hits"]:  # under 5%
         lines.append("LRU hit rate 0% here: random routing spreads each step's 10 streamed selections over 40 streamed experts, and an "
                      "LRU cache smaller than that cycle evicts every expert before its next use (the classic cyclic-access case); "
-                     "tests/test_moe.py shows hits when the cache is large enough. Trained routers repeat experts far more."
+                     "tests/runtime/test_moe.py shows hits when the cache is large enough. Trained routers repeat experts far more."
                      .replace("0%", hit(sw)).replace("10 streamed selections", f"{sw['streamed_blocks'] * a.top_k} streamed selections")
                      .replace("40 streamed experts", f"{sw['streamed_blocks'] * a.experts} streamed experts"))
     return "\n".join(lines)

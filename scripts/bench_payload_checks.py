@@ -41,6 +41,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from layerpack_runtime import load, validate
+    from layerpack_runtime.validate import payloads
     from layerpack_runtime.generate import GenerationStats, SamplingParams, generate_tokens
     from layerpack_runtime.pack import Pack
 
@@ -96,9 +97,9 @@ def main() -> None:
     tps = {True: [], False: []}
     for _ in range(args.repeats):
         for on in (True, False):
-            validate.PAYLOAD_CHECKS = on
+            payloads.PAYLOAD_CHECKS = on
             tps[on].append(once(args.tokens))
-    validate.PAYLOAD_CHECKS = True
+    payloads.PAYLOAD_CHECKS = True
     on, off = max(tps[True]), max(tps[False])
     med_on, med_off = statistics.median(tps[True]), statistics.median(tps[False])
     streamed = len(model.plan.streamed)

@@ -69,16 +69,15 @@ CONFIGS = (
 
 @contextlib.contextmanager
 def embedding_unquantized(on: bool):
-    """Make convert() leave embed.weight (the tied head) in the pack dtype. The manifest's
-    quantized_embedding flag then overstates (the tensor entry says scheme none, which is what the
-    runtime follows); the pack is only measured here and deleted."""
+    """Make convert() leave embed.weight (the tied head) in the pack dtype (the manifest's
+    quantized_embedding flag follows, from the same scheme_for); the pack is only measured here and deleted."""
     if not on:
         yield
         return
     import layerpack.conversion.job as conv  # where the converter looks scheme_for up (tensor_plan)
 
     orig = conv.scheme_for
-    conv.scheme_for = lambda canonical, quant, tied: SCHEME_NONE if canonical == "embed.weight" else orig(canonical, quant, tied)
+    conv.scheme_for = lambda canonical, quant, arch: SCHEME_NONE if canonical == "embed.weight" else orig(canonical, quant, arch)
     try:
         yield
     finally:

@@ -60,7 +60,7 @@ def quantized_weights(src: str):
     index = TensorIndex(source)
     for u in plan_units(family_of(config), arch, index.names()):
         for canonical, hf in sorted(u.tensors.items()):
-            if scheme_for(canonical, SCHEMES[0], arch["tie_word_embeddings"]) != SCHEME_NONE:
+            if scheme_for(canonical, SCHEMES[0], arch) != SCHEME_NONE:
                 yield u.name, canonical, index.read(hf)
 
 

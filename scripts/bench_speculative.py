@@ -9,6 +9,11 @@ plain vs draft greedy and at temperature 0.7, plain vs prompt lookup on input-gr
 pass verifying 16 and 64 positions vs 1.
 
     python scripts/bench_speculative.py [--tokens 64] [--draft-tokens 16] [--record]
+
+--pass-pack PACK measures instead the pass cost on a Llama-3.1-405B-shaped pack at its minimum
+budget (1, 16, 64 positions) and projects the 126-layer model with speculation (spec_pass405.py):
+
+    python scripts/bench_speculative.py --pass-pack /data/l405-nf4x4 [--page-cache] [--repeats 3] [--device cuda] [--record]
 """
 from __future__ import annotations
 
@@ -81,6 +86,27 @@ def agreement(plain: list[dict], spec: list[dict]) -> str:
     return "same tokens up to token " + "/".join(str(f) for f in firsts) + " (bf16 rounding), then different"
 
 
+def greedy_agreement(target, draft, prompts: list[str], plain: list[dict]) -> str:
+    """Per position of the plain greedy outputs, both models reading the same tokens (teacher
+    forcing): how often the draft's argmax is the target's, and how often the target's token is
+    among the draft's 2 / 4 / 8 likeliest - the ceiling of a chain vs a tree of that width."""
+    import torch
+
+    hits, n, p1 = {1: 0, 2: 0, 4: 0, 8: 0}, 0, 0.0
+    for prompt, row in zip(prompts, plain):
+        ids = target.encode_prompt(prompt, chat=True)
+        seq = torch.tensor([ids + row["ids"][:-1]])
+        want = target.forward(seq)[0, len(ids) - 1:].argmax(-1)
+        probs = draft.forward(seq)[0, len(ids) - 1:].softmax(-1)
+        top = probs.topk(8, -1)
+        for k in hits:
+            hits[k] += int((top.indices[:, :k] == want[:, None]).any(-1).sum())
+        n, p1 = n + len(want), p1 + float(top.values[:, 0].sum())
+    return (f"greedy agreement of the draft with the target, per position of the plain greedy output ({n} positions, "
+            f"teacher-forced): top-1 {hits[1] / n:.1%}, target's token in the draft's top 2 {hits[2] / n:.1%}, "
+            f"top 4 {hits[4] / n:.1%}, top 8 {hits[8] / n:.1%}; the draft's top-1 probability averages {p1 / n:.2f}")
+
+
 def summed(rows: list[dict]) -> dict:
     keys = ("tokens", "decode_s", "total_s", "bytes", "passes", "accepted", "draft_s")
     return {"prompts": len(rows), **{k: sum(r[k] for r in rows) for k in keys}}
@@ -108,14 +134,23 @@ def pass_cost(model, positions: list[int], repeats: int) -> dict[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--draft-tokens", type=int, default=8)
-    ap.add_argument("--lookup-tokens", type=int, default=10)
+    from layerpack_runtime.speculative import DEFAULT_DRAFT_TOKENS
+
+    ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS["draft"])
+    ap.add_argument("--lookup-tokens", type=int, default=DEFAULT_DRAFT_TOKENS["lookup"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--open-prompts", type=int, default=len(OPEN_PROMPTS), help="how many of the open prompts to run")
     ap.add_argument("--grounded-prompts", type=int, default=len(GROUNDED), help="how many of the input-grounded prompts to run")
     ap.add_argument("--work", default="/tmp/layerpack-bench-spec")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--pass-pack", metavar="PACK", help="a 405B-shaped pack: measure verify-pass cost + projection only")
+    ap.add_argument("--positions", default="1,16,64", help="--pass-pack: tree sizes to time")
+    ap.add_argument("--repeats", type=int, default=3, help="--pass-pack: rounds (medians)")
+    ap.add_argument("--page-cache", action="store_true", help="--pass-pack: keep streamed reads in the page cache")
+    ap.add_argument("--device", default="cpu", help="--pass-pack: cpu or cuda")
     a = ap.parse_args()
+    if a.pass_pack:
+        return pass_pack_mode(a)
     del OPEN_PROMPTS[a.open_prompts:], GROUNDED[a.grounded_prompts:]
     target_path, draft_path = ensure_packs(a.work)
     import torch  # noqa: F401  (machine() reports its version)
@@ -127,7 +162,8 @@ def main() -> None:
     budget = int(1.1 * probe.minimum_memory())
     probe.close()
     target = load(target_path, max_memory=budget, context=context, page_cache=False, threads=a.threads)
-    draft = load(draft_path, threads=a.threads)
+    from layerpack_runtime.drafts import draft_workload
+    draft = load(draft_path, threads=a.threads, workload=draft_workload(context, context, a.draft_tokens))  # planned once
     draft_own = draft.plan.total - draft.plan.runtime_bytes
     lines = [f"target plan: {target.plan.describe()}", f"draft (resident): {draft.plan.describe()}"]
     rows = []
@@ -137,6 +173,7 @@ def main() -> None:
         spec = [one_run(target, p, a.tokens, temp, seed=i, draft=draft, draft_tokens=a.draft_tokens) for i, p in enumerate(OPEN_PROMPTS)]
         if temp == 0:
             identical["draft"] = agreement(plain, spec)
+            lines.append(greedy_agreement(target, draft, OPEN_PROMPTS, plain))
         rows.append((f"draft, T={temp}", summed(plain), summed(spec)))
     grounded = [PASSAGE + "\n\n" + q for q in GROUNDED]
     plain = [one_run(target, p, a.tokens, 0.0, seed=0) for p in grounded]
@@ -150,6 +187,33 @@ def main() -> None:
     print(report)
     if a.record:
         record(report, "<!-- bench_speculative:start -->", "<!-- bench_speculative:end -->")
+
+
+def pass_pack_mode(a) -> None:
+    import spec_pass405
+    from bench_405b import disk_bandwidth
+
+    positions = sorted({int(x) for x in a.positions.split(",")})
+    if positions[0] != 1:
+        sys.exit("error: --positions must include 1 (the ratios are to a 1-position pass)")
+    layers_dir = os.path.join(a.pass_pack, "layers")
+    pack_bytes = sum(os.path.getsize(os.path.join(layers_dir, f)) for f in os.listdir(layers_dir))
+    mem_available = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable"))
+    load0 = os.getloadavg()
+    disk = disk_bandwidth(os.path.join(layers_dir, "block.000.safetensors"))
+    print(f"disk: {disk:.2f} GB/s; pack {pack_bytes / 1e9:.1f} GB, MemAvailable {mem_available / 1e9:.1f} GB", file=sys.stderr)
+    m = spec_pass405.measure(a.pass_pack, positions, a.repeats, a.page_cache, a.threads, a.device)
+    import torch  # noqa: F401  (machine() reports its version)
+
+    cmd = (f"python scripts/bench_speculative.py --pass-pack {a.pass_pack} --positions {a.positions} --repeats {a.repeats}"
+           f"{' --page-cache' if a.page_cache else ''}{f' --threads {a.threads}' if a.threads else ''}"
+           f"{f' --device {a.device}' if a.device != 'cpu' else ''}{' --record' if a.record else ''}")
+    text = spec_pass405.report(a.pass_pack, m, disk, pack_bytes, mem_available, a.page_cache, cmd, machine(a.threads), load0,
+                               os.getloadavg())
+    print(text)
+    if a.record:
+        key = "bench_speculative_405b" + ("_cached" if a.page_cache else "") + ("" if a.device == "cpu" else "_" + a.device)
+        record(text, f"<!-- {key}:start -->", f"<!-- {key}:end -->")
 
 
 def render(a, rows, costs, identical, lines, budget, draft_own, grounded_len, load_avg, load_end) -> str:

@@ -8,9 +8,26 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from layerpack_runtime.threads import configure_openmp
+
+# The suite is an entry point like the `layerpack` command: idle OpenMP threads sleep (threads.py; a
+# spinning one steals a busy machine's cores). Set before torch loads OpenMP, which reads it once.
+configure_openmp()
+
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Triton kernels (runtime/layerpack_runtime/kernels/triton_*.py) run on CPU tensors only in triton's
+# interpreter, and triton takes it up only if TRITON_INTERPRET=1 is set before triton is first
+# imported (bitsandbytes imports it, so any test module could): set here, before collection, on
+# machines without a GPU, where no triton kernel could run compiled anyway.
+if not torch.cuda.is_available():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _tiny_config(family: str, **over):
@@ -124,7 +141,7 @@ def gemma3_270m():
 
 @pytest.fixture(autouse=True)
 def _no_unexpected_hub_requests(request):
-    """Every test that uses a local Hub server (a `hub` fixture, tests/hub_server.py) ends with the
+    """Every test that uses a local Hub server (a `hub` fixture, tests/support/hub_server.py) ends with the
     server having answered only requests it implements: the client spoke the protocol we model."""
     yield
     if "hub" in request.fixturenames:
@@ -169,8 +186,8 @@ def run_cli(*args, check: bool = False, env=None, cwd=None) -> subprocess.Comple
 
 def run_cli_killed(point: str, n: int, *args) -> subprocess.CompletedProcess:
     """run_cli with the converter SIGKILLed after n units recorded (point "units") or n windows
-    quantized (point "windows"): tests/convert_with_faults.py passes the fault object in."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "convert_with_faults.py"), point, str(n), *map(str, args)],
+    quantized (point "windows"): tests/support/convert_with_faults.py passes the fault object in."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "support", "convert_with_faults.py"), point, str(n), *map(str, args)],
                           capture_output=True, text=True)
 
 

@@ -1,5 +1,5 @@
 """Where a conversion can be interrupted on purpose: the resume tests kill the converter at these
-points (tests/convert_with_faults.py installs an object that does; the conversion itself never
+points (tests/support/convert_with_faults.py installs an object that does; the conversion itself never
 reads a setting for it). The default does nothing."""
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def plan_job(src: str, opts: ConvertOptions) -> Job:
         scheme=opts.quant, dtype=opts.dtype or DTYPE_TO_NAME[src_dtype],
         block_size=opts.block_size or DEFAULT_BLOCK_SIZE.get(opts.quant), outlier_fraction=opts.outliers,
         compression=opts.compress, zstd_level=opts.zstd_level if opts.compress == COMPRESS_ZSTD else None,
-        quantized_embedding=arch["tie_word_embeddings"] and opts.quant != SCHEME_NONE,
+        quantized_embedding=scheme_for("embed.weight", opts.quant, arch) != SCHEME_NONE,
         outlier_rule=opts.outlier_rule if opts.outliers or opts.head_outliers else None,
         head_outlier_fraction=opts.head_outliers if opts.head_outliers is not None and opts.head_outliers != opts.outliers else None,
     )
@@ -104,7 +104,7 @@ def tensor_plan(job: Job, u: UnitPlan, canonical: str) -> tuple[str, float, dict
         shape = [b - a, *shape[1:]]
     head = canonical == "head.weight" or (tied and canonical == "embed.weight")
     fraction = q.head_outlier_fraction if head and q.head_outlier_fraction is not None else q.outlier_fraction
-    scheme = scheme_for(canonical, q.scheme, tied)
+    scheme = scheme_for(canonical, q.scheme, job.arch)
     k = outlier_count(fraction, math.prod(shape)) if scheme != SCHEME_NONE else 0
     return scheme, fraction, stored_specs(canonical, shape, scheme, DTYPE_NAMES[q.dtype], q.block_size, k)
 

@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import SCHEME_NONE, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
+from layerpack_runtime.models import contract, family_of_pack
 
-from ..families import Family, Rows, is_ignored, is_quantizable, split_rows
+from ..families import Family, Rows, is_ignored, split_rows
 from ..source import Part, base_name
 
 
@@ -95,11 +96,12 @@ def _source_name(src, i: int, j: int) -> str:
     return base_name(_source_ref(src, i, j))
 
 
-def scheme_for(canonical: str, quant: str, tied: bool) -> str:
-    """Norms/biases never quantized; the embedding only when tied (it is then read in full as the
+def scheme_for(canonical: str, quant: str, arch: dict) -> str:
+    """The pack's scheme for a tensor its family declares quantizable under `arch`, else none: the
+    family contract's rule (models/contract.py, `quantizable`), which the reader checks too
+    (validate/layer_entries.py). Linear weights always; norms, biases and routers never; the
+    embedding only when tied (`quantizable="tie_word_embeddings"`: it is then read in full as the
     head every token; untied, only a few rows are gathered per token, so it stays exact)."""
     if quant == SCHEME_NONE:
         return SCHEME_NONE
-    if is_quantizable(canonical) or (tied and canonical == "embed.weight"):
-        return quant
-    return SCHEME_NONE
+    return quant if contract.is_quantizable(family_of_pack(arch["family"]), canonical, arch) else SCHEME_NONE

@@ -1,6 +1,6 @@
 """Which entries of a weight the outlier table keeps exactly (convert --outliers, --outlier-rule):
 k flat indices, ascending, chosen by one of OUTLIER_RULES - on a tensor in memory, or window by
-window on a tensor of any size, which selects the same set (tests/test_convert_scale.py)."""
+window on a tensor of any size, which selects the same set (tests/convert/test_convert_scale.py)."""
 from __future__ import annotations
 
 import math

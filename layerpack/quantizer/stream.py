@@ -20,12 +20,15 @@ from layerpack_runtime.format import (
     SCHEME_INT8,
     SCHEME_NF4,
     SCHEME_NONE,
+    ST_DTYPES,
     SUFFIX_ABSMAX,
     SUFFIX_CODES,
     SUFFIX_OUTLIER_IDX,
     SUFFIX_OUTLIER_VAL,
+    TORCH_TO_ST,
 )
 from layerpack_runtime.manifest import TensorEntry
+from layerpack_runtime.validate import stored_layout
 
 from . import activation_aware, parallel, windows
 from .blocks import all_finite, quantize_chunk, rel_rms
@@ -50,17 +53,10 @@ class DictSink:
 def stored_specs(name: str, shape: list[int], scheme: str, dtype: torch.dtype, block_size: int | None,
                  k: int) -> dict[str, tuple[torch.dtype, list[int]]]:
     """What the layer file holds for one logical tensor: name -> (dtype, shape), known before any
-    value is read (so a layer file's header can be written first)."""
-    if scheme == SCHEME_NONE:
-        return {name: (dtype, list(shape))}
-    n = math.prod(shape)
-    specs: dict[str, tuple[torch.dtype, list[int]]] = {}
-    if k:
-        specs[name + SUFFIX_OUTLIER_IDX] = (torch.int32 if n < OUTLIER_IDX_I64_FROM else torch.int64, [k])
-        specs[name + SUFFIX_OUTLIER_VAL] = (dtype, [k])
-    specs[name + SUFFIX_CODES] = ((torch.uint8, [(n + 1) // 2]) if scheme == SCHEME_NF4 else (torch.int8, [n]))
-    specs[name + SUFFIX_ABSMAX] = (torch.float32, [-(-n // block_size)])
-    return specs
+    value is read (so a layer file's header can be written first). The layout is the reader's
+    (validate.stored_layout, its one statement), in torch dtypes."""
+    layout = stored_layout(name, shape, scheme, block_size, k, TORCH_TO_ST[dtype])
+    return {stored: (ST_DTYPES[st_dtype], list(dims)) for stored, (st_dtype, dims) in layout.items()}
 
 
 def quantize_tensor(name: str, w: torch.Tensor, scheme: str, dtype: torch.dtype, block_size: int | None,

@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 
 from .errors import FormatError, LayerpackError, VersionError
-from .threads import configure_openmp
 
-configure_openmp()  # OMP_WAIT_POLICY=PASSIVE unless set: must run before torch loads OpenMP (threads.py)
+# Importing the package writes no environment variable: the OpenMP wait policy (threads.py) is set
+# by the command-line entry points (`layerpack`, `python -m layerpack_runtime.launch`), not here.
 
 __version__ = "0.1.0"
 __all__ = ["FORMAT_VERSION", "FormatError", "LayeredModel", "LayerpackError", "Manifest", "Pack", "VersionError", "__version__", "load"]

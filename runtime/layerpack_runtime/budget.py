@@ -7,6 +7,12 @@ buffers (prefetch depth + 1 units in flight), the KV cache and the activations o
 step, and the tokenizer and torch's working memory (Plan.runtime_bytes). The Python interpreter and the imported libraries
 (torch, tokenizers: ~200-300 MB) are not: the budget bounds the process's memory above that baseline. Units are kept resident in this order - embedding (gathered every step; when tied
 also the head), head, then blocks from the first - because every block costs the same to stream.
+
+On CUDA the budget is GPU memory: resident units, KV cache and activations live there, and each of
+the (depth + 1) stream slots is a device twin (counted) plus a pinned host buffer of the same size
+(host RAM, not counted: the host is rarely the scarce memory next to a GPU, and pinned pages are
+what lets the copies run at the link's speed; `run --stats` shows them). The tokenizer and torch's
+working memory are counted as on CPU (a small, conservative share).
 """
 from __future__ import annotations
 
@@ -75,7 +81,7 @@ class Plan:
     # Memory the run needs besides the model's data (the tokenizer, held by `tokenizers` in native
     # memory, and torch's first-use working memory; loader.TORCH_WORKING_BYTES): it counts against the
     # budget like the rest, so that the process's peak above its import baseline stays within
-    # max_memory (tests/test_memory_budget.py).
+    # max_memory (tests/runtime/test_memory_budget.py).
     runtime_bytes: int = 0
 
     @property

@@ -47,6 +47,11 @@ class KVCache:
         self.tree_ancestors = torch.zeros(0, 0, dtype=torch.bool, device=device)
         self.tree_depth = torch.zeros(0, dtype=torch.long, device=device)
         self._pending: list[int] | None = None            # parents of the next forward's tree nodes
+        self.decoder = None                               # decode_step.StaticDecoder of this generation, if any
+
+    def plain(self) -> bool:
+        """No tentative (tree) columns held or pending: a decode step may be a fixed-shape one."""
+        return self.base is None and self._pending is None
 
     def add_tree(self, parents) -> None:
         """The next forward's T tokens are tree nodes: parents[i] is the tentative column index

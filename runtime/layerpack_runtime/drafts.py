@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .generate import SamplingParams, sampling_probs
+from .options import Workload
 
 LOOKUP_NGRAMS = (3, 2, 1)   # suffix lengths tried, longest first
 LOOKUP_MATCHES = 4          # earlier occurrences merged into the trie (most recent first)
@@ -31,8 +32,12 @@ CHILDREN_PER_NODE = 8       # most children a draft node gets (the budget caps t
 SAMPLED_FIRST_CHILD = 0.8   # sampling: shape weight of a node's first child; rank r gets 0.8 * 0.2^r
 # Draft forwards per proposal after the root's (so the tree is at most DRAFT_STEPS + 1 deep): a
 # same-size draft (the NF4 pack of the target) costs as much compute per forward as the target, so
-# on a CPU more steps cost more than the extra accepted tokens save (bench_speculative.py).
-DRAFT_STEPS = 4
+# on a CPU more steps cost more than the extra accepted tokens save. SmolLM2 NF4 draft vs bf16
+# target agrees on the greedy token at only ~2/3 of positions (the target's token is in the draft's
+# top 4 at ~96%), so a wide tree pays more than a deep one: measured with 16 nodes, 3.48 tokens per
+# pass with 3 steps (4.0 draft forwards per pass) vs 3.62 with 4 (4.8), and 2.85 with 8 nodes and
+# 4 steps (BENCHMARKS.md, "Speculative decoding").
+DRAFT_STEPS = 3
 
 
 @dataclass
@@ -96,6 +101,16 @@ class LookupProposer:
         pass
 
 
+def draft_workload(max_len: int, first_tokens: int, budget: int) -> Workload:
+    """What a DraftProposer asks of its draft model, to declare when the draft is loaded (so its
+    memory is planned once, and counted where the run's budget is split): one cache row for
+    sequences of up to `max_len` tokens plus tentative columns for at most 2 x budget processed
+    tree nodes; forwards of up to `first_tokens` + 1 positions (the prompt, or tokens to catch up
+    on, plus the root) or 2 x budget (a tree level)."""
+    return Workload(context=max(1, int(max_len) + 2 * int(budget) + 2), batch=1,
+                    prefill_tokens=max(1, int(first_tokens) + 1, 2 * int(budget)), prefill_batch=1)
+
+
 class DraftProposer:
     """A small resident model proposes the tree; its KV cache follows the accepted path."""
 
@@ -106,8 +121,8 @@ class DraftProposer:
         self.columns: dict[int, int] = {}  # tree node -> the draft cache's tentative column
 
     def start(self, prompt: list[int], max_len: int) -> None:
-        # committed tokens, plus tentative columns for at most 2 x budget processed nodes
-        self.cache = self.draft.new_cache(1, max_len + 2 * self.budget + 2, step_tokens=max(len(prompt) + 1, 2 * self.budget))
+        w = draft_workload(max_len, len(prompt), self.budget)
+        self.cache = self.draft.new_cache(1, w.context, step_tokens=w.step_tokens)
         self.pending = list(prompt)
 
     def _children(self, logits: torch.Tensor) -> tuple[list[int], list[float], torch.Tensor | None]:

@@ -10,6 +10,10 @@ share that pass. The engine runs one loop (in its own thread): at each iteration
 3. runs one decode step over every active slot (sequences of different lengths; slots.py), samples
    each row with its own parameters and generator, and reports the new text to each request.
 
+With `speculation` (engine_speculation.py), a step with ONE active greedy request verifies a
+token tree (prompt lookup or a resident draft model) instead: several tokens per pass, the same
+tokens; steps with several requests decode plainly (they already share the pass).
+
 A request ends at EOS, at a stop string, after max_tokens, or when cancelled, and leaves its slot
 to the next one. Requests with the same prompt admitted together (`n` > 1, or clients sending the
 same text) share one prefill row, then decode as separate rows. Each row chooses its tokens with its
@@ -80,6 +84,7 @@ class Request:
     seed: int | None = None
     on_event: Callable[[Event], None] = lambda e: None
     sampling: RequestSampling | None = None
+    speculate: bool = True              # False: never verify a token tree for this request (opt-out)
     # filled by the engine
     prompt_entries: list | None = None  # sampling.prompt_logprobs: (token, logprob or None, top) per prompt token
     id: int = 0
@@ -91,6 +96,7 @@ class Request:
     _stream: TextStream | None = None
     _sampler: RequestSampler | None = None
     _last: int = 0
+    _tokens: list[int] = field(default_factory=list)  # generated so far (speculation's context)
 
     def cancel(self) -> None:
         """Stop generating for this request (safe from any thread); its slot is freed at the next step."""
@@ -106,17 +112,21 @@ class EngineStats:
     cancelled: int = 0        # requests that ended by cancel (a client that left)
     failed: int = 0           # requests that ended by an error (theirs, or their forward pass's)
     errors: int = 0           # forward passes that failed (the supervisor recovered from each)
+    speculative_steps: int = 0  # decode steps that verified a token tree (engine_speculation.py)
+    accepted: int = 0         # candidate tokens those steps accepted (tokens beyond one per step)
 
 
 def engine_workload(*, max_batch: int = 8, context: int = 2048, prefill_tokens: int | None = None,
-                    slack: int | None = None) -> Workload:
+                    slack: int | None = None, tree_tokens: int = 0) -> Workload:
     """What an Engine asks of its model, to declare at load (serve.py): `max_batch` slots of
     `context` tokens plus slack columns each, beside one prefill's cache of up to `prefill_tokens`
     positions (admitted prompts, padded; default: the larger of context and MIN_PREFILL_TOKENS), run as
-    one row-batch of 1 (the prefill), and decode steps of one position per slot."""
+    one row-batch of 1 (the prefill), and decode steps of one position per slot. tree_tokens:
+    speculation's candidates per pass - a slot holds that many tentative columns beyond its
+    sequence, and a verification pass (1 row of 1 + tree_tokens positions) is within the prefill's."""
     max_batch, context = int(max_batch), int(context)
-    prefill = max(int(prefill_tokens or MIN_PREFILL_TOKENS), context)
-    max_len = context + (max(1, context // SLACK_FRACTION) if slack is None else int(slack))
+    prefill = max(int(prefill_tokens or MIN_PREFILL_TOKENS), context, int(tree_tokens) + 1)
+    max_len = context + (max(1, context // SLACK_FRACTION) if slack is None else int(slack)) + int(tree_tokens)
     return Workload(context=max_len, batch=max_batch, prefill_tokens=prefill, prefill_batch=1, extra_kv_tokens=prefill)
 
 
@@ -128,10 +138,12 @@ class Engine:
     default: the larger of context and MIN_PREFILL_TOKENS). slack: timeline columns per slot beyond
     context (default context / SLACK_FRACTION). The memory plan reserves the slot cache, one
     prefill's cache and the larger of the prefill's and the decode step's activations at
-    construction. `start()` runs the loop in a thread; without it, `step()` advances by hand."""
+    construction. `start()` runs the loop in a thread; without it, `step()` advances by hand.
+    speculation: a speculative.Speculation (lookup, or a loaded draft checked against the model):
+    a lone greedy request verifies a token tree per step (engine_speculation.py)."""
 
     def __init__(self, model, max_batch: int = 8, context: int = 2048, max_queue: int = DEFAULT_MAX_QUEUE,
-                 prefill_tokens: int | None = None, slack: int | None = None):
+                 prefill_tokens: int | None = None, slack: int | None = None, speculation=None):
         if int(max_batch) < 1:
             raise LayerpackError(f"max_batch must be >= 1, not {max_batch}")
         if int(context) < 2:
@@ -140,7 +152,9 @@ class Engine:
             raise LayerpackError(f"max_queue must be >= 0, not {max_queue}")
         self.model = model
         self.max_batch, self.context, self.max_queue = int(max_batch), int(context), int(max_queue)
-        self.workload = engine_workload(max_batch=self.max_batch, context=self.context, prefill_tokens=prefill_tokens, slack=slack)
+        tree = speculation.budget if speculation is not None else 0
+        self.workload = engine_workload(max_batch=self.max_batch, context=self.context, prefill_tokens=prefill_tokens,
+                                        slack=slack, tree_tokens=tree)
         self.prefill_tokens = self.workload.prefill_tokens
         self.max_len = self.workload.context
         # The model's plan holds this workload: declared when it was loaded (serve.py loads with
@@ -148,6 +162,13 @@ class Engine:
         model.reserve(self.workload)
         a = model.args
         self.cache = SlotKVCache(a.num_layers, self.max_batch, a.num_kv_heads, self.max_len, a.head_dim, model.dtype, model.device)
+        self.speculation = None
+        if speculation is not None:
+            from .engine_speculation import EngineSpeculation
+            from .speculative import check_draft
+            if speculation.draft is not None:
+                check_draft(model, speculation.draft)
+            self.speculation = EngineSpeculation(speculation, self.max_len)
         self.tokenizer = model.tokenizer
         self.eos = set(model.eos_ids)
         self.pad_id = model.pad_id()
@@ -165,9 +186,9 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, stop=None,
                seed: int | None = None, on_event: Callable[[Event], None] | None = None,
-               sampling: RequestSampling | None = None) -> Request:
+               sampling: RequestSampling | None = None, speculate: bool = True) -> Request:
         """Queue a request; raises LayerpackError for a bad one and QueueFull when the queue is full."""
-        return self.submit_all([self.request(prompt, max_tokens, params, stop, seed, on_event, sampling)])[0]
+        return self.submit_all([self.request(prompt, max_tokens, params, stop, seed, on_event, sampling, speculate)])[0]
 
     def submit_all(self, reqs: list[Request]) -> list[Request]:
         """Queue requests together (all or none: QueueFull when they do not all fit); those with the
@@ -186,8 +207,9 @@ class Engine:
 
     def request(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None, stop=None,
                 seed: int | None = None, on_event: Callable[[Event], None] | None = None,
-                sampling: RequestSampling | None = None) -> Request:
-        """A checked Request for submit_all (raises LayerpackError for a bad one)."""
+                sampling: RequestSampling | None = None, speculate: bool = True) -> Request:
+        """A checked Request for submit_all (raises LayerpackError for a bad one). speculate=False:
+        this request never verifies a token tree (it decodes one token per step)."""
         params = params or SamplingParams()
         params.check()
         if sampling is not None:
@@ -204,7 +226,7 @@ class Engine:
             raise LayerpackError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                  f"context of {self.context} tokens")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        return Request(prompt, int(max_tokens), params, stops, seed, on_event or (lambda e: None), sampling)
+        return Request(prompt, int(max_tokens), params, stops, seed, on_event or (lambda e: None), sampling, bool(speculate))
 
     @property
     def waiting(self) -> int:
@@ -289,7 +311,9 @@ class Engine:
             self._prefill(admitted)
             with self._lock:
                 self._admitting = []
-        if self._active:
+        if len(self._active) == 1 and self.speculation is not None and self.speculation.applies(self._active[0]):
+            self._speculate()
+        elif self._active:
             self._decode()
 
     def _take_waiting(self) -> list[Request]:
@@ -362,6 +386,11 @@ class Engine:
         for slot in reversed(done):
             self._free(slot)
 
+    def _speculate(self) -> None:
+        from .engine_speculation import speculative_step
+        if speculative_step(self, self._active[0]):
+            self._free(0)
+
     def _advance(self, logits: torch.Tensor, r: Request) -> bool:
         """Choose and report r's next token; True when r is finished. A failure here (its sampler,
         constraint or text) ends r with "error", alone."""
@@ -380,6 +409,7 @@ class Engine:
             r.first_token_s = time.perf_counter() - r.submitted
         self.stats.tokens += 1
         r._last = tok
+        r._tokens.append(tok)
         lp = dict(logprob=choice.logprob, top=choice.top)
         if tok in self.eos:
             r.completion_tokens += 1

@@ -168,14 +168,6 @@ class ExpertStore:
     def selective_for(self, unit: str) -> bool:
         return self.selective and unit in self.layouts
 
-    def streamed_bytes(self, unit: str, whole: int) -> int:
-        """Stream buffer bytes of a unit: only the dense prefix for a MoE block read selectively."""
-        if not self.selective_for(unit):
-            return whole
-        lay = self.layouts[unit]
-        decompressed = sum(math.prod(i.out_shape) * itemsize(i.out_dtype) for i in lay.dense.values() if i.logical_dtype)
-        return lay.dense_end - lay.file.data_start + decompressed
-
     def expert_bytes(self) -> int:
         return max((lay.stored_bytes(j) for lay in self.layouts.values() for j in range(self.num_experts)), default=0)
 

@@ -120,7 +120,7 @@ META_ZSTD = "layerpack.zstd"          # JSON {tensor: {"dtype": ST, "shape": [..
 # A safetensors header larger than this is refused before it is parsed (guards against garbage).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# -- Named limits of the reader (validate.py). Packs come from strangers: every limit below bounds the
+# -- Named limits of the reader (validate/). Packs come from strangers: every limit below bounds the
 # time or memory a hostile file can cost before it is refused. None of them is a model size: sizes are
 # bounded by the bytes actually present (a tensor's implied bytes must fit in its file), so a 405B pack
 # (126 layers, 128K vocabulary, files > 4 GiB, tensors > 2^31 elements) passes unchanged.

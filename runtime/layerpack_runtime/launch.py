@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .errors import LayerpackError
 from .stages import StageOptions, join
+from .threads import configure_openmp
 
 STOP_GRACE_S = 5.0
 # torch's C++ warnings (c10d's socket timeouts, ...) would print lines of their own next to our one
@@ -62,7 +63,7 @@ def stage_entry(rank: int, opts: StageOptions, job, error_dir: str | None = None
     if local:  # Ctrl-C reaches every process of the terminal's group: the launcher stops them all
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _die_with_parent()
-    if opts.on_start is not None:  # e.g. a test's fault injection (tests/stage_faults.py), run in this process
+    if opts.on_start is not None:  # e.g. a test's fault injection (tests/support/stage_faults.py), run in this process
         opts.on_start(rank)
     name = [f"stage {rank}"]
     try:
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if CPP_LOG_ENV not in os.environ:  # read once, when torch loads: start again with it set
         os.environ[CPP_LOG_ENV] = "ERROR"
+        configure_openmp(exec_follows=True)  # OMP_WAIT_POLICY too is read once, when torch loads OpenMP
         os.execv(sys.executable, [sys.executable, "-m", "layerpack_runtime.launch", *(sys.argv[1:] if argv is None else argv)])
     p = argparse.ArgumentParser(prog="python -m layerpack_runtime.launch", description="One pipeline stage (start with torchrun).")
     p.add_argument("pack")

@@ -15,6 +15,7 @@ import torch
 from . import models
 from .cache import KVCache
 from .errors import FormatError, LayerpackError
+from .decode_step import StaticDecoder, attention_backends, describe, graph_ineligible
 from .generate import GenerationStats
 from .options import RunOptions, Workload, run_options
 from .pack import Pack
@@ -32,6 +33,8 @@ class LayeredModel(TextGenerator, UnitRange):
         self.threads = apply_threads(opts.threads)  # torch's CPU threads (threads.py: explicit > $LAYERPACK_THREADS > physical cores)
         self.last_stats = GenerationStats()
         UnitRange.__init__(self, pack, opts, progress=progress)
+        if opts.decode == "graph" and graph_ineligible(self):
+            raise LayerpackError(f"--decode graph is not available for this model: {graph_ineligible(self)}")
 
     def __repr__(self) -> str:
         a = self.args
@@ -50,11 +53,27 @@ class LayeredModel(TextGenerator, UnitRange):
         B, T = ids.shape
         if cache is None:
             cache = self.new_cache(B, T)
-        mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
-        steps = self.begin_step(cache, (B, T), mask)
-        logits = self.run(ids, cache, steps, last_only)
-        cache.commit(T, mask)
-        return logits.float()
+        with attention_backends(self.device):
+            if T == 1 and attention_mask is None and self.static_decode and type(cache) is KVCache and cache.plain():
+                return self._static_decoder(cache).step(ids, cache).float()
+            mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device).reshape(B, T)
+            steps = self.begin_step(cache, (B, T), mask)
+            logits = self.run(ids, cache, steps, last_only)
+            cache.commit(T, mask)
+            return logits.float()
+
+    def _static_decoder(self, cache: KVCache) -> StaticDecoder:
+        """The fixed-shape decode steps of this cache's generation (captured as a CUDA graph where
+        decode_step.graph_ineligible finds nothing against it), made at its first decode step."""
+        decoder = cache.decoder
+        if decoder is None or decoder.model is not self:
+            graph = self.options.decode != "static" and graph_ineligible(self) is None
+            decoder = cache.decoder = StaticDecoder(self, cache, graph)
+        return decoder
+
+    def decode_description(self) -> str:
+        """How decode steps run, and why (--stats)."""
+        return describe(self, self.options.decode)
 
     def logits(self, input_ids) -> torch.Tensor:
         """Logits [B, T, vocab] (float32) of a whole sequence, without a persistent cache."""

@@ -1,4 +1,4 @@
-"""The pack manifest: dataclasses and (de)serialisation. Reading validates first (validate.py: every
+"""The pack manifest: dataclasses and (de)serialisation. Reading validates first (validate/: every
 field's type, range and cross-consistency) and only then builds the dataclasses. The toolkit
 additionally validates against schemas/manifest.schema.json (the runtime cannot depend on
 jsonschema); both must agree, and the tests hold them together."""
@@ -138,7 +138,7 @@ def _known(klass, d: dict) -> dict:
     return {k: v for k, v in d.items() if k in names}
 
 
-# The checks live in the validation layer (validate.py); these names stay for existing callers.
+# The checks live in the validation layer (validate/); these names stay for existing callers.
 check_structure = check_manifest
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 
 from .errors import LayerpackError
 
-DEFAULT_CONTEXT = 256
-WEIGHT_FORMS = ("auto", "stored", "dequantized")  # qweight.choose_form  # an undeclared workload's first plan (Python API; the CLI always declares)
+DEFAULT_CONTEXT = 256  # an undeclared workload's first plan (Python API; the CLI always declares)
+WEIGHT_FORMS = ("auto", "stored", "dequantized")  # qweight.choose_form
+DECODE_STEPS = ("auto", "dynamic", "static", "graph")  # decode_step.py
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,24 +85,32 @@ class RunOptions:
     """How to run a pack (load(), LayeredModel, UnitRange, stages and serve all take this one object).
 
     max_memory: budget for the model's data ("2GiB", "110MB", bytes; None: hold everything).
-    prefetch_depth: streamed units read ahead. page_cache: False drops streamed units from the OS
+    prefetch_depth: streamed units read ahead (None: 2 on CUDA when the budget allows, else 1). page_cache: False drops streamed units from the OS
     page cache after each read. expert_reads / expert_cache: MoE packs (see experts.py).
     threads: torch's CPU threads (threads.py). weight_form: auto | stored | dequantized (qweight.choose_form).
+    decode: how decode steps run - dynamic, static (fixed shapes) or graph (static, captured as a CUDA
+    graph and replayed); auto: graph on CUDA where the model allows it, dynamic on CPU (decode_step.py).
     workload: what the run will ask (Workload); the plan is made once for it."""
     device: str = "cpu"
     dtype: object = None
     max_memory: object = None
-    prefetch_depth: int = 1
+    prefetch_depth: int | None = None
     page_cache: bool = True
     expert_reads: bool = True
     expert_cache: object = None
     threads: int | None = None
     weight_form: str = "auto"
+    decode: str = "auto"
     workload: Workload = field(default_factory=lambda: Workload(declared=False))
 
     def __post_init__(self):
         if self.weight_form not in WEIGHT_FORMS:
             raise LayerpackError(f"weight_form must be one of {', '.join(WEIGHT_FORMS)}, not {self.weight_form!r}")
+        if self.prefetch_depth is not None and (isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int)
+                                                or self.prefetch_depth < 1):
+            raise LayerpackError(f"prefetch_depth must be a whole number >= 1 (or None: automatic), not {self.prefetch_depth!r}")
+        if self.decode not in DECODE_STEPS:
+            raise LayerpackError(f"decode must be one of {', '.join(DECODE_STEPS)}, not {self.decode!r}")
         if not isinstance(self.workload, Workload):
             raise LayerpackError(f"workload must be a Workload, not {type(self.workload).__name__}")
 

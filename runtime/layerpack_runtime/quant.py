@@ -100,8 +100,15 @@ def dequantize_nf4(packed, absmax, shape, block_size, dtype) -> torch.Tensor:
 
 
 def dequantize_int8(codes, absmax, shape, block_size, dtype) -> torch.Tensor:
+    """code * (absmax / 127), in float32, then cast to dtype; the same bits on every device."""
+
     def part(codes, absmax, n):
-        return _scale_blocks(codes.float(), absmax.float() / INT8_QMAX, block_size)
+        # The divisor is a tensor on the scales' device, not a Python number: CUDA computes
+        # `tensor / number` as `tensor * (1 / number)` (one bit off for some scales: the 6 int8
+        # float32 CUDA tests of issue 24), while a tensor divisor is an IEEE division everywhere,
+        # as the CPU and the native kernels (qmatvec.c: absmax[k] / INT8_QMAX) compute it.
+        qmax = torch.full((), INT8_QMAX, dtype=torch.float32, device=absmax.device)
+        return _scale_blocks(codes.float(), absmax.float() / qmax, block_size)
 
     return _in_steps(part, codes, absmax, shape, block_size, dtype, 1)
 

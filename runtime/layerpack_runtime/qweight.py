@@ -5,7 +5,10 @@ How a QuantWeight computes, fastest first:
 * CPU, up to GEMV_MAX_ROWS activation rows (decode, small batches): the native kernels
   (kernels/qmatvec.c) multiply straight from the codes, no dequantized copy: at the speed of the
   stored bytes. Outlier tables are added as a sparse correction.
-* CUDA, one activation row, NF4: bitsandbytes' fused 4-bit GEMV (`matmul_4bit`) when installed.
+* CUDA, up to GEMV_MAX_ROWS activation rows, int8 and NF4: the Triton GEMV
+  (kernels/triton_gemv.py) when triton is installed: straight from the codes, outliers added by
+  the kernel, no host sync (CUDA-graph safe). Without triton, one row of NF4: bitsandbytes' fused
+  4-bit GEMV (`matmul_4bit`) when installed.
 * Otherwise (prefill, odd layouts, no compiler): dequantize once - by the native kernel when
   there is one, else pure torch (quant.py: a 256-entry table maps each packed byte to its two NF4
   values) or bitsandbytes on CUDA - in row chunks, then one GEMM. Outlier tables are written back
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import triton_gemv
 from .format import SCHEME_INT8, SCHEME_NF4, SUFFIX_ABSMAX, SUFFIX_CODES, SUFFIX_OUTLIER_IDX, SUFFIX_OUTLIER_VAL
 from .quant import apply_outliers, dequantize_int8, dequantize_nf4
 
@@ -51,15 +55,28 @@ def _bnb():
         return None
 
 
+_NF4_CODES: dict = {}
+
+
+def _nf4_code(bnbf, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' NF4 code book on `device`, made once: get_4bit_type copies a Python list to the
+    device on every call, a host-to-device copy that a CUDA graph capture refuses (decode_step.py)."""
+    key = str(device)
+    if key not in _NF4_CODES:
+        _NF4_CODES[key] = bnbf.get_4bit_type("nf4", device=device)
+    return _NF4_CODES[key]
+
+
 class QuantWeight:
     """One quantized weight: codes + absmax (+ outliers), dequantized on use to `dtype`."""
 
-    __slots__ = ("scheme", "shape", "block_size", "codes", "absmax", "outlier_idx", "outlier_val", "dtype", "_gemv")
+    __slots__ = ("scheme", "shape", "block_size", "codes", "absmax", "outlier_idx", "outlier_val", "dtype", "_gemv", "_triton")
 
     def __init__(self, scheme, shape, block_size, codes, absmax, outlier_idx, outlier_val, dtype):
         self.scheme, self.shape, self.block_size = scheme, tuple(shape), int(block_size)
         self.codes, self.absmax, self.outlier_idx, self.outlier_val, self.dtype = codes, absmax, outlier_idx, outlier_val, dtype
         self._gemv = None  # (codes, absmax) the native GEMV was last found to take (see _linear_native)
+        self._triton = None  # (codes, absmax, outlier_idx, outlier_val) the Triton GEMV was last found to take
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], name: str, entry, dtype: torch.dtype) -> "QuantWeight":
@@ -125,7 +142,7 @@ class QuantWeight:
         bnbf = _bnb()
         if bnbf is None:
             return None
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=bnbf.get_4bit_type("nf4", device=self.codes.device),
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=_nf4_code(bnbf, self.codes.device),
                                 blocksize=self.block_size, quant_type="nf4", dtype=self.dtype)
         return bnbf.dequantize_4bit(self.codes.view(-1, 1), state)
 
@@ -192,14 +209,26 @@ class QuantWeight:
         return y.to(x.dtype).view(*x.shape[:-1], rows)
 
     def _linear_cuda(self, x: torch.Tensor) -> torch.Tensor | None:
-        """bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight, or None."""
+        """x @ W.T from the codes on CUDA (few rows), or None. NF4, one row: bitsandbytes' fused 4-bit
+        GEMV when installed (measured on an H200 inside a CUDA graph: 494-569 GB/s against our Triton
+        NF4 GEMV's 234-415, BENCHMARKS.md "GPU"); otherwise, and for int8 (1595 GB/s against the old
+        dequantize + F.linear's 115) and 2-8 rows, the Triton GEMV. A rule of the installed packages
+        and the weight's layout, never a timing."""
+        if self.scheme == SCHEME_NF4:  # one row: bitsandbytes' GEMV read NF4 1.2-2.4x faster than ours on an H200
+            y = self._linear_bnb(x)
+            if y is not None:
+                return y
+        return self._linear_triton(x)
+
+    def _linear_bnb(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bitsandbytes' fused 4-bit GEMV for one activation row of an NF4 weight on CUDA, or None."""
         if self.scheme != SCHEME_NF4 or x.numel() != x.shape[-1] or self.shape[1] % self.block_size:
             return None
         bnb = _bnb_matmul()
         bnbf = _bnb()
         if bnb is None or bnbf is None:
             return None
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=bnbf.get_4bit_type("nf4", device=x.device),
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=_nf4_code(bnbf, x.device),
                                 blocksize=self.block_size, quant_type="nf4", dtype=x.dtype)
         y = bnb(x, self.codes.view(-1, 1).t(), quant_state=state)
         if self.outlier_idx is not None and self.outlier_idx.numel():
@@ -207,6 +236,21 @@ class QuantWeight:
             contrib = x.reshape(-1)[idx % self.shape[1]] * self.outlier_val.to(x.dtype)
             y.view(-1).index_add_(0, idx // self.shape[1], contrib)
         return y
+
+    def _linear_triton(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The Triton GEMV (kernels/triton_gemv.py), or None where it cannot take these tensors. The
+        layout check is remembered for the tensors it was made on, as in _linear_native."""
+        if x.dtype not in _VAL_DTYPES or x.numel() == 0 or not triton_gemv.usable_on(x.device):
+            return None
+        tensors = (self.codes, self.absmax, self.outlier_idx, self.outlier_val)
+        if self._triton is None or any(a is not b for a, b in zip(self._triton, tensors)):
+            if self.codes.device != x.device or not triton_gemv.supported(self.scheme, self.shape, self.block_size, *tensors):
+                return None
+            self._triton = tensors
+        rows, cols = self.shape
+        y = triton_gemv.gemv(self.scheme, self.codes, self.absmax, self.shape, self.block_size, x.reshape(-1, cols),
+                             self.outlier_idx, self.outlier_val)
+        return None if y is None else y.view(*x.shape[:-1], rows)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding gather of a (tied, quantized) embedding: dequantize only the rows needed when
@@ -340,10 +384,11 @@ def choose_form(scheme: str, device: torch.device, weight_form: str = "auto") ->
     A rule, never a measurement: the same pack, options, device and installed kernels give the same
     plan - and so the same bits - however busy the machine is (a timing probe used to decide this,
     and flipped under load). `auto`: the stored form wherever a native kernel multiplies from the
-    codes (CPU with the compiled kernels, NF4 on CUDA with bitsandbytes): it moves 4 or 8 bits per
-    weight, so a larger budget is never spent on a copy that decodes slower; elsewhere (no compiler,
-    int8 on CUDA, other devices) the pure-torch path from the codes is several times slower than a
-    dequantized weight, so memory left over goes to dequantized copies. Scoring (eval: long
+    codes (CPU with the compiled kernels, int8 and NF4 on CUDA with triton, NF4 on CUDA with
+    bitsandbytes): it moves 4 or 8 bits per weight, so a larger budget is never spent on a copy that
+    decodes slower; elsewhere (no compiler, int8 on CUDA without triton, other devices) the
+    pure-torch path from the codes is several times slower than a dequantized weight, so memory
+    left over goes to dequantized copies. Scoring (eval: long
     prefills) asks for dequantized forms itself (UnitRange.prefer_dequantized)."""
     if scheme not in _CODE_DTYPES:
         return True, "unquantized"
@@ -354,5 +399,7 @@ def choose_form(scheme: str, device: torch.device, weight_form: str = "auto") ->
             return False, f"stored (native {scheme} kernel, {kernels.isa()})"
         return True, "dequantized where memory allows (no native kernel: the pure-torch path from the codes is slower)"
     if device.type == "cuda" and scheme == SCHEME_NF4 and _bnb_matmul() is not None:
-        return False, "stored (bitsandbytes 4-bit GEMV)"
+        return False, "stored (bitsandbytes 4-bit GEMV" + (", Triton for 2-8 rows)" if triton_gemv.triton_importable() else ")")
+    if device.type == "cuda" and triton_gemv.triton_importable():
+        return False, f"stored (Triton {scheme} GEMV)"
     return True, f"dequantized where memory allows (no {device.type} kernel for {scheme} codes)"

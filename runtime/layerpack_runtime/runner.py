@@ -1,7 +1,7 @@
 """The runner interface: what text generation (text.py, generate.py), the continuous-batching
 engine (engine.py, request_sampling.py) and speculative decoding ask of a model - and all they
 may ask. Both a single-process LayeredModel (loader.py) and a Pipeline of stages (stages.py)
-provide it; nothing above them reaches into their private parts (tests/test_structure.py checks
+provide it; nothing above them reaches into their private parts (tests/project/test_structure.py checks
 which attributes those modules use).
 
     prefill / decode step   forward(ids [B, T], cache=, attention_mask=, last_only=) -> float32 logits
@@ -19,7 +19,7 @@ import torch
 
 from .options import Workload
 
-# Every name of the interface: the modules that drive a model use only these (tests/test_structure.py).
+# Every name of the interface: the modules that drive a model use only these (tests/project/test_structure.py).
 RUNNER_NAMES = frozenset({"forward", "new_cache", "reserve", "plan", "workload", "max_memory", "minimum_memory", "bytes_read", "io_wait_s",
                           "args", "device", "dtype", "tokenizer", "eos_ids", "pad_id"})
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .errors import FormatError
-from .fileio import read_fully
+from .fileio import read_parallel
 from .format import MAX_HEADER_BYTES, MAX_TENSOR_RANK, META_ZSTD, ST_DTYPES
 from .validate import check_zstd_table, load_json
 
@@ -166,7 +166,7 @@ class SafetensorsFile:
             for info in infos:
                 # torch.empty: no zero-fill (a bytearray would touch every page twice)
                 raw = torch.empty(info.nbytes, dtype=torch.uint8)
-                if info.nbytes and read_fully(fd, raw.numpy(), info.start) != info.nbytes:
+                if info.nbytes and read_parallel(fd, raw.numpy(), info.start) != info.nbytes:  # large ones: chunks in parallel
                     raise _fail(self.path, f"short read of tensor {info.name!r}; file changed or truncated")
                 out[info.name] = self._to_tensor(info, raw)
         finally:
@@ -181,36 +181,51 @@ class SafetensorsFile:
         if dtype is None:
             raise _fail(self.path, f"tensor {info.name!r} has dtype {info.out_dtype} that this torch cannot represent")
         if info.logical_dtype is not None:
-            buf = zstd_decompress(self.path, info, bytearray(raw.numpy().tobytes()))
+            buf = zstd_decompress(self.path, info, raw.numpy())
             return torch.frombuffer(buf, dtype=dtype).reshape(info.out_shape) if buf else torch.empty(info.out_shape, dtype=dtype)
         if raw.numel() == 0:
             return torch.empty(info.out_shape, dtype=dtype)
         return raw.view(dtype).reshape(info.out_shape)
 
 
-def zstd_decompress(path: str, info: TensorInfo, buf: bytearray) -> bytearray:
-    """Decompress one tensor's frame into exactly the bytes its logical dtype/shape need. The frame's
-    declared content size is checked first: zstandard allocates what a frame declares (ignoring
-    max_output_size), so a frame declaring gigabytes must be refused before it is decompressed; a
-    frame that holds more than it declares, or trailing data, fails inside zstd."""
+def zstd_decompress(path: str, info: TensorInfo, buf, out=None):
+    """Decompress one tensor's frame (`buf`: any bytes-like object) into exactly the bytes its
+    logical dtype/shape need, straight into `out` (a writable buffer of that size, e.g. part of a
+    pinned stream slot) or into a new bytearray; returns that buffer. The frame's declared content
+    size is checked first: zstandard allocates what a frame declares (ignoring max_output_size), so
+    a frame declaring gigabytes must be refused before it is decompressed; a frame that holds less
+    or more than it declares, or trailing data, is refused too."""
     import zstandard  # imported lazily: only compressed packs need it
 
     expected = math.prod(info.out_shape) * _ITEMSIZE[info.out_dtype]
-    data = bytes(buf)
+    src = memoryview(buf).cast("B")
     try:
-        declared = zstandard.frame_content_size(data)
+        declared = zstandard.frame_content_size(src)
     except zstandard.ZstdError as e:
         raise _fail(path, f"tensor {info.name!r}: zstd payload is corrupt ({e})") from None
     if declared != expected:
         raise _fail(path, f"tensor {info.name!r}: zstd frame declares {'no' if declared < 0 else declared} content size, "
                           f"expected {expected} bytes")
-    try:
-        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected, allow_extra_data=False)
+    out = bytearray(expected) if out is None else out
+    dst = memoryview(out).cast("B")
+    if len(dst) != expected:
+        raise ValueError(f"output buffer of {len(dst)} bytes for {expected} decompressed bytes")
+    got = 0
+    try:  # readinto decompresses in place: no intermediate bytes object of the tensor's size
+        reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=False)
+        while got < expected:
+            k = reader.readinto(dst[got:])
+            if k <= 0:
+                break
+            got += k
+        extra = reader.read(1) if got == expected else b""
     except zstandard.ZstdError as e:
         raise _fail(path, f"tensor {info.name!r}: zstd payload is corrupt ({e})") from None
-    if len(data) != expected:
-        raise _fail(path, f"tensor {info.name!r}: decompressed to {len(data)} bytes, expected {expected}")
-    return bytearray(data)
+    if got != expected:
+        raise _fail(path, f"tensor {info.name!r}: decompressed to {got} bytes, expected {expected}")
+    if extra:
+        raise _fail(path, f"tensor {info.name!r}: zstd payload is corrupt (data past its declared {expected} bytes)")
+    return out
 
 
 def itemsize(st_dtype: str) -> int:

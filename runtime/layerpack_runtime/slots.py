@@ -10,6 +10,13 @@ When the timeline reaches `max_len`, `realign` moves every slot's columns back t
 Active slots are kept dense at rows [0, active): a finished sequence's slot takes the last
 active row's data (`move`), so a decode step runs over a contiguous view of the first rows and
 never computes for an empty slot.
+
+Speculative decoding (engine_speculation.py) runs while ONE slot is active: `add_tree(parents)`
+makes the next forward's tokens nodes of a token tree (tentative columns after `end`, each seeing
+the slot's sequence and its tree ancestors, rotary position = length + depth), and `keep(path)`
+keeps one root-first path of them (moved left to follow the sequence) and drops the rest. Several
+slots would each need their own tree and their own number of accepted columns, which the shared,
+right-aligned timeline cannot hold without holes; the engine decodes them plainly instead.
 """
 from __future__ import annotations
 
@@ -44,6 +51,11 @@ class SlotKVCache:
         self.active = 0             # slots in use: rows [0, active)
         self.end = 0                # columns [0, end) of the timeline are in use
         self.realigns = 0           # times the slots' columns were moved (compactions and right shifts)
+        # A token tree over the one active slot (speculative decoding): parents of the next
+        # forward's nodes, then (after that forward) its ancestor-or-self matrix and depths.
+        self._tree: list[int] | None = None
+        self._tree_anc: torch.Tensor | None = None
+        self._tree_depth: torch.Tensor | None = None
 
     # -- slot management -------------------------------------------------------------------------
     def add(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -84,6 +96,7 @@ class SlotKVCache:
             moved = last
         self.lengths[last] = 0
         self.active -= 1
+        self._tree = self._tree_anc = self._tree_depth = None  # a tree is only ever over the one slot
         if self.active == 0:
             self.end = 0
         return moved
@@ -93,6 +106,41 @@ class SlotKVCache:
         self.lengths = [0] * self.slots
         self.active = 0
         self.end = 0
+        self._tree = self._tree_anc = self._tree_depth = None
+
+    # -- speculative decoding (one active slot) --------------------------------------------------
+    def add_tree(self, parents) -> None:
+        """The next forward's T tokens are tree nodes over the one active slot's sequence: parents[i]
+        is the index (among them) of token i's parent, or -1 for a child of the sequence."""
+        if self.active != 1:
+            raise LayerpackError(f"a token tree needs exactly one active slot, not {self.active}")
+        if self._tree_anc is not None:
+            raise LayerpackError("the slot holds tentative (tree) columns: keep() a path first")
+        for i, p in enumerate(parents):
+            if not -1 <= int(p) < i:
+                raise LayerpackError(f"tree node {i} names parent {p}, which is not an earlier node")
+        self._tree = [int(p) for p in parents]
+
+    def keep(self, path) -> None:
+        """Keep the tentative columns `path` (indices among the tree's nodes, root-first: each the
+        parent of the next) as the slot's next tokens; drop every other tentative column."""
+        if self._tree_anc is None:
+            raise LayerpackError("keep: there are no tentative (tree) columns")
+        m, base = len(path), self.end
+        if m:
+            idx = torch.as_tensor(list(path), dtype=torch.long, device=self._tree_anc.device)
+            chain = bool(self._tree_anc[idx[1:], idx[:-1]].all())
+            if not chain or not bool((self._tree_depth[idx] == torch.arange(m, device=idx.device)).all()):
+                raise LayerpackError("keep: the columns given are not a root-first path of the token tree")
+            if not bool((idx == torch.arange(m, device=idx.device)).all()):
+                for k, v in zip(self.k, self.v):
+                    cols = idx.to(k.device) + base
+                    k[:1, :, base:base + m] = k[:1].index_select(2, cols)
+                    v[:1, :, base:base + m] = v[:1].index_select(2, cols)
+            self.positions[0, base:base + m] = self.lengths[0] + torch.arange(m, device=self.positions.device)
+        self.end += m
+        self.lengths[0] += m
+        self._tree = self._tree_anc = self._tree_depth = None
 
     def realign(self, new_end: int) -> None:
         """Move every active slot's columns so that the timeline ends at `new_end` (>= the longest
@@ -142,12 +190,38 @@ class SlotBatch:
             raise LayerpackError("slot batches take no padding (prefill prompts separately)")
         self.cache.make_room(T)
         start = self.cache.end
+        if self.cache._tree is not None:
+            return start, self._reserve_tree(start, T)
         positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None]
         self.positions[:, start:start + T] = positions
         return start, positions
 
+    def _reserve_tree(self, start: int, T: int) -> torch.Tensor:
+        c = self.cache
+        parents = c._tree
+        if len(parents) != T:
+            raise LayerpackError(f"add_tree gave {len(parents)} nodes for a forward of {T} tokens")
+        dev = c.positions.device
+        anc = torch.zeros(T, T, dtype=torch.bool, device=dev)
+        depth = torch.zeros(T, dtype=torch.long, device=dev)
+        for i, p in enumerate(parents):
+            if p >= 0:
+                anc[i] = anc[p]
+                depth[i] = depth[p] + 1
+            anc[i, i] = True
+        c._tree_anc, c._tree_depth = anc, depth
+        positions = (self.lengths[:, None] + depth[None]).to(dev)
+        self.positions[:, start:start + T] = positions
+        return positions
+
     def kv_valid(self, end: int) -> torch.Tensor | None:
-        """Row b sees columns [end - its tokens, end); None when every row fills the timeline."""
+        """Row b sees columns [end - its tokens, end); None when every row fills the timeline. With
+        a token tree pending: [1, T, end], the sequence's columns and each node's ancestors."""
+        c = self.cache
+        if c._tree is not None:
+            T = end - c.end
+            seq = torch.arange(c.end, device=c.positions.device) >= c.end - c.lengths[0]
+            return torch.cat([seq[None].expand(T, c.end), c._tree_anc[:, :T]], dim=1)[None]
         T = end - self.cache.end
         first = end - (self.lengths + T)
         if bool((first == 0).all()):
@@ -156,6 +230,9 @@ class SlotBatch:
 
     def commit(self, T: int, attention_mask: torch.Tensor | None) -> None:
         c = self.cache
+        if c._tree is not None:  # tree nodes stay tentative until keep()
+            c._tree = None
+            return
         c.end += T
         for b in range(self.batch):
             c.lengths[b] += T

@@ -1,12 +1,18 @@
-"""Streaming layer units from disk with a background prefetcher (double buffering).
+"""Streaming layer units from disk with a background prefetcher.
 
-While unit i computes, a reader thread fills a second buffer with the next streamed unit: one
-large read of the file's whole data region (fileio.read_fully: positional reads in a loop, as one
-call stops short of 2 GiB; the safetensors header was validated once, at open), zstd payloads
-decompressed in that thread too, tensors made as views of the buffer (no per-tensor copies).
-Buffers are allocated once and reused, so streaming a 100 GB model allocates nothing per layer and
-calls no gc/empty_cache. On CUDA the buffers are pinned and the copy to the
-GPU runs on a side stream, overlapping the compute stream.
+While unit i computes, a reader thread fills other slots with the next streamed units
+(`depth` ahead): one read of the file's whole data region, split into large chunks that several
+threads read at once (fileio.read_parallel: from the page cache one thread's copy tops out near
+5 GB/s), zstd payloads decompressed straight into the same slot, tensors made as views of it.
+Where each tensor's final bytes lie in a slot is worked out once per unit, at open (`SlotLayout`).
+Slots are allocated once and reused, so streaming a 100 GB model allocates nothing per layer.
+
+On CUDA each slot is pinned host memory with a device twin of the same layout, both allocated
+once: the reader copies the slot's final bytes into its twin on a copy stream of its own (no
+pageable copy, no allocation per unit), and events order the rest - compute waits for the copy
+(`copied`), the copy into a twin waits until compute is done with that twin's previous unit
+(`used`), and the reader waits for the previous copy out of a pinned slot before overwriting it.
+The same events time the copies for --stats (read at the end, never inside a step).
 
 The reads follow the model's execution order cyclically: after the last streamed block of one
 forward comes the first streamed unit of the next, fetched while the head and sampling run. A
@@ -17,15 +23,69 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import FormatError
 from .format import ST_DTYPES
-from .fileio import read_exact, read_fully
-from .safetensors_io import SafetensorsFile, zstd_decompress
+from .fileio import read_exact, read_parallel
+from .safetensors_io import SafetensorsFile, itemsize, zstd_decompress
+
+# Decompressed and realigned tensors start at multiples of this in a slot: every dtype's alignment,
+# a cache line, and a DMA-friendly boundary for the copy to the device.
+SLOT_ALIGN = 64
+
+
+def _align(n: int) -> int:
+    return -(-n // SLOT_ALIGN) * SLOT_ALIGN
+
+
+@dataclass
+class SlotLayout:
+    """Where a unit's tensors end up in a slot: the file's data region is read to [0, payload);
+    a zstd tensor is decompressed, and a tensor whose bytes start at an offset its dtype cannot be
+    viewed at (a MoE expert range, see writer.encode_tensors) is copied, to an aligned place after it."""
+    payload: int
+    places: dict[str, int] = field(default_factory=dict)    # tensor -> offset of its final bytes in the slot
+    used: int = 0                                            # bytes of the slot this unit needs
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of final bytes (the device copy), merged
+
+
+def slot_layout(st) -> SlotLayout:
+    lay = SlotLayout(payload=st.file_size - st.data_start)
+    cursor = _align(lay.payload)
+    spans = []
+    for info in st.tensors.values():
+        rel = info.start - st.data_start
+        size = _out_bytes(info)
+        if info.logical_dtype is not None or rel % itemsize(info.dtype):
+            lay.places[info.name], cursor = cursor, _align(cursor + size)
+        else:
+            lay.places[info.name] = rel
+        if size:
+            spans.append((lay.places[info.name], lay.places[info.name] + size))
+    lay.used = max([lay.payload, *(b for _, b in spans)])
+    for a, b in sorted(spans):  # neighbours (or only alignment padding apart): one copy
+        if lay.ranges and a <= lay.ranges[-1][1] + SLOT_ALIGN:
+            lay.ranges[-1] = (lay.ranges[-1][0], max(b, lay.ranges[-1][1]))
+        else:
+            lay.ranges.append((a, b))
+    return lay
+
+
+def slot_bytes(st) -> int:
+    """The slot size streaming this file needs (the planner's per-unit stream buffer)."""
+    return slot_layout(st).used
+
+
+def _out_bytes(info) -> int:
+    n = 1
+    for d in info.out_shape:
+        n *= d
+    return n * itemsize(info.out_dtype)
 
 
 @dataclass
@@ -33,20 +93,47 @@ class StreamStats:
     bytes_read: int = 0       # from disk (or page cache), payload bytes
     units_read: int = 0
     wait_s: float = 0.0       # compute thread blocked waiting for a unit (I/O not hidden)
-    read_s: float = 0.0       # time the reader spent reading + decompressing
+    read_s: float = 0.0       # time the reader spent on units: reading, decompressing, checking, issuing copies
+    io_s: float = 0.0         # of which reading the files (bytes_read / io_s: the read speed)
+    h2d_bytes: int = 0        # CUDA: bytes copied host -> device (copies whose timing has been read)
+    h2d_s: float = 0.0        # CUDA: copy-stream busy time of those copies (CUDA events)
+    exposed_s: float = 0.0    # CUDA: time the compute stream waited for copies (copy time not hidden)
 
     def reset(self) -> None:
-        self.bytes_read = self.units_read = 0
-        self.wait_s = self.read_s = 0.0
+        self.bytes_read = self.units_read = self.h2d_bytes = 0
+        self.wait_s = self.read_s = self.io_s = self.h2d_s = self.exposed_s = 0.0
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes_read / self.io_s / 1e9 if self.io_s > 0 else 0.0
+
+    @property
+    def h2d_gbps(self) -> float:
+        return self.h2d_bytes / self.h2d_s / 1e9 if self.h2d_s > 0 else 0.0
+
+    @property
+    def overlap(self) -> float:
+        """Fraction of the copy time hidden under compute (1: compute never waited for a copy)."""
+        return min(1.0, max(0.0, 1.0 - self.exposed_s / self.h2d_s)) if self.h2d_s > 0 else 0.0
+
+    def summary(self) -> str:
+        line = (f"streaming: read {self.bytes_read / 1e9:.2f} GB in {self.units_read} units at {self.read_gbps:.2f} GB/s "
+                f"(reader busy {self.read_s:.3f} s, compute waited {self.wait_s:.3f} s)")
+        if self.h2d_s > 0:
+            line += (f"; host->device {self.h2d_bytes / 1e9:.2f} GB at {self.h2d_gbps:.2f} GB/s (copy stream busy "
+                     f"{self.h2d_s:.3f} s), {100 * self.overlap:.0f}% of copy time hidden under compute")
+        return line
 
 
 class _Slot:
-    """One reusable buffer (+ its GPU twin on CUDA)."""
+    """One reusable buffer (+ its device twin and events on CUDA)."""
 
-    def __init__(self, nbytes: int, pin: bool):
-        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-        self.device_buf: torch.Tensor | None = None
-        self.ready: torch.cuda.Event | None = None
+    def __init__(self, nbytes: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.device = torch.empty(nbytes, dtype=torch.uint8, device=device) if cuda else None
+        self.copied: torch.cuda.Event | None = None  # the last copy host -> twin (recorded on the copy stream)
+        self.used: torch.cuda.Event | None = None    # compute done with the twin's unit (recorded on the compute stream)
 
 
 class UnitStreamer:
@@ -60,66 +147,92 @@ class UnitStreamer:
         # page_cache=False: drop each unit from the OS page cache once read, so a stream bigger than
         # RAM does not evict everything else (and every read really comes from the disk).
         self.page_cache = page_cache
-        cuda = device.type == "cuda"
-        self.slots = [_Slot(buffer_bytes, pin=cuda) for _ in range(self.depth + 1)]
+        self.layouts = {name: slot_layout(files[name]) for name in self.order}
+        # The planner sized buffer_bytes with slot_bytes() of these files; never less than a unit needs.
+        size = max([buffer_bytes, *(lay.used for lay in self.layouts.values())])
+        self._cuda = device.type == "cuda"
+        self.slots = [_Slot(size, device) for _ in range(self.depth + 1)]
         self.free: list[_Slot] = list(self.slots)
         self.inflight: list[tuple[str, Future, _Slot]] = []
         self.held: _Slot | None = None
         self.stats = StreamStats()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="layerpack-prefetch")
-        self._copy_stream = torch.cuda.Stream(device) if cuda else None
+        self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._lock = threading.Lock()
+        self._copies: deque = deque()  # (start, end, bytes): timing events of copies not yet added to stats
+        self._waits: deque = deque()   # (before, after): compute-stream events around each wait for a copy
         self._next = 0  # index in self.order of the next unit to submit
 
     # -- reading (prefetch thread) --------------------------------------------------------------
     def _read(self, name: str, slot: _Slot) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        if slot.ready is not None:  # the GPU copy out of this pinned buffer must finish before we overwrite it
-            slot.ready.synchronize()
-        st = self.files[name]
-        n = st.file_size - st.data_start
-        if n > slot.host.numel():
-            raise FormatError(f"{st.path}: layer payload of {n} bytes exceeds the planned stream buffer")
-        view = memoryview(slot.host.numpy())[:n]
+        if slot.copied is not None:  # the copy out of this pinned buffer must finish before we overwrite it
+            slot.copied.synchronize()
+        st, lay = self.files[name], self.layouts[name]
+        if lay.used > slot.host.numel():
+            raise FormatError(f"{st.path}: layer payload of {lay.used} bytes exceeds the planned stream buffer")
         st.ready()  # a file still downloading (remote pack): wait for it here, in the reader thread
+        t_io = time.perf_counter()
         fd = os.open(st.path, os.O_RDONLY)
         try:
-            if read_fully(fd, view, st.data_start) != n:
+            if read_parallel(fd, memoryview(slot.host.numpy())[:lay.payload], st.data_start) != lay.payload:
                 raise FormatError(f"{st.path}: file shorter than its header says; truncated or changed on disk")
             if not self.page_cache and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        out = {}
-        for info in st.tensors.values():
-            raw = slot.host[info.start - st.data_start: info.end - st.data_start]
-            if info.logical_dtype is not None:  # zstd: decompress into its own memory, here, off the compute thread
-                buf = zstd_decompress(st.path, info, bytearray(raw.numpy().tobytes()))
-                out[info.name] = torch.frombuffer(buf, dtype=ST_DTYPES[info.out_dtype]).reshape(info.out_shape)
-            else:
-                if (info.start - st.data_start) % raw.new_empty(0, dtype=ST_DTYPES[info.dtype]).element_size():
-                    raw = raw.clone()  # a MoE expert range can start unaligned (see writer.encode_tensors): copy
-                out[info.name] = raw.view(ST_DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else \
-                    torch.empty(info.shape, dtype=ST_DTYPES[info.dtype])
+        io_s = time.perf_counter() - t_io
+        host = self._finish(st, lay, slot.host)
         if self.check is not None:
-            self.check(name, out)
-        if self._copy_stream is not None:
-            out = self._to_device(out, slot)
+            self.check(name, host)
+        out = self._to_device(lay, slot, host) if self._cuda else host
         with self._lock:
-            self.stats.bytes_read += n
+            self.stats.bytes_read += lay.payload
             self.stats.units_read += 1
+            self.stats.io_s += io_s
             self.stats.read_s += time.perf_counter() - t0
         if self.times is not None:
-            self.times.add(name, nbytes=n, read_s=time.perf_counter() - t0)
+            self.times.add(name, nbytes=lay.payload, read_s=time.perf_counter() - t0)
         return out
 
-    def _to_device(self, tensors: dict[str, torch.Tensor], slot: _Slot) -> dict[str, torch.Tensor]:
-        """Pinned host -> device on the side stream; the compute stream waits on slot.ready."""
-        with torch.cuda.stream(self._copy_stream):
-            moved = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-            slot.ready = torch.cuda.Event()
-            slot.ready.record(self._copy_stream)
-        return moved
+    @staticmethod
+    def _finish(st, lay: SlotLayout, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unit's tensors as views of `buf`, once zstd tensors are decompressed into it and
+        unaligned ones copied to their aligned place (all inside the slot: nothing allocated)."""
+        out = {}
+        for info in st.tensors.values():
+            at, dtype = lay.places[info.name], ST_DTYPES[info.out_dtype]
+            size = _out_bytes(info)
+            if not size:
+                out[info.name] = torch.empty(info.out_shape, dtype=dtype)
+                continue
+            final = buf[at:at + size]
+            rel = info.start - st.data_start
+            if info.logical_dtype is not None:  # zstd: decompressed here, off the compute thread
+                zstd_decompress(st.path, info, buf[rel:rel + info.nbytes].numpy(), final.numpy())
+            elif at != rel:
+                final.copy_(buf[rel:rel + info.nbytes])
+            out[info.name] = final.view(dtype).reshape(info.out_shape)
+        return out
+
+    def _to_device(self, lay: SlotLayout, slot: _Slot, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The slot's final bytes -> its device twin on the copy stream, after compute is done with
+        the twin's previous unit; views of the twin in the same layout."""
+        stream = self._copy_stream
+        with torch.cuda.stream(stream):
+            if slot.used is not None:
+                stream.wait_event(slot.used)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for a, b in lay.ranges:
+                slot.device[a:b].copy_(slot.host[a:b], non_blocking=True)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stream)
+        slot.copied = end
+        with self._lock:
+            self._copies.append((start, end, sum(b - a for a, b in lay.ranges)))
+        return {name: slot.device[lay.places[name]:lay.places[name] + t.numel() * t.element_size()].view(t.dtype).reshape(t.shape)
+                if t.numel() else torch.empty(t.shape, dtype=t.dtype, device=self.device) for name, t in host.items()}
 
     # -- scheduling (compute thread) ------------------------------------------------------------
     def _submit_more(self) -> None:
@@ -159,11 +272,20 @@ class UnitStreamer:
         self.inflight.clear()
         self._next = self.order.index(name)
 
+    def _release_held(self) -> None:
+        """The held unit's compute has been issued: its slot is free again (on CUDA once the compute
+        stream gets past this point, which the next copy into its twin waits for)."""
+        if self.held is None:
+            return
+        if self._cuda:
+            self.held.used = torch.cuda.Event()
+            self.held.used.record(torch.cuda.current_stream(self.device))
+        self.free.append(self.held)
+        self.held = None
+
     def get(self, name: str) -> dict[str, torch.Tensor]:
         """The stored tensors of streamed unit `name`, valid until the next get()."""
-        if self.held is not None:  # the previous unit's compute has finished: its buffer is free again
-            self.free.append(self.held)
-            self.held = None
+        self._release_held()
         if not self.inflight or self.inflight[0][0] != name:
             self._restart_at(name)
             self._submit_more()
@@ -174,23 +296,60 @@ class UnitStreamer:
         self.stats.wait_s += waited
         if self.times is not None:
             self.times.add(name, wait_s=waited)
-        if slot.ready is not None:
+        if self._cuda:
             compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(slot.ready)
-            for t in tensors.values():  # allocated on the copy stream, used on the compute stream
-                t.record_stream(compute)
+            timed = not torch.cuda.is_current_stream_capturing()
+            before = torch.cuda.Event(enable_timing=True) if timed else None
+            if timed:
+                before.record(compute)
+            compute.wait_event(slot.copied)
+            if timed:
+                after = torch.cuda.Event(enable_timing=True)
+                after.record(compute)
+                self._waits.append((before, after))
+            self._drain(block=False)
         self.held = slot
         self._submit_more()  # keep the reader busy: next unit into the buffer just freed
         return tensors
 
+    def _drain(self, block: bool) -> None:
+        """Add the timings of finished copies and waits to the stats: the ones already done
+        (block=False: a query, no sync) or all of them (block=True: at the end of a generation)."""
+        with self._lock:
+            while self._copies and (block or self._copies[0][1].query()):
+                start, end, n = self._copies.popleft()
+                end.synchronize()
+                self.stats.h2d_s += start.elapsed_time(end) / 1e3
+                self.stats.h2d_bytes += n
+        while self._waits and (block or self._waits[0][1].query()):
+            before, after = self._waits.popleft()
+            after.synchronize()
+            self.stats.exposed_s += before.elapsed_time(after) / 1e3
+
+    def settled_stats(self) -> StreamStats:
+        """The stats with every copy issued so far timed (waits for those copies: not for use inside a step)."""
+        if self._cuda:
+            self._drain(block=True)
+        return self.stats
+
+    def reset_stats(self) -> None:
+        self.settled_stats().reset()
+
+    def summary(self) -> str:
+        """For --stats: the slots (what they cost where) and the settled read/copy statistics."""
+        n, size = len(self.slots), self.slots[0].host.numel() / 2**20
+        where = (f"pinned host RAM + {n} device twins of the same size (counted in max_memory)" if self._cuda
+                 else "host RAM (counted in max_memory)")
+        return f"{self.settled_stats().summary()}\nstream slots: {n} x {size:.1f} MiB (prefetch depth {self.depth}) in {where}"
+
     def release(self) -> None:
         """End of a forward that will not continue (e.g. generation finished)."""
-        if self.held is not None:
-            self.free.append(self.held)
-            self.held = None
+        self._release_held()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # no copy still writing into a twin the allocator may hand out again
 
 
 class FileRows:

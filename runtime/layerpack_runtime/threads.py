@@ -12,9 +12,13 @@ Wait policy: every parallel operation ends at a barrier that waits for its slowe
 default keeps finished threads spinning (GOMP_SPINCOUNT=300000), which is fastest on an idle
 machine but collapses when other processes want the cores: a spinning thread burns the time slice
 the descheduled one needs (measured: 2 threads 3-10x slower than 1 for decode on 2 busy cores). The
-runtime therefore sets OMP_WAIT_POLICY=PASSIVE (idle threads sleep at once) when layerpack_runtime
-is imported - before torch loads OpenMP, which reads it once - unless the environment already sets
-OMP_WAIT_POLICY or GOMP_SPINCOUNT. BENCHMARKS.md ("Threads and OpenMP spinning") has the numbers:
+command-line entry points (the `layerpack` command; the stage launcher, `python -m
+layerpack_runtime.launch`) therefore set OMP_WAIT_POLICY=PASSIVE (idle threads sleep at once) with
+configure_openmp() - before torch loads OpenMP, which reads it once - unless the environment already
+sets OMP_WAIT_POLICY or GOMP_SPINCOUNT; stage processes inherit it. Importing layerpack_runtime
+writes no environment variable (a library leaves its caller's environment alone): a Python program
+that wants the same sets OMP_WAIT_POLICY itself, or calls configure_openmp() before importing torch.
+BENCHMARKS.md ("Threads and OpenMP spinning") has the numbers:
 on a quiet machine PASSIVE gives up part of the second thread's gain; under load it does not
 collapse. `OMP_WAIT_POLICY=ACTIVE` restores OpenMP's spinning for a dedicated machine. The wait
 policy changes how idle threads wait, not how work is split, so it changes speed only.
@@ -28,20 +32,21 @@ from .errors import LayerpackError
 
 ENV = "LAYERPACK_THREADS"
 WAIT_POLICY = "PASSIVE"        # the runtime's default OMP_WAIT_POLICY (see the module's docstring)
-_wait_policy_note = "not configured"   # what configure_openmp found/did, for describe_threads()
+_wait_policy_note: str | None = None   # what configure_openmp found/did, for describe_threads()
 _warned_counts: set[int] = set()       # --threads values already warned about (one line per process)
 
 
-def configure_openmp() -> None:
+def configure_openmp(exec_follows: bool = False) -> None:
     """Set OMP_WAIT_POLICY=PASSIVE for this process and its children unless the environment chose a
-    policy or spin count, and only while torch (and so OpenMP) is not loaded yet. Called when
-    layerpack_runtime is imported."""
+    policy or spin count, and only while torch (and so OpenMP) is not loaded yet - or, with
+    exec_follows, when the caller is about to replace itself with a fresh process, which reads it at
+    its start. Called by the command-line entry points only (never at import: the module docstring)."""
     global _wait_policy_note
-    chosen = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(k)}
+    chosen = _chosen_by_environment()
     if chosen:
-        _wait_policy_note = " ".join(f"{k}={v}" for k, v in chosen.items()) + " (from the environment)"
-    elif "torch" in sys.modules:
-        _wait_policy_note = "OpenMP's default spin (torch was imported before layerpack_runtime)"
+        _wait_policy_note = chosen
+    elif "torch" in sys.modules and not exec_follows:
+        _wait_policy_note = "OpenMP's default spin (torch was loaded before configure_openmp)"
     else:
         os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
         _wait_policy_note = f"OMP_WAIT_POLICY={WAIT_POLICY} (layerpack's default; OMP_WAIT_POLICY=ACTIVE to spin)"
@@ -52,7 +57,13 @@ def describe_threads(n: int | None = None) -> str:
     import torch
 
     n = torch.get_num_threads() if n is None else n
-    return f"{n} ({physical_cores()} physical cores); wait policy: {_wait_policy_note}"
+    policy = _wait_policy_note or _chosen_by_environment() or "OpenMP's default spin (configure_openmp not called)"
+    return f"{n} ({physical_cores()} physical cores); wait policy: {policy}"
+
+
+def _chosen_by_environment() -> str | None:
+    chosen = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(k)}
+    return " ".join(f"{k}={v}" for k, v in chosen.items()) + " (from the environment)" if chosen else None
 
 
 def physical_cores() -> int:

@@ -31,8 +31,9 @@ from .options import RunOptions, Workload, run_options
 from .qweight import CHUNK_ELEMS, choose_form, compute_form
 from .safetensors_io import itemsize
 from .unitstats import UnitTimes
-from .streaming import FileRows, StreamStats, UnitStreamer
+from .streaming import FileRows, StreamStats, UnitStreamer, slot_bytes
 from .validate import check_payload
+from .decode_step import static_length, wants_static
 
 DTYPE_ALIASES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -41,7 +42,7 @@ DTYPE_ALIASES = {
 }
 
 # What a run holds besides the model's data, counted by the plan (Plan.runtime_bytes) so that the
-# process's peak RSS above its import baseline stays within max_memory (tests/test_memory_budget.py):
+# process's peak RSS above its import baseline stays within max_memory (tests/runtime/test_memory_budget.py):
 # - `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
 #   loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB);
 # - torch's first-use allocations on CPU (intra-op thread pool, kernel workspaces, allocator arenas
@@ -125,7 +126,7 @@ class UnitRange:
         self.experts = ExpertStore(self._layers, self._files, num_experts, self.dtype, self.device, opts.expert_reads,
                                    opts.page_cache) if num_experts else None
         self.expert_cache = parse_size(opts.expert_cache) or 0
-        self.prefetch_depth = opts.prefetch_depth
+        self.prefetch_depth = opts.prefetch_depth or 1  # None (auto): chosen per plan, _apply_plan
         self.page_cache = opts.page_cache
         # Stored or dequantized resident forms: a rule of the scheme, device and installed kernels
         # (qweight.choose_form), so the same inputs give the same plan and bits under any load.
@@ -142,6 +143,9 @@ class UnitRange:
         self.workload = opts.workload
         self._scoring = False  # prefer_dequantized()
         self.plan: Plan | None = None
+        # Decode steps of fixed shape (and CUDA graphs of them): a rule of the options, device and
+        # family (decode_step.py), decided before the plan, which counts the static cache's columns.
+        self.static_decode = wants_static(self, opts.decode)
         if not plan_only:
             self._apply_plan(self.workload)
         self.progress = None  # only the first load reports
@@ -164,13 +168,11 @@ class UnitRange:
                 stored += n * item
             else:  # codes + absmax (+ outliers), as held in memory (decompressed)
                 stored += sum(_logical_bytes(st.tensors[k]) for k in stored_names(t))
-        payload = st.file_size - st.data_start
-        decompressed = sum(_logical_bytes(i) for i in st.tensors.values() if i.logical_dtype)
+        # the stream slot: the file's data region, + zstd tensors decompressed (streaming.slot_layout);
+        # a MoE block streams its dense part, its experts are read one by one (experts.py)
+        streamed = slot_bytes(self.experts.stream_view(name, st) if self.experts is not None else st)
         if name == UNIT_EMBED and self._embed_rows_from_file():
-            payload, decompressed = 0, 0  # not streamed whole: rows are read as needed (FileRows)
-        streamed = payload + decompressed
-        if self.experts is not None:  # a MoE block streams its dense part; experts are read one by one
-            streamed = self.experts.streamed_bytes(name, streamed)
+            streamed = 0  # not streamed whole: rows are read as needed (FileRows)
         return UnitCost(name, stored, dequantized, streamed)
 
     def _embed_rows_from_file(self) -> bool:
@@ -208,8 +210,9 @@ class UnitRange:
         larger of its prefill step and its decode step (one position per row, attending over the
         whole context)."""
         prefill = self.activation_bytes(workload.step_tokens, workload.step_batch)
-        decode = self.activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * workload.context * 4
-        return self.kv_bytes(workload.kv_tokens), max(prefill, decode)
+        context = static_length(workload.context) if self.static_decode else workload.context  # the static cache's columns
+        decode = self.activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * context * 4
+        return self.kv_bytes(workload.kv_tokens + workload.batch * (context - workload.context)), max(prefill, decode)
 
     def runtime_bytes(self) -> int:
         """Memory a run takes besides the model's data: the pack's tokenizer once loaded (by the
@@ -243,8 +246,8 @@ class UnitRange:
         what the error for too small a budget states)."""
         reserve = self.expert_cache if self.experts is not None else 0
         kv, act = self.workload_bytes(workload or self.workload)
-        return minimum_budget([self._unit_cost(n) for n in self.units], kv, act, self.prefetch_depth, self._required(),
-                              reserve, self.runtime_bytes())
+        return minimum_budget([self._unit_cost(n) for n in self.units], kv, act, self.options.prefetch_depth or 1,
+                              self._required(), reserve, self.runtime_bytes())
 
     def _apply_plan(self, workload: Workload, sizes: tuple[int, int] | None = None) -> None:
         """Plan for `workload` (cache, prefill and decode steps; `sizes`: its (KV, activation) bytes
@@ -252,6 +255,7 @@ class UnitRange:
         costs = [self._unit_cost(n) for n in self.units]
         reserve = self.expert_cache if self.experts is not None and self.max_memory else 0
         kv, act = sizes or self.workload_bytes(workload)
+        self.prefetch_depth = self._auto_depth(costs, kv, act, reserve)
         new = plan(costs, self._priority(), self.max_memory, kv, act, self.prefetch_depth, self._required(), reserve,
                    self.dequantize or self._scoring, self.runtime_bytes(), what=workload.describe())
         for name in list(self._resident):
@@ -287,6 +291,24 @@ class UnitRange:
             spare = self.max_memory - new.total + new.reserved_bytes
             self.experts.set_capacity(min(spare, self.experts.total_expert_bytes(streamed)))
         self.plan, self.workload = new, workload
+
+    def _auto_depth(self, costs: list[UnitCost], kv: int, act: int, reserve: int) -> int:
+        """Units read ahead: the option when given; else 2 on CUDA when the budget holds a third
+        stream slot (a copy to the GPU and a read from disk then both run while a unit computes:
+        the link stays busy), 1 on CPU or when it does not."""
+        if self.options.prefetch_depth is not None:
+            return self.options.prefetch_depth
+        if self.device.type != "cuda":
+            return 1
+        if self.max_memory is None:
+            return 2
+        need = minimum_budget(costs, kv, act, 2, self._required(), reserve, self.runtime_bytes())
+        return 2 if need <= self.max_memory else 1
+
+    def stream_stats(self) -> StreamStats | None:
+        """The streamer's read and copy statistics, every copy so far timed (waits for the copies in
+        flight: call after a generation, not inside one); None when nothing streams."""
+        return self.streamer.settled_stats() if self.streamer is not None else None
 
     def _load_resident(self, name: str, deq: bool) -> None:
         stored = self.pack.read_layer(name)
@@ -367,6 +389,8 @@ class UnitRange:
         self.reserve(Workload(context=max(1, int(max_len)), batch=max(1, int(batch)),
                               prefill_tokens=max(1, int(step_tokens if step_tokens is not None else batch * max_len)),
                               prefill_batch=max(1, int(batch))))
+        if self.static_decode:  # fixed-shape steps attend over an aligned number of columns (decode_step.py)
+            max_len = static_length(max(1, int(max_len)))
         return KVCache(len(self.block_units), batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
 
     def check_ids(self, input_ids) -> torch.Tensor:
@@ -393,13 +417,18 @@ class UnitRange:
         """This range's units over x: token ids [B, T] if it starts with the embedding, else hidden
         states [B, T, hidden]. Returns logits [B, T or 1, vocab] (compute dtype) if it ends with the
         head, else hidden states [B, T, hidden]."""
+        return self.run_hidden(self.embed(x) if self.has_embed else x, cache, steps, last_only)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding unit: token ids [B, T] -> hidden states [B, T, hidden]."""
+        t0 = self.unit_times.start()
+        h = self.family.embed_forward(self.args, self.weights_for(UNIT_EMBED), ids)
+        self.unit_times.stop(UNIT_EMBED, t0)
+        return h
+
+    def run_hidden(self, h: torch.Tensor, cache, steps: list, last_only: bool = False) -> torch.Tensor:
+        """This range's blocks (and head) over hidden states h [B, T, hidden]: run() after the embedding."""
         fam, args, times = self.family, self.args, self.unit_times
-        h = x
-        if self.has_embed:
-            w = self.weights_for(UNIT_EMBED)
-            t0 = times.start()
-            h = fam.embed_forward(args, w, x)
-            times.stop(UNIT_EMBED, t0)
         for j, unit in enumerate(self.block_units):
             w = self.weights_for(unit)
             t0 = times.start()

@@ -18,12 +18,14 @@ class UnitTimes:
     FIELDS = ("bytes", "read_s", "wait_s", "compute_s")
 
     def __init__(self) -> None:
-        self.enabled = False  # compute timing costs a clock call per unit (and a device sync on CUDA)
+        self.enabled = False  # compute timing costs a clock call per unit (two CUDA events on CUDA)
         self.device: torch.device | None = None
         self.rows: dict[str, list[float]] = {}
         self._lock = threading.Lock()  # the prefetch thread adds reads
+        self._pending: list = []  # CUDA: (unit, start, end) events of computes not yet added
 
     def reset(self) -> None:
+        self.settle()
         with self._lock:
             self.rows = {}
 
@@ -35,25 +37,50 @@ class UnitTimes:
             r[2] += wait_s
             r[3] += compute_s
 
-    def start(self) -> float | None:
-        """The clock before a unit's compute (None when timing is off)."""
+    def start(self):
+        """The clock before a unit's compute (None when timing is off). On CUDA an event recorded on
+        the compute stream: no host sync inside a step (a sync would stall the copies that streaming
+        overlaps with compute); the events are read by settle(), at the end."""
         if not self.enabled:
             return None
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self._cuda():
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(torch.cuda.current_stream(self.device))
+            return ev
         return time.perf_counter()
 
-    def stop(self, unit: str, t0: float | None) -> None:
+    def stop(self, unit: str, t0) -> None:
         if t0 is None:
             return
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.add(unit, compute_s=time.perf_counter() - t0)
+        if isinstance(t0, float):
+            self.add(unit, compute_s=time.perf_counter() - t0)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        with self._lock:
+            self._pending.append((unit, t0, end))
+            done = []
+            while len(self._pending) > 1 and self._pending[0][2].query():  # bound the list: add those done (no sync)
+                done.append(self._pending.pop(0))
+        for u, a, b in done:
+            self.add(u, compute_s=a.elapsed_time(b) / 1e3)
+
+    def settle(self) -> None:
+        """Add the compute times still held as CUDA events (waits for them: call after a generation)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for u, a, b in pending:
+            b.synchronize()
+            self.add(u, compute_s=a.elapsed_time(b) / 1e3)
+
+    def _cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
     def table(self, steps: int, placement: dict[str, str], max_rows: int = 12) -> str:
         """Per unit and per step (forward pass): MiB read, read / wait / compute ms. With more than
         max_rows units, the blocks are summed by placement (resident / streamed) with their mean.
         The label and placement columns are as wide as their longest entry (the numbers line up)."""
+        self.settle()
         steps = max(1, steps)
         units = list(placement)
         rows = {u: self.rows.get(u, [0, 0.0, 0.0, 0.0]) for u in units}

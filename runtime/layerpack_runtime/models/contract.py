@@ -5,11 +5,11 @@ shape from the architecture, quantizable or not, which blocks have it, the Huggi
 converted from), the runtime module whose code runs it, the HF architectures it converts from, and
 the few config.json conventions that differ between families (ConfigRules). Everything else is
 derived from these declarations, by the reader and by the converter alike:
-- validation of a manifest's tensors (validate.py: names, units, shapes, schemes),
+- validation of a manifest's tensors (validate/layer_entries.py: names, units, shapes, schemes),
 - the tensors a unit must hold (check_unit, called by the loader and `verify`),
 - the converter's unit plan (HF name -> unit and canonical name) and expected source shapes, and its
   scheme choice (quantizable tensors take the pack's scheme, the rest stay in the pack dtype).
-The stored layout of a tensor follows from its scheme alone (validate.stored_spec, docs/FORMAT.md).
+The stored layout of a tensor follows from its scheme alone (validate.stored_layout, docs/FORMAT.md).
 
 Canonical names (architecture-neutral, so one runtime module serves several families):
   embed unit:  embed.weight
@@ -64,13 +64,26 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class LayerTypeRopes:
+    """Rotary tables per layer type: full-attention blocks use `rope`, sliding ones `rope_local`
+    (Gemma 3). Read from rope_parameters per layer type (transformers>=5), or from rope_theta +
+    rope_scaling (global) and `local_theta_field` (local, always the default rope type)."""
+    global_theta: float                # default theta of the global table when config.json gives none
+    local_theta: float                 # default theta of the local table
+    local_theta_field: str             # older configs' field holding the local theta
+
+
+@dataclass(frozen=True)
 class ConfigRules:
     """How this family's config.json differs from the common reading (layerpack/families.py)."""
     tie_word_embeddings: bool = False  # default when config.json does not say
     attention_bias: bool = False       # default when config.json does not say
     window_flag: str | None = None     # a config flag without which sliding_window is ignored (Qwen)
     window_layers: str | None = None   # older configs without layer_types: "max_window_layers" | "period"
-    reader: str | None = None          # family-specific fields read by families.py ("gemma3")
+    layer_type_ropes: LayerTypeRopes | None = None  # None: one rope table for every block
+    query_pre_attn_scalar: bool = False  # reads query_pre_attn_scalar (default: head_dim)
+    softcapping: bool = False          # reads attn_logit_softcapping and final_logit_softcapping (null: none)
+    refused: tuple[tuple[str, str], ...] = ()  # (config flag, error): a checkpoint with the flag true is refused
     moe_norm_topk_prob: bool = False   # default of norm_topk_prob
     moe_weights_dtype: str = "compute"  # routing weights in float32 or in the compute dtype
 

@@ -43,8 +43,15 @@ FAMILY = contract.Family(
              **contract.MLP,
              "mlp_post_norm.weight": contract.Tensor("block", ("h",), _L + "post_feedforward_layernorm.weight"),
              **contract.BIASES, **contract.HEAD},
-    # tied by default; sliding blocks from a period in older configs; rope_local and the scalars: families.py's gemma3 reader
-    config=contract.ConfigRules(tie_word_embeddings=True, window_layers="period", reader="gemma3"))
+    # tied by default; sliding blocks from a period in older configs; a rope table per layer type (global
+    # theta 1e6 by default, local 10000, older configs' rope_local_base_freq); the attention scalar and
+    # soft-capping fields; embedding models (bidirectional attention) refused
+    config=contract.ConfigRules(
+        tie_word_embeddings=True, window_layers="period",
+        layer_type_ropes=contract.LayerTypeRopes(global_theta=1_000_000.0, local_theta=10_000.0,
+                                                 local_theta_field="rope_local_base_freq"),
+        query_pre_attn_scalar=True, softcapping=True,
+        refused=(("use_bidirectional_attention", "Gemma 3 with bidirectional attention (an embedding model) is not supported"),)))
 
 
 @dataclass

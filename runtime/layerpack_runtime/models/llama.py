@@ -208,6 +208,8 @@ class Step:
     mask: torch.Tensor | None = None  # bool [B, 1, T, end]: True = may attend; None with is_causal/no mask
     is_causal: bool = False
     sin_signed: torch.Tensor | None = None  # signed_sin(sin), for rope()
+    grouped: bool = False             # a fixed-shape decode step (static_steps): one query per row over the whole cache
+
 
     def __post_init__(self):
         if self.sin_signed is None:
@@ -258,12 +260,36 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
     return Step(cos, sin, start, end, mask=allowed[:, None])
 
 
+def static_steps(args: ModelArgs, inv_freq: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 dtype: torch.dtype) -> list[Step]:
+    """The Steps of a fixed-shape decode step (decode_step.py): one new token per row at rotary
+    `positions` [B, 1], attending over every column of the cache that `mask` [B, 1, 1, max_len]
+    allows. Every shape is the cache's, whatever the step, so the step can be captured once as a
+    CUDA graph; the cache column written is the static cache's (decode_step.StaticLayerKV)."""
+    if args.sliding_window is not None:
+        raise LayerpackError("fixed-shape decode steps do not support sliding-window attention yet")
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+    step = Step(cos, sin, 0, mask.shape[-1], mask=mask, grouped=True)
+    return [step] * args.num_layers
+
+
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row (q [B, H, 1, D]) over a whole cache (k, v [B, KV, L, D]) under `mask`
+    [B, 1, 1, L]: the H / KV query heads that share a key/value head are that head's queries - the
+    same products as GQA's repeated keys, without repeating them (and without enable_gqa, which not
+    every fused SDPA kernel takes with a mask)."""
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV * T, D), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(B, H, T, D)
+
+
 # -- units -----------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalised in float32, cast, then scaled in the input dtype.
     torch.rms_norm is one kernel for x.float() * rsqrt(mean(x^2) + eps) cast back, with the same
-    bits (tests/test_runtime.py checks it against that form)."""
+    bits (tests/runtime/test_runtime.py checks it against that form)."""
     return weight * torch.rms_norm(x, (x.shape[-1],), eps=eps)  # 16-bit x: computed in float32, rounded once
 
 
@@ -371,9 +397,12 @@ def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step
         q, k = rope(q, step), rope(k, step)
     if layer_cache is not None:
         k, v = layer_cache.update(k, v, step.start)  # views of columns [0, end)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=step.mask, is_causal=step.is_causal, scale=D ** -0.5, enable_gqa=KV != H,
-    )
+    if step.grouped:
+        out = grouped_decode_attention(q, k, v, step.mask, D ** -0.5)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=step.mask, is_causal=step.is_causal, scale=D ** -0.5, enable_gqa=KV != H,
+        )
     out = out.transpose(1, 2).reshape(B, T, H * D)
     return linear(out, w["attn.o.weight"], w.get("attn.o.bias"))
 
