@@ -120,7 +120,7 @@ def main():
 @click.option("--outliers", type=float, default=0.0, show_default=True, metavar="FRACTION", help="Fraction of each quantized weight kept exactly (e.g. 0.001-0.01).")
 @click.option("--head-outliers", type=float, default=None, metavar="FRACTION", help="The output head's own fraction (a tied embedding is the head): the most sensitive weight, and a small share of a large model [default: --outliers].")
 @click.option("--outlier-rule", type=click.Choice(OUTLIER_RULES), default=OUTLIER_ROW, show_default=True, help="Which entries --outliers keeps: equal shares per output row, the largest |w| of the tensor, or greedy on the error saved per block (BENCHMARKS.md).")
-@click.option("--block-size", type=int, default=None, help="Quantization block size [default: 128 for int8, 64 for nf4].")
+@click.option("--block-size", type=int, default=None, help="Quantization block size [default: 32 for int8, 64 for nf4].")
 @click.option("--compress", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="Compress layer payloads.")
 @click.option("--zstd-level", type=click.IntRange(1, 22), default=3, show_default=True)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")

@@ -14,7 +14,7 @@ OPTIONS = (
     click.option("--draft", default=None, metavar="PACK_OR_REPO",
                  help="Speculative decoding with a small resident draft pack sharing the tokenizer (counted inside --max-memory)."),
     click.option("--draft-tokens", type=click.IntRange(0, 1024), default=None, metavar="N",
-                 help="Candidate tokens (tree nodes) verified per pass [default: 8 with --draft, 10 with lookup]."),
+                 help="Candidate tokens (tree nodes) verified per pass [default: 16 with --draft, 10 with lookup]."),
 )
 
 

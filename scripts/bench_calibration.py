@@ -51,12 +51,17 @@ CONFIGS = (
     ("nf4 cal (c) scales only (no outliers)", _cal("nf4", "scales", 0.0)),
     ("nf4 cal (a+c) 0.5%", _cal("nf4", "weighted,scales")),
     ("nf4 cal (a+b+c) 0.5%", _cal("nf4", None)),
+    # the statistics pass as it was before issue 25: a float32 forward (now bfloat16)
+    ("nf4 cal (a+b+c) 0.5% 2048 tokens fp32 pass", dict(_cal("nf4", None), calibration_tokens=2048, fp32_pass=True)),
+    ("nf4 cal (a+b+c) 0.5% 1024 tokens", dict(_cal("nf4", None), calibration_tokens=1024)),
+    ("nf4 cal (a+b+c) 0.5% 2048 tokens", dict(_cal("nf4", None), calibration_tokens=2048)),
     ("int8", dict(quant="int8")),
     ("int8 + outliers 0.5%", dict(quant="int8", outliers=OUT)),
     ("int8 cal (a) weighted outliers 0.5%", _cal("int8", "weighted")),
     ("int8 cal (b) feature columns 0.5%", _cal("int8", "features")),
     ("int8 cal (c) scales only (no outliers)", _cal("int8", "scales", 0.0)),
     ("int8 cal (a+b+c) 0.5%", _cal("int8", None)),
+    ("int8 cal (a+b+c) 0.5% 2048 tokens", dict(_cal("int8", None), calibration_tokens=2048)),
 )
 MARKERS = {m: (f"<!-- bench_calibration_{m}:start -->", f"<!-- bench_calibration_{m}:end -->") for m in MODELS}
 TIMING_MARKERS = ("<!-- bench_calibration_timing:start -->", "<!-- bench_calibration_timing:end -->")
@@ -66,6 +71,7 @@ def quality(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from layerpack.quantizer import activation_stats
     src = args.src or fetch_src(args.model)
     name = MODELS[args.model][0]
     text, text_id = default_text()
@@ -91,6 +97,8 @@ def quality(args) -> None:
             todo.sort(key=lambda c: args.only.split(",").index(c[0]))
         done = dict(prev)
         for label, opts in todo:
+            opts = dict(opts)
+            activation_stats.COMPUTE_DTYPE = torch.float32 if opts.pop("fp32_pass", False) else torch.bfloat16
             done[label] = pack_row(label, src, opts, tmp, ids, reference, 0)
             if args.json:
                 _write_json(args.json, [done[c[0]] for c in CONFIGS if c[0] in done], text_id, name)
@@ -186,10 +194,12 @@ def timing(args) -> None:
     import statistics
 
     src = args.src or fetch_src("smollm2")
-    cfgs = [("nf4", []), (f"nf4 --calibrate ({DEFAULT_TOKENS} tokens)", ["--calibrate"]),
-            ("nf4 --calibrate --calibration-tokens 512", ["--calibrate", "--calibration-tokens", "512"]),
-            ("nf4 --outliers 0.005", ["--outliers", "0.005"]),
-            ("nf4 --outliers 0.005 --calibrate", ["--outliers", "0.005", "--calibrate"])]
+    cfgs = [("nf4", [], None), (f"nf4 --calibrate (default, {DEFAULT_TOKENS} tokens)", ["--calibrate"], None)]
+    cfgs += [(f"nf4 --calibrate --calibration-tokens {t}", ["--calibrate", "--calibration-tokens", str(t)], None)
+             for t in (512, 2048) if t != DEFAULT_TOKENS]
+    if args.before_tree:  # the same command on the code before issue 25 (float32 statistics pass, 2048 tokens)
+        cfgs.append(("nf4 --calibrate --calibration-tokens 2048, code before issue 25 (fp32 pass)",
+                     ["--calibrate", "--calibration-tokens", "2048"], args.before_tree))
     times: dict[str, list[float]] = {c[0]: [] for c in cfgs}
     peak: dict[str, int] = {}
     tmp = tempfile.mkdtemp(prefix="bench_calibration_t_", dir="/tmp")
@@ -197,12 +207,13 @@ def timing(args) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     try:
         for _ in range(args.repeats):
-            for label, extra in cfgs:
+            for label, extra, tree in cfgs:
                 out = os.path.join(tmp, "p")
+                run_env = dict(env, PYTHONPATH=f"{tree}:{tree}/runtime") if tree else env
                 cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "layerpack.cli", "convert", src, out, "--quant", "nf4",
                        "--overwrite", "--quiet", *extra]
                 t0 = time.perf_counter()
-                r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+                r = subprocess.run(cmd, capture_output=True, text=True, env=run_env, check=True, cwd=tmp)
                 times[label].append(time.perf_counter() - t0)
                 peak[label] = max(peak.get(label, 0), int(r.stderr.strip().splitlines()[-1]) * 1024)
                 shutil.rmtree(out, ignore_errors=True)
@@ -215,7 +226,7 @@ def timing(args) -> None:
              f"{machine()}; OMP_NUM_THREADS={args.threads}; each row a fresh `layerpack convert` process, rows interleaved, median of "
              f"{args.repeats}; load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end (**shared machine: ratios, not seconds**).", "",
              "| command | median wall s | vs plain nf4 | peak RSS |", "|---|---|---|---|"]
-    for label, _ in cfgs:
+    for label, _, _ in cfgs:
         m = statistics.median(times[label])
         lines.append(f"| {label} | {m:.2f} | {m / base:.2f}x | {peak[label] / 2**20:.0f} MiB |")
     cal = statistics.median(times[cfgs[1][0]]) / base
@@ -238,6 +249,8 @@ def main():
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--timing", action="store_true", help="measure convert time instead of quality")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--before-tree", default=None, metavar="DIR",
+                    help="--timing: also time a checkout of the code before issue 25 (e.g. `git archive e54b87f layerpack runtime schemas | tar x -C DIR`)")
     ap.add_argument("--render", action="store_true", help="no measuring: the section from the rows in --json")
     args = ap.parse_args()
     if args.render:

@@ -86,6 +86,27 @@ def agreement(plain: list[dict], spec: list[dict]) -> str:
     return "same tokens up to token " + "/".join(str(f) for f in firsts) + " (bf16 rounding), then different"
 
 
+def greedy_agreement(target, draft, prompts: list[str], plain: list[dict]) -> str:
+    """Per position of the plain greedy outputs, both models reading the same tokens (teacher
+    forcing): how often the draft's argmax is the target's, and how often the target's token is
+    among the draft's 2 / 4 / 8 likeliest - the ceiling of a chain vs a tree of that width."""
+    import torch
+
+    hits, n, p1 = {1: 0, 2: 0, 4: 0, 8: 0}, 0, 0.0
+    for prompt, row in zip(prompts, plain):
+        ids = target.encode_prompt(prompt, chat=True)
+        seq = torch.tensor([ids + row["ids"][:-1]])
+        want = target.forward(seq)[0, len(ids) - 1:].argmax(-1)
+        probs = draft.forward(seq)[0, len(ids) - 1:].softmax(-1)
+        top = probs.topk(8, -1)
+        for k in hits:
+            hits[k] += int((top.indices[:, :k] == want[:, None]).any(-1).sum())
+        n, p1 = n + len(want), p1 + float(top.values[:, 0].sum())
+    return (f"greedy agreement of the draft with the target, per position of the plain greedy output ({n} positions, "
+            f"teacher-forced): top-1 {hits[1] / n:.1%}, target's token in the draft's top 2 {hits[2] / n:.1%}, "
+            f"top 4 {hits[4] / n:.1%}, top 8 {hits[8] / n:.1%}; the draft's top-1 probability averages {p1 / n:.2f}")
+
+
 def summed(rows: list[dict]) -> dict:
     keys = ("tokens", "decode_s", "total_s", "bytes", "passes", "accepted", "draft_s")
     return {"prompts": len(rows), **{k: sum(r[k] for r in rows) for k in keys}}
@@ -113,8 +134,10 @@ def pass_cost(model, positions: list[int], repeats: int) -> dict[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--draft-tokens", type=int, default=8)
-    ap.add_argument("--lookup-tokens", type=int, default=10)
+    from layerpack_runtime.speculative import DEFAULT_DRAFT_TOKENS
+
+    ap.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS["draft"])
+    ap.add_argument("--lookup-tokens", type=int, default=DEFAULT_DRAFT_TOKENS["lookup"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--open-prompts", type=int, default=len(OPEN_PROMPTS), help="how many of the open prompts to run")
     ap.add_argument("--grounded-prompts", type=int, default=len(GROUNDED), help="how many of the input-grounded prompts to run")
@@ -139,7 +162,8 @@ def main() -> None:
     budget = int(1.1 * probe.minimum_memory())
     probe.close()
     target = load(target_path, max_memory=budget, context=context, page_cache=False, threads=a.threads)
-    draft = load(draft_path, threads=a.threads)
+    from layerpack_runtime.drafts import draft_workload
+    draft = load(draft_path, threads=a.threads, workload=draft_workload(context, context, a.draft_tokens))  # planned once
     draft_own = draft.plan.total - draft.plan.runtime_bytes
     lines = [f"target plan: {target.plan.describe()}", f"draft (resident): {draft.plan.describe()}"]
     rows = []
@@ -149,6 +173,7 @@ def main() -> None:
         spec = [one_run(target, p, a.tokens, temp, seed=i, draft=draft, draft_tokens=a.draft_tokens) for i, p in enumerate(OPEN_PROMPTS)]
         if temp == 0:
             identical["draft"] = agreement(plain, spec)
+            lines.append(greedy_agreement(target, draft, OPEN_PROMPTS, plain))
         rows.append((f"draft, T={temp}", summed(plain), summed(spec)))
     grounded = [PASSAGE + "\n\n" + q for q in GROUNDED]
     plain = [one_run(target, p, a.tokens, 0.0, seed=0) for p in grounded]

@@ -32,7 +32,9 @@ import torch
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import INT8_QMAX, SCHEME_NF4
 
+from . import windows
 from .nf4 import NF4_ENCODER, NF4_VALUES
+from .outliers import select_outliers_by, select_outliers_stream, top_k_streamed
 from .ranking import row_candidates, row_share, take_ranked
 
 METHODS = ("weighted", "features", "scales")   # (a), (b), (c): the names --calibrate-methods takes
@@ -73,6 +75,41 @@ def feature_columns(cal: Calibrated, rows: int, k: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long)
     order = torch.argsort(cal.sq_mean[hot], descending=True, stable=True)
     return torch.sort(hot[order[:limit]]).values
+
+
+def select_stream(src, k: int, cal: Calibrated, rule: str, block_size: int) -> torch.Tensor:
+    """select() on a 2-D weight read window by window (whole rows per window), for tensors larger
+    than one window: the same set. Every choice is per row given the column statistics, so each
+    window's row candidates, ranked in ranking.rank_order's one order, give the k the whole tensor
+    gives (tests/test_convert_scale.py); memory is one window plus O(k) candidates."""
+    rows, cols = src.shape[0], src.shape[1]
+    n = rows * cols
+    if n <= windows.WINDOW_ELEMS:  # that very function on the whole tensor
+        return select(src.read(0, n).reshape(rows, cols), k, cal, lambda w_, k_: select_outliers_by(rule, w_, k_, block_size))
+    feat = feature_columns(cal, rows, k) if "features" in cal.methods else torch.empty(0, dtype=torch.long)
+    taken = (torch.arange(rows)[:, None] * cols + feat[None, :]).reshape(-1)
+    rest = k - taken.numel()
+    if rest <= 0:
+        return torch.sort(taken).values
+    weighted = "weighted" in cal.methods
+    if not weighted and not feat.numel():
+        more = select_outliers_stream(rule, src, rest, block_size)
+    else:
+        r = row_share(rest, rows, cols)
+        per = max(1, windows.WINDOW_ELEMS // cols)
+        pieces = [(s * cols, min(s + per, rows) * cols) for s in range(0, rows, per)]
+
+        def candidates(s: int, w: torch.Tensor):
+            w2 = w.view(-1, cols).float()
+            score = w2.square() * cal.importance[None, :] if weighted else w2.abs()
+            if feat.numel():
+                score[:, feat] = -1.0
+            primary, val, idx = row_candidates(score, r, s // cols)
+            ok = val >= 0
+            return primary[ok], val[ok], idx[ok]
+
+        more = top_k_streamed(src, pieces, candidates, rest)
+    return torch.sort(torch.cat([taken, more])).values
 
 
 def select(w: torch.Tensor, k: int, cal: Calibrated, fallback) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """`convert --calibrate`: per-input-column activation statistics of every linear of the source model.
 
 The source runs unit by unit through the runtime's own family code (embed_forward, block_forward,
-and the head's final norm), with its unquantized weights in float32 compute, on N tokens of a
+and the head's final norm), with its unquantized weights in COMPUTE_DTYPE (bfloat16, as `layerpack
+run` computes by default), on N tokens of a
 calibration text cut into sequences of SEQ_LEN tokens. Only one unit's weights and the N x hidden
 state carried between units are alive at a time. Every linear weight is handed to the family code
 wrapped in a _Recorder: the family calls qweight.linear(x, weight, bias), which calls
@@ -38,6 +39,11 @@ from layerpack.textfile import read_text_file
 from ..choices import DEFAULT_CALIBRATION_TOKENS as DEFAULT_TOKENS  # noqa: E402 (torch-free: the CLI's default)
 MAX_TOKENS = 1 << 20             # a bound on the carried hidden state (tokens x hidden floats)
 SEQ_LEN = 512                    # tokens per calibration sequence (the eval window)
+# bfloat16 forward: the pass was 9x a plain convert in float32 (issue 25); bf16 GEMMs run about twice
+# as fast on CPUs with AVX512_BF16/AMX and a bf16 source needs no float32 copy of each unit. The
+# statistics are still summed in float32/float64 (_Accumulator); what bf16 changes in them, and in
+# the packs' quality, is measured in BENCHMARKS.md (calibration cost).
+COMPUTE_DTYPE = torch.bfloat16
 STATS_FILE = "calibration.safetensors"
 _TEXT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration.txt")  # layerpack/
 _SQ, _MAX = ".sq_mean", ".abs_max"
@@ -143,7 +149,7 @@ def collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progres
 
     fam = models.module_for(arch.get("family"))
     args = fam.ModelArgs.from_dict(arch)
-    dtype = torch.float32
+    dtype = COMPUTE_DTYPE
     inv_freq = fam.rope_inv_freq(args, "cpu")
     seqs = _sequences(ids)
     steps = []

@@ -19,7 +19,7 @@ from ..choices import OUTLIER_BLOCK_GAIN, OUTLIER_MAGNITUDE, OUTLIER_ROW, OUTLIE
 SAMPLE_ELEMS = 1 << 20  # sample size for the outlier threshold estimate
 
 __all__ = ["BLOCK_GAIN_DEPTH", "OUTLIER_BLOCK_GAIN", "OUTLIER_MAGNITUDE", "OUTLIER_ROW", "OUTLIER_RULES",
-           "count", "select_outliers", "select_outliers_by", "select_outliers_stream"]
+           "count", "select_outliers", "select_outliers_by", "select_outliers_stream", "top_k_streamed"]
 
 
 def count(fraction: float, n: int) -> int:
@@ -106,10 +106,10 @@ def select_outliers_stream(rule: str, src: TensorSource, k: int, block_size: int
             return block_gain_candidates(w, block_size, depth, s)
     else:
         raise LayerpackError(f"unknown outlier rule {rule!r} (one of {', '.join(OUTLIER_RULES)})")
-    return _top_k_streamed(src, pieces, candidates, k)
+    return top_k_streamed(src, pieces, candidates, k)
 
 
-def _top_k_streamed(src: TensorSource, pieces, candidates, k: int) -> torch.Tensor:
+def top_k_streamed(src: TensorSource, pieces, candidates, k: int) -> torch.Tensor:
     """The k best candidates over all windows in rank_order's order. Candidates below the current
     k-th primary are dropped as they come, and the kept set is cut back to k whenever it exceeds
     4k, so memory is O(k + window)."""

@@ -32,7 +32,7 @@ from layerpack_runtime.validate import stored_layout
 
 from . import activation_aware, parallel, windows
 from .blocks import all_finite, quantize_chunk, rel_rms
-from .outliers import OUTLIER_MAGNITUDE, count as outlier_count, select_outliers_by, select_outliers_stream
+from .outliers import OUTLIER_MAGNITUDE, count as outlier_count, select_outliers_stream
 from .windows import InMemory, TensorSource
 
 
@@ -94,11 +94,8 @@ def quantize_stream(name: str, src: TensorSource, scheme: str, dtype: torch.dtyp
     k = outlier_count(outlier_fraction, n)
     idx = None
     if k:
-        if calibrated is not None and len(shape) == 2:
-            # Calibrated selection works on the whole weight (not windowed yet: a 405B-size tensor
-            # is then held in memory once while its outliers are chosen).
-            idx = activation_aware.select(src.read(0, n).reshape(shape), k, calibrated,
-                                          lambda w_, k_: select_outliers_by(outlier_rule, w_, k_, block_size))
+        if calibrated is not None and len(shape) == 2:  # window by window too (whole rows): the same set
+            idx = activation_aware.select_stream(src, k, calibrated, outlier_rule, block_size)
         else:
             idx = select_outliers_stream(outlier_rule, src, k, block_size)
         sink.write(name + SUFFIX_OUTLIER_IDX, 0, idx.to(torch.int32 if n < OUTLIER_IDX_I64_FROM else torch.int64))

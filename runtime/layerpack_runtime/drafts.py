@@ -32,8 +32,12 @@ CHILDREN_PER_NODE = 8       # most children a draft node gets (the budget caps t
 SAMPLED_FIRST_CHILD = 0.8   # sampling: shape weight of a node's first child; rank r gets 0.8 * 0.2^r
 # Draft forwards per proposal after the root's (so the tree is at most DRAFT_STEPS + 1 deep): a
 # same-size draft (the NF4 pack of the target) costs as much compute per forward as the target, so
-# on a CPU more steps cost more than the extra accepted tokens save (bench_speculative.py).
-DRAFT_STEPS = 4
+# on a CPU more steps cost more than the extra accepted tokens save. SmolLM2 NF4 draft vs bf16
+# target agrees on the greedy token at only ~2/3 of positions (the target's token is in the draft's
+# top 4 at ~96%), so a wide tree pays more than a deep one: measured with 16 nodes, 3.48 tokens per
+# pass with 3 steps (4.0 draft forwards per pass) vs 3.62 with 4 (4.8), and 2.85 with 8 nodes and
+# 4 steps (BENCHMARKS.md, "Speculative decoding").
+DRAFT_STEPS = 3
 
 
 @dataclass

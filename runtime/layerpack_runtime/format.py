@@ -57,7 +57,11 @@ SCHEME_NONE = "none"
 SCHEME_INT8 = "int8"
 SCHEME_NF4 = "nf4"
 SCHEMES = (SCHEME_NONE, SCHEME_INT8, SCHEME_NF4)
-DEFAULT_BLOCK_SIZE = {SCHEME_INT8: 128, SCHEME_NF4: 64}
+# int8 uses llama.cpp Q8_0's block of 32: with 128 the tied head of Gemma 3 270M and its MLP weights
+# lost 3x Q8_0's KL divergence (scripts/bench_int8_loss.py, BENCHMARKS.md "int8 loss"); 32 costs
+# 1 bit/param of float32 scale (9.0 bits/param against 8.25) and matches Q8_0's KL. Packs record their
+# block size, so packs made with 128 still load.
+DEFAULT_BLOCK_SIZE = {SCHEME_INT8: 32, SCHEME_NF4: 64}
 INT8_QMAX = 127  # symmetric: codes in [-127, 127], so -x quantizes to -q exactly
 
 # NF4 code book, identical to bitsandbytes.functional.get_4bit_type("nf4") (QLoRA quantiles of N(0,1)).

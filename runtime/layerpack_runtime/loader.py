@@ -22,7 +22,8 @@ from .pack import Pack
 from .text import Prompt, TextGenerator, encode_prompt  # noqa: F401 - Prompt: part of this module's API
 from .tokenizer import PackTokenizer
 from .threads import apply_threads
-from .unitrange import DTYPE_ALIASES, TOKENIZER_BYTES_PER_FILE_BYTE, TORCH_WORKING_BYTES, UnitRange  # noqa: F401 - re-exported
+from .unit_costs import TOKENIZER_BYTES_PER_FILE_BYTE, TORCH_WORKING_BYTES  # noqa: F401 - re-exported
+from .unitrange import DTYPE_ALIASES, UnitRange  # noqa: F401 - re-exported
 
 
 class LayeredModel(TextGenerator, UnitRange):

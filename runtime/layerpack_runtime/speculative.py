@@ -33,7 +33,7 @@ from .errors import LayerpackError
 from .generate import GenerationStats, SamplingParams, sampling_probs
 
 METHODS = ("lookup", "draft")
-DEFAULT_DRAFT_TOKENS = {"lookup": 10, "draft": 8}  # tree nodes per pass (bench_speculative.py)
+DEFAULT_DRAFT_TOKENS = {"lookup": 10, "draft": 16}  # tree nodes per pass (bench_speculative.py, BENCHMARKS.md)
 
 
 @dataclass

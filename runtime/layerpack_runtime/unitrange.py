@@ -6,16 +6,15 @@ It opens only its own units' files, plans which of them stay resident within its
 `max_memory` (budget.py) - in stored form, or dequantized when memory allows the faster form -
 streams the others from disk every step through a prefetching reader (streaming.py) that reads
 unit i+1 while unit i computes, and holds the KV cache of its own blocks only. Without a budget
-everything is resident, in the faster of the stored and dequantized forms on this machine
-(measured once, qweight.py). Quantized weights that are not dequantized ahead are computed from
-their codes inside the linear layer (qweight.py).
+everything is resident, in the form qweight.choose_form's rule picks (a rule, never a timing).
+Quantized weights that are not dequantized ahead are computed from their codes inside the linear
+layer (qweight.py). What each unit, the cache and a step cost in memory: unit_costs.py.
 
 A range's forward takes token ids when it starts with the embedding (else hidden states
 [B, T, hidden]) and returns logits when it ends with the head (else hidden states).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -26,12 +25,12 @@ from .cache import KVCache
 from .errors import FormatError, LayerpackError
 from .experts import EXPERTS_KEY, ExpertStore
 from .format import ST_DTYPES, UNIT_BLOCK, UNIT_EMBED, UNIT_HEAD, unit_name
-from .pack import Pack, stored_names
+from .pack import Pack
 from .options import RunOptions, Workload, run_options
-from .qweight import CHUNK_ELEMS, choose_form, compute_form
-from .safetensors_io import itemsize
+from .qweight import choose_form, compute_form
+from .unit_costs import RangeCosts
 from .unitstats import UnitTimes
-from .streaming import FileRows, StreamStats, UnitStreamer, slot_bytes
+from .streaming import FileRows, StreamStats, UnitStreamer
 from .validate import check_payload
 from .decode_step import static_length, wants_static
 
@@ -41,15 +40,6 @@ DTYPE_ALIASES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
 
-# What a run holds besides the model's data, counted by the plan (Plan.runtime_bytes) so that the
-# process's peak RSS above its import baseline stays within max_memory (tests/runtime/test_memory_budget.py):
-# - `tokenizers` holds about 11-12x the size of tokenizer.json in native memory at its peak while
-#   loading (measured: SmolLM2's 3.5 MB file -> 42 MB, Gemma 3's 33 MB -> 372 MB);
-# - torch's first-use allocations on CPU (intra-op thread pool, kernel workspaces, allocator arenas
-#   of the reader threads): 12-30 MB measured on the first forward (more with MoE routing and expert
-#   reader threads), whatever the model size.
-TOKENIZER_BYTES_PER_FILE_BYTE = 12
-TORCH_WORKING_BYTES = 32 * 2**20
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -81,7 +71,7 @@ def pack_units(num_layers: int) -> list[str]:
     return [UNIT_EMBED, *(unit_name(UNIT_BLOCK, i) for i in range(num_layers)), UNIT_HEAD]
 
 
-class UnitRange:
+class UnitRange(RangeCosts):
     """Units [first, last] (indices into embed, block.000 .., head) of a pack, ready to run."""
 
     def __init__(self, pack: Pack, options: RunOptions | None = None, *, first: int = 0, last: int | None = None,
@@ -155,84 +145,6 @@ class UnitRange:
         return own[0] if len(own) == 1 else f"{own[0]}..{own[-1]}"
 
     # -- planning --------------------------------------------------------------------------------
-    def _unit_cost(self, name: str) -> UnitCost:
-        layer, st = self._layers[name], self._files[name]
-        item = torch.empty(0, dtype=self.dtype).element_size()
-        stored = dequantized = 0
-        for t in layer.tensors:
-            n = 1
-            for d in t.shape:
-                n *= d
-            dequantized += n * item
-            if t.scheme == "none":
-                stored += n * item
-            else:  # codes + absmax (+ outliers), as held in memory (decompressed)
-                stored += sum(_logical_bytes(st.tensors[k]) for k in stored_names(t))
-        # the stream slot: the file's data region, + zstd tensors decompressed (streaming.slot_layout);
-        # a MoE block streams its dense part, its experts are read one by one (experts.py)
-        streamed = slot_bytes(self.experts.stream_view(name, st) if self.experts is not None else st)
-        if name == UNIT_EMBED and self._embed_rows_from_file():
-            streamed = 0  # not streamed whole: rows are read as needed (FileRows)
-        return UnitCost(name, stored, dequantized, streamed)
-
-    def _embed_rows_from_file(self) -> bool:
-        """An untied, unquantized, uncompressed embedding can serve rows straight from its file."""
-        if self.args.tie_word_embeddings or UNIT_EMBED not in self._files:
-            return False
-        info = self._files[UNIT_EMBED].tensors.get("embed.weight")
-        return info is not None and info.logical_dtype is None and len(info.shape) == 2
-
-    def kv_bytes(self, tokens: int) -> int:
-        a = self.args
-        return 2 * len(self.block_units) * a.num_kv_heads * a.head_dim * tokens * torch.empty(0, dtype=self.dtype).element_size()
-
-    def activation_bytes(self, tokens: int, batch: int = 1) -> int:
-        """Peak working memory of one forward step over `tokens` positions in `batch` rows (the
-        prefill), roughly: a few hidden-sized buffers and the MLP's intermediate ones per position,
-        each row's attention scores, the last logits, and the largest weight dequantized on the fly
-        (fp32 work buffer + result, in chunks of at most CHUNK_ELEMS)."""
-        a = self.args
-        t = max(1, tokens)
-        seq = max(1, t // max(1, batch))
-        work = t * (8 * a.hidden_size + 3 * a.intermediate_size) * 4 + a.num_heads * t * seq * 4 + batch * a.vocab_size * 4 * 2
-        largest = min(max(a.vocab_size * a.hidden_size, a.intermediate_size * a.hidden_size), CHUNK_ELEMS)
-        quantized = self.manifest.quantization.scheme != "none"
-        experts = self.experts.working_bytes(t, self.args.top_k) if self.experts is not None else 0
-        return work + experts + (largest * (4 + torch.empty(0, dtype=self.dtype).element_size()) if quantized else 0)
-
-    @property
-    def fixed_bytes(self) -> int:
-        """What the plan holds besides weights and stream buffers: KV cache, activations, runtime."""
-        return self.plan.kv_bytes + self.plan.activation_bytes + self.plan.runtime_bytes
-
-    def workload_bytes(self, workload: Workload) -> tuple[int, int]:
-        """(KV cache bytes, peak activation bytes) of a workload on this range: its cache, and the
-        larger of its prefill step and its decode step (one position per row, attending over the
-        whole context)."""
-        prefill = self.activation_bytes(workload.step_tokens, workload.step_batch)
-        context = static_length(workload.context) if self.static_decode else workload.context  # the static cache's columns
-        decode = self.activation_bytes(workload.batch, workload.batch) + self.args.num_heads * workload.batch * context * 4
-        return self.kv_bytes(workload.kv_tokens + workload.batch * (context - workload.context)), max(prefill, decode)
-
-    def runtime_bytes(self) -> int:
-        """Memory a run takes besides the model's data: the pack's tokenizer once loaded (by the
-        range that starts with the embedding: the one that owns the text), and torch's first-use
-        working memory (see TORCH_WORKING_BYTES)."""
-        size = next((f.size for f in self.manifest.files if f.path == "tokenizer.json"), 0) if self.has_embed else 0
-        return size * TOKENIZER_BYTES_PER_FILE_BYTE + TORCH_WORKING_BYTES
-
-    def _priority(self) -> list[str]:
-        # The embedding is needed every step (and is the head when tied), then the head, then blocks;
-        # an embedding that can serve rows from its file comes last: keeping it saves only a few reads.
-        if self._embed_rows_from_file():
-            order = [UNIT_HEAD, *self.block_units, UNIT_EMBED]
-        else:
-            order = [UNIT_EMBED, UNIT_HEAD, *self.block_units]
-        return [u for u in order if u in self._layers]
-
-    def _required(self) -> tuple[str, ...]:
-        return (UNIT_EMBED,) if self.args.tie_word_embeddings and UNIT_EMBED in self._layers else ()  # a tied embedding is also the head
-
     def prefer_dequantized(self) -> None:
         """For scoring (perplexity, KL: every step a long prefill), dequantized weights and one GEMM
         beat computing from the codes: replan so that memory left over goes to dequantized forms,
@@ -240,14 +152,6 @@ class UnitRange:
         if not self._scoring:
             self._scoring = True
             self._apply_plan(self.workload, (self.plan.kv_bytes, self.plan.activation_bytes))
-
-    def minimum_memory(self, workload: Workload | None = None) -> int:
-        """The smallest `max_memory` this range runs its workload with (default: the declared one;
-        what the error for too small a budget states)."""
-        reserve = self.expert_cache if self.experts is not None else 0
-        kv, act = self.workload_bytes(workload or self.workload)
-        return minimum_budget([self._unit_cost(n) for n in self.units], kv, act, self.options.prefetch_depth or 1,
-                              self._required(), reserve, self.runtime_bytes())
 
     def _apply_plan(self, workload: Workload, sizes: tuple[int, int] | None = None) -> None:
         """Plan for `workload` (cache, prefill and decode steps; `sizes`: its (KV, activation) bytes
@@ -457,7 +361,3 @@ class UnitRange:
                 f"layers={a.num_layers}, hidden={a.hidden_size}, scheme={self.manifest.quantization.scheme}, dtype={self.dtype}, "
                 f"device={self.device}; {self.plan.describe()})")
 
-
-def _logical_bytes(info) -> int:
-    """Bytes of a stored tensor once in memory (after zstd decompression, if compressed)."""
-    return math.prod(info.out_shape) * itemsize(info.out_dtype)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from layerpack.quantizer import InMemory, OUTLIER_RULES, quantize_tensor, select_outliers_by, select_outliers_stream
-from layerpack.quantizer import parallel, windows
+from layerpack.quantizer import Calibrated, activation_aware, parallel, windows
+from layerpack.quantizer.activation_aware import METHODS
 from layerpack.source import FileTensor
 from layerpack.writer import UnitWriter, encode_tensors, write_safetensors
 from layerpack_runtime.errors import LayerpackError
@@ -40,6 +41,53 @@ def test_streamed_selection_equals_whole(small_windows, rule, dtype):
         streamed = select_outliers_stream(rule, InMemory(w), k, 64)
         assert streamed.numel() == k
         assert torch.equal(whole, streamed), (rule, k)
+
+
+class _CountingSource(InMemory):
+    """InMemory that records the largest piece ever read (what the converter holds of the tensor)."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        self.largest = 0
+
+    def read(self, start, stop):
+        self.largest = max(self.largest, stop - start)
+        return super().read(start, stop)
+
+
+@pytest.mark.parametrize("methods", [("weighted",), ("features",), ("weighted", "features"), ("scales",), METHODS])
+@pytest.mark.parametrize("rule", OUTLIER_RULES)
+def test_calibrated_selection_streamed_equals_whole(small_windows, methods, rule):
+    """convert --calibrate's outlier choice on a tensor larger than one window (64x200 = 12800
+    elements, windows of 4096) is the whole-tensor choice, and no read is larger than a window."""
+    w = _weights((64, 200), torch.bfloat16, seed=4)
+    w.view(-1)[::97] = w.view(-1)[5]  # ties: equal scores across rows and windows
+    g = torch.Generator().manual_seed(5)
+    sq = torch.rand(200, generator=g) ** 4 * 3
+    mx = torch.rand(200, generator=g) * 4
+    mx[[3, 50, 199]] = 9.0  # feature columns (|x| >= 6)
+    cal = Calibrated(sq, mx, methods)
+    for k in (1, 37, 640, 3000):
+        whole = activation_aware.select(w, k, cal, lambda w_, k_: select_outliers_by(rule, w_, k_, 64))
+        src = _CountingSource(w)
+        streamed = activation_aware.select_stream(src, k, cal, rule, 64)
+        assert streamed.numel() == k and torch.equal(whole, streamed), (methods, rule, k)
+        assert 0 < src.largest <= windows.WINDOW_ELEMS, src.largest
+
+
+def test_calibrated_quantization_streamed_equals_whole(monkeypatch):
+    """The whole quantize path with --calibrate statistics (outliers and scale search), windowed vs whole."""
+    w = _weights((64, 203), torch.bfloat16, seed=6)
+    g = torch.Generator().manual_seed(7)
+    cal = Calibrated(torch.rand(203, generator=g) ** 3, torch.rand(203, generator=g) * 8, METHODS)
+    monkeypatch.setattr(parallel, "CHUNK_ELEMS", 1024)
+    whole, e_whole = quantize_tensor("w", w, "nf4", torch.bfloat16, 64, 0.01, "row", calibrated=cal)
+    monkeypatch.setattr(windows, "WINDOW_ELEMS", 2048)
+    parts, e_parts = quantize_tensor("w", w, "nf4", torch.bfloat16, 64, 0.01, "row", calibrated=cal)
+    assert whole.keys() == parts.keys()
+    for name in whole:
+        assert torch.equal(whole[name], parts[name]), name
+    assert e_whole == e_parts
 
 
 @pytest.mark.parametrize("scheme,block,fraction", [("nf4", 64, 0.0), ("nf4", 64, 0.01), ("int8", 128, 0.005), ("nf4", 64, 0.3)])

@@ -141,7 +141,7 @@ def test_concurrent_clients_are_batched_and_equal_run(served):
     assert srv.engine.stats.steps - steps0 < 16 * len(prompts)
 
 
-def test_speculation_serves_the_plain_greedy_text(pack):
+def test_speculation_serves_the_plain_greedy_text(pack, tmp_path):
     """serve --speculate lookup / --draft: a lone greedy request verifies token trees, and its text
     is the plain greedy text (fp32), streamed or not, chat or not; `"speculate": false` opts out;
     concurrent requests decode plainly and equal run too."""
@@ -184,8 +184,13 @@ def test_speculation_serves_the_plain_greedy_text(pack):
             assert draft.workload.context >= engine.max_len and draft.workload.declared
             assert engine.model.max_memory == parse_size("200MB") - (draft.plan.total - draft.plan.runtime_bytes)
             assert "resident inside --max-memory" in describe_speculation(engine)
+    ck = make_checkpoint(tmp_path / "ck", "llama", vocab_size=320)  # a draft with another vocabulary
+    write_tiny_tokenizer(ck, vocab_size=320)
+    convert(ck, str(tmp_path / "other"), ConvertOptions(quant="none", quiet=True))
     for args, words in ((["--draft-tokens", "4"], "--draft-tokens needs --speculate lookup or --draft"),
-                        (["--speculate", "lookup", "--draft", pack], "alternatives")):
+                        (["--speculate", "lookup", "--draft", pack], "alternatives"),
+                        (["--draft", str(tmp_path / "other")], "the draft's vocabulary has 320 tokens, the target's 384"),
+                        (["--draft", pack, "--max-memory", "100KB"], "the draft takes")):
         r = run_cli("serve", pack, "--port", "0", *args)
         assert r.returncode != 0 and words in one_line_error(r)
 
