@@ -9,11 +9,18 @@ that, so most layers stream from disk every step (the plan is printed). Then, ag
 server, N clients (the real `openai` client, one thread each) send N different chat requests at
 once (streaming, greedy, --tokens new tokens each). Per level: total completion tokens/s over the
 wall time of the level, time to first token, p50/p95 request latency, and the speed-up over one
-client. Levels are run in rounds (1, 4, 8, 16, then again) and the best round of each is kept.
+client. Levels are run in rounds (1, 4, 8, 16, then again); the table keeps the median round of
+each level (--keep best: the best one).
+
+The clients run in a process of their own (one per level), so their JSON parsing and threads do
+not share the server's interpreter; with 2 or more CPUs (and no --no-pin) the server is pinned to
+the last CPU this script may use and the clients to the others (sched_setaffinity), so the two
+do not take turns on one core. Other programs may still run on either.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -54,6 +61,32 @@ def one_request(client, i: int, tokens: int, out: list, start: threading.Barrier
         if chunk.usage:
             n = chunk.usage.completion_tokens
     out[i] = (ttft if ttft is not None else time.perf_counter() - t0, time.perf_counter() - t0, n)
+
+
+def pin(cpus: set[int] | None) -> None:
+    """Run this process on `cpus` only (Linux; elsewhere, or for None, nothing)."""
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+
+
+def cpu_split(no_pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(server CPUs, client CPUs): the last usable CPU for the server, the rest for the clients;
+    (None, None) with --no-pin or fewer than 2 CPUs."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if no_pin or len(cpus) < 2:
+        return None, None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def level_in_client_process(url: str, clients: int, tokens: int, cpus: set[int] | None) -> dict:
+    """One level, its clients in a fresh process (pinned to `cpus`): the result of level()."""
+    cmd = [sys.executable, __file__, "--client", url, "--clients", str(clients), "--tokens", str(tokens)]
+    if cpus:
+        cmd += ["--client-cpus", ",".join(map(str, sorted(cpus)))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise SystemExit(f"client process failed: {out.stderr.strip()[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def level(url: str, clients: int, tokens: int) -> dict:
@@ -105,7 +138,9 @@ def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
             "--threads", str(a.threads), "--model-name", "pack", "--quiet"]
     log = open(os.path.join(a.work, f"server-{quant}.log"), "w+")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", "serve", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    server_cpus, client_cpus = cpu_split(a.no_pin)
+    proc = subprocess.Popen([sys.executable, "-m", "layerpack.cli", "serve", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=(lambda: pin(server_cpus)) if server_cpus else None)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.time() + 300
@@ -118,26 +153,28 @@ def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
                     log.seek(0)
                     raise SystemExit(f"server did not start: {log.read()[-800:]}")
                 time.sleep(0.5)
-        level(url, 1, 4)  # warm-up
+        level_in_client_process(url, 1, 4, client_cpus)  # warm-up
         load_before = os.getloadavg()
-        best: dict[int, dict] = {}
+        runs: dict[int, list[dict]] = {n: [] for n in LEVELS}
         for r in range(a.rounds):
             for n in LEVELS:
-                res = level(url, n, a.tokens)
+                res = level_in_client_process(url, n, a.tokens, client_cpus)
                 print(f"{quant} round {r + 1}: {n:2d} clients: {res['tps']:.2f} tokens/s, TTFT {res['ttft']:.2f} s, "
                       f"p50 {res['p50']:.2f} s, p95 {res['p95']:.2f} s", flush=True)
-                if n not in best or res["tps"] > best[n]["tps"]:
-                    best[n] = res
+                runs[n].append(res)
         load_after = os.getloadavg()
+        best = {n: kept(rs, a.keep) for n, rs in runs.items()}
     finally:
         proc.terminate()
         proc.wait(60)
     log.seek(0)
     plan = re.search(r"memory plan: (.*)", log.read())
     base = best[1]["tps"]
+    where = (f"server pinned to CPU {','.join(map(str, sorted(server_cpus)))}, clients (one process per level) to CPU "
+             f"{','.join(map(str, sorted(client_cpus)))}" if server_cpus else "clients in their own process, nothing pinned")
     lines = [f"### {quant} pack", "",
              f"Server: `layerpack serve PACK --max-memory {fmt_size(budget)} --max-batch {batch} --context {a.context} "
-             f"--threads {a.threads}` (the smallest budget for {batch} KV slots + {a.extra_memory}); load average "
+             f"--threads {a.threads}` (the smallest budget for {batch} KV slots + {a.extra_memory}); {where}; load average "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; plan: {plan.group(1) if plan else '?'}.", "",
              "| clients | total tokens/s | vs 1 client | TTFT (median) | latency p50 | latency p95 | tokens | decode steps + prefills (weight passes) | tokens per pass |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -146,7 +183,23 @@ def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
         lines.append(f"| {n} | {r['tps']:.2f} | **{r['tps'] / base:.2f}x** | {r['ttft']:.2f} s | {r['p50']:.2f} s | "
                      f"{r['p95']:.2f} s | {r['tokens']} | {r['steps']} + {r['prefills']} | "
                      f"{r['tokens'] / max(1, r['steps'] + r['prefills']):.2f} |")
+    lines.append("")
+    lines.append("Every round's total tokens/s: " + "; ".join(
+        f"{n} clients " + ", ".join(f"{r['tps']:.2f}" for r in runs[n]) for n in LEVELS) + ".")
     return lines + [""], best[8]["tps"] / base
+
+
+def kept(results: list[dict], keep: str) -> dict:
+    """The round the table shows: the median by tokens/s (the lower middle one of an even count), or the best."""
+    ordered = sorted(results, key=lambda r: r["tps"])
+    return ordered[-1] if keep == "best" else ordered[(len(ordered) - 1) // 2]
+
+
+def client_main(a) -> None:
+    """--client: run one level against the server at a.client and print its result as JSON."""
+    if a.client_cpus:
+        pin({int(c) for c in a.client_cpus.split(",")})
+    print(json.dumps(level(a.client, a.clients, a.tokens)))
 
 
 def main() -> None:
@@ -154,20 +207,29 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per request")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quants", default="nf4,bf16", help="packs to serve, converted from SmolLM2 (nf4, int8, bf16)")
     ap.add_argument("--extra-memory", default="8MiB", help="budget above the minimum (the rest streams)")
     ap.add_argument("--work", default="/tmp/layerpack-bench-serve")
+    ap.add_argument("--keep", choices=("median", "best"), default="median", help="which round of each level the table shows")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the clients to separate CPUs")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run one level's clients against this URL
+    ap.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--client-cpus", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.client:
+        return client_main(a)
     os.makedirs(a.work, exist_ok=True)
     lines = [f"## `layerpack serve`: concurrent clients on a streamed SmolLM2 pack ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine(a.threads)}.",
              f"Command: `.venv/bin/python scripts/bench_serve.py --tokens {a.tokens} --context {a.context} --threads {a.threads} "
-             f"--rounds {a.rounds} --quants {a.quants} --record`. Each client: one streaming greedy chat request "
-             f"(the real `openai` client, one thread per client) for {a.tokens} new tokens (fewer if the model ends "
-             f"its answer), all clients at once; total tokens/s = all completion tokens / wall time of the level; "
-             f"levels interleaved over {a.rounds} rounds, best round per level.", ""]
+             f"--rounds {a.rounds} --quants {a.quants}{' --keep best' if a.keep == 'best' else ''}{' --no-pin' if a.no_pin else ''} --record`. "
+             f"Each client: one streaming greedy chat request "
+             f"(the real `openai` client, one thread per client, all clients of a level in one process of their own) for "
+             f"{a.tokens} new tokens (fewer if the model ends its answer), all clients at once; total tokens/s = all "
+             f"completion tokens / wall time of the level; levels interleaved over {a.rounds} rounds, the {a.keep} round "
+             f"per level in the table.", ""]
     ratios = {}
     for quant in a.quants.split(","):
         pack = os.path.join(a.work, f"smollm2-{quant}")

@@ -5,7 +5,8 @@ share that pass. The engine runs one loop (in its own thread): at each iteration
 
 1. drops cancelled requests (their slots are freed at once);
 2. admits waiting requests into free slots: their prompts are prefilled together (one left-padded
-   batch, exactly `generate_tokens`' prefill; a lone prompt is exactly `LayeredModel.generate`'s),
+   batch, exactly `generate_tokens`' prefill; a lone prompt is exactly `LayeredModel.generate`'s;
+   prompts that share a long prefix - a chat template's text - compute it once: shared_prefix.py),
    the first token is sampled, and each sequence's keys/values move into its own slot;
 3. runs one decode step over every active slot (sequences of different lengths; slots.py), samples
    each row with its own parameters and generator, and reports the new text to each request.
@@ -38,12 +39,12 @@ from typing import Callable
 
 import torch
 
-from .cache import KVCache
 from .errors import LayerpackError
-from .generate import SamplingParams, left_pad
+from .generate import SamplingParams
 from .options import Workload
 from .request_sampling import Choice, RequestSampler, RequestSampling, score_prompt
 from .slots import SlotKVCache
+from . import shared_prefix
 from .tokenizer import TextStream
 
 # Default positions of one prefill forward at least (admitted prompts, padded): a burst of chat
@@ -355,12 +356,10 @@ class Engine:
         rows: dict[tuple[int, ...], int] = {}  # prompt -> its prefill row (equal prompts share one)
         for r in reqs:
             rows.setdefault(tuple(r.prompt), len(rows))
-        ids, mask = left_pad([list(p) for p in rows], self.pad_id)
-        a = m.args
-        cache = KVCache(a.num_layers, len(rows), a.num_kv_heads, ids.shape[1], a.head_dim, m.dtype, m.device)
-        logits = m.forward(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
-        self.stats.prefills += 1
-        L = ids.shape[1]
+        # one left-padded batch, or a prefix the prompts share computed once (shared_prefix.py)
+        logits, cache, passes = shared_prefix.prefill(m, [list(p) for p in rows], self.pad_id, self.prefill_tokens)
+        self.stats.prefills += passes
+        L = cache.length
         for r in reqs:
             b = rows[tuple(r.prompt)]
             r._stream = TextStream(self.tokenizer, r.stop)

@@ -4,7 +4,9 @@ style): a streamed or resident 4-bit layer costs its 4-bit bytes of memory, not 
 How a QuantWeight computes, fastest first:
 * CPU, up to GEMV_MAX_ROWS activation rows (decode, small batches): the native kernels
   (kernels/qmatvec.c) multiply straight from the codes, no dequantized copy: at the speed of the
-  stored bytes. Outlier tables are added as a sparse correction.
+  stored bytes. Outlier tables are added as a sparse correction. 2..8 rows (a serving engine's
+  decode step) share each decode of the codes; with bfloat16 activations and AVX512-BF16 they
+  multiply the weights rounded to bfloat16, as the dequantize + GEMM path does (qmatvec.c).
 * CUDA, up to GEMV_MAX_ROWS activation rows, int8 and NF4: the Triton GEMV
   (kernels/triton_gemv.py) when triton is installed: straight from the codes, outliers added by
   the kernel, no host sync (CUDA-graph safe). Without triton, one row of NF4: bitsandbytes' fused

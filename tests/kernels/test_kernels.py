@@ -72,6 +72,40 @@ def test_matvec_equals_dequantize_then_linear(native_calls, scheme, dtype, shape
     assert _rel(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_nf4_rows_keep_their_bits_whatever_shares_their_step(native_calls, threads):
+    # The batched NF4 GEMV (2..8 activation rows: a decode step of the serving engine) computes
+    # each (weight row, activation row) pair on its own, whatever else shares the call: the other
+    # requests of the step and their number, the weight rows computed with it (they go two by two:
+    # odd counts, slices, another thread's share), the outliers - so a request's numbers do not
+    # depend on who else is being served.
+    stored, entry, q = _qw((1001, 576), "nf4", outliers=0.01, dtype=torch.bfloat16)
+    x = torch.randn(8, 576).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = q.linear(x)
+        assert _rel(y, F.linear(x, _ref_weight(stored, entry, torch.bfloat16))) < TOL[torch.bfloat16]
+        for lo, hi in ((0, 2), (0, 3), (3, 8), (1, 6), (5, 7)):
+            assert torch.equal(q.linear(x[lo:hi]), y[lo:hi])
+        for r0, r1 in ((1, 1001), (0, 1), (333, 334), (2, 999), (500, 501)):
+            assert torch.equal(q.row_slice(r0, r1).linear(x), y[:, r0:r1])
+    finally:
+        torch.set_num_threads(before)
+    assert native_calls == ["nf4"] * 11
+
+
+def test_nf4_matvec_over_several_tiles():
+    # the kernel takes any batch, in tiles of 8 rows (qweight sends it at most GEMV_MAX_ROWS)
+    stored, entry, q = _qw((130, 576), "nf4", outliers=0.01)
+    lib = kernels.native()
+    x = torch.randn(19, 576)
+    mv = lambda x: kernels.matvec(lib, "nf4", q.codes, q.absmax, 130, 576, 64, x.contiguous(), q.outlier_idx, q.outlier_val)  # noqa: E731
+    y = mv(x)
+    assert torch.equal(y, torch.cat([mv(x[:8]), mv(x[8:16]), mv(x[16:])]))
+    assert _rel(y, F.linear(x, _ref_weight(stored, entry, torch.float32))) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("val_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -139,6 +173,12 @@ for scheme in ("nf4", "int8"):
             worst = max(worst, _rel(q.linear(x), F.linear(x, _ref_weight(stored, entry, torch.float32))))
             assert torch.equal(q.dequantize(), _ref_weight(stored, entry, torch.float32))
 print("worst", worst)
+worst = 0.0
+for batch in (1, 3, 8):  # bfloat16 activations (a bf16 model's decode step; 2..8 rows: the batched paths)
+    stored, entry, q = _qw((576, 1536), "nf4", outliers=0.01, dtype=torch.bfloat16)
+    x = torch.randn(batch, 1536).to(torch.bfloat16)
+    worst = max(worst, _rel(q.linear(x), F.linear(x.float(), _ref_weight(stored, entry, torch.bfloat16).float())))
+print("nf4bf16", worst)
 from layerpack_runtime import qweight
 worst = 0.0
 for shape in ((576, 1536), (37, 70)):  # dense bf16 GEMV: whole vectors and a tail
@@ -157,13 +197,18 @@ def _run_variant(tmp_path, **env):
     lines = dict(l.split(" ", 1) for l in res.stdout.splitlines())
     assert float(lines["worst"]) < 1e-5
     assert float(lines["bf16"]) < 1e-2  # one bf16 rounding of the result
+    assert float(lines["nf4bf16"]) < 1e-2
     return lines["isa"], res.stderr
 
 
-@pytest.mark.parametrize("flags,isa", [("-O3 -march=x86-64-v3", "avx2"), ("-O2", "scalar")])
+@pytest.mark.parametrize("flags,isa", [("-O3 -march=x86-64-v4", "avx512"), ("-O3 -march=x86-64-v3", "avx2"), ("-O2", "scalar")])
 def test_instruction_set_variants(tmp_path, flags, isa):
+    # x86-64-v4: AVX-512 without its bfloat16 dot products (the batched NF4 rows' float32 path for
+    # bfloat16 activations); the native build of a machine with them is the default build
     if flags.startswith("-O3 -march=x86-64-v3") and "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX2")  # printed by -rs; CI machines have it
+    if flags.startswith("-O3 -march=x86-64-v4") and "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX-512")  # printed by -rs
     got, _ = _run_variant(tmp_path, LAYERPACK_KERNEL_FLAGS=flags)
     assert got == isa
 

@@ -88,6 +88,32 @@ def test_batched_greedy_equals_single_prompt_generation(packs, family):
     assert engine.stats.steps < sum(len(ids) for ids, _ in results)  # decode steps were shared
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
+def test_prompts_sharing_a_prefix_prefill_it_once_and_equal_single_prompt_generation(packs, family):
+    # a burst of chat requests: the same template text, then each its own question (of different
+    # lengths; one prompt is the shared text plus a single token). Admitted together, the shared
+    # prefix is one forward and the rows' own tokens another (shared_prefix.py)
+    model = load(packs[family], dtype="fp32")
+    eos = set(model.eos_ids)
+    head = [(7 * i) % 50 + 3 for i in range(40)]
+    prompts = [head + tail for tail in ([60], [61, 62, 63], [64, 65], [66, 67, 68, 69, 70])]
+    ref = [model.generate_ids(p, max_new_tokens=12) for p in prompts]
+    engine = Engine(model, max_batch=4, context=64)
+    tokens = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        engine.submit(p, 12, on_event=lambda e, i=i: e.token is not None and tokens[i].append(e.token))
+    engine.step()
+    assert engine.stats.prefills == 2 and engine.active == len(prompts)  # the prefix once, then the rows' own tokens
+    while engine.active:
+        engine.step()
+    assert [[t for t in ids if t not in eos] for ids in tokens] == ref
+    # without a prefix worth sharing: one left-padded forward
+    engine.submit(list(range(3, 20)), 2)
+    engine.submit(list(range(4, 30)), 2)
+    engine.step()
+    assert engine.stats.prefills == 3
+
+
 def test_seeded_sampling_equals_single_prompt_generation(packs):
     model = load(packs["llama"], dtype="fp32")
     ref = [model.generate_ids(p, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7 + i) for i, p in enumerate(PROMPTS[:4])]

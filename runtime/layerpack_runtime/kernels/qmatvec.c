@@ -20,7 +20,13 @@
    Non-uniform 4-bit values are looked up with a 16-entry in-register table (one permute per 16
    codes with AVX-512, two plus a blend with AVX2), the per-block scale folded into the table,
    so no dequantized copy of the weight is ever written: the same idea as llama.cpp's IQ4_NL dot
-   products, but in float32 so the result equals the reference within rounding. */
+   products, but in float32 so the result equals the reference within rounding.
+
+   Batches of 2..8 activation rows (the serving engine's decode steps) decode each chunk of codes
+   once for every row and are bound by the multiply-adds, not the weight bytes (nf4_rows_tiled).
+   With bfloat16 activations on a CPU with AVX512-BF16 they multiply the chunk rounded to bfloat16
+   (the weights a bf16 prefill multiplies) with VDPBF16PS, twice the products per instruction
+   (nf4_rows_tiled_dot). One activation row keeps the float32 path. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -403,6 +409,194 @@ static const float *x_as_float(const void *x_in, int64_t n, int bf16, float **ow
     return xf;
 }
 
+#if defined(__AVX512F__)
+/* The batched rows' fast path (nb > 1; rows of whole blocks, blocks of whole 16-byte chunks: NF4's
+   default block of 64 on every model width). The activations come tiled (nf4_tile_x): for each
+   chunk of 32 columns, the nb rows' 16 even-column values (the high nibbles' partners) then their
+   16 odd-column ones, consecutively - so every load of the inner loop is one base pointer plus a
+   constant offset. (With nb separate row pointers, the general path, the 16 pointers of a tile of
+   8 did not fit the registers and were reloaded for every chunk.) Two weight rows are computed
+   together (NR = 2), so each activation load feeds two FMAs: at 8 rows the loop is bound by the
+   FMAs themselves, not by loads. Every (weight row, activation row) pair has one accumulator,
+   summed in the same order whatever NR and nb are: a row's result does not depend on which rows
+   share its tile or its pair (a fused q/k/v's parts, another thread's share). */
+ALWAYS_INLINE void nf4_rows_tiled(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                                  const float *xt, int NR, int nb, float out[][MAX_TILE]) {
+    const __m512 tab = _mm512_loadu_ps(NF4);
+    __m512 acc[2][MAX_TILE];
+    for (int w = 0; w < NR; w++)
+        for (int b = 0; b < nb; b++) acc[w][b] = _mm512_setzero_ps();
+    const uint8_t *c = codes + (flat0 >> 1);
+    const float *sc = absmax + flat0 / block;
+    const int64_t row_bytes = cols >> 1, row_blocks = cols / block;
+    const int64_t chunks = block / 32, nblk = cols / block;
+    for (int64_t kb = 0; kb < nblk; kb++) {
+        __m512 t[2];
+        for (int w = 0; w < NR; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+        for (int64_t q = 0; q < chunks; q++, c += 16, xt += 32 * nb) {
+            __m512 whi[2], wlo[2];
+            for (int w = 0; w < NR; w++) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes)));
+                whi[w] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t[w]);
+                wlo[w] = _mm512_permutexvar_ps(v, t[w]);
+            }
+            for (int b = 0; b < nb; b++) {
+                __m512 xe = _mm512_loadu_ps(xt + 32 * b), xo = _mm512_loadu_ps(xt + 32 * b + 16);
+                for (int w = 0; w < NR; w++) {
+                    acc[w][b] = _mm512_fmadd_ps(whi[w], xe, acc[w][b]);
+                    acc[w][b] = _mm512_fmadd_ps(wlo[w], xo, acc[w][b]);
+                }
+            }
+        }
+    }
+    for (int w = 0; w < NR; w++)
+        for (int b = 0; b < nb; b++) out[w][b] = _mm512_reduce_add_ps(acc[w][b]);
+}
+
+#if defined(__AVX512BF16__)
+/* nf4_rows_tiled for bfloat16 activations (a bf16 model's decode step): each 32-weight chunk is
+   rounded to bfloat16 (to nearest even: the weights the dequantize-then-GEMM path, i.e. the
+   prefill, multiplies) and multiplied by VDPBF16PS, 32 products per instruction where FMAs do 16:
+   at 8 rows the FMAs are the bound, so this halves it. The products of two bfloat16 are exact in
+   float32; each pair is added to its float32 accumulator (per lane: acc + p_odd + p_even,
+   rounded to nearest even). The activations come tiled by nf4_tile_x16: per chunk and row, the
+   16 odd columns' values then the 16 even ones', the order _mm512_cvtne2ps_pbh(whi, wlo) puts the
+   weights in. */
+ALWAYS_INLINE void nf4_rows_tiled_dot(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                                      const uint16_t *xt, int NR, int nb, float out[][MAX_TILE]) {
+    const __m512 tab = _mm512_loadu_ps(NF4);
+    __m512 acc[2][MAX_TILE];
+    for (int w = 0; w < NR; w++)
+        for (int b = 0; b < nb; b++) acc[w][b] = _mm512_setzero_ps();
+    const uint8_t *c = codes + (flat0 >> 1);
+    const float *sc = absmax + flat0 / block;
+    const int64_t row_bytes = cols >> 1, row_blocks = cols / block;
+    const int64_t chunks = block / 32, nblk = cols / block;
+    for (int64_t kb = 0; kb < nblk; kb++) {
+        __m512 t[2];
+        for (int w = 0; w < NR; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+        for (int64_t q = 0; q < chunks; q++, c += 16, xt += 32 * nb) {
+            __m512bh wv[2];
+            for (int w = 0; w < NR; w++) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes)));
+                wv[w] = _mm512_cvtne2ps_pbh(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t[w]), _mm512_permutexvar_ps(v, t[w]));
+            }
+            for (int b = 0; b < nb; b++) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xt + 32 * b));
+                for (int w = 0; w < NR; w++) acc[w][b] = _mm512_dpbf16_ps(acc[w][b], wv[w], xv);
+            }
+        }
+    }
+    for (int w = 0; w < NR; w++)
+        for (int b = 0; b < nb; b++) out[w][b] = _mm512_reduce_add_ps(acc[w][b]);
+}
+#define NF4_DOT_OK 1
+#else
+#define NF4_DOT_OK 0
+#endif
+
+#define NF4_ROWS_NB(F, NR, ...)                  \
+    switch (nb) {                                \
+    case 1: F(__VA_ARGS__, NR, 1, out); break;   \
+    case 2: F(__VA_ARGS__, NR, 2, out); break;   \
+    case 3: F(__VA_ARGS__, NR, 3, out); break;   \
+    case 4: F(__VA_ARGS__, NR, 4, out); break;   \
+    case 5: F(__VA_ARGS__, NR, 5, out); break;   \
+    case 6: F(__VA_ARGS__, NR, 6, out); break;   \
+    case 7: F(__VA_ARGS__, NR, 7, out); break;   \
+    default: F(__VA_ARGS__, NR, 8, out); break;  \
+    }
+
+/* MATVEC_DRIVER's work split and outlier handling, two weight rows at a time (see nf4_rows_tiled);
+   xt16 (bfloat16 activations tiled by nf4_tile_x16) instead of xt: nf4_rows_tiled_dot. */
+static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
+                             const float *x, const float *xt, const uint16_t *xt16, int64_t batch, float *y, uint16_t *y16,
+                             outliers_t o, int nthreads) {
+    int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE), nthreads);
+    _Pragma("omp parallel num_threads(nt)")
+    {
+        int t = 0, T = 1;
+        THREAD_IDS(t, T);
+        int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;
+        int64_t oi = o.k ? first_outlier_from(&o, r_begin * cols) : 0;
+        for (int64_t r = r_begin; r < r_end; r += 2) {
+            int NR = r + 1 < r_end ? 2 : 1;
+            for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
+                int nb = (int)(batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE);
+                float out[2][MAX_TILE];
+                if (xt16) {
+#if NF4_DOT_OK
+                    const uint16_t *xtile = xt16 + b0 * cols;
+                    if (NR == 2) { NF4_ROWS_NB(nf4_rows_tiled_dot, 2, codes, absmax, block, r * cols, cols, xtile) }
+                    else { NF4_ROWS_NB(nf4_rows_tiled_dot, 1, codes, absmax, block, r * cols, cols, xtile) }
+#endif
+                } else {
+                    const float *xtile = xt + b0 * cols;
+                    if (NR == 2) { NF4_ROWS_NB(nf4_rows_tiled, 2, codes, absmax, block, r * cols, cols, xtile) }
+                    else { NF4_ROWS_NB(nf4_rows_tiled, 1, codes, absmax, block, r * cols, cols, xtile) }
+                }
+                int64_t oj = oi;
+                for (int w = 0; w < NR; w++) {
+                    int64_t row0 = (r + w) * cols;
+                    for (; oj < o.k; oj++) {
+                        int64_t c = outlier_at(&o, oj) - row0;
+                        if (c >= cols) break;
+                        if (c < 0) continue; /* out of order: never read out of range */
+                        float v = value_at(o.val, o.vdt, oj);
+                        for (int b = 0; b < nb; b++) out[w][b] += v * x[(b0 + b) * cols + c];
+                    }
+                    for (int b = 0; b < nb; b++) {
+                        if (y16) y16[(b0 + b) * rows + r + w] = to_bf16(out[w][b]);
+                        else y[(b0 + b) * rows + r + w] = out[w][b];
+                    }
+                }
+                if (b0 + MAX_TILE >= batch) oi = oj;
+            }
+        }
+    }
+}
+#define NF4_TILED_OK(batch, block, cols) ((batch) > 1 && (block) % 32 == 0 && (cols) % (block) == 0)
+#else
+#define NF4_TILED_OK(batch, block, cols) 0
+#endif
+
+/* x [batch, cols] -> the tiled layout nf4_row_tiled reads: per tile of up to MAX_TILE rows
+   (starting at row b0, at xt + b0 * cols), per chunk q of 32 columns, per row b of the tile:
+   x[b][32q + 2l] for l < 16, then x[b][32q + 2l + 1]. */
+static void nf4_tile_x(const float *x, int64_t batch, int64_t cols, float *xt) {
+    for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
+        int64_t nb = batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE;
+        float *tile = xt + b0 * cols;
+        for (int64_t q = 0; q < cols / 32; q++)
+            for (int64_t b = 0; b < nb; b++) {
+                const float *src = x + (b0 + b) * cols + 32 * q;
+                float *dst = tile + (q * nb + b) * 32;
+                for (int l = 0; l < 16; l++) {
+                    dst[l] = src[2 * l];
+                    dst[16 + l] = src[2 * l + 1];
+                }
+            }
+    }
+}
+
+/* bfloat16 x [batch, cols] -> nf4_rows_tiled_dot's layout: as nf4_tile_x, but per chunk and row
+   the 16 odd columns' values first, then the 16 even ones'. */
+static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, uint16_t *xt) {
+    for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
+        int64_t nb = batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE;
+        uint16_t *tile = xt + b0 * cols;
+        for (int64_t q = 0; q < cols / 32; q++)
+            for (int64_t b = 0; b < nb; b++) {
+                const uint16_t *src = x + (b0 + b) * cols + 32 * q;
+                uint16_t *dst = tile + (q * nb + b) * 32;
+                for (int l = 0; l < 16; l++) {
+                    dst[l] = src[2 * l + 1];
+                    dst[16 + l] = src[2 * l];
+                }
+            }
+    }
+}
+
 /* y[b, r] = sum_c W[r, c] x[b, c] (+ outliers); x: [batch, cols] contiguous; y: [batch, rows]. */
 void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
                    const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
@@ -414,6 +608,20 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
     const float *x = x_as_float(x_in, batch * cols, bf16, &xown);
     float *xs = (float *)malloc(sizeof(float) * (size_t)(batch * cols));
     if (!xs || !x) { free(xs); free(xown); return; }
+    if (NF4_TILED_OK(batch, block, cols)) {
+#if defined(__AVX512F__)
+        if (bf16 && NF4_DOT_OK) { /* xs holds batch * cols floats: room for the bfloat16 tiles */
+            nf4_tile_x16((const uint16_t *)x_in, batch, cols, (uint16_t *)xs);
+            nf4_matvec_tiled(codes, absmax, rows, cols, block, x, NULL, (const uint16_t *)xs, batch, y, y16, o, nthreads);
+        } else {
+            nf4_tile_x(x, batch, cols, xs);
+            nf4_matvec_tiled(codes, absmax, rows, cols, block, x, xs, NULL, batch, y, y16, o, nthreads);
+        }
+#endif
+        free(xs);
+        free(xown);
+        return;
+    }
     for (int64_t b = 0; b < batch; b++)
         for (int64_t i = 0; i < half; i++) {
             xs[b * cols + i] = x[b * cols + 2 * i];

@@ -140,8 +140,11 @@ def attention(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor, step
         k, v = layer_cache.update(k, v, step.start)  # views of columns [0, end)
     # attn_logit_softcapping is deliberately not applied: transformers' Gemma3 keeps it in the config
     # but never passes it to attention (only Gemma 2 caps scores), and it is null in Gemma 3 checkpoints.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
-                                         scale=args.query_pre_attn_scalar ** -0.5, enable_gqa=KV != H)
+    if step.grouped:  # one query per row under a mask (llama.prepare_step)
+        out = llama.grouped_decode_attention(q, k, v, step.mask, args.query_pre_attn_scalar ** -0.5)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
+                                             scale=args.query_pre_attn_scalar ** -0.5, enable_gqa=KV != H)
     out = out.transpose(1, 2).reshape(B, T, H * D)
     return linear(out, w["attn.o.weight"], w.get("attn.o.bias"))
 

@@ -150,7 +150,7 @@ class Step:
     mask: torch.Tensor | None = None  # bool [B, 1, T, end]: True = may attend; None with is_causal/no mask
     is_causal: bool = False
     sin_signed: torch.Tensor | None = None  # signed_sin(sin), for rope()
-    grouped: bool = False             # a fixed-shape decode step (static_steps): one query per row over the whole cache
+    grouped: bool = False             # one query per row under `mask` [B, 1, 1, end]: grouped_decode_attention
 
 
     def __post_init__(self):
@@ -199,7 +199,11 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
         allowed = allowed & (kv_valid[:, :, :end] if kv_valid.dim() == 3 else kv_valid[:, None, :end])
     # A padding query would otherwise see no key at all (NaN rows): let every query see itself.
     allowed = allowed | (kv_cols[None, :] == q_cols[:, None])[None]
-    return Step(cos, sin, start, end, mask=allowed[:, None])
+    # One query per row under a mask (a decode step over slots of different lengths, engine.py):
+    # the grouped form, one fused-kernel problem per key/value head instead of one per query head
+    # with a mask - about 5x less time for 8 rows of SmolLM2 on a CPU (bf16), where the per-problem
+    # cost, not the arithmetic, is what a batch of short rows pays.
+    return Step(cos, sin, start, end, mask=allowed[:, None], grouped=T == 1)
 
 
 def static_steps(args: ModelArgs, inv_freq: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
