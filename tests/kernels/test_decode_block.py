@@ -22,8 +22,11 @@ FAMILIES = {  # family, config overrides: biases (qwen2), per-head q/k norms and
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {"sliding_window": 64}),
+    "gemma3": ("gemma3", {}),    # (1 + w) norms, post norms, GELU, q/k norms; its sliding window of 16 bites
+    "mistral": ("mistral", {}),  # window 32, which bites from the third step: columns [pos - 31, pos]
 }
 STEPS = 10
+PROMPT = 30
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +67,19 @@ def _logits(pack: str, dtype: str, threads: int = 1, batch: int = 1) -> torch.Te
     """Prefill of a fixed prompt, then STEPS decode steps fed fixed tokens: every step's logits [steps, batch, vocab]."""
     model = load(pack, dtype=dtype, threads=threads)
     g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(3, 384, (batch, 12), generator=g)
+    prompt = torch.randint(3, 384, (batch, PROMPT), generator=g)
     feed = torch.randint(3, 384, (STEPS, batch, 1), generator=g)
     out = []
     with torch.inference_mode():
-        cache = model.new_cache(batch, 12 + STEPS)
+        cache = model.new_cache(batch, PROMPT + STEPS)
         model.forward(prompt, cache=cache, last_only=True)
         for t in feed:
             out.append(model.forward(t, cache=cache, last_only=True)[:, -1].float())
     return torch.stack(out)
+
+
+def _blocks(pack: str) -> int:
+    return load(pack).args.num_layers
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,7 +95,7 @@ def test_native_block_equals_per_op_path_in_float32(packs, native_switch, family
     assert calls[0] == 0
     set_native(True)
     ours = _logits(packs[family, quant], "fp32")
-    assert calls[0] == STEPS * 3, "every block of every decode step ran natively"
+    assert calls[0] == STEPS * _blocks(packs[family, quant]), "every block of every decode step ran natively"
     assert _rel(ours, ref) < 1e-5, _rel(ours, ref)
 
 
@@ -103,7 +110,7 @@ def test_native_block_in_bfloat16_is_as_accurate_as_the_per_op_path(packs, nativ
     set_native(True)
     n0 = calls[0]
     ours = _logits(pack, "bf16")
-    assert calls[0] - n0 == STEPS * 3
+    assert calls[0] - n0 == STEPS * _blocks(pack)
     e_ours, e_per_op = _rel(ours, exact), _rel(per_op, exact)
     print(f"\n{family}/{quant} bf16: native {e_ours:.2e}, per-op {e_per_op:.2e} (max rel diff vs float32)")
     assert e_ours <= 1.5 * e_per_op, (e_ours, e_per_op)

@@ -55,6 +55,8 @@ typedef struct {
     lp_linear_t q, k, v;   /* fused q/k/v: q has all (H + 2 KV) * D rows, k and v are LIN_NONE */
     lp_linear_t o, gate, up; /* fused gate/up: gate has 2 * inter rows, up is LIN_NONE */
     lp_linear_t down;
+    int64_t gemma; /* Gemma 3: (1 + w) norms in float32 rounded once, post-attention and post-MLP norms, GELU (tanh) */
+    const void *attn_post_norm, *mlp_post_norm;
 } lp_block_t;
 
 static inline uint16_t bf16_of(float f) { /* round to nearest even, as torch converts (finite values) */
@@ -110,15 +112,25 @@ static void linear(const lp_linear_t *L, const void *x, void *y, int bf16, int n
 }
 
 /* transformers' RMSNorm as models/llama.py computes it: normalised in float32, rounded to the
-   activation dtype, then multiplied by the weight in that dtype. */
-static void rms_norm(const void *x, const void *w, int64_t n, double eps, void *out, int bf16) {
+   activation dtype, then multiplied by the weight in that dtype. Gemma's (gemma3.rms_norm): times
+   (1 + w) in float32, rounded once. */
+static void rms_norm(const void *x, const void *w, int64_t n, double eps, void *out, int bf16, int gemma) {
     float ss = 0.0f;
     for (int64_t i = 0; i < n; i++) {
         float v = ld(x, i, bf16);
         ss += v * v;
     }
     float r = 1.0f / sqrtf(ss / (float)n + (float)eps);
-    for (int64_t i = 0; i < n; i++) st(out, i, ld(w, i, bf16) * rnd(ld(x, i, bf16) * r, bf16), bf16);
+    if (gemma)
+        for (int64_t i = 0; i < n; i++) st(out, i, (ld(x, i, bf16) * r) * (1.0f + ld(w, i, bf16)), bf16);
+    else
+        for (int64_t i = 0; i < n; i++) st(out, i, ld(w, i, bf16) * rnd(ld(x, i, bf16) * r, bf16), bf16);
+}
+
+/* GELU, tanh approximation, as torch computes it in float32 */
+static inline float gelu_tanh(float x) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;
+    return 0.5f * x * (1.0f + tanhf(beta * (x + kappa * x * x * x)));
 }
 
 /* Rotary embedding of one head in place: x * cos + roll(x, D/2) * signed_sin, each product and the
@@ -177,16 +189,17 @@ int64_t lp_decode_block_scratch(const lp_block_t *b, int64_t max_len, int nthrea
 }
 
 /* h_out = block(h_in) for one token at cache column `pos` (its key and value are written there;
-   attention covers columns [0, pos]). kc, vc: this block's cache [KV, max_len, D] in the activation
+   attention covers columns [first, pos]: first > 0 under a sliding window). kc, vc: this block's cache [KV, max_len, D] in the activation
    dtype. cos, ssin: the token's rotary tables [D] (llama.Step's cos and sin_signed). Returns 0, or -1
    when the scratch is too small or the head size too large (nothing written). */
 int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, void *kc, void *vc, int64_t max_len,
-                          int64_t pos, const void *cos, const void *ssin, void *scratch, int64_t scratch_bytes,
-                          int nthreads) {
+                          int64_t pos, int64_t first, const void *cos, const void *ssin, void *scratch,
+                          int64_t scratch_bytes, int nthreads) {
     const int bf16 = (int)b->bf16;
     const int64_t es = bf16 ? 2 : 4, bs = 4, H = b->n_heads, KV = b->n_kv, D = b->head_dim, n = b->hidden, I = b->inter;
-    const int64_t G = H / KV, L = pos + 1, nt = nthreads < 1 ? 1 : nthreads;
-    if (D > 1024 || pos >= max_len || scratch_bytes < lp_decode_block_scratch(b, max_len, nthreads)) return -1;
+    const int64_t G = H / KV, L = pos + 1 - first, nt = nthreads < 1 ? 1 : nthreads;
+    const int gm = (int)b->gemma;
+    if (D > 1024 || pos >= max_len || first < 0 || first > pos || scratch_bytes < lp_decode_block_scratch(b, max_len, nthreads)) return -1;
     char *s = (char *)scratch;
     void *xn = s;               s += n * bs;
     void *qkv = s;              s += (H + 2 * KV) * D * bs;
@@ -197,7 +210,7 @@ int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, vo
     float *work = (float *)(((uintptr_t)s + 63) & ~(uintptr_t)63); /* per thread: scores [L] + output [D] */
 
     /* attention: h + o(attn(norm(h))) */
-    rms_norm(h_in, b->attn_norm, n, b->eps, xn, bf16);
+    rms_norm(h_in, b->attn_norm, n, b->eps, xn, bf16, gm);
     if (b->k.kind == LIN_NONE) {
         linear(&b->q, xn, qkv, bf16, nthreads);
     } else {
@@ -209,7 +222,7 @@ int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, vo
         if (b->qk_norm) {
             const void *w = hd < H ? b->q_norm : b->k_norm;
             char *x = (char *)qkv + hd * D * es;
-            rms_norm(x, w, D, b->eps, x, bf16);
+            rms_norm(x, w, D, b->eps, x, bf16, gm);
         }
         rope(qkv, hd * D, D, cos, ssin, bf16);
     }
@@ -226,7 +239,7 @@ int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, vo
 #endif
         float *sc = work + tid * (max_len + D), *out = sc + max_len, q[1024];
         const int64_t g = hq / G;
-        const char *kg = (const char *)kc + g * max_len * D * es, *vg = (const char *)vc + g * max_len * D * es;
+        const char *kg = (const char *)kc + (g * max_len + first) * D * es, *vg = (const char *)vc + (g * max_len + first) * D * es;
         for (int64_t i = 0; i < D; i++) q[i] = ld(qkv, hq * D + i, bf16);
         float m = -INFINITY;
         for (int64_t t = 0; t < L; t++) {
@@ -243,10 +256,11 @@ int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, vo
         for (int64_t i = 0; i < D; i++) st(att, hq * D + i, out[i] / sum, bf16);
     }
     linear(&b->o, att, proj, bf16, nthreads);
+    if (gm) rms_norm(proj, b->attn_post_norm, n, b->eps, proj, bf16, 1);
     for (int64_t i = 0; i < n; i++) st(h_out, i, ld(h_in, i, bf16) + ld(proj, i, bf16), bf16);
 
-    /* MLP: h + down(silu(gate(norm(h))) * up(norm(h))) */
-    rms_norm(h_out, b->mlp_norm, n, b->eps, xn, bf16);
+    /* MLP: h + down(act(gate(norm(h))) * up(norm(h))), SiLU (GELU-tanh for Gemma) */
+    rms_norm(h_out, b->mlp_norm, n, b->eps, xn, bf16, gm);
     if (b->up.kind == LIN_NONE) {
         linear(&b->gate, xn, gu, bf16, nthreads);
     } else {
@@ -255,10 +269,11 @@ int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, vo
     }
     for (int64_t i = 0; i < I; i++) {
         float gv = ld(gu, i, bf16);
-        float sv = rnd(gv / (1.0f + expf(-gv)), bf16);
+        float sv = rnd(gm ? gelu_tanh(gv) : gv / (1.0f + expf(-gv)), bf16);
         st(act, i, sv * ld(gu, I + i, bf16), bf16);
     }
     linear(&b->down, act, proj, bf16, nthreads);
+    if (gm) rms_norm(proj, b->mlp_post_norm, n, b->eps, proj, bf16, 1);
     for (int64_t i = 0; i < n; i++) st(h_out, i, ld(h_out, i, bf16) + ld(proj, i, bf16), bf16);
     return 0;
 }

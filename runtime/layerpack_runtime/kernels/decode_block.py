@@ -39,7 +39,8 @@ class Block(ctypes.Structure):
     _fields_ = [("hidden", _I64), ("n_heads", _I64), ("n_kv", _I64), ("head_dim", _I64), ("inter", _I64), ("bf16", _I64),
                 ("qk_norm", _I64), ("eps", ctypes.c_double), ("scale", ctypes.c_double),
                 ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P),
-                ("q", Linear), ("k", Linear), ("v", Linear), ("o", Linear), ("gate", Linear), ("up", Linear), ("down", Linear)]
+                ("q", Linear), ("k", Linear), ("v", Linear), ("o", Linear), ("gate", Linear), ("up", Linear), ("down", Linear),
+                ("gemma", _I64), ("attn_post_norm", _P), ("mlp_post_norm", _P)]
 
 
 class Prepared:
@@ -62,7 +63,7 @@ def enabled() -> bool:
         _state["on"] = (os.environ.get("LAYERPACK_DECODE_BLOCK", "1") != "0" and lib is not None
                         and hasattr(lib, "lp_llama_decode_block"))
         if _state["on"]:
-            lib.lp_llama_decode_block.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _I64, ctypes.c_int]
+            lib.lp_llama_decode_block.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, ctypes.c_int]
             lib.lp_llama_decode_block.restype = ctypes.c_int
             lib.lp_decode_block_scratch.argtypes = [_P, _I64, ctypes.c_int]
             lib.lp_decode_block_scratch.restype = _I64
@@ -111,18 +112,25 @@ def _linear(t, bias, dtype: torch.dtype, rows: int, cols: int, keep: list) -> Li
 
 
 def prepare(args, w: dict, dtype: torch.dtype) -> Prepared | None:
-    """The native form of a llama-family block's weights `w` (models/llama.py names, fused or not),
-    or None when some part cannot run natively."""
-    if dtype not in _ACT_DTYPES or getattr(args, "num_experts", 0):
+    """The native form of a llama-family (or Gemma 3) block's weights `w` (models/llama.py names,
+    fused or not), or None when some part cannot run natively."""
+    gemma = args.module == "gemma3"
+    if dtype not in _ACT_DTYPES or getattr(args, "num_experts", 0) or args.module not in ("llama", "gemma3"):
         return None
     H, KV, D, n, inter = args.num_heads, args.num_kv_heads, args.head_dim, args.hidden_size, args.intermediate_size
     keep: list = []
     b = Block(hidden=n, n_heads=H, n_kv=KV, head_dim=D, inter=inter, bf16=int(dtype == torch.bfloat16),
-              qk_norm=int(bool(args.qk_norm)), eps=float(args.norm_eps), scale=float(D) ** -0.5)
+              qk_norm=int(bool(args.qk_norm) or gemma), eps=float(args.norm_eps), gemma=int(gemma),
+              scale=float(args.query_pre_attn_scalar if gemma else D) ** -0.5)
     b.attn_norm, b.mlp_norm = _vec(w.get("attn_norm.weight"), dtype, n, keep), _vec(w.get("mlp_norm.weight"), dtype, n, keep)
     if not b.attn_norm or not b.mlp_norm:
         return None
-    if args.qk_norm:
+    if gemma:
+        b.attn_post_norm = _vec(w.get("attn_post_norm.weight"), dtype, n, keep)
+        b.mlp_post_norm = _vec(w.get("mlp_post_norm.weight"), dtype, n, keep)
+        if not b.attn_post_norm or not b.mlp_post_norm or args.activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            return None
+    if b.qk_norm:
         b.q_norm, b.k_norm = _vec(w.get("attn.q_norm.weight"), dtype, D, keep), _vec(w.get("attn.k_norm.weight"), dtype, D, keep)
         if not b.q_norm or not b.k_norm:
             return None
@@ -154,10 +162,11 @@ def _scratch_for(lib, prepared: Prepared, max_len: int, threads: int) -> torch.T
     return buf
 
 
-def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, first: int,
         cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor | None:
-    """The block over h [1, 1, hidden] for the token at cache column `pos` (k_cache, v_cache: the
-    block's [1, KV, max_len, D]); None when these tensors are not in the form the call takes."""
+    """The block over h [1, 1, hidden] for the token at cache column `pos`, attending to columns
+    [first, pos] (k_cache, v_cache: the block's [1, KV, max_len, D]); None when these tensors are
+    not in the form the call takes."""
     dt = prepared.dtype
     D = prepared.struct.head_dim
     if (h.dtype != dt or not h.is_contiguous() or k_cache.dtype != dt or v_cache.dtype != dt
@@ -171,7 +180,7 @@ def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scratch = _scratch_for(lib, prepared, max_len, threads)
     out = torch.empty_like(h)
     rc = lib.lp_llama_decode_block(ctypes.byref(prepared.struct), h.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
-                                   v_cache.data_ptr(), max_len, pos, cos.data_ptr(), sin_signed.data_ptr(),
+                                   v_cache.data_ptr(), max_len, pos, first, cos.data_ptr(), sin_signed.data_ptr(),
                                    scratch.data_ptr(), scratch.numel(), threads)
     return out if rc == 0 else None
 

@@ -153,6 +153,7 @@ class Step:
     is_causal: bool = False
     sin_signed: torch.Tensor | None = None  # signed_sin(sin), for rope()
     grouped: bool = False             # one query per row under `mask` [B, 1, 1, end]: grouped_decode_attention
+    window_first: int | None = None   # unpadded rows whose mask is only a sliding window: the first column it keeps
 
 
     def __post_init__(self):
@@ -208,7 +209,10 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
     # the grouped form, one fused-kernel problem per key/value head instead of one per query head
     # with a mask - about 5x less time for 8 rows of SmolLM2 on a CPU (bf16), where the per-problem
     # cost, not the arithmetic, is what a batch of short rows pays.
-    return Step(cos, sin, start, end, mask=allowed[:, None], grouped=T == 1)
+    # Unpadded rows under a window that bites: the mask keeps columns [end - window, end) of the last
+    # query (position == column), which the native decode block takes as a range (kernels/decode_block.py).
+    first = end - window if window_bites and kv_valid is None else None
+    return Step(cos, sin, start, end, mask=allowed[:, None], grouped=T == 1, window_first=first)
 
 
 def static_steps(args: ModelArgs, inv_freq: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -376,7 +380,7 @@ def mlp(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.T
 def native_decode(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache) -> torch.Tensor | None:
     """The block as one native call (kernels/decode_block.py) for a plain one-token decode step of
     one sequence on the CPU, or None where that does not apply (the per-op path runs instead)."""
-    if (h.shape[0] != 1 or h.shape[1] != 1 or step.mask is not None or type(layer_cache) is not LayerKV
+    if (h.shape[0] != 1 or h.shape[1] != 1 or (step.mask is not None and step.window_first is None) or type(layer_cache) is not LayerKV
             or h.device.type != "cpu" or not decode_block.enabled()):
         return None
     prepared = getattr(w, "native", None)
@@ -386,7 +390,7 @@ def native_decode(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, 
             w.native = prepared
     if prepared is False or prepared.dtype != h.dtype:
         return None
-    return decode_block.run(prepared, h, layer_cache.k, layer_cache.v, step.start, step.cos, step.sin_signed)
+    return decode_block.run(prepared, h, layer_cache.k, layer_cache.v, step.start, step.window_first or 0, step.cos, step.sin_signed)
 
 
 def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:
@@ -404,7 +408,9 @@ def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -
     """Final norm + output projection: h [B, T, hidden] -> logits [B, T, vocab] (compute dtype).
     For tied models the caller passes the embedding as `head.weight`."""
     x = rms_norm(h, w["norm.weight"], args.norm_eps)
-    y = decode_block.dense_row(w["head.weight"], x)  # one bf16 row: the native GEMV, as the native blocks use
+    # one bf16 row: the native GEMV, as the native blocks use (MoE families keep F.linear: their bf16
+    # logits equal transformers' bit for bit, tests/runtime/test_moe.py, and their blocks are per-op anyway)
+    y = None if getattr(args, "num_experts", 0) else decode_block.dense_row(w["head.weight"], x)
     return y if y is not None else linear(x, w["head.weight"])
 
 
