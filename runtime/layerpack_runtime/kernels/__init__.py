@@ -16,6 +16,8 @@ Environment:
                             F.linear. Off by default: it sums in another order than torch, so
                             bf16 logits are no longer bit-identical to transformers' (the MoE
                             bf16 parity test asserts that; SmolLM2's greedy tokens still match)
+  LAYERPACK_DECODE_BLOCK=0  one-token CPU decode steps run block by block through torch operators
+                            instead of one native call per block (decode_block.py)
   LAYERPACK_KERNEL_FLAGS    compiler flags instead of the default "-O3 -march=native" (the tests
                             build an AVX2-only and a portable variant with it)
   CC                        the C compiler (default: cc)
