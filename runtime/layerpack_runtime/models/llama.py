@@ -187,11 +187,10 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
     end = start + T
     window_bites = window is not None and end > window  # unpadded: position == column
     if kv_valid is None and not window_bites:
-        if T == 1:  # one query sees every cached key; on a CPU in the grouped form: SDPA with enable_gqa
-            # runs one problem per query head, this one per key/value head: 4-12x less time per call (191 ->
-            # 49 us at SmolLM2's shapes, 7.0 -> 0.55 ms at 8B's with 1000 keys), the same products summed in
-            # other blocks (within rounding: tests/kernels/test_decode_block.py)
-            return Step(cos, sin, start, end, grouped=positions.device.type == "cpu")
+        if T == 1:  # one query sees every cached key (SDPA with enable_gqa: transformers' bits; the
+            # grouped form would be 4-12x faster per call but rounds differently - plain CPU decode steps
+            # run in the native decode block instead, kernels/decode_block.py)
+            return Step(cos, sin, start, end)
         if start == 0:
             return Step(cos, sin, start, end, is_causal=True)  # plain causal prefill
     device = positions.device
