@@ -22,6 +22,7 @@ import threading
 
 import torch
 
+from ..cache import LayerKV
 from . import native
 
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
@@ -41,6 +42,16 @@ class Block(ctypes.Structure):
                 ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P),
                 ("q", Linear), ("k", Linear), ("v", Linear), ("o", Linear), ("gate", Linear), ("up", Linear), ("down", Linear),
                 ("gemma", _I64), ("attn_post_norm", _P), ("mlp_post_norm", _P)]
+
+
+class BlockWeights(dict):
+    """A resident block's weights (name -> tensor; llama.fuse_unit makes it), and its native form
+    once made (None: not yet tried; False: this block cannot run natively)."""
+    __slots__ = ("native",)
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.native = None
 
 
 class Prepared:
@@ -151,6 +162,23 @@ def prepare(args, w: dict, dtype: torch.dtype) -> Prepared | None:
     for name, lin in parts.items():
         setattr(b, name, lin)
     return Prepared(b, keep, dtype)
+
+
+def try_block(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor | None:
+    """A llama-family or Gemma 3 block (models/llama.py, gemma3.py; `step` a llama.Step) as one native
+    call for a plain one-token decode step of one sequence on the CPU, or None where that does not
+    apply (the per-op path runs instead)."""
+    if (h.shape[0] != 1 or h.shape[1] != 1 or (step.mask is not None and step.window_first is None)
+            or type(layer_cache) is not LayerKV or h.device.type != "cpu" or not enabled()):
+        return None
+    prepared = getattr(w, "native", None)
+    if prepared is None:  # not yet tried, or a streamed unit's fresh dict
+        prepared = prepare(args, w, h.dtype) or False
+        if isinstance(w, BlockWeights):
+            w.native = prepared
+    if prepared is False or prepared.dtype != h.dtype:
+        return None
+    return run(prepared, h, layer_cache.k, layer_cache.v, step.start, step.window_first or 0, step.cos, step.sin_signed)
 
 
 def _scratch_for(lib, prepared: Prepared, max_len: int, threads: int) -> torch.Tensor:

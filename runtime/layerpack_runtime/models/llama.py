@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..cache import LayerKV
 from ..kernels import decode_block
 from ..qweight import QuantWeight, concat_rows, embedding, linear, split_rows
 from ..errors import FormatError, LayerpackError
@@ -307,19 +306,9 @@ def _fuse(w: dict[str, object], names: tuple[str, ...], fused_name: str) -> None
         w[fused_name.replace(".weight", ".bias")] = fb
 
 
-class BlockWeights(dict):
-    """A resident block's weights (name -> tensor), and its native decode form once made (None: not
-    yet tried; False: this block cannot run natively)."""
-    __slots__ = ("native",)
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.native = None
-
-
 def fuse_unit(args: ModelArgs, w: dict[str, object]) -> dict[str, object]:
     """A resident block's weights with the fused projections added where that keeps the same bits (see above)."""
-    w = BlockWeights(w)
+    w = decode_block.BlockWeights(w)
     _fuse(w, ("attn.q.weight", "attn.k.weight", "attn.v.weight"), QKV)
     _fuse(w, ("mlp.gate.weight", "mlp.up.weight"), GATE_UP)
     return w
@@ -376,27 +365,11 @@ def mlp(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.T
     return linear(F.silu(gate).mul_(up), w["mlp.down.weight"], w.get("mlp.down.bias"))
 
 
-def native_decode(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache) -> torch.Tensor | None:
-    """The block as one native call (kernels/decode_block.py) for a plain one-token decode step of
-    one sequence on the CPU, or None where that does not apply (the per-op path runs instead)."""
-    if (h.shape[0] != 1 or h.shape[1] != 1 or (step.mask is not None and step.window_first is None) or type(layer_cache) is not LayerKV
-            or h.device.type != "cpu" or not decode_block.enabled()):
-        return None
-    prepared = getattr(w, "native", None)
-    if prepared is None:  # not yet tried, or a streamed unit's fresh dict
-        prepared = decode_block.prepare(args, w, h.dtype) or False
-        if isinstance(w, BlockWeights):
-            w.native = prepared
-    if prepared is False or prepared.dtype != h.dtype:
-        return None
-    return decode_block.run(prepared, h, layer_cache.k, layer_cache.v, step.start, step.window_first or 0, step.cos, step.sin_signed)
-
-
 def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:
     """One decoder block: h [B, T, hidden] -> [B, T, hidden]. layer_cache: this block's LayerKV
     (the new keys/values are written at columns [step.start, step.end)), or None for a cache-free
     forward over the whole sequence."""
-    out = native_decode(args, w, h, step, layer_cache)
+    out = decode_block.try_block(args, w, h, step, layer_cache)  # a plain one-token CPU step: one native call
     if out is not None:
         return out
     h = h + attention(args, w, rms_norm(h, w["attn_norm.weight"], args.norm_eps), step, layer_cache)
