@@ -29,7 +29,8 @@ Setup (cached, so only the first run is slow):
 
 Each round runs every configuration once, each in a fresh process (one at a time; the order of
 the two sides alternates between rounds), each: load, prefill the prompt, then --tokens greedy
-decode steps (no stop at EOS: both sides do the same number of steps). Reported: median decode
+decode steps (no stop at EOS: both sides do the same number of steps), and nothing else (what
+the report needs from the GGUF is read beforehand, in another process). Reported: median decode
 tok/s over rounds, the median of the per-round ratios, the load average during the round, bytes
 of weights read per decoded token (every weight except embedding rows; a tied head reads the
 whole embedding) and the resulting GB/s, prefill time and whole-process time (start to exit).
@@ -143,6 +144,21 @@ def ensure_models(model: Path, work: Path, tree: Path) -> dict:
     return out
 
 
+# Weight bytes a llama.cpp decode step reads: every tensor of the GGUF but the embedding's (one row a
+# token), unless the head is tied to it (no output.weight). Read once, outside the timed worker: the
+# gguf package's reader parses the whole vocabulary (~3 s on SmolLM2's GGUF under load), which runs
+# before 2026-12-04 16:30 counted in llama.cpp's process time.
+_GGUF_BYTES = r"""
+import sys, gguf
+sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(sys.argv[1]).tensors}
+print(sum(sizes.values()) - (sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0))
+"""
+
+
+def gguf_bytes_per_token(g: Path) -> int:
+    return int(run([BENCH_PY, "-c", _GGUF_BYTES, g]).stdout.split()[-1])
+
+
 # -- workers (each in its own process) -----------------------------------------------------------------
 
 def worker_layerpack(cfg: dict) -> dict:
@@ -174,12 +190,8 @@ def worker_layerpack(cfg: dict) -> dict:
 
 
 def worker_llamacpp(cfg: dict) -> dict:
-    import gguf
     import llama_cpp
 
-    reader = gguf.GGUFReader(cfg["gguf"])
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    per_token = sum(sizes.values()) - (sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0)
     llm = llama_cpp.Llama(cfg["gguf"], n_ctx=len(cfg["prompt_ids"]) + cfg["tokens"] + 8, n_threads=cfg["threads"],
                           n_threads_batch=cfg["threads"], n_batch=512, verbose=False)
     gen = llm.generate(cfg["prompt_ids"], temp=0.0, top_k=1, reset=True)
@@ -190,7 +202,7 @@ def worker_llamacpp(cfg: dict) -> dict:
     for _ in range(cfg["tokens"] - 1):
         next(gen)
     decode = time.perf_counter() - t0
-    return {"decode_tps": (cfg["tokens"] - 1) / decode, "prefill_s": prefill, "bytes_per_token": per_token,
+    return {"decode_tps": (cfg["tokens"] - 1) / decode, "prefill_s": prefill, "bytes_per_token": cfg["bytes_per_token"],
             "threads": cfg["threads"], "isa": llama_cpp.llama_print_system_info().decode().strip()}
 
 
@@ -281,6 +293,7 @@ def main() -> None:
     from layerpack_runtime import load  # noqa: E402  (the prompt's ids, from the pack's own tokenizer)
 
     prompt_ids = load(models[PAIRS[0][0]][0]).encode_prompt(PROMPT)
+    gguf_bytes = {quant: gguf_bytes_per_token(models[quant][1]) for quant, _, _ in PAIRS}
     rows: dict = {}
     loads = []
     info = {"prompt_tokens": len(prompt_ids)}
@@ -289,7 +302,8 @@ def main() -> None:
         for quant, gtype, _ in PAIRS:
             pack, g = models[quant]
             base = {"threads": a.threads, "tokens": a.tokens, "prompt_ids": prompt_ids}
-            sides = [("layerpack", {**base, "pack": str(pack)}), ("llamacpp", {**base, "gguf": str(g)})]
+            sides = [("layerpack", {**base, "pack": str(pack)}),
+                     ("llamacpp", {**base, "gguf": str(g), "bytes_per_token": gguf_bytes[quant]})]
             for side, cfg in (sides if r % 2 == 0 else sides[::-1]):
                 out = spawn(side, cfg)
                 info.setdefault("isa", out.get("isa", "")) if side == "llamacpp" else None
