@@ -650,6 +650,50 @@ static void nf4_matvec_row_bf16(const uint8_t *codes, const float *absmax, int64
 #define NF4_ROW1_BF16_OK(batch, bf16, block, cols) 0
 #endif
 
+/* ---- int8 against one activation row, rows of whole blocks of whole 16-code steps (block 32,
+   the default, on every model width) ----
+   int8_row's arithmetic (each weight one float32 product code * (absmax / 127), as the reference
+   forms it; float32 FMAs) without its per-segment bookkeeping, which cost as much as the
+   arithmetic at 32 weights a block, and R weight rows per pass: each load of x serves R rows and
+   the R rows' accumulators are independent chains. The block scales are divided 16 at a time
+   (the same IEEE quotient as one at a time). Every row runs the same operations in the same order
+   whatever R, the thread split or its neighbours. */
+#if defined(__AVX512F__)
+#define INT8_ROW1_R 4
+ALWAYS_INLINE void int8_rows_whole(const int8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                                   const float *x, int R, float *out) {
+    __m512 a0[INT8_ROW1_R], a1[INT8_ROW1_R];
+    for (int w = 0; w < R; w++) a0[w] = a1[w] = _mm512_setzero_ps();
+    const int8_t *c = codes + flat0;
+    const float *sc = absmax + flat0 / block;
+    const int64_t row_blocks = cols / block, steps = block / 16;
+    const __m512 qmax = _mm512_set1_ps(INT8_QMAX);
+    for (int64_t kb0 = 0; kb0 < row_blocks; kb0 += 16) {
+        int nk = row_blocks - kb0 < 16 ? (int)(row_blocks - kb0) : 16;
+        float s16[INT8_ROW1_R][16];
+        for (int w = 0; w < R; w++)
+            _mm512_storeu_ps(s16[w], _mm512_div_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1), sc + kb0 + w * row_blocks), qmax));
+        for (int kb = 0; kb < nk; kb++) {
+            int64_t j = (kb0 + kb) * block;
+            for (int64_t q = 0; q < steps; q++, j += 16) {
+                __m512 xv = _mm512_loadu_ps(x + j);
+                for (int w = 0; w < R; w++) {
+                    _mm_prefetch((const char *)(c + (w + R) * cols + j), _MM_HINT_T0); /* as in nf4_rows_bf16 */
+                    __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + w * cols + j)))),
+                                              _mm512_set1_ps(s16[w][kb]));
+                    if (q & 1) a1[w] = _mm512_fmadd_ps(wv, xv, a1[w]);
+                    else a0[w] = _mm512_fmadd_ps(wv, xv, a0[w]);
+                }
+            }
+        }
+    }
+    for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(a0[w], a1[w]));
+}
+#define INT8_ROW1_OK(batch, block, cols) ((batch) == 1 && (block) % 16 == 0 && (cols) % (block) == 0)
+#else
+#define INT8_ROW1_OK(batch, block, cols) 0
+#endif
+
 /* x [batch, cols] -> the tiled layout nf4_row_tiled reads: per tile of up to MAX_TILE rows
    (starting at row b0, at xt + b0 * cols), per chunk q of 32 columns, per row b of the tile:
    x[b][32q + 2l] for l < 16, then x[b][32q + 2l + 1]. */
@@ -747,6 +791,38 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
     uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
     const float *x = x_as_float(x_in, batch * cols, bf16, &xown);
     if (!x) return;
+#if defined(__AVX512F__)
+    if (INT8_ROW1_OK(batch, block, cols)) {
+        /* MATVEC_DRIVER with batch 1, INT8_ROW1_R weight rows a pass */
+        int nt = threads_for(rows * cols, nthreads);
+        _Pragma("omp parallel num_threads(nt)")
+        {
+            int t = 0, T = 1;
+            THREAD_IDS(t, T);
+            int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;
+            int64_t oj = o.k ? first_outlier_from(&o, r_begin * cols) : 0;
+            for (int64_t r = r_begin; r < r_end; r += INT8_ROW1_R) {
+                int R = r_end - r < INT8_ROW1_R ? (int)(r_end - r) : INT8_ROW1_R;
+                float out[INT8_ROW1_R];
+                if (R == INT8_ROW1_R) int8_rows_whole(codes, absmax, block, r * cols, cols, x, INT8_ROW1_R, out);
+                else for (int w = 0; w < R; w++) int8_rows_whole(codes, absmax, block, (r + w) * cols, cols, x, 1, out + w);
+                for (int w = 0; w < R; w++) {
+                    int64_t row0 = (r + w) * cols;
+                    for (; oj < o.k; oj++) {
+                        int64_t c = outlier_at(&o, oj) - row0;
+                        if (c >= cols) break;
+                        if (c < 0) continue; /* out of order: never read out of range */
+                        out[w] += value_at(o.val, o.vdt, oj) * x[c];
+                    }
+                    if (y16) y16[r + w] = to_bf16(out[w]);
+                    else y[r + w] = out[w];
+                }
+            }
+        }
+        free(xown);
+        return;
+    }
+#endif
     MATVEC_DRIVER({
         const float *xr[MAX_TILE];
         for (int b = 0; b < nb; b++) xr[b] = x + (b0 + b) * cols;
