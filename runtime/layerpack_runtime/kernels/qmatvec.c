@@ -26,7 +26,14 @@
    once for every row and are bound by the multiply-adds, not the weight bytes (nf4_rows_tiled).
    With bfloat16 activations on a CPU with AVX512-BF16 they multiply the chunk rounded to bfloat16
    (the weights a bf16 prefill multiplies) with VDPBF16PS, twice the products per instruction
-   (nf4_rows_tiled_dot). One activation row keeps the float32 path. */
+   (nf4_rows_tiled_dot).
+
+   One activation row (a decode step) is bound by instructions per weight and by how well the
+   weight bytes stream in: the one-row kernels (nf4_rows_bf16, nf4_rows_f32, int8_rows_whole) take
+   several weight rows per pass, so each load of x serves them all, prefetch the next group of
+   rows (rows of a few KB are too short for the hardware prefetcher), and with bfloat16
+   activations NF4 looks its bfloat16 weights up with VPERMW and multiplies them with VDPBF16PS
+   (nf4_rows_bf16: the same weights as the batched rows and the bf16 prefill). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -560,6 +567,73 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
 #define NF4_TILED_OK(batch, block, cols) 0
 #endif
 
+/* MATVEC_DRIVER for one activation row: the one-row kernels take RMAX weight rows a pass (each load
+   of x serves them all; each row has its own accumulators and the same operations in the same
+   order whatever shares its pass). ROWS(r, R, out) computes rows r .. r + R (R == RMAX, or 1 for
+   the last few rows of a thread's share); XAT(c) is x[c] as a float, for the outliers. */
+#define ROW1_DRIVER(RMAX, ROWS, XAT)                                                               \
+    int nt = threads_for(rows * cols, nthreads);                                                   \
+    _Pragma("omp parallel num_threads(nt)")                                                        \
+    {                                                                                              \
+        int t = 0, T = 1;                                                                          \
+        THREAD_IDS(t, T);                                                                          \
+        int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;                                \
+        int64_t oj = o.k ? first_outlier_from(&o, r_begin * cols) : 0;                             \
+        for (int64_t r = r_begin; r < r_end; r += RMAX) {                                          \
+            int R = r_end - r < RMAX ? (int)(r_end - r) : RMAX;                                    \
+            float out[RMAX];                                                                       \
+            if (R == RMAX) ROWS(r, RMAX, out);                                                     \
+            else for (int w = 0; w < R; w++) ROWS(r + w, 1, out + w);                              \
+            for (int w = 0; w < R; w++) {                                                          \
+                int64_t row0 = (r + w) * cols;                                                     \
+                for (; oj < o.k; oj++) {                                                           \
+                    int64_t c = outlier_at(&o, oj) - row0;                                         \
+                    if (c >= cols) break;                                                          \
+                    if (c < 0) continue; /* out of order: never read out of range */              \
+                    out[w] += value_at(o.val, o.vdt, oj) * (XAT(c));                               \
+                }                                                                                  \
+                if (y16) y16[r + w] = to_bf16(out[w]);                                             \
+                else y[r + w] = out[w];                                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }
+#define X_F32(c) x[c]              /* float32 x */
+#define X_BF16(c) from_bf16(xh[c]) /* bfloat16 xh */
+
+/* ---- NF4 against one float32 activation row: nf4_row's nb == 1 path (the same operations in the
+   same order: the same bits), R weight rows per pass, so each load of x (deinterleaved: xe even
+   columns, xo odd) serves R rows: at 14336 columns x is 56 KB, beyond the L1 cache. */
+#if defined(__AVX512F__)
+#define NF4_ROW1_F32_R 4
+ALWAYS_INLINE void nf4_rows_f32(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                                const float *e, const float *o, int R, float *out) {
+    const __m512 tab = _mm512_loadu_ps(NF4);
+    __m512 a0[NF4_ROW1_F32_R], a1[NF4_ROW1_F32_R], a2[NF4_ROW1_F32_R], a3[NF4_ROW1_F32_R];
+    for (int w = 0; w < R; w++) a0[w] = a1[w] = a2[w] = a3[w] = _mm512_setzero_ps();
+    const uint8_t *c = codes + (flat0 >> 1);
+    const float *sc = absmax + flat0 / block;
+    const int64_t row_bytes = cols >> 1, row_blocks = cols / block, steps = block / 64;
+    for (int64_t kb = 0, h = 0; kb < row_blocks; kb++) {
+        __m512 t[NF4_ROW1_F32_R];
+        for (int w = 0; w < R; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+        for (int64_t q = 0; q < steps; q++, h += 32) {
+            __m512 e0 = _mm512_loadu_ps(e + h), o0 = _mm512_loadu_ps(o + h), e1 = _mm512_loadu_ps(e + h + 16), o1 = _mm512_loadu_ps(o + h + 16);
+            for (int w = 0; w < R; w++) {
+                _mm_prefetch((const char *)(c + (w + R) * row_bytes + h), _MM_HINT_T0); /* as in nf4_rows_bf16 */
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes + h)));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes + h + 16)));
+                a0[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t[w]), e0, a0[w]);
+                a1[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, t[w]), o0, a1[w]);
+                a2[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), t[w]), e1, a2[w]);
+                a3[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, t[w]), o1, a3[w]);
+            }
+        }
+    }
+    for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[w], a1[w]), _mm512_add_ps(a2[w], a3[w])));
+}
+#define NF4_ROW1_F32_OK(batch, block, cols) ((batch) == 1 && (block) % 64 == 0 && (cols) % (block) == 0)
+#endif
+
 /* ---- NF4 against one bfloat16 activation row (a bf16 model's decode step) ----
    The bound at one row is the instructions per weight, not the bytes: the float32 path spends a
    widening, a shift, four 16-lane permutes and four FMAs per 64 weights. Here each 64-weight
@@ -615,36 +689,6 @@ static void nf4_perm_x16(const uint16_t *x, int64_t cols, uint16_t *xp) {
         }
 }
 
-/* lp_nf4_matvec's one-row bfloat16 path: MATVEC_DRIVER's work split and outlier handling,
-   NF4_ROW1_R weight rows at a time. */
-static void nf4_matvec_row_bf16(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
-                                const uint16_t *x, const uint16_t *xp, uint16_t *y16, float *y, outliers_t o, int nthreads) {
-    int nt = threads_for(rows * cols, nthreads);
-    _Pragma("omp parallel num_threads(nt)")
-    {
-        int t = 0, T = 1;
-        THREAD_IDS(t, T);
-        int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;
-        int64_t oj = o.k ? first_outlier_from(&o, r_begin * cols) : 0;
-        for (int64_t r = r_begin; r < r_end; r += NF4_ROW1_R) {
-            int R = r_end - r < NF4_ROW1_R ? (int)(r_end - r) : NF4_ROW1_R;
-            float out[NF4_ROW1_R];
-            if (R == NF4_ROW1_R) nf4_rows_bf16(codes, absmax, block, r * cols, cols, xp, NF4_ROW1_R, out);
-            else for (int w = 0; w < R; w++) nf4_rows_bf16(codes, absmax, block, (r + w) * cols, cols, xp, 1, out + w);
-            for (int w = 0; w < R; w++) {
-                int64_t row0 = (r + w) * cols;
-                for (; oj < o.k; oj++) {
-                    int64_t c = outlier_at(&o, oj) - row0;
-                    if (c >= cols) break;
-                    if (c < 0) continue; /* out of order: never read out of range */
-                    out[w] += value_at(o.val, o.vdt, oj) * from_bf16(x[c]);
-                }
-                if (y16) y16[r + w] = to_bf16(out[w]);
-                else y[r + w] = out[w];
-            }
-        }
-    }
-}
 #define NF4_ROW1_BF16_OK(batch, bf16, block, cols) ((batch) == 1 && (bf16) && (block) % 64 == 0 && (cols) % (block) == 0)
 #else
 #define NF4_ROW1_BF16_OK(batch, bf16, block, cols) 0
@@ -744,7 +788,9 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
         uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)cols);
         if (!xp) return;
         nf4_perm_x16((const uint16_t *)x_in, cols, xp);
-        nf4_matvec_row_bf16(codes, absmax, rows, cols, block, (const uint16_t *)x_in, xp, y16, y, o, nthreads);
+        const uint16_t *xh = (const uint16_t *)x_in;
+#define NF4_ROWS_BF16(r, R, out) nf4_rows_bf16(codes, absmax, block, (r) * cols, cols, xp, R, out)
+        ROW1_DRIVER(NF4_ROW1_R, NF4_ROWS_BF16, X_BF16)
         free(xp);
 #endif
         return;
@@ -771,6 +817,15 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
             xs[b * cols + i] = x[b * cols + 2 * i];
             xs[b * cols + half + i] = x[b * cols + 2 * i + 1];
         }
+#if defined(__AVX512F__)
+    if (NF4_ROW1_F32_OK(batch, block, cols)) {
+#define NF4_ROWS_F32(r, R, out) nf4_rows_f32(codes, absmax, block, (r) * cols, cols, xs, xs + half, R, out)
+        ROW1_DRIVER(NF4_ROW1_F32_R, NF4_ROWS_F32, X_F32)
+        free(xs);
+        free(xown);
+        return;
+    }
+#endif
     MATVEC_DRIVER({
         const float *xe[MAX_TILE], *xo[MAX_TILE];
         for (int b = 0; b < nb; b++) {
@@ -793,32 +848,8 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
     if (!x) return;
 #if defined(__AVX512F__)
     if (INT8_ROW1_OK(batch, block, cols)) {
-        /* MATVEC_DRIVER with batch 1, INT8_ROW1_R weight rows a pass */
-        int nt = threads_for(rows * cols, nthreads);
-        _Pragma("omp parallel num_threads(nt)")
-        {
-            int t = 0, T = 1;
-            THREAD_IDS(t, T);
-            int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;
-            int64_t oj = o.k ? first_outlier_from(&o, r_begin * cols) : 0;
-            for (int64_t r = r_begin; r < r_end; r += INT8_ROW1_R) {
-                int R = r_end - r < INT8_ROW1_R ? (int)(r_end - r) : INT8_ROW1_R;
-                float out[INT8_ROW1_R];
-                if (R == INT8_ROW1_R) int8_rows_whole(codes, absmax, block, r * cols, cols, x, INT8_ROW1_R, out);
-                else for (int w = 0; w < R; w++) int8_rows_whole(codes, absmax, block, (r + w) * cols, cols, x, 1, out + w);
-                for (int w = 0; w < R; w++) {
-                    int64_t row0 = (r + w) * cols;
-                    for (; oj < o.k; oj++) {
-                        int64_t c = outlier_at(&o, oj) - row0;
-                        if (c >= cols) break;
-                        if (c < 0) continue; /* out of order: never read out of range */
-                        out[w] += value_at(o.val, o.vdt, oj) * x[c];
-                    }
-                    if (y16) y16[r + w] = to_bf16(out[w]);
-                    else y[r + w] = out[w];
-                }
-            }
-        }
+#define INT8_ROWS(r, R, out) int8_rows_whole(codes, absmax, block, (r) * cols, cols, x, R, out)
+        ROW1_DRIVER(INT8_ROW1_R, INT8_ROWS, X_F32)
         free(xown);
         return;
     }
