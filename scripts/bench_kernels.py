@@ -312,6 +312,7 @@ def render(args, results, load_avg, stream=None) -> str:
         "",
         f"- Machine: {machine()}{'; GPU ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else ''}; device {DEVICE.type}; CPU kernels: {kernels.isa()}; load average at start {load_avg[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
         f"- Command: `.venv/bin/python scripts/bench_kernels.py --shapes {args.shapes} --device {DEVICE.type} --threads {torch.get_num_threads()}"
+        f"{' --rows ' + args.rows if args.rows != '1,4,16,128' else ''}{' --no-old-path' if args.no_old_path else ''}"
         f"{' --baseline ' + args.baseline if args.baseline else ''}{' --record' if args.record else ''}` (best of {args.repeats} interleaved rounds; "
         f"random codes in the pack layouts; blocks: NF4 {BLOCK['nf4']}, int8 {BLOCK['int8']}).",
         "- GB/s = stored bytes (codes + absmax + outlier tables; bf16 for the dense row) per second. "

@@ -95,22 +95,24 @@ def test_batched_nf4_rows_keep_their_bits_whatever_shares_their_step(native_call
     assert native_calls == ["nf4"] * 11
 
 
-@pytest.mark.parametrize("scheme,block", [("nf4", 64), ("int8", 32)])
-def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, block):
+@pytest.mark.parametrize("scheme,block,shape", [("nf4", 64, (1001, 576)), ("int8", 32, (1001, 576)), ("int8", 32, (75, 8192))])
+def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, block, shape):
     # One activation row (a decode step) goes several weight rows per pass (8 for NF4 with bfloat16
-    # activations, 4 for int8) so each load of x serves them all: a row's bits must not depend on
-    # which rows share its pass (slices, an odd count, another thread's share) nor on the threads.
-    stored, entry, q = _qw((1001, 576), scheme, outliers=0.01, dtype=torch.bfloat16, block=block)
+    # activations, 4 with float32 ones, 4 for int8 from 8192 columns) so each load of x serves them
+    # all: a row's bits must not depend on which rows share its pass (slices, an odd count,
+    # another thread's share) nor on the threads.
+    rows, cols = shape
+    stored, entry, q = _qw(shape, scheme, outliers=0.01, dtype=torch.bfloat16, block=block)
     before = torch.get_num_threads()
     try:
         for dtype in (torch.bfloat16, torch.float32):
-            x = torch.randn(1, 576).to(dtype)
+            x = torch.randn(1, cols).to(dtype)
             torch.set_num_threads(1)
             y = q.linear(x)
             assert _rel(y, F.linear(x.float(), _ref_weight(stored, entry, dtype).float())) < TOL[dtype]
             torch.set_num_threads(2)
             assert torch.equal(q.linear(x), y)
-            for r0, r1 in ((1, 1001), (0, 1), (333, 334), (2, 999), (500, 509), (992, 1001)):
+            for r0, r1 in ((1, rows), (0, 1), (rows // 3, rows // 3 + 1), (2, rows - 2), (rows // 2, rows // 2 + 9), (rows - 9, rows)):
                 assert torch.equal(q.row_slice(r0, r1).linear(x), y[:, r0:r1])
     finally:
         torch.set_num_threads(before)
