@@ -95,6 +95,30 @@ def test_batched_nf4_rows_keep_their_bits_whatever_shares_their_step(native_call
     assert native_calls == ["nf4"] * 11
 
 
+@pytest.mark.parametrize("scheme,block,shape", [("nf4", 64, (1001, 576)), ("int8", 32, (1001, 576)), ("int8", 32, (75, 8192))])
+def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, block, shape):
+    # One activation row (a decode step) goes several weight rows per pass (8 for NF4 with bfloat16
+    # activations, 4 with float32 ones, 4 for int8 from 8192 columns) so each load of x serves them
+    # all: a row's bits must not depend on which rows share its pass (slices, an odd count,
+    # another thread's share) nor on the threads.
+    rows, cols = shape
+    stored, entry, q = _qw(shape, scheme, outliers=0.01, dtype=torch.bfloat16, block=block)
+    before = torch.get_num_threads()
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(1, cols).to(dtype)
+            torch.set_num_threads(1)
+            y = q.linear(x)
+            assert _rel(y, F.linear(x.float(), _ref_weight(stored, entry, dtype).float())) < TOL[dtype]
+            torch.set_num_threads(2)
+            assert torch.equal(q.linear(x), y)
+            for r0, r1 in ((1, rows), (0, 1), (rows // 3, rows // 3 + 1), (2, rows - 2), (rows // 2, rows // 2 + 9), (rows - 9, rows)):
+                assert torch.equal(q.row_slice(r0, r1).linear(x), y[:, r0:r1])
+    finally:
+        torch.set_num_threads(before)
+    assert native_calls == [scheme] * 16
+
+
 def test_nf4_matvec_over_several_tiles():
     # the kernel takes any batch, in tiles of 8 rows (qweight sends it at most GEMV_MAX_ROWS)
     stored, entry, q = _qw((130, 576), "nf4", outliers=0.01)
