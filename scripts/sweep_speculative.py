@@ -20,6 +20,9 @@ from bench_speculative import GROUNDED, OPEN_PROMPTS, PASSAGE, ensure_packs  # n
 
 
 def main() -> None:
+    from layerpack_runtime.threads import configure_openmp
+
+    configure_openmp()  # idle OpenMP threads sleep (threads.py); before torch loads
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", choices=("draft", "lookup"), default="draft")
     ap.add_argument("--budgets", default="16", help="tree nodes per pass (comma-separated)")

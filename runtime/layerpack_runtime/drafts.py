@@ -9,12 +9,13 @@ deterministically). speculative.verify relies on exactly that to keep the target
 - `LookupProposer` (prompt-lookup decoding): continuations of the earlier occurrences of the
   context's end that match it longest, merged into a weighted trie. Deterministic.
 - `DraftProposer`: the draft model's tree. Greedy decoding grows it as SpecExec does: always the
-  nodes of highest cumulative draft probability, the draft expanding every node that can still
-  make the cut, until `budget` nodes. Sampling draws each node's children from the draft's
+  nodes of highest cumulative draft probability, the draft expanding the best nodes that can
+  still make the cut (at most ROWS_PER_FORWARD per forward), until `budget` nodes. Sampling draws each node's children from the draft's
   distribution (Gumbel top-k: an ordered sample without replacement) and chooses the tree's *shape*
   from fixed per-rank weights rather than from the drawn tokens' probabilities (Sequoia-style): a
   shape that looked at the drawn tokens would bias which tokens get proposed, and with them the
-  output distribution.
+  output distribution. The shape is known before any token is drawn, so the draft runs exactly
+  its inner nodes, one forward per depth.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ SAMPLED_FIRST_CHILD = 0.8   # sampling: shape weight of a node's first child; ra
 # same-size draft (the NF4 pack of the target) costs as much compute per forward as the target, so
 # on a CPU more steps cost more than the extra accepted tokens save. SmolLM2 NF4 draft vs bf16
 # target agrees on the greedy token at only ~2/3 of positions (the target's token is in the draft's
-# top 4 at ~96%), so a wide tree pays more than a deep one: measured with 16 nodes, 3.48 tokens per
-# pass with 3 steps (4.0 draft forwards per pass) vs 3.62 with 4 (4.8), and 2.85 with 8 nodes and
-# 4 steps (BENCHMARKS.md, "Speculative decoding").
+# top 4 at ~96%), so a wide tree pays more than a deep one: greedy, 16 nodes, 3.48 tokens per pass
+# with 3 steps (3.9 draft forwards, 20 rows per pass) vs 3.62 with 4 (4.7, 22 rows), 3.13 with 2;
+# at temperature 0.7, 3.36 with 3 steps vs 3.28 with 4 (scripts/sweep_speculative.py; BENCHMARKS.md,
+# "Speculative decoding").
 DRAFT_STEPS = 3
 ROWS_PER_FORWARD = GEMV_MAX_ROWS  # tree nodes per draft forward (see DraftProposer)
 
