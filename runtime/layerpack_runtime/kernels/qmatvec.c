@@ -866,6 +866,19 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
     free(xown);
 }
 
+/* The most activation rows lp_nf4_matvec multiplies faster than dequantize + GEMM (torch's bf16
+   GEMM on one core; bench_kernels.py, 2026-12-04): with bfloat16 activations and VDPBF16PS the
+   tiles of 8 rows (nf4_rows_tiled_dot) beat it 1.7-1.8x at 16 rows, 1.05-1.4x at 32 and lose at 64
+   (0.8-0.97x); the float32 tiles only up to one tile. Not registered in kernels/_SIGNATURES
+   (ctypes' default: int result), so the library's ABI is unchanged. */
+int lp_nf4_batch_max(int bf16) {
+#if defined(__AVX512F__) && NF4_DOT_OK
+    if (bf16) return 32;
+#endif
+    (void)bf16;
+    return MAX_TILE;
+}
+
 /* ---- dense bfloat16 weights, one activation row ----
    torch's batch-1 bf16 F.linear on the CPU reads its weight at about a third of the memory speed
    (BENCHMARKS.md); this reads it at the memory speed. Each product of two bfloat16 values is exact
