@@ -197,6 +197,17 @@ class QuantWeight:
             out[..., r0:r1] = F.linear(x, self.row_slice(r0, r1).dequantize(scratch), None if bias is None else bias[r0:r1])
         return out
 
+    def native_gemv_ok(self) -> bool:
+        """Whether the native GEMVs take these tensors as they are (also decode_block.py's check)."""
+        if self._gemv is None or self._gemv[0] is not self.codes or self._gemv[1] is not self.absmax:
+            cols = self.shape[-1]
+            if len(self.shape) != 2 or (self.scheme == SCHEME_NF4 and (cols % 2 or self.block_size % 2)) or not self._native_layout():
+                return False
+            self._gemv = (self.codes, self.absmax)
+        idx, val = self.outlier_idx, self.outlier_val
+        return (idx is None or not idx.numel() or (idx.dtype in (torch.int32, torch.int64) and idx.is_contiguous()
+                                                    and val.dtype in _VAL_DTYPES and val.is_contiguous() and val.numel() == idx.numel()))
+
     def _linear_native(self, x: torch.Tensor) -> torch.Tensor | None:
         """x @ W.T straight from the codes (CPU, few rows), or None when the kernel cannot take it.
         A decode step calls this ~200 times, so the layout check is remembered for the tensors it
@@ -204,14 +215,9 @@ class QuantWeight:
         activations go to the kernel as they are (it widens them and rounds its results back
         exactly as .to() would: no conversions or their allocations here)."""
         rows, cols = self.shape
-        if self._gemv is None or self._gemv[0] is not self.codes or self._gemv[1] is not self.absmax:
-            if (self.scheme == SCHEME_NF4 and (cols % 2 or self.block_size % 2)) or not self._native_layout():
-                return None
-            self._gemv = (self.codes, self.absmax)
-        idx, val = self.outlier_idx, self.outlier_val
-        if idx is not None and idx.numel() and not (idx.dtype in (torch.int32, torch.int64) and idx.is_contiguous()
-                                                    and val.dtype in _VAL_DTYPES and val.is_contiguous() and val.numel() == idx.numel()):
+        if not self.native_gemv_ok():
             return None
+        idx, val = self.outlier_idx, self.outlier_val
         lib = kernels.native()
         if lib is None:
             return None
