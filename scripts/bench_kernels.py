@@ -28,7 +28,7 @@ marked [eager]. Each form cycles through enough copies of its weight to exceed 4
 
 Before/after (--baseline FILE, CPU): another qmatvec.c (e.g. main's: `git show
 main:runtime/layerpack_runtime/kernels/qmatvec.c > /tmp/qmatvec-main.c`) is built beside the current
-one, and at 1..16 rows the native forms (nf4, nf4 + 1% outliers, int8, the dense native GEMV) are
+one, and at 1..32 rows the native forms (nf4, nf4 + 1% outliers, int8, the dense native GEMV) are
 also timed through it, interleaved in the same rounds, the same Python path (QuantWeight.linear with
 the library swapped), rows marked [baseline]; a summary gives current/baseline speed per row.
 
@@ -147,7 +147,7 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
         if rows == 1 and DEVICE.type == "cpu" and kernels.native() is not None:
             fns["dense bf16, native GEMV"] = lambda: kernels.bf16_matvec(kernels.native(), dense, x)  # LAYERPACK_BF16_GEMV=1
-        if BASELINE is not None and rows <= 16:
+        if BASELINE is not None and rows <= 32:
             for name in ("nf4", "nf4 + 1% outliers", "int8", "dense bf16, native GEMV"):
                 if name in fns:
                     fns[f"{name} [baseline]"] = with_library(BASELINE, fns[name]) if name in forms else \
@@ -411,7 +411,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bitsandbytes' fused GEMV at 1 row when installed)")
     ap.add_argument("--no-old-path", action="store_true", help="skip the slow pure-torch NF4 row")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
-    ap.add_argument("--baseline", default=None, help="another qmatvec.c timed beside the current one at 1..16 rows (CPU)")
+    ap.add_argument("--baseline", default=None, help="another qmatvec.c timed beside the current one at 1..32 rows (CPU)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

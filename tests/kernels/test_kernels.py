@@ -119,6 +119,25 @@ def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, b
     assert native_calls == [scheme] * 16
 
 
+def test_nf4_bf16_up_to_32_rows_from_the_codes(native_calls):
+    # 9..32 bfloat16 rows of NF4 (speculative verify passes, serving batches) stay on the native
+    # kernel where its VDPBF16PS tiles beat dequantize + GEMM (lp_nf4_batch_max); each row keeps its
+    # bits whatever else shares the call, and 33 rows go to dequantize + GEMM.
+    limit = qweight._cpu_nf4_max_rows("nf4", torch.zeros(1, dtype=torch.bfloat16))
+    stored, entry, q = _qw((301, 576), "nf4", outliers=0.01, dtype=torch.bfloat16)
+    x = torch.randn(33, 576).to(torch.bfloat16)
+    ref = F.linear(x.float(), _ref_weight(stored, entry, torch.bfloat16).float())
+    y = q.linear(x[:limit])
+    assert _rel(y, ref[:limit]) < TOL[torch.bfloat16]
+    for lo, hi in ((0, 9), (3, 20), (limit - 9, limit), (5, 7)):
+        assert torch.equal(q.linear(x[lo:hi]), y[lo:hi])
+    assert native_calls == ["nf4"] * 5
+    if kernels.isa() == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read():
+        assert limit == 32  # the native build of this machine has the VDPBF16PS tiles
+    native_calls.clear()
+    assert _rel(q.linear(x), ref) < TOL[torch.bfloat16] and native_calls == []  # 33 rows: dequantize + GEMM
+
+
 def test_nf4_matvec_over_several_tiles():
     # the kernel takes any batch, in tiles of 8 rows (qweight sends it at most GEMV_MAX_ROWS)
     stored, entry, q = _qw((130, 576), "nf4", outliers=0.01)
@@ -365,7 +384,8 @@ def test_fused_quantized_rows_keep_their_bits(native_calls, scheme, outliers):
         y = fused.linear(x)
         assert torch.equal(y, torch.cat([p.linear(x) for p in parts], dim=-1))
         assert torch.equal(y, torch.cat([v.linear(x) for v in views], dim=-1))
-        assert native_calls == ([scheme] * 7 if batch <= qweight.GEMV_MAX_ROWS else [])
+        native = batch <= qweight.GEMV_MAX_ROWS or batch <= qweight._cpu_nf4_max_rows(scheme, x)  # NF4 bf16: up to 32
+        assert native_calls == ([scheme] * 7 if native else [])
 
 
 def test_rows_that_split_a_block_are_not_fused():

@@ -520,6 +520,13 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
                              const float *x, const float *xt, const uint16_t *xt16, int64_t batch, float *y, uint16_t *y16,
                              outliers_t o, int nthreads) {
     int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE), nthreads);
+    /* The outliers' corrections read x by column: x[b][c] for every row b of a tile, a cache line
+       each when x is [batch, cols]. With many outliers (1%: a ~1.5x slower call at 16-32 rows) x
+       is transposed once so a column's values are adjacent; the same products, the same order. */
+    float *xT = NULL;
+    if (o.k * 4 >= cols && batch > 2 && (xT = (float *)malloc(sizeof(float) * (size_t)(batch * cols))) != NULL)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t c = 0; c < cols; c++) xT[c * batch + b] = x[b * cols + c];
     _Pragma("omp parallel num_threads(nt)")
     {
         int t = 0, T = 1;
@@ -550,7 +557,12 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
                         if (c >= cols) break;
                         if (c < 0) continue; /* out of order: never read out of range */
                         float v = value_at(o.val, o.vdt, oj);
-                        for (int b = 0; b < nb; b++) out[w][b] += v * x[(b0 + b) * cols + c];
+                        if (xT) {
+                            const float *xc = xT + c * batch + b0;
+                            for (int b = 0; b < nb; b++) out[w][b] += v * xc[b];
+                        } else {
+                            for (int b = 0; b < nb; b++) out[w][b] += v * x[(b0 + b) * cols + c];
+                        }
                     }
                     for (int b = 0; b < nb; b++) {
                         if (y16) y16[(b0 + b) * rows + r + w] = to_bf16(out[w][b]);
@@ -561,6 +573,7 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
             }
         }
     }
+    free(xT);
 }
 #define NF4_TILED_OK(batch, block, cols) ((batch) > 1 && (block) % 32 == 0 && (cols) % (block) == 0)
 #else
@@ -864,6 +877,19 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
         WITH_CONST_NB(int8_row, nb, codes, absmax, block, row0, cols, xr)
     })
     free(xown);
+}
+
+/* The most activation rows lp_nf4_matvec multiplies faster than dequantize + GEMM (torch's bf16
+   GEMM on one core; bench_kernels.py, 2026-12-04): with bfloat16 activations and VDPBF16PS the
+   tiles of 8 rows (nf4_rows_tiled_dot) beat it 1.7-1.8x at 16 rows, 1.05-1.4x at 32 and lose at 64
+   (0.8-0.97x); the float32 tiles only up to one tile. Not registered in kernels/_SIGNATURES
+   (ctypes' default: int result), so the library's ABI is unchanged. */
+int lp_nf4_batch_max(int bf16) {
+#if defined(__AVX512F__) && NF4_DOT_OK
+    if (bf16) return 32;
+#endif
+    (void)bf16;
+    return MAX_TILE;
 }
 
 /* ---- dense bfloat16 weights, one activation row ----
