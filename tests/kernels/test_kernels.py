@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -427,3 +428,15 @@ def test_bf16_gemv_is_opt_in(monkeypatch):
     monkeypatch.delitem(kernels._state, "bf16_gemv", raising=False)
     w, x = torch.randn(576, 576).to(torch.bfloat16), torch.randn(1, 576).to(torch.bfloat16)
     assert not kernels.dense_gemv() and torch.equal(qweight.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_probe_reads_every_line(threads):
+    # the STREAM-like probe (bench_kernels.py's limit) must read every 64-byte line, whatever its
+    # split into threads and streams: its XOR is the XOR of every 8-byte word
+    lib = kernels.native()
+    g = torch.Generator().manual_seed(0)
+    for lines in (1, 7, 8, 1237, 64 * 1024 + 3):
+        words = torch.randint(-2**62, 2**62, (lines * 8,), dtype=torch.int64, generator=g)
+        want = int(np.bitwise_xor.reduce(words.numpy().view(np.uint64)))
+        assert lib.lp_read_xor(words.data_ptr(), lines * 64, threads) == want
