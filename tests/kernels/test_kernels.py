@@ -440,3 +440,14 @@ def test_read_probe_reads_every_line(threads):
         words = torch.randint(-2**62, 2**62, (lines * 8,), dtype=torch.int64, generator=g)
         want = int(np.bitwise_xor.reduce(words.numpy().view(np.uint64)))
         assert lib.lp_read_xor(words.data_ptr(), lines * 64, threads) == want
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_columns_gives_zeros(scheme, dtype):
+    # an empty x may come as a NULL pointer: the result is still written (zeros), never left as garbage
+    lib = kernels.native()
+    codes = torch.zeros(2, dtype=torch.uint8 if scheme == "nf4" else torch.int8)
+    for batch in (1, 3):
+        y = kernels.matvec(lib, scheme, codes, torch.ones(1), 5, 0, 64, torch.zeros(batch, 0, dtype=dtype), None, None)
+        assert torch.equal(y, torch.zeros(batch, 5, dtype=dtype))

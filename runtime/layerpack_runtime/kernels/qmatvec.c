@@ -792,13 +792,17 @@ static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, uint16_
 void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
                    const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
                    int64_t k, int nthreads, int bf16) {
+    if (cols <= 0) { /* no columns: every dot product is 0 (x may be a NULL pointer) */
+        memset(y_out, 0, (size_t)(batch * rows) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+        return;
+    }
     outliers_t o = {oidx, idx64, oval, vdt, k};
     int64_t half = cols / 2;
     float *y = bf16 ? NULL : (float *)y_out, *xown;
     uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
     if (NF4_ROW1_BF16_OK(batch, bf16, block, cols)) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-        uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)cols);
+        uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(cols > 0 ? cols : 1));
         if (!xp) return;
         nf4_perm_x16((const uint16_t *)x_in, cols, xp);
         const uint16_t *xh = (const uint16_t *)x_in;
@@ -854,6 +858,10 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
 void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
                     const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
                     int64_t k, int nthreads, int bf16) {
+    if (cols <= 0) { /* no columns: every dot product is 0 (x may be a NULL pointer) */
+        memset(y_out, 0, (size_t)(batch * rows) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+        return;
+    }
     outliers_t o = {oidx, idx64, oval, vdt, k};
     float *y = bf16 ? NULL : (float *)y_out, *xown;
     uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
