@@ -2,6 +2,7 @@
 """Quantized linear kernels against dense bf16 `F.linear`, side by side in one run.
 
     .venv/bin/python scripts/bench_kernels.py [--shapes smollm2,llama3-8b,llama3-405b] [--threads N] [--record]
+        [--baseline OLD_qmatvec.c]
 
 For each weight shape (SmolLM2-135M's, Llama-3-8B's MLP, Llama-3.1-405B's MLP) and each form -
 NF4, NF4 with 1% outliers, int8 (all in the pack's layouts, random codes), the old pure-torch NF4
@@ -25,6 +26,12 @@ call; dequantize + GEMM slices outlier tables on the host) are timed eagerly, ba
 marked [eager]. Each form cycles through enough copies of its weight to exceed 4x the L2 cache
 (at most 256), so small weights are read from device memory, not L2.
 
+Before/after (--baseline FILE, CPU): another qmatvec.c (e.g. main's: `git show
+main:runtime/layerpack_runtime/kernels/qmatvec.c > /tmp/qmatvec-main.c`) is built beside the current
+one, and at 1..32 rows the native forms (nf4, nf4 + 1% outliers, int8, the dense native GEMV) are
+also timed through it, interleaved in the same rounds, the same Python path (QuantWeight.linear with
+the library swapped), rows marked [baseline]; a summary gives current/baseline speed per row.
+
 The CPU's limit: a STREAM-like read bandwidth (kernels.read_bandwidth: XOR of every line of a
 512 MiB buffer, best of 5) at 1 and 2 threads, measured before and after the kernels (the best of
 the two counts); every row's GB/s is also given as a fraction of it at the thread count in use.
@@ -46,6 +53,7 @@ from benchlib import machine, record  # noqa: E402
 
 from layerpack_runtime import kernels  # noqa: E402
 from layerpack_runtime.qweight import QuantWeight  # noqa: E402
+from layerpack_runtime.format import DEFAULT_BLOCK_SIZE  # noqa: E402
 from layerpack_runtime.quant import quantize_blocks_for_probe  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_kernels:start -->", "<!-- bench_kernels:end -->"
@@ -54,10 +62,38 @@ SHAPES = {
     "llama3-8b": [(14336, 4096), (4096, 14336)],
     "llama3-405b": [(53248, 16384), (16384, 53248)],
 }
-BLOCK = {"nf4": 64, "int8": 128}
+BLOCK = {"nf4": DEFAULT_BLOCK_SIZE["nf4"], "int8": DEFAULT_BLOCK_SIZE["int8"]}  # the converter's defaults
 
 
 DEVICE = torch.device("cpu")
+BASELINE = None  # (--baseline) the other kernel library, timed beside the current one
+
+
+def load_baseline(source: str):
+    """Build and load another qmatvec.c alone (its own cache key: the key includes the sources; the
+    decode block is left out, the GEMVs are what is compared)."""
+    saved = kernels.SOURCE, kernels.SOURCES
+    kernels.SOURCE = os.path.abspath(source)
+    kernels.SOURCES = (kernels.SOURCE,)
+    try:
+        path = kernels._build(os.environ.get("LAYERPACK_KERNEL_FLAGS") or kernels.DEFAULT_FLAGS)
+    finally:
+        kernels.SOURCE, kernels.SOURCES = saved
+    if path == kernels._build(os.environ.get("LAYERPACK_KERNEL_FLAGS") or kernels.DEFAULT_FLAGS):
+        raise RuntimeError("it builds the very library in use")  # never compare a build with itself
+    return kernels._load(path)
+
+
+def with_library(lib, fn):
+    """fn run with kernels.native() answering `lib`: the same Python path, another kernel."""
+    def call():
+        saved = kernels._state.get("lib")
+        kernels._state["lib"] = lib
+        try:
+            return fn()
+        finally:
+            kernels._state["lib"] = saved
+    return call
 
 
 def sync() -> None:
@@ -116,6 +152,11 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
         if rows == 1 and DEVICE.type == "cpu" and kernels.native() is not None:
             fns["dense bf16, native GEMV"] = lambda: kernels.bf16_matvec(kernels.native(), dense, x)  # LAYERPACK_BF16_GEMV=1
+        if BASELINE is not None and rows <= 32:
+            for name in ("nf4", "nf4 + 1% outliers", "int8", "dense bf16, native GEMV"):
+                if name in fns:
+                    fns[f"{name} [baseline]"] = with_library(BASELINE, fns[name]) if name in forms else \
+                        (lambda: kernels.bf16_matvec(BASELINE, dense, x))
         if old_path:
             from layerpack_runtime.quant import dequantize_nf4
 
@@ -124,7 +165,8 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         reps = repeats if n * rows < 2e10 else max(2, repeats // 3)
         times = best_of(fns, reps)
         for name, t in times.items():
-            nbytes = forms[name].nbytes if name in forms else (forms["nf4"].nbytes if "old path" in name else n * 2)
+            base = name.removesuffix(" [baseline]")
+            nbytes = forms[base].nbytes if base in forms else (forms["nf4"].nbytes if "old path" in name else n * 2)
 
             results.append({"shape": shape, "rows": rows, "form": name, "s": t, "gbps": nbytes / t / 1e9,
                             "vs_dense": times["dense bf16 F.linear"] / t})
@@ -275,7 +317,9 @@ def render(args, results, load_avg, stream=None) -> str:
         "",
         f"- Machine: {machine()}{'; GPU ' + torch.cuda.get_device_name() if DEVICE.type == 'cuda' else ''}; device {DEVICE.type}; CPU kernels: {kernels.isa()}; load average at start {load_avg[0]:.2f}, at end {os.getloadavg()[0]:.2f}.",
         f"- Command: `.venv/bin/python scripts/bench_kernels.py --shapes {args.shapes} --device {DEVICE.type} --threads {torch.get_num_threads()}"
-        f"{' --record' if args.record else ''}` (best of {args.repeats} interleaved rounds; random codes in the pack layouts).",
+        f"{' --rows ' + args.rows if args.rows != '1,4,16,128' else ''}{' --no-old-path' if args.no_old_path else ''}"
+        f"{' --baseline ' + args.baseline if args.baseline else ''}{' --record' if args.record else ''}` (best of {args.repeats} interleaved rounds; "
+        f"random codes in the pack layouts; blocks: NF4 {BLOCK['nf4']}, int8 {BLOCK['int8']}).",
         "- GB/s = stored bytes (codes + absmax + outlier tables; bf16 for the dense row) per second. "
         "\"per-param speed vs dense\" = dense bf16 time / this time for the same shape and rows (>= 1: no worse than dense).",
         "- Rows 1 = decode; 4 and 16 = small batches (native kernel, weights decoded once per tile of up to 8 rows); 128 = prefill "
@@ -292,6 +336,7 @@ def render(args, results, load_avg, stream=None) -> str:
     for r in results:
         frac = f"{r['gbps'] * 1e9 / ref:.0%}" if ref else "-"
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | {r['form']} | {r['s'] * 1e3:.3f} | {r['gbps']:.2f} | {frac} | {r['vs_dense']:.2f}x |")
+    lines += baseline_summary(args, results, ref)
     dec = [r for r in results if r["rows"] == 1 and r["form"] in ("nf4", "nf4 + 1% outliers", "int8")]
     if dec:
         worst_gbps = min(dec, key=lambda r: r["gbps"])
@@ -300,6 +345,23 @@ def render(args, results, load_avg, stream=None) -> str:
                       f"{worst_gbps['shape'][0]}x{worst_gbps['shape'][1]}; target >= 4); lowest per-param speed vs dense bf16 "
                       f"{worst_ratio['vs_dense']:.2f}x ({worst_ratio['form']}, {worst_ratio['shape'][0]}x{worst_ratio['shape'][1]}; target >= 1)."]
     return "\n".join(lines)
+
+
+def baseline_summary(args, results, ref) -> list[str]:
+    """current vs --baseline, per weight shape, rows and form (speed ratio > 1: the current kernel is faster)."""
+    old = {(r["shape"], r["rows"], r["form"].removesuffix(" [baseline]")): r for r in results if r["form"].endswith(" [baseline]")}
+    if not old:
+        return []
+    lines = ["", f"Before/after: the current qmatvec.c against `--baseline {args.baseline}` in the same rounds "
+                 "(speed = baseline time / current time).", "",
+             "| weight (out x in) | rows | form | baseline GB/s (of STREAM) | current GB/s (of STREAM) | speed |", "|---|--:|---|--:|--:|--:|"]
+    pct = (lambda g: f" ({g * 1e9 / ref:.0%})") if ref else (lambda g: "")
+    for r in results:
+        b = old.get((r["shape"], r["rows"], r["form"]))
+        if b:
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | {r['form']} | {b['gbps']:.2f}{pct(b['gbps'])} | "
+                         f"{r['gbps']:.2f}{pct(r['gbps'])} | {b['s'] / r['s']:.2f}x |")
+    return lines
 
 
 def render_cuda(args, results, load_avg, copy_bw) -> str:
@@ -354,11 +416,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bitsandbytes' fused GEMV at 1 row when installed)")
     ap.add_argument("--no-old-path", action="store_true", help="skip the slow pure-torch NF4 row")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
+    ap.add_argument("--baseline", default=None, help="another qmatvec.c timed beside the current one at 1..32 rows (CPU)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    global DEVICE
+    global DEVICE, BASELINE
     DEVICE = torch.device(a.device)
+    if a.baseline:
+        if DEVICE.type != "cpu" or kernels.native() is None:
+            sys.exit("error: --baseline needs the CPU and the native kernels")
+        if not os.path.isfile(a.baseline):
+            sys.exit(f"error: --baseline {a.baseline}: no such file")
+        try:
+            BASELINE = load_baseline(a.baseline)
+        except Exception as e:  # noqa: BLE001 - a source that does not build or load: one line
+            sys.exit(f"error: --baseline {a.baseline}: {e}")
     if kernels.native() is None:
         print("note: native kernels unavailable: the quantized rows measure the pure-torch fallback", file=sys.stderr)
     load_avg = os.getloadavg()

@@ -3,9 +3,20 @@
 prompt: decode tokens/s side by side, interleaved rounds. Not part of the test suite.
 
     .venv/bin/python scripts/bench_llamacpp.py [--model DIR] [--threads 1] [--rounds 3] [--tokens 128] [--record]
+    .venv/bin/python scripts/bench_llamacpp.py --synthetic llama3-8b [--layers 4] ...
 
 Pairs: layerpack bf16 / int8 / nf4 packs against llama.cpp BF16 / Q8_0 / Q4_0 GGUFs of the same
 checkpoint (--model, default: SmolLM2-135M-Instruct from ~/.cache/layerpack/models).
+
+--synthetic llama3-8b: a Llama-3.1-8B-shaped checkpoint instead (hidden 4096, FFN 14336, 32 heads /
+8 KV heads of 128, vocab 128256, untied head, llama3 rope; --layers of its 32 decoder layers, random
+weights), written once by scripts/make_synthetic.py into out/synthetic/llama3-8b-<layers>L and
+reused (4 layers: 3.8 GB; its GGUFs and packs add ~14 GB under --work). Its tokenizer is SmolLM2's
+(49152 ids, the same ids on both sides): the embedding and head keep Llama 3's 128256 rows (the
+bytes a real 8B head reads per token), the pack allows more rows than its tokenizer has, and
+llama.cpp's converter lists the 79104 ids past the tokenizer as unused `[PAD<id>]` tokens (its rule
+for a config vocab_size larger than the tokenizer). Greedy decoding of random weights may pick any
+of the 128256 ids; both sides just feed them back. For speed, not quality.
 
 Setup (cached, so only the first run is slow):
 * llama-cpp-python is built from its source distribution with native CPU flags (GGML_NATIVE) into
@@ -18,7 +29,8 @@ Setup (cached, so only the first run is slow):
 
 Each round runs every configuration once, each in a fresh process (one at a time; the order of
 the two sides alternates between rounds), each: load, prefill the prompt, then --tokens greedy
-decode steps (no stop at EOS: both sides do the same number of steps). Reported: median decode
+decode steps (no stop at EOS: both sides do the same number of steps), and nothing else (what
+the report needs from the GGUF is read beforehand, in another process). Reported: median decode
 tok/s over rounds, the median of the per-round ratios, the load average during the round, bytes
 of weights read per decoded token (every weight except embedding rows; a tied head reads the
 whole embedding) and the resulting GB/s, prefill time and whole-process time (start to exit).
@@ -98,6 +110,17 @@ sys.exit(rc)
 """
 
 
+def synthetic_checkpoint(shape: str, layers: int) -> Path:
+    """A random-weight checkpoint of `shape` under out/synthetic (make_synthetic.py skips a complete one)."""
+    out = ROOT / "out" / "synthetic" / f"{shape}-{layers}L"
+    tokenizer = Path.home() / ".cache" / "layerpack" / "models" / "smollm2"
+    if not (out / ".complete").exists():
+        print(f"writing the {shape}-shaped checkpoint ({layers} layers, random weights) into {out}...", file=sys.stderr)
+    run([ROOT / ".venv" / "bin" / "python", ROOT / "scripts" / "make_synthetic.py", out, "--shape", shape,
+         "--layers", layers, "--tokenizer", tokenizer, "--quiet"])
+    return out
+
+
 def ensure_models(model: Path, work: Path, tree: Path) -> dict:
     """GGUF files and packs of `model` under `work` (made once)."""
     work.mkdir(parents=True, exist_ok=True)
@@ -119,6 +142,21 @@ def ensure_models(model: Path, work: Path, tree: Path) -> dict:
             run([ROOT / ".venv" / "bin" / "layerpack", "convert", model, p, "--quant", quant, "--overwrite"])
         out[quant] = (p, g)
     return out
+
+
+# Weight bytes a llama.cpp decode step reads: every tensor of the GGUF but the embedding's (one row a
+# token), unless the head is tied to it (no output.weight). Read once, outside the timed worker: the
+# gguf package's reader parses the whole vocabulary (~3 s on SmolLM2's GGUF under load), which runs
+# before 2026-12-04 16:30 counted in llama.cpp's process time.
+_GGUF_BYTES = r"""
+import sys, gguf
+sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(sys.argv[1]).tensors}
+print(sum(sizes.values()) - (sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0))
+"""
+
+
+def gguf_bytes_per_token(g: Path) -> int:
+    return int(run([BENCH_PY, "-c", _GGUF_BYTES, g]).stdout.split()[-1])
 
 
 # -- workers (each in its own process) -----------------------------------------------------------------
@@ -152,12 +190,8 @@ def worker_layerpack(cfg: dict) -> dict:
 
 
 def worker_llamacpp(cfg: dict) -> dict:
-    import gguf
     import llama_cpp
 
-    reader = gguf.GGUFReader(cfg["gguf"])
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    per_token = sum(sizes.values()) - (sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0)
     llm = llama_cpp.Llama(cfg["gguf"], n_ctx=len(cfg["prompt_ids"]) + cfg["tokens"] + 8, n_threads=cfg["threads"],
                           n_threads_batch=cfg["threads"], n_batch=512, verbose=False)
     gen = llm.generate(cfg["prompt_ids"], temp=0.0, top_k=1, reset=True)
@@ -168,7 +202,7 @@ def worker_llamacpp(cfg: dict) -> dict:
     for _ in range(cfg["tokens"] - 1):
         next(gen)
     decode = time.perf_counter() - t0
-    return {"decode_tps": (cfg["tokens"] - 1) / decode, "prefill_s": prefill, "bytes_per_token": per_token,
+    return {"decode_tps": (cfg["tokens"] - 1) / decode, "prefill_s": prefill, "bytes_per_token": cfg["bytes_per_token"],
             "threads": cfg["threads"], "isa": llama_cpp.llama_print_system_info().decode().strip()}
 
 
@@ -191,10 +225,10 @@ def render(a, rows, loads, info) -> str:
         f"- Machine: {machine()} (this script's own process; the workers use --threads); **shared with other agents' work during the run** (load averages below: "
         f"{min(loads):.1f}-{max(loads):.1f} over the rounds, on 2 cores), so absolute figures are low and noisy; the ratios "
         "compare runs made seconds apart.",
-        f"- Command: `.venv/bin/python scripts/bench_llamacpp.py --model {a.model} --threads {a.threads} --rounds {a.rounds} "
+        f"- Command: `.venv/bin/python scripts/bench_llamacpp.py {f'--synthetic {a.synthetic} --layers {a.layers}' if a.synthetic else f'--model {a.model}'} --threads {a.threads} --rounds {a.rounds} "
         f"--tokens {a.tokens}{' --record' if a.record else ''}`; llama-cpp-python {LLAMACPP_VERSION} built from source "
         f"with `{CMAKE_ARGS.split()[0]}` ({info.get('isa', '?')[:160]}).",
-        f"- Model: `{a.model}`; prompt {info['prompt_tokens']} tokens, {a.tokens} greedy tokens (decode = steps 2..{a.tokens}); "
+        f"- Model: `{a.model}`{' (random weights, Llama-3.1-8B layer shapes, vocab 128256, SmolLM2 tokenizer)' if a.synthetic else ''}; prompt {info['prompt_tokens']} tokens, {a.tokens} greedy tokens (decode = steps 2..{a.tokens}); "
         f"{a.rounds} interleaved rounds, each configuration in a fresh process; threads {a.threads} on both sides.",
         "- GB/s = weight bytes read per decoded token (all weights except embedding rows; a tied head reads the whole "
         "embedding) x median tok/s. Ratio = layerpack / llama.cpp: of the medians, and the median of the per-round ratios.",
@@ -226,6 +260,8 @@ def render(a, rows, loads, info) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path.home() / ".cache" / "layerpack" / "models" / "smollm2"))
+    ap.add_argument("--synthetic", choices=("llama3-8b",), help="a random-weight checkpoint of this shape instead of --model (see above)")
+    ap.add_argument("--layers", type=int, default=4, help="--synthetic: decoder layers (of 32)")
     ap.add_argument("--work", default=str(ROOT / "out" / "llamacpp"), help="GGUFs and packs (kept; reused)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
@@ -240,6 +276,12 @@ def main() -> None:
         return
     if a.tokens < 2 or a.rounds < 1 or a.threads < 1:
         sys.exit("error: --tokens must be >= 2, --rounds and --threads >= 1")
+    if not 1 <= a.layers <= 32:
+        sys.exit("error: --layers must be in 1..32")
+    if a.synthetic:
+        if not (Path.home() / ".cache" / "layerpack" / "models" / "smollm2" / "tokenizer.json").exists():
+            sys.exit("error: --synthetic takes SmolLM2's tokenizer: run scripts/fetch_models.py smollm2 first")
+        a.model = str(synthetic_checkpoint(a.synthetic, a.layers))
     model = Path(a.model)
     if not (model / "config.json").exists():
         sys.exit(f"error: {model} is not a Hugging Face checkpoint folder (no config.json)")
@@ -251,6 +293,7 @@ def main() -> None:
     from layerpack_runtime import load  # noqa: E402  (the prompt's ids, from the pack's own tokenizer)
 
     prompt_ids = load(models[PAIRS[0][0]][0]).encode_prompt(PROMPT)
+    gguf_bytes = {quant: gguf_bytes_per_token(models[quant][1]) for quant, _, _ in PAIRS}
     rows: dict = {}
     loads = []
     info = {"prompt_tokens": len(prompt_ids)}
@@ -259,7 +302,8 @@ def main() -> None:
         for quant, gtype, _ in PAIRS:
             pack, g = models[quant]
             base = {"threads": a.threads, "tokens": a.tokens, "prompt_ids": prompt_ids}
-            sides = [("layerpack", {**base, "pack": str(pack)}), ("llamacpp", {**base, "gguf": str(g)})]
+            sides = [("layerpack", {**base, "pack": str(pack)}),
+                     ("llamacpp", {**base, "gguf": str(g), "bytes_per_token": gguf_bytes[quant]})]
             for side, cfg in (sides if r % 2 == 0 else sides[::-1]):
                 out = spawn(side, cfg)
                 info.setdefault("isa", out.get("isa", "")) if side == "llamacpp" else None

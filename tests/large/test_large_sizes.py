@@ -432,6 +432,13 @@ def test_tensor_of_2_31_elements(monkeypatch):
     zero = torch.ones(rows, dtype=torch.bool)
     zero[list(dense)] = False
     assert not bool(y[0][zero].any())  # rows of zero codes give exactly 0: no read went astray
+    x16 = x.to(torch.bfloat16)  # bfloat16 activations: the one-row VDPBF16PS kernel (bf16-rounded weights)
+    y16 = w.linear(x16)
+    want16 = torch.zeros(rows)
+    for r, v in dense.items():
+        want16[r] = (v.to(torch.bfloat16).double() @ x16[0].double()).float()
+    assert y16.dtype == torch.bfloat16 and torch.allclose(y16[0].float(), want16, rtol=1e-2, atol=1e-2)
+    assert not bool(y16[0][zero].any())
     monkeypatch.setattr(kernels, "native", lambda: None)
     check("torch")
 

@@ -52,8 +52,14 @@ def test_tokenizer_matches_transformers(pack, hf_tokenizer):
     assert tok.bos_id == 2 and 1 in tok.eos_ids
 
 
-def test_bf16_greedy_matches_transformers(gemma3_270m, pack, hf_tokenizer):
+def test_bf16_greedy_matches_transformers(gemma3_270m, pack, hf_tokenizer, monkeypatch):
+    """The per-op path (LAYERPACK_DECODE_BLOCK=0) computes transformers' bf16 arithmetic: the same
+    greedy tokens, token for token. The native decode block (the default for these steps) sums in
+    another order: fed transformers' tokens, its logits stay within bf16 noise of transformers' and
+    pick the same token wherever transformers' top two are further apart than that noise."""
     import transformers
+
+    from layerpack_runtime.kernels import decode_block
 
     enc = hf_tokenizer(PROMPT, return_tensors="pt")
     ref = transformers.AutoModelForCausalLM.from_pretrained(gemma3_270m, dtype=torch.bfloat16).eval()
@@ -61,6 +67,8 @@ def test_bf16_greedy_matches_transformers(gemma3_270m, pack, hf_tokenizer):
         out = ref.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False)
     expected = out[0, enc["input_ids"].shape[1]:].tolist()
     assert len(expected) == NEW_TOKENS and 1 not in expected  # no EOS inside: all 16 tokens are compared
+    monkeypatch.setenv("LAYERPACK_DECODE_BLOCK", "0")
+    decode_block.reset()
     model = load(pack)
     assert model.dtype == torch.bfloat16
     assert model.encode_prompt(PROMPT) == enc["input_ids"][0].tolist()
@@ -68,6 +76,26 @@ def test_bf16_greedy_matches_transformers(gemma3_270m, pack, hf_tokenizer):
     text = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
     assert text == hf_tokenizer.decode(expected, skip_special_tokens=True)
     print(f"\nGemma 3 270M bf16 greedy: {PROMPT!r} -> {text!r}\n{model.last_stats.summary()}")
+
+    monkeypatch.setenv("LAYERPACK_DECODE_BLOCK", "1")
+    decode_block.reset()
+    native = load(pack)
+    ids = enc["input_ids"]
+    cache = native.new_cache(1, ids.shape[1] + NEW_TOKENS)
+    with torch.no_grad():
+        hf = ref(ids, use_cache=True)
+        native.forward(ids, cache=cache)
+        past, margins = hf.past_key_values, []
+        for tok in expected[:-1]:
+            hf = ref(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past = hf.past_key_values
+            ours, want = native.forward(torch.tensor([[tok]]), cache=cache)[0, -1], hf.logits[0, -1].float()
+            top2 = want.topk(2).values
+            margins.append((top2[0] - top2[1]).item())
+            assert _rel(ours, want) < 0.03, (tok, _rel(ours, want))
+            if margins[-1] > 0.5:
+                assert int(ours.argmax()) == int(want.argmax()), (tok, margins[-1])
+    print(f"native decode block: top-1/top-2 margins of transformers' logits {[round(m, 2) for m in margins]}")
 
 
 def test_fp32_logits_match_transformers_resident_and_streamed(gemma3_270m, pack, hf_tokenizer):

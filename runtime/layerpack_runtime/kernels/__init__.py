@@ -16,6 +16,8 @@ Environment:
                             F.linear. Off by default: it sums in another order than torch, so
                             bf16 logits are no longer bit-identical to transformers' (the MoE
                             bf16 parity test asserts that; SmolLM2's greedy tokens still match)
+  LAYERPACK_DECODE_BLOCK=0  one-token CPU decode steps run block by block through torch operators
+                            instead of one native call per block (decode_block.py)
   LAYERPACK_KERNEL_FLAGS    compiler flags instead of the default "-O3 -march=native" (the tests
                             build an AVX2-only and a portable variant with it)
   CC                        the C compiler (default: cc)
@@ -33,7 +35,10 @@ import tempfile
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qmatvec.c")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(_HERE, "qmatvec.c")
+# compiled into the same library: the one-call decode block (decode_block.py) calls qmatvec.c's GEMVs
+SOURCES = (SOURCE, os.path.join(_HERE, "decode_block.c"))
 DEFAULT_FLAGS = "-O3 -march=native"
 ABI_VERSION = 3
 BUILD_TIMEOUT_S = 120
@@ -66,10 +71,12 @@ def _cpu_id() -> str:
 
 
 def _build(flags: str) -> str:
-    """Compile qmatvec.c into the cache (atomically: temp file, then rename) and return its path."""
+    """Compile qmatvec.c and decode_block.c into the cache (atomically: temp file, then rename) and return its path."""
     cc = os.environ.get("CC") or "cc"
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    src = b""
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            src += f.read()
     key = hashlib.sha256(src + flags.encode() + cc.encode() + _cpu_id().encode() + sys.platform.encode()).hexdigest()[:16]
     out_dir = cache_dir()
     lib = os.path.join(out_dir, f"qmatvec-{key}.so")
@@ -82,7 +89,7 @@ def _build(flags: str) -> str:
     os.close(fd)
     try:
         for openmp in (["-fopenmp"], []):  # a compiler without OpenMP still gives single-threaded kernels
-            cmd = [cc, *flags.split(), *openmp, "-shared", "-fPIC", "-std=c99", "-o", tmp, SOURCE]
+            cmd = [cc, *flags.split(), *openmp, "-shared", "-fPIC", "-std=c99", "-o", tmp, *SOURCES, "-lm"]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if res.returncode == 0:
                 break

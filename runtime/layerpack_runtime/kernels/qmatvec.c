@@ -26,7 +26,14 @@
    once for every row and are bound by the multiply-adds, not the weight bytes (nf4_rows_tiled).
    With bfloat16 activations on a CPU with AVX512-BF16 they multiply the chunk rounded to bfloat16
    (the weights a bf16 prefill multiplies) with VDPBF16PS, twice the products per instruction
-   (nf4_rows_tiled_dot). One activation row keeps the float32 path. */
+   (nf4_rows_tiled_dot).
+
+   One activation row (a decode step) is bound by instructions per weight and by how well the
+   weight bytes stream in: the one-row kernels (nf4_rows_bf16, nf4_rows_f32, int8_rows_whole) take
+   several weight rows per pass, so each load of x serves them all, prefetch the next group of
+   rows (rows of a few KB are too short for the hardware prefetcher), and with bfloat16
+   activations NF4 looks its bfloat16 weights up with VPERMW and multiplies them with VDPBF16PS
+   (nf4_rows_bf16: the same weights as the batched rows and the bf16 prefill). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -513,6 +520,13 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
                              const float *x, const float *xt, const uint16_t *xt16, int64_t batch, float *y, uint16_t *y16,
                              outliers_t o, int nthreads) {
     int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE), nthreads);
+    /* The outliers' corrections read x by column: x[b][c] for every row b of a tile, a cache line
+       each when x is [batch, cols]. With many outliers (1%: a ~1.5x slower call at 16-32 rows) x
+       is transposed once so a column's values are adjacent; the same products, the same order. */
+    float *xT = NULL;
+    if (o.k * 4 >= cols && batch > 2 && (xT = (float *)malloc(sizeof(float) * (size_t)(batch * cols))) != NULL)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t c = 0; c < cols; c++) xT[c * batch + b] = x[b * cols + c];
     _Pragma("omp parallel num_threads(nt)")
     {
         int t = 0, T = 1;
@@ -543,7 +557,12 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
                         if (c >= cols) break;
                         if (c < 0) continue; /* out of order: never read out of range */
                         float v = value_at(o.val, o.vdt, oj);
-                        for (int b = 0; b < nb; b++) out[w][b] += v * x[(b0 + b) * cols + c];
+                        if (xT) {
+                            const float *xc = xT + c * batch + b0;
+                            for (int b = 0; b < nb; b++) out[w][b] += v * xc[b];
+                        } else {
+                            for (int b = 0; b < nb; b++) out[w][b] += v * x[(b0 + b) * cols + c];
+                        }
                     }
                     for (int b = 0; b < nb; b++) {
                         if (y16) y16[(b0 + b) * rows + r + w] = to_bf16(out[w][b]);
@@ -554,10 +573,182 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
             }
         }
     }
+    free(xT);
 }
 #define NF4_TILED_OK(batch, block, cols) ((batch) > 1 && (block) % 32 == 0 && (cols) % (block) == 0)
 #else
 #define NF4_TILED_OK(batch, block, cols) 0
+#endif
+
+/* MATVEC_DRIVER for one activation row: the one-row kernels take RMAX weight rows a pass (each load
+   of x serves them all; each row has its own accumulators and the same operations in the same
+   order whatever shares its pass). ROWS(r, R, out) computes rows r .. r + R (R == RMAX, or 1 for
+   the last few rows of a thread's share); XAT(c) is x[c] as a float, for the outliers. */
+#define ROW1_DRIVER(RMAX, ROWS, XAT)                                                               \
+    int nt = threads_for(rows * cols, nthreads);                                                   \
+    _Pragma("omp parallel num_threads(nt)")                                                        \
+    {                                                                                              \
+        int t = 0, T = 1;                                                                          \
+        THREAD_IDS(t, T);                                                                          \
+        int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;                                \
+        int64_t oj = o.k ? first_outlier_from(&o, r_begin * cols) : 0;                             \
+        for (int64_t r = r_begin; r < r_end; r += RMAX) {                                          \
+            int R = r_end - r < RMAX ? (int)(r_end - r) : RMAX;                                    \
+            float out[RMAX];                                                                       \
+            if (R == RMAX) ROWS(r, RMAX, out);                                                     \
+            else for (int w = 0; w < R; w++) ROWS(r + w, 1, out + w);                              \
+            for (int w = 0; w < R; w++) {                                                          \
+                int64_t row0 = (r + w) * cols;                                                     \
+                for (; oj < o.k; oj++) {                                                           \
+                    int64_t c = outlier_at(&o, oj) - row0;                                         \
+                    if (c >= cols) break;                                                          \
+                    if (c < 0) continue; /* out of order: never read out of range */              \
+                    out[w] += value_at(o.val, o.vdt, oj) * (XAT(c));                               \
+                }                                                                                  \
+                if (y16) y16[r + w] = to_bf16(out[w]);                                             \
+                else y[r + w] = out[w];                                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }
+#define X_F32(c) x[c]              /* float32 x */
+#define X_BF16(c) from_bf16(xh[c]) /* bfloat16 xh */
+
+/* ---- NF4 against one float32 activation row: nf4_row's nb == 1 path (the same operations in the
+   same order: the same bits), R weight rows per pass, so each load of x (deinterleaved: xe even
+   columns, xo odd) serves R rows: at 14336 columns x is 56 KB, beyond the L1 cache. */
+#if defined(__AVX512F__)
+#define NF4_ROW1_F32_R 4
+ALWAYS_INLINE void nf4_rows_f32(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                                const float *e, const float *o, int R, float *out) {
+    const __m512 tab = _mm512_loadu_ps(NF4);
+    __m512 a0[NF4_ROW1_F32_R], a1[NF4_ROW1_F32_R], a2[NF4_ROW1_F32_R], a3[NF4_ROW1_F32_R];
+    for (int w = 0; w < R; w++) a0[w] = a1[w] = a2[w] = a3[w] = _mm512_setzero_ps();
+    const uint8_t *c = codes + (flat0 >> 1);
+    const float *sc = absmax + flat0 / block;
+    const int64_t row_bytes = cols >> 1, row_blocks = cols / block, steps = block / 64;
+    for (int64_t kb = 0, h = 0; kb < row_blocks; kb++) {
+        __m512 t[NF4_ROW1_F32_R];
+        for (int w = 0; w < R; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+        for (int64_t q = 0; q < steps; q++, h += 32) {
+            __m512 e0 = _mm512_loadu_ps(e + h), o0 = _mm512_loadu_ps(o + h), e1 = _mm512_loadu_ps(e + h + 16), o1 = _mm512_loadu_ps(o + h + 16);
+            for (int w = 0; w < R; w++) {
+                _mm_prefetch((const char *)(c + (w + R) * row_bytes + h), _MM_HINT_T0); /* as in nf4_rows_bf16 */
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes + h)));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes + h + 16)));
+                a0[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t[w]), e0, a0[w]);
+                a1[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, t[w]), o0, a1[w]);
+                a2[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), t[w]), e1, a2[w]);
+                a3[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, t[w]), o1, a3[w]);
+            }
+        }
+    }
+    for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[w], a1[w]), _mm512_add_ps(a2[w], a3[w])));
+}
+#define NF4_ROW1_F32_OK(batch, block, cols) ((batch) == 1 && (block) % 64 == 0 && (cols) % (block) == 0)
+#endif
+
+/* ---- NF4 against one bfloat16 activation row (a bf16 model's decode step) ----
+   The bound at one row is the instructions per weight, not the bytes: the float32 path spends a
+   widening, a shift, four 16-lane permutes and four FMAs per 64 weights. Here each 64-weight
+   step is one widening of 32 code bytes to 16-bit lanes, one shift, two 32-lane word permutes
+   (VPERMW) into the block's table rounded to bfloat16, and two VDPBF16PS: half the work.
+   The table is the block's 16 values NF4[c] * absmax (one float32 product, as the reference
+   forms them), rounded to nearest even as the bf16 dequantization rounds them: the very weights
+   the dequantize-then-GEMM path (a bf16 prefill) multiplies; the products of two bfloat16 values
+   are exact in float32, summed in float32 (denormals flushed). VPERMW reads the low 5 bits of a
+   lane: the table is the 16 values twice, so a byte's low nibble needs no mask. The activations
+   come permuted (nf4_perm_x16): per 64 columns, the 32 even columns' values (partners of the high
+   nibbles) then the 32 odd ones'. R weight rows go together (each load of x serves R rows); each
+   row has its own two accumulators and the same operations in the same order whatever R, the
+   thread split or its neighbours, so a row's bits do not depend on them (fused q/k/v, slices). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define NF4_ROW1_R 8
+ALWAYS_INLINE void nf4_rows_bf16(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                                 const uint16_t *xp, int R, float *out) {
+    const __m512 tab = _mm512_loadu_ps(NF4);
+    __m512 ah[NF4_ROW1_R], al[NF4_ROW1_R];
+    for (int w = 0; w < R; w++) ah[w] = al[w] = _mm512_setzero_ps();
+    const uint8_t *c = codes + (flat0 >> 1);
+    const float *sc = absmax + flat0 / block;
+    const int64_t row_bytes = cols >> 1, row_blocks = cols / block, steps = block / 64;
+    for (int64_t kb = 0, h = 0; kb < row_blocks; kb++) {
+        __m512i t[NF4_ROW1_R];
+        for (int w = 0; w < R; w++) {
+            __m512 tw = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+            t[w] = (__m512i)_mm512_cvtne2ps_pbh(tw, tw);
+        }
+        for (int64_t q = 0; q < steps; q++, h += 32) {
+            __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)(xp + 2 * h));
+            __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(xp + 2 * h + 32));
+            for (int w = 0; w < R; w++) {
+                /* the next group's rows, same place: rows of a few KB are too short streams for the
+                   hardware prefetcher to ramp up on (+20% at 4096 columns, nothing lost at 14336) */
+                _mm_prefetch((const char *)(c + (w + R) * row_bytes + h), _MM_HINT_T0);
+                __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + w * row_bytes + h)));
+                ah[w] = _mm512_dpbf16_ps(ah[w], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t[w]), xe);
+                al[w] = _mm512_dpbf16_ps(al[w], (__m512bh)_mm512_permutexvar_epi16(v, t[w]), xo);
+            }
+        }
+    }
+    for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(ah[w], al[w]));
+}
+
+/* x [cols] bfloat16 -> nf4_rows_bf16's order: per 64 columns, the even ones' values, then the odd */
+static void nf4_perm_x16(const uint16_t *x, int64_t cols, uint16_t *xp) {
+    for (int64_t q = 0; q < cols; q += 64)
+        for (int l = 0; l < 32; l++) {
+            xp[q + l] = x[q + 2 * l];
+            xp[q + 32 + l] = x[q + 2 * l + 1];
+        }
+}
+
+#define NF4_ROW1_BF16_OK(batch, bf16, block, cols) ((batch) == 1 && (bf16) && (block) % 64 == 0 && (cols) % (block) == 0)
+#else
+#define NF4_ROW1_BF16_OK(batch, bf16, block, cols) 0
+#endif
+
+/* ---- int8 against one activation row, rows of whole blocks of whole 16-code steps (block 32,
+   the default, on every model width) ----
+   int8_row's arithmetic (each weight one float32 product code * (absmax / 127), as the reference
+   forms it; float32 FMAs) without its per-segment bookkeeping, which cost as much as the
+   arithmetic at 32 weights a block, and R weight rows per pass: each load of x serves R rows and
+   the R rows' accumulators are independent chains. The block scales are divided 16 at a time
+   (the same IEEE quotient as one at a time). Every row runs the same operations in the same order
+   whatever R, the thread split or its neighbours. */
+#if defined(__AVX512F__)
+#define INT8_ROW1_R 4
+ALWAYS_INLINE void int8_rows_whole(const int8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+                                   const float *x, int R, float *out) {
+    __m512 a0[INT8_ROW1_R], a1[INT8_ROW1_R];
+    for (int w = 0; w < R; w++) a0[w] = a1[w] = _mm512_setzero_ps();
+    const int8_t *c = codes + flat0;
+    const float *sc = absmax + flat0 / block;
+    const int64_t row_blocks = cols / block, steps = block / 16;
+    const __m512 qmax = _mm512_set1_ps(INT8_QMAX);
+    for (int64_t kb0 = 0; kb0 < row_blocks; kb0 += 16) {
+        int nk = row_blocks - kb0 < 16 ? (int)(row_blocks - kb0) : 16;
+        float s16[INT8_ROW1_R][16];
+        for (int w = 0; w < R; w++)
+            _mm512_storeu_ps(s16[w], _mm512_div_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1), sc + kb0 + w * row_blocks), qmax));
+        for (int kb = 0; kb < nk; kb++) {
+            int64_t j = (kb0 + kb) * block;
+            for (int64_t q = 0; q < steps; q++, j += 16) {
+                __m512 xv = _mm512_loadu_ps(x + j);
+                for (int w = 0; w < R; w++) {
+                    _mm_prefetch((const char *)(c + (w + R) * cols + j), _MM_HINT_T0); /* as in nf4_rows_bf16 */
+                    __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + w * cols + j)))),
+                                              _mm512_set1_ps(s16[w][kb]));
+                    if (q & 1) a1[w] = _mm512_fmadd_ps(wv, xv, a1[w]);
+                    else a0[w] = _mm512_fmadd_ps(wv, xv, a0[w]);
+                }
+            }
+        }
+    }
+    for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(a0[w], a1[w]));
+}
+#define INT8_ROW1_OK(batch, block, cols) ((batch) == 1 && (block) % 16 == 0 && (cols) % (block) == 0)
+#else
+#define INT8_ROW1_OK(batch, block, cols) 0
 #endif
 
 /* x [batch, cols] -> the tiled layout nf4_row_tiled reads: per tile of up to MAX_TILE rows
@@ -601,10 +792,26 @@ static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, uint16_
 void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
                    const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
                    int64_t k, int nthreads, int bf16) {
+    if (cols <= 0) { /* no columns: every dot product is 0 (x may be a NULL pointer) */
+        memset(y_out, 0, (size_t)(batch * rows) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+        return;
+    }
     outliers_t o = {oidx, idx64, oval, vdt, k};
     int64_t half = cols / 2;
     float *y = bf16 ? NULL : (float *)y_out, *xown;
     uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
+    if (NF4_ROW1_BF16_OK(batch, bf16, block, cols)) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+        uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(cols > 0 ? cols : 1));
+        if (!xp) return;
+        nf4_perm_x16((const uint16_t *)x_in, cols, xp);
+        const uint16_t *xh = (const uint16_t *)x_in;
+#define NF4_ROWS_BF16(r, R, out) nf4_rows_bf16(codes, absmax, block, (r) * cols, cols, xp, R, out)
+        ROW1_DRIVER(NF4_ROW1_R, NF4_ROWS_BF16, X_BF16)
+        free(xp);
+#endif
+        return;
+    }
     const float *x = x_as_float(x_in, batch * cols, bf16, &xown);
     float *xs = (float *)malloc(sizeof(float) * (size_t)(batch * cols));
     if (!xs || !x) { free(xs); free(xown); return; }
@@ -627,6 +834,15 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
             xs[b * cols + i] = x[b * cols + 2 * i];
             xs[b * cols + half + i] = x[b * cols + 2 * i + 1];
         }
+#if defined(__AVX512F__)
+    if (NF4_ROW1_F32_OK(batch, block, cols)) {
+#define NF4_ROWS_F32(r, R, out) nf4_rows_f32(codes, absmax, block, (r) * cols, cols, xs, xs + half, R, out)
+        ROW1_DRIVER(NF4_ROW1_F32_R, NF4_ROWS_F32, X_F32)
+        free(xs);
+        free(xown);
+        return;
+    }
+#endif
     MATVEC_DRIVER({
         const float *xe[MAX_TILE], *xo[MAX_TILE];
         for (int b = 0; b < nb; b++) {
@@ -642,17 +858,46 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
 void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
                     const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
                     int64_t k, int nthreads, int bf16) {
+    if (cols <= 0) { /* no columns: every dot product is 0 (x may be a NULL pointer) */
+        memset(y_out, 0, (size_t)(batch * rows) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+        return;
+    }
     outliers_t o = {oidx, idx64, oval, vdt, k};
     float *y = bf16 ? NULL : (float *)y_out, *xown;
     uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
     const float *x = x_as_float(x_in, batch * cols, bf16, &xown);
     if (!x) return;
+#if defined(__AVX512F__)
+    if (INT8_ROW1_OK(batch, block, cols)) {
+#define INT8_ROWS(r, R, out) int8_rows_whole(codes, absmax, block, (r) * cols, cols, x, R, out)
+        /* Several rows a pass only where x (float32) outgrows the L1 cache: below, one row at a time
+           reads the weights as one sequential stream, which measured as fast or faster (SmolLM2's
+           576 columns: the 4-row pass was 0.8-0.95x the old one-row path). */
+        if (cols >= 8192) { ROW1_DRIVER(INT8_ROW1_R, INT8_ROWS, X_F32) }
+        else { ROW1_DRIVER(1, INT8_ROWS, X_F32) }
+        free(xown);
+        return;
+    }
+#endif
     MATVEC_DRIVER({
         const float *xr[MAX_TILE];
         for (int b = 0; b < nb; b++) xr[b] = x + (b0 + b) * cols;
         WITH_CONST_NB(int8_row, nb, codes, absmax, block, row0, cols, xr)
     })
     free(xown);
+}
+
+/* The most activation rows lp_nf4_matvec multiplies faster than dequantize + GEMM (torch's bf16
+   GEMM on one core; bench_kernels.py, 2026-12-04): with bfloat16 activations and VDPBF16PS the
+   tiles of 8 rows (nf4_rows_tiled_dot) beat it 1.7-1.8x at 16 rows, 1.05-1.4x at 32 and lose at 64
+   (0.8-0.97x); the float32 tiles only up to one tile. Not registered in kernels/_SIGNATURES
+   (ctypes' default: int result), so the library's ABI is unchanged. */
+int lp_nf4_batch_max(int bf16) {
+#if defined(__AVX512F__) && NF4_DOT_OK
+    if (bf16) return 32;
+#endif
+    (void)bf16;
+    return MAX_TILE;
 }
 
 /* ---- dense bfloat16 weights, one activation row ----
@@ -740,8 +985,8 @@ void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_
 }
 
 /* ---- read bandwidth (STREAM-like, read only): the machine's limit the GEMVs are measured against.
-   XOR of every 64-byte line of a buffer far larger than the caches, 4 independent accumulators per
-   thread, each thread a contiguous share (as the GEMVs split rows). Returns the XOR so the reads
+   XOR of every 64-byte line of a buffer far larger than the caches, each thread a contiguous share
+   (as the GEMVs split rows) read as 8 streams (with AVX-512). Returns the XOR so the reads
    cannot be optimized away. */
 uint64_t lp_read_xor(const void *buf, int64_t nbytes, int nthreads) {
     const int64_t lines = nbytes / 64;
@@ -754,16 +999,20 @@ uint64_t lp_read_xor(const void *buf, int64_t nbytes, int nthreads) {
         int64_t l0 = lines * t / T, l1 = lines * (t + 1) / T, l = l0;
         const uint8_t *p = (const uint8_t *)buf;
 #if defined(__AVX512F__)
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        for (; l + 4 <= l1; l += 4) {
-            a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + l * 64)));
-            a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + l * 64 + 64)));
-            a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + l * 64 + 128)));
-            a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + l * 64 + 192)));
+        { /* 8 streams per thread, as the GEMVs read several weight rows at once: one sequential
+             stream read ~25% slower than the bf16 GEMV itself (2026-12-04: 15-16 vs 21-22 GB/s at
+             1 thread), so the probe understated the machine's limit */
+            const int64_t per = (l1 - l0) / 8;
+            __m512i acc[8];
+            for (int k = 0; k < 8; k++) acc[k] = _mm512_setzero_si512();
+            for (int64_t i = 0; i < per; i++)
+                for (int k = 0; k < 8; k++) acc[k] = _mm512_xor_si512(acc[k], _mm512_loadu_si512((const void *)(p + (l0 + k * per + i) * 64)));
+            for (int k = 1; k < 8; k++) acc[0] = _mm512_xor_si512(acc[0], acc[k]);
+            uint64_t lanes[8];
+            _mm512_storeu_si512((void *)lanes, acc[0]);
+            for (int i = 0; i < 8; i++) total ^= lanes[i];
+            l = l0 + 8 * per;
         }
-        uint64_t lanes[8];
-        _mm512_storeu_si512((void *)lanes, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
-        for (int i = 0; i < 8; i++) total ^= lanes[i];
 #elif defined(__AVX2__)
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         for (; l + 2 <= l1; l += 2) {

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..errors import FormatError, LayerpackError
 from ..qweight import embedding, linear
 from . import contract, llama
+from ..kernels import decode_block
 from .llama import ROPE_TYPES, check_unit, Step, apply_qk_norm, fuse_unit, prepare_step, rope, rope_cos_sin  # noqa: F401 (check_unit, fuse_unit: the loader's)
 
 ACTIVATIONS = ("gelu_pytorch_tanh",)
@@ -156,6 +157,9 @@ def mlp(args: ModelArgs, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.T
 
 def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, step: Step, layer_cache=None) -> torch.Tensor:
     """One decoder block with norms before and after attention and the MLP: h [B, T, hidden] -> same."""
+    out = decode_block.try_block(args, w, h, step, layer_cache)  # a plain one-token CPU step: one native call
+    if out is not None:
+        return out
     eps = args.norm_eps
     a = attention(args, w, rms_norm(h, w["attn_norm.weight"], eps), step, layer_cache)
     h = h + rms_norm(a, w["attn_post_norm.weight"], eps)
@@ -165,7 +169,10 @@ def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, 
 
 def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """Final norm + output projection (+ optional tanh soft-capping): h -> logits [B, T, vocab]."""
-    logits = linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["head.weight"])
+    x = rms_norm(h, w["norm.weight"], args.norm_eps)
+    logits = decode_block.dense_row(w["head.weight"], x)  # one bf16 row: the native GEMV (llama.head_forward)
+    if logits is None:
+        logits = linear(x, w["head.weight"])
     if args.final_logit_softcapping:
         cap = args.final_logit_softcapping
         logits = torch.tanh(logits / cap) * cap

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..kernels import decode_block
 from ..qweight import QuantWeight, concat_rows, embedding, linear, split_rows
 from ..errors import FormatError, LayerpackError
 from . import contract
@@ -151,6 +152,7 @@ class Step:
     is_causal: bool = False
     sin_signed: torch.Tensor | None = None  # signed_sin(sin), for rope()
     grouped: bool = False             # one query per row under `mask` [B, 1, 1, end]: grouped_decode_attention
+    window_first: int | None = None   # unpadded rows whose mask is only a sliding window: the first column it keeps
 
 
     def __post_init__(self):
@@ -184,8 +186,10 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
     end = start + T
     window_bites = window is not None and end > window  # unpadded: position == column
     if kv_valid is None and not window_bites:
-        if T == 1:
-            return Step(cos, sin, start, end)                  # one query sees every cached key
+        if T == 1:  # one query sees every cached key (SDPA with enable_gqa: transformers' bits; the
+            # grouped form would be 4-12x faster per call but rounds differently - plain CPU decode steps
+            # run in the native decode block instead, kernels/decode_block.py)
+            return Step(cos, sin, start, end)
         if start == 0:
             return Step(cos, sin, start, end, is_causal=True)  # plain causal prefill
     device = positions.device
@@ -203,7 +207,10 @@ def prepare_step(positions: torch.Tensor, start: int, kv_valid: torch.Tensor | N
     # the grouped form, one fused-kernel problem per key/value head instead of one per query head
     # with a mask - about 5x less time for 8 rows of SmolLM2 on a CPU (bf16), where the per-problem
     # cost, not the arithmetic, is what a batch of short rows pays.
-    return Step(cos, sin, start, end, mask=allowed[:, None], grouped=T == 1)
+    # Unpadded rows under a window that bites: the mask keeps columns [end - window, end) of the last
+    # query (position == column), which the native decode block takes as a range (kernels/decode_block.py).
+    first = end - window if window_bites and kv_valid is None else None
+    return Step(cos, sin, start, end, mask=allowed[:, None], grouped=T == 1, window_first=first)
 
 
 def static_steps(args: ModelArgs, inv_freq: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -301,7 +308,7 @@ def _fuse(w: dict[str, object], names: tuple[str, ...], fused_name: str) -> None
 
 def fuse_unit(args: ModelArgs, w: dict[str, object]) -> dict[str, object]:
     """A resident block's weights with the fused projections added where that keeps the same bits (see above)."""
-    w = dict(w)
+    w = decode_block.BlockWeights(w)
     _fuse(w, ("attn.q.weight", "attn.k.weight", "attn.v.weight"), QKV)
     _fuse(w, ("mlp.gate.weight", "mlp.up.weight"), GATE_UP)
     return w
@@ -362,6 +369,9 @@ def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, 
     """One decoder block: h [B, T, hidden] -> [B, T, hidden]. layer_cache: this block's LayerKV
     (the new keys/values are written at columns [step.start, step.end)), or None for a cache-free
     forward over the whole sequence."""
+    out = decode_block.try_block(args, w, h, step, layer_cache)  # a plain one-token CPU step: one native call
+    if out is not None:
+        return out
     h = h + attention(args, w, rms_norm(h, w["attn_norm.weight"], args.norm_eps), step, layer_cache)
     return h.add_(mlp(args, w, rms_norm(h, w["mlp_norm.weight"], args.norm_eps)))
 
@@ -369,7 +379,11 @@ def block_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor, 
 def head_forward(args: ModelArgs, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """Final norm + output projection: h [B, T, hidden] -> logits [B, T, vocab] (compute dtype).
     For tied models the caller passes the embedding as `head.weight`."""
-    return linear(rms_norm(h, w["norm.weight"], args.norm_eps), w["head.weight"])
+    x = rms_norm(h, w["norm.weight"], args.norm_eps)
+    # one bf16 row: the native GEMV, as the native blocks use (MoE families keep F.linear: their bf16
+    # logits equal transformers' bit for bit, tests/runtime/test_moe.py, and their blocks are per-op anyway)
+    y = None if getattr(args, "num_experts", 0) else decode_block.dense_row(w["head.weight"], x)
+    return y if y is not None else linear(x, w["head.weight"])
 
 
 def check_unit(args: ModelArgs, kind: str, names) -> None:

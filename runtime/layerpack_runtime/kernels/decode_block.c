@@ -1,0 +1,279 @@
+/* One llama-family decoder block for one new token of one sequence, in one call (kernels/decode_block.py).
+
+   Why: a decode step of a small model spends most of its time between the matrix products - some
+   25 torch operator dispatches per block at 2-10 us each (RMS norms, rotary, the cache write,
+   attention, residual adds, SiLU), about 7 ms of SmolLM2's 17 ms NF4 token on one core, while
+   llama.cpp's whole token takes 7 ms. Here the block is one C call: the GEMVs are qmatvec.c's (the
+   same kernels and bits as the per-op path), and the glue between them runs on the token's few
+   thousand values without allocating.
+
+   Numerics follow the per-op path (models/llama.py) operation by operation: with bfloat16
+   activations every intermediate is rounded to bfloat16 where torch rounds it (the norm's result
+   and its scaling, the rotary products and their sum, the bias and residual adds, SiLU and its
+   product), and float32 where torch computes in float32. Two reductions sum in another order than
+   torch's: the norm's sum of squares and attention (float32 throughout here; torch's CPU flash
+   attention rounds the probabilities to bfloat16 before multiplying the values). So results equal
+   the per-op path within rounding, not bit for bit (tests/kernels/test_decode_block.py states the
+   tolerance), and they do not depend on the thread count: every output value is computed by one
+   thread in a fixed order. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
+                   const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
+                   int64_t k, int nthreads, int bf16);
+void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
+                    const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
+                    int64_t k, int nthreads, int bf16);
+void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, void *y_out, int bf16, int nthreads);
+
+enum { LIN_NONE = 0, LIN_BF16 = 1, LIN_NF4 = 2, LIN_INT8 = 3 };
+
+/* One projection: a dense bfloat16 weight or a quantized one in the pack's layout (qmatvec.c). Every
+   field is 64-bit so the ctypes mirror (decode_block.py) has no padding to get wrong. */
+typedef struct {
+    int64_t kind, rows, cols, block;
+    const void *w;         /* dense weight [rows, cols], or the codes */
+    const float *absmax;
+    const void *oidx;      /* outlier table (k entries), or NULL */
+    int64_t oidx64, oval_dtype, k;
+    const void *oval;
+    const void *bias;      /* [rows] in the activation dtype, or NULL */
+} lp_linear_t;
+
+typedef struct {
+    int64_t hidden, n_heads, n_kv, head_dim, inter, bf16, qk_norm;
+    double eps, scale;
+    const void *attn_norm, *mlp_norm, *q_norm, *k_norm; /* [hidden] / [head_dim] in the activation dtype */
+    lp_linear_t q, k, v;   /* fused q/k/v: q has all (H + 2 KV) * D rows, k and v are LIN_NONE */
+    lp_linear_t o, gate, up; /* fused gate/up: gate has 2 * inter rows, up is LIN_NONE */
+    lp_linear_t down;
+    int64_t gemma; /* Gemma 3: (1 + w) norms in float32 rounded once, post-attention and post-MLP norms, GELU (tanh) */
+    const void *attn_post_norm, *mlp_post_norm;
+} lp_block_t;
+
+static inline uint16_t bf16_of(float f) { /* round to nearest even, as torch converts (finite values) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f32_of(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Activation buffers hold bfloat16 (bf16 != 0) or float32 values. */
+static inline float ld(const void *p, int64_t i, int bf16) {
+    return bf16 ? f32_of(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void st(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = bf16_of(v);
+    else ((float *)p)[i] = v;
+}
+
+/* A value as the activation dtype holds it (rounded to bfloat16, or unchanged). */
+static inline float rnd(float v, int bf16) { return bf16 ? f32_of(bf16_of(v)) : v; }
+
+static void linear(const lp_linear_t *L, const void *x, void *y, int bf16, int nthreads) {
+    const void *oidx = L->k ? L->oidx : NULL;
+    switch (L->kind) {
+    case LIN_NF4:
+        lp_nf4_matvec((const uint8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, 1, y, oidx, (int)L->oidx64,
+                      L->oval, (int)L->oval_dtype, L->k, nthreads, bf16);
+        break;
+    case LIN_INT8:
+        lp_int8_matvec((const int8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, 1, y, oidx, (int)L->oidx64,
+                       L->oval, (int)L->oval_dtype, L->k, nthreads, bf16);
+        break;
+    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only) */
+        if (L->bias) { /* as F.linear: the bias added in float32, then rounded once (y has room for floats) */
+            float *yf = (float *)y;
+            lp_bf16_matvec((const uint16_t *)L->w, L->rows, L->cols, (const uint16_t *)x, yf, 0, nthreads);
+            for (int64_t r = 0; r < L->rows; r++) ((uint16_t *)y)[r] = bf16_of(yf[r] + ld(L->bias, r, 1));
+            return;
+        }
+        lp_bf16_matvec((const uint16_t *)L->w, L->rows, L->cols, (const uint16_t *)x, y, 1, nthreads);
+        return;
+    }
+    if (L->bias) /* as QuantWeight.linear: y.add_(bias) on the rounded product */
+        for (int64_t r = 0; r < L->rows; r++) st(y, r, ld(y, r, bf16) + ld(L->bias, r, bf16), bf16);
+}
+
+/* transformers' RMSNorm as models/llama.py computes it: normalised in float32, rounded to the
+   activation dtype, then multiplied by the weight in that dtype. Gemma's (gemma3.rms_norm): times
+   (1 + w) in float32, rounded once. */
+static void rms_norm(const void *x, const void *w, int64_t n, double eps, void *out, int bf16, int gemma) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float v = ld(x, i, bf16);
+        ss += v * v;
+    }
+    float r = 1.0f / sqrtf(ss / (float)n + (float)eps);
+    if (gemma)
+        for (int64_t i = 0; i < n; i++) st(out, i, (ld(x, i, bf16) * r) * (1.0f + ld(w, i, bf16)), bf16);
+    else
+        for (int64_t i = 0; i < n; i++) st(out, i, ld(w, i, bf16) * rnd(ld(x, i, bf16) * r, bf16), bf16);
+}
+
+/* GELU, tanh approximation, as torch computes it in float32 */
+static inline float gelu_tanh(float x) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;
+    return 0.5f * x * (1.0f + tanhf(beta * (x + kappa * x * x * x)));
+}
+
+/* Rotary embedding of one head in place: x * cos + roll(x, D/2) * signed_sin, each product and the
+   sum rounded as torch rounds them (llama.rope). */
+static void rope(void *x, int64_t off, int64_t d, const void *cos, const void *ssin, int bf16) {
+    float tmp[1024];
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) tmp[i] = ld(x, off + i, bf16);
+    for (int64_t i = 0; i < d; i++) {
+        float a = rnd(tmp[i] * ld(cos, i, bf16), bf16);
+        float b = rnd(tmp[(i + half) % d] * ld(ssin, i, bf16), bf16);
+        st(x, off + i, a + b, bf16);
+    }
+}
+
+static inline float dot_row(const float *q, const void *k, int64_t d, int bf16) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) {
+            __m512 kv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)k + i))), 16))
+                             : _mm512_loadu_ps((const float *)k + i);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.0f;
+    for (int64_t i = 0; i < d; i++) s += q[i] * ld(k, i, bf16);
+    return s;
+}
+
+static inline void axpy_row(float *acc, float p, const void *v, int64_t d, int bf16) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) {
+        __m512 pp = _mm512_set1_ps(p);
+        for (int64_t i = 0; i < d; i += 16) {
+            __m512 vv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)v + i))), 16))
+                             : _mm512_loadu_ps((const float *)v + i);
+            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pp, vv, _mm512_loadu_ps(acc + i)));
+        }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < d; i++) acc[i] += p * ld(v, i, bf16);
+}
+
+/* Scratch bytes the block needs (decode_block.py allocates it once and reuses it). */
+int64_t lp_decode_block_scratch(const lp_block_t *b, int64_t max_len, int nthreads) {
+    int64_t es = 4, nt = nthreads < 1 ? 1 : nthreads; /* buffers hold floats even for bf16 (see linear) */
+    int64_t qkv = (b->n_heads + 2 * b->n_kv) * b->head_dim;
+    int64_t acts = 2 * b->hidden + qkv + b->n_heads * b->head_dim + 3 * b->inter;
+    return acts * es + nt * (max_len + b->head_dim) * 4 + 64 * 8;
+}
+
+/* h_out = block(h_in) for one token at cache column `pos` (its key and value are written there;
+   attention covers columns [first, pos]: first > 0 under a sliding window). kc, vc: this block's cache [KV, max_len, D] in the activation
+   dtype. cos, ssin: the token's rotary tables [D] (llama.Step's cos and sin_signed). Returns 0, or -1
+   when the scratch is too small or the head size too large (nothing written). */
+int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, void *kc, void *vc, int64_t max_len,
+                          int64_t pos, int64_t first, const void *cos, const void *ssin, void *scratch,
+                          int64_t scratch_bytes, int nthreads) {
+    const int bf16 = (int)b->bf16;
+    const int64_t es = bf16 ? 2 : 4, bs = 4, H = b->n_heads, KV = b->n_kv, D = b->head_dim, n = b->hidden, I = b->inter;
+    const int64_t G = H / KV, L = pos + 1 - first, nt = nthreads < 1 ? 1 : nthreads;
+    const int gm = (int)b->gemma;
+    if (D > 1024 || pos >= max_len || first < 0 || first > pos || scratch_bytes < lp_decode_block_scratch(b, max_len, nthreads)) return -1;
+    char *s = (char *)scratch;
+    void *xn = s;               s += n * bs;
+    void *qkv = s;              s += (H + 2 * KV) * D * bs;
+    void *att = s;              s += H * D * bs;
+    void *proj = s;             s += n * bs;
+    void *gu = s;               s += 2 * I * bs;
+    void *act = s;              s += I * bs;
+    float *work = (float *)(((uintptr_t)s + 63) & ~(uintptr_t)63); /* per thread: scores [L] + output [D] */
+
+    /* attention: h + o(attn(norm(h))) */
+    rms_norm(h_in, b->attn_norm, n, b->eps, xn, bf16, gm);
+    if (b->k.kind == LIN_NONE) {
+        linear(&b->q, xn, qkv, bf16, nthreads);
+    } else {
+        linear(&b->q, xn, qkv, bf16, nthreads);
+        linear(&b->k, xn, (char *)qkv + H * D * es, bf16, nthreads);
+        linear(&b->v, xn, (char *)qkv + (H + KV) * D * es, bf16, nthreads);
+    }
+    for (int64_t hd = 0; hd < H + KV; hd++) {
+        if (b->qk_norm) {
+            const void *w = hd < H ? b->q_norm : b->k_norm;
+            char *x = (char *)qkv + hd * D * es;
+            rms_norm(x, w, D, b->eps, x, bf16, gm);
+        }
+        rope(qkv, hd * D, D, cos, ssin, bf16);
+    }
+    for (int64_t g = 0; g < KV; g++) { /* the new key and value into column pos */
+        memcpy((char *)kc + (g * max_len + pos) * D * es, (char *)qkv + (H + g) * D * es, D * es);
+        memcpy((char *)vc + (g * max_len + pos) * D * es, (char *)qkv + (H + KV + g) * D * es, D * es);
+    }
+    int ta = (H * L * D >= (1 << 16) && nt > 1) ? (int)(nt < H ? nt : H) : 1;
+#pragma omp parallel for schedule(static) num_threads(ta)
+    for (int64_t hq = 0; hq < H; hq++) {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *sc = work + tid * (max_len + D), *out = sc + max_len, q[1024];
+        const int64_t g = hq / G;
+        const char *kg = (const char *)kc + (g * max_len + first) * D * es, *vg = (const char *)vc + (g * max_len + first) * D * es;
+        for (int64_t i = 0; i < D; i++) q[i] = ld(qkv, hq * D + i, bf16);
+        float m = -INFINITY;
+        for (int64_t t = 0; t < L; t++) {
+            sc[t] = dot_row(q, kg + t * D * es, D, bf16) * (float)b->scale;
+            if (sc[t] > m) m = sc[t];
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < L; t++) {
+            sc[t] = expf(sc[t] - m);
+            sum += sc[t];
+        }
+        memset(out, 0, D * sizeof(float));
+        for (int64_t t = 0; t < L; t++) axpy_row(out, sc[t], vg + t * D * es, D, bf16);
+        for (int64_t i = 0; i < D; i++) st(att, hq * D + i, out[i] / sum, bf16);
+    }
+    linear(&b->o, att, proj, bf16, nthreads);
+    if (gm) rms_norm(proj, b->attn_post_norm, n, b->eps, proj, bf16, 1);
+    for (int64_t i = 0; i < n; i++) st(h_out, i, ld(h_in, i, bf16) + ld(proj, i, bf16), bf16);
+
+    /* MLP: h + down(act(gate(norm(h))) * up(norm(h))), SiLU (GELU-tanh for Gemma) */
+    rms_norm(h_out, b->mlp_norm, n, b->eps, xn, bf16, gm);
+    if (b->up.kind == LIN_NONE) {
+        linear(&b->gate, xn, gu, bf16, nthreads);
+    } else {
+        linear(&b->gate, xn, gu, bf16, nthreads);
+        linear(&b->up, xn, (char *)gu + I * es, bf16, nthreads);
+    }
+    for (int64_t i = 0; i < I; i++) {
+        float gv = ld(gu, i, bf16);
+        float sv = rnd(gm ? gelu_tanh(gv) : gv / (1.0f + expf(-gv)), bf16);
+        st(act, i, sv * ld(gu, I + i, bf16), bf16);
+    }
+    linear(&b->down, act, proj, bf16, nthreads);
+    if (gm) rms_norm(proj, b->mlp_post_norm, n, b->eps, proj, bf16, 1);
+    for (int64_t i = 0; i < n; i++) st(h_out, i, ld(h_out, i, bf16) + ld(proj, i, bf16), bf16);
+    return 0;
+}

@@ -1,0 +1,225 @@
+"""A llama-family block's decode step for one token of one sequence as one native call (decode_block.c).
+
+The per-op path (models/llama.block_forward) dispatches ~25 torch operators per block; for a small
+model on a CPU that dispatch costs more than the weights' bytes (SmolLM2-135M NF4: ~7 of 17 ms per
+token). Here one ctypes call runs the whole block: norms, the GEMVs of qmatvec.c (the per-op
+path's own kernels), rotary, the cache write, attention and the residuals.
+
+When it applies (anything else takes the per-op path, unchanged): a CPU forward of one token in
+one row with no attention mask (a plain decode step: no padding, no token tree, no sliding window
+that bites), a plain LayerKV cache in the activation dtype, bfloat16 or float32 activations, and
+every projection either quantized (NF4/int8 in the native kernels' layout) or a dense bfloat16
+weight under bfloat16 activations. Dense bfloat16 weights then use the native bf16 GEMV, not
+torch's F.linear: same products, another summation order (see tests/kernels/test_decode_block.py).
+
+LAYERPACK_DECODE_BLOCK=0 turns it off (the per-op path everywhere).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import torch
+
+from ..cache import LayerKV
+from . import native
+
+_I64, _P = ctypes.c_int64, ctypes.c_void_p
+LIN_NONE, LIN_BF16, LIN_NF4, LIN_INT8 = 0, 1, 2, 3
+_VAL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ACT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("kind", _I64), ("rows", _I64), ("cols", _I64), ("block", _I64), ("w", _P), ("absmax", _P),
+                ("oidx", _P), ("oidx64", _I64), ("oval_dtype", _I64), ("k", _I64), ("oval", _P), ("bias", _P)]
+
+
+class Block(ctypes.Structure):
+    _fields_ = [("hidden", _I64), ("n_heads", _I64), ("n_kv", _I64), ("head_dim", _I64), ("inter", _I64), ("bf16", _I64),
+                ("qk_norm", _I64), ("eps", ctypes.c_double), ("scale", ctypes.c_double),
+                ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P),
+                ("q", Linear), ("k", Linear), ("v", Linear), ("o", Linear), ("gate", Linear), ("up", Linear), ("down", Linear),
+                ("gemma", _I64), ("attn_post_norm", _P), ("mlp_post_norm", _P)]
+
+
+class BlockWeights(dict):
+    """A resident block's weights (name -> tensor; llama.fuse_unit makes it), and its native form
+    once made (None: not yet tried; False: this block cannot run natively)."""
+    __slots__ = ("native",)
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.native = None
+
+
+class Prepared:
+    """A block's weights as the native call takes them: the struct, and the tensors it points into
+    (kept alive here, so the pointers stay valid as long as this object)."""
+
+    __slots__ = ("struct", "keep", "dtype")
+
+    def __init__(self, struct: Block, keep: list, dtype: torch.dtype):
+        self.struct, self.keep, self.dtype = struct, keep, dtype
+
+
+_state: dict = {}
+_scratch = threading.local()
+
+
+def enabled() -> bool:
+    if "on" not in _state:
+        lib = native()
+        _state["on"] = (os.environ.get("LAYERPACK_DECODE_BLOCK", "1") != "0" and lib is not None
+                        and hasattr(lib, "lp_llama_decode_block"))
+        if _state["on"]:
+            lib.lp_llama_decode_block.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, ctypes.c_int]
+            lib.lp_llama_decode_block.restype = ctypes.c_int
+            lib.lp_decode_block_scratch.argtypes = [_P, _I64, ctypes.c_int]
+            lib.lp_decode_block_scratch.restype = _I64
+    return _state["on"]
+
+
+def reset() -> None:
+    """Forget the switch (tests flip LAYERPACK_DECODE_BLOCK)."""
+    _state.clear()
+
+
+def _vec(t, dtype: torch.dtype, n: int, keep: list) -> int | None:
+    """Pointer to a contiguous CPU vector of n values of dtype, or None."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype != dtype or t.numel() != n or not t.is_contiguous():
+        return None
+    keep.append(t)
+    return t.data_ptr()
+
+
+def _linear(t, bias, dtype: torch.dtype, rows: int, cols: int, keep: list) -> Linear | None:
+    """The struct of one projection [rows, cols], or None when the native GEMVs cannot take it."""
+    from ..qweight import QuantWeight  # the weight type; imported here: qweight imports this package
+
+    lin = Linear(rows=rows, cols=cols)
+    if bias is not None:
+        lin.bias = _vec(bias, dtype, rows, keep)
+        if lin.bias is None:
+            return None
+    if isinstance(t, QuantWeight):
+        if t.shape != (rows, cols) or t.dtype != dtype or not t.native_gemv_ok():
+            return None
+        lin.kind = LIN_NF4 if t.scheme == "nf4" else LIN_INT8
+        lin.block, lin.w, lin.absmax = t.block_size, t.codes.data_ptr(), t.absmax.data_ptr()
+        keep += [t.codes, t.absmax]
+        idx, val = t.outlier_idx, t.outlier_val
+        if idx is not None and idx.numel():
+            lin.oidx, lin.oidx64, lin.oval, lin.oval_dtype, lin.k = idx.data_ptr(), int(idx.dtype == torch.int64), val.data_ptr(), _VAL_DTYPES[val.dtype], idx.numel()
+            keep += [idx, val]
+        return lin
+    if (isinstance(t, torch.Tensor) and dtype == torch.bfloat16 and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+            and tuple(t.shape) == (rows, cols) and t.is_contiguous()):
+        lin.kind, lin.w = LIN_BF16, t.data_ptr()
+        keep.append(t)
+        return lin
+    return None
+
+
+def prepare(args, w: dict, dtype: torch.dtype) -> Prepared | None:
+    """The native form of a llama-family (or Gemma 3) block's weights `w` (models/llama.py names,
+    fused or not), or None when some part cannot run natively."""
+    gemma = args.module == "gemma3"
+    if dtype not in _ACT_DTYPES or getattr(args, "num_experts", 0) or args.module not in ("llama", "gemma3"):
+        return None
+    H, KV, D, n, inter = args.num_heads, args.num_kv_heads, args.head_dim, args.hidden_size, args.intermediate_size
+    keep: list = []
+    b = Block(hidden=n, n_heads=H, n_kv=KV, head_dim=D, inter=inter, bf16=int(dtype == torch.bfloat16),
+              qk_norm=int(bool(args.qk_norm) or gemma), eps=float(args.norm_eps), gemma=int(gemma),
+              scale=float(args.query_pre_attn_scalar if gemma else D) ** -0.5)
+    b.attn_norm, b.mlp_norm = _vec(w.get("attn_norm.weight"), dtype, n, keep), _vec(w.get("mlp_norm.weight"), dtype, n, keep)
+    if not b.attn_norm or not b.mlp_norm:
+        return None
+    if gemma:
+        b.attn_post_norm = _vec(w.get("attn_post_norm.weight"), dtype, n, keep)
+        b.mlp_post_norm = _vec(w.get("mlp_post_norm.weight"), dtype, n, keep)
+        if not b.attn_post_norm or not b.mlp_post_norm or args.activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            return None
+    if b.qk_norm:
+        b.q_norm, b.k_norm = _vec(w.get("attn.q_norm.weight"), dtype, D, keep), _vec(w.get("attn.k_norm.weight"), dtype, D, keep)
+        if not b.q_norm or not b.k_norm:
+            return None
+    if "attn.qkv.weight" in w:
+        parts = {"q": _linear(w["attn.qkv.weight"], w.get("attn.qkv.bias"), dtype, (H + 2 * KV) * D, n, keep),
+                 "k": Linear(), "v": Linear()}
+    else:
+        parts = {p: _linear(w.get(f"attn.{p}.weight"), w.get(f"attn.{p}.bias"), dtype, r * D, n, keep)
+                 for p, r in (("q", H), ("k", KV), ("v", KV))}
+    if "mlp.gate_up.weight" in w:
+        parts.update(gate=_linear(w["mlp.gate_up.weight"], w.get("mlp.gate_up.bias"), dtype, 2 * inter, n, keep), up=Linear())
+    else:
+        parts.update({p: _linear(w.get(f"mlp.{p}.weight"), w.get(f"mlp.{p}.bias"), dtype, inter, n, keep) for p in ("gate", "up")})
+    parts["o"] = _linear(w.get("attn.o.weight"), w.get("attn.o.bias"), dtype, n, H * D, keep)
+    parts["down"] = _linear(w.get("mlp.down.weight"), w.get("mlp.down.bias"), dtype, n, inter, keep)
+    if any(v is None for v in parts.values()):
+        return None
+    for name, lin in parts.items():
+        setattr(b, name, lin)
+    return Prepared(b, keep, dtype)
+
+
+def try_block(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor | None:
+    """A llama-family or Gemma 3 block (models/llama.py, gemma3.py; `step` a llama.Step) as one native
+    call for a plain one-token decode step of one sequence on the CPU, or None where that does not
+    apply (the per-op path runs instead)."""
+    if (h.shape[0] != 1 or h.shape[1] != 1 or (step.mask is not None and step.window_first is None)
+            or type(layer_cache) is not LayerKV or h.device.type != "cpu" or not enabled()):
+        return None
+    prepared = getattr(w, "native", None)
+    if prepared is None:  # not yet tried, or a streamed unit's fresh dict
+        prepared = prepare(args, w, h.dtype) or False
+        if isinstance(w, BlockWeights):
+            w.native = prepared
+    if prepared is False or prepared.dtype != h.dtype:
+        return None
+    return run(prepared, h, layer_cache.k, layer_cache.v, step.start, step.window_first or 0, step.cos, step.sin_signed)
+
+
+def _scratch_for(lib, prepared: Prepared, max_len: int, threads: int) -> torch.Tensor:
+    need = lib.lp_decode_block_scratch(ctypes.byref(prepared.struct), max_len, threads)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, dtype=torch.uint8)
+        _scratch.buf = buf
+    return buf
+
+
+def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, first: int,
+        cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor | None:
+    """The block over h [1, 1, hidden] for the token at cache column `pos`, attending to columns
+    [first, pos] (k_cache, v_cache: the block's [1, KV, max_len, D]); None when these tensors are
+    not in the form the call takes."""
+    dt = prepared.dtype
+    D = prepared.struct.head_dim
+    if (h.dtype != dt or not h.is_contiguous() or k_cache.dtype != dt or v_cache.dtype != dt
+            or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k_cache.device.type != "cpu"
+            or cos.dtype != dt or sin_signed.dtype != dt or cos.numel() != D or sin_signed.numel() != D
+            or not cos.is_contiguous() or not sin_signed.is_contiguous()):
+        return None
+    lib = native()
+    max_len = k_cache.shape[2]
+    threads = torch.get_num_threads()
+    scratch = _scratch_for(lib, prepared, max_len, threads)
+    out = torch.empty_like(h)
+    rc = lib.lp_llama_decode_block(ctypes.byref(prepared.struct), h.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
+                                   v_cache.data_ptr(), max_len, pos, first, cos.data_ptr(), sin_signed.data_ptr(),
+                                   scratch.data_ptr(), scratch.numel(), threads)
+    return out if rc == 0 else None
+
+
+def dense_row(weight, x: torch.Tensor) -> torch.Tensor | None:
+    """x @ weight.T for one bfloat16 row x [1, 1, cols] against a dense bfloat16 weight (the head of a
+    decode step) with the native bf16 GEMV, when the native decode path is on; else None."""
+    if (x.numel() != x.shape[-1] or x.dtype != torch.bfloat16 or not isinstance(weight, torch.Tensor)
+            or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2
+            or weight.shape[1] != x.shape[-1] or not weight.is_contiguous() or not enabled()):
+        return None
+    from . import bf16_matvec
+
+    return bf16_matvec(native(), weight, x.reshape(-1).contiguous()).view(*x.shape[:-1], weight.shape[0])

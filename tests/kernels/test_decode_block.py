@@ -1,0 +1,137 @@
+"""The native one-call decode block (kernels/decode_block.c) against the per-op path it replaces.
+
+Float32 activations: the same operations in the same precision, so the logits agree to float32
+rounding (1e-5 relative). bfloat16 activations: both paths round at the same points but sum in
+another order (norms, attention, the dense bf16 GEMV), so neither is "the" answer; the test holds
+the native path to the per-op path's own accuracy against a float32 run of the same pack."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerpack.convert import ConvertOptions, convert
+from layerpack_runtime import load
+from layerpack_runtime import kernels
+from layerpack_runtime.kernels import decode_block
+from tests.conftest import make_checkpoint
+
+pytestmark = pytest.mark.skipif(kernels.native() is None, reason="no C compiler: the native kernels (and the decode block) are not built")
+
+FAMILIES = {  # family, config overrides: biases (qwen2), per-head q/k norms and head_dim 32 (qwen3), fused q/k/v (phi3)
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {"sliding_window": 64}),
+    "gemma3": ("gemma3", {}),    # (1 + w) norms, post norms, GELU, q/k norms; its sliding window of 16 bites
+    "mistral": ("mistral", {}),  # window 32, which bites from the third step: columns [pos - 31, pos]
+}
+STEPS = 10
+PROMPT = 30
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode_block")
+    out = {}
+    for name, (family, over) in FAMILIES.items():
+        ckpt = make_checkpoint(root / f"ckpt_{name}", family, dtype=torch.bfloat16, **over)
+        for quant in ("none", "nf4", "int8"):
+            pack = str(root / f"{name}_{quant}")
+            convert(ckpt, pack, ConvertOptions(quant=quant, quiet=True))
+            out[name, quant] = pack
+    return out
+
+
+@pytest.fixture
+def native_switch(monkeypatch):
+    """set(on) switches the native block; calls[0] counts the blocks it ran."""
+    calls = [0]
+    real = decode_block.run
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr(decode_block, "run", counting)
+
+    def set_(on: bool):
+        monkeypatch.setenv("LAYERPACK_DECODE_BLOCK", "1" if on else "0")
+        decode_block.reset()
+
+    yield set_, calls
+    decode_block.reset()
+
+
+def _logits(pack: str, dtype: str, threads: int = 1, batch: int = 1) -> torch.Tensor:
+    """Prefill of a fixed prompt, then STEPS decode steps fed fixed tokens: every step's logits [steps, batch, vocab]."""
+    model = load(pack, dtype=dtype, threads=threads)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 384, (batch, PROMPT), generator=g)
+    feed = torch.randint(3, 384, (STEPS, batch, 1), generator=g)
+    out = []
+    with torch.inference_mode():
+        cache = model.new_cache(batch, PROMPT + STEPS)
+        model.forward(prompt, cache=cache, last_only=True)
+        for t in feed:
+            out.append(model.forward(t, cache=cache, last_only=True)[:, -1].float())
+    return torch.stack(out)
+
+
+def _blocks(pack: str) -> int:
+    return load(pack).args.num_layers
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_native_block_equals_per_op_path_in_float32(packs, native_switch, family, quant):
+    set_native, calls = native_switch
+    set_native(False)
+    ref = _logits(packs[family, quant], "fp32")
+    assert calls[0] == 0
+    set_native(True)
+    ours = _logits(packs[family, quant], "fp32")
+    assert calls[0] == STEPS * _blocks(packs[family, quant]), "every block of every decode step ran natively"
+    assert _rel(ours, ref) < 1e-5, _rel(ours, ref)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4", "int8"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_native_block_in_bfloat16_is_as_accurate_as_the_per_op_path(packs, native_switch, family, quant):
+    set_native, calls = native_switch
+    pack = packs[family, quant]
+    set_native(False)
+    exact = _logits(pack, "fp32")  # the same weights in float32 activations: the accuracy reference
+    per_op = _logits(pack, "bf16")
+    set_native(True)
+    n0 = calls[0]
+    ours = _logits(pack, "bf16")
+    assert calls[0] - n0 == STEPS * _blocks(pack)
+    e_ours, e_per_op = _rel(ours, exact), _rel(per_op, exact)
+    print(f"\n{family}/{quant} bf16: native {e_ours:.2e}, per-op {e_per_op:.2e} (max rel diff vs float32)")
+    assert e_ours <= 1.5 * e_per_op, (e_ours, e_per_op)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_native_block_same_bits_whatever_the_thread_count(packs, native_switch, quant):
+    set_native, calls = native_switch
+    set_native(True)
+    one = _logits(packs["llama", quant], "bf16", threads=1)
+    two = _logits(packs["llama", quant], "bf16", threads=2)
+    assert calls[0] == 2 * STEPS * 3
+    assert torch.equal(one, two)
+
+
+def test_batches_and_masked_steps_take_the_per_op_path(packs, native_switch):
+    """Two rows (the engine's and batched generation's steps) are not the native block's case: the
+    per-op path runs them, with the same bits as with the native block switched off."""
+    set_native, calls = native_switch
+    set_native(True)
+    on = _logits(packs["llama", "nf4"], "bf16", batch=2)
+    assert calls[0] == 0
+    set_native(False)
+    assert torch.equal(on, _logits(packs["llama", "nf4"], "bf16", batch=2))
