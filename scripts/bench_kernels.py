@@ -28,7 +28,7 @@ marked [eager]. Each form cycles through enough copies of its weight to exceed 4
 
 Before/after (--baseline FILE, CPU): another qmatvec.c (e.g. main's: `git show
 main:runtime/layerpack_runtime/kernels/qmatvec.c > /tmp/qmatvec-main.c`) is built beside the current
-one, and at 1..16 rows the native forms (nf4, nf4 + 1% outliers, int8, the dense native GEMV) are
+one, and at 1..32 rows the native forms (nf4, nf4 + 1% outliers, int8, the dense native GEMV) are
 also timed through it, interleaved in the same rounds, the same Python path (QuantWeight.linear with
 the library swapped), rows marked [baseline]; a summary gives current/baseline speed per row.
 
@@ -70,13 +70,18 @@ BASELINE = None  # (--baseline) the other kernel library, timed beside the curre
 
 
 def load_baseline(source: str):
-    """Build and load another qmatvec.c (its own cache key: the key includes the source)."""
-    saved = kernels.SOURCE
+    """Build and load another qmatvec.c alone (its own cache key: the key includes the sources; the
+    decode block is left out, the GEMVs are what is compared)."""
+    saved = kernels.SOURCE, kernels.SOURCES
     kernels.SOURCE = os.path.abspath(source)
+    kernels.SOURCES = (kernels.SOURCE,)
     try:
-        return kernels._load(kernels._build(os.environ.get("LAYERPACK_KERNEL_FLAGS") or kernels.DEFAULT_FLAGS))
+        path = kernels._build(os.environ.get("LAYERPACK_KERNEL_FLAGS") or kernels.DEFAULT_FLAGS)
     finally:
-        kernels.SOURCE = saved
+        kernels.SOURCE, kernels.SOURCES = saved
+    if path == kernels._build(os.environ.get("LAYERPACK_KERNEL_FLAGS") or kernels.DEFAULT_FLAGS):
+        raise RuntimeError("it builds the very library in use")  # never compare a build with itself
+    return kernels._load(path)
 
 
 def with_library(lib, fn):
@@ -147,7 +152,7 @@ def bench_shape(shape, rows_list, repeats: int, old_path: bool) -> list[dict]:
         fns["dense bf16 F.linear"] = lambda: F.linear(x, dense)
         if rows == 1 and DEVICE.type == "cpu" and kernels.native() is not None:
             fns["dense bf16, native GEMV"] = lambda: kernels.bf16_matvec(kernels.native(), dense, x)  # LAYERPACK_BF16_GEMV=1
-        if BASELINE is not None and rows <= 16:
+        if BASELINE is not None and rows <= 32:
             for name in ("nf4", "nf4 + 1% outliers", "int8", "dense bf16, native GEMV"):
                 if name in fns:
                     fns[f"{name} [baseline]"] = with_library(BASELINE, fns[name]) if name in forms else \
@@ -411,7 +416,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bitsandbytes' fused GEMV at 1 row when installed)")
     ap.add_argument("--no-old-path", action="store_true", help="skip the slow pure-torch NF4 row")
     ap.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
-    ap.add_argument("--baseline", default=None, help="another qmatvec.c timed beside the current one at 1..16 rows (CPU)")
+    ap.add_argument("--baseline", default=None, help="another qmatvec.c timed beside the current one at 1..32 rows (CPU)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -63,17 +63,28 @@ def ensure_packs(work: str) -> tuple[str, str]:
 def one_run(model, prompt: str, tokens: int, temperature: float, seed: int, **spec) -> dict:
     ids = model.encode_prompt(prompt, chat=True)
     read0 = model.bytes_read
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model.generate_ids(ids, max_new_tokens=tokens, temperature=temperature, seed=seed, **spec)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     s = model.last_stats
-    row = dict(ids=out, tokens=s.steps, decode_s=s.decode_s, total_s=total, bytes=model.bytes_read - read0, prefill_s=s.prefill_s)
+    row = dict(ids=out, tokens=s.steps, decode_s=s.decode_s, total_s=total, cpu_s=cpu, bytes=model.bytes_read - read0,
+               prefill_s=s.prefill_s)
     if spec:
         sp = model.last_speculation
         row.update(passes=sp.passes, accepted=sum(sp.accepted), draft_s=sp.draft_s)
     else:
         row.update(passes=max(0, s.steps - 1), accepted=0, draft_s=0.0)
     return row
+
+
+def paired(prompts: list[str], plain, spec) -> tuple[list[dict], list[dict]]:
+    """Run plain(i, prompt) and spec(i, prompt) side by side, prompt by prompt, the order flipped
+    every other prompt: a load that drifts during the run (a shared machine) then weighs on both."""
+    plain_rows, spec_rows = [], []
+    for i, p in enumerate(prompts):
+        for run in ((plain, spec) if i % 2 == 0 else (spec, plain)):
+            (plain_rows if run is plain else spec_rows).append(run(i, p))
+    return plain_rows, spec_rows
 
 
 def agreement(plain: list[dict], spec: list[dict]) -> str:
@@ -108,7 +119,7 @@ def greedy_agreement(target, draft, prompts: list[str], plain: list[dict]) -> st
 
 
 def summed(rows: list[dict]) -> dict:
-    keys = ("tokens", "decode_s", "total_s", "bytes", "passes", "accepted", "draft_s")
+    keys = ("tokens", "decode_s", "total_s", "cpu_s", "bytes", "passes", "accepted", "draft_s")
     return {"prompts": len(rows), **{k: sum(r[k] for r in rows) for k in keys}}
 
 
@@ -132,6 +143,9 @@ def pass_cost(model, positions: list[int], repeats: int) -> dict[int, float]:
 
 
 def main() -> None:
+    from layerpack_runtime.threads import configure_openmp
+
+    configure_openmp()  # as the `layerpack` command: idle OpenMP threads sleep (threads.py); before torch loads
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
     from layerpack_runtime.speculative import DEFAULT_DRAFT_TOKENS
@@ -169,15 +183,15 @@ def main() -> None:
     rows = []
     identical = {}
     for temp in (0.0, 0.7):
-        plain = [one_run(target, p, a.tokens, temp, seed=i) for i, p in enumerate(OPEN_PROMPTS)]
-        spec = [one_run(target, p, a.tokens, temp, seed=i, draft=draft, draft_tokens=a.draft_tokens) for i, p in enumerate(OPEN_PROMPTS)]
+        plain, spec = paired(OPEN_PROMPTS, lambda i, p: one_run(target, p, a.tokens, temp, seed=i),
+                             lambda i, p: one_run(target, p, a.tokens, temp, seed=i, draft=draft, draft_tokens=a.draft_tokens))
         if temp == 0:
             identical["draft"] = agreement(plain, spec)
             lines.append(greedy_agreement(target, draft, OPEN_PROMPTS, plain))
         rows.append((f"draft, T={temp}", summed(plain), summed(spec)))
     grounded = [PASSAGE + "\n\n" + q for q in GROUNDED]
-    plain = [one_run(target, p, a.tokens, 0.0, seed=0) for p in grounded]
-    spec = [one_run(target, p, a.tokens, 0.0, seed=0, speculate="lookup", draft_tokens=a.lookup_tokens) for p in grounded]
+    plain, spec = paired(grounded, lambda i, p: one_run(target, p, a.tokens, 0.0, seed=0),
+                         lambda i, p: one_run(target, p, a.tokens, 0.0, seed=0, speculate="lookup", draft_tokens=a.lookup_tokens))
     identical["lookup"] = agreement(plain, spec)
     rows.append(("lookup, T=0 (grounded)", summed(plain), summed(spec)))
     costs = pass_cost(target, [1, 16, 64], repeats=3)
@@ -218,6 +232,7 @@ def pass_pack_mode(a) -> None:
 
 def render(a, rows, costs, identical, lines, budget, draft_own, grounded_len, load_avg, load_end) -> str:
     from layerpack_runtime.budget import fmt_size
+    from layerpack_runtime.threads import describe_threads
 
     out = ["## Speculative decoding on a streamed target (scripts/bench_speculative.py)", "",
            f"Machine: {machine(a.threads)}; load average {load_avg[0]:.1f} at start, {load_end[0]:.1f} at end "
@@ -230,17 +245,20 @@ def render(a, rows, costs, identical, lines, budget, draft_own, grounded_len, lo
            f"{len(OPEN_PROMPTS)} open prompts (chat template), {len(GROUNDED)} input-grounded prompts of {grounded_len}+ tokens.", "",
            *[f"- {l}" for l in lines], "",
            "| candidates | plain tok/s | speculative tok/s | speed-up | tokens per target pass | accepted per pass | "
-           "draft s | MiB read per token (plain / spec) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "draft s | CPU s (plain / spec) | MiB read per token (plain / spec) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for name, p, s in rows:
         tps_p = (p["tokens"]) / p["total_s"]
         tps_s = (s["tokens"]) / s["total_s"]
         out.append(f"| {name} | {tps_p:.2f} | {tps_s:.2f} | {tps_s / tps_p:.2f}x | {(s['tokens'] - s['prompts']) / max(1, s['passes']):.2f} | "
-                   f"{s['accepted'] / max(1, s['passes']):.2f} | {s['draft_s']:.2f} | "
+                   f"{s['accepted'] / max(1, s['passes']):.2f} | {s['draft_s']:.2f} | {p['cpu_s']:.1f} / {s['cpu_s']:.1f} | "
                    f"{p['bytes'] / p['tokens'] / 2**20:.1f} / {s['bytes'] / s['tokens'] / 2**20:.1f} |")
     out += ["", f"Greedy output vs plain: draft {identical['draft']}; lookup {identical['lookup']} (the exactness tests "
                 "run fp32 compute, where it is identical). tok/s counts all tokens over the whole generation "
-                "(prefill included); tokens per target pass = generated tokens after the first / target passes.", "",
+                "(prefill included); tokens per target pass = generated tokens after the first / target passes; CPU s: "
+                "the process's CPU time (all threads, the prefetcher's included). Plain and speculative runs alternate "
+                "prompt by prompt (the order flipped every other prompt). Threads: "
+                + describe_threads() + ".", "",
             "Streamed pass cost (chain of n positions after 16 cached tokens, median of 3): "
             + ", ".join(f"{n} positions {t:.3f} s ({t / costs[1]:.2f}x)" for n, t in costs.items())]
     return "\n".join(out)

@@ -6,7 +6,8 @@ How a QuantWeight computes, fastest first:
   (kernels/qmatvec.c) multiply straight from the codes, no dequantized copy: at the speed of the
   stored bytes. Outlier tables are added as a sparse correction. 2..8 rows (a serving engine's
   decode step) share each decode of the codes; with bfloat16 activations and AVX512-BF16 they
-  multiply the weights rounded to bfloat16, as the dequantize + GEMM path does (qmatvec.c).
+  multiply the weights rounded to bfloat16, as the dequantize + GEMM path does (qmatvec.c);
+  NF4 so up to 32 rows (speculative verify passes, serving batches), where that still beats GEMM.
 * CUDA, up to GEMV_MAX_ROWS activation rows, int8 and NF4: the Triton GEMV
   (kernels/triton_gemv.py) when triton is installed: straight from the codes, outliers added by
   the kernel, no host sync (CUDA-graph safe). Without triton, one row of NF4: bitsandbytes' fused
@@ -34,8 +35,20 @@ CHUNK_ELEMS = 1 << 21
 # Up to this many activation rows multiply straight from the codes (one tile: the weights are decoded
 # once for all of them); more rows dequantize in chunks and use GEMM. Measured (bench_kernels.py):
 # at 16 rows dequantize + GEMM already wins on 8B/405B-sized matrices, at 4-8 rows the codes do.
+# Exception on the CPU: NF4 with bfloat16 activations and AVX512-BF16 up to 32 rows (_cpu_nf4_max_rows).
 GEMV_MAX_ROWS = 8
 _CODE_DTYPES = {SCHEME_NF4: torch.uint8, SCHEME_INT8: torch.int8}
+
+
+def _cpu_nf4_max_rows(scheme: str, x: torch.Tensor) -> int:
+    """More rows than GEMV_MAX_ROWS that the native NF4 kernel still multiplies faster than
+    dequantize + GEMM on this CPU (bfloat16 activations with AVX512-BF16: 32; see
+    lp_nf4_batch_max in kernels/qmatvec.c), else GEMV_MAX_ROWS."""
+    if scheme != SCHEME_NF4 or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return GEMV_MAX_ROWS
+    lib = kernels.native()
+    fn = getattr(lib, "lp_nf4_batch_max", None) if lib is not None else None
+    return int(fn(1)) if fn is not None else GEMV_MAX_ROWS
 _VAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -165,7 +178,7 @@ class QuantWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self.shape[0], self.shape[-1]
-        if len(self.shape) == 2 and x.numel() <= GEMV_MAX_ROWS * cols:
+        if len(self.shape) == 2 and (x.numel() <= GEMV_MAX_ROWS * cols or x.numel() <= _cpu_nf4_max_rows(self.scheme, x) * cols):
             y = self._linear_native(x) if x.device.type == "cpu" else self._linear_cuda(x) if x.device.type == "cuda" else None
             if y is not None:
                 return y if bias is None else y.add_(bias)

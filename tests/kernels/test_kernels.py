@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,25 @@ def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, b
     finally:
         torch.set_num_threads(before)
     assert native_calls == [scheme] * 16
+
+
+def test_nf4_bf16_up_to_32_rows_from_the_codes(native_calls):
+    # 9..32 bfloat16 rows of NF4 (speculative verify passes, serving batches) stay on the native
+    # kernel where its VDPBF16PS tiles beat dequantize + GEMM (lp_nf4_batch_max); each row keeps its
+    # bits whatever else shares the call, and 33 rows go to dequantize + GEMM.
+    limit = qweight._cpu_nf4_max_rows("nf4", torch.zeros(1, dtype=torch.bfloat16))
+    stored, entry, q = _qw((301, 576), "nf4", outliers=0.01, dtype=torch.bfloat16)
+    x = torch.randn(33, 576).to(torch.bfloat16)
+    ref = F.linear(x.float(), _ref_weight(stored, entry, torch.bfloat16).float())
+    y = q.linear(x[:limit])
+    assert _rel(y, ref[:limit]) < TOL[torch.bfloat16]
+    for lo, hi in ((0, 9), (3, 20), (limit - 9, limit), (5, 7)):
+        assert torch.equal(q.linear(x[lo:hi]), y[lo:hi])
+    assert native_calls == ["nf4"] * 5
+    if kernels.isa() == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read():
+        assert limit == 32  # the native build of this machine has the VDPBF16PS tiles
+    native_calls.clear()
+    assert _rel(q.linear(x), ref) < TOL[torch.bfloat16] and native_calls == []  # 33 rows: dequantize + GEMM
 
 
 def test_nf4_matvec_over_several_tiles():
@@ -365,7 +385,8 @@ def test_fused_quantized_rows_keep_their_bits(native_calls, scheme, outliers):
         y = fused.linear(x)
         assert torch.equal(y, torch.cat([p.linear(x) for p in parts], dim=-1))
         assert torch.equal(y, torch.cat([v.linear(x) for v in views], dim=-1))
-        assert native_calls == ([scheme] * 7 if batch <= qweight.GEMV_MAX_ROWS else [])
+        native = batch <= qweight.GEMV_MAX_ROWS or batch <= qweight._cpu_nf4_max_rows(scheme, x)  # NF4 bf16: up to 32
+        assert native_calls == ([scheme] * 7 if native else [])
 
 
 def test_rows_that_split_a_block_are_not_fused():
@@ -407,3 +428,26 @@ def test_bf16_gemv_is_opt_in(monkeypatch):
     monkeypatch.delitem(kernels._state, "bf16_gemv", raising=False)
     w, x = torch.randn(576, 576).to(torch.bfloat16), torch.randn(1, 576).to(torch.bfloat16)
     assert not kernels.dense_gemv() and torch.equal(qweight.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_probe_reads_every_line(threads):
+    # the STREAM-like probe (bench_kernels.py's limit) must read every 64-byte line, whatever its
+    # split into threads and streams: its XOR is the XOR of every 8-byte word
+    lib = kernels.native()
+    g = torch.Generator().manual_seed(0)
+    for lines in (1, 7, 8, 1237, 64 * 1024 + 3):
+        words = torch.randint(-2**62, 2**62, (lines * 8,), dtype=torch.int64, generator=g)
+        want = int(np.bitwise_xor.reduce(words.numpy().view(np.uint64)))
+        assert lib.lp_read_xor(words.data_ptr(), lines * 64, threads) == want
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_columns_gives_zeros(scheme, dtype):
+    # an empty x may come as a NULL pointer: the result is still written (zeros), never left as garbage
+    lib = kernels.native()
+    codes = torch.zeros(2, dtype=torch.uint8 if scheme == "nf4" else torch.int8)
+    for batch in (1, 3):
+        y = kernels.matvec(lib, scheme, codes, torch.ones(1), 5, 0, 64, torch.zeros(batch, 0, dtype=dtype), None, None)
+        assert torch.equal(y, torch.zeros(batch, 5, dtype=dtype))

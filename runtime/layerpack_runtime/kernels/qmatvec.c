@@ -479,6 +479,39 @@ ALWAYS_INLINE void nf4_rows_tiled_dot(const uint8_t *codes, const float *absmax,
     const float *sc = absmax + flat0 / block;
     const int64_t row_bytes = cols >> 1, row_blocks = cols / block;
     const int64_t chunks = block / 32, nblk = cols / block;
+    if (block % 64 == 0) {
+        /* blocks of whole 64-weight steps (the default block): the weights are looked up as
+           bfloat16 directly, as nf4_rows_bf16 does (VPERMW into the block's table rounded to
+           bfloat16: the same weight values), about half the decode work of the chunks below; the
+           activations come tiled by nf4_tile_x16 in nf4_rows_bf16's order (per 64 columns and
+           row: the even columns' values, then the odd ones'). */
+        for (int64_t kb = 0; kb < nblk; kb++) {
+            __m512i t16[2];
+            for (int w = 0; w < NR; w++) {
+                __m512 tw = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+                t16[w] = (__m512i)_mm512_cvtne2ps_pbh(tw, tw);
+            }
+            for (int64_t q = 0; q < block / 64; q++, c += 32, xt += 64 * nb) {
+                __m512bh wh[2], wl[2];
+                for (int w = 0; w < NR; w++) {
+                    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + w * row_bytes)));
+                    wh[w] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t16[w]);
+                    wl[w] = (__m512bh)_mm512_permutexvar_epi16(v, t16[w]);
+                }
+                for (int b = 0; b < nb; b++) {
+                    __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)(xt + 64 * b));
+                    for (int w = 0; w < NR; w++) acc[w][b] = _mm512_dpbf16_ps(acc[w][b], wh[w], xe);
+                }
+                for (int b = 0; b < nb; b++) {
+                    __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(xt + 64 * b + 32));
+                    for (int w = 0; w < NR; w++) acc[w][b] = _mm512_dpbf16_ps(acc[w][b], wl[w], xo);
+                }
+            }
+        }
+        for (int w = 0; w < NR; w++)
+            for (int b = 0; b < nb; b++) out[w][b] = _mm512_reduce_add_ps(acc[w][b]);
+        return;
+    }
     for (int64_t kb = 0; kb < nblk; kb++) {
         __m512 t[2];
         for (int w = 0; w < NR; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
@@ -520,6 +553,13 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
                              const float *x, const float *xt, const uint16_t *xt16, int64_t batch, float *y, uint16_t *y16,
                              outliers_t o, int nthreads) {
     int nt = threads_for(rows * cols * (batch < MAX_TILE ? batch : MAX_TILE), nthreads);
+    /* The outliers' corrections read x by column: x[b][c] for every row b of a tile, a cache line
+       each when x is [batch, cols]. With many outliers (1%: a ~1.5x slower call at 16-32 rows) x
+       is transposed once so a column's values are adjacent; the same products, the same order. */
+    float *xT = NULL;
+    if (o.k * 4 >= cols && batch > 2 && (xT = (float *)malloc(sizeof(float) * (size_t)(batch * cols))) != NULL)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t c = 0; c < cols; c++) xT[c * batch + b] = x[b * cols + c];
     _Pragma("omp parallel num_threads(nt)")
     {
         int t = 0, T = 1;
@@ -550,7 +590,12 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
                         if (c >= cols) break;
                         if (c < 0) continue; /* out of order: never read out of range */
                         float v = value_at(o.val, o.vdt, oj);
-                        for (int b = 0; b < nb; b++) out[w][b] += v * x[(b0 + b) * cols + c];
+                        if (xT) {
+                            const float *xc = xT + c * batch + b0;
+                            for (int b = 0; b < nb; b++) out[w][b] += v * xc[b];
+                        } else {
+                            for (int b = 0; b < nb; b++) out[w][b] += v * x[(b0 + b) * cols + c];
+                        }
                     }
                     for (int b = 0; b < nb; b++) {
                         if (y16) y16[(b0 + b) * rows + r + w] = to_bf16(out[w][b]);
@@ -561,6 +606,7 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
             }
         }
     }
+    free(xT);
 }
 #define NF4_TILED_OK(batch, block, cols) ((batch) > 1 && (block) % 32 == 0 && (cols) % (block) == 0)
 #else
@@ -758,11 +804,24 @@ static void nf4_tile_x(const float *x, int64_t batch, int64_t cols, float *xt) {
 }
 
 /* bfloat16 x [batch, cols] -> nf4_rows_tiled_dot's layout: as nf4_tile_x, but per chunk and row
-   the 16 odd columns' values first, then the 16 even ones'. */
-static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, uint16_t *xt) {
+   the 16 odd columns' values first, then the 16 even ones' (blocks of whole 64-weight steps: per
+   64 columns and row, the 32 even columns' values, then the 32 odd ones'). */
+static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, int64_t block, uint16_t *xt) {
     for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
         int64_t nb = batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE;
         uint16_t *tile = xt + b0 * cols;
+        if (block % 64 == 0) { /* nf4_rows_tiled_dot's 64-weight steps */
+            for (int64_t q = 0; q < cols / 64; q++)
+                for (int64_t b = 0; b < nb; b++) {
+                    const uint16_t *src = x + (b0 + b) * cols + 64 * q;
+                    uint16_t *dst = tile + (q * nb + b) * 64;
+                    for (int l = 0; l < 32; l++) {
+                        dst[l] = src[2 * l];
+                        dst[32 + l] = src[2 * l + 1];
+                    }
+                }
+            continue;
+        }
         for (int64_t q = 0; q < cols / 32; q++)
             for (int64_t b = 0; b < nb; b++) {
                 const uint16_t *src = x + (b0 + b) * cols + 32 * q;
@@ -779,13 +838,17 @@ static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, uint16_
 void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
                    const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
                    int64_t k, int nthreads, int bf16) {
+    if (cols <= 0) { /* no columns: every dot product is 0 (x may be a NULL pointer) */
+        memset(y_out, 0, (size_t)(batch * rows) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+        return;
+    }
     outliers_t o = {oidx, idx64, oval, vdt, k};
     int64_t half = cols / 2;
     float *y = bf16 ? NULL : (float *)y_out, *xown;
     uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
     if (NF4_ROW1_BF16_OK(batch, bf16, block, cols)) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-        uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)cols);
+        uint16_t *xp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(cols > 0 ? cols : 1));
         if (!xp) return;
         nf4_perm_x16((const uint16_t *)x_in, cols, xp);
         const uint16_t *xh = (const uint16_t *)x_in;
@@ -801,7 +864,7 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
     if (NF4_TILED_OK(batch, block, cols)) {
 #if defined(__AVX512F__)
         if (bf16 && NF4_DOT_OK) { /* xs holds batch * cols floats: room for the bfloat16 tiles */
-            nf4_tile_x16((const uint16_t *)x_in, batch, cols, (uint16_t *)xs);
+            nf4_tile_x16((const uint16_t *)x_in, batch, cols, block, (uint16_t *)xs);
             nf4_matvec_tiled(codes, absmax, rows, cols, block, x, NULL, (const uint16_t *)xs, batch, y, y16, o, nthreads);
         } else {
             nf4_tile_x(x, batch, cols, xs);
@@ -841,6 +904,10 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
 void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t block,
                     const void *x_in, int64_t batch, void *y_out, const void *oidx, int idx64, const void *oval, int vdt,
                     int64_t k, int nthreads, int bf16) {
+    if (cols <= 0) { /* no columns: every dot product is 0 (x may be a NULL pointer) */
+        memset(y_out, 0, (size_t)(batch * rows) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+        return;
+    }
     outliers_t o = {oidx, idx64, oval, vdt, k};
     float *y = bf16 ? NULL : (float *)y_out, *xown;
     uint16_t *y16 = bf16 ? (uint16_t *)y_out : NULL;
@@ -864,6 +931,19 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
         WITH_CONST_NB(int8_row, nb, codes, absmax, block, row0, cols, xr)
     })
     free(xown);
+}
+
+/* The most activation rows lp_nf4_matvec multiplies faster than dequantize + GEMM (torch's bf16
+   GEMM on one core; bench_kernels.py, 2026-12-04): with bfloat16 activations and VDPBF16PS the
+   tiles of 8 rows (nf4_rows_tiled_dot) beat it 1.7-1.8x at 16 rows, 1.05-1.4x at 32 and lose at 64
+   (0.8-0.97x); the float32 tiles only up to one tile. Not registered in kernels/_SIGNATURES
+   (ctypes' default: int result), so the library's ABI is unchanged. */
+int lp_nf4_batch_max(int bf16) {
+#if defined(__AVX512F__) && NF4_DOT_OK
+    if (bf16) return 32;
+#endif
+    (void)bf16;
+    return MAX_TILE;
 }
 
 /* ---- dense bfloat16 weights, one activation row ----
@@ -951,8 +1031,8 @@ void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_
 }
 
 /* ---- read bandwidth (STREAM-like, read only): the machine's limit the GEMVs are measured against.
-   XOR of every 64-byte line of a buffer far larger than the caches, 4 independent accumulators per
-   thread, each thread a contiguous share (as the GEMVs split rows). Returns the XOR so the reads
+   XOR of every 64-byte line of a buffer far larger than the caches, each thread a contiguous share
+   (as the GEMVs split rows) read as 8 streams (with AVX-512). Returns the XOR so the reads
    cannot be optimized away. */
 uint64_t lp_read_xor(const void *buf, int64_t nbytes, int nthreads) {
     const int64_t lines = nbytes / 64;
@@ -965,16 +1045,20 @@ uint64_t lp_read_xor(const void *buf, int64_t nbytes, int nthreads) {
         int64_t l0 = lines * t / T, l1 = lines * (t + 1) / T, l = l0;
         const uint8_t *p = (const uint8_t *)buf;
 #if defined(__AVX512F__)
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        for (; l + 4 <= l1; l += 4) {
-            a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + l * 64)));
-            a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + l * 64 + 64)));
-            a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + l * 64 + 128)));
-            a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + l * 64 + 192)));
+        { /* 8 streams per thread, as the GEMVs read several weight rows at once: one sequential
+             stream read ~25% slower than the bf16 GEMV itself (2026-12-04: 15-16 vs 21-22 GB/s at
+             1 thread), so the probe understated the machine's limit */
+            const int64_t per = (l1 - l0) / 8;
+            __m512i acc[8];
+            for (int k = 0; k < 8; k++) acc[k] = _mm512_setzero_si512();
+            for (int64_t i = 0; i < per; i++)
+                for (int k = 0; k < 8; k++) acc[k] = _mm512_xor_si512(acc[k], _mm512_loadu_si512((const void *)(p + (l0 + k * per + i) * 64)));
+            for (int k = 1; k < 8; k++) acc[0] = _mm512_xor_si512(acc[0], acc[k]);
+            uint64_t lanes[8];
+            _mm512_storeu_si512((void *)lanes, acc[0]);
+            for (int i = 0; i < 8; i++) total ^= lanes[i];
+            l = l0 + 8 * per;
         }
-        uint64_t lanes[8];
-        _mm512_storeu_si512((void *)lanes, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
-        for (int i = 0; i < 8; i++) total ^= lanes[i];
 #elif defined(__AVX2__)
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         for (; l + 2 <= l1; l += 2) {
