@@ -183,10 +183,11 @@ def worker_layerpack(cfg: dict) -> dict:
             tok = model.forward(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         decode = time.perf_counter() - t0
     from layerpack_runtime import kernels
+    from layerpack_runtime.kernels import decode_block
 
     return {"decode_tps": (cfg["tokens"] - 1) / decode, "prefill_s": prefill, "bytes_per_token": per_token,
             "threads": torch.get_num_threads(), "dequantized": sum(model.plan.resident.values()),
-            "bf16_gemv": kernels.dense_gemv()}
+            "bf16_gemv": kernels.dense_gemv(), "decode_block": decode_block.enabled()}
 
 
 def worker_llamacpp(cfg: dict) -> dict:
@@ -252,8 +253,8 @@ def render(a, rows, loads, info) -> str:
     lines += ["", f"Load average (1 min) at the start of each round: {', '.join(f'{x:.2f}' for x in loads)}. "
                   + (f"Units the planner dequantized (0 = every quantized unit ran from its codes): "
                      f"{', '.join(f'{q} {n}' for q, n in deq.items())}. " if deq else "")
-                  + "Native bf16 GEMV (LAYERPACK_BF16_GEMV=1): "
-                  f"{'on' if any(r[0].get('bf16_gemv') for r in rows.values()) else 'off (torch F.linear for bf16)'}."]
+                  + "Native decode block (one call per block, kernels/decode_block.c; its bf16 weights use the native bf16 GEMV): "
+                  f"{'on' if any(r[0].get('decode_block') for r in rows.values()) else 'off (LAYERPACK_DECODE_BLOCK=0: per-op torch path)'}."]
     return "\n".join(lines)
 
 
