@@ -479,6 +479,39 @@ ALWAYS_INLINE void nf4_rows_tiled_dot(const uint8_t *codes, const float *absmax,
     const float *sc = absmax + flat0 / block;
     const int64_t row_bytes = cols >> 1, row_blocks = cols / block;
     const int64_t chunks = block / 32, nblk = cols / block;
+    if (block % 64 == 0) {
+        /* blocks of whole 64-weight steps (the default block): the weights are looked up as
+           bfloat16 directly, as nf4_rows_bf16 does (VPERMW into the block's table rounded to
+           bfloat16: the same weight values), about half the decode work of the chunks below; the
+           activations come tiled by nf4_tile_x16 in nf4_rows_bf16's order (per 64 columns and
+           row: the even columns' values, then the odd ones'). */
+        for (int64_t kb = 0; kb < nblk; kb++) {
+            __m512i t16[2];
+            for (int w = 0; w < NR; w++) {
+                __m512 tw = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+                t16[w] = (__m512i)_mm512_cvtne2ps_pbh(tw, tw);
+            }
+            for (int64_t q = 0; q < block / 64; q++, c += 32, xt += 64 * nb) {
+                __m512bh wh[2], wl[2];
+                for (int w = 0; w < NR; w++) {
+                    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + w * row_bytes)));
+                    wh[w] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t16[w]);
+                    wl[w] = (__m512bh)_mm512_permutexvar_epi16(v, t16[w]);
+                }
+                for (int b = 0; b < nb; b++) {
+                    __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)(xt + 64 * b));
+                    for (int w = 0; w < NR; w++) acc[w][b] = _mm512_dpbf16_ps(acc[w][b], wh[w], xe);
+                }
+                for (int b = 0; b < nb; b++) {
+                    __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(xt + 64 * b + 32));
+                    for (int w = 0; w < NR; w++) acc[w][b] = _mm512_dpbf16_ps(acc[w][b], wl[w], xo);
+                }
+            }
+        }
+        for (int w = 0; w < NR; w++)
+            for (int b = 0; b < nb; b++) out[w][b] = _mm512_reduce_add_ps(acc[w][b]);
+        return;
+    }
     for (int64_t kb = 0; kb < nblk; kb++) {
         __m512 t[2];
         for (int w = 0; w < NR; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
@@ -771,11 +804,24 @@ static void nf4_tile_x(const float *x, int64_t batch, int64_t cols, float *xt) {
 }
 
 /* bfloat16 x [batch, cols] -> nf4_rows_tiled_dot's layout: as nf4_tile_x, but per chunk and row
-   the 16 odd columns' values first, then the 16 even ones'. */
-static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, uint16_t *xt) {
+   the 16 odd columns' values first, then the 16 even ones' (blocks of whole 64-weight steps: per
+   64 columns and row, the 32 even columns' values, then the 32 odd ones'). */
+static void nf4_tile_x16(const uint16_t *x, int64_t batch, int64_t cols, int64_t block, uint16_t *xt) {
     for (int64_t b0 = 0; b0 < batch; b0 += MAX_TILE) {
         int64_t nb = batch - b0 < MAX_TILE ? batch - b0 : MAX_TILE;
         uint16_t *tile = xt + b0 * cols;
+        if (block % 64 == 0) { /* nf4_rows_tiled_dot's 64-weight steps */
+            for (int64_t q = 0; q < cols / 64; q++)
+                for (int64_t b = 0; b < nb; b++) {
+                    const uint16_t *src = x + (b0 + b) * cols + 64 * q;
+                    uint16_t *dst = tile + (q * nb + b) * 64;
+                    for (int l = 0; l < 32; l++) {
+                        dst[l] = src[2 * l];
+                        dst[32 + l] = src[2 * l + 1];
+                    }
+                }
+            continue;
+        }
         for (int64_t q = 0; q < cols / 32; q++)
             for (int64_t b = 0; b < nb; b++) {
                 const uint16_t *src = x + (b0 + b) * cols + 32 * q;
@@ -818,7 +864,7 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
     if (NF4_TILED_OK(batch, block, cols)) {
 #if defined(__AVX512F__)
         if (bf16 && NF4_DOT_OK) { /* xs holds batch * cols floats: room for the bfloat16 tiles */
-            nf4_tile_x16((const uint16_t *)x_in, batch, cols, (uint16_t *)xs);
+            nf4_tile_x16((const uint16_t *)x_in, batch, cols, block, (uint16_t *)xs);
             nf4_matvec_tiled(codes, absmax, rows, cols, block, x, NULL, (const uint16_t *)xs, batch, y, y16, o, nthreads);
         } else {
             nf4_tile_x(x, batch, cols, xs);
