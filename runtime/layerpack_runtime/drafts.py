@@ -139,9 +139,10 @@ class DraftProposer:
     """A small resident model proposes the tree; its KV cache follows the accepted path.
 
     Each draft forward after the root's processes at most ROWS_PER_FORWARD tree nodes: up to
-    that many activation rows a forward runs the quantized GEMV kernels, above it the dequantizing
-    matmul path, which costs ~3x more (SmolLM2 NF4 on a CPU: 22 ms for 1 row, 33 ms for 8, 108 ms
-    for 16; BENCHMARKS.md, "Speculative decoding")."""
+    that many activation rows a forward runs the quantized GEMV kernels, above it another path that
+    costs more per row (SmolLM2 NF4 draft, CPU time at 1 thread: 16 ms for 1 row, 35 ms for 8,
+    53 ms for 16, 93 ms for 32 after session 4's kernel work; 22 / 33 / 108 ms before it - BENCHMARKS.md,
+    "Speculative decoding"). Capping each step at 8 cost no tokens per pass in the sweeps there."""
 
     def __init__(self, draft, budget: int, params: SamplingParams, generator: torch.Generator | None):
         self.draft, self.budget, self.params, self.generator = draft, budget, params, generator
