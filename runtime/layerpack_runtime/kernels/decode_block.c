@@ -99,7 +99,7 @@ static void linear(const lp_linear_t *L, const void *x, void *y, int64_t R, int 
         lp_int8_matvec((const int8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, R, y, oidx, (int)L->oidx64,
                        L->oval, (int)L->oval_dtype, L->k, nthreads, bf16);
         break;
-    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only), one row at a time */
+    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only; decode_block.py sends one row) */
         for (int64_t r = 0; r < R; r++) {
             const uint16_t *xr = (const uint16_t *)x + r * L->cols;
             uint16_t *yr = (uint16_t *)y + r * L->rows;

@@ -167,13 +167,15 @@ def prepare(args, w: dict, dtype: torch.dtype) -> Prepared | None:
 def _max_rows(linears, dtype: torch.dtype) -> int:
     """The most token rows one call takes: as many as every projection's native kernel multiplies
     from the codes (qweight.QuantWeight.linear's rule: 8, NF4 with bf16 activations up to
-    lp_nf4_batch_max); dense bf16 weights take any number (one GEMV per row)."""
+    lp_nf4_batch_max). Dense bf16 weights: one row (the bf16 GEMV reads the weight once per row, where
+    F.linear's GEMM reads it once for all rows)."""
     from ..qweight import GEMV_MAX_ROWS
 
     lib = native()
     nf4_max = int(lib.lp_nf4_batch_max(1)) if dtype == torch.bfloat16 and hasattr(lib, "lp_nf4_batch_max") else GEMV_MAX_ROWS
-    caps = [nf4_max if lin.kind == LIN_NF4 else GEMV_MAX_ROWS for lin in linears if lin.kind in (LIN_NF4, LIN_INT8)]
-    return min(caps, default=GEMV_MAX_ROWS)
+    caps = [nf4_max if lin.kind == LIN_NF4 else 1 if lin.kind == LIN_BF16 else GEMV_MAX_ROWS for lin in linears
+            if lin.kind != LIN_NONE]
+    return min(caps, default=1)
 
 
 def try_block(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor | None:
