@@ -86,29 +86,36 @@ static inline void st(void *p, int64_t i, float v, int bf16) {
 /* A value as the activation dtype holds it (rounded to bfloat16, or unchanged). */
 static inline float rnd(float v, int bf16) { return bf16 ? f32_of(bf16_of(v)) : v; }
 
-static void linear(const lp_linear_t *L, const void *x, void *y, int bf16, int nthreads) {
+/* y [R, rows] = x [R, cols] @ W.T (+ bias), activation dtype; tmp: rows floats of room. */
+static void linear(const lp_linear_t *L, const void *x, void *y, int64_t R, int bf16, float *tmp, int nthreads) {
     const void *oidx = L->k ? L->oidx : NULL;
+    const int64_t es = bf16 ? 2 : 4;
     switch (L->kind) {
     case LIN_NF4:
-        lp_nf4_matvec((const uint8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, 1, y, oidx, (int)L->oidx64,
+        lp_nf4_matvec((const uint8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, R, y, oidx, (int)L->oidx64,
                       L->oval, (int)L->oval_dtype, L->k, nthreads, bf16);
         break;
     case LIN_INT8:
-        lp_int8_matvec((const int8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, 1, y, oidx, (int)L->oidx64,
+        lp_int8_matvec((const int8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, R, y, oidx, (int)L->oidx64,
                        L->oval, (int)L->oval_dtype, L->k, nthreads, bf16);
         break;
-    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only) */
-        if (L->bias) { /* as F.linear: the bias added in float32, then rounded once (y has room for floats) */
-            float *yf = (float *)y;
-            lp_bf16_matvec((const uint16_t *)L->w, L->rows, L->cols, (const uint16_t *)x, yf, 0, nthreads);
-            for (int64_t r = 0; r < L->rows; r++) ((uint16_t *)y)[r] = bf16_of(yf[r] + ld(L->bias, r, 1));
-            return;
+    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only; decode_block.py sends one row) */
+        for (int64_t r = 0; r < R; r++) {
+            const uint16_t *xr = (const uint16_t *)x + r * L->cols;
+            uint16_t *yr = (uint16_t *)y + r * L->rows;
+            if (L->bias) { /* as F.linear: the bias added in float32, then rounded once */
+                lp_bf16_matvec((const uint16_t *)L->w, L->rows, L->cols, xr, tmp, 0, nthreads);
+                for (int64_t j = 0; j < L->rows; j++) yr[j] = bf16_of(tmp[j] + ld(L->bias, j, 1));
+            } else {
+                lp_bf16_matvec((const uint16_t *)L->w, L->rows, L->cols, xr, yr, 1, nthreads);
+            }
         }
-        lp_bf16_matvec((const uint16_t *)L->w, L->rows, L->cols, (const uint16_t *)x, y, 1, nthreads);
         return;
     }
     if (L->bias) /* as QuantWeight.linear: y.add_(bias) on the rounded product */
-        for (int64_t r = 0; r < L->rows; r++) st(y, r, ld(y, r, bf16) + ld(L->bias, r, bf16), bf16);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < L->rows; j++)
+                st(y, r * L->rows + j, ld(y, r * L->rows + j, bf16) + ld(L->bias, j, bf16), bf16);
 }
 
 /* transformers' RMSNorm as models/llama.py computes it: normalised in float32, rounded to the
@@ -180,100 +187,134 @@ static inline void axpy_row(float *acc, float p, const void *v, int64_t d, int b
     for (int64_t i = 0; i < d; i++) acc[i] += p * ld(v, i, bf16);
 }
 
-/* Scratch bytes the block needs (decode_block.py allocates it once and reuses it). */
-int64_t lp_decode_block_scratch(const lp_block_t *b, int64_t max_len, int nthreads) {
-    int64_t es = 4, nt = nthreads < 1 ? 1 : nthreads; /* buffers hold floats even for bf16 (see linear) */
+/* Scratch bytes the block needs for R rows (decode_block.py allocates it once and reuses it). */
+int64_t lp_decode_block_scratch(const lp_block_t *b, int64_t R, int64_t max_len, int nthreads) {
+    int64_t nt = nthreads < 1 ? 1 : nthreads;
     int64_t qkv = (b->n_heads + 2 * b->n_kv) * b->head_dim;
-    int64_t acts = 2 * b->hidden + qkv + b->n_heads * b->head_dim + 3 * b->inter;
-    return acts * es + nt * (max_len + b->head_dim) * 4 + 64 * 8;
+    int64_t gu = 2 * b->inter > qkv ? 2 * b->inter : qkv; /* gu also holds unfused q, k, v for a moment */
+    int64_t acts = R * (2 * b->hidden + qkv + b->n_heads * b->head_dim + gu + b->inter); /* floats even for bf16 */
+    int64_t tmp = qkv + 2 * b->inter + b->hidden;
+    return (acts + tmp) * 4 + nt * (max_len + b->head_dim) * 4 + 64 * 8;
 }
 
-/* h_out = block(h_in) for one token at cache column `pos` (its key and value are written there;
-   attention covers columns [first, pos]: first > 0 under a sliding window). kc, vc: this block's cache [KV, max_len, D] in the activation
-   dtype. cos, ssin: the token's rotary tables [D] (llama.Step's cos and sin_signed). Returns 0, or -1
-   when the scratch is too small or the head size too large (nothing written). */
-int lp_llama_decode_block(const lp_block_t *b, const void *h_in, void *h_out, void *kc, void *vc, int64_t max_len,
-                          int64_t pos, int64_t first, const void *cos, const void *ssin, void *scratch,
-                          int64_t scratch_bytes, int nthreads) {
+/* h_out = block(h_in) for R new tokens of one sequence at cache columns start .. start + R - 1 (their
+   keys and values are written there). Row r attends to columns [first, start + r] (causal; first > 0
+   under a sliding window), or, with a mask [R, start + R] (1 = may attend: a token tree's ancestors,
+   a window), to the columns its mask row allows. kc, vc: this block's cache [KV, max_len, D] in the
+   activation dtype. cos, ssin: the rows' rotary tables [R, D] (llama.Step's cos and sin_signed).
+   Returns 0, or -1 when the scratch is too small or an argument is out of range (nothing written). */
+int lp_llama_decode_block(const lp_block_t *b, int64_t R, const void *h_in, void *h_out, void *kc, void *vc,
+                          int64_t max_len, int64_t start, int64_t first, const uint8_t *mask, const void *cos,
+                          const void *ssin, void *scratch, int64_t scratch_bytes, int nthreads) {
     const int bf16 = (int)b->bf16;
     const int64_t es = bf16 ? 2 : 4, bs = 4, H = b->n_heads, KV = b->n_kv, D = b->head_dim, n = b->hidden, I = b->inter;
-    const int64_t G = H / KV, L = pos + 1 - first, nt = nthreads < 1 ? 1 : nthreads;
+    const int64_t G = H / KV, QKV = (H + 2 * KV) * D, end = start + R, nt = nthreads < 1 ? 1 : nthreads;
     const int gm = (int)b->gemma;
-    if (D > 1024 || pos >= max_len || first < 0 || first > pos || scratch_bytes < lp_decode_block_scratch(b, max_len, nthreads)) return -1;
+    if (R < 1 || D > 1024 || end > max_len || first < 0 || first > start ||
+        scratch_bytes < lp_decode_block_scratch(b, R, max_len, nthreads)) return -1;
     char *s = (char *)scratch;
-    void *xn = s;               s += n * bs;
-    void *qkv = s;              s += (H + 2 * KV) * D * bs;
-    void *att = s;              s += H * D * bs;
-    void *proj = s;             s += n * bs;
-    void *gu = s;               s += 2 * I * bs;
-    void *act = s;              s += I * bs;
-    float *work = (float *)(((uintptr_t)s + 63) & ~(uintptr_t)63); /* per thread: scores [L] + output [D] */
+    char *xn = s;               s += R * n * bs;
+    char *qkv = s;              s += R * QKV * bs;
+    char *att = s;              s += R * H * D * bs;
+    char *proj = s;             s += R * n * bs;
+    char *gu = s;               s += R * (2 * I > QKV ? 2 * I : QKV) * bs;
+    char *act = s;              s += R * I * bs;
+    float *tmp = (float *)s;    s += (QKV + 2 * I + n) * 4;
+    float *work = (float *)(((uintptr_t)s + 63) & ~(uintptr_t)63); /* per thread: scores [max_len] + output [D] */
 
     /* attention: h + o(attn(norm(h))) */
-    rms_norm(h_in, b->attn_norm, n, b->eps, xn, bf16, gm);
+    for (int64_t r = 0; r < R; r++)
+        rms_norm((const char *)h_in + r * n * es, b->attn_norm, n, b->eps, xn + r * n * es, bf16, gm);
     if (b->k.kind == LIN_NONE) {
-        linear(&b->q, xn, qkv, bf16, nthreads);
-    } else {
-        linear(&b->q, xn, qkv, bf16, nthreads);
-        linear(&b->k, xn, (char *)qkv + H * D * es, bf16, nthreads);
-        linear(&b->v, xn, (char *)qkv + (H + KV) * D * es, bf16, nthreads);
-    }
-    for (int64_t hd = 0; hd < H + KV; hd++) {
-        if (b->qk_norm) {
-            const void *w = hd < H ? b->q_norm : b->k_norm;
-            char *x = (char *)qkv + hd * D * es;
-            rms_norm(x, w, D, b->eps, x, bf16, gm);
+        linear(&b->q, xn, qkv, R, bf16, tmp, nthreads);
+    } else { /* separate q, k, v: each into its own region, then interleaved per row as the fused layout */
+        char *q = gu, *k = gu + R * H * D * es, *v = k + R * KV * D * es; /* gu is free until the MLP */
+        linear(&b->q, xn, q, R, bf16, tmp, nthreads);
+        linear(&b->k, xn, k, R, bf16, tmp, nthreads);
+        linear(&b->v, xn, v, R, bf16, tmp, nthreads);
+        for (int64_t r = 0; r < R; r++) {
+            memcpy(qkv + r * QKV * es, q + r * H * D * es, H * D * es);
+            memcpy(qkv + (r * QKV + H * D) * es, k + r * KV * D * es, KV * D * es);
+            memcpy(qkv + (r * QKV + (H + KV) * D) * es, v + r * KV * D * es, KV * D * es);
         }
-        rope(qkv, hd * D, D, cos, ssin, bf16);
     }
-    for (int64_t g = 0; g < KV; g++) { /* the new key and value into column pos */
-        memcpy((char *)kc + (g * max_len + pos) * D * es, (char *)qkv + (H + g) * D * es, D * es);
-        memcpy((char *)vc + (g * max_len + pos) * D * es, (char *)qkv + (H + KV + g) * D * es, D * es);
+    for (int64_t r = 0; r < R; r++) {
+        char *row = qkv + r * QKV * es;
+        const char *c = (const char *)cos + r * D * es, *sn = (const char *)ssin + r * D * es;
+        for (int64_t hd = 0; hd < H + KV; hd++) {
+            if (b->qk_norm) {
+                const void *w = hd < H ? b->q_norm : b->k_norm;
+                rms_norm(row + hd * D * es, w, D, b->eps, row + hd * D * es, bf16, gm);
+            }
+            rope(row, hd * D, D, c, sn, bf16);
+        }
+        for (int64_t g = 0; g < KV; g++) { /* the row's key and value into column start + r */
+            memcpy((char *)kc + (g * max_len + start + r) * D * es, row + (H + g) * D * es, D * es);
+            memcpy((char *)vc + (g * max_len + start + r) * D * es, row + (H + KV + g) * D * es, D * es);
+        }
     }
-    int ta = (H * L * D >= (1 << 16) && nt > 1) ? (int)(nt < H ? nt : H) : 1;
+    const int64_t work_items = R * H;
+    int ta = (work_items * (end - first) * D >= (1 << 16) && nt > 1) ? (int)(nt < work_items ? nt : work_items) : 1;
 #pragma omp parallel for schedule(static) num_threads(ta)
-    for (int64_t hq = 0; hq < H; hq++) {
+    for (int64_t it = 0; it < work_items; it++) {
         int tid = 0;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
+        const int64_t r = it / H, hq = it % H, g = hq / G;
         float *sc = work + tid * (max_len + D), *out = sc + max_len, q[1024];
-        const int64_t g = hq / G;
-        const char *kg = (const char *)kc + (g * max_len + first) * D * es, *vg = (const char *)vc + (g * max_len + first) * D * es;
-        for (int64_t i = 0; i < D; i++) q[i] = ld(qkv, hq * D + i, bf16);
+        const char *kg = (const char *)kc + g * max_len * D * es, *vg = (const char *)vc + g * max_len * D * es;
+        const uint8_t *mr = mask ? mask + r * end : NULL;
+        const int64_t c0 = mask ? 0 : first, c1 = mask ? end : start + r + 1;
+        for (int64_t i = 0; i < D; i++) q[i] = ld(qkv, r * QKV + hq * D + i, bf16);
         float m = -INFINITY;
-        for (int64_t t = 0; t < L; t++) {
+        for (int64_t t = c0; t < c1; t++) {
+            if (mr && !mr[t]) continue;
             sc[t] = dot_row(q, kg + t * D * es, D, bf16) * (float)b->scale;
             if (sc[t] > m) m = sc[t];
         }
         float sum = 0.0f;
-        for (int64_t t = 0; t < L; t++) {
-            sc[t] = expf(sc[t] - m);
-            sum += sc[t];
-        }
         memset(out, 0, D * sizeof(float));
-        for (int64_t t = 0; t < L; t++) axpy_row(out, sc[t], vg + t * D * es, D, bf16);
-        for (int64_t i = 0; i < D; i++) st(att, hq * D + i, out[i] / sum, bf16);
+        for (int64_t t = c0; t < c1; t++) {
+            if (mr && !mr[t]) continue;
+            float p = expf(sc[t] - m);
+            sum += p;
+            axpy_row(out, p, vg + t * D * es, D, bf16);
+        }
+        for (int64_t i = 0; i < D; i++) st(att, r * H * D + hq * D + i, out[i] / sum, bf16);
     }
-    linear(&b->o, att, proj, bf16, nthreads);
-    if (gm) rms_norm(proj, b->attn_post_norm, n, b->eps, proj, bf16, 1);
-    for (int64_t i = 0; i < n; i++) st(h_out, i, ld(h_in, i, bf16) + ld(proj, i, bf16), bf16);
+    linear(&b->o, att, proj, R, bf16, tmp, nthreads);
+    for (int64_t r = 0; r < R; r++) {
+        char *pr = proj + r * n * es;
+        if (gm) rms_norm(pr, b->attn_post_norm, n, b->eps, pr, bf16, 1);
+        for (int64_t i = 0; i < n; i++)
+            st(h_out, r * n + i, ld(h_in, r * n + i, bf16) + ld(pr, i, bf16), bf16);
+        rms_norm((const char *)h_out + r * n * es, b->mlp_norm, n, b->eps, xn + r * n * es, bf16, gm);
+    }
 
     /* MLP: h + down(act(gate(norm(h))) * up(norm(h))), SiLU (GELU-tanh for Gemma) */
-    rms_norm(h_out, b->mlp_norm, n, b->eps, xn, bf16, gm);
     if (b->up.kind == LIN_NONE) {
-        linear(&b->gate, xn, gu, bf16, nthreads);
-    } else {
-        linear(&b->gate, xn, gu, bf16, nthreads);
-        linear(&b->up, xn, (char *)gu + I * es, bf16, nthreads);
+        linear(&b->gate, xn, gu, R, bf16, tmp, nthreads);
+    } else { /* separate gate and up: into [gate | up] per row, as the fused layout */
+        linear(&b->gate, xn, gu, R, bf16, tmp, nthreads);
+        linear(&b->up, xn, gu + R * I * es, R, bf16, tmp, nthreads);
+        memcpy(act, gu + R * I * es, R * I * es); /* gate rows [R, I] then up rows [R, I] -> per row [gate | up] */
+        for (int64_t r = R - 1; r >= 0; r--) {
+            memmove(gu + r * 2 * I * es, gu + r * I * es, I * es);
+            memcpy(gu + (r * 2 * I + I) * es, act + r * I * es, I * es);
+        }
     }
-    for (int64_t i = 0; i < I; i++) {
-        float gv = ld(gu, i, bf16);
-        float sv = rnd(gm ? gelu_tanh(gv) : gv / (1.0f + expf(-gv)), bf16);
-        st(act, i, sv * ld(gu, I + i, bf16), bf16);
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < I; i++) {
+            float gv = ld(gu, r * 2 * I + i, bf16);
+            float sv = rnd(gm ? gelu_tanh(gv) : gv / (1.0f + expf(-gv)), bf16);
+            st(act, r * I + i, sv * ld(gu, r * 2 * I + I + i, bf16), bf16);
+        }
+    linear(&b->down, act, proj, R, bf16, tmp, nthreads);
+    for (int64_t r = 0; r < R; r++) {
+        char *pr = proj + r * n * es;
+        if (gm) rms_norm(pr, b->mlp_post_norm, n, b->eps, pr, bf16, 1);
+        for (int64_t i = 0; i < n; i++) st(h_out, r * n + i, ld(h_out, r * n + i, bf16) + ld(pr, i, bf16), bf16);
     }
-    linear(&b->down, act, proj, bf16, nthreads);
-    if (gm) rms_norm(proj, b->mlp_post_norm, n, b->eps, proj, bf16, 1);
-    for (int64_t i = 0; i < n; i++) st(h_out, i, ld(h_out, i, bf16) + ld(proj, i, bf16), bf16);
     return 0;
 }

@@ -58,10 +58,10 @@ class Prepared:
     """A block's weights as the native call takes them: the struct, and the tensors it points into
     (kept alive here, so the pointers stay valid as long as this object)."""
 
-    __slots__ = ("struct", "keep", "dtype")
+    __slots__ = ("struct", "keep", "dtype", "max_rows")
 
-    def __init__(self, struct: Block, keep: list, dtype: torch.dtype):
-        self.struct, self.keep, self.dtype = struct, keep, dtype
+    def __init__(self, struct: Block, keep: list, dtype: torch.dtype, max_rows: int):
+        self.struct, self.keep, self.dtype, self.max_rows = struct, keep, dtype, max_rows
 
 
 _state: dict = {}
@@ -74,9 +74,9 @@ def enabled() -> bool:
         _state["on"] = (os.environ.get("LAYERPACK_DECODE_BLOCK", "1") != "0" and lib is not None
                         and hasattr(lib, "lp_llama_decode_block"))
         if _state["on"]:
-            lib.lp_llama_decode_block.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, ctypes.c_int]
+            lib.lp_llama_decode_block.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, ctypes.c_int]
             lib.lp_llama_decode_block.restype = ctypes.c_int
-            lib.lp_decode_block_scratch.argtypes = [_P, _I64, ctypes.c_int]
+            lib.lp_decode_block_scratch.argtypes = [_P, _I64, _I64, ctypes.c_int]
             lib.lp_decode_block_scratch.restype = _I64
     return _state["on"]
 
@@ -161,28 +161,52 @@ def prepare(args, w: dict, dtype: torch.dtype) -> Prepared | None:
         return None
     for name, lin in parts.items():
         setattr(b, name, lin)
-    return Prepared(b, keep, dtype)
+    return Prepared(b, keep, dtype, _max_rows(parts.values(), dtype))
+
+
+def _max_rows(linears, dtype: torch.dtype) -> int:
+    """The most token rows one call takes: as many as every projection's native kernel multiplies
+    from the codes (qweight.QuantWeight.linear's rule: 8, NF4 with bf16 activations up to
+    lp_nf4_batch_max). Dense bf16 weights: one row (the bf16 GEMV reads the weight once per row, where
+    F.linear's GEMM reads it once for all rows)."""
+    from ..qweight import GEMV_MAX_ROWS
+
+    lib = native()
+    nf4_max = int(lib.lp_nf4_batch_max(1)) if dtype == torch.bfloat16 and hasattr(lib, "lp_nf4_batch_max") else GEMV_MAX_ROWS
+    caps = [nf4_max if lin.kind == LIN_NF4 else 1 if lin.kind == LIN_BF16 else GEMV_MAX_ROWS for lin in linears
+            if lin.kind != LIN_NONE]
+    return min(caps, default=1)
 
 
 def try_block(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor | None:
     """A llama-family or Gemma 3 block (models/llama.py, gemma3.py; `step` a llama.Step) as one native
     call for a plain one-token decode step of one sequence on the CPU, or None where that does not
     apply (the per-op path runs instead)."""
-    if (h.shape[0] != 1 or h.shape[1] != 1 or (step.mask is not None and step.window_first is None)
-            or type(layer_cache) is not LayerKV or h.device.type != "cpu" or not enabled()):
+    T = h.shape[1]
+    if h.shape[0] != 1 or type(layer_cache) is not LayerKV or h.device.type != "cpu" or not enabled():
+        return None
+    mask = None
+    if T == 1 and step.mask is not None and step.window_first is None:
+        return None  # a one-token step under another mask (padding)
+    if T > 1 and step.mask is not None:  # a token tree (speculative verify / draft), a window: [T, end] rows
+        if step.mask.shape[-2:] != (T, step.end):
+            return None
+        mask = step.mask[0, 0].contiguous()
+    elif T > 1 and not step.is_causal:
         return None
     prepared = getattr(w, "native", None)
     if prepared is None:  # not yet tried, or a streamed unit's fresh dict
         prepared = prepare(args, w, h.dtype) or False
         if isinstance(w, BlockWeights):
             w.native = prepared
-    if prepared is False or prepared.dtype != h.dtype:
+    if prepared is False or prepared.dtype != h.dtype or T > prepared.max_rows:
         return None
-    return run(prepared, h, layer_cache.k, layer_cache.v, step.start, step.window_first or 0, step.cos, step.sin_signed)
+    first = (step.window_first or 0) if T == 1 else 0
+    return run(prepared, h, layer_cache.k, layer_cache.v, step.start, first, mask, step.cos, step.sin_signed)
 
 
-def _scratch_for(lib, prepared: Prepared, max_len: int, threads: int) -> torch.Tensor:
-    need = lib.lp_decode_block_scratch(ctypes.byref(prepared.struct), max_len, threads)
+def _scratch_for(lib, prepared: Prepared, rows: int, max_len: int, threads: int) -> torch.Tensor:
+    need = lib.lp_decode_block_scratch(ctypes.byref(prepared.struct), rows, max_len, threads)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < need:
         buf = torch.empty(need, dtype=torch.uint8)
@@ -190,26 +214,28 @@ def _scratch_for(lib, prepared: Prepared, max_len: int, threads: int) -> torch.T
     return buf
 
 
-def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, first: int,
-        cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor | None:
-    """The block over h [1, 1, hidden] for the token at cache column `pos`, attending to columns
-    [first, pos] (k_cache, v_cache: the block's [1, KV, max_len, D]); None when these tensors are
-    not in the form the call takes."""
+def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, first: int,
+        mask: torch.Tensor | None, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor | None:
+    """The block over h [1, T, hidden]: T new tokens at cache columns start .., each attending to the
+    columns [first, its own] (causal) or those its row of `mask` [T, start + T] (bool) allows
+    (k_cache, v_cache: the block's [1, KV, max_len, D]); None when these tensors are not in the form
+    the call takes."""
     dt = prepared.dtype
-    D = prepared.struct.head_dim
+    T, D = h.shape[1], prepared.struct.head_dim
     if (h.dtype != dt or not h.is_contiguous() or k_cache.dtype != dt or v_cache.dtype != dt
             or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k_cache.device.type != "cpu"
-            or cos.dtype != dt or sin_signed.dtype != dt or cos.numel() != D or sin_signed.numel() != D
-            or not cos.is_contiguous() or not sin_signed.is_contiguous()):
+            or cos.dtype != dt or sin_signed.dtype != dt or cos.numel() != T * D or sin_signed.numel() != T * D
+            or not cos.is_contiguous() or not sin_signed.is_contiguous()
+            or (mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (T, start + T)))):
         return None
     lib = native()
     max_len = k_cache.shape[2]
     threads = torch.get_num_threads()
-    scratch = _scratch_for(lib, prepared, max_len, threads)
+    scratch = _scratch_for(lib, prepared, T, max_len, threads)
     out = torch.empty_like(h)
-    rc = lib.lp_llama_decode_block(ctypes.byref(prepared.struct), h.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
-                                   v_cache.data_ptr(), max_len, pos, first, cos.data_ptr(), sin_signed.data_ptr(),
-                                   scratch.data_ptr(), scratch.numel(), threads)
+    rc = lib.lp_llama_decode_block(ctypes.byref(prepared.struct), T, h.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
+                                   v_cache.data_ptr(), max_len, start, first, None if mask is None else mask.data_ptr(),
+                                   cos.data_ptr(), sin_signed.data_ptr(), scratch.data_ptr(), scratch.numel(), threads)
     return out if rc == 0 else None
 
 
