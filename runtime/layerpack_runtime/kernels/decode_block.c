@@ -293,22 +293,16 @@ int lp_llama_decode_block(const lp_block_t *b, int64_t R, const void *h_in, void
     }
 
     /* MLP: h + down(act(gate(norm(h))) * up(norm(h))), SiLU (GELU-tanh for Gemma) */
-    if (b->up.kind == LIN_NONE) {
-        linear(&b->gate, xn, gu, R, bf16, tmp, nthreads);
-    } else { /* separate gate and up: into [gate | up] per row, as the fused layout */
-        linear(&b->gate, xn, gu, R, bf16, tmp, nthreads);
-        linear(&b->up, xn, gu + R * I * es, R, bf16, tmp, nthreads);
-        memcpy(act, gu + R * I * es, R * I * es); /* gate rows [R, I] then up rows [R, I] -> per row [gate | up] */
-        for (int64_t r = R - 1; r >= 0; r--) {
-            memmove(gu + r * 2 * I * es, gu + r * I * es, I * es);
-            memcpy(gu + (r * 2 * I + I) * es, act + r * I * es, I * es);
-        }
-    }
+    /* fused: per row [gate | up]; separate: gate rows [R, I], then up rows [R, I] */
+    const int fused = b->up.kind == LIN_NONE;
+    const int64_t gstride = fused ? 2 * I : I, up0 = fused ? I : R * I;
+    linear(&b->gate, xn, gu, R, bf16, tmp, nthreads);
+    if (!fused) linear(&b->up, xn, gu + R * I * es, R, bf16, tmp, nthreads);
     for (int64_t r = 0; r < R; r++)
         for (int64_t i = 0; i < I; i++) {
-            float gv = ld(gu, r * 2 * I + i, bf16);
+            float gv = ld(gu, r * gstride + i, bf16);
             float sv = rnd(gm ? gelu_tanh(gv) : gv / (1.0f + expf(-gv)), bf16);
-            st(act, r * I + i, sv * ld(gu, r * 2 * I + I + i, bf16), bf16);
+            st(act, r * I + i, sv * ld(gu, up0 + r * gstride + i, bf16), bf16);
         }
     linear(&b->down, act, proj, R, bf16, tmp, nthreads);
     for (int64_t r = 0; r < R; r++) {
