@@ -65,6 +65,19 @@ class Calibrated:
         """E[x^2] (with the floor) of the input column of each flat position in [s, e)."""
         return self.importance[torch.arange(s, e) % self.cols]
 
+    def block_importance(self, s: int, e: int, block_size: int) -> torch.Tensor:
+        """element_importance(s, e) as [blocks, block_size] (or [1, e - s] for a short tail block).
+        When blocks tile the rows (cols a multiple of block_size, s a block start), block i holds the
+        importance of column group (s / block_size + i) mod (cols / block_size): rows of a
+        [groups, block_size] view are gathered, block_size times fewer indices than one per element."""
+        cols = self.cols
+        if cols % block_size or s % block_size or (e - s) % block_size:
+            n = e - s
+            return self.element_importance(s, e).view(-1, block_size if n % block_size == 0 else n)
+        groups = cols // block_size
+        rows = torch.arange(s // block_size, e // block_size) % groups
+        return self.importance.view(groups, block_size).index_select(0, rows)
+
 
 def feature_columns(cal: Calibrated, rows: int, k: int) -> torch.Tensor:
     """(b): ascending input columns kept whole: activations reaching FEATURE_THRESHOLD, the
@@ -151,40 +164,64 @@ def _select_row_scores(score: torch.Tensor, k: int) -> torch.Tensor:
 
 # -- (c) scale search ---------------------------------------------------------------------------
 
+def encode(scaled: torch.Tensor, scheme: str) -> tuple:
+    """scaled [blocks, b] fp32 in [-1, 1] -> (the codes the pack stores, their values in [-1, 1]):
+    NF4: uint8 code indices (numpy, one per value, not yet packed two per byte) by the converter's
+    exact encoder (table lookup); int8: the rounded values as fp32 (stored as int8)."""
+    if scheme == SCHEME_NF4:
+        q = NF4_ENCODER.codes(scaled.reshape(-1).numpy())
+        return q, torch.from_numpy(np.take(NF4_VALUES, q)).view(scaled.shape)
+    r = torch.round(scaled * INT8_QMAX)
+    return r, r / INT8_QMAX
+
+
+def scale_into_range(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [blocks, b] / scale [blocks], clamped to [-1, 1]: what is encoded (blocks.block_stats' formula)."""
+    return (x * (1.0 / scale.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
+
+
 def code_values(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
     """x [blocks, b] fp32, scale [blocks]: the code values (in [-1, 1]) the pack stores for x with
-    that scale - the same encoding as blocks.quantize_chunk (x * (1/scale) clamped, nearest code);
-    times the scale, what the runtime reconstructs."""
-    scaled = (x * (1.0 / scale.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-    if scheme == SCHEME_NF4:  # the converter's exact encoder (table lookup)
-        c = torch.from_numpy(np.take(NF4_VALUES, NF4_ENCODER.codes(scaled.reshape(-1).numpy()))).view(scaled.shape)
-    else:
-        c = torch.round(scaled * INT8_QMAX) / INT8_QMAX
-    return c
+    that scale - the same encoding as blocks.quantize_chunk; times the scale, what the runtime
+    reconstructs."""
+    return encode(scale_into_range(x, scale), scheme)[1]
 
 
-def choose_scales(x: torch.Tensor, absmax: torch.Tensor, imp: torch.Tensor, scheme: str,
-                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c) for a chunk of whole blocks (or one short tail block): x fp32 [n] (outliers zeroed),
-    absmax [blocks], imp [n] per-element importance -> (scales [blocks], x / scale clamped to [-1, 1])."""
-    blocks = x.view(-1, block_size) if x.numel() % block_size == 0 else x.view(1, -1)
-    wts = imp.view(blocks.shape)
-    best = absmax.clone()
-    c = code_values(blocks, best, scheme)
-    best_err = (wts * (blocks - c * best.view(-1, 1)).square()).sum(1)
+def choose_scales(x: torch.Tensor, absmax: torch.Tensor, scaled: torch.Tensor, wts: torch.Tensor, scheme: str) -> tuple:
+    """(c) for a chunk of whole blocks (or one short tail block): x fp32 [blocks, b] (outliers zeroed),
+    absmax [blocks], scaled = scale_into_range(x, absmax) (block_stats computed it already), wts
+    [blocks, b] per-element importance -> (scales [blocks], codes, code values [blocks, b]): the
+    codes are encode()'s for x with the chosen scales, so the caller stores them without encoding
+    again (per element the same arithmetic, so the same bits as encoding x / scales afresh).
+
+    Cost (the search is most of what --calibrate adds to a conversion): SCALE_ITERS encodings
+    beyond the plain one, whose codes are the starting point; per iteration two weighted sums for
+    the least-squares scale and one for the error, each a single pass (the weighted x is formed once)."""
+    best = absmax
+    q, c = encode(scaled, scheme)
+    wx = wts * x
+    best_err = _weighted_error(x, wts, c, best)
     for _ in range(SCALE_ITERS):
-        num = (wts * blocks * c).sum(1)
+        num = (wx * c).sum(1)
         den = (wts * c * c).sum(1)
         cand = torch.where(den > 0, num / den.clamp(min=1e-38), best)
         cand = torch.where(cand > 0, cand, best)
-        c_new = code_values(blocks, cand, scheme)
-        err = (wts * (blocks - c_new * cand.view(-1, 1)).square()).sum(1)
+        q_new, c_new = encode(scale_into_range(x, cand), scheme)
+        err = _weighted_error(x, wts, c_new, cand)
         better = err < best_err
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
         c = torch.where(better.view(-1, 1), c_new, c)
-    scaled = (blocks * (1.0 / best.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
-    return best, scaled
+        if scheme == SCHEME_NF4:
+            q = np.where(better.numpy()[:, None], q_new.reshape(c.shape), q.reshape(c.shape)).reshape(-1)
+        else:
+            q = torch.where(better.view(-1, 1), q_new, q)
+    return best, q, c
+
+
+def _weighted_error(x: torch.Tensor, wts: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per block: sum_j wts_j (x_j - scale c_j)^2 (the error the search minimizes, of the exact encoding)."""
+    return (wts * (x - c * scale.view(-1, 1)).square()).sum(1)
 
 
 def parse_methods(spec: str | None) -> tuple[str, ...]:

@@ -43,18 +43,24 @@ def quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: i
     am, scaled = block_stats(x, block_size)
     if not all_finite(am):
         raise LayerpackError("contains NaN or Inf values; the source checkpoint is corrupt")
-    if calibrated is not None and "scales" in calibrated.methods:  # convert --calibrate: activation_aware.py (c)
-        am, scaled = choose_scales(x, am, calibrated.element_importance(s, e), scheme, block_size)
     b0 = s // block_size
-    absmax[b0: b0 + am.numel()] = am
-    if scheme == SCHEME_NF4:
+    if calibrated is not None and "scales" in calibrated.methods:  # convert --calibrate: activation_aware.py (c)
+        blocks = scaled.view(am.numel(), -1)
+        am, q, codes_f = choose_scales(x.view(blocks.shape), am, blocks, calibrated.block_importance(s, e, block_size), scheme)
+        absmax[b0: b0 + am.numel()] = am
+        if scheme == SCHEME_NF4:
+            _store_nf4(q, codes, s)
+            deq = per_block(codes_f.reshape(-1), am, block_size)
+        else:
+            codes[s:e] = q.reshape(-1).to(torch.int8)
+            deq = per_block(q.reshape(-1), am / INT8_QMAX, block_size)
+    elif scheme == SCHEME_NF4:
+        absmax[b0: b0 + am.numel()] = am
         q = NF4_ENCODER.codes(scaled.numpy())
-        codes_f = torch.from_numpy(np.take(NF4_VALUES, q))
-        if q.size % 2:  # odd count: bitsandbytes pads the scaled values with 0.0, i.e. the code of 0
-            q = np.append(q, NF4_ZERO_CODE)
-        codes[s // 2: s // 2 + q.size // 2] = torch.from_numpy((q[0::2] << 4) | q[1::2])
-        deq = per_block(codes_f, am, block_size)
+        _store_nf4(q, codes, s)
+        deq = per_block(torch.from_numpy(np.take(NF4_VALUES, q)), am, block_size)
     else:
+        absmax[b0: b0 + am.numel()] = am
         q = torch.round(scaled * INT8_QMAX).to(torch.int8)
         codes[s:e] = q
         deq = per_block(q.float(), am / INT8_QMAX, block_size)
@@ -63,6 +69,13 @@ def quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: i
     # fp32 norms per chunk (fast); the sum across chunks is a Python float.
     err = torch.linalg.vector_norm(deq.to(dtype).float() - x).item()
     return err * err, torch.linalg.vector_norm(ref).item() ** 2
+
+
+def _store_nf4(q: np.ndarray, codes: torch.Tensor, s: int) -> None:
+    """NF4 code indices of positions s.. -> two per byte, the first in the high nibble."""
+    if q.size % 2:  # odd count: bitsandbytes pads the scaled values with 0.0, i.e. the code of 0
+        q = np.append(q, NF4_ZERO_CODE)
+    codes[s // 2: s // 2 + q.size // 2] = torch.from_numpy((q[0::2] << 4) | q[1::2])
 
 
 def per_block(values: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
