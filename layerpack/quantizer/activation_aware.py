@@ -164,15 +164,20 @@ def _select_row_scores(score: torch.Tensor, k: int) -> torch.Tensor:
 
 # -- (c) scale search ---------------------------------------------------------------------------
 
-def encode(scaled: torch.Tensor, scheme: str) -> tuple:
-    """scaled [blocks, b] fp32 in [-1, 1] -> (the codes the pack stores, their values in [-1, 1]):
-    NF4: uint8 code indices (numpy, one per value, not yet packed two per byte) by the converter's
-    exact encoder (table lookup); int8: the rounded values as fp32 (stored as int8)."""
+def encode(scaled: torch.Tensor, scheme: str) -> torch.Tensor:
+    """scaled [blocks, b] fp32 in [-1, 1] -> the code values (in [-1, 1]) the pack stores for them:
+    NF4 by the converter's exact encoder (nf4.py), int8 rounded to 1/INT8_QMAX steps."""
     if scheme == SCHEME_NF4:
-        q = NF4_ENCODER.codes(scaled.reshape(-1).numpy())
-        return q, torch.from_numpy(np.take(NF4_VALUES, q)).view(scaled.shape)
-    r = torch.round(scaled * INT8_QMAX)
-    return r, r / INT8_QMAX
+        return torch.from_numpy(NF4_ENCODER.values(scaled.reshape(-1).numpy())).view(scaled.shape)
+    return torch.round(scaled * INT8_QMAX) / INT8_QMAX
+
+
+def stored_codes(values: torch.Tensor, scheme: str):
+    """Code values (encode()'s) -> what the pack stores: NF4 code indices (numpy uint8, one per
+    value, not yet two per byte), int8 codes (torch int8). Exact: a code value maps to its own code."""
+    if scheme == SCHEME_NF4:
+        return NF4_ENCODER.codes(values.reshape(-1).numpy())
+    return torch.round(values * INT8_QMAX).to(torch.int8)
 
 
 def scale_into_range(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -184,43 +189,39 @@ def code_values(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tens
     """x [blocks, b] fp32, scale [blocks]: the code values (in [-1, 1]) the pack stores for x with
     that scale - the same encoding as blocks.quantize_chunk; times the scale, what the runtime
     reconstructs."""
-    return encode(scale_into_range(x, scale), scheme)[1]
+    return encode(scale_into_range(x, scale), scheme)
 
 
 def choose_scales(x: torch.Tensor, absmax: torch.Tensor, scaled: torch.Tensor, wts: torch.Tensor, scheme: str) -> tuple:
     """(c) for a chunk of whole blocks (or one short tail block): x fp32 [blocks, b] (outliers zeroed),
     absmax [blocks], scaled = scale_into_range(x, absmax) (block_stats computed it already), wts
-    [blocks, b] per-element importance -> (scales [blocks], codes, code values [blocks, b]): the
-    codes are encode()'s for x with the chosen scales, so the caller stores them without encoding
-    again (per element the same arithmetic, so the same bits as encoding x / scales afresh).
+    [blocks, b] per-element importance -> (scales [blocks], stored codes (stored_codes), code values
+    [blocks, b]): the codes are those of encoding x / scales afresh (the same arithmetic per element),
+    so the caller stores them without encoding again.
 
-    Cost (the search is most of what --calibrate adds to a conversion): SCALE_ITERS encodings
-    beyond the plain one, whose codes are the starting point; per iteration two weighted sums for
-    the least-squares scale and one for the error, each a single pass (the weighted x is formed once)."""
-    best = absmax
-    q, c = encode(scaled, scheme)
+    Cost (the search is most of what --calibrate adds to a conversion): SCALE_ITERS encodings beyond
+    the one at absmax (values only: the stored codes are looked up once, at the end), each with its
+    error; the weighted x of the least-squares sums is formed once."""
     wx = wts * x
-    best_err = _weighted_error(x, wts, c, best)
+    c = encode(scaled, scheme)
+    best = absmax
+    best_err = _error(x, wts, c, best)
     for _ in range(SCALE_ITERS):
         num = (wx * c).sum(1)
         den = (wts * c * c).sum(1)
         cand = torch.where(den > 0, num / den.clamp(min=1e-38), best)
         cand = torch.where(cand > 0, cand, best)
-        q_new, c_new = encode(scale_into_range(x, cand), scheme)
-        err = _weighted_error(x, wts, c_new, cand)
+        c_new = encode(scale_into_range(x, cand), scheme)
+        err = _error(x, wts, c_new, cand)
         better = err < best_err
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
         c = torch.where(better.view(-1, 1), c_new, c)
-        if scheme == SCHEME_NF4:
-            q = np.where(better.numpy()[:, None], q_new.reshape(c.shape), q.reshape(c.shape)).reshape(-1)
-        else:
-            q = torch.where(better.view(-1, 1), q_new, q)
-    return best, q, c
+    return best, stored_codes(c, scheme), c
 
 
-def _weighted_error(x: torch.Tensor, wts: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per block: sum_j wts_j (x_j - scale c_j)^2 (the error the search minimizes, of the exact encoding)."""
+def _error(x: torch.Tensor, wts: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per block: sum w (x - scale c)^2, the error the search minimizes, of the exact encoding."""
     return (wts * (x - c * scale.view(-1, 1)).square()).sum(1)
 
 

@@ -32,6 +32,8 @@ class Nf4Encoder:
         straddle = below_hi != below_lo
         marked = straddle | np.roll(straddle, 1) | np.roll(straddle, -1)
         self.table = np.where(marked, 255, below_lo).astype(np.uint8)  # CELLS + 1 entries: x = 1.0 has its own
+        # cell -> code value (NaN: a marked cell), for values() - one lookup where codes() + NF4_VALUES take two
+        self.value_table = np.where(marked, np.float32(np.nan), code[np.minimum(below_lo, code.size - 1)]).astype(np.float32)
         self.scale = np.float32(self.CELLS / 2)
 
     def codes(self, scaled: np.ndarray) -> np.ndarray:
@@ -42,6 +44,18 @@ class Nf4Encoder:
         if hard.size:
             q[hard] = np.searchsorted(self.bounds, scaled[hard], side="left")
         return q
+
+
+    def values(self, scaled: np.ndarray) -> np.ndarray:
+        """scaled: float32 in [-1, 1] -> the code values NF4_VALUES[codes(scaled)], by one lookup (the
+        calibrated scale search encodes several times and needs only the values until it is done;
+        codes() of these values then gives their codes: a code value lies in no marked cell)."""
+        cell = ((scaled + np.float32(1.0)) * self.scale).astype(np.uint16)
+        v = np.take(self.value_table, cell)
+        hard = np.flatnonzero(np.isnan(v))
+        if hard.size:
+            v[hard] = NF4_VALUES[np.searchsorted(self.bounds, scaled[hard], side="left")]
+        return v
 
 
 NF4_ENCODER = Nf4Encoder()  # a read-only table (64 KB), shared by every thread

@@ -90,7 +90,7 @@ def test_statistics_match_transformers_linears(ckpt, dtype, monkeypatch):
 def test_scale_search_never_worse_than_absmax(scheme):
     """(c): per block, the weighted error with the chosen scale is at most the absmax scale's, and
     lower overall on heavy-tailed weights with uneven column importance."""
-    from layerpack.quantizer.activation_aware import code_values, encode, scale_into_range
+    from layerpack.quantizer.activation_aware import code_values, encode, scale_into_range, stored_codes
 
     g = torch.Generator().manual_seed(0)
     block = 64
@@ -107,11 +107,28 @@ def test_scale_search_never_worse_than_absmax(scheme):
     e0, e1 = err(absmax), err(scales)
     assert bool((e1 <= e0).all())
     assert e1.sum() < 0.97 * e0.sum()
+    # the same scales, to the bit, as the search written out plainly (one full encoding per step)
+    assert torch.equal(scales, _reference_search(blocks, absmax, w, scheme, err))
     assert bool((scales != absmax).any())
     # the codes returned are those of encoding x with the chosen scales afresh, bit for bit
     assert torch.equal(values, code_values(blocks, scales, scheme))
-    fresh = encode(scale_into_range(blocks, scales), scheme)[0]
+    fresh = stored_codes(encode(scale_into_range(blocks, scales), scheme), scheme)
     assert torch.equal(torch.as_tensor(q).reshape(-1), torch.as_tensor(fresh).reshape(-1))
+
+
+def _reference_search(blocks, absmax, w, scheme, err):
+    """(c) as its docstring states it, plainly: Lloyd iterations from absmax (nearest codes, then
+    the weighted least-squares scale), a block's new scale kept only if its error (err) is lower."""
+    from layerpack.quantizer.activation_aware import SCALE_ITERS, code_values
+
+    best, best_err = absmax.clone(), err(absmax)
+    for _ in range(SCALE_ITERS):
+        c = code_values(blocks, best, scheme)
+        cand = (w * blocks * c).sum(1) / (w * c * c).sum(1).clamp(min=1e-38)
+        cand = torch.where(cand > 0, cand, best)
+        e = err(cand)
+        best, best_err = torch.where(e < best_err, cand, best), torch.minimum(e, best_err)
+    return best
 
 
 def test_feature_columns_and_weighted_selection():
