@@ -164,12 +164,15 @@ def _select_row_scores(score: torch.Tensor, k: int) -> torch.Tensor:
 
 # -- (c) scale search ---------------------------------------------------------------------------
 
-def encode(scaled: torch.Tensor, scheme: str) -> torch.Tensor:
+def encode(scaled: torch.Tensor, scheme: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """scaled [blocks, b] fp32 in [-1, 1] -> the code values (in [-1, 1]) the pack stores for them:
-    NF4 by the converter's exact encoder (nf4.py), int8 rounded to 1/INT8_QMAX steps."""
+    NF4 by the converter's exact encoder (nf4.py), int8 rounded to 1/INT8_QMAX steps. out: a
+    contiguous fp32 tensor of scaled's shape to write them into (not scaled)."""
+    out = torch.empty_like(scaled) if out is None else out
     if scheme == SCHEME_NF4:
-        return torch.from_numpy(NF4_ENCODER.values(scaled.reshape(-1).numpy())).view(scaled.shape)
-    return torch.round(scaled * INT8_QMAX) / INT8_QMAX
+        NF4_ENCODER.values(scaled.reshape(-1).numpy(), out.view(-1).numpy())
+        return out
+    return torch.mul(scaled, INT8_QMAX, out=out).round_().div_(INT8_QMAX)
 
 
 def stored_codes(values: torch.Tensor, scheme: str):
@@ -180,9 +183,9 @@ def stored_codes(values: torch.Tensor, scheme: str):
     return torch.round(values * INT8_QMAX).to(torch.int8)
 
 
-def scale_into_range(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scale_into_range(x: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [blocks, b] / scale [blocks], clamped to [-1, 1]: what is encoded (blocks.block_stats' formula)."""
-    return (x * (1.0 / scale.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
+    return torch.mul(x, (1.0 / scale.clamp(min=1e-38)).view(-1, 1), out=out).clamp_(-1, 1)
 
 
 def code_values(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -193,7 +196,7 @@ def code_values(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tens
 
 
 def choose_scales(x: torch.Tensor, absmax: torch.Tensor, scaled: torch.Tensor, wts: torch.Tensor, scheme: str) -> tuple:
-    """(c) for a chunk of whole blocks (or one short tail block): x fp32 [blocks, b] (outliers zeroed),
+    """(c) for some whole blocks (or one short tail block): x fp32 [blocks, b] (outliers zeroed),
     absmax [blocks], scaled = scale_into_range(x, absmax) (block_stats computed it already), wts
     [blocks, b] per-element importance -> (scales [blocks], stored codes (stored_codes), code values
     [blocks, b]): the codes are those of encoding x / scales afresh (the same arithmetic per element),
@@ -201,28 +204,37 @@ def choose_scales(x: torch.Tensor, absmax: torch.Tensor, scaled: torch.Tensor, w
 
     Cost (the search is most of what --calibrate adds to a conversion): SCALE_ITERS encodings beyond
     the one at absmax (values only: the stored codes are looked up once, at the end), each with its
-    error; the weighted x of the least-squares sums is formed once."""
+    error. Every temporary lives in two buffers reused by every step (fresh multi-MB temporaries
+    per operation cost more than the arithmetic); the caller passes a few thousand blocks at a time,
+    so they stay in cache. Each operation is the one the formulas above name, in that order: the
+    same bits as the plain expressions (tests/convert/test_calibrate.py)."""
+    buf = torch.empty_like(x)
     wx = wts * x
     c = encode(scaled, scheme)
+    c_new = torch.empty_like(x)
     best = absmax
-    best_err = _error(x, wts, c, best)
+    best_err = _error(x, wts, c, best, buf)
     for _ in range(SCALE_ITERS):
-        num = (wx * c).sum(1)
-        den = (wts * c * c).sum(1)
+        num = torch.mul(wx, c, out=buf).sum(1)                # sum w x c
+        den = torch.mul(wts, c, out=buf).mul_(c).sum(1)       # sum w c c
         cand = torch.where(den > 0, num / den.clamp(min=1e-38), best)
         cand = torch.where(cand > 0, cand, best)
-        c_new = encode(scale_into_range(x, cand), scheme)
-        err = _error(x, wts, c_new, cand)
+        encode(scale_into_range(x, cand, out=buf), scheme, out=c_new)
+        err = _error(x, wts, c_new, cand, buf)
         better = err < best_err
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
-        c = torch.where(better.view(-1, 1), c_new, c)
+        worse = torch.nonzero(~better).view(-1)  # the few blocks that keep their codes (most improve)
+        if worse.numel():
+            c_new.index_copy_(0, worse, c.index_select(0, worse))
+        c, c_new = c_new, c
     return best, stored_codes(c, scheme), c
 
 
-def _error(x: torch.Tensor, wts: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per block: sum w (x - scale c)^2, the error the search minimizes, of the exact encoding."""
-    return (wts * (x - c * scale.view(-1, 1)).square()).sum(1)
+def _error(x: torch.Tensor, wts: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Per block: sum w (x - scale c)^2, the error the search minimizes, of the exact encoding (buf: workspace)."""
+    torch.mul(c, scale.view(-1, 1), out=buf)
+    return torch.sub(x, buf, out=buf).square_().mul_(wts).sum(1)
 
 
 def parse_methods(spec: str | None) -> tuple[str, ...]:

@@ -46,16 +46,18 @@ class Nf4Encoder:
         return q
 
 
-    def values(self, scaled: np.ndarray) -> np.ndarray:
+    def values(self, scaled: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """scaled: float32 in [-1, 1] -> the code values NF4_VALUES[codes(scaled)], by one lookup (the
         calibrated scale search encodes several times and needs only the values until it is done;
-        codes() of these values then gives their codes: a code value lies in no marked cell)."""
-        cell = ((scaled + np.float32(1.0)) * self.scale).astype(np.uint16)
-        v = np.take(self.value_table, cell)
-        hard = np.flatnonzero(np.isnan(v))
+        codes() of these values then gives their codes: a code value lies in no marked cell).
+        out: a float32 array of scaled's size to write them into (not scaled itself)."""
+        out = np.empty_like(scaled) if out is None else out
+        np.multiply(np.add(scaled, np.float32(1.0), out=out), self.scale, out=out)  # (scaled + 1) * scale, as codes()
+        np.take(self.value_table, out.astype(np.uint16), out=out, mode="clip")  # indices are in range: no bounds pass
+        hard = np.flatnonzero(np.isnan(out))
         if hard.size:
-            v[hard] = NF4_VALUES[np.searchsorted(self.bounds, scaled[hard], side="left")]
-        return v
+            out[hard] = NF4_VALUES[np.searchsorted(self.bounds, scaled[hard], side="left")]
+        return out
 
 
 NF4_ENCODER = Nf4Encoder()  # a read-only table (64 KB), shared by every thread

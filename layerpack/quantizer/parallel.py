@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 CHUNK_ELEMS = 1 << 21   # elements per quantization chunk (a multiple of every block size up to 2^21): ~8 MB fp32
 WORKERS = 2
-SEARCH_MIN_ROWS = 256   # blocks per piece below which the calibrated scale search is not split (thread hand-off costs more)
+SEARCH_TILE = 4096      # blocks per run of the calibrated scale search (its temporaries stay in cache)
 
 _lock = threading.Lock()
 _pools: dict[str, ThreadPoolExecutor] = {}
@@ -34,13 +34,19 @@ def search_pool() -> ThreadPoolExecutor:
     return _pool("scale-search", max(1, WORKERS - 1))
 
 
-def run_pieces(fn, rows: int, min_rows: int = SEARCH_MIN_ROWS) -> None:
-    """fn(r0, r1) on WORKERS contiguous runs of range(rows) at once (one in this thread), or once
-    on all of them when rows < 2 * min_rows. fn's runs must write disjoint outputs."""
-    n = WORKERS if rows >= 2 * min_rows else 1
-    cuts = [rows * i // n for i in range(n + 1)]
-    futures = [search_pool().submit(fn, cuts[i], cuts[i + 1]) for i in range(1, n)]
-    fn(cuts[0], cuts[1])
+def run_pieces(fn, rows: int, tile: int | None = None) -> None:
+    """fn(r0, r1) over consecutive runs of range(rows) of `tile` rows (SEARCH_TILE), on this thread
+    and search_pool's at once. fn's runs must write disjoint outputs."""
+    tile = tile or SEARCH_TILE
+    cuts = list(range(0, rows, tile)) + [rows]
+    runs = list(zip(cuts[:-1], cuts[1:]))
+    if len(runs) == 1 or WORKERS == 1:
+        for r in runs:
+            fn(*r)
+        return
+    futures = [search_pool().submit(fn, *r) for r in runs[1::2]]
+    for r in runs[0::2]:
+        fn(*r)
     for f in futures:
         f.result()
 
