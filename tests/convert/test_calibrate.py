@@ -12,6 +12,7 @@ import torch
 
 from conftest import make_checkpoint, one_line_error, run_cli, run_cli_killed, write_tiny_tokenizer
 from layerpack.quantizer import activation_stats as calibrate
+from layerpack.quantizer import quantize_tensor
 from layerpack.quantizer.activation_aware import Calibrated, choose_scales, feature_columns, parse_methods, select
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime.errors import LayerpackError
@@ -114,6 +115,28 @@ def test_scale_search_never_worse_than_absmax(scheme):
     assert torch.equal(values, code_values(blocks, scales, scheme))
     fresh = stored_codes(encode(scale_into_range(blocks, scales), scheme), scheme)
     assert torch.equal(torch.as_tensor(q).reshape(-1), torch.as_tensor(fresh).reshape(-1))
+
+
+@pytest.mark.parametrize("scheme,block,cols", [(SCHEME_NF4, 64, 576), (SCHEME_NF4, 64, 203), (SCHEME_INT8, 32, 576)])
+def test_scale_search_in_tiles_on_threads_gives_the_same_bits(monkeypatch, scheme, block, cols):
+    """The converter searches a chunk's blocks in tiles on two threads (parallel.run_pieces): the
+    same codes, scales and error figure as one run on one thread, whatever the tile (here 7 blocks,
+    so tiles cut rows of blocks anywhere); cols 576 takes block_importance's row gather, 203 its
+    per-element path."""
+    from layerpack.quantizer import parallel
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(96, cols, generator=g) * torch.rand(96, cols, generator=g).pow(3)).to(torch.bfloat16)
+    cal = Calibrated(torch.rand(cols, generator=g) ** 3, torch.rand(cols, generator=g) * 8)
+    got = {}
+    for tile, workers in ((1 << 30, 1), (7, 2)):
+        monkeypatch.setattr(parallel, "SEARCH_TILE", tile)
+        monkeypatch.setattr(parallel, "WORKERS", workers)
+        got[tile] = quantize_tensor("w", w, scheme, torch.bfloat16, block, 0.01, "row", calibrated=cal)
+    (one, e_one), (tiled, e_tiled) = got.values()
+    for name in one:
+        assert torch.equal(one[name], tiled[name]), name
+    assert e_one == e_tiled
 
 
 def _reference_search(blocks, absmax, w, scheme, err):
