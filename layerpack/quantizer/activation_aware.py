@@ -26,14 +26,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import INT8_QMAX, SCHEME_NF4
 
 from . import windows
-from .nf4 import NF4_ENCODER, NF4_VALUES
+from .nf4 import NF4_ENCODER
 from .outliers import select_outliers_by, select_outliers_stream, top_k_streamed
 from .ranking import row_candidates, row_share, take_ranked
 

@@ -69,9 +69,10 @@ def _search_scales(x: torch.Tensor, am: torch.Tensor, scaled: torch.Tensor, wts:
                    block_size: int, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """The calibrated scale search (activation_aware.choose_scales) of the chunk at s, its codes
     and scales stored; returns the reconstruction. Every block is searched on its own, so the
-    blocks are split into parallel.search_pieces() runs searched at once (the plain encoding is one
-    table lookup per chunk; the search, several, was most of --calibrate's cost on one core while
-    a weight of SmolLM2's size is one chunk): the same bits as one run (tests/convert/test_calibrate.py)."""
+    chunk's blocks go in tiles of parallel.SEARCH_TILE blocks (their temporaries stay in cache) to
+    two threads at once (parallel.run_pieces: a weight of SmolLM2's size is a single chunk, which
+    left one core idle during the search, most of --calibrate's cost): the same bits as one run on
+    one thread (tests/convert/test_calibrate.py)."""
     blocks = scaled.view(am.numel(), -1)
     xb = x.view(blocks.shape)
     bs = blocks.shape[1]

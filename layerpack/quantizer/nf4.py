@@ -45,7 +45,6 @@ class Nf4Encoder:
             q[hard] = np.searchsorted(self.bounds, scaled[hard], side="left")
         return q
 
-
     def values(self, scaled: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """scaled: float32 in [-1, 1] -> the code values NF4_VALUES[codes(scaled)], by one lookup (the
         calibrated scale search encodes several times and needs only the values until it is done;
@@ -60,4 +59,4 @@ class Nf4Encoder:
         return out
 
 
-NF4_ENCODER = Nf4Encoder()  # a read-only table (64 KB), shared by every thread
+NF4_ENCODER = Nf4Encoder()  # read-only tables (64 KB of codes, 256 KB of values), shared by every thread

@@ -1,6 +1,7 @@
 """The quantizer's threads: quantization chunks run on WORKERS threads (torch and numpy release the
-GIL, so 2 cores quantize twice as fast), and the next window of a large tensor is read on one more
-thread while this one is quantized. The pools are created on first use, not at import: importing
+GIL, so 2 cores quantize twice as fast), the calibrated scale search splits one chunk's blocks over
+WORKERS threads too (run_pieces), and the next window of a large tensor is read on one more thread
+while this one is quantized. The pools are created on first use, not at import: importing
 the package (the CLI does, for its option lists) starts no thread."""
 from __future__ import annotations
 
