@@ -388,12 +388,11 @@ def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body,
     from .serve import ServeOptions, check_bind, check_port, names, serve as run_serve
     check_bind(host, api_key, insecure)  # before loading anything
     check_port(host, port)
-    threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
     opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
                         insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
-                        dtype=dtype, threads=threads, prefetch=prefetch, page_cache=not no_page_cache, revision=revision,
-                        token=token, quiet=quiet, allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin), **spec)
+                        dtype=dtype, threads=resolve_threads(threads, "--threads"), prefetch=prefetch, page_cache=not no_page_cache,
+                        revision=revision, token=token, quiet=quiet, allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin), **spec)
     run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
 
 
