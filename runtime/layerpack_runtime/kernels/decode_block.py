@@ -187,11 +187,9 @@ def try_block(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor
     path runs instead)."""
     if h.device.type != "cpu" or not enabled():
         return None
-    if h.shape[0] > 1:
-        return try_rows(args, w, h, step, layer_cache)
+    if h.shape[0] > 1 or type(layer_cache) is not LayerKV or (step.grouped and step.window_first is None):
+        return try_rows(args, w, h, step, layer_cache)  # rows of their own (slots, a padded batch), even just one
     T = h.shape[1]
-    if type(layer_cache) is not LayerKV:
-        return None
     mask = None
     if T == 1 and step.mask is not None and step.window_first is None:
         return None  # a one-token step under another mask (padding)
@@ -256,7 +254,7 @@ def try_rows(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor 
         return None
     firsts = row_firsts(step)
     prepared = _prepared(args, w, h.dtype) if firsts is not None else None
-    if prepared is None:
+    if prepared is None or (B > 1 and prepared.max_rows == 1):  # dense bf16 weights: F.linear's GEMM reads them once for all rows
         return None
     dt, D = prepared.dtype, prepared.struct.head_dim
     cos, ssin = step.cos, step.sin_signed
