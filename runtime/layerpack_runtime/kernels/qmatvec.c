@@ -30,10 +30,11 @@
 
    One activation row (a decode step) is bound by instructions per weight and by how well the
    weight bytes stream in: the one-row kernels (nf4_rows_bf16, nf4_rows_f32, int8_rows_whole) take
-   several weight rows per pass, so each load of x serves them all, prefetch the next group of
-   rows (rows of a few KB are too short for the hardware prefetcher), and with bfloat16
-   activations NF4 looks its bfloat16 weights up with VPERMW and multiplies them with VDPBF16PS
-   (nf4_rows_bf16: the same weights as the batched rows and the bf16 prefill). */
+   several weight rows per pass, so each load of x serves them all, from as many long sequential
+   streams, each prefetched ahead (ROW1_DRIVER), and with bfloat16 activations NF4 looks NF4[c]
+   up as bfloat16 with VPERMW, multiplies with VDPBF16PS and scales each block's sum by its absmax
+   (nf4_rows_bf16: 13 instructions per 128 weights; the weights NF4[c] * absmax to within
+   bfloat16's rounding of NF4[c], not the bf16 dequantization's bits). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
