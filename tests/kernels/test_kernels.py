@@ -98,10 +98,10 @@ def test_batched_nf4_rows_keep_their_bits_whatever_shares_their_step(native_call
 
 @pytest.mark.parametrize("scheme,block,shape", [("nf4", 64, (1001, 576)), ("int8", 32, (1001, 576)), ("int8", 32, (75, 8192))])
 def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, block, shape):
-    # One activation row (a decode step) goes several weight rows per pass (8 for NF4 with bfloat16
-    # activations, 4 with float32 ones, 4 for int8 from 8192 columns) so each load of x serves them
-    # all: a row's bits must not depend on which rows share its pass (slices, an odd count,
-    # another thread's share) nor on the threads.
+    # One activation row (a decode step) goes 4 weight rows per pass, one from each of 4 runs of the
+    # thread's rows (qmatvec.c ROW1_DRIVER), so each load of x serves them all: a row's bits must not
+    # depend on which rows share its pass (slices, an odd count, another thread's share, the rows
+    # left over after the runs) nor on the threads.
     rows, cols = shape
     stored, entry, q = _qw(shape, scheme, outliers=0.01, dtype=torch.bfloat16, block=block)
     before = torch.get_num_threads()
