@@ -843,11 +843,13 @@ static void nf4_perm_x16(const uint16_t *x, int64_t cols, uint16_t *xp) {
 #if defined(__AVX512F__)
 #define INT8_ROW1_R 4
 ALWAYS_INLINE void int8_rows_whole(const int8_t *codes, const float *absmax, int64_t block, const int64_t *rw, int64_t cols,
-                                   const float *x, int R, float *out) {
+                                   const float *x, int R, int B32, float *out) {
     __m512 a0[INT8_ROW1_R], a1[INT8_ROW1_R];
     const int8_t *c[INT8_ROW1_R];
     const float *sc[INT8_ROW1_R];
-    const int64_t row_blocks = cols / block, steps = block / 16;
+    /* B32: blocks of 32 (the default) as a constant, so a block's two steps unroll without the
+       branch on q & 1 that a run-time step count left in the loop (same operations, same order) */
+    const int64_t row_blocks = cols / block, steps = B32 ? 2 : block / 16;
     for (int w = 0; w < R; w++) {
         a0[w] = a1[w] = _mm512_setzero_ps();
         c[w] = codes + rw[w] * cols;
@@ -878,8 +880,13 @@ ALWAYS_INLINE void int8_rows_whole(const int8_t *codes, const float *absmax, int
 }
 static __attribute__((noinline)) void int8_rows_pass(const int8_t *codes, const float *absmax, int64_t block, const int64_t *rw,
                                                      int64_t cols, const float *x, int R, float *out) {
-    if (R == INT8_ROW1_R) int8_rows_whole(codes, absmax, block, rw, cols, x, INT8_ROW1_R, out); /* see nf4_rows_bf16_pass */
-    else int8_rows_whole(codes, absmax, block, rw, cols, x, 1, out);
+    if (block == 32) { /* see nf4_rows_bf16_pass */
+        if (R == INT8_ROW1_R) int8_rows_whole(codes, absmax, block, rw, cols, x, INT8_ROW1_R, 1, out);
+        else int8_rows_whole(codes, absmax, block, rw, cols, x, 1, 1, out);
+    } else {
+        if (R == INT8_ROW1_R) int8_rows_whole(codes, absmax, block, rw, cols, x, INT8_ROW1_R, 0, out);
+        else int8_rows_whole(codes, absmax, block, rw, cols, x, 1, 0, out);
+    }
 }
 #define INT8_ROW1_OK(batch, block, cols) ((batch) == 1 && (block) % 16 == 0 && (cols) % (block) == 0)
 #else
@@ -1018,8 +1025,8 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
 #if defined(__AVX512F__)
     if (INT8_ROW1_OK(batch, block, cols)) {
 #define INT8_ROWS(rw, R, out) int8_rows_pass(codes, absmax, block, rw, cols, x, R, out)
-        /* 4 streams at every width (one row at a time below 8192 columns before: as streams, SmolLM2's
-           576 columns read as fast or faster, and each load of x serves 4 rows) */
+        /* 4 streams at every width (was: 4 neighbouring rows from 8192 columns, one row at a time
+           below): SmolLM2's 576 columns from memory 1.05-1.25x one row at a time, 8B's as fast */
         ROW1_DRIVER(INT8_ROW1_R, INT8_ROWS, X_F32)
         free(xown);
         return;
