@@ -132,7 +132,7 @@ def test_nf4_one_bf16_row_is_the_blocks_scaled_sums(native_calls, cols, block):
     from layerpack_runtime.quant import nf4_code, nf4_unpack
     rows = 37
     stored, entry, q = _qw((rows, cols), "nf4", outliers=0.01, dtype=torch.bfloat16, block=block, seed=3)
-    x = torch.randn(1, cols).to(torch.bfloat16)
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(cols + block)).to(torch.bfloat16)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -145,15 +145,19 @@ def test_nf4_one_bf16_row_is_the_blocks_scaled_sums(native_calls, cols, block):
         torch.set_num_threads(before)
     assert native_calls == ["nf4"] * 6
     w16 = nf4_code()[nf4_unpack(q.codes, rows * cols)].to(torch.bfloat16).double().view(rows, cols // block, block)
-    sums = (w16 * x.double().view(1, cols // block, block)).sum(-1)  # [rows, blocks]
-    ref = (sums * q.absmax.double().view(rows, -1)).sum(-1)
+    terms = w16 * x.double().view(1, cols // block, block) * q.absmax.double().view(rows, -1, 1)
+    ref, size = terms.sum((1, 2)), terms.abs().sum((1, 2))
     if q.outlier_idx is not None:  # the outliers' values times x, added in float32 after the sum
         oi = q.outlier_idx.long()
-        ref.index_add_(0, oi // cols, q.outlier_val.double() * x.double()[0, oi % cols])
+        extra = q.outlier_val.double() * x.double()[0, oi % cols]
+        ref.index_add_(0, oi // cols, extra)
+        size.index_add_(0, oi // cols, extra.abs())
     ref16 = ref.to(torch.bfloat16).double()
-    ulp = ref16.abs() * 2.0 ** -7  # one bfloat16 step at ref's size (an upper bound)
-    assert ((y[0].double() - ref16).abs() <= ulp + 1e-30).all(), (y[0].double() - ref16).abs().max()
-    assert (y[0].double() == ref16).float().mean() > 0.9  # mostly the very bits of the float64 sum, rounded
+    # one bfloat16 step of the result (rounding y) plus float32 summation error (< 1e-5 of the terms'
+    # magnitude here); using a neighbouring block's absmax or a wrong column costs ~1e-3 of it
+    bound = ref16.abs() * 2.0 ** -7 + 1e-5 * size
+    assert ((y[0].double() - ref16).abs() <= bound).all(), ((y[0].double() - ref16).abs() / size).max()
+    assert (y[0].double() == ref16).float().mean() > 0.75  # mostly the very bits of the float64 sum, rounded
     # the bf16 dequantization's weights (NF4[c] * absmax, rounded) are within bfloat16's rounding of these
     assert _rel(y, F.linear(x.float(), _ref_weight(stored, entry, torch.bfloat16).float())) < TOL[torch.bfloat16]
 
