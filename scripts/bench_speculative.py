@@ -229,7 +229,9 @@ def pass_pack_mode(a) -> None:
 
         streaming.DIRECT_READS = False
     m = spec_pass405.measure(a.pass_pack, positions, a.repeats, a.page_cache, a.threads, a.device,
-                             compare_buffered=a.compare_reads)
+                             compare_buffered=a.compare_reads,
+                             disk_probe=None if a.page_cache or not direct else
+                             lambda: spec_pass405.direct_bandwidth(os.path.join(layers_dir, "block.001.safetensors")))
     import torch  # noqa: F401  (machine() reports its version)
 
     cmd = (f"python scripts/bench_speculative.py --pass-pack {a.pass_pack} --positions {a.positions} --repeats {a.repeats}"

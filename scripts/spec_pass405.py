@@ -94,9 +94,11 @@ def minimum_budget(pack: str, workload, device: str) -> int:
 
 
 def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, threads: int | None,
-            device: str = "cpu", compare_buffered: bool = False) -> dict:
+            device: str = "cpu", compare_buffered: bool = False, disk_probe=None) -> dict:
     """compare_buffered (page_cache=False): every pass also run with buffered reads (the path O_DIRECT
-    replaced), the two interleaved pass by pass (order flipped every round): runs_buffered."""
+    replaced), the two interleaved pass by pass (order flipped every round): runs_buffered.
+    disk_probe(): the disk's GB/s now, measured at the start of every round once the streamer's
+    read-ahead has finished (a shared disk's speed drifts: the read efficiency is taken per round)."""
     import torch
 
     from layerpack_runtime import load
@@ -114,7 +116,13 @@ def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, thr
     runs_buffered: dict[int, list[dict]] = {n: [] for n in positions}
     direct = model.streamer is not None and model.streamer.direct
     modes = [True, False] if compare_buffered and direct else [direct]
+    probes = []
     for r in range(repeats):
+        if disk_probe is not None:
+            for _, fut, _ in (model.streamer.inflight if model.streamer is not None else []):
+                fut.result()
+            probes.append(disk_probe())
+            print(f"  round {r + 1}: disk {probes[-1]:.2f} GB/s", flush=True)
         for n, mode in [(n, mode) for n in positions for mode in (modes if r % 2 == 0 else modes[::-1])]:
             if model.streamer is not None:
                 model.streamer.direct = mode  # the units this pass reads (the first one is read ahead, before it)
@@ -132,7 +140,7 @@ def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, thr
                   flush=True)
     costs = {u: model._unit_cost(u).__dict__ for u in ("embed", "block.000", "head")}
     out = dict(device=device, budget=budget, plan=model.plan.describe(), placement=model.placement(), runs=runs, costs=costs,
-               runs_buffered={n: v for n, v in runs_buffered.items() if v}, direct=direct,
+               runs_buffered={n: v for n, v in runs_buffered.items() if v}, direct=direct, disk_probes=probes,
                kv_per_token=model.kv_bytes(1), activation=model.activation_bytes(top), runtime=model.runtime_bytes(),
                layers=sum(1 for u in model.placement() if u.startswith("block.")))
     model.close()
@@ -177,6 +185,12 @@ def report(pack: str, m: dict, disk: float, pack_bytes: int, mem_available: int,
            machine: str, load0, load1, disk_note: str | None = None, buffered_reads: bool = False) -> str:
     from layerpack_runtime.budget import fmt_size
 
+    probes = [p for p in m.get("disk_probes") or [] if p > 0]
+    if probes:  # the disk's speed while the passes ran: the read efficiency's reference
+        disk = statistics.median(probes)
+        disk_note = (f"{disk_note or ''}; O_DIRECT at the start of each round (1.8 GB, the same read as the streamer's): "
+                     + ", ".join(f"{p:.2f}" for p in probes) + f" GB/s, median {disk:.2f} GB/s: the reference for the read "
+                     "efficiencies below")
     sums = {n: summarize(rs, disk) for n, rs in m["runs"].items()}
     one = sums[min(sums)]
     how = ("O_DIRECT reads into the stream slots" if m.get("direct", not buffered_reads) else
