@@ -125,7 +125,9 @@ def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, thr
             print(f"  round {r + 1}: disk {probes[-1]:.2f} GB/s", flush=True)
         for n, mode in [(n, mode) for n in positions for mode in (modes if r % 2 == 0 else modes[::-1])]:
             if model.streamer is not None:
-                model.streamer.direct = mode  # the units this pass reads (the first one is read ahead, before it)
+                for _, fut, _ in model.streamer.inflight:  # the read ahead (this pass's first unit) done in the last mode
+                    fut.result()
+                model.streamer.direct = mode  # the mode of the units this pass reads
             cache.add_tree(tree_parents(n))
             model.unit_times.reset()
             sync()

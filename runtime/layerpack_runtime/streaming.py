@@ -200,7 +200,9 @@ class UnitStreamer:
         st.ready()  # a file still downloading (remote pack): wait for it here, in the reader thread
         t_io = time.perf_counter()
         if shift is not None:
-            got, self.direct = read_unbuffered(st.path, memoryview(slot.region.numpy()), st.data_start, lay.payload)
+            got, direct = read_unbuffered(st.path, memoryview(slot.region.numpy()), st.data_start, lay.payload)
+            if not direct:
+                self.direct = False  # refused: buffered from now on (one attempt per streamer, not per unit)
         else:
             fd = os.open(st.path, os.O_RDONLY)
             try:
