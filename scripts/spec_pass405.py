@@ -7,8 +7,13 @@ a tree (node i's parent is node (i - 1) // 2: a binary tree, verified with the t
 and tree positions speculation uses) run through every unit once, logits at every position (the
 verifier needs them all); then the tree's columns are dropped (cache.keep([])) so the next pass
 sees the same context. Sizes are interleaved round by round (1, 16, 64, 1, 16, 64, ...), medians
-of `repeats`. Reads bypass the page cache by default (page_cache=False: a 405B model does not fit
-in RAM, so neither does its page cache); --page-cache keeps it, which the report then says.
+of `repeats`; each pass starts once the read-ahead of its first unit (started by the previous pass)
+has finished, so every pass reads the same units whatever came before it. Reads bypass the page
+cache by default (page_cache=False: a 405B model does not fit in RAM, so neither does its page
+cache: O_DIRECT); --page-cache keeps it, which the report then says. --compare-reads runs every pass
+also with the buffered reads O_DIRECT replaced, interleaved pass by pass, and the disk's speed is
+probed with O_DIRECT at the start of each round (the reference of the read efficiency: a shared
+disk's speed drifts).
 
 Projection (126 layers, 8 GB budget, KV for 4096 tokens): the runtime's planner (budget.plan, as
 bench_405b.py) gives the bytes streamed per pass; per pass at T positions
