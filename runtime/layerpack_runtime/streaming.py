@@ -37,8 +37,8 @@ from .safetensors_io import SafetensorsFile, itemsize, zstd_decompress
 # Decompressed and realigned tensors start at multiples of this in a slot: every dtype's alignment,
 # a cache line, and a DMA-friendly boundary for the copy to the device.
 SLOT_ALIGN = 64
-# Bytes a slot holds beyond the unit's own (slot_bytes, so the planner counts them): with
-# page_cache=False a unit is read with O_DIRECT (fileio.read_unbuffered), whose reads start at a
+# Bytes a slot holds beyond the unit's own when it is read past the page cache (slot_bytes(direct=True),
+# so the planner counts them): with page_cache=False a unit is read with O_DIRECT (fileio.read_unbuffered), whose reads start at a
 # DIRECT_ALIGN boundary of the file and of memory and end at one. The slot's aligned region starts
 # up to DIRECT_ALIGN past its allocation, the unit's bytes start at data_start % DIRECT_ALIGN in
 # it, and the read may run to the end of the block holding the payload's last byte: 12 KiB.
@@ -84,9 +84,10 @@ def slot_layout(st) -> SlotLayout:
     return lay
 
 
-def slot_bytes(st) -> int:
-    """The slot size streaming this file needs (the planner's per-unit stream buffer)."""
-    return slot_layout(st).used + SLOT_HEADROOM
+def slot_bytes(st, direct: bool = False) -> int:
+    """The slot size streaming this file needs (the planner's per-unit stream buffer); direct: read
+    with O_DIRECT (page_cache=False), which needs SLOT_HEADROOM more."""
+    return slot_layout(st).used + (SLOT_HEADROOM if direct else 0)
 
 
 def direct_shift(st) -> int | None:
@@ -144,13 +145,13 @@ class StreamStats:
 
 
 class _Slot:
-    """One reusable buffer (+ its device twin and events on CUDA). `region`: the host buffer from
-    its first DIRECT_ALIGN-aligned byte on (O_DIRECT reads land there)."""
+    """One reusable buffer (+ its device twin and events on CUDA). `region`: where units go, the
+    host buffer from its first DIRECT_ALIGN-aligned byte on for O_DIRECT reads (align), else all of it."""
 
-    def __init__(self, nbytes: int, device: torch.device):
+    def __init__(self, nbytes: int, device: torch.device, align: bool = False):
         cuda = device.type == "cuda"
         self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-        self.region = self.host[(-self.host.data_ptr()) % DIRECT_ALIGN:]
+        self.region = self.host[(-self.host.data_ptr()) % DIRECT_ALIGN:] if align else self.host
         self.device = torch.empty(nbytes, dtype=torch.uint8, device=device) if cuda else None
         self.copied: torch.cuda.Event | None = None  # the last copy host -> twin (recorded on the copy stream)
         self.used: torch.cuda.Event | None = None    # compute done with the twin's unit (recorded on the compute stream)
@@ -172,9 +173,9 @@ class UnitStreamer:
         self.direct = DIRECT_READS and not page_cache and bool(getattr(os, "O_DIRECT", 0))
         self.layouts = {name: slot_layout(files[name]) for name in self.order}
         # The planner sized buffer_bytes with slot_bytes() of these files; never less than a unit needs.
-        size = max([buffer_bytes, *(lay.used + SLOT_HEADROOM for lay in self.layouts.values())])
+        size = max([buffer_bytes, *(lay.used + (SLOT_HEADROOM if self.direct else 0) for lay in self.layouts.values())])
         self._cuda = device.type == "cuda"
-        self.slots = [_Slot(size, device) for _ in range(self.depth + 1)]
+        self.slots = [_Slot(size, device, align=self.direct) for _ in range(self.depth + 1)]
         self.free: list[_Slot] = list(self.slots)
         self.inflight: list[tuple[str, Future, _Slot]] = []
         self.held: _Slot | None = None
@@ -194,7 +195,7 @@ class UnitStreamer:
         st, lay = self.files[name], self.layouts[name]
         shift = direct_shift(st) if self.direct else None
         at = shift or 0  # the unit's bytes are slot.region[at:at + lay.used]
-        if max(at + lay.used, direct_span(st.data_start, lay.payload)) > slot.region.numel():
+        if max(at + lay.used, direct_span(st.data_start, lay.payload) if shift is not None else 0) > slot.region.numel():
             raise FormatError(f"{st.path}: layer payload of {lay.used} bytes exceeds the planned stream buffer")
         buf = slot.region[at:at + lay.used]
         st.ready()  # a file still downloading (remote pack): wait for it here, in the reader thread

@@ -171,13 +171,14 @@ def test_streamer_reads_the_same_values_with_and_without_the_page_cache(tmp_path
     calls = []
     monkeypatch.setattr(streaming, "read_unbuffered", lambda *a: calls.append(a[0]) or read_unbuffered(*a))
     for page_cache in (True, False):
-        streamer = UnitStreamer({"u": st}, ["u"], slot_bytes(st), torch.device("cpu"), page_cache=page_cache)
+        planned = slot_bytes(st, direct=not page_cache)  # what the planner counts for this slot
+        streamer = UnitStreamer({"u": st}, ["u"], planned, torch.device("cpu"), page_cache=page_cache)
         try:
             for _ in range(3):
                 got = streamer.get("u")
                 assert all(torch.equal(got[k], v) for k, v in want.items())
             assert streamer.direct == (not page_cache and _direct_allowed(tmp_path))
-            assert all(s.host.numel() == slot_bytes(st) for s in streamer.slots)  # what the planner counts, no more
+            assert all(s.host.numel() == planned for s in streamer.slots)  # what the planner counts, no more
         finally:
             streamer.close()  # waits for the read ahead the last get() started, if it began
         reads = streamer.stats.units_read
@@ -191,7 +192,7 @@ def test_streamer_falls_back_when_direct_is_refused(tmp_path, monkeypatch):
     real = os.open
     monkeypatch.setattr(os, "open", lambda p, flags, *r: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
                         if flags & getattr(os, "O_DIRECT", 0) else real(p, flags, *r))
-    streamer = UnitStreamer({"u": st}, ["u"], slot_bytes(st), torch.device("cpu"), page_cache=False)
+    streamer = UnitStreamer({"u": st}, ["u"], slot_bytes(st, direct=True), torch.device("cpu"), page_cache=False)
     try:
         assert streamer.direct == bool(getattr(os, "O_DIRECT", 0))
         for _ in range(2):
@@ -221,7 +222,9 @@ def test_model_streamed_past_the_page_cache_equals_resident(packs, kind, monkeyp
     resident = load(packs[kind])
     ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(2))
     want = resident.logits(ids)
-    budget = resident.minimum_memory()
+    budget = load(packs[kind], page_cache=False).minimum_memory()
+    # the planner counts O_DIRECT's headroom in both stream slots (the minimum's two buffers), and only then
+    assert budget - resident.minimum_memory() == 2 * streaming.SLOT_HEADROOM
     direct = load(packs[kind], max_memory=budget, page_cache=False)
     assert direct.plan.streamed and direct.streamer.direct == _direct_allowed(os.path.dirname(packs[kind]))
     assert torch.equal(direct.logits(ids), want)
