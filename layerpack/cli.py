@@ -372,6 +372,7 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Compute dtype [default: the pack's].")
 @click.option("--prefetch", type=click.IntRange(1, 8), default=None, help="Units read ahead while one computes [default: 2 on CUDA when the budget allows, else 1].")
 @click.option("--threads", default=None, metavar="N", help="CPU threads for torch [default: $LAYERPACK_THREADS, else the physical cores].")
+@click.option("--no-page-cache", is_flag=True, help="Drop streamed layers from the OS page cache after reading (for models larger than RAM).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when PACK is a repo id.")
 @click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the saved login].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no access log.")
@@ -380,19 +381,18 @@ def _run_stages(pack, prompt, stages, split, micro_batches, max_memory, device, 
 @speculation_options
 @_one_line_errors
 def serve(pack, host, port, max_memory, max_batch, context, max_queue, max_body, api_key, insecure, model_name, device, dtype,
-          prefetch, threads, revision, token, quiet, allowed_hosts, cors_origin, **spec):
+          prefetch, threads, no_page_cache, revision, token, quiet, allowed_hosts, cors_origin, **spec):
     """Serve PACK (a folder or a Hub repo id) with an OpenAI-compatible API (/v1/chat/completions,
     /v1/completions, /v1/models, /health); concurrent requests share each pass over the weights."""
     from layerpack_runtime.threads import resolve_threads
     from .serve import ServeOptions, check_bind, check_port, names, serve as run_serve
     check_bind(host, api_key, insecure)  # before loading anything
     check_port(host, port)
-    threads = resolve_threads(threads, "--threads")
     _existing_or_repo(pack)
     opts = ServeOptions(host=host, port=port, max_memory=max_memory, max_batch=max_batch, context=context, api_key=api_key,
                         insecure=insecure, max_queue=max_queue, max_body=max_body, model_name=model_name, device=device,
-                        dtype=dtype, threads=threads, prefetch=prefetch, revision=revision, token=token, quiet=quiet,
-                        allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin), **spec)
+                        dtype=dtype, threads=resolve_threads(threads, "--threads"), prefetch=prefetch, page_cache=not no_page_cache,
+                        revision=revision, token=token, quiet=quiet, allowed_hosts=names(allowed_hosts), cors_origins=names(cors_origin), **spec)
     run_serve(pack, opts, announce=lambda msg: click.echo(msg, err=True))
 
 

@@ -48,6 +48,7 @@ class ServeOptions:
     dtype: str | None = None
     threads: int | None = None
     prefetch: int | None = None  # None: 2 on CUDA when the budget allows, else 1
+    page_cache: bool = True      # False: streamed units are dropped from the OS page cache after each read
     revision: str | None = None
     token: str | None = None
     quiet: bool = False
@@ -300,7 +301,7 @@ def load_engine(pack: str, opts: ServeOptions) -> Engine:
             # declared here, so the plan is made once and the minimum a too-small --max-memory names
             # is enough to serve.
             model = load(pack, device=opts.device, dtype=opts.dtype, max_memory=max_memory, prefetch_depth=opts.prefetch,
-                         workload=workload, progress=bar.update, revision=opts.revision, token=opts.token, threads=opts.threads)
+                         page_cache=opts.page_cache, workload=workload, progress=bar.update, revision=opts.revision, token=opts.token, threads=opts.threads)
         return Engine(model, max_batch=opts.max_batch, context=opts.context, max_queue=opts.max_queue, speculation=spec)
     except BaseException:
         if model is not None:

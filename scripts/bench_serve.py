@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """`layerpack serve` under 1, 4, 8 and 16 concurrent clients, on a streamed SmolLM2 pack.
 
-    .venv/bin/python scripts/bench_serve.py [--tokens 32] [--threads 1] [--record]
+    .venv/bin/python scripts/bench_serve.py [--tokens 32] [--threads 1] [--reads cache,disk] [--record]
 
 Converts SmolLM2-135M-Instruct to NF4 once, finds the smallest --max-memory that holds the server's
 KV slots (--max-batch 16 x --context) and activations, and serves the pack with a little more than
-that, so most layers stream from disk every step (the plan is printed). Then, against that one
+that, so most layers stream every step (the plan is printed): from the page cache (--reads cache: this
+small pack fits in RAM, so a step's cost is compute) and, with --reads disk, from the disk itself
+(the server runs with --no-page-cache, as for a model larger than RAM: a step waits on its reads). Then, against that one
 server, N clients (the real `openai` client, one thread each) send N different chat requests at
 once (streaming, greedy, --tokens new tokens each). Per level: total completion tokens/s over the
 wall time of the level, time to first token, p50/p95 request latency, and the speed-up over one
@@ -124,8 +126,40 @@ def health(url: str) -> dict:
         return json.load(r)
 
 
-def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
-    """Serve one pack and measure every level; returns the report's lines and the 8-client ratio."""
+def evict(pack: str) -> None:
+    """Drop the pack's layer files from the OS page cache (POSIX_FADV_DONTNEED; Linux), so a
+    --no-page-cache server reads what it streams from the disk."""
+    layers = os.path.join(pack, "layers")
+    for name in sorted(os.listdir(layers)):
+        fd = os.open(os.path.join(layers, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_read_speed(pack: str) -> float:
+    """GB/s of one cold pass over the pack's layer files, one after another (evicted first, 8 MiB
+    reads): what a step of a --no-page-cache server reads, at the disk's own pace."""
+    layers = os.path.join(pack, "layers")
+    evict(pack)
+    t0, n = time.perf_counter(), 0
+    for name in sorted(os.listdir(layers)):
+        fd = os.open(os.path.join(layers, name), os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, 8 << 20):
+                n += len(chunk)
+        finally:
+            os.close(fd)
+    dt = time.perf_counter() - t0
+    evict(pack)
+    return n / dt / 1e9
+
+
+def run_pack(pack: str, quant: str, a, page_cache: bool = True) -> tuple[list[str], float]:
+    """Serve one pack and measure every level; returns the report's lines and the 8-client ratio.
+    page_cache False: the server runs with --no-page-cache (every streamed layer read from the disk
+    each step, as for a model larger than RAM) and the pack is evicted from the page cache first."""
     import openai
     from layerpack_runtime.budget import fmt_size, parse_size
 
@@ -135,7 +169,9 @@ def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = [pack, "--port", str(port), "--max-memory", str(budget), "--max-batch", str(batch), "--context", str(a.context),
-            "--threads", str(a.threads), "--model-name", "pack", "--quiet"]
+            "--threads", str(a.threads), "--model-name", "pack", "--quiet"] + ([] if page_cache else ["--no-page-cache"])
+    if not page_cache:
+        evict(pack)
     log = open(os.path.join(a.work, f"server-{quant}.log"), "w+")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     server_cpus, client_cpus = cpu_split(a.no_pin)
@@ -172,9 +208,13 @@ def run_pack(pack: str, quant: str, a) -> tuple[list[str], float]:
     base = best[1]["tps"]
     where = (f"server pinned to CPU {','.join(map(str, sorted(server_cpus)))}, clients (one process per level) to CPU "
              f"{','.join(map(str, sorted(client_cpus)))}" if server_cpus else "clients in their own process, nothing pinned")
-    lines = [f"### {quant} pack", "",
+    reads = ("streamed layers read from the page cache (the pack fits in RAM: each step's cost is compute)" if page_cache else
+             f"`--no-page-cache`: streamed layers read from the disk every step (a model larger than RAM; a cold "
+             f"read of the pack's layer files, one after another, ran at {disk_read_speed(pack):.2f} GB/s)")
+    lines = [f"### {quant} pack, {'in the page cache' if page_cache else 'streamed from the disk'}", "",
              f"Server: `layerpack serve PACK --max-memory {fmt_size(budget)} --max-batch {batch} --context {a.context} "
-             f"--threads {a.threads}` (the smallest budget for {batch} KV slots + {a.extra_memory}); {where}; load average "
+             f"--threads {a.threads}{'' if page_cache else ' --no-page-cache'}` (the smallest budget for {batch} KV slots + "
+             f"{a.extra_memory}); {reads}; {where}; load average "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; plan: {plan.group(1) if plan else '?'}.", "",
              "| clients | total tokens/s | vs 1 client | TTFT (median) | latency p50 | latency p95 | tokens | decode steps + prefills (weight passes) | tokens per pass |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -212,6 +252,8 @@ def main() -> None:
     ap.add_argument("--extra-memory", default="8MiB", help="budget above the minimum (the rest streams)")
     ap.add_argument("--work", default="/tmp/layerpack-bench-serve")
     ap.add_argument("--keep", choices=("median", "best"), default="median", help="which round of each level the table shows")
+    ap.add_argument("--reads", default="cache,disk",
+                    help="cache: the pack in the page cache (compute-bound steps); disk: --no-page-cache (I/O-bound steps)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the clients to separate CPUs")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run one level's clients against this URL
@@ -224,7 +266,7 @@ def main() -> None:
     lines = [f"## `layerpack serve`: concurrent clients on a streamed SmolLM2 pack ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine(a.threads)}.",
              f"Command: `.venv/bin/python scripts/bench_serve.py --tokens {a.tokens} --context {a.context} --threads {a.threads} "
-             f"--rounds {a.rounds} --quants {a.quants}{' --keep best' if a.keep == 'best' else ''}{' --no-pin' if a.no_pin else ''} --record`. "
+             f"--rounds {a.rounds} --quants {a.quants} --reads {a.reads}{' --keep best' if a.keep == 'best' else ''}{' --no-pin' if a.no_pin else ''} --record`. "
              f"Each client: one streaming greedy chat request "
              f"(the real `openai` client, one thread per client, all clients of a level in one process of their own) for "
              f"{a.tokens} new tokens (fewer if the model ends its answer), all clients at once; total tokens/s = all "
@@ -237,8 +279,9 @@ def main() -> None:
             opts = [] if quant == "bf16" else ["--quant", quant]
             subprocess.run([sys.executable, "-m", "layerpack.cli", "convert", smollm2_checkpoint(), pack, *opts,
                             "--quiet", "--overwrite"], check=True)
-        part, ratios[quant] = run_pack(pack, quant, a)
-        lines += part
+        for reads in a.reads.split(","):
+            part, ratios[f"{quant} ({reads})"] = run_pack(pack, quant, a, page_cache=reads == "cache")
+            lines += part
     lines.append("Target: >= 5x one client's tokens/s with 8 clients: "
                  + "; ".join(f"{q} {'met' if r >= 5 else 'MISSED'} ({r:.2f}x)" for q, r in ratios.items()) + ".")
     report = "\n".join(lines)

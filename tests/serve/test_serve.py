@@ -422,3 +422,40 @@ def test_smollm2_batched_greedy_equals_run(smollm2, tmp_path):
         srv.close()
     assert subprocess.run([sys.executable, "-m", "layerpack.cli", "run", pack, questions[2], "--chat", "--dtype", "fp32",
                            "--max-new-tokens", "24"], capture_output=True, text=True, cwd=REPO).stdout.rstrip("\n") == want[2]
+
+
+def test_no_page_cache_streams_from_disk_and_serves_the_same_text(pack, monkeypatch):
+    """serve --no-page-cache: the option reaches the model (streamed units are dropped from the page
+    cache after each read, as `run --no-page-cache` does), and a streamed, uncached server answers
+    with the plain greedy text."""
+    from click.testing import CliRunner
+
+    import layerpack.serve as serve_mod
+    from layerpack.cli import main
+    from layerpack.serve import ServeOptions, load_engine
+
+    seen = []
+    monkeypatch.setattr(serve_mod, "serve", lambda p, opts, announce=None: seen.append(opts))
+    for args, want in (([], True), (["--no-page-cache"], False)):
+        r = CliRunner().invoke(main, ["serve", pack, "--port", "0", *args])
+        assert r.exit_code == 0, r.output
+        assert seen.pop().page_cache is want
+    monkeypatch.undo()
+
+    model = load(pack, dtype="fp32")
+    want = greedy(model, "The quick brown", 12, chat=False)
+    probe = load_engine(pack, ServeOptions(dtype="fp32", max_batch=2, context=CONTEXT, quiet=True))
+    minimum = probe.model.minimum_memory()  # the smallest budget for the engine's slots: most units stream
+    probe.close()
+    probe.model.close()
+    engine = load_engine(pack, ServeOptions(dtype="fp32", max_batch=2, context=CONTEXT, quiet=True, page_cache=False,
+                                            max_memory=minimum))
+    assert engine.model.streamer is not None and engine.model.streamer.page_cache is False
+    srv = Server(engine, "tiny")
+    try:
+        c = srv.client()
+        assert c.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, temperature=0).choices[0].text == want
+        assert engine.model.stream_stats().bytes_read > 0
+    finally:
+        srv.close()
+        engine.model.close()
