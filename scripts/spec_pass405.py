@@ -81,7 +81,7 @@ def tree_parents(n: int) -> list[int]:
     return [-1] + [(i - 1) // 2 for i in range(1, n)]
 
 
-def minimum_budget(pack: str, workload, device: str) -> int:
+def minimum_budget(pack: str, workload, device: str, page_cache: bool = True) -> int:
     """The smallest --max-memory the planner accepts for `workload` (read from its refusal, which
     comes before any weight is loaded)."""
     from layerpack_runtime import load
@@ -89,7 +89,7 @@ def minimum_budget(pack: str, workload, device: str) -> int:
     from layerpack_runtime.errors import LayerpackError
 
     try:
-        load(pack, max_memory=1, workload=workload, device=device)
+        load(pack, max_memory=1, workload=workload, device=device, page_cache=page_cache)
     except LayerpackError as e:
         m = re.search(r"minimum of ([0-9.]+ ?[KMGT]?i?B)", str(e))
         if m:
@@ -111,7 +111,7 @@ def measure(pack: str, positions: list[int], repeats: int, page_cache: bool, thr
 
     top = max(positions)
     workload = Workload(context=CONTEXT + top, prefill_tokens=top)
-    budget = minimum_budget(pack, workload, device)
+    budget = minimum_budget(pack, workload, device, page_cache)  # page_cache=False: O_DIRECT's headroom counted
     model = load(pack, max_memory=budget, workload=workload, page_cache=page_cache, threads=threads, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     model.unit_times.enabled = True
