@@ -86,6 +86,58 @@ static inline void st(void *p, int64_t i, float v, int bf16) {
 /* A value as the activation dtype holds it (rounded to bfloat16, or unchanged). */
 static inline float rnd(float v, int bf16) { return bf16 ? f32_of(bf16_of(v)) : v; }
 
+/* Dense bfloat16 weights against up to LP_BF16_BATCH activation rows (a batched step's rows, a short
+   prefill): each load of the weight serves every row, where one lp_bf16_matvec per row reads the
+   weight once per row (and torch's bf16 GEMM at 8 rows ran at ~23 G multiply-adds/s here). Every
+   (weight row, activation row) result has the operations, in the order, that lp_bf16_matvec gives
+   that activation row alone (qmatvec.c bf16_rows, one row a pass: two accumulators over 64-column
+   steps, a 32-column step into the first, their sum reduced, then the scalar tail), so a row's bits
+   do not depend on the rows beside it; tests/kernels/test_bf16_rows.py checks them against it. */
+#define LP_BF16_BATCH 8
+int64_t lp_bf16_batch_max(void) { return LP_BF16_BATCH; }
+
+void lp_bf16_matmat(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, int64_t B, void *y_out, int bf16,
+                    int nthreads) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (B >= 1 && B <= LP_BF16_BATCH) {
+        int64_t work = rows * cols * B / 2, nt = nthreads < 1 ? 1 : nthreads;
+        if (work < (1 << 18)) nt = 1;
+#pragma omp parallel for schedule(static) num_threads((int)nt)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t *wr = w + r * cols;
+            __m512 a0[LP_BF16_BATCH], a1[LP_BF16_BATCH];
+            for (int64_t b = 0; b < B; b++) a0[b] = a1[b] = _mm512_setzero_ps();
+            int64_t i = 0;
+            for (; i + 64 <= cols; i += 64) {
+                __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wr + i));
+                __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(wr + i + 32));
+                for (int64_t b = 0; b < B; b++) {
+                    const uint16_t *xb = x + b * cols + i;
+                    a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512((const void *)xb));
+                    a1[b] = _mm512_dpbf16_ps(a1[b], w1, (__m512bh)_mm512_loadu_si512((const void *)(xb + 32)));
+                }
+            }
+            for (; i + 32 <= cols; i += 32) {
+                __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wr + i));
+                for (int64_t b = 0; b < B; b++)
+                    a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512((const void *)(x + b * cols + i)));
+            }
+            for (int64_t b = 0; b < B; b++) {
+                float out = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b])), tail = 0.0f;
+                for (int64_t c = i; c < cols; c++) tail += f32_of(wr[c]) * f32_of(x[b * cols + c]);
+                out += tail;
+                if (bf16) ((uint16_t *)y_out)[b * rows + r] = bf16_of(out);
+                else ((float *)y_out)[b * rows + r] = out;
+            }
+        }
+        return;
+    }
+#endif
+    /* other CPUs (or more rows): one GEMV per row, the same bits */
+    for (int64_t b = 0; b < B; b++)
+        lp_bf16_matvec(w, rows, cols, x + b * cols, (char *)y_out + b * rows * (bf16 ? 2 : 4), bf16, nthreads);
+}
+
 /* y [R, rows] = x [R, cols] @ W.T (+ bias), activation dtype; tmp: rows floats of room. */
 static void linear(const lp_linear_t *L, const void *x, void *y, int64_t R, int bf16, float *tmp, int nthreads) {
     const void *oidx = L->k ? L->oidx : NULL;
@@ -99,8 +151,12 @@ static void linear(const lp_linear_t *L, const void *x, void *y, int64_t R, int 
         lp_int8_matvec((const int8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, R, y, oidx, (int)L->oidx64,
                        L->oval, (int)L->oval_dtype, L->k, nthreads, bf16);
         break;
-    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only; decode_block.py sends one row) */
-        for (int64_t r = 0; r < R; r++) {
+    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only, at most LP_BF16_BATCH rows) */
+        if (!L->bias && R > 1) {
+            lp_bf16_matmat((const uint16_t *)L->w, L->rows, L->cols, (const uint16_t *)x, R, y, 1, nthreads);
+            return;
+        }
+        for (int64_t r = 0; r < R; r++) { /* one row, or a bias: row by row (a float32 result per row) */
             const uint16_t *xr = (const uint16_t *)x + r * L->cols;
             uint16_t *yr = (uint16_t *)y + r * L->rows;
             if (L->bias) { /* as F.linear: the bias added in float32, then rounded once */

@@ -79,6 +79,9 @@ def enabled() -> bool:
             lib.lp_llama_decode_rows.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, ctypes.c_int]
             lib.lp_llama_decode_rows.restype = ctypes.c_int
             lib.lp_decode_block_scratch.argtypes = [_P, _I64, _I64, ctypes.c_int]
+            lib.lp_bf16_batch_max.argtypes, lib.lp_bf16_batch_max.restype = [], _I64
+            lib.lp_bf16_matmat.argtypes = [_P, _I64, _I64, _P, _I64, _P, ctypes.c_int, ctypes.c_int]
+            lib.lp_bf16_matmat.restype = None
             lib.lp_decode_block_scratch.restype = _I64
     return _state["on"]
 
@@ -169,13 +172,13 @@ def prepare(args, w: dict, dtype: torch.dtype) -> Prepared | None:
 def _max_rows(linears, dtype: torch.dtype) -> int:
     """The most token rows one call takes: as many as every projection's native kernel multiplies
     from the codes (qweight.QuantWeight.linear's rule: 8, NF4 with bf16 activations up to
-    lp_nf4_batch_max). Dense bf16 weights: one row (the bf16 GEMV reads the weight once per row, where
-    F.linear's GEMM reads it once for all rows)."""
+    lp_nf4_batch_max); dense bf16 weights lp_bf16_batch_max (8: each weight load serves every row)."""
     from ..qweight import GEMV_MAX_ROWS
 
     lib = native()
     nf4_max = int(lib.lp_nf4_batch_max(1)) if dtype == torch.bfloat16 and hasattr(lib, "lp_nf4_batch_max") else GEMV_MAX_ROWS
-    caps = [nf4_max if lin.kind == LIN_NF4 else 1 if lin.kind == LIN_BF16 else GEMV_MAX_ROWS for lin in linears
+    bf16_max = int(lib.lp_bf16_batch_max()) if hasattr(lib, "lp_bf16_batch_max") else 1
+    caps = [nf4_max if lin.kind == LIN_NF4 else bf16_max if lin.kind == LIN_BF16 else GEMV_MAX_ROWS for lin in linears
             if lin.kind != LIN_NONE]
     return min(caps, default=1)
 
@@ -254,7 +257,7 @@ def try_rows(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor 
         return None
     firsts = row_firsts(step)
     prepared = _prepared(args, w, h.dtype) if firsts is not None else None
-    if prepared is None or (B > 1 and prepared.max_rows == 1):  # dense bf16 weights: F.linear's GEMM reads them once for all rows
+    if prepared is None or (B > 1 and prepared.max_rows == 1):  # (kernels without a batched form: torch's GEMM)
         return None
     dt, D = prepared.dtype, prepared.struct.head_dim
     cos, ssin = step.cos, step.sin_signed
@@ -315,12 +318,22 @@ def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def dense_row(weight, x: torch.Tensor) -> torch.Tensor | None:
-    """x @ weight.T for one bfloat16 row x [1, 1, cols] against a dense bfloat16 weight (the head of a
-    decode step) with the native bf16 GEMV, when the native decode path is on; else None."""
-    if (x.numel() != x.shape[-1] or x.dtype != torch.bfloat16 or not isinstance(weight, torch.Tensor)
+    """x @ weight.T for up to lp_bf16_batch_max bfloat16 rows x [..., cols] (a decode step's head: one
+    sequence, or a batched step's rows) against a dense bfloat16 weight with the native bf16 kernels,
+    when the native decode path is on; else None. A row's bits are the one-row GEMV's whatever rows
+    share the call."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if (not 1 <= rows <= 8 or x.dtype != torch.bfloat16 or not isinstance(weight, torch.Tensor)
             or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2
             or weight.shape[1] != x.shape[-1] or not weight.is_contiguous() or not enabled()):
         return None
     from . import bf16_matvec
 
-    return bf16_matvec(native(), weight, x.reshape(-1).contiguous()).view(*x.shape[:-1], weight.shape[0])
+    lib = native()
+    if rows == 1:
+        return bf16_matvec(lib, weight, x.reshape(-1).contiguous()).view(*x.shape[:-1], weight.shape[0])
+    xs = x.reshape(rows, x.shape[-1]).contiguous()
+    y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
+    lib.lp_bf16_matmat(weight.data_ptr(), weight.shape[0], weight.shape[1], xs.data_ptr(), rows, y.data_ptr(), 1,
+                       torch.get_num_threads())
+    return y.view(*x.shape[:-1], weight.shape[0])
