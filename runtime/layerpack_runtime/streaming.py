@@ -31,12 +31,20 @@ import torch
 
 from .errors import FormatError
 from .format import ST_DTYPES
-from .fileio import read_exact, read_parallel
+from .fileio import DIRECT_ALIGN, direct_span, read_exact, read_parallel, read_unbuffered
 from .safetensors_io import SafetensorsFile, itemsize, zstd_decompress
 
 # Decompressed and realigned tensors start at multiples of this in a slot: every dtype's alignment,
 # a cache line, and a DMA-friendly boundary for the copy to the device.
 SLOT_ALIGN = 64
+# Bytes a slot holds beyond the unit's own when it is read past the page cache (slot_bytes(direct=True),
+# so the planner counts them): with page_cache=False a unit is read with O_DIRECT (fileio.read_unbuffered), whose reads start at a
+# DIRECT_ALIGN boundary of the file and of memory and end at one. The slot's aligned region starts
+# up to DIRECT_ALIGN past its allocation, the unit's bytes start at data_start % DIRECT_ALIGN in
+# it, and the read may run to the end of the block holding the payload's last byte: 12 KiB.
+SLOT_HEADROOM = 3 * DIRECT_ALIGN
+# Benchmarks switch O_DIRECT off to measure the buffered path it replaced; nothing else should.
+DIRECT_READS = True
 
 
 def _align(n: int) -> int:
@@ -76,9 +84,20 @@ def slot_layout(st) -> SlotLayout:
     return lay
 
 
-def slot_bytes(st) -> int:
-    """The slot size streaming this file needs (the planner's per-unit stream buffer)."""
-    return slot_layout(st).used
+def slot_bytes(st, direct: bool = False) -> int:
+    """The slot size streaming this file needs (the planner's per-unit stream buffer); direct: read
+    with O_DIRECT (page_cache=False), which needs SLOT_HEADROOM more."""
+    return slot_layout(st).used + (SLOT_HEADROOM if direct else 0)
+
+
+def direct_shift(st) -> int | None:
+    """Where a unit read with O_DIRECT starts in its slot's aligned region: data_start % DIRECT_ALIGN
+    (the file's offsets and the memory's must agree modulo the block). None when that would put a
+    tensor at an address its dtype cannot be viewed at: the shift must be a multiple of 8, every
+    dtype's size, which it is whenever data_start is (the writer pads the header to 8); a foreign
+    file that is not is read the buffered way."""
+    shift = st.data_start % DIRECT_ALIGN
+    return shift if shift % 8 == 0 else None
 
 
 def _out_bytes(info) -> int:
@@ -126,11 +145,13 @@ class StreamStats:
 
 
 class _Slot:
-    """One reusable buffer (+ its device twin and events on CUDA)."""
+    """One reusable buffer (+ its device twin and events on CUDA). `region`: where units go, the
+    host buffer from its first DIRECT_ALIGN-aligned byte on for O_DIRECT reads (align), else all of it."""
 
-    def __init__(self, nbytes: int, device: torch.device):
+    def __init__(self, nbytes: int, device: torch.device, align: bool = False):
         cuda = device.type == "cuda"
         self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.region = self.host[(-self.host.data_ptr()) % DIRECT_ALIGN:] if align else self.host
         self.device = torch.empty(nbytes, dtype=torch.uint8, device=device) if cuda else None
         self.copied: torch.cuda.Event | None = None  # the last copy host -> twin (recorded on the copy stream)
         self.used: torch.cuda.Event | None = None    # compute done with the twin's unit (recorded on the compute stream)
@@ -147,11 +168,14 @@ class UnitStreamer:
         # page_cache=False: drop each unit from the OS page cache once read, so a stream bigger than
         # RAM does not evict everything else (and every read really comes from the disk).
         self.page_cache = page_cache
+        # page_cache=False reads with O_DIRECT (no page-cache copy, nothing to drop) until the file
+        # system refuses it once (then buffered, with the page cache dropped after each unit)
+        self.direct = DIRECT_READS and not page_cache and bool(getattr(os, "O_DIRECT", 0))
         self.layouts = {name: slot_layout(files[name]) for name in self.order}
         # The planner sized buffer_bytes with slot_bytes() of these files; never less than a unit needs.
-        size = max([buffer_bytes, *(lay.used for lay in self.layouts.values())])
+        size = max([buffer_bytes, *(lay.used + (SLOT_HEADROOM if self.direct else 0) for lay in self.layouts.values())])
         self._cuda = device.type == "cuda"
-        self.slots = [_Slot(size, device) for _ in range(self.depth + 1)]
+        self.slots = [_Slot(size, device, align=self.direct) for _ in range(self.depth + 1)]
         self.free: list[_Slot] = list(self.slots)
         self.inflight: list[tuple[str, Future, _Slot]] = []
         self.held: _Slot | None = None
@@ -169,23 +193,36 @@ class UnitStreamer:
         if slot.copied is not None:  # the copy out of this pinned buffer must finish before we overwrite it
             slot.copied.synchronize()
         st, lay = self.files[name], self.layouts[name]
-        if lay.used > slot.host.numel():
+        shift = direct_shift(st) if self.direct else None
+        at = shift or 0  # the unit's bytes are slot.region[at:at + lay.used]
+        if max(at + lay.used, direct_span(st.data_start, lay.payload) if shift is not None else 0) > slot.region.numel():
             raise FormatError(f"{st.path}: layer payload of {lay.used} bytes exceeds the planned stream buffer")
+        buf = slot.region[at:at + lay.used]
         st.ready()  # a file still downloading (remote pack): wait for it here, in the reader thread
         t_io = time.perf_counter()
-        fd = os.open(st.path, os.O_RDONLY)
-        try:
-            if read_parallel(fd, memoryview(slot.host.numpy())[:lay.payload], st.data_start) != lay.payload:
-                raise FormatError(f"{st.path}: file shorter than its header says; truncated or changed on disk")
-            if not self.page_cache and hasattr(os, "posix_fadvise"):
+        if shift is not None:
+            got, direct = read_unbuffered(st.path, memoryview(slot.region.numpy()), st.data_start, lay.payload)
+            if not direct:
+                self.direct = False  # refused: buffered from now on (one attempt per streamer, not per unit)
+        else:
+            fd = os.open(st.path, os.O_RDONLY)
+            try:
+                got = read_parallel(fd, memoryview(buf.numpy())[:lay.payload], st.data_start)
+            finally:
+                os.close(fd)
+        if got != lay.payload:
+            raise FormatError(f"{st.path}: file shorter than its header says; truncated or changed on disk")
+        if not self.page_cache and hasattr(os, "posix_fadvise"):  # pages a buffered read (or another reader) left
+            fd = os.open(st.path, os.O_RDONLY)
+            try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+            finally:
+                os.close(fd)
         io_s = time.perf_counter() - t_io
-        host = self._finish(st, lay, slot.host)
+        host = self._finish(st, lay, buf)
         if self.check is not None:
             self.check(name, host)
-        out = self._to_device(lay, slot, host) if self._cuda else host
+        out = self._to_device(lay, slot, buf, host) if self._cuda else host
         with self._lock:
             self.stats.bytes_read += lay.payload
             self.stats.units_read += 1
@@ -215,7 +252,7 @@ class UnitStreamer:
             out[info.name] = final.view(dtype).reshape(info.out_shape)
         return out
 
-    def _to_device(self, lay: SlotLayout, slot: _Slot, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _to_device(self, lay: SlotLayout, slot: _Slot, buf: torch.Tensor, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The slot's final bytes -> its device twin on the copy stream, after compute is done with
         the twin's previous unit; views of the twin in the same layout."""
         stream = self._copy_stream
@@ -225,7 +262,7 @@ class UnitStreamer:
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
             for a, b in lay.ranges:
-                slot.device[a:b].copy_(slot.host[a:b], non_blocking=True)
+                slot.device[a:b].copy_(buf[a:b], non_blocking=True)
             end = torch.cuda.Event(enable_timing=True)
             end.record(stream)
         slot.copied = end
@@ -248,8 +285,9 @@ class UnitStreamer:
 
     def _hint_ahead(self) -> None:
         """Ask the kernel to start reading the units after those in flight (POSIX_FADV_WILLNEED):
-        the disk keeps a deeper queue than our buffers, at no memory cost to the process."""
-        if not hasattr(os, "posix_fadvise"):
+        the disk keeps a deeper queue than our buffers, at no memory cost to the process. Not with
+        O_DIRECT reads: they would read the disk a second time, past the pages the hint filled."""
+        if not hasattr(os, "posix_fadvise") or self.direct:
             return
         for k in range(self.depth):
             st = self.files[self.order[(self._next + k) % len(self.order)]]

@@ -46,8 +46,10 @@ class RangeCosts:
             else:  # codes + absmax (+ outliers), as held in memory (decompressed)
                 stored += sum(_logical_bytes(st.tensors[k]) for k in stored_names(t))
         # the stream slot: the file's data region, + zstd tensors decompressed (streaming.slot_layout);
-        # a MoE block streams its dense part, its experts are read one by one (experts.py)
-        streamed = slot_bytes(self.experts.stream_view(name, st) if self.experts is not None else st)
+        # a MoE block streams its dense part, its experts are read one by one (experts.py); read past
+        # the page cache, a slot also holds O_DIRECT's alignment headroom
+        streamed = slot_bytes(self.experts.stream_view(name, st) if self.experts is not None else st,
+                              direct=not getattr(self, "page_cache", True))
         if name == UNIT_EMBED and self._embed_rows_from_file():
             streamed = 0  # not streamed whole: rows are read as needed (FileRows)
         return UnitCost(name, stored, dequantized, streamed)

@@ -258,6 +258,22 @@ def test_payload_attacks_are_refused_and_verify_reports_them(pack, name, fn, nee
     assert any(needle in p and BLOCK in p for p in problems), problems
 
 
+@pytest.mark.parametrize("name,fn,needle", [
+    (*_poison("mlp.up.weight.absmax", 3, float("nan")), "mlp.up.weight.absmax"),
+    (*_poison("mlp.down.weight.absmax", 5, -0.5), "mlp.down.weight.absmax"),
+    (*_poison("mlp.up.weight.outlier_val", 0, float("inf")), "mlp.up.weight.outlier_val"),
+])
+@pytest.mark.parametrize("cat_max", [0, 1 << 40])  # one reduction per table (large units), one over all (small ones)
+@pytest.mark.parametrize("pack", ["nf4"], indirect=True)
+def test_payload_checks_per_table_or_concatenated_find_the_culprit(pack, name, fn, needle, cat_max, monkeypatch):
+    from layerpack_runtime.validate import payloads
+
+    monkeypatch.setattr(payloads, "CAT_MAX_ELEMS", cat_max)
+    _retype(pack, BLOCK, name, fn)
+    with pytest.raises(FormatError, match=needle):
+        load(str(pack)).forward([[1, 2, 3]])
+
+
 def test_cli_verify_reports_a_payload_attack_by_default(pack):
     _retype(pack, BLOCK, "mlp.up.weight.absmax", _poison("x", 0, float("nan"))[1])
     _one_error_line(run_cli("verify", pack, "--quiet"), BLOCK, "absmax")

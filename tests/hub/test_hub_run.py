@@ -193,7 +193,7 @@ def test_moe_pack_from_the_hub_reads_experts_after_their_file_arrives(hub, tmp_p
     """A Mixtral pack streamed from a repo id: expert preads wait for the block's download too."""
     from layerpack.convert import ConvertOptions, convert
     from layerpack_runtime import load
-    from test_moe import MIXTRAL, _stream_budget
+    from tests.runtime.test_moe import MIXTRAL, _stream_budget  # another folder: imported by its package path
 
     ckpt = make_checkpoint(tmp_path / "ckpt", "mixtral", dtype=torch.float32, **MIXTRAL)
     write_tiny_tokenizer(ckpt)

@@ -129,15 +129,91 @@ def test_native_block_same_bits_whatever_the_thread_count(packs, native_switch, 
     assert torch.equal(one, two)
 
 
-def test_batches_and_masked_steps_take_the_per_op_path(packs, native_switch):
-    """Two rows (the engine's and batched generation's steps) are not the native block's case: the
-    per-op path runs them, with the same bits as with the native block switched off."""
-    set_native, calls = native_switch
-    set_native(True)
-    on = _logits(packs["llama", "nf4"], "bf16", batch=2)
-    assert calls == [0, 0]
+def _padded_logits(pack: str, dtype: str, pads: tuple[int, ...]) -> torch.Tensor:
+    """_logits for len(pads) rows whose prompts are left-padded by pads[b] tokens (rows of different
+    lengths in one batch, as the serving engine's slots are): every step's logits [steps, rows, vocab]."""
+    model = load(pack, dtype=dtype, threads=1)
+    g = torch.Generator().manual_seed(5)
+    B = len(pads)
+    prompt = torch.randint(3, 384, (B, PROMPT), generator=g)
+    mask = torch.ones(B, PROMPT, dtype=torch.long)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+    feed = torch.randint(3, 384, (STEPS, B, 1), generator=g)
+    out = []
+    with torch.inference_mode():
+        cache = model.new_cache(B, PROMPT + STEPS)
+        model.forward(prompt, cache=cache, attention_mask=mask, last_only=True)
+        for t in feed:
+            out.append(model.forward(t, cache=cache, last_only=True)[:, -1].float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 7, 19)], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3", "mistral"])
+def test_batched_rows_run_natively_like_the_per_op_path(packs, native_switch, monkeypatch, family, pads):
+    """Several sequences of one new token each (the engine's decode steps over its slots, batched and
+    padded generation): one native call per block for all rows (try_rows), each row attending to its
+    own columns; float32 logits equal the per-op path's to 1e-5, bfloat16 ones are as accurate."""
+    set_native, _ = native_switch
+    rows_calls = [0]
+    real = decode_block.try_rows
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        rows_calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr(decode_block, "try_rows", counting)
+    pack = packs[family, "nf4"]
     set_native(False)
-    assert torch.equal(on, _logits(packs["llama", "nf4"], "bf16", batch=2))
+    ref = _padded_logits(pack, "fp32", pads)
+    per_op = _padded_logits(pack, "bf16", pads)
+    assert rows_calls[0] == 0
+    set_native(True)
+    ours = _padded_logits(pack, "fp32", pads)
+    assert rows_calls[0] == STEPS * _blocks(pack), "every block of every batched decode step ran natively"
+    assert _rel(ours, ref) < 1e-5, _rel(ours, ref)
+    ours16 = _padded_logits(pack, "bf16", pads)
+    assert _rel(ours16, ref) <= 2 * _rel(per_op, ref), (_rel(ours16, ref), _rel(per_op, ref))
+
+
+def test_rows_beyond_the_row_limit_run_in_chunks(packs, native_switch, monkeypatch):
+    """More rows than one call takes (int8: 8) run as several calls over disjoint rows, the same
+    logits as the per-op path (float32)."""
+    set_native, _ = native_switch
+    pack = packs["llama", "int8"]
+    pads = tuple(range(0, 20, 2))  # 10 rows
+    set_native(False)
+    ref = _padded_logits(pack, "fp32", pads)
+    set_native(True)
+    chunks = []
+    lib = kernels.native()
+    real = lib.lp_llama_decode_rows
+
+    class Counting:  # ctypes functions cannot be monkeypatched on the library object's attribute set: wrap it
+        argtypes, restype = real.argtypes, real.restype
+
+        def __call__(self, struct, n, *a):
+            chunks.append(n)
+            return real(struct, n, *a)
+
+    monkeypatch.setattr(lib, "lp_llama_decode_rows", Counting())
+    ours = _padded_logits(pack, "fp32", pads)
+    assert chunks and set(chunks) == {8, 2}
+    assert _rel(ours, ref) < 1e-5, _rel(ours, ref)
+
+
+def test_a_masked_step_that_is_not_a_range_per_row_takes_the_per_op_path():
+    """row_firsts accepts only rows that see one run of columns ending at the new token's."""
+    from layerpack_runtime.models.llama import Step
+
+    cos = torch.zeros(2, 1, 1, 8)
+    ok = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)[:, None, None]
+    holes = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)[:, None, None]
+    assert decode_block.row_firsts(Step(cos, cos, 3, 4, mask=ok, grouped=True)).tolist() == [1, 0]
+    assert decode_block.row_firsts(Step(cos, cos, 3, 4, mask=holes, grouped=True)) is None
+    assert decode_block.row_firsts(Step(cos, cos, 3, 4)).tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -98,10 +98,10 @@ def test_batched_nf4_rows_keep_their_bits_whatever_shares_their_step(native_call
 
 @pytest.mark.parametrize("scheme,block,shape", [("nf4", 64, (1001, 576)), ("int8", 32, (1001, 576)), ("int8", 32, (75, 8192))])
 def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, block, shape):
-    # One activation row (a decode step) goes several weight rows per pass (8 for NF4 with bfloat16
-    # activations, 4 with float32 ones, 4 for int8 from 8192 columns) so each load of x serves them
-    # all: a row's bits must not depend on which rows share its pass (slices, an odd count,
-    # another thread's share) nor on the threads.
+    # One activation row (a decode step) goes 4 weight rows per pass, one from each of 4 runs of the
+    # thread's rows (qmatvec.c ROW1_DRIVER), so each load of x serves them all: a row's bits must not
+    # depend on which rows share its pass (slices, an odd count, another thread's share, the rows
+    # left over after the runs) nor on the threads.
     rows, cols = shape
     stored, entry, q = _qw(shape, scheme, outliers=0.01, dtype=torch.bfloat16, block=block)
     before = torch.get_num_threads()
@@ -118,6 +118,48 @@ def test_one_row_keeps_its_bits_whatever_shares_its_pass(native_calls, scheme, b
     finally:
         torch.set_num_threads(before)
     assert native_calls == [scheme] * 16
+
+
+@pytest.mark.parametrize("cols,block", [(576, 64), (320, 64), (64, 64), (128, 64), (768, 128), (576, 192), (768, 256)])
+def test_nf4_one_bf16_row_is_the_blocks_scaled_sums(native_calls, cols, block):
+    # One bfloat16 activation row of NF4 (a bf16 model's decode step) sums, per block, NF4[c]
+    # rounded to bfloat16 times x (exact products), and scales that sum by the block's absmax
+    # (qmatvec.c nf4_rows_bf16): checked here against that sum in float64, so a block scaled by a
+    # neighbour's absmax, a misplaced column or a lost half cannot hide inside bf16's tolerance.
+    # Shapes: pairs of 64-weight halves, a last odd half (576, 320, 64), blocks of 128..256 whose
+    # halves are counted (192: a pair straddles two blocks); 37 rows: 4 streams of 9 rows + 1 left.
+    # Threads and row slices (other streams, other neighbours) leave every row's bits alone.
+    from layerpack_runtime.quant import nf4_code, nf4_unpack
+    rows = 37
+    stored, entry, q = _qw((rows, cols), "nf4", outliers=0.01, dtype=torch.bfloat16, block=block, seed=3)
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(cols + block)).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y = q.linear(x)
+        torch.set_num_threads(2)
+        assert torch.equal(q.linear(x), y)
+        for r0, r1 in ((1, rows), (0, 1), (5, 14), (rows - 2, rows)):
+            assert torch.equal(q.row_slice(r0, r1).linear(x), y[:, r0:r1])
+    finally:
+        torch.set_num_threads(before)
+    assert native_calls == ["nf4"] * 6
+    w16 = nf4_code()[nf4_unpack(q.codes, rows * cols)].to(torch.bfloat16).double().view(rows, cols // block, block)
+    terms = w16 * x.double().view(1, cols // block, block) * q.absmax.double().view(rows, -1, 1)
+    ref, size = terms.sum((1, 2)), terms.abs().sum((1, 2))
+    if q.outlier_idx is not None:  # the outliers' values times x, added in float32 after the sum
+        oi = q.outlier_idx.long()
+        extra = q.outlier_val.double() * x.double()[0, oi % cols]
+        ref.index_add_(0, oi // cols, extra)
+        size.index_add_(0, oi // cols, extra.abs())
+    ref16 = ref.to(torch.bfloat16).double()
+    # one bfloat16 step of the result (rounding y) plus float32 summation error (< 1e-5 of the terms'
+    # magnitude here); using a neighbouring block's absmax or a wrong column costs ~1e-3 of it
+    bound = ref16.abs() * 2.0 ** -7 + 1e-5 * size
+    assert ((y[0].double() - ref16).abs() <= bound).all(), ((y[0].double() - ref16).abs() / size).max()
+    assert (y[0].double() == ref16).float().mean() > 0.75  # mostly the very bits of the float64 sum, rounded
+    # the bf16 dequantization's weights (NF4[c] * absmax, rounded) are within bfloat16's rounding of these
+    assert _rel(y, F.linear(x.float(), _ref_weight(stored, entry, torch.bfloat16).float())) < TOL[torch.bfloat16]
 
 
 def test_nf4_bf16_up_to_32_rows_from_the_codes(native_calls):

@@ -18,7 +18,7 @@ from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import LayerpackError, fileio, load
 from layerpack_runtime.format import META_ZSTD
 from layerpack_runtime.safetensors_io import SafetensorsFile
-from layerpack_runtime.streaming import SLOT_ALIGN, UnitStreamer, slot_bytes, slot_layout
+from layerpack_runtime.streaming import SLOT_ALIGN, SLOT_HEADROOM, UnitStreamer, slot_bytes, slot_layout
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (device twins, "
                           "copy-stream events and copy timing need one: run tests/runtime/test_stream_io.py on a GPU)")
@@ -138,7 +138,7 @@ def test_slot_layout_places_zstd_and_unaligned_tensors(tmp_path):
     assert lay.places["a"] == 0 and lay.places["d"] == payload - 8  # aligned: read in place
     assert lay.places["b"] >= payload and lay.places["b"] % SLOT_ALIGN == 0  # odd offset 3: copied after the payload
     assert lay.places["c"] % SLOT_ALIGN == 0 and lay.places["c"] >= lay.places["b"] + 20
-    assert lay.used == lay.places["c"] + 4000 == slot_bytes(st)
+    assert lay.used == lay.places["c"] + 4000 == slot_bytes(st) == slot_bytes(st, direct=True) - SLOT_HEADROOM
     # the device copy covers exactly the final bytes: the payload's plain tensors, then b and c
     assert lay.ranges[0][0] == 0 and lay.ranges[-1][1] == lay.used
     streamer = UnitStreamer({"u": st}, ["u"], slot_bytes(st), torch.device("cpu"))

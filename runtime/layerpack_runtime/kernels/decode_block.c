@@ -86,6 +86,58 @@ static inline void st(void *p, int64_t i, float v, int bf16) {
 /* A value as the activation dtype holds it (rounded to bfloat16, or unchanged). */
 static inline float rnd(float v, int bf16) { return bf16 ? f32_of(bf16_of(v)) : v; }
 
+/* Dense bfloat16 weights against up to LP_BF16_BATCH activation rows (a batched step's rows, a short
+   prefill): each load of the weight serves every row, where one lp_bf16_matvec per row reads the
+   weight once per row (and torch's bf16 GEMM at 8 rows ran at ~23 G multiply-adds/s here). Every
+   (weight row, activation row) result has the operations, in the order, that lp_bf16_matvec gives
+   that activation row alone (qmatvec.c bf16_rows, one row a pass: two accumulators over 64-column
+   steps, a 32-column step into the first, their sum reduced, then the scalar tail), so a row's bits
+   do not depend on the rows beside it; tests/kernels/test_bf16_rows.py checks them against it. */
+#define LP_BF16_BATCH 8
+int64_t lp_bf16_batch_max(void) { return LP_BF16_BATCH; }
+
+void lp_bf16_matmat(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, int64_t B, void *y_out, int bf16,
+                    int nthreads) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (B >= 1 && B <= LP_BF16_BATCH) {
+        int64_t work = rows * cols * B / 2, nt = nthreads < 1 ? 1 : nthreads;
+        if (work < (1 << 18)) nt = 1;
+#pragma omp parallel for schedule(static) num_threads((int)nt)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t *wr = w + r * cols;
+            __m512 a0[LP_BF16_BATCH], a1[LP_BF16_BATCH];
+            for (int64_t b = 0; b < B; b++) a0[b] = a1[b] = _mm512_setzero_ps();
+            int64_t i = 0;
+            for (; i + 64 <= cols; i += 64) {
+                __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wr + i));
+                __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(wr + i + 32));
+                for (int64_t b = 0; b < B; b++) {
+                    const uint16_t *xb = x + b * cols + i;
+                    a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512((const void *)xb));
+                    a1[b] = _mm512_dpbf16_ps(a1[b], w1, (__m512bh)_mm512_loadu_si512((const void *)(xb + 32)));
+                }
+            }
+            for (; i + 32 <= cols; i += 32) {
+                __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wr + i));
+                for (int64_t b = 0; b < B; b++)
+                    a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512((const void *)(x + b * cols + i)));
+            }
+            for (int64_t b = 0; b < B; b++) {
+                float out = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b])), tail = 0.0f;
+                for (int64_t c = i; c < cols; c++) tail += f32_of(wr[c]) * f32_of(x[b * cols + c]);
+                out += tail;
+                if (bf16) ((uint16_t *)y_out)[b * rows + r] = bf16_of(out);
+                else ((float *)y_out)[b * rows + r] = out;
+            }
+        }
+        return;
+    }
+#endif
+    /* other CPUs (or more rows): one GEMV per row, the same bits */
+    for (int64_t b = 0; b < B; b++)
+        lp_bf16_matvec(w, rows, cols, x + b * cols, (char *)y_out + b * rows * (bf16 ? 2 : 4), bf16, nthreads);
+}
+
 /* y [R, rows] = x [R, cols] @ W.T (+ bias), activation dtype; tmp: rows floats of room. */
 static void linear(const lp_linear_t *L, const void *x, void *y, int64_t R, int bf16, float *tmp, int nthreads) {
     const void *oidx = L->k ? L->oidx : NULL;
@@ -99,8 +151,12 @@ static void linear(const lp_linear_t *L, const void *x, void *y, int64_t R, int 
         lp_int8_matvec((const int8_t *)L->w, L->absmax, L->rows, L->cols, L->block, x, R, y, oidx, (int)L->oidx64,
                        L->oval, (int)L->oval_dtype, L->k, nthreads, bf16);
         break;
-    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only; decode_block.py sends one row) */
-        for (int64_t r = 0; r < R; r++) {
+    default: /* LIN_BF16 (checked by the caller: bfloat16 activations only, at most LP_BF16_BATCH rows) */
+        if (!L->bias && R > 1) {
+            lp_bf16_matmat((const uint16_t *)L->w, L->rows, L->cols, (const uint16_t *)x, R, y, 1, nthreads);
+            return;
+        }
+        for (int64_t r = 0; r < R; r++) { /* one row, or a bias: row by row (a float32 result per row) */
             const uint16_t *xr = (const uint16_t *)x + r * L->cols;
             uint16_t *yr = (uint16_t *)y + r * L->rows;
             if (L->bias) { /* as F.linear: the bias added in float32, then rounded once */
@@ -197,21 +253,21 @@ int64_t lp_decode_block_scratch(const lp_block_t *b, int64_t R, int64_t max_len,
     return (acts + tmp) * 4 + nt * (max_len + b->head_dim) * 4 + 64 * 8;
 }
 
-/* h_out = block(h_in) for R new tokens of one sequence at cache columns start .. start + R - 1 (their
-   keys and values are written there). Row r attends to columns [first, start + r] (causal; first > 0
-   under a sliding window), or, with a mask [R, start + R] (1 = may attend: a token tree's ancestors,
-   a window), to the columns its mask row allows. kc, vc: this block's cache [KV, max_len, D] in the
-   activation dtype. cos, ssin: the rows' rotary tables [R, D] (llama.Step's cos and sin_signed).
-   Returns 0, or -1 when the scratch is too small or an argument is out of range (nothing written). */
-int lp_llama_decode_block(const lp_block_t *b, int64_t R, const void *h_in, void *h_out, void *kc, void *vc,
-                          int64_t max_len, int64_t start, int64_t first, const uint8_t *mask, const void *cos,
-                          const void *ssin, void *scratch, int64_t scratch_bytes, int nthreads) {
+/* The block's body for R rows: R tokens of one sequence (firsts == NULL; see lp_llama_decode_block),
+   or R independent sequences of one new token each (firsts != NULL; see lp_llama_decode_rows). */
+static int block_rows(const lp_block_t *b, int64_t R, const void *h_in, void *h_out, void *kc, void *vc,
+                      int64_t max_len, int64_t row_stride, int64_t start, int64_t first, const int64_t *firsts,
+                      const uint8_t *mask, const void *cos, const void *ssin, void *scratch, int64_t scratch_bytes,
+                      int nthreads) {
     const int bf16 = (int)b->bf16;
     const int64_t es = bf16 ? 2 : 4, bs = 4, H = b->n_heads, KV = b->n_kv, D = b->head_dim, n = b->hidden, I = b->inter;
-    const int64_t G = H / KV, QKV = (H + 2 * KV) * D, end = start + R, nt = nthreads < 1 ? 1 : nthreads;
+    const int64_t G = H / KV, QKV = (H + 2 * KV) * D, end = firsts ? start + 1 : start + R, nt = nthreads < 1 ? 1 : nthreads;
     const int gm = (int)b->gemma;
     if (R < 1 || D > 1024 || end > max_len || first < 0 || first > start ||
         scratch_bytes < lp_decode_block_scratch(b, R, max_len, nthreads)) return -1;
+    if (firsts)
+        for (int64_t r = 0; r < R; r++)
+            if (firsts[r] < 0 || firsts[r] > start) return -1;
     char *s = (char *)scratch;
     char *xn = s;               s += R * n * bs;
     char *qkv = s;              s += R * QKV * bs;
@@ -248,9 +304,12 @@ int lp_llama_decode_block(const lp_block_t *b, int64_t R, const void *h_in, void
             }
             rope(row, hd * D, D, c, sn, bf16);
         }
-        for (int64_t g = 0; g < KV; g++) { /* the row's key and value into column start + r */
-            memcpy((char *)kc + (g * max_len + start + r) * D * es, row + (H + g) * D * es, D * es);
-            memcpy((char *)vc + (g * max_len + start + r) * D * es, row + (H + KV + g) * D * es, D * es);
+        /* the row's key and value into column start + r (one sequence), or into column start of its
+           own cache row (independent sequences) */
+        const int64_t col = firsts ? start : start + r, base = firsts ? r * row_stride : 0;
+        for (int64_t g = 0; g < KV; g++) {
+            memcpy((char *)kc + (base + (g * max_len + col) * D) * es, row + (H + g) * D * es, D * es);
+            memcpy((char *)vc + (base + (g * max_len + col) * D) * es, row + (H + KV + g) * D * es, D * es);
         }
     }
     const int64_t work_items = R * H;
@@ -263,9 +322,10 @@ int lp_llama_decode_block(const lp_block_t *b, int64_t R, const void *h_in, void
 #endif
         const int64_t r = it / H, hq = it % H, g = hq / G;
         float *sc = work + tid * (max_len + D), *out = sc + max_len, q[1024];
-        const char *kg = (const char *)kc + g * max_len * D * es, *vg = (const char *)vc + g * max_len * D * es;
-        const uint8_t *mr = mask ? mask + r * end : NULL;
-        const int64_t c0 = mask ? 0 : first, c1 = mask ? end : start + r + 1;
+        const int64_t base = firsts ? r * row_stride : 0;
+        const char *kg = (const char *)kc + (base + g * max_len * D) * es, *vg = (const char *)vc + (base + g * max_len * D) * es;
+        const uint8_t *mr = mask && !firsts ? mask + r * end : NULL;
+        const int64_t c0 = firsts ? firsts[r] : mask ? 0 : first, c1 = firsts ? start + 1 : mask ? end : start + r + 1;
         for (int64_t i = 0; i < D; i++) q[i] = ld(qkv, r * QKV + hq * D + i, bf16);
         float m = -INFINITY;
         for (int64_t t = c0; t < c1; t++) {
@@ -311,4 +371,32 @@ int lp_llama_decode_block(const lp_block_t *b, int64_t R, const void *h_in, void
         for (int64_t i = 0; i < n; i++) st(h_out, r * n + i, ld(h_out, r * n + i, bf16) + ld(pr, i, bf16), bf16);
     }
     return 0;
+}
+
+/* h_out = block(h_in) for R new tokens of one sequence at cache columns start .. start + R - 1 (their
+   keys and values are written there). Row r attends to columns [first, start + r] (causal; first > 0
+   under a sliding window), or, with a mask [R, start + R] (1 = may attend: a token tree's ancestors,
+   a window), to the columns its mask row allows. kc, vc: this block's cache [KV, max_len, D] in the
+   activation dtype. cos, ssin: the rows' rotary tables [R, D] (llama.Step's cos and sin_signed).
+   Returns 0, or -1 when the scratch is too small or an argument is out of range (nothing written). */
+int lp_llama_decode_block(const lp_block_t *b, int64_t R, const void *h_in, void *h_out, void *kc, void *vc,
+                          int64_t max_len, int64_t start, int64_t first, const uint8_t *mask, const void *cos,
+                          const void *ssin, void *scratch, int64_t scratch_bytes, int nthreads) {
+    return block_rows(b, R, h_in, h_out, kc, vc, max_len, 0, start, first, NULL, mask, cos, ssin, scratch, scratch_bytes,
+                      nthreads);
+}
+
+/* The same block for R independent sequences of one new token each (a batched decode step: the
+   serving engine's slots, a padded batch): row r's cache is kc/vc + r * row_stride elements ([KV,
+   max_len, D] each, rows of one [R, KV, max_len, D] tensor), its new key and value go to column
+   `start` (the column timeline the rows share), and it attends to columns [firsts[r], start] - its
+   own tokens, right-aligned (left padding or an empty slot's columns before firsts[r]; a sliding
+   window narrows the range the same way). The projections take all R rows at once (qmatvec.c's
+   batched tiles, as the per-op path's); everything else is per row, as for one sequence. */
+int lp_llama_decode_rows(const lp_block_t *b, int64_t R, const void *h_in, void *h_out, void *kc, void *vc,
+                         int64_t max_len, int64_t row_stride, int64_t start, const int64_t *firsts, const void *cos,
+                         const void *ssin, void *scratch, int64_t scratch_bytes, int nthreads) {
+    if (!firsts || row_stride < 0) return -1;
+    return block_rows(b, R, h_in, h_out, kc, vc, max_len, row_stride, start, 0, firsts, NULL, cos, ssin, scratch,
+                      scratch_bytes, nthreads);
 }

@@ -72,11 +72,16 @@ def enabled() -> bool:
     if "on" not in _state:
         lib = native()
         _state["on"] = (os.environ.get("LAYERPACK_DECODE_BLOCK", "1") != "0" and lib is not None
-                        and hasattr(lib, "lp_llama_decode_block"))
+                        and hasattr(lib, "lp_llama_decode_block") and hasattr(lib, "lp_llama_decode_rows"))
         if _state["on"]:
             lib.lp_llama_decode_block.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, ctypes.c_int]
             lib.lp_llama_decode_block.restype = ctypes.c_int
+            lib.lp_llama_decode_rows.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, ctypes.c_int]
+            lib.lp_llama_decode_rows.restype = ctypes.c_int
             lib.lp_decode_block_scratch.argtypes = [_P, _I64, _I64, ctypes.c_int]
+            lib.lp_bf16_batch_max.argtypes, lib.lp_bf16_batch_max.restype = [], _I64
+            lib.lp_bf16_matmat.argtypes = [_P, _I64, _I64, _P, _I64, _P, ctypes.c_int, ctypes.c_int]
+            lib.lp_bf16_matmat.restype = None
             lib.lp_decode_block_scratch.restype = _I64
     return _state["on"]
 
@@ -167,24 +172,27 @@ def prepare(args, w: dict, dtype: torch.dtype) -> Prepared | None:
 def _max_rows(linears, dtype: torch.dtype) -> int:
     """The most token rows one call takes: as many as every projection's native kernel multiplies
     from the codes (qweight.QuantWeight.linear's rule: 8, NF4 with bf16 activations up to
-    lp_nf4_batch_max). Dense bf16 weights: one row (the bf16 GEMV reads the weight once per row, where
-    F.linear's GEMM reads it once for all rows)."""
+    lp_nf4_batch_max); dense bf16 weights lp_bf16_batch_max (8: each weight load serves every row)."""
     from ..qweight import GEMV_MAX_ROWS
 
     lib = native()
     nf4_max = int(lib.lp_nf4_batch_max(1)) if dtype == torch.bfloat16 and hasattr(lib, "lp_nf4_batch_max") else GEMV_MAX_ROWS
-    caps = [nf4_max if lin.kind == LIN_NF4 else 1 if lin.kind == LIN_BF16 else GEMV_MAX_ROWS for lin in linears
+    bf16_max = int(lib.lp_bf16_batch_max()) if hasattr(lib, "lp_bf16_batch_max") else 1
+    caps = [nf4_max if lin.kind == LIN_NF4 else bf16_max if lin.kind == LIN_BF16 else GEMV_MAX_ROWS for lin in linears
             if lin.kind != LIN_NONE]
     return min(caps, default=1)
 
 
 def try_block(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor | None:
     """A llama-family or Gemma 3 block (models/llama.py, gemma3.py; `step` a llama.Step) as one native
-    call for a plain one-token decode step of one sequence on the CPU, or None where that does not
-    apply (the per-op path runs instead)."""
-    T = h.shape[1]
-    if h.shape[0] != 1 or type(layer_cache) is not LayerKV or h.device.type != "cpu" or not enabled():
+    call for a decode step on the CPU - one sequence (a token, a short prefill, a token tree), or
+    several sequences of one token each (try_rows) - or None where that does not apply (the per-op
+    path runs instead)."""
+    if h.device.type != "cpu" or not enabled():
         return None
+    if h.shape[0] > 1 or type(layer_cache) is not LayerKV or (step.grouped and step.window_first is None):
+        return try_rows(args, w, h, step, layer_cache)  # rows of their own (slots, a padded batch), even just one
+    T = h.shape[1]
     mask = None
     if T == 1 and step.mask is not None and step.window_first is None:
         return None  # a one-token step under another mask (padding)
@@ -194,15 +202,85 @@ def try_block(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor
         mask = step.mask[0, 0].contiguous()
     elif T > 1 and not step.is_causal:
         return None
-    prepared = getattr(w, "native", None)
-    if prepared is None:  # not yet tried, or a streamed unit's fresh dict
-        prepared = prepare(args, w, h.dtype) or False
-        if isinstance(w, BlockWeights):
-            w.native = prepared
-    if prepared is False or prepared.dtype != h.dtype or T > prepared.max_rows:
+    prepared = _prepared(args, w, h.dtype)
+    if prepared is None or T > prepared.max_rows:
         return None
     first = (step.window_first or 0) if T == 1 else 0
     return run(prepared, h, layer_cache.k, layer_cache.v, step.start, first, mask, step.cos, step.sin_signed)
+
+
+def _prepared(args, w: dict, dtype: torch.dtype) -> Prepared | None:
+    """The block's native form (made once for a resident unit's BlockWeights), or None."""
+    prepared = getattr(w, "native", None)
+    if prepared is None:  # not yet tried, or a streamed unit's fresh dict
+        prepared = prepare(args, w, dtype) or False
+        if isinstance(w, BlockWeights):
+            w.native = prepared
+    return prepared if prepared and prepared.dtype == dtype else None
+
+
+def row_firsts(step) -> torch.Tensor | None:
+    """For a step of B sequences with one new token each (llama.Step with `grouped`: mask [B, 1, 1,
+    end]; or no mask: unpadded rows): each row's first visible column as int64 [B], when every row sees exactly the columns
+    [first, end) - its own tokens, right-aligned after left padding or another slot's columns, and
+    within a sliding window, which is how slot caches and padded batches look; else None. Made once
+    per step (blocks with the same window share their Step), kept for its next blocks."""
+    memo = getattr(_scratch, "firsts", None)
+    if memo is None:
+        memo = _scratch.firsts = []
+    for st, f in memo:  # a step's few Steps (Gemma 3: sliding and global layers) alternate block by block
+        if st is step:
+            return f
+    firsts = None
+    m = step.mask
+    if m is None and not step.is_causal and step.end == step.start + 1:  # unpadded rows: every column [0, end)
+        firsts = torch.zeros(step.cos.shape[0], dtype=torch.int64)
+    elif m is not None and step.grouped and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1 and m.dtype == torch.bool:
+        rows = m[:, 0, 0, :]
+        first = rows.to(torch.int8).argmax(1)
+        if bool((rows.sum(1) == rows.shape[1] - first).all()):  # one run of True ending at the last column
+            firsts = first.to(torch.int64).contiguous()
+    memo.append((step, firsts))
+    del memo[:-4]
+    return firsts
+
+
+def try_rows(args, w: dict, h: torch.Tensor, step, layer_cache) -> torch.Tensor | None:
+    """B sequences of one new token each (h [B, 1, hidden]; the serving engine's decode step over its
+    slots, a padded batch's decode step) as native calls of up to the kernels' row limit each, or
+    None where that does not apply. The rows share the GEMVs' decode of the weights, as in the
+    per-op path; attention is per row over its own cache row."""
+    B = h.shape[0]
+    k, v = getattr(layer_cache, "k", None), getattr(layer_cache, "v", None)
+    if (h.shape[1] != 1 or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4
+            or k.shape[0] != B or v.shape != k.shape or step.end != step.start + 1):
+        return None
+    firsts = row_firsts(step)
+    prepared = _prepared(args, w, h.dtype) if firsts is not None else None
+    if prepared is None or (B > 1 and prepared.max_rows == 1):  # (kernels without a batched form: torch's GEMM)
+        return None
+    dt, D = prepared.dtype, prepared.struct.head_dim
+    cos, ssin = step.cos, step.sin_signed
+    if (h.dtype != dt or not h.is_contiguous() or k.dtype != dt or v.dtype != dt or not k.is_contiguous()
+            or not v.is_contiguous() or k.device.type != "cpu" or cos.dtype != dt or ssin.dtype != dt
+            or cos.numel() != B * D or ssin.numel() != B * D or not cos.is_contiguous() or not ssin.is_contiguous()):
+        return None
+    lib = native()
+    max_len, stride = k.shape[2], k[0].numel()
+    threads = torch.get_num_threads()
+    step_rows = prepared.max_rows
+    scratch = _scratch_for(lib, prepared, min(B, step_rows), max_len, threads)
+    out = torch.empty_like(h)
+    es = h.element_size()
+    for r0 in range(0, B, step_rows):  # independent rows: a chunk per call when B exceeds the row limit
+        n = min(step_rows, B - r0)
+        rc = lib.lp_llama_decode_rows(ctypes.byref(prepared.struct), n, h[r0].data_ptr(), out[r0].data_ptr(),
+                                      k[r0].data_ptr(), v[r0].data_ptr(), max_len, stride, step.start,
+                                      firsts[r0:].data_ptr(), cos.data_ptr() + r0 * D * es, ssin.data_ptr() + r0 * D * es,
+                                      scratch.data_ptr(), scratch.numel(), threads)
+        if rc != 0:  # (not expected after the checks above) the per-op path redoes every row, cache columns included
+            return None
+    return out
 
 
 def _scratch_for(lib, prepared: Prepared, rows: int, max_len: int, threads: int) -> torch.Tensor:
@@ -240,12 +318,22 @@ def run(prepared: Prepared, h: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def dense_row(weight, x: torch.Tensor) -> torch.Tensor | None:
-    """x @ weight.T for one bfloat16 row x [1, 1, cols] against a dense bfloat16 weight (the head of a
-    decode step) with the native bf16 GEMV, when the native decode path is on; else None."""
-    if (x.numel() != x.shape[-1] or x.dtype != torch.bfloat16 or not isinstance(weight, torch.Tensor)
+    """x @ weight.T for up to lp_bf16_batch_max bfloat16 rows x [..., cols] (a decode step's head: one
+    sequence, or a batched step's rows) against a dense bfloat16 weight with the native bf16 kernels,
+    when the native decode path is on; else None. A row's bits are the one-row GEMV's whatever rows
+    share the call."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if (not 1 <= rows <= 8 or x.dtype != torch.bfloat16 or not isinstance(weight, torch.Tensor)
             or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2
             or weight.shape[1] != x.shape[-1] or not weight.is_contiguous() or not enabled()):
         return None
     from . import bf16_matvec
 
-    return bf16_matvec(native(), weight, x.reshape(-1).contiguous()).view(*x.shape[:-1], weight.shape[0])
+    lib = native()
+    if rows == 1:
+        return bf16_matvec(lib, weight, x.reshape(-1).contiguous()).view(*x.shape[:-1], weight.shape[0])
+    xs = x.reshape(rows, x.shape[-1]).contiguous()
+    y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
+    lib.lp_bf16_matmat(weight.data_ptr(), weight.shape[0], weight.shape[1], xs.data_ptr(), rows, y.data_ptr(), 1,
+                       torch.get_num_threads())
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -30,10 +30,11 @@
 
    One activation row (a decode step) is bound by instructions per weight and by how well the
    weight bytes stream in: the one-row kernels (nf4_rows_bf16, nf4_rows_f32, int8_rows_whole) take
-   several weight rows per pass, so each load of x serves them all, prefetch the next group of
-   rows (rows of a few KB are too short for the hardware prefetcher), and with bfloat16
-   activations NF4 looks its bfloat16 weights up with VPERMW and multiplies them with VDPBF16PS
-   (nf4_rows_bf16: the same weights as the batched rows and the bf16 prefill). */
+   several weight rows per pass, so each load of x serves them all, from as many long sequential
+   streams, each prefetched ahead (ROW1_DRIVER), and with bfloat16 activations NF4 looks NF4[c]
+   up as bfloat16 with VPERMW, multiplies with VDPBF16PS and scales each block's sum by its absmax
+   (nf4_rows_bf16: 13 instructions per 128 weights; the weights NF4[c] * absmax to within
+   bfloat16's rounding of NF4[c], not the bf16 dequantization's bits). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -615,8 +616,28 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
 
 /* MATVEC_DRIVER for one activation row: the one-row kernels take RMAX weight rows a pass (each load
    of x serves them all; each row has its own accumulators and the same operations in the same
-   order whatever shares its pass). ROWS(r, R, out) computes rows r .. r + R (R == RMAX, or 1 for
-   the last few rows of a thread's share); XAT(c) is x[c] as a float, for the outliers. */
+   order whatever shares its pass), and those rows are RMAX streams: the thread's rows are cut into
+   RMAX runs of S consecutive rows and a pass takes row i of every run, so each stream reads its run
+   front to back, as one long sequential stream, prefetched ROW1_PF bytes ahead in that stream.
+   (Neighbouring rows a pass instead - rows r .. r + RMAX - restart every stream after one row of
+   a few KB, too short for the hardware prefetcher: 8B's shapes read at 11-18 GB/s that way against
+   20-29 as streams, one thread from memory, 2026-12-04.) The rows left over (fewer than RMAX)
+   go one a pass. ROWS(rw, R, out) computes rows rw[0 .. R) (R == RMAX or 1); XAT(c) is x[c] as a
+   float, for the outliers, whose table is read by a cursor per run. */
+#define ROW1_PF 512 /* bytes ahead in a stream: 512 (8 lines) measured best of 0-4096 on 8B's shapes */
+#define ROW1_FINISH(r, v, oj, XAT)                                                                 \
+    {                                                                                              \
+        float v_ = (v);                                                                            \
+        int64_t row0_ = (r) * cols;                                                                \
+        for (; (oj) < o.k; (oj)++) {                                                               \
+            int64_t c = outlier_at(&o, (oj)) - row0_;                                              \
+            if (c >= cols) break;                                                                  \
+            if (c < 0) continue; /* out of order: never read out of range */                      \
+            v_ += value_at(o.val, o.vdt, (oj)) * (XAT(c));                                         \
+        }                                                                                          \
+        if (y16) y16[r] = to_bf16(v_);                                                             \
+        else y[r] = v_;                                                                            \
+    }
 #define ROW1_DRIVER(RMAX, ROWS, XAT)                                                               \
     int nt = threads_for(rows * cols, nthreads);                                                   \
     _Pragma("omp parallel num_threads(nt)")                                                        \
@@ -624,50 +645,52 @@ static void nf4_matvec_tiled(const uint8_t *codes, const float *absmax, int64_t 
         int t = 0, T = 1;                                                                          \
         THREAD_IDS(t, T);                                                                          \
         int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T;                                \
-        int64_t oj = o.k ? first_outlier_from(&o, r_begin * cols) : 0;                             \
-        for (int64_t r = r_begin; r < r_end; r += RMAX) {                                          \
-            int R = r_end - r < RMAX ? (int)(r_end - r) : RMAX;                                    \
+        int64_t S = (r_end - r_begin) / (RMAX), oj[(RMAX) + 1];                                    \
+        for (int w = 0; w <= (RMAX); w++)                                                          \
+            oj[w] = o.k ? first_outlier_from(&o, (r_begin + w * S) * cols) : 0;                    \
+        for (int64_t i = 0; i < S; i++) {                                                          \
+            int64_t rw[RMAX];                                                                      \
             float out[RMAX];                                                                       \
-            if (R == RMAX) ROWS(r, RMAX, out);                                                     \
-            else for (int w = 0; w < R; w++) ROWS(r + w, 1, out + w);                              \
-            for (int w = 0; w < R; w++) {                                                          \
-                int64_t row0 = (r + w) * cols;                                                     \
-                for (; oj < o.k; oj++) {                                                           \
-                    int64_t c = outlier_at(&o, oj) - row0;                                         \
-                    if (c >= cols) break;                                                          \
-                    if (c < 0) continue; /* out of order: never read out of range */              \
-                    out[w] += value_at(o.val, o.vdt, oj) * (XAT(c));                               \
-                }                                                                                  \
-                if (y16) y16[r + w] = to_bf16(out[w]);                                             \
-                else y[r + w] = out[w];                                                            \
-            }                                                                                      \
+            for (int w = 0; w < (RMAX); w++) rw[w] = r_begin + w * S + i;                          \
+            ROWS(rw, RMAX, out);                                                                   \
+            for (int w = 0; w < (RMAX); w++) ROW1_FINISH(rw[w], out[w], oj[w], XAT)                \
+        }                                                                                          \
+        for (int64_t r = r_begin + (RMAX) * S; r < r_end; r++) {                                   \
+            float out1;                                                                            \
+            ROWS(&r, 1, &out1);                                                                    \
+            ROW1_FINISH(r, out1, oj[RMAX], XAT)                                                    \
         }                                                                                          \
     }
 #define X_F32(c) x[c]              /* float32 x */
 #define X_BF16(c) from_bf16(xh[c]) /* bfloat16 xh */
 
 /* ---- NF4 against one float32 activation row: nf4_row's nb == 1 path (the same operations in the
-   same order: the same bits), R weight rows per pass, so each load of x (deinterleaved: xe even
-   columns, xo odd) serves R rows: at 14336 columns x is 56 KB, beyond the L1 cache. */
+   same order: the same bits), R weight rows per pass (rows rw[0 .. R), ROW1_DRIVER's streams), so
+   each load of x (deinterleaved: xe even columns, xo odd) serves R rows: at 14336 columns x is
+   56 KB, beyond the L1 cache. */
 #if defined(__AVX512F__)
 #define NF4_ROW1_F32_R 4
-ALWAYS_INLINE void nf4_rows_f32(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
+ALWAYS_INLINE void nf4_rows_f32(const uint8_t *codes, const float *absmax, int64_t block, const int64_t *rw, int64_t cols,
                                 const float *e, const float *o, int R, float *out) {
     const __m512 tab = _mm512_loadu_ps(NF4);
     __m512 a0[NF4_ROW1_F32_R], a1[NF4_ROW1_F32_R], a2[NF4_ROW1_F32_R], a3[NF4_ROW1_F32_R];
-    for (int w = 0; w < R; w++) a0[w] = a1[w] = a2[w] = a3[w] = _mm512_setzero_ps();
-    const uint8_t *c = codes + (flat0 >> 1);
-    const float *sc = absmax + flat0 / block;
-    const int64_t row_bytes = cols >> 1, row_blocks = cols / block, steps = block / 64;
+    const uint8_t *c[NF4_ROW1_F32_R];
+    const float *sc[NF4_ROW1_F32_R];
+    const int64_t row_blocks = cols / block, steps = block / 64;
+    for (int w = 0; w < R; w++) {
+        a0[w] = a1[w] = a2[w] = a3[w] = _mm512_setzero_ps();
+        c[w] = codes + rw[w] * (cols >> 1);
+        sc[w] = absmax + rw[w] * row_blocks;
+    }
     for (int64_t kb = 0, h = 0; kb < row_blocks; kb++) {
         __m512 t[NF4_ROW1_F32_R];
-        for (int w = 0; w < R; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
+        for (int w = 0; w < R; w++) t[w] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[w][kb]));
         for (int64_t q = 0; q < steps; q++, h += 32) {
             __m512 e0 = _mm512_loadu_ps(e + h), o0 = _mm512_loadu_ps(o + h), e1 = _mm512_loadu_ps(e + h + 16), o1 = _mm512_loadu_ps(o + h + 16);
             for (int w = 0; w < R; w++) {
-                _mm_prefetch((const char *)(c + (w + R) * row_bytes + h), _MM_HINT_T0); /* as in nf4_rows_bf16 */
-                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes + h)));
-                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + w * row_bytes + h + 16)));
+                _mm_prefetch((const char *)(c[w] + h + ROW1_PF), _MM_HINT_T0);
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c[w] + h)));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c[w] + h + 16)));
                 a0[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t[w]), e0, a0[w]);
                 a1[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, t[w]), o0, a1[w]);
                 a2[w] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), t[w]), e1, a2[w]);
@@ -677,61 +700,127 @@ ALWAYS_INLINE void nf4_rows_f32(const uint8_t *codes, const float *absmax, int64
     }
     for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[w], a1[w]), _mm512_add_ps(a2[w], a3[w])));
 }
+static __attribute__((noinline)) void nf4_rows_f32_pass(const uint8_t *codes, const float *absmax, int64_t block, const int64_t *rw,
+                                                        int64_t cols, const float *e, const float *o, int R, float *out) {
+    if (R == NF4_ROW1_F32_R) nf4_rows_f32(codes, absmax, block, rw, cols, e, o, NF4_ROW1_F32_R, out); /* see nf4_rows_bf16_pass */
+    else nf4_rows_f32(codes, absmax, block, rw, cols, e, o, 1, out);
+}
 #define NF4_ROW1_F32_OK(batch, block, cols) ((batch) == 1 && (block) % 64 == 0 && (cols) % (block) == 0)
 #endif
 
 /* ---- NF4 against one bfloat16 activation row (a bf16 model's decode step) ----
-   The bound at one row is the instructions per weight, not the bytes: the float32 path spends a
-   widening, a shift, four 16-lane permutes and four FMAs per 64 weights. Here each 64-weight
-   step is one widening of 32 code bytes to 16-bit lanes, one shift, two 32-lane word permutes
-   (VPERMW) into the block's table rounded to bfloat16, and two VDPBF16PS: half the work.
-   The table is the block's 16 values NF4[c] * absmax (one float32 product, as the reference
-   forms them), rounded to nearest even as the bf16 dequantization rounds them: the very weights
-   the dequantize-then-GEMM path (a bf16 prefill) multiplies; the products of two bfloat16 values
-   are exact in float32, summed in float32 (denormals flushed). VPERMW reads the low 5 bits of a
-   lane: the table is the 16 values twice, so a byte's low nibble needs no mask. The activations
-   come permuted (nf4_perm_x16): per 64 columns, the 32 even columns' values (partners of the high
-   nibbles) then the 32 odd ones'. R weight rows go together (each load of x serves R rows); each
-   row has its own two accumulators and the same operations in the same order whatever R, the
-   thread split or its neighbours, so a row's bits do not depend on them (fused q/k/v, slices). */
+   The bound at one row is the instructions per weight (and how well the bytes stream in: see
+   ROW1_DRIVER), so the work per weight is cut to the least found: each 128 weights (64 code bytes,
+   two blocks of 64) of a row take one load, three shifts, four 32-lane word permutes (VPERMW) that
+   look the codes up in one constant table - NF4[c] rounded to bfloat16 - four VDPBF16PS into a
+   fresh float32 sum and one FMA that scales it by the two blocks' absmax (lanes 0-7 hold the first
+   block's products, 8-15 the second's) into the row's accumulator. No per-block table is built
+   and no code byte is widened: 13 instructions per 128 weights where a table of NF4[c] * absmax per
+   block (the weights a bf16 dequantization gives) took 20; at 8B's shapes in L2 24 -> 31 GB/s.
+   VPERMW reads the low 5 bits of a word: the table is the 16 values twice, so with the 64 bytes
+   taken as 32 words, w, w >> 4, w >> 8 and w >> 12 index it unmasked - element 4i+1 (low nibble
+   of byte 2i), 4i, 4i+3, 4i+2 of the 128 in word lane i; the activations come permuted to match
+   (nf4_perm_x16). A row's value: sum over blocks of absmax * (sum of bf16(NF4[c]) * x, products
+   exact, float32 sums, denormals flushed) - the weights NF4[c] * absmax to within bfloat16's
+   rounding of NF4[c] (2^-9), as close to the float32 weights as a bfloat16 dequantization is, but
+   not its bits: within TOL of dequantize-then-matmul in tests/kernels. A row of an odd number of
+   64-weight halves ends with one half done alike (widened bytes, two permutes, even columns then
+   odd). Every row runs the same operations in the same order whatever R, the thread split or its
+   neighbours, so its bits do not depend on them (fused q/k/v, slices). Blocks of any multiple of
+   64: each half's block is counted, so its scale is read, not divided out. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-/* 4 rows a pass (was 8): measured from memory (weights far larger than the caches, 1 thread, GB/s),
-   4 rows read 8B's shapes as fast or faster (4096x4096 12.0-12.4 vs 10.4-11.4, 14336x4096 11.9-12.2
-   vs 9.8-11.2, 4096x14336 14.0-15.1 vs 13.6-14.3); rows under 2048 columns go one a pass (below) */
 #define NF4_ROW1_R 4
-ALWAYS_INLINE void nf4_rows_bf16(const uint8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
-                                 const uint16_t *xp, int R, float *out) {
-    const __m512 tab = _mm512_loadu_ps(NF4);
-    __m512 ah[NF4_ROW1_R], al[NF4_ROW1_R];
-    for (int w = 0; w < R; w++) ah[w] = al[w] = _mm512_setzero_ps();
-    const uint8_t *c = codes + (flat0 >> 1);
-    const float *sc = absmax + flat0 / block;
-    const int64_t row_bytes = cols >> 1, row_blocks = cols / block, steps = block / 64;
-    for (int64_t kb = 0, h = 0; kb < row_blocks; kb++) {
-        __m512i t[NF4_ROW1_R];
-        for (int w = 0; w < R; w++) {
-            __m512 tw = _mm512_mul_ps(tab, _mm512_set1_ps(sc[kb + w * row_blocks]));
-            t[w] = (__m512i)_mm512_cvtne2ps_pbh(tw, tw);
+ALWAYS_INLINE void nf4_rows_bf16(const uint8_t *codes, const float *absmax, int64_t block, const int64_t *rw, int64_t cols,
+                                 const uint16_t *xp, int R, int B64, float *out) {
+    const __m512 nf4 = _mm512_loadu_ps(NF4);
+    const __m512i tab = (__m512i)_mm512_cvtne2ps_pbh(nf4, nf4);
+    __m512 acc[NF4_ROW1_R];
+    const uint8_t *c[NF4_ROW1_R];
+    const float *sc[NF4_ROW1_R];
+    const int64_t row_blocks = cols / block, halves_per_block = block / 64, pairs = cols / 128;
+    for (int w = 0; w < R; w++) {
+        acc[w] = _mm512_setzero_ps();
+        c[w] = codes + rw[w] * (cols >> 1);
+        sc[w] = absmax + rw[w] * row_blocks;
+    }
+    int64_t kb = 0, half = 0; /* the block of the next 64-weight half, and which half of it */
+#define NEXT_HALF(k)                                     \
+    k = kb;                                              \
+    if (++half == halves_per_block) { half = 0; kb++; }
+    /* the two halves' scales: lanes 0-7 the first half's block, 8-15 the second's (the same block
+       or the next), read by a masked load that never reads past a row's last block; B64 (blocks of
+       64, the default): always the next, read as 8 bytes (a masked load measured ~4% slower) */
+    const __m512i same = _mm512_setzero_si512(), next = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int64_t p = 0; p < pairs; p++) {
+        int64_t ka, kz;
+        if (B64) ka = 2 * p, kz = ka + 1;
+        else {
+            NEXT_HALF(ka)
+            NEXT_HALF(kz)
         }
-        for (int64_t q = 0; q < steps; q++, h += 32) {
-            __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)(xp + 2 * h));
-            __m512bh xo = (__m512bh)_mm512_loadu_si512((const void *)(xp + 2 * h + 32));
-            for (int w = 0; w < R; w++) {
-                /* the next group's rows, same place: rows of a few KB are too short streams for the
-                   hardware prefetcher to ramp up on (+20% at 4096 columns, nothing lost at 14336) */
-                _mm_prefetch((const char *)(c + (w + R) * row_bytes + h), _MM_HINT_T0);
-                __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + w * row_bytes + h)));
-                ah[w] = _mm512_dpbf16_ps(ah[w], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t[w]), xe);
-                al[w] = _mm512_dpbf16_ps(al[w], (__m512bh)_mm512_permutexvar_epi16(v, t[w]), xo);
-            }
+        const __mmask8 two = kz > ka ? 3 : 1;
+        const __m512i pick = kz > ka ? next : same;
+        const uint16_t *xq = xp + 128 * p;
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)xq), x1 = (__m512bh)_mm512_loadu_si512((const void *)(xq + 32));
+        __m512bh x2 = (__m512bh)_mm512_loadu_si512((const void *)(xq + 64)), x3 = (__m512bh)_mm512_loadu_si512((const void *)(xq + 96));
+        for (int w = 0; w < R; w++) {
+            const uint8_t *cw = c[w] + 64 * p;
+            _mm_prefetch((const char *)(cw + ROW1_PF), _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512((const void *)cw);
+            __m512 s = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(B64 ? _mm_castpd_ps(_mm_load_sd((const double *)(sc[w] + ka)))
+                                                                              : _mm_maskz_loadu_ps(two, sc[w] + ka)));
+            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_permutexvar_epi16(v, tab), x0);
+            d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab), x1);
+            d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), tab), x2);
+            d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tab), x3);
+            acc[w] = _mm512_fmadd_ps(d, s, acc[w]);
         }
     }
-    for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(ah[w], al[w]));
+    if (cols & 64) { /* the last 64 weights: bytes widened to words, even columns then odd */
+        int64_t ka;
+        if (B64) ka = 2 * pairs;
+        else {
+            NEXT_HALF(ka)
+        }
+        const uint16_t *xq = xp + 128 * pairs;
+        __m512bh xe = (__m512bh)_mm512_loadu_si512((const void *)xq), xo = (__m512bh)_mm512_loadu_si512((const void *)(xq + 32));
+        for (int w = 0; w < R; w++) {
+            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c[w] + 64 * pairs)));
+            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab), xe);
+            d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_permutexvar_epi16(v, tab), xo);
+            acc[w] = _mm512_fmadd_ps(d, _mm512_set1_ps(sc[w][ka]), acc[w]);
+        }
+    }
+#undef NEXT_HALF
+    for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(acc[w]);
 }
 
-/* x [cols] bfloat16 -> nf4_rows_bf16's order: per 64 columns, the even ones' values, then the odd */
+/* One pass (R == NF4_ROW1_R or 1) as a function of its own: inlined into ROW1_DRIVER's OpenMP body
+   the kernel lost registers to the driver's state and ran ~20% slower (x reloaded for every row). */
+static __attribute__((noinline)) void nf4_rows_bf16_pass(const uint8_t *codes, const float *absmax, int64_t block, const int64_t *rw,
+                                                         int64_t cols, const uint16_t *xp, int R, float *out) {
+    if (block == 64) {
+        if (R == NF4_ROW1_R) nf4_rows_bf16(codes, absmax, block, rw, cols, xp, NF4_ROW1_R, 1, out);
+        else nf4_rows_bf16(codes, absmax, block, rw, cols, xp, 1, 1, out);
+    } else {
+        if (R == NF4_ROW1_R) nf4_rows_bf16(codes, absmax, block, rw, cols, xp, NF4_ROW1_R, 0, out);
+        else nf4_rows_bf16(codes, absmax, block, rw, cols, xp, 1, 0, out);
+    }
+}
+
+/* x [cols] bfloat16 -> nf4_rows_bf16's order: per 128 columns, x[4i+1], x[4i], x[4i+3], x[4i+2]
+   (i < 32) one after the other; the last 64 columns of an odd number of 64s: the even ones, then
+   the odd ones */
 static void nf4_perm_x16(const uint16_t *x, int64_t cols, uint16_t *xp) {
-    for (int64_t q = 0; q < cols; q += 64)
+    int64_t q = 0;
+    for (; q + 128 <= cols; q += 128)
+        for (int i = 0; i < 32; i++) {
+            xp[q + i] = x[q + 4 * i + 1];
+            xp[q + 32 + i] = x[q + 4 * i];
+            xp[q + 64 + i] = x[q + 4 * i + 3];
+            xp[q + 96 + i] = x[q + 4 * i + 2];
+        }
+    if (q < cols)
         for (int l = 0; l < 32; l++) {
             xp[q + l] = x[q + 2 * l];
             xp[q + 32 + l] = x[q + 2 * l + 1];
@@ -753,27 +842,33 @@ static void nf4_perm_x16(const uint16_t *x, int64_t cols, uint16_t *xp) {
    whatever R, the thread split or its neighbours. */
 #if defined(__AVX512F__)
 #define INT8_ROW1_R 4
-ALWAYS_INLINE void int8_rows_whole(const int8_t *codes, const float *absmax, int64_t block, int64_t flat0, int64_t cols,
-                                   const float *x, int R, float *out) {
+ALWAYS_INLINE void int8_rows_whole(const int8_t *codes, const float *absmax, int64_t block, const int64_t *rw, int64_t cols,
+                                   const float *x, int R, int B32, float *out) {
     __m512 a0[INT8_ROW1_R], a1[INT8_ROW1_R];
-    for (int w = 0; w < R; w++) a0[w] = a1[w] = _mm512_setzero_ps();
-    const int8_t *c = codes + flat0;
-    const float *sc = absmax + flat0 / block;
-    const int64_t row_blocks = cols / block, steps = block / 16;
+    const int8_t *c[INT8_ROW1_R];
+    const float *sc[INT8_ROW1_R];
+    /* B32: blocks of 32 (the default) as a constant, so a block's two steps unroll without the
+       branch on q & 1 that a run-time step count left in the loop (same operations, same order) */
+    const int64_t row_blocks = cols / block, steps = B32 ? 2 : block / 16;
+    for (int w = 0; w < R; w++) {
+        a0[w] = a1[w] = _mm512_setzero_ps();
+        c[w] = codes + rw[w] * cols;
+        sc[w] = absmax + rw[w] * row_blocks;
+    }
     const __m512 qmax = _mm512_set1_ps(INT8_QMAX);
     for (int64_t kb0 = 0; kb0 < row_blocks; kb0 += 16) {
         int nk = row_blocks - kb0 < 16 ? (int)(row_blocks - kb0) : 16;
         float s16[INT8_ROW1_R][16];
         for (int w = 0; w < R; w++)
-            _mm512_storeu_ps(s16[w], _mm512_div_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1), sc + kb0 + w * row_blocks), qmax));
+            _mm512_storeu_ps(s16[w], _mm512_div_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1), sc[w] + kb0), qmax));
         for (int kb = 0; kb < nk; kb++) {
             int64_t j = (kb0 + kb) * block;
-            for (int w = 0; w < R; w++) /* as in nf4_rows_bf16; once per block (was once per 16 codes) */
-                _mm_prefetch((const char *)(c + (w + R) * cols + j), _MM_HINT_T0);
+            for (int w = 0; w < R; w++) /* once per block (once per 16 codes cost 5-20%) */
+                _mm_prefetch((const char *)(c[w] + j + ROW1_PF), _MM_HINT_T0);
             for (int64_t q = 0; q < steps; q++, j += 16) {
                 __m512 xv = _mm512_loadu_ps(x + j);
                 for (int w = 0; w < R; w++) {
-                    __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + w * cols + j)))),
+                    __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c[w] + j)))),
                                               _mm512_set1_ps(s16[w][kb]));
                     if (q & 1) a1[w] = _mm512_fmadd_ps(wv, xv, a1[w]);
                     else a0[w] = _mm512_fmadd_ps(wv, xv, a0[w]);
@@ -782,6 +877,16 @@ ALWAYS_INLINE void int8_rows_whole(const int8_t *codes, const float *absmax, int
         }
     }
     for (int w = 0; w < R; w++) out[w] = _mm512_reduce_add_ps(_mm512_add_ps(a0[w], a1[w]));
+}
+static __attribute__((noinline)) void int8_rows_pass(const int8_t *codes, const float *absmax, int64_t block, const int64_t *rw,
+                                                     int64_t cols, const float *x, int R, float *out) {
+    if (block == 32) { /* see nf4_rows_bf16_pass */
+        if (R == INT8_ROW1_R) int8_rows_whole(codes, absmax, block, rw, cols, x, INT8_ROW1_R, 1, out);
+        else int8_rows_whole(codes, absmax, block, rw, cols, x, 1, 1, out);
+    } else {
+        if (R == INT8_ROW1_R) int8_rows_whole(codes, absmax, block, rw, cols, x, INT8_ROW1_R, 0, out);
+        else int8_rows_whole(codes, absmax, block, rw, cols, x, 1, 0, out);
+    }
 }
 #define INT8_ROW1_OK(batch, block, cols) ((batch) == 1 && (block) % 16 == 0 && (cols) % (block) == 0)
 #else
@@ -856,11 +961,8 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
         if (!xp) return;
         nf4_perm_x16((const uint16_t *)x_in, cols, xp);
         const uint16_t *xh = (const uint16_t *)x_in;
-#define NF4_ROWS_BF16(r, R, out) nf4_rows_bf16(codes, absmax, block, (r) * cols, cols, xp, R, out)
-        /* short rows one a pass: the weights then stream sequentially (SmolLM2's 576x1536: 9.5-10.5
-           GB/s vs 7.9-8.7 at 8 rows a pass); x is in L1 either way */
-        if (cols >= 2048) { ROW1_DRIVER(NF4_ROW1_R, NF4_ROWS_BF16, X_BF16) }
-        else { ROW1_DRIVER(1, NF4_ROWS_BF16, X_BF16) }
+#define NF4_ROWS_BF16(rw, R, out) nf4_rows_bf16_pass(codes, absmax, block, rw, cols, xp, R, out)
+        ROW1_DRIVER(NF4_ROW1_R, NF4_ROWS_BF16, X_BF16)
         free(xp);
 #endif
         return;
@@ -889,7 +991,7 @@ void lp_nf4_matvec(const uint8_t *codes, const float *absmax, int64_t rows, int6
         }
 #if defined(__AVX512F__)
     if (NF4_ROW1_F32_OK(batch, block, cols)) {
-#define NF4_ROWS_F32(r, R, out) nf4_rows_f32(codes, absmax, block, (r) * cols, cols, xs, xs + half, R, out)
+#define NF4_ROWS_F32(rw, R, out) nf4_rows_f32_pass(codes, absmax, block, rw, cols, xs, xs + half, R, out)
         ROW1_DRIVER(NF4_ROW1_F32_R, NF4_ROWS_F32, X_F32)
         free(xs);
         free(xown);
@@ -922,12 +1024,10 @@ void lp_int8_matvec(const int8_t *codes, const float *absmax, int64_t rows, int6
     if (!x) return;
 #if defined(__AVX512F__)
     if (INT8_ROW1_OK(batch, block, cols)) {
-#define INT8_ROWS(r, R, out) int8_rows_whole(codes, absmax, block, (r) * cols, cols, x, R, out)
-        /* Several rows a pass only where x (float32) outgrows the L1 cache: below, one row at a time
-           reads the weights as one sequential stream, which measured as fast or faster (SmolLM2's
-           576 columns: the 4-row pass was 0.8-0.95x the old one-row path). */
-        if (cols >= 8192) { ROW1_DRIVER(INT8_ROW1_R, INT8_ROWS, X_F32) }
-        else { ROW1_DRIVER(1, INT8_ROWS, X_F32) }
+#define INT8_ROWS(rw, R, out) int8_rows_pass(codes, absmax, block, rw, cols, x, R, out)
+        /* 4 streams at every width (was: 4 neighbouring rows from 8192 columns, one row at a time
+           below): SmolLM2's 576 columns from memory 1.05-1.25x one row at a time, 8B's as fast */
+        ROW1_DRIVER(INT8_ROW1_R, INT8_ROWS, X_F32)
         free(xown);
         return;
     }

@@ -16,21 +16,26 @@ from .fields import numel
 
 # Tests and the overhead benchmark switch payload checks off to measure them; nothing else should.
 PAYLOAD_CHECKS = True
+# A unit's tables are concatenated for one reduction only while they are this small: past it the
+# concatenation's allocation and copy cost more than the calls it saves (a 405B NF4 block holds 50M
+# scales: torch.cat took 0.19 s, the reduction 0.016 s, in the streamer's reader thread, where it
+# delays the next read; BENCHMARKS.md, 405B verify pass).
+CAT_MAX_ELEMS = 1 << 20
 
 
 def check_payload(entries: Iterable, stored: dict[str, torch.Tensor], path: str) -> None:
     """Values a header cannot vouch for, checked on the bytes just read (quantized entries whose
     tables are in `stored`): absmax finite and >= 0; outlier indices strictly increasing within
     [0, n); outlier values finite. The unit's scales are checked as one concatenated tensor and its
-    outlier values likewise, so a unit costs a handful of vectorised reductions (per-call overhead,
-    not bytes, dominates these small tables); the culprit is looked for only on failure."""
+    outlier values likewise while they are small (per-call overhead, not bytes, dominates small
+    tables), one reduction per tensor past CAT_MAX_ELEMS; the culprit is looked for only on failure."""
     if not PAYLOAD_CHECKS:
         return
     quantized = [t for t in entries if t.scheme != SCHEME_NONE and t.name + SUFFIX_ABSMAX in stored]
     if not quantized:
         return
     scales = [stored[t.name + SUFFIX_ABSMAX].reshape(-1) for t in quantized]
-    if not _scales_ok(torch.cat(scales) if len(scales) > 1 else scales[0]):
+    if not _each(_scales_ok, scales):
         bad = next(t for t, a in zip(quantized, scales) if not _scales_ok(a))
         raise FormatError(f"{path}: {bad.name}{SUFFIX_ABSMAX} holds a negative, NaN or infinite scale")
     with_outliers = [t for t in quantized if t.outliers]
@@ -49,9 +54,16 @@ def check_payload(entries: Iterable, stored: dict[str, torch.Tensor], path: str)
             raise FormatError(f"{path}: {t.name}{SUFFIX_CODES} is not the zero code at its outlier positions")
     if with_outliers:
         vals = [stored[t.name + SUFFIX_OUTLIER_VAL].reshape(-1) for t in with_outliers]
-        if not _finite(torch.cat(vals) if len(vals) > 1 else vals[0]):
+        if not _each(_finite, vals):
             bad = next(t for t, v in zip(with_outliers, vals) if not _finite(v))
             raise FormatError(f"{path}: {bad.name}{SUFFIX_OUTLIER_VAL} holds a NaN or infinite value")
+
+
+def _each(ok, tables: list[torch.Tensor]) -> bool:
+    """ok() of every table: one call on their concatenation while that is small, else one per table."""
+    if len(tables) > 1 and sum(t.numel() for t in tables) <= CAT_MAX_ELEMS:
+        return ok(torch.cat(tables))
+    return all(ok(t) for t in tables)
 
 
 def _zero_codes_at(codes: torch.Tensor, idx, scheme: str) -> bool:
