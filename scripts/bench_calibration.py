@@ -6,7 +6,7 @@ what calibration costs in convert time on SmolLM2.
 
     python scripts/bench_calibration.py [--model smollm2|gemma3] [--max-tokens 2048] [--threads 2]
                                         [--only LABEL,...] [--json docs/quality_calibrated.json] [--record]
-    python scripts/bench_calibration.py --timing [--repeats 3] [--record]
+    python scripts/bench_calibration.py --timing [--repeats 3] [--before-tree DIR --before-label TEXT] [--record]
 
 Quality rows are measured as scripts/bench_quality.py measures them (its pack_row: convert into /tmp,
 layerpack_runtime.evaluate on the default eval text, window 512 / stride 256, fp32 compute, the bf16
@@ -197,9 +197,8 @@ def timing(args) -> None:
     cfgs = [("nf4", [], None), (f"nf4 --calibrate (default, {DEFAULT_TOKENS} tokens)", ["--calibrate"], None)]
     cfgs += [(f"nf4 --calibrate --calibration-tokens {t}", ["--calibrate", "--calibration-tokens", str(t)], None)
              for t in (512, 2048) if t != DEFAULT_TOKENS]
-    if args.before_tree:  # the same command on the code before issue 25 (float32 statistics pass, 2048 tokens)
-        cfgs.append(("nf4 --calibrate --calibration-tokens 2048, code before issue 25 (fp32 pass)",
-                     ["--calibrate", "--calibration-tokens", "2048"], args.before_tree))
+    if args.before_tree:  # the default calibrated command on other code (e.g. main before a change)
+        cfgs.append((f"nf4 --calibrate (default), {args.before_label}", ["--calibrate"], args.before_tree))
     times: dict[str, list[float]] = {c[0]: [] for c in cfgs}
     peak: dict[str, int] = {}
     tmp = tempfile.mkdtemp(prefix="bench_calibration_t_", dir="/tmp")
@@ -250,7 +249,8 @@ def main():
     ap.add_argument("--timing", action="store_true", help="measure convert time instead of quality")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before-tree", default=None, metavar="DIR",
-                    help="--timing: also time a checkout of the code before issue 25 (e.g. `git archive e54b87f layerpack runtime schemas | tar x -C DIR`)")
+                    help="--timing: also time the default `--calibrate` on other code (e.g. `git archive main layerpack runtime schemas | tar x -C DIR`)")
+    ap.add_argument("--before-label", default="code in --before-tree", help="--timing: what --before-tree holds (the row's label)")
     ap.add_argument("--render", action="store_true", help="no measuring: the section from the rows in --json")
     args = ap.parse_args()
     if args.render:

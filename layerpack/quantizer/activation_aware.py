@@ -26,14 +26,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import INT8_QMAX, SCHEME_NF4
 
 from . import windows
-from .nf4 import NF4_ENCODER, NF4_VALUES
+from .nf4 import NF4_ENCODER
 from .outliers import select_outliers_by, select_outliers_stream, top_k_streamed
 from .ranking import row_candidates, row_share, take_ranked
 
@@ -64,6 +63,19 @@ class Calibrated:
     def element_importance(self, s: int, e: int) -> torch.Tensor:
         """E[x^2] (with the floor) of the input column of each flat position in [s, e)."""
         return self.importance[torch.arange(s, e) % self.cols]
+
+    def block_importance(self, s: int, e: int, block_size: int) -> torch.Tensor:
+        """element_importance(s, e) as [blocks, block_size] (or [1, e - s] for a short tail block).
+        When blocks tile the rows (cols a multiple of block_size, s a block start), block i holds the
+        importance of column group (s / block_size + i) mod (cols / block_size): rows of a
+        [groups, block_size] view are gathered, block_size times fewer indices than one per element."""
+        cols = self.cols
+        if cols % block_size or s % block_size or (e - s) % block_size:
+            n = e - s
+            return self.element_importance(s, e).view(-1, block_size if n % block_size == 0 else n)
+        groups = cols // block_size
+        rows = torch.arange(s // block_size, e // block_size) % groups
+        return self.importance.view(groups, block_size).index_select(0, rows)
 
 
 def feature_columns(cal: Calibrated, rows: int, k: int) -> torch.Tensor:
@@ -151,40 +163,77 @@ def _select_row_scores(score: torch.Tensor, k: int) -> torch.Tensor:
 
 # -- (c) scale search ---------------------------------------------------------------------------
 
+def encode(scaled: torch.Tensor, scheme: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scaled [blocks, b] fp32 in [-1, 1] -> the code values (in [-1, 1]) the pack stores for them:
+    NF4 by the converter's exact encoder (nf4.py), int8 rounded to 1/INT8_QMAX steps. out: a
+    contiguous fp32 tensor of scaled's shape to write them into (not scaled)."""
+    out = torch.empty_like(scaled) if out is None else out
+    if scheme == SCHEME_NF4:
+        NF4_ENCODER.values(scaled.reshape(-1).numpy(), out.view(-1).numpy())
+        return out
+    return torch.mul(scaled, INT8_QMAX, out=out).round_().div_(INT8_QMAX)
+
+
+def stored_codes(values: torch.Tensor, scheme: str):
+    """Code values (encode()'s) -> what the pack stores: NF4 code indices (numpy uint8, one per
+    value, not yet two per byte), int8 codes (torch int8). Exact: a code value maps to its own code."""
+    if scheme == SCHEME_NF4:
+        return NF4_ENCODER.codes(values.reshape(-1).numpy())
+    return torch.round(values * INT8_QMAX).to(torch.int8)
+
+
+def scale_into_range(x: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [blocks, b] / scale [blocks], clamped to [-1, 1]: what is encoded (blocks.block_stats' formula)."""
+    return torch.mul(x, (1.0 / scale.clamp(min=1e-38)).view(-1, 1), out=out).clamp_(-1, 1)
+
+
 def code_values(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
     """x [blocks, b] fp32, scale [blocks]: the code values (in [-1, 1]) the pack stores for x with
-    that scale - the same encoding as blocks.quantize_chunk (x * (1/scale) clamped, nearest code);
-    times the scale, what the runtime reconstructs."""
-    scaled = (x * (1.0 / scale.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-    if scheme == SCHEME_NF4:  # the converter's exact encoder (table lookup)
-        c = torch.from_numpy(np.take(NF4_VALUES, NF4_ENCODER.codes(scaled.reshape(-1).numpy()))).view(scaled.shape)
-    else:
-        c = torch.round(scaled * INT8_QMAX) / INT8_QMAX
-    return c
+    that scale - the same encoding as blocks.quantize_chunk; times the scale, what the runtime
+    reconstructs."""
+    return encode(scale_into_range(x, scale), scheme)
 
 
-def choose_scales(x: torch.Tensor, absmax: torch.Tensor, imp: torch.Tensor, scheme: str,
-                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c) for a chunk of whole blocks (or one short tail block): x fp32 [n] (outliers zeroed),
-    absmax [blocks], imp [n] per-element importance -> (scales [blocks], x / scale clamped to [-1, 1])."""
-    blocks = x.view(-1, block_size) if x.numel() % block_size == 0 else x.view(1, -1)
-    wts = imp.view(blocks.shape)
-    best = absmax.clone()
-    c = code_values(blocks, best, scheme)
-    best_err = (wts * (blocks - c * best.view(-1, 1)).square()).sum(1)
+def choose_scales(x: torch.Tensor, absmax: torch.Tensor, scaled: torch.Tensor, wts: torch.Tensor, scheme: str) -> tuple:
+    """(c) for some whole blocks (or one short tail block): x fp32 [blocks, b] (outliers zeroed),
+    absmax [blocks], scaled = scale_into_range(x, absmax) (block_stats computed it already), wts
+    [blocks, b] per-element importance -> (scales [blocks], stored codes (stored_codes), code values
+    [blocks, b]): the codes are those of encoding x / scales afresh (the same arithmetic per element),
+    so the caller stores them without encoding again.
+
+    Cost (the search is most of what --calibrate adds to a conversion): SCALE_ITERS encodings beyond
+    the one at absmax (values only: the stored codes are looked up once, at the end), each with its
+    error. Every temporary lives in two buffers reused by every step (fresh multi-MB temporaries
+    per operation cost more than the arithmetic); the caller passes a few thousand blocks at a time,
+    so they stay in cache. Each operation is the one the formulas above name, in that order: the
+    same bits as the plain expressions (tests/convert/test_calibrate.py)."""
+    buf = torch.empty_like(x)
+    wx = wts * x
+    c = encode(scaled, scheme)
+    c_new = torch.empty_like(x)
+    best = absmax
+    best_err = _error(x, wts, c, best, buf)
     for _ in range(SCALE_ITERS):
-        num = (wts * blocks * c).sum(1)
-        den = (wts * c * c).sum(1)
+        num = torch.mul(wx, c, out=buf).sum(1)                # sum w x c
+        den = torch.mul(wts, c, out=buf).mul_(c).sum(1)       # sum w c c
         cand = torch.where(den > 0, num / den.clamp(min=1e-38), best)
         cand = torch.where(cand > 0, cand, best)
-        c_new = code_values(blocks, cand, scheme)
-        err = (wts * (blocks - c_new * cand.view(-1, 1)).square()).sum(1)
+        encode(scale_into_range(x, cand, out=buf), scheme, out=c_new)
+        err = _error(x, wts, c_new, cand, buf)
         better = err < best_err
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
-        c = torch.where(better.view(-1, 1), c_new, c)
-    scaled = (blocks * (1.0 / best.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
-    return best, scaled
+        worse = torch.nonzero(~better).view(-1)  # the few blocks that keep their codes (most improve)
+        if worse.numel():
+            c_new.index_copy_(0, worse, c.index_select(0, worse))
+        c, c_new = c_new, c
+    return best, stored_codes(c, scheme), c
+
+
+def _error(x: torch.Tensor, wts: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Per block: sum w (x - scale c)^2, the error the search minimizes, of the exact encoding (buf: workspace)."""
+    torch.mul(c, scale.view(-1, 1), out=buf)
+    return torch.sub(x, buf, out=buf).square_().mul_(wts).sum(1)
 
 
 def parse_methods(spec: str | None) -> tuple[str, ...]:

@@ -44,6 +44,13 @@ SEQ_LEN = 512                    # tokens per calibration sequence (the eval win
 # statistics are still summed in float32/float64 (_Accumulator); what bf16 changes in them, and in
 # the packs' quality, is measured in BENCHMARKS.md (calibration cost).
 COMPUTE_DTYPE = torch.bfloat16
+# A pass whose activations (SEQ_LEN x hidden) are smaller than this runs on one intra-op thread: its
+# ops are too small to repay a thread barrier each, and on a machine whose other cores are busy every
+# one of its ~1500 parallel regions waits for a preempted thread - SmolLM2's pass (512 x 576) took
+# 5-8 s on two threads against 1.2-1.7 s on one, 2 cores at load 5-6 (0.8 s on two when quiet;
+# BENCHMARKS.md "Calibration cost"). Larger models keep every thread. The choice depends on the
+# model's shape only, and the statistics do not depend on it (the same packs on 1 and 2 threads).
+SMALL_PASS_ELEMS = 1 << 20
 STATS_FILE = "calibration.safetensors"
 _TEXT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration.txt")  # layerpack/
 _SQ, _MAX = ".sq_mean", ".abs_max"
@@ -144,7 +151,20 @@ def collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progres
     embedding's own unit and name: that is where the converter quantizes it).
     tied: the architecture's tie_word_embeddings (the head unit then has no head.weight of its own).
     units: the converter's UnitPlans in execution order; read_unit(unit) -> {canonical: tensor}
-    (the unquantized source tensors of that unit); progress(unit): called after each unit."""
+    (the unquantized source tensors of that unit); progress(unit): called after each unit.
+    A small model's pass runs on one intra-op thread (SMALL_PASS_ELEMS)."""
+    threads = torch.get_num_threads()
+    small = min(ids.numel(), SEQ_LEN) * int(arch.get("hidden_size") or 0) < SMALL_PASS_ELEMS
+    if small:
+        torch.set_num_threads(1)
+    try:
+        return _collect(arch, units, read_unit, ids, tied, progress)
+    finally:
+        if small:
+            torch.set_num_threads(threads)
+
+
+def _collect(arch: dict, units, read_unit, ids: torch.Tensor, tied: bool, progress) -> dict[str, ColumnStats]:
     from layerpack_runtime import models
 
     fam = models.module_for(arch.get("family"))

@@ -13,6 +13,7 @@ import torch
 from layerpack_runtime.errors import LayerpackError
 from layerpack_runtime.format import INT8_QMAX, SCHEME_NF4
 
+from . import parallel
 from .activation_aware import choose_scales
 from .nf4 import NF4_ENCODER, NF4_VALUES, NF4_ZERO_CODE
 
@@ -43,18 +44,17 @@ def quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: i
     am, scaled = block_stats(x, block_size)
     if not all_finite(am):
         raise LayerpackError("contains NaN or Inf values; the source checkpoint is corrupt")
-    if calibrated is not None and "scales" in calibrated.methods:  # convert --calibrate: activation_aware.py (c)
-        am, scaled = choose_scales(x, am, calibrated.element_importance(s, e), scheme, block_size)
     b0 = s // block_size
-    absmax[b0: b0 + am.numel()] = am
-    if scheme == SCHEME_NF4:
+    if calibrated is not None and "scales" in calibrated.methods:  # convert --calibrate: activation_aware.py (c)
+        deq = _search_scales(x, am, scaled, calibrated.block_importance(s, e, block_size), s, scheme, block_size,
+                             codes, absmax)
+    elif scheme == SCHEME_NF4:
+        absmax[b0: b0 + am.numel()] = am
         q = NF4_ENCODER.codes(scaled.numpy())
-        codes_f = torch.from_numpy(np.take(NF4_VALUES, q))
-        if q.size % 2:  # odd count: bitsandbytes pads the scaled values with 0.0, i.e. the code of 0
-            q = np.append(q, NF4_ZERO_CODE)
-        codes[s // 2: s // 2 + q.size // 2] = torch.from_numpy((q[0::2] << 4) | q[1::2])
-        deq = per_block(codes_f, am, block_size)
+        _store_nf4(q, codes, s)
+        deq = per_block(torch.from_numpy(np.take(NF4_VALUES, q)), am, block_size)
     else:
+        absmax[b0: b0 + am.numel()] = am
         q = torch.round(scaled * INT8_QMAX).to(torch.int8)
         codes[s:e] = q
         deq = per_block(q.float(), am / INT8_QMAX, block_size)
@@ -63,6 +63,42 @@ def quantize_chunk(src: torch.Tensor, s: int, e: int, scheme: str, block_size: i
     # fp32 norms per chunk (fast); the sum across chunks is a Python float.
     err = torch.linalg.vector_norm(deq.to(dtype).float() - x).item()
     return err * err, torch.linalg.vector_norm(ref).item() ** 2
+
+
+def _search_scales(x: torch.Tensor, am: torch.Tensor, scaled: torch.Tensor, wts: torch.Tensor, s: int, scheme: str,
+                   block_size: int, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """The calibrated scale search (activation_aware.choose_scales) of the chunk at s, its codes
+    and scales stored; returns the reconstruction. Every block is searched on its own, so the
+    chunk's blocks go in tiles of parallel.SEARCH_TILE blocks (their temporaries stay in cache) to
+    two threads at once (parallel.run_pieces: a weight of SmolLM2's size is a single chunk, which
+    left one core idle during the search, most of --calibrate's cost): the same bits as one run on
+    one thread (tests/convert/test_calibrate.py)."""
+    blocks = scaled.view(am.numel(), -1)
+    xb = x.view(blocks.shape)
+    bs = blocks.shape[1]
+    deq = torch.empty_like(x)
+    b0 = s // block_size
+
+    def run(r0: int, r1: int) -> None:
+        sc, q, vals = choose_scales(xb[r0:r1], am[r0:r1], blocks[r0:r1], wts[r0:r1], scheme)
+        absmax[b0 + r0: b0 + r1] = sc
+        p0, p1 = r0 * bs, r1 * bs
+        if scheme == SCHEME_NF4:
+            _store_nf4(q, codes, s + p0)  # p0 is even (an even block size), so whole bytes
+            deq[p0:p1] = per_block(vals.reshape(-1), sc, block_size)
+        else:
+            codes[s + p0: s + p1] = q.reshape(-1).to(torch.int8)
+            deq[p0:p1] = per_block(q.reshape(-1).float(), sc / INT8_QMAX, block_size)
+
+    parallel.run_pieces(run, am.numel())
+    return deq
+
+
+def _store_nf4(q: np.ndarray, codes: torch.Tensor, s: int) -> None:
+    """NF4 code indices of positions s.. -> two per byte, the first in the high nibble."""
+    if q.size % 2:  # odd count: bitsandbytes pads the scaled values with 0.0, i.e. the code of 0
+        q = np.append(q, NF4_ZERO_CODE)
+    codes[s // 2: s // 2 + q.size // 2] = torch.from_numpy((q[0::2] << 4) | q[1::2])
 
 
 def per_block(values: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:

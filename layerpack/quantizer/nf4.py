@@ -32,6 +32,8 @@ class Nf4Encoder:
         straddle = below_hi != below_lo
         marked = straddle | np.roll(straddle, 1) | np.roll(straddle, -1)
         self.table = np.where(marked, 255, below_lo).astype(np.uint8)  # CELLS + 1 entries: x = 1.0 has its own
+        # cell -> code value (NaN: a marked cell), for values() - one lookup where codes() + NF4_VALUES take two
+        self.value_table = np.where(marked, np.float32(np.nan), code[np.minimum(below_lo, code.size - 1)]).astype(np.float32)
         self.scale = np.float32(self.CELLS / 2)
 
     def codes(self, scaled: np.ndarray) -> np.ndarray:
@@ -43,5 +45,18 @@ class Nf4Encoder:
             q[hard] = np.searchsorted(self.bounds, scaled[hard], side="left")
         return q
 
+    def values(self, scaled: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """scaled: float32 in [-1, 1] -> the code values NF4_VALUES[codes(scaled)], by one lookup (the
+        calibrated scale search encodes several times and needs only the values until it is done;
+        codes() of these values then gives their codes: a code value lies in no marked cell).
+        out: a float32 array of scaled's size to write them into (not scaled itself)."""
+        out = np.empty_like(scaled) if out is None else out
+        np.multiply(np.add(scaled, np.float32(1.0), out=out), self.scale, out=out)  # (scaled + 1) * scale, as codes()
+        np.take(self.value_table, out.astype(np.uint16), out=out, mode="clip")  # indices are in range: no bounds pass
+        hard = np.flatnonzero(np.isnan(out))
+        if hard.size:
+            out[hard] = NF4_VALUES[np.searchsorted(self.bounds, scaled[hard], side="left")]
+        return out
 
-NF4_ENCODER = Nf4Encoder()  # a read-only table (64 KB), shared by every thread
+
+NF4_ENCODER = Nf4Encoder()  # read-only tables (64 KB of codes, 256 KB of values), shared by every thread

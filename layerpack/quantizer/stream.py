@@ -139,8 +139,8 @@ class _Shifted:
     def __init__(self, cal, offset: int):
         self.cal, self.offset, self.methods = cal, offset, cal.methods
 
-    def element_importance(self, s: int, e: int) -> torch.Tensor:
-        return self.cal.element_importance(self.offset + s, self.offset + e)
+    def block_importance(self, s: int, e: int, block_size: int) -> torch.Tensor:
+        return self.cal.block_importance(self.offset + s, self.offset + e, block_size)
 
 
 def _store_plain(name: str, src: TensorSource, n: int, dtype: torch.dtype, sink: Sink, progress) -> TensorEntry:

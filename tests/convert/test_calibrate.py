@@ -12,6 +12,7 @@ import torch
 
 from conftest import make_checkpoint, one_line_error, run_cli, run_cli_killed, write_tiny_tokenizer
 from layerpack.quantizer import activation_stats as calibrate
+from layerpack.quantizer import quantize_tensor
 from layerpack.quantizer.activation_aware import Calibrated, choose_scales, feature_columns, parse_methods, select
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime.errors import LayerpackError
@@ -90,7 +91,7 @@ def test_statistics_match_transformers_linears(ckpt, dtype, monkeypatch):
 def test_scale_search_never_worse_than_absmax(scheme):
     """(c): per block, the weighted error with the chosen scale is at most the absmax scale's, and
     lower overall on heavy-tailed weights with uneven column importance."""
-    from layerpack.quantizer.activation_aware import code_values
+    from layerpack.quantizer.activation_aware import code_values, encode, scale_into_range, stored_codes
 
     g = torch.Generator().manual_seed(0)
     block = 64
@@ -98,8 +99,8 @@ def test_scale_search_never_worse_than_absmax(scheme):
     imp = torch.rand(x.numel(), generator=g).pow(4) + 0.01
     blocks = x.view(-1, block)
     absmax = blocks.abs().amax(1)
-    scales, scaled = choose_scales(x, absmax, imp, scheme, block)
     w = imp.view(blocks.shape)
+    scales, q, values = choose_scales(blocks, absmax, (blocks / absmax.view(-1, 1)).clamp(-1, 1), w, scheme)
 
     def err(s):
         return (w * (blocks - code_values(blocks, s, scheme) * s.view(-1, 1)).square()).sum(1)
@@ -107,8 +108,50 @@ def test_scale_search_never_worse_than_absmax(scheme):
     e0, e1 = err(absmax), err(scales)
     assert bool((e1 <= e0).all())
     assert e1.sum() < 0.97 * e0.sum()
+    # the same scales, to the bit, as the search written out plainly (one full encoding per step)
+    assert torch.equal(scales, _reference_search(blocks, absmax, w, scheme, err))
     assert bool((scales != absmax).any())
-    torch.testing.assert_close(scaled, (blocks / scales.view(-1, 1)).clamp(-1, 1).view(-1), rtol=1e-6, atol=1e-7)
+    # the codes returned are those of encoding x with the chosen scales afresh, bit for bit
+    assert torch.equal(values, code_values(blocks, scales, scheme))
+    fresh = stored_codes(encode(scale_into_range(blocks, scales), scheme), scheme)
+    assert torch.equal(torch.as_tensor(q).reshape(-1), torch.as_tensor(fresh).reshape(-1))
+
+
+@pytest.mark.parametrize("scheme,block,cols", [(SCHEME_NF4, 64, 576), (SCHEME_NF4, 64, 203), (SCHEME_INT8, 32, 576)])
+def test_scale_search_in_tiles_on_threads_gives_the_same_bits(monkeypatch, scheme, block, cols):
+    """The converter searches a chunk's blocks in tiles on two threads (parallel.run_pieces): the
+    same codes, scales and error figure as one run on one thread, whatever the tile (here 7 blocks,
+    so tiles cut rows of blocks anywhere); cols 576 takes block_importance's row gather, 203 its
+    per-element path."""
+    from layerpack.quantizer import parallel
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(96, cols, generator=g) * torch.rand(96, cols, generator=g).pow(3)).to(torch.bfloat16)
+    cal = Calibrated(torch.rand(cols, generator=g) ** 3, torch.rand(cols, generator=g) * 8)
+    got = {}
+    for tile, workers in ((1 << 30, 1), (7, 2)):
+        monkeypatch.setattr(parallel, "SEARCH_TILE", tile)
+        monkeypatch.setattr(parallel, "WORKERS", workers)
+        got[tile] = quantize_tensor("w", w, scheme, torch.bfloat16, block, 0.01, "row", calibrated=cal)
+    (one, e_one), (tiled, e_tiled) = got.values()
+    for name in one:
+        assert torch.equal(one[name], tiled[name]), name
+    assert e_one == e_tiled
+
+
+def _reference_search(blocks, absmax, w, scheme, err):
+    """(c) as its docstring states it, plainly: Lloyd iterations from absmax (nearest codes, then
+    the weighted least-squares scale), a block's new scale kept only if its error (err) is lower."""
+    from layerpack.quantizer.activation_aware import SCALE_ITERS, code_values
+
+    best, best_err = absmax.clone(), err(absmax)
+    for _ in range(SCALE_ITERS):
+        c = code_values(blocks, best, scheme)
+        cand = (w * blocks * c).sum(1) / (w * c * c).sum(1).clamp(min=1e-38)
+        cand = torch.where(cand > 0, cand, best)
+        e = err(cand)
+        best, best_err = torch.where(e < best_err, cand, best), torch.minimum(e, best_err)
+    return best
 
 
 def test_feature_columns_and_weighted_selection():

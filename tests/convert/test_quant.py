@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerpack.quantizer import quantize_tensor, select_outliers
-from layerpack.quantizer.nf4 import NF4_ENCODER
+from layerpack.quantizer.nf4 import NF4_ENCODER, NF4_VALUES
 from layerpack_runtime.format import NF4_CODE
 from layerpack_runtime.quant import dequantize_int8, dequantize_nf4, dequantize_weight
 
@@ -56,6 +56,11 @@ def test_nf4_lookup_is_exact_at_decision_boundaries():
     up, down = torch.nextafter(b, torch.tensor(2.0)), torch.nextafter(b, torch.tensor(-2.0))
     x = torch.cat([b, up, down, torch.tensor([-1.0, 1.0, 0.0, -0.0]), torch.rand(200_000) * 2 - 1])
     assert np.array_equal(NF4_ENCODER.codes(x.numpy()), torch.bucketize(x, b).numpy())
+    # values() (one lookup, the calibrated scale search's) is the code book at those codes, and the
+    # codes of the code values are the codes again
+    values = NF4_ENCODER.values(x.numpy())
+    assert np.array_equal(values, NF4_VALUES[torch.bucketize(x, b).numpy()])
+    assert np.array_equal(NF4_ENCODER.codes(values), torch.bucketize(x, b).numpy())
 
 
 def test_nf4_all_zero_block_and_constant_block():
