@@ -1121,7 +1121,9 @@ ALWAYS_INLINE void bf16_rows(const uint16_t *w, int64_t cols, const uint16_t *x,
 /* y[r] = sum_c W[r, c] x[c]: W [rows, cols] bfloat16, x [cols] bfloat16, y [rows] bfloat16
    (bf16 == 1, rounded to nearest even) or float32. */
 void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, void *y_out, int bf16, int nthreads) {
-    int nt = threads_for(rows * cols / 2, nthreads); /* half the work per byte of the quantized kernels */
+    /* split from 64K weights on (a 576x576 matrix: ~30 us of reading at one thread, several times a
+       parallel region's cost): the memory speed of two threads is what a batch-1 bf16 GEMV can use */
+    int nt = threads_for(rows * cols * 4, nthreads);
     /* One row at a time: the weight is then read as one sequential stream. Four rows per pass (each x
        load serving four rows) read four streams a row apart, which the hardware prefetcher follows
        worse: measured from memory (weights far larger than the caches, 1 thread), one row per pass
