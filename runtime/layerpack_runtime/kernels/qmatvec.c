@@ -1118,17 +1118,73 @@ ALWAYS_INLINE void bf16_rows(const uint16_t *w, int64_t cols, const uint16_t *x,
     }
 }
 
+/* bf16_rows for R rows at their own addresses wr[0 .. R) (R <= BF16_MAX_R): the same operations in
+   the same order per row (the same bits as bf16_rows for that row alone), each stream prefetched
+   ROW1_PF bytes ahead. */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+ALWAYS_INLINE void bf16_rows_at(const uint16_t *const *wr, int64_t cols, const uint16_t *x, int R, float *out) {
+    __m512 a0[BF16_MAX_R], a1[BF16_MAX_R];
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= cols; i += 64) {
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(x + i)), x1 = (__m512bh)_mm512_loadu_si512((const void *)(x + i + 32));
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(wr[r] + i) + ROW1_PF, _MM_HINT_T0);
+            a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512((const void *)(wr[r] + i)), x0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)_mm512_loadu_si512((const void *)(wr[r] + i + 32)), x1);
+        }
+    }
+    for (; i + 32 <= cols; i += 32) {
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(x + i));
+        for (int r = 0; r < R; r++) a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512((const void *)(wr[r] + i)), x0);
+    }
+    for (int r = 0; r < R; r++) {
+        float tail = 0.0f;
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+        for (int64_t c = i; c < cols; c++) tail += from_bf16(wr[r][c]) * from_bf16(x[c]);
+        out[r] += tail;
+    }
+}
+#endif
+
 /* y[r] = sum_c W[r, c] x[c]: W [rows, cols] bfloat16, x [cols] bfloat16, y [rows] bfloat16
    (bf16 == 1, rounded to nearest even) or float32. */
 void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, void *y_out, int bf16, int nthreads) {
     /* split from 64K weights on (a 576x576 matrix: ~30 us of reading at one thread, several times a
        parallel region's cost): the memory speed of two threads is what a batch-1 bf16 GEMV can use */
     int nt = threads_for(rows * cols * 4, nthreads);
-    /* One row at a time: the weight is then read as one sequential stream. Four rows per pass (each x
-       load serving four rows) read four streams a row apart, which the hardware prefetcher follows
-       worse: measured from memory (weights far larger than the caches, 1 thread), one row per pass
-       read 1536x576 at 16-23 GB/s vs 9-11, 576x1536 22-24 vs 14, 14336x4096 22-27 vs 17-20. x stays
-       in L1 either way. A row's bits do not depend on R (bf16_rows). */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    /* BF16_MAX_R streams a pass, as the one-row quantized kernels read (ROW1_DRIVER): the thread's
+       rows cut into BF16_MAX_R runs, a pass takes row i of each run, so each stream reads its run
+       front to back. (Neighbouring rows a pass restart every stream after one short row; one row a
+       pass reads one stream.) A row's bits do not depend on the pass (bf16_rows_at). */
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0, T = 1;
+        THREAD_IDS(t, T);
+        int64_t r_begin = rows * t / T, r_end = rows * (t + 1) / T, S = (r_end - r_begin) / BF16_MAX_R;
+        for (int64_t i = 0; i < S; i++) {
+            const uint16_t *wr[BF16_MAX_R];
+            float out[BF16_MAX_R];
+            for (int k = 0; k < BF16_MAX_R; k++) wr[k] = w + (r_begin + k * S + i) * cols;
+            bf16_rows_at(wr, cols, x, BF16_MAX_R, out);
+            for (int k = 0; k < BF16_MAX_R; k++) {
+                int64_t r = r_begin + k * S + i;
+                if (bf16) ((uint16_t *)y_out)[r] = to_bf16(out[k]);
+                else ((float *)y_out)[r] = out[k];
+            }
+        }
+        for (int64_t r = r_begin + BF16_MAX_R * S; r < r_end; r++) {
+            const uint16_t *wr = w + r * cols;
+            float out;
+            bf16_rows_at(&wr, cols, x, 1, &out);
+            if (bf16) ((uint16_t *)y_out)[r] = to_bf16(out);
+            else ((float *)y_out)[r] = out;
+        }
+    }
+#else
+    /* One row at a time: the weight is then read as one sequential stream. A row's bits do not
+       depend on R (bf16_rows). */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t r = 0; r < rows; r++) {
         float out;
@@ -1136,6 +1192,7 @@ void lp_bf16_matvec(const uint16_t *w, int64_t rows, int64_t cols, const uint16_
         if (bf16) ((uint16_t *)y_out)[r] = to_bf16(out);
         else ((float *)y_out)[r] = out;
     }
+#endif
 }
 
 /* ---- read bandwidth (STREAM-like, read only): the machine's limit the GEMVs are measured against.
