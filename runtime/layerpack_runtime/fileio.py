@@ -23,11 +23,13 @@ from .errors import FormatError
 MAX_READ_CALL = 1 << 30
 
 
-def read_fully(fd: int, buf, offset: int) -> int:
+def read_fully(fd: int, buf, offset: int, block: int = 0) -> int:
     """Fill the writable buffer `buf` with the bytes of open file `fd` from byte `offset` on, one
     positional read per MAX_READ_CALL bytes (or shorter, when the kernel returns less), until it is
     full or the file ends. Returns the number of bytes read (less than len(buf) only at the end of
-    the file). Offsets and sizes are Python ints: nothing passes through 32 bits."""
+    the file). Offsets and sizes are Python ints: nothing passes through 32 bits. block (an O_DIRECT
+    descriptor's alignment): a count that is not a whole number of blocks is the end of the file
+    (a next call would ask at an unaligned offset, which O_DIRECT refuses)."""
     view = memoryview(buf).cast("B")
     n, got = len(view), 0
     while got < n:
@@ -35,6 +37,8 @@ def read_fully(fd: int, buf, offset: int) -> int:
         if k <= 0:
             break
         got += k
+        if block and k % block:
+            break
     return got
 
 
@@ -133,18 +137,8 @@ def direct_span(offset: int, nbytes: int) -> int:
 
 
 def _read_direct_chunk(fd: int, buf, offset: int) -> int:
-    """read_fully for an O_DIRECT descriptor: a count that is not a whole number of blocks is the
-    end of the file (a next call would ask at an unaligned offset, which O_DIRECT refuses)."""
-    view = memoryview(buf).cast("B")
-    n, got = len(view), 0
-    while got < n:
-        k = os.preadv(fd, [view[got:got + MAX_READ_CALL]], offset + got)
-        if k <= 0:
-            break
-        got += k
-        if k % DIRECT_ALIGN:
-            break
-    return got
+    """read_fully for an O_DIRECT descriptor (read_parallel's reader)."""
+    return read_fully(fd, buf, offset, block=DIRECT_ALIGN)
 
 
 def read_unbuffered(path: str, region, offset: int, nbytes: int, chunk: int = READ_CHUNK) -> tuple[int, bool]:

@@ -10,9 +10,7 @@ import torch
 from conftest import make_checkpoint, write_tiny_tokenizer
 from layerpack.convert import ConvertOptions, convert
 from layerpack_runtime import load
-
-# A prompt with repeats (prompt lookup finds matches) longer than gemma3's 16-token window.
-PROMPT = [1, 5, 9, 13, 7, 5, 9, 13, 22, 40, 5, 9, 13, 7, 61, 5, 9, 30, 31, 32, 5, 9, 13]
+from test_speculative import PROMPT, _streaming_budget as streaming_budget  # the CPU tests' prompt and budget rule
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine (scripts/gpu_check.sh runs this on a GPU)"))]
 
@@ -27,13 +25,6 @@ def packs(tmp_path_factory):
         out[fam] = str(root / fam)
         convert(ck, out[fam], ConvertOptions(quiet=True))
     return out
-
-
-def streaming_budget(model) -> int:
-    """A max_memory that keeps embed + head resident and streams every block."""
-    costs = {u: model._unit_cost(u) for u in model.units}
-    return (model.fixed_bytes + costs["embed"].stored + costs["head"].stored
-            + 2 * max(costs[u].streamed for u in model.block_units) + 16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
